@@ -1,0 +1,42 @@
+"""Typed SDK for the rerank.v1 gRPC service.
+
+    from rerank_client import RerankClient
+
+    with RerankClient("localhost:50051") as client:
+        response = client.rerank("what is the capital of China?", ["Beijing", "The weather is nice today"])
+        for result in response.results:
+            print(result.index, result.score)
+
+Results are the generated rerank.v1 messages (typed through their .pyi stubs), re-exported here.
+"""
+
+from rerank_client._proto.rerank.v1.rerank_pb2 import RerankRequest, RerankResponse, RerankResult, Usage
+from rerank_client.client import AsyncRerankClient, RerankClient, build_rerank_request
+from rerank_client.errors import (
+    AuthenticationError,
+    CancelledError,
+    InvalidRequestError,
+    RerankError,
+    RerankTimeoutError,
+    ResourceExhaustedError,
+    ServerError,
+    UnavailableError,
+)
+
+__all__ = [
+    "AsyncRerankClient",
+    "AuthenticationError",
+    "CancelledError",
+    "InvalidRequestError",
+    "RerankClient",
+    "RerankError",
+    "RerankRequest",
+    "RerankResponse",
+    "RerankResult",
+    "RerankTimeoutError",
+    "ResourceExhaustedError",
+    "ServerError",
+    "UnavailableError",
+    "Usage",
+    "build_rerank_request",
+]

@@ -1,0 +1,118 @@
+"""Every setting of the frontend, in one place: a flag, a RERANK_* environment variable and a default each.
+
+Precedence: command-line flag > environment variable > default. `Settings.describe()` is what
+`rerank serve` prints at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "RERANK_"
+
+
+def _setting(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where the frontend listens.
+    host: str = _setting("0.0.0.0", "address the gRPC frontend binds")
+    port: int = _setting(50051, "port of the gRPC frontend")
+    # Which Triton, and which model on it.
+    model_repository: Path | None = _setting(
+        None, "Triton model repository made by `rerank export`; read for the tokenizer, and served by a local Triton"
+    )
+    triton_url: str | None = _setting(
+        None, "HOST:PORT of a running Triton's gRPC endpoint; without it `serve` starts a local tritonserver"
+    )
+    model_name: str = _setting("reranker", "name of the model in the Triton repository")
+    tokenizer: Path | None = _setting(
+        None, "folder holding tokenizer.json (default: the one `rerank export` put in the model repository)"
+    )
+    # Request limits.
+    max_length: int | None = _setting(None, "tokens per (query, document) pair, special tokens included (default: the model's limit)")
+    max_query_tokens: int = _setting(2048, "longest query accepted, in tokens")
+    max_documents: int = _setting(1000, "most documents accepted in one request")
+    max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message accepted or sent, in bytes")
+    # How work reaches Triton.
+    triton_request_max_tokens: int = _setting(
+        16384, "a rerank request is split into Triton requests of at most this many tokens (length-sorted)"
+    )
+    tokenizer_threads: int = _setting(2, "threads that tokenize requests, off the event loop")
+    # Local Triton (serve mode without --triton-url).
+    triton_grpc_port: int = _setting(8001, "gRPC port of the local Triton")
+    triton_http_port: int = _setting(8000, "HTTP port of the local Triton")
+    triton_metrics_port: int = _setting(8002, "Prometheus metrics port of the local Triton")
+    triton_log: Path | None = _setting(None, "file the local Triton logs to (default: a temporary file)")
+    # Lifecycle.
+    startup_timeout_s: float = _setting(600.0, "how long to wait for Triton and the model to become ready")
+    health_interval_s: float = _setting(1.0, "how often Triton's model readiness is checked for the health service")
+    shutdown_grace_s: float = _setting(10.0, "how long in-flight calls may finish after SIGTERM or Ctrl-C")
+    log_level: str = _setting("INFO", "logging level")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One --flag per setting; the default shown is the environment's value when set."""
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                default=None,
+                help=f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}; default {f.default}]",
+            )
+
+    @classmethod
+    def load(cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from flags (if parsed), then RERANK_* variables, then defaults; values are type-checked."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = getattr(args, f.name, None) if args is not None else None
+            if raw is None:
+                raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _convert(f, raw)
+        return cls(**values).validated()
+
+    def validated(self) -> Settings:
+        for name in ("port", "max_query_tokens", "max_documents", "max_message_bytes", "triton_request_max_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_length is not None and self.max_length < 4:
+            raise ValueError("max_length must be at least 4")
+        if self.tokenizer_threads < 1:
+            raise ValueError("tokenizer_threads must be at least 1")
+        if self.triton_url is None and self.model_repository is None:
+            raise ValueError("give --model-repository (to start a local Triton) or --triton-url")
+        return self
+
+    def describe(self, hidden: Sequence[str] = ()) -> str:
+        """One line per setting, for the start-up log; names in `hidden` are masked."""
+        lines = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            lines.append(f"  {f.name} = {'***' if f.name in hidden and value else value}")
+        return "\n".join(lines)
+
+
+def _convert(f: dataclasses.Field[Any], raw: Any) -> Any:
+    kind = str(f.type)
+    try:
+        if "int" in kind:
+            return int(raw)
+        if "float" in kind:
+            return float(raw)
+        if "Path" in kind:
+            return Path(raw)
+    except ValueError:
+        raise ValueError(f"{f.name}: {raw!r} is not a valid {kind}") from None
+    return str(raw)

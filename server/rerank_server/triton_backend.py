@@ -1,0 +1,159 @@
+"""The scoring backend: Triton Inference Server, reached through its gRPC API.
+
+A rerank request's pairs are ordered by length and split into Triton requests of at most
+`request_max_tokens` tokens each; Triton's dynamic batcher merges them with other callers' requests
+and the model pads each length-sorted sub-batch under its own token budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import tritonclient.grpc.aio as triton_grpc
+from tritonclient.utils import InferenceServerException
+
+from rerank_server.errors import BackendFailure, BackendUnavailable, DeadlineExceeded, ServiceError
+from rerank_server.tokenization import TokenizedPairs
+
+log = logging.getLogger(__name__)
+
+INPUT_IDS = "input_ids"
+SEQUENCE_LENGTHS = "sequence_lengths"
+LOGITS = "logits"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the frontend needs to know of the served model, read from its config.pbtxt parameters."""
+
+    name: str
+    version: str
+    source_model: str
+    max_length: int
+    precision: str
+    tokenizer_dir: str
+
+
+class ScoringBackend(Protocol):
+    """What the service needs of a model executor."""
+
+    async def score(self, pairs: TokenizedPairs, timeout_s: float | None = None) -> np.ndarray: ...
+
+    async def is_ready(self) -> bool: ...
+
+    async def model_info(self) -> ModelInfo: ...
+
+    async def close(self) -> None: ...
+
+
+def split_requests(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Pair indices per Triton request: length-sorted runs of at most max_tokens tokens (at least one pair)."""
+    order = np.argsort(lengths, kind="stable")
+    groups: list[np.ndarray] = []
+    start, tokens = 0, 0
+    for position, pair in enumerate(order):
+        if position > start and tokens + int(lengths[pair]) > max_tokens:
+            groups.append(order[start:position])
+            start, tokens = position, 0
+        tokens += int(lengths[pair])
+    if order.size:
+        groups.append(order[start:])
+    return groups
+
+
+def gather_pairs(pairs: TokenizedPairs, offsets: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """The ids of the pairs in `group`, laid end to end (int32)."""
+    return np.concatenate([pairs.input_ids[offsets[i] : offsets[i] + pairs.lengths[i]] for i in group])
+
+
+def _translate(error: InferenceServerException) -> ServiceError:
+    status = error.status() or ""
+    message = error.message() or str(error)
+    if "UNAVAILABLE" in status:
+        return BackendUnavailable(f"the model server is unavailable: {message}")
+    if "DEADLINE_EXCEEDED" in status:
+        return DeadlineExceeded("the deadline passed before the model answered")
+    return BackendFailure(f"the model server failed: {message}")
+
+
+class TritonBackend:
+    """Scores ragged batches on a Triton model through tritonclient.grpc.aio."""
+
+    def __init__(self, url: str, model_name: str, *, request_max_tokens: int, max_message_bytes: int) -> None:
+        self.url = url
+        self.model_name = model_name
+        self.request_max_tokens = request_max_tokens
+        channel_args = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        self._client = triton_grpc.InferenceServerClient(url, channel_args=channel_args)
+
+    async def is_ready(self) -> bool:
+        try:
+            return bool(await self._client.is_model_ready(self.model_name, client_timeout=2.0))
+        except InferenceServerException:
+            return False
+
+    async def model_info(self) -> ModelInfo:
+        config = (await self._client.get_model_config(self.model_name, as_json=True))["config"]
+        metadata = await self._client.get_model_metadata(self.model_name, as_json=True)
+        params = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+        missing = {"source_model", "max_length", "precision"} - params.keys()
+        if missing:
+            raise RuntimeError(f"model {self.model_name!r} was not made by `rerank export`: it lacks {sorted(missing)}")
+        return ModelInfo(
+            name=self.model_name,
+            version=max(metadata.get("versions", ["1"]), key=int),
+            source_model=params["source_model"],
+            max_length=int(params["max_length"]),
+            precision=params["precision"],
+            tokenizer_dir=params.get("tokenizer_dir", "tokenizer"),
+        )
+
+    async def statistics(self) -> dict[str, Any]:
+        """Triton's statistics of the model (inference and execution counts, queue and compute times)."""
+        stats = await self._client.get_inference_statistics(self.model_name, as_json=True)
+        return dict(stats["model_stats"][0])
+
+    async def score(self, pairs: TokenizedPairs, timeout_s: float | None = None) -> np.ndarray:
+        """Logits (float32) of every pair, in the order of `pairs`."""
+        offsets = np.concatenate(([0], np.cumsum(pairs.lengths, dtype=np.int64)[:-1]))
+        groups = split_requests(pairs.lengths, self.request_max_tokens)
+        logits = np.empty(pairs.lengths.size, dtype=np.float32)
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self._infer(gather_pairs(pairs, offsets, g), pairs.lengths[g], timeout_s))
+                    for g in groups
+                ]
+        except* (InferenceServerException, ServiceError) as errors:
+            # The TaskGroup has cancelled the sibling requests; the caller gets the first failure.
+            first = errors.exceptions[0]
+            raise (_translate(first) if isinstance(first, InferenceServerException) else first) from None
+        for g, task in zip(groups, tasks, strict=True):
+            logits[g] = task.result()
+        return logits
+
+    async def _infer(self, input_ids: np.ndarray, lengths: np.ndarray, timeout_s: float | None) -> np.ndarray:
+        ids_input = triton_grpc.InferInput(INPUT_IDS, [1, input_ids.size], "INT32")
+        ids_input.set_data_from_numpy(input_ids.reshape(1, -1))
+        lengths_input = triton_grpc.InferInput(SEQUENCE_LENGTHS, [1, lengths.size], "INT32")
+        lengths_input.set_data_from_numpy(np.ascontiguousarray(lengths, dtype=np.int32).reshape(1, -1))
+        result = await self._client.infer(
+            self.model_name,
+            [ids_input, lengths_input],
+            outputs=[triton_grpc.InferRequestedOutput(LOGITS)],
+            client_timeout=timeout_s,
+        )
+        logits = result.as_numpy(LOGITS)
+        if logits is None or logits.size != lengths.size:
+            raise BackendFailure(f"the model answered {None if logits is None else logits.size} logits for {lengths.size} pairs")
+        return np.asarray(logits, dtype=np.float32).reshape(-1)
+
+    async def close(self) -> None:
+        await self._client.close()

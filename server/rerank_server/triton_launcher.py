@@ -1,0 +1,140 @@
+"""Starts the `tritonserver` shipped in the nvidia-pytriton wheel on a model repository.
+
+The wheel carries the binary, its shared libraries (nvidia_pytriton.libs/), the Python backend and
+one backend stub per Python version. The stub must match the interpreter whose packages the models
+import (numpy, onnxruntime), so a backend folder is assembled with the stub of this interpreter and
+Triton is started with this environment's bin/ first on PATH.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TritonInstallation:
+    binary: Path
+    libraries: Path
+    python_backend: Path
+    stub: Path
+
+    @classmethod
+    def find(cls) -> TritonInstallation:
+        try:
+            import pytriton
+        except ImportError:
+            raise RuntimeError(
+                "a local Triton needs the nvidia-pytriton wheel: pip install 'rerank-service[triton]', "
+                "or connect to a running Triton with --triton-url"
+            ) from None
+        package = Path(pytriton.__file__).resolve().parent
+        root = package / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        found = cls(
+            binary=root / "bin" / "tritonserver",
+            libraries=package.parent / "nvidia_pytriton.libs",
+            python_backend=root / "backends" / "python",
+            stub=root / "python_backend_stubs" / version / "triton_python_backend_stub",
+        )
+        for path in (found.binary, found.libraries, found.python_backend, found.stub):
+            if not path.exists():
+                raise RuntimeError(f"the nvidia-pytriton install lacks {path} (Python {version})")
+        return found
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(self.libraries), env.get("LD_LIBRARY_PATH")]))
+        # The stub embeds Python and imports from the environment found first on PATH: ours.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env.setdefault("VIRTUAL_ENV", sys.prefix)
+        return env
+
+    def backend_directory(self, into: Path) -> Path:
+        """A --backend-directory holding python/ with the backend and the stub of this interpreter."""
+        python = into / "python"
+        python.mkdir(parents=True, exist_ok=True)
+        for item in self.python_backend.iterdir():
+            if item.is_file():
+                shutil.copy2(item, python / item.name)
+        shutil.copy2(self.stub, python / self.stub.name)
+        return into
+
+
+@dataclass(frozen=True)
+class TritonPorts:
+    grpc: int = 8001
+    http: int = 8000
+    metrics: int = 8002
+
+
+class LocalTriton:
+    """A tritonserver child process serving one model repository."""
+
+    def __init__(self, model_repository: Path, ports: TritonPorts, log_path: Path | None = None) -> None:
+        self.model_repository = model_repository.resolve()
+        self.ports = ports
+        self._workdir = Path(tempfile.mkdtemp(prefix="rerank-triton-"))
+        self.log_path = log_path or self._workdir / "tritonserver.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.ports.grpc}"
+
+    def start(self) -> None:
+        installation = TritonInstallation.find()
+        command = [
+            str(installation.binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={installation.backend_directory(self._workdir / 'backends')}",
+            f"--grpc-port={self.ports.grpc}",
+            f"--http-port={self.ports.http}",
+            f"--metrics-port={self.ports.metrics}",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            "--log-verbose=0",
+        ]
+        log.info("starting tritonserver (log: %s)", self.log_path)
+        with open(self.log_path, "ab") as log_file:
+            self._process = subprocess.Popen(
+                command,
+                env=installation.environment(),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                # Its own process group: a Ctrl-C in the terminal reaches us, and we stop Triton in order.
+                start_new_session=True,
+            )
+
+    def exit_code(self) -> int | None:
+        return None if self._process is None else self._process.poll()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM, then SIGKILL after timeout_s; returns Triton's exit code."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop within %.0fs; killing it", timeout_s)
+                process.kill()
+                process.wait()
+        shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+        return None if process is None else process.returncode
