@@ -28,6 +28,7 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local checkpoint folder (default: %(default)s)")
     parser.add_argument("--output", type=Path, required=True, help="model repository folder to write into")
     parser.add_argument("--name", default=defaults.name, help="model name in the repository (default: %(default)s)")
+    parser.add_argument("--model-id", default=None, help="model name reported to callers (default: the hub id or folder name)")
     parser.add_argument("--tokenizer", default=None, help="hub id or folder of the tokenizer (default: --model)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="instance kind (default: %(default)s)")
     parser.add_argument("--precision", choices=["fp32", "fp16"], default=None, help="default: fp32 on cpu, fp16 on gpu")

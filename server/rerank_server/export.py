@@ -17,6 +17,7 @@ import json
 import shutil
 import string
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -43,6 +44,7 @@ class ExportOptions:
     model: str = DEFAULT_MODEL
     output: Path = Path("model_repository_build")
     name: str = "reranker"
+    model_id: str | None = None  # reported to callers; default: the hub id, or a local folder's name
     tokenizer: str | None = None
     device: str = "cpu"
     precision: str | None = None  # default: fp32 on cpu, fp16 on gpu
@@ -58,6 +60,13 @@ class ExportOptions:
     @property
     def resolved_precision(self) -> str:
         return self.precision or PRECISIONS[self.device][0]
+
+    @property
+    def resolved_model_id(self) -> str:
+        if self.model_id:
+            return self.model_id
+        local = Path(self.model)
+        return local.resolve().name if local.is_dir() else self.model
 
 
 Progress = Callable[[str], None]
@@ -107,7 +116,7 @@ def export(options: ExportOptions, progress: Progress = print) -> Path:
     import torch
     import transformers
 
-    steps = _Steps(6, progress)
+    steps = _Steps(5 + (precision == "fp16"), progress)
     with steps.step(f"Checking {options.model}"):
         config = _load(transformers.AutoConfig.from_pretrained, options.model, "configuration")
         check_config(config)
@@ -151,7 +160,7 @@ def export(options: ExportOptions, progress: Progress = print) -> Path:
             (staging / "config.pbtxt").write_text(
                 render_config(
                     name=options.name,
-                    source_model=options.model,
+                    source_model=options.resolved_model_id,
                     precision=precision,
                     max_length=max_length,
                     vocab_size=config.vocab_size,
@@ -241,7 +250,10 @@ def _export_onnx(model: Any, config: Any, path: Path, opset: int, max_length: in
     window = int(getattr(config, "local_attention", 128))
     width = min(max_length, 2 * window + 16)
     ids, mask = _random_batch(config, [width, max(2, width // 2)], seed=0)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about Python branches on shapes; the verification step checks the result.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", UserWarning)
         torch.onnx.export(
             LogitsOnly(model),
             (torch.from_numpy(ids), torch.from_numpy(mask)),

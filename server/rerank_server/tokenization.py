@@ -1,8 +1,9 @@
 """(query, document) pairs to token ids, the way the model was trained: `[CLS] query [SEP] document [SEP]`.
 
 The query and the documents are encoded without special tokens, then laid out with the tokenizer's
-own pair template, so the ids equal `tokenizer(query, document, truncation="only_second")` of
-transformers. Only the document is cut to fit `max_length`; the query is kept whole (queries longer
+own pair template, so the ids equal transformers' batched
+`tokenizer([query], [document], truncation="only_second")`, the call sentence-transformers'
+CrossEncoder makes (an empty document keeps its [SEP]: `[CLS] query [SEP] [SEP]`). Only the document is cut to fit `max_length`; the query is kept whole (queries longer
 than the configured limit are refused before this step).
 """
 

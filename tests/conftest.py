@@ -1,0 +1,136 @@
+"""Shared fixtures: random-weight ModernBERT checkpoints, a model repository exported by `rerank
+export` itself, and a real stack (tritonserver + frontend) started by `rerank serve`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rerank_server.testing import TINY_CONFIG, save_random_checkpoint
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TOKENIZER_DIR = FIXTURES / "modernbert-tokenizer"
+RERANK = [str(Path(sys.executable).parent / "rerank")]  # the console script users run
+
+# A second shape the first never uses: other width, depth, window, global-layer spacing and pooling.
+MEAN_POOLING_CONFIG = {
+    "hidden_size": 48,
+    "intermediate_size": 80,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 3,
+    "local_attention": 32,
+    "global_attn_every_n_layers": 2,
+    "classifier_pooling": "mean",
+    "max_position_embeddings": 384,
+}
+MODELS = {"reranker": (TINY_CONFIG, 0), "reranker_mean": (MEAN_POOLING_CONFIG, 1)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_rerank(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run the `rerank` command line as a user would."""
+    return subprocess.run([*RERANK, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        name: save_random_checkpoint(root / name, TOKENIZER_DIR, seed=seed, **config)
+        for name, (config, seed) in MODELS.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> Path:
+    repository = tmp_path_factory.mktemp("model_repository")
+    for name, checkpoint in checkpoints.items():
+        done = run_rerank("export", "--model", str(checkpoint), "--output", str(repository), "--name", name)
+        assert done.returncode == 0, done.stderr
+    return repository
+
+
+@dataclass
+class Stack:
+    """A running `rerank serve`: its frontend target and the Triton it started."""
+
+    process: subprocess.Popen[str]
+    target: str
+    triton_url: str
+    output: list[str]
+
+
+def start_serve(args: list[str], timeout_s: float = 180) -> Stack:
+    """Start `rerank serve` and wait for its 'serving' line."""
+    port = free_port()
+    command = [*RERANK, "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    output: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        output.append(line)
+        if line.startswith("rerank: serving"):
+            triton = next((a.split("=", 1)[1] for a in args if a.startswith("--triton-url=")), None)
+            triton_port = next((a.split("=", 1)[1] for a in args if a.startswith("--triton-grpc-port=")), None)
+            return Stack(process, f"127.0.0.1:{port}", triton or f"localhost:{triton_port}", output)
+    process.kill()
+    raise RuntimeError("rerank serve did not start:\n" + "".join(output))
+
+
+def stop_serve(stack: Stack, timeout_s: float = 60) -> int:
+    stack.process.terminate()
+    try:
+        remaining, _ = stack.process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        stack.process.kill()
+        raise
+    stack.output.append(remaining or "")
+    return stack.process.returncode
+
+
+@pytest.fixture(scope="session")
+def stack(model_repository: Path) -> Iterator[Stack]:
+    """`rerank serve` with a local Triton serving both tiny models; the frontend fronts `reranker`."""
+    served = start_serve(
+        [
+            f"--model-repository={model_repository}",
+            f"--triton-grpc-port={free_port()}",
+            f"--triton-http-port={free_port()}",
+            f"--triton-metrics-port={free_port()}",
+        ]
+    )
+    yield served
+    code = stop_serve(served)
+    assert code == 0, "".join(served.output[-30:])
+
+
+@pytest.fixture(scope="session")
+def mean_stack(stack: Stack, model_repository: Path) -> Iterator[Stack]:
+    """A second frontend, on the first stack's Triton (--triton-url), fronting `reranker_mean`."""
+    served = start_serve(
+        [
+            f"--triton-url={stack.triton_url}",
+            f"--model-repository={model_repository}",
+            "--model-name=reranker_mean",
+        ]
+    )
+    yield served
+    assert stop_serve(served) == 0, "".join(served.output[-30:])

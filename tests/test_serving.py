@@ -1,0 +1,169 @@
+"""The served path end to end: SDK -> frontend -> real Triton -> ONNX Runtime, checked against eager."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from rerank_client import AsyncRerankClient, InvalidRequestError, RerankClient
+from tests.conftest import Stack, run_rerank
+from tests.reference import eager
+from tests.texts import QUERY, mixed_documents, text
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack):
+    with RerankClient(stack.target, timeout=60) as c:
+        yield c
+
+
+def served_logits(response, n: int) -> np.ndarray:
+    logits = np.full(n, np.nan)
+    for result in response.results:
+        logits[result.index] = result.logit
+    return logits
+
+
+@pytest.mark.parametrize("model", ["reranker", "reranker_mean"])
+def test_logits_match_transformers_eager_for_mixed_lengths(request, model: str, checkpoints) -> None:
+    stack = request.getfixturevalue("stack" if model == "reranker" else "mean_stack")
+    documents = mixed_documents()
+    reference = eager(checkpoints[model])
+    with RerankClient(stack.target, timeout=60) as c:
+        response = c.rerank(QUERY, documents)
+    assert len(response.results) == len(documents)
+    np.testing.assert_allclose(served_logits(response, len(documents)), reference.logits(QUERY, documents), atol=ATOL)
+    expected_tokens = sum(len(reference.encode(QUERY, d)) for d in documents)
+    assert response.usage.input_tokens == expected_tokens
+    # Only the 700-word document passes the 512 / 384 token limit of the tiny models.
+    assert response.usage.truncated_documents == 1
+    assert response.model == str(checkpoints[model].name)
+
+
+def test_score_is_sigmoid_of_logit_and_results_are_ranked(client: RerankClient) -> None:
+    documents = mixed_documents()
+    response = client.rerank(QUERY, documents)
+    logits = np.array([r.logit for r in response.results], dtype=np.float64)
+    scores = np.array([r.score for r in response.results], dtype=np.float64)
+    np.testing.assert_allclose(scores, 1 / (1 + np.exp(-logits)), atol=1e-6)
+    assert np.all((scores >= 0) & (scores <= 1))
+    assert np.all(np.diff(scores) <= 0), "results are not sorted by score"
+    assert sorted(r.index for r in response.results) == list(range(len(documents)))
+
+
+def test_equal_scores_are_ordered_by_index(client: RerankClient) -> None:
+    same = text(20, seed=5)
+    documents = [text(9, seed=1), same, text(30, seed=2), same, same]
+    response = client.rerank(QUERY, documents)
+    tied = [r.index for r in response.results if r.index in (1, 3, 4)]
+    assert tied == [1, 3, 4]
+    assert len({r.score for r in response.results if r.index in (1, 3, 4)}) == 1
+
+
+def test_top_n_and_return_documents(client: RerankClient) -> None:
+    documents = mixed_documents()
+    full = client.rerank(QUERY, documents)
+    top = client.rerank(QUERY, documents, top_n=3, return_documents=True)
+    assert [r.index for r in top.results] == [r.index for r in full.results[:3]]
+    assert [r.document for r in top.results] == [documents[r.index] for r in top.results]
+    assert all(r.HasField("document") for r in top.results)
+    assert not any(r.HasField("document") for r in full.results)
+    # top_n past the number of documents returns them all; usage still counts every pair.
+    assert len(client.rerank(QUERY, documents, top_n=100).results) == len(documents)
+    assert top.usage.input_tokens == full.usage.input_tokens
+
+
+def triton_counts(triton_url: str, model: str) -> tuple[int, int]:
+    stats = triton_grpc.InferenceServerClient(triton_url).get_inference_statistics(model, as_json=True)
+    model_stats = stats["model_stats"][0]
+    return int(model_stats.get("inference_count", 0)), int(model_stats.get("execution_count", 0))
+
+
+async def test_concurrent_clients_get_correct_results_and_triton_batches(stack: Stack, checkpoints) -> None:
+    reference = eager(checkpoints["reranker"])
+    queries = [f"{QUERY} {text(i % 5, seed=i)}" for i in range(16)]
+    documents = [[text(n, seed=10 * i + n) for n in (3, 40, 11, 120)] for i in range(16)]
+    before = triton_counts(stack.triton_url, "reranker")
+    async with AsyncRerankClient(stack.target, timeout=120) as c:
+        for _ in range(3):
+            responses = await asyncio.gather(*(c.rerank(q, d) for q, d in zip(queries, documents, strict=True)))
+    after = triton_counts(stack.triton_url, "reranker")
+    for q, d, response in zip(queries, documents, responses, strict=True):
+        np.testing.assert_allclose(served_logits(response, len(d)), reference.logits(q, d), atol=ATOL)
+    requests, executions = after[0] - before[0], after[1] - before[1]
+    assert requests == 48
+    assert executions < requests, f"Triton ran {executions} executions for {requests} requests: nothing was batched"
+
+
+@pytest.mark.parametrize(
+    ("query", "documents", "message"),
+    [
+        ("", ["a document"], "query must not be empty"),
+        ("   \n", ["a document"], "query must not be empty"),
+        ("a query", [], "at least one document"),
+    ],
+)
+def test_invalid_requests_are_refused_and_the_server_keeps_serving(
+    client: RerankClient, query: str, documents: list[str], message: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        client.rerank(query, documents)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in caught.value.details
+    assert len(client.rerank(QUERY, ["still serving"]).results) == 1
+
+
+def test_empty_documents_among_others_are_scored(client: RerankClient, checkpoints) -> None:
+    documents = ["", text(5), ""]
+    response = client.rerank(QUERY, documents)
+    np.testing.assert_allclose(
+        served_logits(response, 3), eager(checkpoints["reranker"]).logits(QUERY, documents), atol=ATOL
+    )
+
+
+def test_health_is_serving_for_the_server_and_the_service(stack: Stack) -> None:
+    with grpc.insecure_channel(stack.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "rerank.v1.RerankService"):
+            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_services(stack: Stack) -> None:
+    with grpc.insecure_channel(stack.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        response = next(stub.ServerReflectionInfo(iter([request]), timeout=10))
+        names = {s.name for s in response.list_services_response.service}
+    assert {"rerank.v1.RerankService", "grpc.health.v1.Health"} <= names
+
+
+def test_cli_query_prints_a_ranked_table(stack: Stack) -> None:
+    done = run_rerank("query", "--target", stack.target, "what is the capital of China?", "Beijing", "weather", timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["rank", "index", "score", "logit", "document"]
+    ranks = [line.split() for line in lines[1:3]]
+    assert [r[0] for r in ranks] == ["1", "2"]
+    assert {r[1] for r in ranks} == {"0", "1"}
+    assert float(ranks[0][2]) >= float(ranks[1][2])
+
+
+def test_cli_query_reports_errors_with_a_status(stack: Stack) -> None:
+    done = run_rerank("query", "--target", stack.target, "", "doc", timeout=60)
+    assert done.returncode == 1
+    assert "INVALID_ARGUMENT" in done.stderr and "query must not be empty" in done.stderr
+
+
+def test_serve_printed_where_it_listens(stack: Stack, model_repository: Path) -> None:
+    line = next(line for line in stack.output if line.startswith("rerank: serving"))
+    assert stack.target.split(":")[1] in line and "Triton at" in line
