@@ -36,7 +36,7 @@ class TritonPythonModel:
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         providers: list[str | tuple[str, dict[str, object]]] = ["CPUExecutionProvider"]
         if args["model_instance_kind"] == "GPU":
-            device = {"device_id": int(args["model_instance_device_id"])}
+            device: dict[str, object] = {"device_id": int(args["model_instance_device_id"])}
             providers = [("CUDAExecutionProvider", device), "CPUExecutionProvider"]
         self.engine = PackedReranker.from_file(
             os.path.join(version_dir, _parameter(config, "onnx_file", "model.onnx")),
@@ -75,4 +75,4 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
-        self.engine = None  # type: ignore[assignment]
+        del self.engine

@@ -27,9 +27,7 @@ class EagerReranker:
 
     @torch.no_grad()
     def logits(self, query: str, documents: Sequence[str]) -> np.ndarray:
-        out = [
-            self.model(input_ids=torch.tensor([self.encode(query, d)])).logits[0, 0].item() for d in documents
-        ]
+        out = [self.model(input_ids=torch.tensor([self.encode(query, d)])).logits[0, 0].item() for d in documents]
         return np.array(out, dtype=np.float64)
 
 

@@ -148,7 +148,9 @@ def test_reflection_lists_the_services(stack: Stack) -> None:
 
 
 def test_cli_query_prints_a_ranked_table(stack: Stack) -> None:
-    done = run_rerank("query", "--target", stack.target, "what is the capital of China?", "Beijing", "weather", timeout=60)
+    done = run_rerank(
+        "query", "--target", stack.target, "what is the capital of China?", "Beijing", "weather", timeout=60
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].split() == ["rank", "index", "score", "logit", "document"]

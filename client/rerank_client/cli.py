@@ -60,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_query_command(subparsers)
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-        entry_point.load()(subparsers)
+        try:
+            entry_point.load()(subparsers)
+        except ImportError as error:
+            # A plug-in whose own dependencies are missing must not break `rerank query`.
+            print(f"rerank: commands of {entry_point.value} unavailable ({error})", file=sys.stderr)
     return parser
 
 

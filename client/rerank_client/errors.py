@@ -1,13 +1,13 @@
 """The SDK's exception tree: every failed call raises a subclass of RerankError.
 
-    RerankError
-    ├── InvalidRequestError     INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION
-    ├── ResourceExhaustedError  RESOURCE_EXHAUSTED (a limit or the server's capacity)
-    ├── RerankTimeoutError      DEADLINE_EXCEEDED
-    ├── UnavailableError        UNAVAILABLE (server down, draining or restarting: safe to retry)
-    ├── AuthenticationError     UNAUTHENTICATED, PERMISSION_DENIED
-    ├── CancelledError          CANCELLED
-    └── ServerError             INTERNAL, UNKNOWN and anything else
+RerankError
+├── InvalidRequestError     INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION
+├── ResourceExhaustedError  RESOURCE_EXHAUSTED (a limit or the server's capacity)
+├── RerankTimeoutError      DEADLINE_EXCEEDED
+├── UnavailableError        UNAVAILABLE (server down, draining or restarting: safe to retry)
+├── AuthenticationError     UNAUTHENTICATED, PERMISSION_DENIED
+├── CancelledError          CANCELLED
+└── ServerError             INTERNAL, UNKNOWN and anything else
 """
 
 from __future__ import annotations
@@ -67,6 +67,6 @@ _BY_CODE: dict[grpc.StatusCode, type[RerankError]] = {
 
 def from_rpc_error(error: grpc.RpcError) -> RerankError:
     """Translate a grpc.RpcError (sync or aio) into the matching RerankError subclass."""
-    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-    details: str = error.details() or ""  # type: ignore[attr-defined]
+    code: grpc.StatusCode = error.code()
+    details: str = error.details() or ""
     return _BY_CODE.get(code, ServerError)(code, details)

@@ -4,6 +4,7 @@ optional local Triton it fronts. `run()` is what `rerank serve` calls."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,9 @@ def tokenizer_folder(settings: Settings, model: ModelInfo) -> Path:
     if settings.tokenizer is not None:
         return settings.tokenizer
     if settings.model_repository is None:
-        raise ValueError("with --triton-url, give --tokenizer or --model-repository so the frontend finds the tokenizer")
+        raise ValueError(
+            "with --triton-url, give --tokenizer or --model-repository so the frontend finds the tokenizer"
+        )
     return settings.model_repository / model.name / model.version / model.tokenizer_dir
 
 
@@ -161,7 +164,5 @@ async def _until_stopped(stop: asyncio.Event, triton: LocalTriton | None) -> Non
         if triton is not None and triton.exit_code() is not None:
             log.error("tritonserver exited with %s:\n%s", triton.exit_code(), triton.log_tail())
             return
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=1.0)
-        except TimeoutError:
-            pass

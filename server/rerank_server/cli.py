@@ -25,19 +25,34 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
         description="Export a single-logit ModernBertForSequenceClassification checkpoint (hub id or local "
         "folder) to ONNX and write a Triton model repository around it.",
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local checkpoint folder (default: %(default)s)")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="hub id or local checkpoint folder (default: %(default)s)"
+    )
     parser.add_argument("--output", type=Path, required=True, help="model repository folder to write into")
     parser.add_argument("--name", default=defaults.name, help="model name in the repository (default: %(default)s)")
-    parser.add_argument("--model-id", default=None, help="model name reported to callers (default: the hub id or folder name)")
+    parser.add_argument(
+        "--model-id", default=None, help="model name reported to callers (default: the hub id or folder name)"
+    )
     parser.add_argument("--tokenizer", default=None, help="hub id or folder of the tokenizer (default: --model)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="instance kind (default: %(default)s)")
     parser.add_argument("--precision", choices=["fp32", "fp16"], default=None, help="default: fp32 on cpu, fp16 on gpu")
     parser.add_argument("--max-length", type=int, default=None, help="tokens per pair (default: the model's limit)")
-    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size, help="requests merged per execution")
-    parser.add_argument("--max-batch-tokens", type=int, default=None, help="padded tokens per model run (default: max(8192, max length))")
-    parser.add_argument("--max-queue-delay-us", type=int, default=defaults.max_queue_delay_us, help="dynamic batcher delay")
+    parser.add_argument(
+        "--max-batch-size", type=int, default=defaults.max_batch_size, help="requests merged per execution"
+    )
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        help="padded tokens per model run (default: max(8192, max length))",
+    )
+    parser.add_argument(
+        "--max-queue-delay-us", type=int, default=defaults.max_queue_delay_us, help="dynamic batcher delay"
+    )
     parser.add_argument("--instance-count", type=int, default=defaults.instance_count, help="model instances")
-    parser.add_argument("--intra-op-threads", type=int, default=defaults.intra_op_threads, help="ONNX Runtime threads (0: all cores)")
+    parser.add_argument(
+        "--intra-op-threads", type=int, default=defaults.intra_op_threads, help="ONNX Runtime threads (0: all cores)"
+    )
     parser.add_argument("--opset", type=int, default=defaults.opset, help="ONNX opset (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model of that name")
     parser.set_defaults(func=_run_export)

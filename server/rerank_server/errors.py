@@ -15,21 +15,21 @@ class ServiceError(Exception):
         self.message = message
 
 
-class InvalidRequest(ServiceError):
+class InvalidRequestError(ServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
-class LimitExceeded(ServiceError):
+class LimitExceededError(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class BackendUnavailable(ServiceError):
+class BackendUnavailableError(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class DeadlineExceeded(ServiceError):
+class DeadlineExceededError(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-class BackendFailure(ServiceError):
+class BackendFailureError(ServiceError):
     code = grpc.StatusCode.INTERNAL

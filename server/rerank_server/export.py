@@ -6,7 +6,8 @@
     <output>/<name>/1/tokenizer/         the fast tokenizer the frontend loads
     <output>/<name>/1/export.json        provenance: source, versions, verification result
 
-torch, transformers and onnx are imported here only: they are needed to export, never to serve.
+torch, transformers, onnx and numpy are imported when an export runs: they are needed to export,
+never to serve, and `rerank query` loads this module's options without them.
 The model folder is assembled next to its destination and renamed into place, so a failed export
 never leaves a half-written model for Triton to load.
 """
@@ -22,9 +23,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 import rerank_model_repository
 
@@ -224,6 +226,8 @@ def _sample_lengths(config: Any, max_length: int) -> list[int]:
 
 
 def _random_batch(config: Any, lengths: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     width = max(lengths)
     ids = np.full((len(lengths), width), config.pad_token_id or 0, dtype=np.int64)
@@ -280,6 +284,7 @@ def _convert_fp16(path: Path) -> None:
 
 def _verify(model: Any, config: Any, onnx_path: Path, precision: str, max_length: int) -> dict[str, Any]:
     """Run padded sample batches through ONNX Runtime and compare with eager, pair by pair, unpadded."""
+    import numpy as np
     import onnxruntime as ort
     import torch
 

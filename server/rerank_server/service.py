@@ -9,7 +9,7 @@ from concurrent.futures import Executor
 import grpc
 
 from rerank_client._proto.rerank.v1 import rerank_pb2, rerank_pb2_grpc
-from rerank_server.errors import InvalidRequest, ServiceError
+from rerank_server.errors import InvalidRequestError, ServiceError
 from rerank_server.ranking import rank, sigmoid
 from rerank_server.settings import Settings
 from rerank_server.tokenization import PairTokenizer, QueryTooLongError, TokenizedPairs
@@ -51,9 +51,7 @@ class RerankService(rerank_pb2_grpc.RerankServiceServicer):
         scores = sigmoid(logits)
         response = rerank_pb2.RerankResponse(
             model=self.model.source_model,
-            usage=rerank_pb2.Usage(
-                input_tokens=pairs.total_tokens, truncated_documents=int(pairs.truncated.sum())
-            ),
+            usage=rerank_pb2.Usage(input_tokens=pairs.total_tokens, truncated_documents=int(pairs.truncated.sum())),
         )
         for index in rank(scores, request.top_n):
             result = response.results.add(index=int(index), score=float(scores[index]), logit=float(logits[index]))
@@ -63,11 +61,11 @@ class RerankService(rerank_pb2_grpc.RerankServiceServicer):
 
     def _validate(self, request: rerank_pb2.RerankRequest) -> None:
         if not request.query.strip():
-            raise InvalidRequest("query must not be empty")
+            raise InvalidRequestError("query must not be empty")
         if not request.documents:
-            raise InvalidRequest("documents must hold at least one document")
+            raise InvalidRequestError("documents must hold at least one document")
         if len(request.documents) > self.settings.max_documents:
-            raise InvalidRequest(
+            raise InvalidRequestError(
                 f"{len(request.documents)} documents exceed the limit of {self.settings.max_documents} per request"
             )
 
@@ -82,4 +80,4 @@ class RerankService(rerank_pb2_grpc.RerankServiceServicer):
                 self.settings.max_query_tokens,
             )
         except QueryTooLongError as error:
-            raise InvalidRequest(str(error)) from None
+            raise InvalidRequestError(str(error)) from None

@@ -38,7 +38,9 @@ class Settings:
         None, "folder holding tokenizer.json (default: the one `rerank export` put in the model repository)"
     )
     # Request limits.
-    max_length: int | None = _setting(None, "tokens per (query, document) pair, special tokens included (default: the model's limit)")
+    max_length: int | None = _setting(
+        None, "tokens per (query, document) pair, special tokens included (default: the model's limit)"
+    )
     max_query_tokens: int = _setting(2048, "longest query accepted, in tokens")
     max_documents: int = _setting(1000, "most documents accepted in one request")
     max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message accepted or sent, in bytes")

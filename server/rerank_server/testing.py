@@ -32,7 +32,7 @@ def save_random_checkpoint(folder: Path, tokenizer_dir: Path, seed: int = 0, **c
     from transformers import ModernBertConfig, ModernBertForSequenceClassification
 
     torch.manual_seed(seed)
-    model = ModernBertForSequenceClassification(ModernBertConfig(num_labels=1, **config))
+    model = ModernBertForSequenceClassification(ModernBertConfig(**{**config, "num_labels": 1}))
     # Random init draws small weights; widen the head so that logits spread and rankings differ.
     with torch.no_grad():
         model.classifier.weight.mul_(20.0)

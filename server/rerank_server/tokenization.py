@@ -3,8 +3,9 @@
 The query and the documents are encoded without special tokens, then laid out with the tokenizer's
 own pair template, so the ids equal transformers' batched
 `tokenizer([query], [document], truncation="only_second")`, the call sentence-transformers'
-CrossEncoder makes (an empty document keeps its [SEP]: `[CLS] query [SEP] [SEP]`). Only the document is cut to fit `max_length`; the query is kept whole (queries longer
-than the configured limit are refused before this step).
+CrossEncoder makes (an empty document keeps its [SEP]: `[CLS] query [SEP] [SEP]`). Only the
+document is cut to fit `max_length`; the query is kept whole (queries longer than the configured
+limit are refused before this step).
 """
 
 from __future__ import annotations

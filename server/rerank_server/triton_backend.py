@@ -16,7 +16,7 @@ import numpy as np
 import tritonclient.grpc.aio as triton_grpc
 from tritonclient.utils import InferenceServerException
 
-from rerank_server.errors import BackendFailure, BackendUnavailable, DeadlineExceeded, ServiceError
+from rerank_server.errors import BackendFailureError, BackendUnavailableError, DeadlineExceededError, ServiceError
 from rerank_server.tokenization import TokenizedPairs
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,10 @@ def _translate(error: InferenceServerException) -> ServiceError:
     status = error.status() or ""
     message = error.message() or str(error)
     if "UNAVAILABLE" in status:
-        return BackendUnavailable(f"the model server is unavailable: {message}")
+        return BackendUnavailableError(f"the model server is unavailable: {message}")
     if "DEADLINE_EXCEEDED" in status:
-        return DeadlineExceeded("the deadline passed before the model answered")
-    return BackendFailure(f"the model server failed: {message}")
+        return DeadlineExceededError("the deadline passed before the model answered")
+    return BackendFailureError(f"the model server failed: {message}")
 
 
 class TritonBackend:
@@ -152,7 +152,9 @@ class TritonBackend:
         )
         logits = result.as_numpy(LOGITS)
         if logits is None or logits.size != lengths.size:
-            raise BackendFailure(f"the model answered {None if logits is None else logits.size} logits for {lengths.size} pairs")
+            raise BackendFailureError(
+                f"the model answered {None if logits is None else logits.size} logits for {lengths.size} pairs"
+            )
         return np.asarray(logits, dtype=np.float32).reshape(-1)
 
     async def close(self) -> None:

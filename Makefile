@@ -1,0 +1,50 @@
+# The two commands of the README:
+#   make serve   set up everything, export the model (once) and serve it
+#   make test    set up everything and run the checks and the test suite (what CI runs: .ci/run)
+
+PYTHON ?= python3
+VENV ?= .venv
+MODEL ?= Alibaba-NLP/gte-reranker-modernbert-base
+REPOSITORY ?= artifacts/model_repository
+NAME ?= reranker
+PORT ?= 50051
+EXPORT_ARGS ?=
+SERVE_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install serve export test check pytest bench bench-quick protos clean
+
+install: $(STAMP)
+
+# Re-install when a dependency list changes. torch is pinned (constraints) to the CPU build.
+$(STAMP): pyproject.toml client/pyproject.toml requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ./client -e '.[triton,export,dev]'
+	touch $@
+
+$(REPOSITORY)/$(NAME)/config.pbtxt: | $(STAMP)
+	$(BIN)/rerank export --model $(MODEL) --output $(REPOSITORY) --name $(NAME) $(EXPORT_ARGS)
+
+export: $(REPOSITORY)/$(NAME)/config.pbtxt
+
+serve: install export
+	$(BIN)/rerank serve --model-repository $(REPOSITORY) --model-name $(NAME) --port $(PORT) $(SERVE_ARGS)
+
+check: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+pytest: install
+	$(BIN)/python -m pytest
+
+test: check pytest
+
+protos: install
+	$(BIN)/python tools/generate_protos.py
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache .mypy_cache .ruff_cache

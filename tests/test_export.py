@@ -1,0 +1,100 @@
+"""`rerank export`: what it writes, and what it refuses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, ModernBertConfig, ModernBertForMaskedLM
+
+from rerank_server.testing import TINY_CONFIG, save_random_checkpoint
+from tests.conftest import TOKENIZER_DIR, run_rerank
+
+
+def test_repository_layout_and_config(model_repository: Path) -> None:
+    model_dir = model_repository / "reranker"
+    version = model_dir / "1"
+    for name in ("model.onnx", "model.py", "reranker_engine.py", "tokenizer/tokenizer.json", "export.json"):
+        assert (version / name).is_file(), name
+    config = (model_dir / "config.pbtxt").read_text()
+    assert 'backend: "python"' in config
+    assert "max_batch_size: 32" in config
+    assert "dynamic_batching" in config and "allow_ragged_batch: true" in config
+    assert "kind: KIND_CPU" in config
+    assert 'key: "max_length" value: { string_value: "512" }' in config
+    provenance = json.loads((version / "export.json").read_text())
+    assert provenance["verification"]["verified"] is True
+    assert provenance["verification"]["max_abs_diff"] < 1e-4
+    assert not list(model_repository.glob(".*partial"))
+
+
+def test_graph_has_dynamic_batch_and_sequence_axes(model_repository: Path) -> None:
+    graph = onnx.load(str(model_repository / "reranker" / "1" / "model.onnx"), load_external_data=False).graph
+    for tensor in graph.input:
+        dims = tensor.type.tensor_type.shape.dim
+        assert [d.dim_param for d in dims] == ["batch", "sequence"], tensor.name
+    assert [o.name for o in graph.output] == ["logits"]
+
+
+def test_gpu_variant_is_fp16_with_fp32_io(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    done = run_rerank("export", "--model", str(checkpoints["reranker"]), "--output", str(tmp_path), "--device", "gpu")
+    assert done.returncode == 0, done.stderr
+    config = (tmp_path / "reranker" / "config.pbtxt").read_text()
+    assert "kind: KIND_GPU" in config and 'string_value: "fp16"' in config
+    graph = onnx.load(str(tmp_path / "reranker" / "1" / "model.onnx")).graph
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.initializer)
+    assert "[5/6]" in done.stderr and "[6/6]" in done.stderr  # progress is shown
+
+
+def _refused(checkpoint: Path, tmp_path: Path) -> str:
+    done = run_rerank("export", "--model", str(checkpoint), "--output", str(tmp_path / "out"))
+    assert done.returncode == 2, done.stderr
+    assert not (tmp_path / "out" / "reranker").exists()
+    return done.stderr
+
+
+def test_refuses_a_model_that_is_not_modernbert(tmp_path: Path) -> None:
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "bert")
+    assert "expected a ModernBERT checkpoint" in _refused(tmp_path / "bert", tmp_path)
+
+
+def test_refuses_more_than_one_logit(tmp_path: Path) -> None:
+    config = {**TINY_CONFIG, "num_labels": 3}
+    torch.manual_seed(0)
+    from transformers import ModernBertForSequenceClassification
+
+    ModernBertForSequenceClassification(ModernBertConfig(**config)).save_pretrained(tmp_path / "three")
+    assert "one output logit, got num_labels=3" in _refused(tmp_path / "three", tmp_path)
+
+
+def test_refuses_a_checkpoint_without_a_scoring_head(tmp_path: Path) -> None:
+    ModernBertForMaskedLM(ModernBertConfig(**TINY_CONFIG)).save_pretrained(tmp_path / "mlm")
+    assert "ModernBertForSequenceClassification" in _refused(tmp_path / "mlm", tmp_path)
+
+
+def test_refuses_a_missing_checkpoint(tmp_path: Path) -> None:
+    assert "cannot load the configuration" in _refused(tmp_path / "nowhere", tmp_path)
+
+
+def test_refuses_to_overwrite_without_the_flag(tmp_path: Path) -> None:
+    checkpoint = save_random_checkpoint(tmp_path / "ckpt", TOKENIZER_DIR, **TINY_CONFIG)
+    first = run_rerank("export", "--model", str(checkpoint), "--output", str(tmp_path / "out"), "--model-id", "org/x")
+    assert first.returncode == 0, first.stderr
+    assert 'string_value: "org/x"' in (tmp_path / "out" / "reranker" / "config.pbtxt").read_text()
+    again = run_rerank("export", "--model", str(checkpoint), "--output", str(tmp_path / "out"))
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    forced = run_rerank("export", "--model", str(checkpoint), "--output", str(tmp_path / "out"), "--overwrite")
+    assert forced.returncode == 0, forced.stderr
+
+
+@pytest.mark.parametrize("value", ["3", "100000"])
+def test_refuses_a_max_length_outside_the_model_limit(tmp_path: Path, checkpoints: dict[str, Path], value: str) -> None:
+    done = run_rerank(
+        "export", "--model", str(checkpoints["reranker"]), "--output", str(tmp_path), "--max-length", value
+    )
+    assert done.returncode == 2 and "--max-length must lie in [4, 512]" in done.stderr
