@@ -30,6 +30,32 @@ def _parameter(config: dict[str, Any], key: str, default: str | None = None) -> 
     return str(value)
 
 
+class _Metrics:
+    """Custom counters on Triton's metrics endpoint: pairs computed or dropped, real and padded tokens."""
+
+    def __init__(self, model: str) -> None:
+        self.pairs_family = pb_utils.MetricFamily(
+            name="rerank_model_pairs_total",
+            description="(query, document) inputs that reached the model, by outcome (computed, dropped)",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.tokens_family = pb_utils.MetricFamily(
+            name="rerank_model_tokens_total",
+            description="tokens of computed inputs: real, and padded (real plus padding) as run",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.computed = self.pairs_family.Metric(labels={"model": model, "outcome": "computed"})
+        self.dropped = self.pairs_family.Metric(labels={"model": model, "outcome": "dropped"})
+        self.real_tokens = self.tokens_family.Metric(labels={"model": model, "kind": "real"})
+        self.padded_tokens = self.tokens_family.Metric(labels={"model": model, "kind": "padded"})
+
+    def count(self, lengths: np.ndarray, computed: np.ndarray, padded_tokens: int) -> None:
+        self.computed.increment(int(computed.sum()))
+        self.dropped.increment(int((~computed).sum()))
+        self.real_tokens.increment(int(lengths[computed].sum()))
+        self.padded_tokens.increment(padded_tokens)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -46,6 +72,7 @@ class TritonPythonModel:
             providers=providers,
         )
         self.vocab_size = int(_parameter(config, "vocab_size"))
+        self.metrics = _Metrics(args["model_name"])
 
     def execute(self, requests: list[Any]) -> list[Any]:
         # Pool the pairs of every well-formed request into one ragged batch, score it once, split it back.
@@ -59,20 +86,43 @@ class TritonPythonModel:
                 pooled.append((position, ids, lengths))
             else:
                 responses[position] = pb_utils.InferenceResponse(error=pb_utils.TritonError(problem))
-        if pooled:
-            try:
-                logits = self.engine.score(
-                    np.concatenate([ids for _, ids, _ in pooled]), np.concatenate([n for _, _, n in pooled])
-                )
-            except Exception as error:  # noqa: BLE001 - a failed run answers every request, never hangs one
-                failure = pb_utils.TritonError(f"model execution failed: {error}")
-                for position, _, _ in pooled:
-                    responses[position] = pb_utils.InferenceResponse(error=failure)
-                return responses
-            bounds = np.cumsum([n.size for _, _, n in pooled])[:-1]
-            for (position, _, _), chunk in zip(pooled, np.split(logits, bounds), strict=True):
+        if not pooled:
+            return responses
+        owners = np.repeat(np.arange(len(pooled)), [lengths.size for _, _, lengths in pooled])
+        cancelled = np.zeros(len(pooled), dtype=bool)
+
+        def active(pairs: np.ndarray) -> np.ndarray:
+            # Asked before each sub-batch: a caller that cancelled (or whose deadline passed) since
+            # the execution began has its remaining pairs dropped, not computed.
+            for owner in np.unique(owners[pairs]):
+                if not cancelled[owner] and requests[pooled[owner][0]].is_cancelled():
+                    cancelled[owner] = True
+            return ~cancelled[owners[pairs]]
+
+        lengths_all = np.concatenate([lengths for _, _, lengths in pooled])
+        logits = np.full(lengths_all.size, np.nan, dtype=np.float32)
+        padded_tokens = 0
+        try:
+            ids_all = np.concatenate([ids for _, ids, _ in pooled])
+            for batch, batch_logits in self.engine.iter_sub_batches(ids_all, lengths_all, active):
+                logits[batch.pairs] = batch_logits
+                padded_tokens += batch.padded_tokens
+        except Exception as error:  # noqa: BLE001 - a failed run answers every request, never hangs one
+            failure = pb_utils.TritonError(f"model execution failed: {error}")
+            for position, _, _ in pooled:
+                responses[position] = pb_utils.InferenceResponse(error=failure)
+            return responses
+        computed = ~np.isnan(logits)
+        self.metrics.count(lengths_all, computed, padded_tokens)
+        bounds = np.cumsum([lengths.size for _, _, lengths in pooled])[:-1]
+        for owner, ((position, _, _), chunk) in enumerate(zip(pooled, np.split(logits, bounds), strict=True)):
+            if cancelled[owner]:
+                cancelled_error = pb_utils.TritonError("cancelled", pb_utils.TritonError.CANCELLED)
+                responses[position] = pb_utils.InferenceResponse(error=cancelled_error)
+            else:
                 responses[position] = pb_utils.InferenceResponse([pb_utils.Tensor("logits", chunk.reshape(1, -1))])
         return responses
 
     def finalize(self) -> None:
         del self.engine
+        del self.metrics  # its Metric objects before their families, as the backend requires

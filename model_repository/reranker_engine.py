@@ -12,7 +12,7 @@ runs alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,21 +88,34 @@ class PackedReranker:
             max_batch_tokens=max_batch_tokens,
         )
 
-    def iter_sub_batches(self, input_ids: np.ndarray, lengths: np.ndarray) -> Iterator[tuple[SubBatch, np.ndarray]]:
-        """Run each sub-batch and yield it with its logits (float32, one per pair in batch.pairs)."""
+    def iter_sub_batches(
+        self, input_ids: np.ndarray, lengths: np.ndarray, active: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> Iterator[tuple[SubBatch, np.ndarray]]:
+        """Run each sub-batch and yield it with its logits (float32, one per pair in batch.pairs).
+
+        `active`, asked before each sub-batch with its pairs, returns which are still wanted; the
+        others are dropped uncomputed (their caller cancelled or its deadline passed).
+        """
         lengths = np.asarray(lengths, dtype=np.int64)
         offsets = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
         for batch in plan_sub_batches(lengths, self.max_batch_tokens):
+            if active is not None:
+                wanted = batch.pairs[active(batch.pairs)]
+                if wanted.size == 0:
+                    continue
+                batch = SubBatch(wanted, int(lengths[wanted].max()))
             ids, mask = pad_sub_batch(input_ids, offsets, lengths, batch, self.pad_token_id)
             feeds = dict(zip(self._input_names, (ids, mask), strict=True))
             logits = self.session.run([self._output_name], feeds)[0]
             yield batch, np.asarray(logits, dtype=np.float32).reshape(batch.pairs.size, -1)[:, 0]
 
-    def score(self, input_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """Logits (float32) of every pair of a ragged batch, in the order of `lengths`."""
+    def score(
+        self, input_ids: np.ndarray, lengths: np.ndarray, active: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> np.ndarray:
+        """Logits (float32) of every pair of a ragged batch, in the order of `lengths` (NaN: dropped)."""
         lengths = np.asarray(lengths, dtype=np.int64)
-        logits = np.empty(lengths.size, dtype=np.float32)
-        for batch, batch_logits in self.iter_sub_batches(input_ids, lengths):
+        logits = np.full(lengths.size, np.nan, dtype=np.float32)
+        for batch, batch_logits in self.iter_sub_batches(input_ids, lengths, active):
             logits[batch.pairs] = batch_logits
         return logits
 

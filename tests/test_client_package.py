@@ -20,7 +20,7 @@ def test_the_client_distribution_requires_none_of_the_heavy_packages() -> None:
         r.split(";")[0].split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip().lower()
         for r in requires("rerank-client") or []
     }
-    assert names == {"grpcio", "protobuf"}
+    assert names == {"grpcio", "protobuf", "googleapis-common-protos"}
 
 
 def test_the_sdk_and_cli_import_and_run_with_heavy_packages_blocked() -> None:

@@ -118,8 +118,8 @@ async def test_concurrent_clients_get_correct_results_and_triton_batches(stack: 
 @pytest.mark.parametrize(
     ("query", "documents", "message"),
     [
-        ("", ["a document"], "query must not be empty"),
-        ("   \n", ["a document"], "query must not be empty"),
+        ("", ["a document"], "query: must not be empty"),
+        ("   \n", ["a document"], "query: must not be empty"),
         ("a query", [], "at least one document"),
     ],
 )
@@ -174,7 +174,7 @@ def test_cli_query_prints_a_ranked_table(stack: Stack) -> None:
 def test_cli_query_reports_errors_with_a_status(stack: Stack) -> None:
     done = run_rerank("query", "--target", stack.target, "", "doc", timeout=60)
     assert done.returncode == 1
-    assert "INVALID_ARGUMENT" in done.stderr and "query must not be empty" in done.stderr
+    assert "INVALID_ARGUMENT" in done.stderr and "query: must not be empty" in done.stderr
 
 
 def test_serve_printed_where_it_listens(stack: Stack, model_repository: Path) -> None:

@@ -1,24 +1,42 @@
-"""PairTokenizer equals transformers' pair encoding (the one the model was trained with)."""
+"""PairTokenizer equals transformers' pair encoding (the one the model was trained with), per truncation mode."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from rerank_server.tokenization import PairTemplate, PairTokenizer, QueryTooLongError
+from rerank_server.tokenization import (
+    EncodeOptions,
+    EncodingError,
+    PairTemplate,
+    PairTokenizer,
+    PairTooLongError,
+    QueryTooLongError,
+    TooManyTokensError,
+    Truncation,
+)
 from tests.conftest import TOKENIZER_DIR
 from tests.texts import mixed_documents, text
 
-DOCUMENTS = [
-    *mixed_documents(),
+QUERY = "how to implement quick sort in python?"
+STRESS = [
     "",
     " leading and trailing spaces ",
-    "北京是中国的首都。",
-    "مرحبا بالعالم",
-    "emoji 🚀🔥 and combining e\u0301 and zero\u200bwidth",
-    "line\nbreaks\tand\ttabs",
+    "北京是中国的首都。上海是最大的城市。" * 40,
+    "مرحبا بالعالم، هذا نص عربي من اليمين إلى اليسار " * 30,
+    "emoji 🚀🔥👩‍👩‍👧 and combining e\u0301 a\u0308 and zero\u200bwidth\u200djoiner " * 30,
+    "line\nbreaks\tand\ttabs   and   runs      of spaces " * 30,
+    " " * 5000,
+    "x" * 3000,
 ]
+DOCUMENTS = [*mixed_documents(), *STRESS]
+
+
+def options(max_length: int, **kwargs) -> EncodeOptions:
+    return EncodeOptions(max_length=max_length, max_query_tokens=1000, max_total_tokens=10**7, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -26,18 +44,59 @@ def hf_tokenizer():
     return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
-@pytest.mark.parametrize("max_length", [13, 64, 512, 8192])
-def test_pairs_equal_transformers_batched_pair_encoding(hf_tokenizer, max_length: int) -> None:
-    query = "how to implement quick sort in python?"
-    tokenizer = PairTokenizer.from_dir(TOKENIZER_DIR, max_length)
-    pairs = tokenizer.encode(query, DOCUMENTS)
-    expected = hf_tokenizer([query] * len(DOCUMENTS), DOCUMENTS, truncation="only_second", max_length=max_length)
+def split(pairs, i: int) -> list[int]:
     offsets = np.concatenate(([0], np.cumsum(pairs.lengths)))
+    return pairs.input_ids[offsets[i] : offsets[i + 1]].tolist()
+
+
+@pytest.mark.parametrize("max_length", [13, 64, 512, 8192])
+def test_end_truncation_equals_transformers_batched_pair_encoding(hf_tokenizer, max_length: int) -> None:
+    tokenizer = PairTokenizer.from_dir(TOKENIZER_DIR, 8192)
+    pairs = tokenizer.encode([QUERY] * len(DOCUMENTS), DOCUMENTS, options(max_length))
+    expected = hf_tokenizer([QUERY] * len(DOCUMENTS), DOCUMENTS, truncation="only_second", max_length=max_length)
     for i, ids in enumerate(expected["input_ids"]):
-        assert pairs.input_ids[offsets[i] : offsets[i + 1]].tolist() == ids, DOCUMENTS[i][:40]
-    full = hf_tokenizer([query] * len(DOCUMENTS), DOCUMENTS)["input_ids"]
+        assert split(pairs, i) == ids, repr(DOCUMENTS[i][:40])
+    full = hf_tokenizer([QUERY] * len(DOCUMENTS), DOCUMENTS)["input_ids"]
     assert pairs.truncated.tolist() == [len(f) > max_length for f in full]
+    assert pairs.windows.tolist() == [1] * len(DOCUMENTS)
+    assert pairs.owners.tolist() == list(range(len(DOCUMENTS)))
     assert pairs.input_ids.dtype == np.int32 and pairs.total_tokens == int(pairs.lengths.sum())
+
+
+def test_chunk_windows_overlap_and_cover_the_document(hf_tokenizer) -> None:
+    tokenizer = PairTokenizer.from_dir(TOKENIZER_DIR, 8192)
+    document = text(300, seed=3)
+    doc_ids = hf_tokenizer(document, add_special_tokens=False)["input_ids"]
+    query_ids = hf_tokenizer(QUERY, add_special_tokens=False)["input_ids"]
+    max_length, overlap = 64, 10
+    room = max_length - 3 - len(query_ids)
+    pairs = tokenizer.encode(
+        [QUERY, QUERY], ["short", document], options(max_length, truncation=Truncation.CHUNK, chunk_overlap=overlap)
+    )
+    windows = int(pairs.windows[1])
+    assert pairs.windows[0] == 1 and windows == 1 + -(-(len(doc_ids) - room) // (room - overlap))
+    assert pairs.owners.tolist() == [0] + [1] * windows
+    for k in range(windows):
+        start = k * (room - overlap)
+        expected = [50281, *query_ids, 50282, *doc_ids[start : start + room], 50282]
+        assert split(pairs, 1 + k) == expected
+    assert split(pairs, windows)[-2] == doc_ids[-1], "the last window does not reach the document's end"
+    assert not pairs.truncated.any()
+    np.testing.assert_array_equal(pairs.best_per_pair(np.arange(1 + windows, dtype=np.float32)), [0, windows])
+
+
+def test_none_truncation_refuses_a_pair_that_does_not_fit_naming_it() -> None:
+    tokenizer = PairTokenizer.from_dir(TOKENIZER_DIR, 8192)
+    fits = tokenizer.encode([QUERY] * 2, ["a", "b c"], options(64, truncation=Truncation.NONE))
+    assert fits.windows.tolist() == [1, 1]
+    long_document = text(200, seed=1)
+    length = len(tokenizer.encode([QUERY], [long_document], options(8192)).input_ids)
+    with pytest.raises(PairTooLongError) as caught:
+        tokenizer.encode([QUERY] * 3, ["a", long_document, "b"], options(64, truncation=Truncation.NONE))
+    assert caught.value.index == 1
+    assert f"document 1 does not fit: with the query it is {length} tokens long and max_length is 64" in str(
+        caught.value
+    )
 
 
 def test_template_is_read_off_the_tokenizer() -> None:
@@ -48,13 +107,38 @@ def test_template_is_read_off_the_tokenizer() -> None:
 def test_the_query_is_kept_whole_or_refused() -> None:
     tokenizer = PairTokenizer.from_dir(TOKENIZER_DIR, 64)
     query = text(20)
-    pairs = tokenizer.encode(query, [text(200)])
+    pairs = tokenizer.encode([query], [text(200)], options(64))
     assert pairs.lengths.tolist() == [64]
     assert (
         pairs.input_ids[1 : 1 + tokenizer.count_tokens(query)].tolist()
         == tokenizer.tokenizer.encode(query, add_special_tokens=False).ids
     )
-    with pytest.raises(QueryTooLongError, match="the limit is 10"):
-        tokenizer.encode(query, ["doc"], max_query_tokens=10)
+    limited = EncodeOptions(max_length=64, max_query_tokens=10, max_total_tokens=10**6)
+    with pytest.raises(QueryTooLongError, match=r"the limit is 10 \(max_query_tokens\)"):
+        tokenizer.encode([query], ["doc"], limited)
     with pytest.raises(QueryTooLongError, match="the limit is 60"):
-        tokenizer.encode(text(80), ["doc"])
+        tokenizer.encode([text(80)], ["doc"], options(64))
+
+
+def test_options_are_checked() -> None:
+    tokenizer = PairTokenizer.from_dir(TOKENIZER_DIR, 512)
+    with pytest.raises(EncodingError, match="exceeds the model's 512") as caught:
+        tokenizer.encode(["q"], ["d"], options(513))
+    assert caught.value.part == "max_length"
+    with pytest.raises(EncodingError, match="leaves no room") as caught:
+        tokenizer.encode(["q"], ["d"], options(4))
+    with pytest.raises(EncodingError, match="must be smaller than a window") as caught:
+        tokenizer.encode(["q"], [text(100)], options(32, truncation=Truncation.CHUNK, chunk_overlap=40))
+    assert caught.value.part == "chunk_overlap"
+    budget = EncodeOptions(max_length=64, max_query_tokens=100, max_total_tokens=100)
+    with pytest.raises(TooManyTokensError, match="more than 100 tokens"):
+        tokenizer.encode(["q"] * 3, [text(30)] * 3, budget)
+
+
+def test_ten_megabytes_of_whitespace_cost_only_the_prefix_they_need() -> None:
+    tokenizer = PairTokenizer.from_dir(TOKENIZER_DIR, 8192)
+    huge = " \n\t " * 2_500_000  # 10 MB
+    started = time.process_time()
+    pairs = tokenizer.encode([QUERY, QUERY], [huge, "after"], options(8192))
+    assert time.process_time() - started < 30  # a bound on runaway work, not a performance target
+    assert pairs.lengths[0] == 8192 and pairs.truncated.tolist() == [True, False]

@@ -10,8 +10,30 @@
 Results are the generated rerank.v1 messages (typed through their .pyi stubs), re-exported here.
 """
 
-from rerank_client._proto.rerank.v1.rerank_pb2 import RerankRequest, RerankResponse, RerankResult, Usage
-from rerank_client.client import AsyncRerankClient, RerankClient, build_rerank_request
+from rerank_client._proto.rerank.v1.rerank_pb2 import (
+    FieldViolation,
+    GetModelInfoResponse,
+    Limits,
+    PairScore,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    RerankStreamRequest,
+    RerankStreamResponse,
+    ScoreRequest,
+    ScoreResponse,
+    StreamError,
+    TextPair,
+    Truncation,
+    Usage,
+)
+from rerank_client.client import (
+    AsyncRerankClient,
+    RerankClient,
+    build_rerank_request,
+    build_score_request,
+    stream_request,
+)
 from rerank_client.errors import (
     AuthenticationError,
     CancelledError,
@@ -21,22 +43,37 @@ from rerank_client.errors import (
     ResourceExhaustedError,
     ServerError,
     UnavailableError,
+    from_stream_error,
 )
 
 __all__ = [
     "AsyncRerankClient",
     "AuthenticationError",
     "CancelledError",
+    "FieldViolation",
+    "GetModelInfoResponse",
     "InvalidRequestError",
+    "Limits",
+    "PairScore",
     "RerankClient",
     "RerankError",
     "RerankRequest",
     "RerankResponse",
     "RerankResult",
+    "RerankStreamRequest",
+    "RerankStreamResponse",
     "RerankTimeoutError",
     "ResourceExhaustedError",
+    "ScoreRequest",
+    "ScoreResponse",
     "ServerError",
+    "StreamError",
+    "TextPair",
+    "Truncation",
     "UnavailableError",
     "Usage",
     "build_rerank_request",
+    "build_score_request",
+    "from_stream_error",
+    "stream_request",
 ]

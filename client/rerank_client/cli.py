@@ -1,7 +1,8 @@
 """The `rerank` command line.
 
-`rerank query` ships with the client. Other packages add subcommands through the `rerank.commands`
-entry-point group (rerank-service adds `export` and `serve`), so the client never imports them.
+`rerank query`, `score`, `stream` and `info` ship with the client, one per RPC. Other packages add
+subcommands through the `rerank.commands` entry-point group (rerank-service adds `export` and
+`serve`), so the client never imports them.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 
 from rerank_client._proto.rerank.v1 import rerank_pb2
-from rerank_client.client import RerankClient
+from rerank_client.client import RerankClient, stream_request
 from rerank_client.errors import RerankError
 
 ENTRY_POINT_GROUP = "rerank.commands"
@@ -34,36 +36,109 @@ def format_table(response: rerank_pb2.RerankResponse, documents: Sequence[str], 
     return "\n".join(rows)
 
 
+def _print_json(message: Message) -> None:
+    print(json.dumps(MessageToDict(message, always_print_fields_with_no_presence=True), ensure_ascii=False))
+
+
+def _client(args: argparse.Namespace) -> RerankClient:
+    return RerankClient(args.target, timeout=args.timeout)
+
+
 def _run_query(args: argparse.Namespace) -> int:
-    with RerankClient(args.target, timeout=args.timeout) as client:
-        response = client.rerank(args.query, args.documents, top_n=args.top_n)
+    with _client(args) as client:
+        response = client.rerank(
+            args.query,
+            args.documents,
+            top_n=args.top_n,
+            truncation=args.truncation,
+            max_length=args.max_length,
+            chunk_overlap=args.chunk_overlap,
+        )
     if args.json:
-        print(json.dumps(MessageToDict(response, always_print_fields_with_no_presence=True), indent=2))
+        _print_json(response)
     else:
         print(format_table(response, args.documents))
     return 0
 
 
-def _add_query_command(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("query", help="rerank documents against a query on a running service")
+def _run_score(args: argparse.Namespace) -> int:
+    pairs = [(text_a, text_b) for text_a, text_b in args.pair]
+    with _client(args) as client:
+        response = client.score(
+            pairs, truncation=args.truncation, max_length=args.max_length, chunk_overlap=args.chunk_overlap
+        )
+    if args.json:
+        _print_json(response)
+    else:
+        for (text_a, text_b), scored in zip(pairs, response.scores, strict=True):
+            print(f"{scored.score:.4f}  {scored.logit:>9.4f}  {text_a[:30]!r} / {text_b[:40]!r}")
+    return 0
+
+
+def _run_stream(args: argparse.Namespace) -> int:
+    """JSON lines in ({"id", "query", "documents", ...rerank options}), JSON lines out, as they complete."""
+    source = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")  # noqa: SIM115
+    failed = 0
+    with source, _client(args) as client:
+        messages = (stream_request(**json.loads(line)) for line in source if line.strip())
+        for response in client.rerank_stream(messages):
+            failed += response.HasField("error")
+            _print_json(response)
+    return 1 if failed else 0
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_json(client.model_info())
+    return 0
+
+
+def _target_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="localhost:50051", help="HOST:PORT of the service (default: %(default)s)")
-    parser.add_argument("--top-n", type=int, default=None, help="return only the N best documents")
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default: %(default)s)")
+
+
+def _scoring_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--truncation", choices=["end", "none", "chunk"], default=None, help="default: end")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per pair (default: the model's limit)")
+    parser.add_argument("--chunk-overlap", type=int, default=None, help="tokens windows share with --truncation chunk")
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
-    parser.add_argument("query")
-    parser.add_argument("documents", nargs="+", metavar="DOC")
-    parser.set_defaults(func=_run_query)
+
+
+def _add_client_commands(subparsers: argparse._SubParsersAction) -> None:
+    query = subparsers.add_parser("query", help="rerank documents against a query on a running service")
+    _target_options(query)
+    _scoring_options(query)
+    query.add_argument("--top-n", type=int, default=None, help="return only the N best documents")
+    query.add_argument("query")
+    query.add_argument("documents", nargs="+", metavar="DOC")
+    query.set_defaults(func=_run_query)
+
+    score = subparsers.add_parser("score", help="score (text_a, text_b) pairs, in order")
+    _target_options(score)
+    _scoring_options(score)
+    score.add_argument("--pair", nargs=2, action="append", required=True, metavar=("TEXT_A", "TEXT_B"))
+    score.set_defaults(func=_run_score)
+
+    stream = subparsers.add_parser("stream", help="rerank JSON-lines requests over RerankStream")
+    _target_options(stream)
+    stream.add_argument("input", help='file of JSON lines {"id": ..., "query": ..., "documents": [...]}, - for stdin')
+    stream.set_defaults(func=_run_stream)
+
+    info = subparsers.add_parser("info", help="describe the served model and the service's limits")
+    _target_options(info)
+    info.set_defaults(func=_run_info)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rerank", description="Cross-encoder reranking over gRPC.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_query_command(subparsers)
+    _add_client_commands(subparsers)
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
         try:
             entry_point.load()(subparsers)
         except ImportError as error:
-            # A plug-in whose own dependencies are missing must not break `rerank query`.
+            # A plug-in whose own dependencies are missing must not break the client's commands.
             print(f"rerank: commands of {entry_point.value} unavailable ({error})", file=sys.stderr)
     return parser
 
@@ -75,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except RerankError as error:
         print(f"rerank: {error}", file=sys.stderr)
+        for violation in error.field_violations:
+            print(f"  {violation.field}: {violation.description}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -1,14 +1,14 @@
 """RerankClient and AsyncRerankClient: twins over one channel configuration and one set of types.
 
-Both wrap the generated stub, apply a default deadline to every call, and raise the exceptions of
-rerank_client.errors instead of grpc.RpcError.
+Both wrap the generated stub, build requests with the same functions, apply a default deadline to
+every call, and raise the exceptions of rerank_client.errors instead of grpc.RpcError.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 import grpc.aio
@@ -20,6 +20,26 @@ DEFAULT_TIMEOUT_S = 30.0
 # Rerank requests carry whole documents; gRPC's 4 MiB default is too small for 1,000 long ones.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
+# A Truncation value (e.g. rerank_pb2.TRUNCATION_CHUNK), its name ("end", "none", "chunk") or None.
+TruncationArg: TypeAlias = "rerank_pb2.Truncation | str | None"
+_TRUNCATION_NAMES = {
+    "end": rerank_pb2.TRUNCATION_END,
+    "none": rerank_pb2.TRUNCATION_NONE,
+    "chunk": rerank_pb2.TRUNCATION_CHUNK,
+}
+
+
+def truncation_value(truncation: TruncationArg) -> rerank_pb2.Truncation:
+    """The enum value for a Truncation value, a name ("end", "none", "chunk") or None (the default)."""
+    if truncation is None:
+        return rerank_pb2.TRUNCATION_UNSPECIFIED
+    if isinstance(truncation, str):
+        try:
+            return _TRUNCATION_NAMES[truncation.lower()]
+        except KeyError:
+            raise ValueError(f"truncation must be one of {sorted(_TRUNCATION_NAMES)}, got {truncation!r}") from None
+    return truncation
+
 
 def build_rerank_request(
     query: str,
@@ -27,17 +47,47 @@ def build_rerank_request(
     *,
     top_n: int | None = None,
     return_documents: bool = False,
+    truncation: TruncationArg = None,
+    max_length: int | None = None,
+    chunk_overlap: int | None = None,
 ) -> rerank_pb2.RerankRequest:
     """The RerankRequest for these arguments. Validation of the values is the server's job."""
     if isinstance(documents, str):
         # A bare string is a Sequence[str] too; iterating it would rerank its characters.
         raise TypeError("documents must be a sequence of strings, not a single string")
-    return rerank_pb2.RerankRequest(
+    request = rerank_pb2.RerankRequest(
         query=query,
         documents=list(documents),
         top_n=top_n or 0,
         return_documents=return_documents,
+        truncation=truncation_value(truncation),
+        max_length=max_length or 0,
     )
+    if chunk_overlap is not None:
+        request.chunk_overlap = chunk_overlap
+    return request
+
+
+def build_score_request(
+    pairs: Iterable[tuple[str, str]],
+    *,
+    truncation: TruncationArg = None,
+    max_length: int | None = None,
+    chunk_overlap: int | None = None,
+) -> rerank_pb2.ScoreRequest:
+    request = rerank_pb2.ScoreRequest(
+        pairs=[rerank_pb2.TextPair(text_a=a, text_b=b) for a, b in pairs],
+        truncation=truncation_value(truncation),
+        max_length=max_length or 0,
+    )
+    if chunk_overlap is not None:
+        request.chunk_overlap = chunk_overlap
+    return request
+
+
+def stream_request(id: str, query: str, documents: Sequence[str], **options: Any) -> rerank_pb2.RerankStreamRequest:
+    """One RerankStream message: an id of your choice and the arguments of `rerank`."""
+    return rerank_pb2.RerankStreamRequest(id=id, request=build_rerank_request(query, documents, **options))
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -70,7 +120,7 @@ class RerankClient:
     """Blocking client. Use as a context manager, or call close().
 
     `timeout` is the default deadline in seconds of every call (None: no deadline); a call's own
-    `timeout` argument overrides it.
+    `timeout` argument overrides it. For RerankStream it bounds the whole stream.
     """
 
     def __init__(
@@ -95,15 +145,63 @@ class RerankClient:
         *,
         top_n: int | None = None,
         return_documents: bool = False,
+        truncation: TruncationArg = None,
+        max_length: int | None = None,
+        chunk_overlap: int | None = None,
         timeout: float | None = None,
     ) -> rerank_pb2.RerankResponse:
         """Score `documents` against `query`; results come best first."""
-        request = build_rerank_request(query, documents, top_n=top_n, return_documents=return_documents)
+        request = build_rerank_request(
+            query,
+            documents,
+            top_n=top_n,
+            return_documents=return_documents,
+            truncation=truncation,
+            max_length=max_length,
+            chunk_overlap=chunk_overlap,
+        )
+        response: rerank_pb2.RerankResponse = self._call(self._stub.Rerank, request, timeout)
+        return response
+
+    def score(
+        self,
+        pairs: Iterable[tuple[str, str]],
+        *,
+        truncation: TruncationArg = None,
+        max_length: int | None = None,
+        chunk_overlap: int | None = None,
+        timeout: float | None = None,
+    ) -> rerank_pb2.ScoreResponse:
+        """Score (text_a, text_b) pairs; scores come in request order."""
+        request = build_score_request(pairs, truncation=truncation, max_length=max_length, chunk_overlap=chunk_overlap)
+        response: rerank_pb2.ScoreResponse = self._call(self._stub.Score, request, timeout)
+        return response
+
+    def rerank_stream(
+        self, requests: Iterable[rerank_pb2.RerankStreamRequest], *, timeout: float | None = None
+    ) -> Iterator[rerank_pb2.RerankStreamResponse]:
+        """Send independent rerank requests (see `stream_request`); answers come as they complete.
+
+        A failed message is answered with `error` set (rerank_client.errors.from_stream_error turns it
+        into the exception the unary call would have raised); a failure of the stream itself raises.
+        """
         try:
-            response: rerank_pb2.RerankResponse = self._stub.Rerank(request, timeout=self._config.deadline(timeout))
+            yield from self._stub.RerankStream(iter(requests), timeout=self._config.deadline(timeout))
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+
+    def model_info(self, *, timeout: float | None = None) -> rerank_pb2.GetModelInfoResponse:
+        """The served model, its maximum length and the service's limits."""
+        response: rerank_pb2.GetModelInfoResponse = self._call(
+            self._stub.GetModelInfo, rerank_pb2.GetModelInfoRequest(), timeout
+        )
         return response
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=self._config.deadline(timeout))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
 
     def close(self) -> None:
         self._channel.close()
@@ -142,17 +240,66 @@ class AsyncRerankClient:
         *,
         top_n: int | None = None,
         return_documents: bool = False,
+        truncation: TruncationArg = None,
+        max_length: int | None = None,
+        chunk_overlap: int | None = None,
         timeout: float | None = None,
     ) -> rerank_pb2.RerankResponse:
         """Score `documents` against `query`; results come best first."""
-        request = build_rerank_request(query, documents, top_n=top_n, return_documents=return_documents)
+        request = build_rerank_request(
+            query,
+            documents,
+            top_n=top_n,
+            return_documents=return_documents,
+            truncation=truncation,
+            max_length=max_length,
+            chunk_overlap=chunk_overlap,
+        )
+        response: rerank_pb2.RerankResponse = await self._call(self._stub.Rerank, request, timeout)
+        return response
+
+    async def score(
+        self,
+        pairs: Iterable[tuple[str, str]],
+        *,
+        truncation: TruncationArg = None,
+        max_length: int | None = None,
+        chunk_overlap: int | None = None,
+        timeout: float | None = None,
+    ) -> rerank_pb2.ScoreResponse:
+        """Score (text_a, text_b) pairs; scores come in request order."""
+        request = build_score_request(pairs, truncation=truncation, max_length=max_length, chunk_overlap=chunk_overlap)
+        response: rerank_pb2.ScoreResponse = await self._call(self._stub.Score, request, timeout)
+        return response
+
+    async def rerank_stream(
+        self,
+        requests: Iterable[rerank_pb2.RerankStreamRequest] | AsyncIterable[rerank_pb2.RerankStreamRequest],
+        *,
+        timeout: float | None = None,
+    ) -> AsyncIterator[rerank_pb2.RerankStreamResponse]:
+        """Send independent rerank requests (see `stream_request`); answers come as they complete."""
+        call = self._stub.RerankStream(requests, timeout=self._config.deadline(timeout))
         try:
-            response: rerank_pb2.RerankResponse = await self._stub.Rerank(
-                request, timeout=self._config.deadline(timeout)
-            )
+            async for response in call:
+                yield response
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+        finally:
+            call.cancel()  # no-op once the stream ended; stops it if the caller stopped reading
+
+    async def model_info(self, *, timeout: float | None = None) -> rerank_pb2.GetModelInfoResponse:
+        """The served model, its maximum length and the service's limits."""
+        response: rerank_pb2.GetModelInfoResponse = await self._call(
+            self._stub.GetModelInfo, rerank_pb2.GetModelInfoRequest(), timeout
+        )
         return response
+
+    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(request, timeout=self._config.deadline(timeout))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
 
     async def close(self) -> None:
         await self._channel.close()

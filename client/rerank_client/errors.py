@@ -12,16 +12,28 @@ RerankError
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from rerank_client._proto.rerank.v1 import rerank_pb2
 
 
 class RerankError(Exception):
-    """A call to the rerank service failed. `code` is the gRPC status, `details` the server's message."""
+    """A call to the rerank service failed.
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    `code` is the gRPC status, `details` the server's message, and `field_violations` the request
+    fields at fault (from the google.rpc.BadRequest the server attaches to request errors).
+    """
+
+    def __init__(
+        self, code: grpc.StatusCode, details: str, field_violations: Sequence[rerank_pb2.FieldViolation] = ()
+    ) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.field_violations = list(field_violations)
 
 
 class InvalidRequestError(RerankError):
@@ -65,8 +77,35 @@ _BY_CODE: dict[grpc.StatusCode, type[RerankError]] = {
 }
 
 
+_CODE_BY_NUMBER = {status.value[0]: status for status in grpc.StatusCode}
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def _violations(trailing_metadata: Iterable[tuple[str, str | bytes]] | None) -> list[rerank_pb2.FieldViolation]:
+    for key, value in trailing_metadata or ():
+        if key == _DETAILS_KEY and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            found = []
+            for detail in status.details:
+                bad_request = error_details_pb2.BadRequest()
+                if detail.Unpack(bad_request):
+                    found += [
+                        rerank_pb2.FieldViolation(field=v.field, description=v.description)
+                        for v in bad_request.field_violations
+                    ]
+            return found
+    return []
+
+
 def from_rpc_error(error: grpc.RpcError) -> RerankError:
     """Translate a grpc.RpcError (sync or aio) into the matching RerankError subclass."""
     code: grpc.StatusCode = error.code()
     details: str = error.details() or ""
-    return _BY_CODE.get(code, ServerError)(code, details)
+    violations = _violations(error.trailing_metadata())
+    return _BY_CODE.get(code, ServerError)(code, details, violations)
+
+
+def from_stream_error(error: rerank_pb2.StreamError) -> RerankError:
+    """The RerankError a failed RerankStream message stands for (what the unary call would have raised)."""
+    code = _CODE_BY_NUMBER.get(error.code, grpc.StatusCode.UNKNOWN)
+    return _BY_CODE.get(code, ServerError)(code, error.message, error.field_violations)

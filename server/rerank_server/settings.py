@@ -42,7 +42,14 @@ class Settings:
         None, "tokens per (query, document) pair, special tokens included (default: the model's limit)"
     )
     max_query_tokens: int = _setting(2048, "longest query accepted, in tokens")
-    max_documents: int = _setting(1000, "most documents accepted in one request")
+    max_documents: int = _setting(1000, "most documents (Rerank) or pairs (Score) accepted in one request")
+    max_total_tokens: int = _setting(
+        524288, "most tokens one request may feed the model, over all pairs and windows (RESOURCE_EXHAUSTED past it)"
+    )
+    chunk_overlap_tokens: int = _setting(
+        64, "tokens consecutive windows share with CHUNK truncation when a request leaves chunk_overlap unset"
+    )
+    stream_max_in_flight: int = _setting(32, "messages of one RerankStream scored at once")
     max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message accepted or sent, in bytes")
     # How work reaches Triton.
     triton_request_max_tokens: int = _setting(
@@ -86,7 +93,15 @@ class Settings:
         return cls(**values).validated()
 
     def validated(self) -> Settings:
-        for name in ("port", "max_query_tokens", "max_documents", "max_message_bytes", "triton_request_max_tokens"):
+        for name in (
+            "port",
+            "max_query_tokens",
+            "max_documents",
+            "max_total_tokens",
+            "max_message_bytes",
+            "triton_request_max_tokens",
+            "stream_max_in_flight",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.max_length is not None and self.max_length < 4:

@@ -148,7 +148,10 @@ class TritonBackend:
             self.model_name,
             [ids_input, lengths_input],
             outputs=[triton_grpc.InferRequestedOutput(LOGITS)],
+            # The caller's deadline twice: as the gRPC deadline (its expiry cancels the request in
+            # Triton, and the model drops its uncomputed pairs) and as the queue timeout (microseconds).
             client_timeout=timeout_s,
+            timeout=None if timeout_s is None else max(1, int(timeout_s * 1e6)),
         )
         logits = result.as_numpy(LOGITS)
         if logits is None or logits.size != lengths.size:

@@ -28,7 +28,14 @@ if _version_not_supported:
 
 class RerankServiceStub:
     """RerankService scores documents against a query with a cross-encoder
-    (Alibaba-NLP/gte-reranker-modernbert-base by default) and returns them best first.
+    (Alibaba-NLP/gte-reranker-modernbert-base by default).
+
+    Errors: a malformed request or one past a request-shape limit ends with
+    INVALID_ARGUMENT, a request past a size limit with RESOURCE_EXHAUSTED; both
+    carry a google.rpc.BadRequest with one field violation per problem in the
+    grpc-status-details-bin trailer. UNAVAILABLE means the model server is down
+    or the service is draining (safe to retry); DEADLINE_EXCEEDED and CANCELLED
+    stop the call's pending work.
     """
 
     def __init__(self, channel):
@@ -42,16 +49,63 @@ class RerankServiceStub:
                 request_serializer=rerank_dot_v1_dot_rerank__pb2.RerankRequest.SerializeToString,
                 response_deserializer=rerank_dot_v1_dot_rerank__pb2.RerankResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/rerank.v1.RerankService/Score',
+                request_serializer=rerank_dot_v1_dot_rerank__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=rerank_dot_v1_dot_rerank__pb2.ScoreResponse.FromString,
+                _registered_method=True)
+        self.RerankStream = channel.stream_stream(
+                '/rerank.v1.RerankService/RerankStream',
+                request_serializer=rerank_dot_v1_dot_rerank__pb2.RerankStreamRequest.SerializeToString,
+                response_deserializer=rerank_dot_v1_dot_rerank__pb2.RerankStreamResponse.FromString,
+                _registered_method=True)
+        self.GetModelInfo = channel.unary_unary(
+                '/rerank.v1.RerankService/GetModelInfo',
+                request_serializer=rerank_dot_v1_dot_rerank__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=rerank_dot_v1_dot_rerank__pb2.GetModelInfoResponse.FromString,
+                _registered_method=True)
 
 
 class RerankServiceServicer:
     """RerankService scores documents against a query with a cross-encoder
-    (Alibaba-NLP/gte-reranker-modernbert-base by default) and returns them best first.
+    (Alibaba-NLP/gte-reranker-modernbert-base by default).
+
+    Errors: a malformed request or one past a request-shape limit ends with
+    INVALID_ARGUMENT, a request past a size limit with RESOURCE_EXHAUSTED; both
+    carry a google.rpc.BadRequest with one field violation per problem in the
+    grpc-status-details-bin trailer. UNAVAILABLE means the model server is down
+    or the service is draining (safe to retry); DEADLINE_EXCEEDED and CANCELLED
+    stop the call's pending work.
     """
 
     def Rerank(self, request, context):
         """Rerank scores every document against the query and returns the documents
         sorted by score, best first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Score(self, request, context):
+        """Score scores arbitrary (text_a, text_b) pairs and returns the scores in
+        request order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RerankStream(self, request_iterator, context):
+        """RerankStream takes a stream of independent rerank requests, each tagged
+        with a client-chosen id, and answers each as soon as it completes (not in
+        request order), tagged with the same id. A failed message is answered
+        with its error; the stream goes on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModelInfo(self, request, context):
+        """GetModelInfo describes the served model and the service's limits.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -65,6 +119,21 @@ def add_RerankServiceServicer_to_server(servicer, server):
                     request_deserializer=rerank_dot_v1_dot_rerank__pb2.RerankRequest.FromString,
                     response_serializer=rerank_dot_v1_dot_rerank__pb2.RerankResponse.SerializeToString,
             ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=rerank_dot_v1_dot_rerank__pb2.ScoreRequest.FromString,
+                    response_serializer=rerank_dot_v1_dot_rerank__pb2.ScoreResponse.SerializeToString,
+            ),
+            'RerankStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.RerankStream,
+                    request_deserializer=rerank_dot_v1_dot_rerank__pb2.RerankStreamRequest.FromString,
+                    response_serializer=rerank_dot_v1_dot_rerank__pb2.RerankStreamResponse.SerializeToString,
+            ),
+            'GetModelInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelInfo,
+                    request_deserializer=rerank_dot_v1_dot_rerank__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=rerank_dot_v1_dot_rerank__pb2.GetModelInfoResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'rerank.v1.RerankService', rpc_method_handlers)
@@ -75,7 +144,14 @@ def add_RerankServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class RerankService:
     """RerankService scores documents against a query with a cross-encoder
-    (Alibaba-NLP/gte-reranker-modernbert-base by default) and returns them best first.
+    (Alibaba-NLP/gte-reranker-modernbert-base by default).
+
+    Errors: a malformed request or one past a request-shape limit ends with
+    INVALID_ARGUMENT, a request past a size limit with RESOURCE_EXHAUSTED; both
+    carry a google.rpc.BadRequest with one field violation per problem in the
+    grpc-status-details-bin trailer. UNAVAILABLE means the model server is down
+    or the service is draining (safe to retry); DEADLINE_EXCEEDED and CANCELLED
+    stop the call's pending work.
     """
 
     @staticmethod
@@ -95,6 +171,87 @@ class RerankService:
             '/rerank.v1.RerankService/Rerank',
             rerank_dot_v1_dot_rerank__pb2.RerankRequest.SerializeToString,
             rerank_dot_v1_dot_rerank__pb2.RerankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rerank.v1.RerankService/Score',
+            rerank_dot_v1_dot_rerank__pb2.ScoreRequest.SerializeToString,
+            rerank_dot_v1_dot_rerank__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerankStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/rerank.v1.RerankService/RerankStream',
+            rerank_dot_v1_dot_rerank__pb2.RerankStreamRequest.SerializeToString,
+            rerank_dot_v1_dot_rerank__pb2.RerankStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rerank.v1.RerankService/GetModelInfo',
+            rerank_dot_v1_dot_rerank__pb2.GetModelInfoRequest.SerializeToString,
+            rerank_dot_v1_dot_rerank__pb2.GetModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
