@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,23 @@ MEAN_POOLING_CONFIG = {
     "classifier_pooling": "mean",
     "max_position_embeddings": 384,
 }
-MODELS = {"reranker": (TINY_CONFIG, 0), "reranker_mean": (MEAN_POOLING_CONFIG, 1)}
+# 8192-token inputs on a model small enough for CPU tests, with a token budget of two such inputs
+# per model run, so long documents go through several sub-batches.
+LONG_CONFIG = {**TINY_CONFIG, "max_position_embeddings": 8192, "local_attention": 64}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    config: dict[str, object]
+    seed: int
+    export_args: tuple[str, ...] = ()
+
+
+MODELS = {
+    "reranker": ModelSpec(TINY_CONFIG, 0),
+    "reranker_mean": ModelSpec(MEAN_POOLING_CONFIG, 1),
+    "reranker_long": ModelSpec(LONG_CONFIG, 2, ("--max-batch-tokens", "16384")),
+}
 
 
 def free_port() -> int:
@@ -49,8 +66,8 @@ def run_rerank(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
     return {
-        name: save_random_checkpoint(root / name, TOKENIZER_DIR, seed=seed, **config)
-        for name, (config, seed) in MODELS.items()
+        name: save_random_checkpoint(root / name, TOKENIZER_DIR, seed=model.seed, **model.config)
+        for name, model in MODELS.items()
     }
 
 
@@ -58,7 +75,9 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def model_repository(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> Path:
     repository = tmp_path_factory.mktemp("model_repository")
     for name, checkpoint in checkpoints.items():
-        done = run_rerank("export", "--model", str(checkpoint), "--output", str(repository), "--name", name)
+        done = run_rerank(
+            "export", "--model", str(checkpoint), "--output", str(repository), "--name", name, *MODELS[name].export_args
+        )
         assert done.returncode == 0, done.stderr
     return repository
 
@@ -71,9 +90,10 @@ class Stack:
     target: str
     triton_url: str
     output: list[str]
+    triton_metrics_url: str | None = None
 
 
-def start_serve(args: list[str], timeout_s: float = 180) -> Stack:
+def start_serve(args: list[str], timeout_s: float = 240) -> Stack:
     """Start `rerank serve` and wait for its 'serving' line."""
     port = free_port()
     command = [*RERANK, "serve", "--host", "127.0.0.1", "--port", str(port), *args]
@@ -90,7 +110,9 @@ def start_serve(args: list[str], timeout_s: float = 180) -> Stack:
         if line.startswith("rerank: serving"):
             triton = next((a.split("=", 1)[1] for a in args if a.startswith("--triton-url=")), None)
             triton_port = next((a.split("=", 1)[1] for a in args if a.startswith("--triton-grpc-port=")), None)
-            return Stack(process, f"127.0.0.1:{port}", triton or f"localhost:{triton_port}", output)
+            metrics_port = next((a.split("=", 1)[1] for a in args if a.startswith("--triton-metrics-port=")), None)
+            metrics = f"http://localhost:{metrics_port}/metrics" if metrics_port else None
+            return Stack(process, f"127.0.0.1:{port}", triton or f"localhost:{triton_port}", output, metrics)
     process.kill()
     raise RuntimeError("rerank serve did not start:\n" + "".join(output))
 
@@ -122,15 +144,26 @@ def stack(model_repository: Path) -> Iterator[Stack]:
     assert code == 0, "".join(served.output[-30:])
 
 
+@contextmanager
+def frontend(stack: Stack, model_repository: Path, *args: str) -> Iterator[Stack]:
+    """Another frontend on the stack's Triton (--triton-url), with its own settings."""
+    served = start_serve([f"--triton-url={stack.triton_url}", f"--model-repository={model_repository}", *args])
+    served.triton_metrics_url = stack.triton_metrics_url
+    try:
+        yield served
+    finally:
+        assert stop_serve(served) == 0, "".join(served.output[-30:])
+
+
 @pytest.fixture(scope="session")
 def mean_stack(stack: Stack, model_repository: Path) -> Iterator[Stack]:
-    """A second frontend, on the first stack's Triton (--triton-url), fronting `reranker_mean`."""
-    served = start_serve(
-        [
-            f"--triton-url={stack.triton_url}",
-            f"--model-repository={model_repository}",
-            "--model-name=reranker_mean",
-        ]
-    )
-    yield served
-    assert stop_serve(served) == 0, "".join(served.output[-30:])
+    """A second frontend fronting `reranker_mean`: another model shape, through --triton-url."""
+    with frontend(stack, model_repository, "--model-name=reranker_mean") as served:
+        yield served
+
+
+@pytest.fixture(scope="session")
+def long_stack(stack: Stack, model_repository: Path) -> Iterator[Stack]:
+    """A frontend fronting `reranker_long` (8192-token inputs, 16384-token budget per model run)."""
+    with frontend(stack, model_repository, "--model-name=reranker_long") as served:
+        yield served
