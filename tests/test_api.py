@@ -18,6 +18,8 @@ from rerank_client import (
     AsyncRerankClient,
     InvalidRequestError,
     RerankClient,
+    RerankResult,
+    RerankStreamResponse,
     RerankTimeoutError,
     ResourceExhaustedError,
     from_stream_error,
@@ -36,7 +38,7 @@ def client(stack: Stack):
         yield c
 
 
-def by_index(response) -> dict[int, object]:
+def by_index(response) -> dict[int, RerankResult]:
     return {r.index: r for r in response.results}
 
 
@@ -233,7 +235,7 @@ async def test_a_stream_of_a_thousand_messages_answers_each_id(stack: Stack, che
             query = "" if f"m{i}" in bad else QUERY
             yield stream_request(f"m{i}", query, documents, top_n=2)
 
-    seen: dict[str, object] = {}
+    seen: dict[str, RerankStreamResponse] = {}
     async with AsyncRerankClient(stack.target, timeout=300) as c:
         async for response in c.rerank_stream(messages()):
             assert response.id not in seen, f"{response.id} answered twice"
@@ -324,10 +326,11 @@ def test_8192_token_documents_go_through_the_token_budget(long_stack: Stack, che
 
 def model_counters(stack: Stack, model: str) -> dict[str, float]:
     """The model's custom counters on Triton's metrics endpoint, once they have settled."""
-    assert stack.triton_metrics_url is not None
+    url = stack.triton_metrics_url
+    assert url is not None
 
     def read() -> dict[str, float]:
-        text_ = urllib.request.urlopen(stack.triton_metrics_url, timeout=10).read().decode()
+        text_ = urllib.request.urlopen(url, timeout=10).read().decode()
         values = {"computed": 0.0, "dropped": 0.0, "real": 0.0, "padded": 0.0}
         for _name, labels, value in re.findall(r"^(rerank_model_\w+)\{([^}]*)\} (\S+)$", text_, re.M):
             if f'model="{model}"' in labels:
