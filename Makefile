@@ -22,7 +22,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml client/pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ./client -e '.[triton,export,dev]'
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ./client -e '.[triton,export,tracing,dev]'
 	touch $@
 
 $(REPOSITORY)/$(NAME)/config.pbtxt: | $(STAMP)

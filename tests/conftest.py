@@ -91,11 +91,14 @@ class Stack:
     triton_url: str
     output: list[str]
     triton_metrics_url: str | None = None
+    metrics_url: str | None = None
 
 
 def start_serve(args: list[str], timeout_s: float = 240) -> Stack:
     """Start `rerank serve` and wait for its 'serving' line."""
     port = free_port()
+    if not any(a.startswith("--metrics-port=") for a in args):
+        args = [*args, f"--metrics-port={free_port()}"]
     command = [*RERANK, "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -112,7 +115,15 @@ def start_serve(args: list[str], timeout_s: float = 240) -> Stack:
             triton_port = next((a.split("=", 1)[1] for a in args if a.startswith("--triton-grpc-port=")), None)
             metrics_port = next((a.split("=", 1)[1] for a in args if a.startswith("--triton-metrics-port=")), None)
             metrics = f"http://localhost:{metrics_port}/metrics" if metrics_port else None
-            return Stack(process, f"127.0.0.1:{port}", triton or f"localhost:{triton_port}", output, metrics)
+            frontend_metrics = next(a.split("=", 1)[1] for a in args if a.startswith("--metrics-port="))
+            return Stack(
+                process,
+                f"127.0.0.1:{port}",
+                triton or f"localhost:{triton_port}",
+                output,
+                metrics,
+                f"http://127.0.0.1:{frontend_metrics}/metrics",
+            )
     process.kill()
     raise RuntimeError("rerank serve did not start:\n" + "".join(output))
 

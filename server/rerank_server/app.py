@@ -1,5 +1,12 @@
-"""Assembles and runs the frontend: the gRPC server, its health and reflection services, and the
-optional local Triton it fronts. `run()` is what `rerank serve` calls."""
+"""Assembles and runs the frontend: the gRPC server with its health and reflection services, the
+call policy (auth, draining, metrics), and the local Triton it may supervise. `run()` is what
+`rerank serve` calls.
+
+Lifecycle: start (or reach) Triton, wait for the model, serve. On SIGTERM or Ctrl-C: health turns
+NOT_SERVING, new calls get UNAVAILABLE, in-flight calls get up to --shutdown-grace-s to finish,
+then the server and the local Triton stop and the process exits 0. A local Triton that dies is
+restarted with backoff while the frontend keeps answering (UNAVAILABLE, fast) until it is back.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +22,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from rerank_client._proto.rerank.v1 import rerank_pb2, rerank_pb2_grpc
+from rerank_client._proto.rerank.v1 import rerank_pb2
+from rerank_server.admission import TokenAdmission
+from rerank_server.handlers import rerank_service_handler
+from rerank_server.interceptors import CallPolicy
+from rerank_server.observability import Metrics
 from rerank_server.service import RerankService
 from rerank_server.settings import Settings
 from rerank_server.tokenization import PairTokenizer
@@ -25,7 +36,11 @@ from rerank_server.triton_launcher import LocalTriton, TritonPorts
 log = logging.getLogger(__name__)
 
 RERANK_SERVICE = rerank_pb2.DESCRIPTOR.services_by_name["RerankService"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# "" is the server as a whole, RERANK_SERVICE the API: both SERVING only while the model is ready.
 HEALTH_SERVICES = ("", RERANK_SERVICE)
+# Restart delays of a crashed local Triton (seconds), the last one repeating.
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 def tokenizer_folder(settings: Settings, model: ModelInfo) -> Path:
@@ -38,35 +53,79 @@ def tokenizer_folder(settings: Settings, model: ModelInfo) -> Path:
     return settings.model_repository / model.name / model.version / model.tokenizer_dir
 
 
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        # Clients keep connections alive with pings every 30 s (the SDK's default); allow them.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.keepalive_time_ms", 60_000),
+        # Old connections are closed gracefully so that clients rebalance onto new replicas.
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace_s * 1000)),
+    ]
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    client_ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 class Frontend:
     """The grpc.aio server with RerankService, grpc.health.v1 and reflection, over one backend."""
 
-    def __init__(self, settings: Settings, backend: TritonBackend, model: ModelInfo, tokenizer: PairTokenizer) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        backend: TritonBackend,
+        model: ModelInfo,
+        tokenizer: PairTokenizer,
+        metrics: Metrics,
+    ) -> None:
         self.settings = settings
         self.backend = backend
         self.health = health.aio.HealthServicer()
+        self.policy = CallPolicy(metrics, settings.bearer_token)
         self._executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
-        self._server = grpc.aio.server(
-            options=[
-                ("grpc.max_send_message_length", settings.max_message_bytes),
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ]
+        service = RerankService(
+            settings,
+            tokenizer,
+            backend,
+            model,
+            self._executor,
+            metrics,
+            TokenAdmission(settings.max_inflight_tokens, metrics),
         )
-        service = RerankService(settings, tokenizer, backend, model, self._executor)
-        rerank_pb2_grpc.add_RerankServiceServicer_to_server(service, self._server)
+        self._server = grpc.aio.server(interceptors=[self.policy], options=server_options(settings))
+        self._server.add_generic_rpc_handlers((rerank_service_handler(service),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (RERANK_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self._server,
-        )
-        self.port = self._server.add_insecure_port(f"{settings.host}:{settings.port}")
-        if self.port == 0:
-            raise RuntimeError(f"cannot listen on {settings.host}:{settings.port}")
+        reflection.enable_server_reflection((RERANK_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server)
+        address = f"{settings.host}:{settings.port}"
+        credentials = server_credentials(settings)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, credentials)
+        # Probes that can do neither TLS nor tokens (Kubernetes' grpc probe) get health alone, in plaintext.
+        self._health_server: grpc.aio.Server | None = None
+        if settings.health_port:
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            self._health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self._set_health(await self.backend.is_ready())
         await self._server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
         self._watcher = asyncio.create_task(self._watch_backend(), name="health-watcher")
 
     async def _set_health(self, ready: bool) -> None:
@@ -85,20 +144,47 @@ class Frontend:
                 ready = now
             await asyncio.sleep(self.settings.health_interval_s)
 
-    async def stop(self, grace_s: float) -> None:
+    async def drain(self, grace_s: float) -> None:
+        """NOT_SERVING, refuse new calls (UNAVAILABLE), let in-flight calls finish, then stop."""
         if self._watcher is not None:
             self._watcher.cancel()
+        self.policy.draining = True
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(grace_s)
+        if not await self.policy.wait_idle(grace_s):
+            log.warning("%d calls still in flight after %.0fs; cancelling them", self.policy.inflight, grace_s)
+        await self._server.stop(0)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+async def supervise(triton: LocalTriton, stop: asyncio.Event) -> None:
+    """Restart the local Triton whenever it exits, with backoff, until the frontend stops."""
+    failures = 0
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=0.5)
+        code = triton.exit_code()
+        if stop.is_set() or code is None:
+            continue
+        delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
+        log.error("tritonserver exited with %s; restarting in %.0fs. Log tail:\n%s", code, delay, triton.log_tail())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+        if not stop.is_set():
+            triton.start()
+            failures += 1
+
+
 async def run(settings: Settings) -> int:
-    """Start (or reach) Triton, start the frontend, serve until SIGINT/SIGTERM, stop both."""
+    """Start (or reach) Triton, start the frontend, serve until SIGINT/SIGTERM, drain, stop both."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    metrics = Metrics()
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port, settings.host)
 
     async with AsyncExitStack() as stack:
         triton: LocalTriton | None = None
@@ -115,27 +201,32 @@ async def run(settings: Settings) -> int:
             settings.model_name,
             request_max_tokens=settings.triton_request_max_tokens,
             max_message_bytes=settings.max_message_bytes,
+            metrics=metrics,
         )
         stack.push_async_callback(backend.close)
 
         log.info("waiting for model %r on Triton at %s", settings.model_name, url)
         if not await _wait_for_model(backend, triton, settings, stop):
-            return 1 if not stop.is_set() else 0
+            return 0 if stop.is_set() else 1
         model = await backend.model_info()
         max_length = min(settings.max_length or model.max_length, model.max_length)
         tokenizer = PairTokenizer.from_dir(tokenizer_folder(settings, model), max_length)
 
-        frontend = Frontend(settings, backend, model, tokenizer)
+        frontend = Frontend(settings, backend, model, tokenizer, metrics)
         await frontend.start()
+        supervisor = asyncio.create_task(supervise(triton, stop)) if triton is not None else None
         print(
             f"rerank: serving {model.source_model} ({model.precision}, max {max_length} tokens) "
             f"on {settings.host}:{frontend.port}; Triton at {url}",
             flush=True,
         )
-        await _until_stopped(stop, triton)
-        log.info("stopping: in-flight calls have %.0fs to finish", settings.shutdown_grace_s)
-        await frontend.stop(settings.shutdown_grace_s)
-    return 0 if triton is None or stop.is_set() else 1
+        await stop.wait()
+        log.info("draining: in-flight calls have %.0fs to finish", settings.shutdown_grace_s)
+        await frontend.drain(settings.shutdown_grace_s)
+        if supervisor is not None:
+            await supervisor
+    log.info("stopped")
+    return 0
 
 
 async def _wait_for_model(
@@ -156,13 +247,3 @@ async def _wait_for_model(
             return False
         await asyncio.sleep(0.5)
     return True
-
-
-async def _until_stopped(stop: asyncio.Event, triton: LocalTriton | None) -> None:
-    """Wait for a stop signal; a local Triton that dies ends the wait too."""
-    while not stop.is_set():
-        if triton is not None and triton.exit_code() is not None:
-            log.error("tritonserver exited with %s:\n%s", triton.exit_code(), triton.log_tail())
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=1.0)

@@ -85,13 +85,16 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from rerank_server.app import run
+    from rerank_server.observability import configure_logging
     from rerank_server.settings import Settings
+    from rerank_server.tracing import configure_tracing
 
     try:
         settings = Settings.load(args)
     except ValueError as error:
         print(f"rerank serve: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
+    configure_tracing(settings.otel_exporter)
     logging.getLogger(__name__).info("settings:\n%s", settings.describe())
     return asyncio.run(run(settings))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import grpc
 import numpy as np
 
 from rerank_client._proto.rerank.v1 import rerank_pb2, rerank_pb2_grpc
+from rerank_server.admission import TokenAdmission
 from rerank_server.errors import (
     DeadlineExceededError,
     InvalidRequestError,
@@ -25,9 +27,11 @@ from rerank_server.errors import (
     ServiceError,
     field_error,
 )
+from rerank_server.observability import Metrics
 from rerank_server.ranking import rank, sigmoid
 from rerank_server.settings import Settings
 from rerank_server.tokenization import EncodeOptions, EncodingError, PairTokenizer, TokenizedPairs, Truncation
+from rerank_server.tracing import tracer
 from rerank_server.triton_backend import ModelInfo, ScoringBackend
 
 log = logging.getLogger(__name__)
@@ -73,12 +77,16 @@ class RerankService(rerank_pb2_grpc.RerankServiceServicer):
         backend: ScoringBackend,
         model: ModelInfo,
         tokenize_executor: Executor,
+        metrics: Metrics,
+        admission: TokenAdmission,
     ) -> None:
         self.settings = settings
         self.tokenizer = tokenizer
         self.backend = backend
         self.model = model
         self.tokenize_executor = tokenize_executor
+        self.metrics = metrics
+        self.admission = admission
 
     # -- RPCs --------------------------------------------------------------------------------
 
@@ -242,7 +250,13 @@ class RerankService(rerank_pb2_grpc.RerankServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceededError("the deadline passed before scoring began")
-        logits = pairs.best_per_pair(await self.backend.score(pairs, timeout_s=remaining))
+        with self.admission.admit(pairs.total_tokens):
+            started = time.perf_counter()
+            model_logits = await self.backend.score(pairs, timeout_s=remaining)
+            self.metrics.triton.observe(time.perf_counter() - started)
+        self.metrics.pairs.observe(pairs.lengths.size)
+        self.metrics.tokens.inc(pairs.total_tokens)
+        logits = pairs.best_per_pair(model_logits)
         truncated = pairs.truncated[slot]
         return Scored(
             logits=logits[slot],
@@ -265,10 +279,19 @@ class RerankService(rerank_pb2_grpc.RerankServiceServicer):
         original_index: np.ndarray,
     ) -> TokenizedPairs:
         loop = asyncio.get_running_loop()
+        submitted = time.perf_counter()
+
+        def encode() -> TokenizedPairs:
+            started = time.perf_counter()
+            self.metrics.queue_wait.observe(started - submitted)
+            try:
+                return self.tokenizer.encode(queries, documents, options)
+            finally:
+                self.metrics.tokenize.observe(time.perf_counter() - started)
+
         try:
-            return await loop.run_in_executor(
-                self.tokenize_executor, self.tokenizer.encode, queries, documents, options
-            )
+            with tracer.start_as_current_span("tokenize", attributes={"pairs": len(documents)}):
+                return await loop.run_in_executor(self.tokenize_executor, encode)
         except EncodingError as error:
             index = None if error.index is None else int(original_index[error.index])
             if error.part == "total":

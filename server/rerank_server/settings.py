@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,31 @@ class Settings:
         16384, "a rerank request is split into Triton requests of at most this many tokens (length-sorted)"
     )
     tokenizer_threads: int = _setting(2, "threads that tokenize requests, off the event loop")
+    # Backpressure.
+    max_inflight_tokens: int = _setting(
+        1048576,
+        "tokens admitted to the model at once over all calls; past it calls get RESOURCE_EXHAUSTED at once "
+        "(size it to throughput x the latency you accept; at least max_total_tokens)",
+    )
+    # Security.
+    tls_cert_file: Path | None = _setting(None, "PEM certificate chain: serve TLS (with --tls-key-file)")
+    tls_key_file: Path | None = _setting(None, "PEM private key of --tls-cert-file")
+    tls_client_ca_file: Path | None = _setting(None, "PEM CA bundle: require client certificates it signed (mTLS)")
+    auth_token: str | None = _setting(None, "bearer token callers must send (authorization: Bearer ...)", secret=True)
+    auth_token_file: Path | None = _setting(None, "file holding the bearer token (keeps it out of the environment)")
+    health_port: int | None = _setting(
+        None, "extra plaintext port serving only grpc.health.v1, for probes that cannot do TLS or tokens"
+    )
+    # Observability.
+    metrics_port: int = _setting(9090, "port of the Prometheus /metrics endpoint (0: none)")
+    log_format: str = _setting("json", "json (one object per line, with request ids) or text")
+    otel_exporter: str | None = _setting(
+        None, "trace frontend -> Triton with OpenTelemetry: otlp (OTEL_EXPORTER_OTLP_* variables) or console"
+    )
+    # Connections.
+    max_connection_age_s: float = _setting(
+        300.0, "connections are closed (gracefully) after this age, so clients rebalance across replicas"
+    )
     # Local Triton (serve mode without --triton-url).
     triton_grpc_port: int = _setting(8001, "gRPC port of the local Triton")
     triton_http_port: int = _setting(8000, "HTTP port of the local Triton")
@@ -66,6 +91,13 @@ class Settings:
     health_interval_s: float = _setting(1.0, "how often Triton's model readiness is checked for the health service")
     shutdown_grace_s: float = _setting(10.0, "how long in-flight calls may finish after SIGTERM or Ctrl-C")
     log_level: str = _setting("INFO", "logging level")
+
+    @property
+    def bearer_token(self) -> str | None:
+        """The token callers must present: --auth-token, or the content of --auth-token-file."""
+        if self.auth_token_file is not None:
+            return self.auth_token_file.read_text().strip()
+        return self.auth_token
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -110,14 +142,24 @@ class Settings:
             raise ValueError("tokenizer_threads must be at least 1")
         if self.triton_url is None and self.model_repository is None:
             raise ValueError("give --model-repository (to start a local Triton) or --triton-url")
+        if self.max_inflight_tokens < self.max_total_tokens:
+            raise ValueError("max_inflight_tokens must be at least max_total_tokens, or large requests never run")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("give both --tls-cert-file and --tls-key-file, or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("--tls-client-ca-file (mTLS) needs --tls-cert-file and --tls-key-file")
+        if self.log_format not in ("json", "text"):
+            raise ValueError("log_format must be json or text")
+        if self.otel_exporter not in (None, "otlp", "console"):
+            raise ValueError("otel_exporter must be otlp or console")
         return self
 
-    def describe(self, hidden: Sequence[str] = ()) -> str:
-        """One line per setting, for the start-up log; names in `hidden` are masked."""
+    def describe(self) -> str:
+        """One line per setting, for the start-up log; secrets are masked."""
         lines = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            lines.append(f"  {f.name} = {'***' if f.name in hidden and value else value}")
+            lines.append(f"  {f.name} = {'***' if f.metadata.get('secret') and value else value}")
         return "\n".join(lines)
 
 

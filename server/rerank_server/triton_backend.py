@@ -14,10 +14,13 @@ from typing import Any, Protocol
 
 import numpy as np
 import tritonclient.grpc.aio as triton_grpc
+from opentelemetry import trace
 from tritonclient.utils import InferenceServerException
 
 from rerank_server.errors import BackendFailureError, BackendUnavailableError, DeadlineExceededError, ServiceError
+from rerank_server.observability import Metrics
 from rerank_server.tokenization import TokenizedPairs
+from rerank_server.tracing import propagation_headers, tracer
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +86,19 @@ def _translate(error: InferenceServerException) -> ServiceError:
 class TritonBackend:
     """Scores ragged batches on a Triton model through tritonclient.grpc.aio."""
 
-    def __init__(self, url: str, model_name: str, *, request_max_tokens: int, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        model_name: str,
+        *,
+        request_max_tokens: int,
+        max_message_bytes: int,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.url = url
         self.model_name = model_name
         self.request_max_tokens = request_max_tokens
+        self.metrics = metrics
         channel_args = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -140,6 +152,16 @@ class TritonBackend:
         return logits
 
     async def _infer(self, input_ids: np.ndarray, lengths: np.ndarray, timeout_s: float | None) -> np.ndarray:
+        if self.metrics is not None:
+            self.metrics.triton_request_pairs.observe(lengths.size)
+        with tracer.start_as_current_span(
+            "triton.infer",
+            kind=trace.SpanKind.CLIENT,
+            attributes={"pairs": int(lengths.size), "tokens": int(input_ids.size)},
+        ):
+            return await self._infer_traced(input_ids, lengths, timeout_s)
+
+    async def _infer_traced(self, input_ids: np.ndarray, lengths: np.ndarray, timeout_s: float | None) -> np.ndarray:
         ids_input = triton_grpc.InferInput(INPUT_IDS, [1, input_ids.size], "INT32")
         ids_input.set_data_from_numpy(input_ids.reshape(1, -1))
         lengths_input = triton_grpc.InferInput(SEQUENCE_LENGTHS, [1, lengths.size], "INT32")
@@ -152,6 +174,7 @@ class TritonBackend:
             # Triton, and the model drops its uncomputed pairs) and as the queue timeout (microseconds).
             client_timeout=timeout_s,
             timeout=None if timeout_s is None else max(1, int(timeout_s * 1e6)),
+            headers=propagation_headers() or None,
         )
         logits = result.as_numpy(LOGITS)
         if logits is None or logits.size != lengths.size:

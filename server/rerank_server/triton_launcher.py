@@ -91,7 +91,12 @@ class LocalTriton:
     def grpc_url(self) -> str:
         return f"localhost:{self.ports.grpc}"
 
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
     def start(self) -> None:
+        """Start tritonserver (again, after it exited: same ports, same log file)."""
         installation = TritonInstallation.find()
         command = [
             str(installation.binary),
@@ -134,7 +139,8 @@ class LocalTriton:
                 process.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 log.warning("tritonserver did not stop within %.0fs; killing it", timeout_s)
-                process.kill()
+                # Its whole process group: the Python-backend stubs with it.
+                os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         shutil.rmtree(self._workdir / "backends", ignore_errors=True)
         return None if process is None else process.returncode

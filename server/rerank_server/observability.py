@@ -1,0 +1,103 @@
+"""What the frontend tells operators: Prometheus metrics, JSON logs with request ids, optional tracing.
+
+Metrics live in their own registry, served on --metrics-port. Every call gets a request id (the
+caller's `x-request-id` metadata, or a new one), returned to the caller in the initial metadata
+and attached to every log line written while the call runs.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_FAST_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """The frontend's Prometheus collectors (Triton keeps its own on its metrics port)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.calls = Counter(
+            "rerank_calls_total", "Finished calls, by RPC and gRPC status", ["rpc", "code"], registry=r
+        )
+        self.latency = Histogram(
+            "rerank_call_duration_seconds", "Call latency, by RPC", ["rpc"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.inflight_calls = Gauge("rerank_inflight_calls", "Calls being handled", registry=r)
+        self.inflight_tokens = Gauge(
+            "rerank_inflight_tokens", "Tokens admitted to the model and not answered", registry=r
+        )
+        self.queue_wait = Histogram(
+            "rerank_queue_wait_seconds", "Wait for a tokenizer thread", buckets=_FAST_BUCKETS, registry=r
+        )
+        self.tokenize = Histogram(
+            "rerank_tokenize_duration_seconds", "Tokenization time per request", buckets=_FAST_BUCKETS, registry=r
+        )
+        self.triton = Histogram(
+            "rerank_triton_duration_seconds",
+            "Time from the first Triton request of a call to its last answer (queue and compute)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.pairs = Histogram(
+            "rerank_request_pairs", "Model inputs (pairs and windows) per request", buckets=_SIZE_BUCKETS, registry=r
+        )
+        self.triton_request_pairs = Histogram(
+            "rerank_triton_request_pairs", "Pairs per Triton request", buckets=_SIZE_BUCKETS, registry=r
+        )
+        self.tokens = Counter("rerank_input_tokens_total", "Tokens sent to the model", registry=r)
+        self.rejected = Counter(
+            "rerank_rejected_total", "Calls refused before reaching the model, by reason", ["reason"], registry=r
+        )
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request id, and any `extra` fields."""
+
+    _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "request_id"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", "-"),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in self._STANDARD})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_RequestIdFilter())
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
