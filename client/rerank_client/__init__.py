@@ -33,6 +33,7 @@ from rerank_client.client import (
     build_rerank_request,
     build_score_request,
     stream_request,
+    tls_credentials,
 )
 from rerank_client.errors import (
     AuthenticationError,
@@ -76,4 +77,5 @@ __all__ = [
     "build_score_request",
     "from_stream_error",
     "stream_request",
+    "tls_credentials",
 ]

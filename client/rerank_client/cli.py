@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -17,7 +18,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from rerank_client._proto.rerank.v1 import rerank_pb2
-from rerank_client.client import RerankClient, stream_request
+from rerank_client.client import RerankClient, stream_request, tls_credentials
 from rerank_client.errors import RerankError
 
 ENTRY_POINT_GROUP = "rerank.commands"
@@ -41,7 +42,10 @@ def _print_json(message: Message) -> None:
 
 
 def _client(args: argparse.Namespace) -> RerankClient:
-    return RerankClient(args.target, timeout=args.timeout)
+    credentials = None
+    if args.tls or args.tls_ca or args.tls_cert:
+        credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    return RerankClient(args.target, timeout=args.timeout, credentials=credentials, token=args.token)
 
 
 def _run_query(args: argparse.Namespace) -> int:
@@ -96,6 +100,11 @@ def _run_info(args: argparse.Namespace) -> int:
 def _target_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="localhost:50051", help="HOST:PORT of the service (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default: %(default)s)")
+    parser.add_argument("--token", default=os.environ.get("RERANK_TOKEN"), help="bearer token (default: $RERANK_TOKEN)")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+    parser.add_argument("--tls-ca", default=None, help="PEM file of the CA to trust (implies --tls)")
+    parser.add_argument("--tls-cert", default=None, help="PEM client certificate chain, for mTLS")
+    parser.add_argument("--tls-key", default=None, help="PEM client private key, for mTLS")
 
 
 def _scoring_options(parser: argparse.ArgumentParser) -> None:

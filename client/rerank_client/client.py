@@ -6,7 +6,9 @@ every call, and raise the exceptions of rerank_client.errors instead of grpc.Rpc
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeAlias
 
@@ -90,15 +92,59 @@ def stream_request(id: str, query: str, documents: Sequence[str], **options: Any
     return rerank_pb2.RerankStreamRequest(id=id, request=build_rerank_request(query, documents, **options))
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+# Unary calls are idempotent (scoring has no side effects): retried on UNAVAILABLE, which the server
+# answers while draining or while its model server restarts. Streams are not retried.
+_IDEMPOTENT_METHODS = ("Rerank", "Score", "GetModelInfo")
+
+
+def service_config(retries: int) -> str:
+    """gRPC service config: round_robin over every address of the target, and retries with backoff."""
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if retries > 0:
+        config["methodConfig"] = [
+            {
+                "name": [{"service": "rerank.v1.RerankService", "method": m} for m in _IDEMPOTENT_METHODS],
+                "retryPolicy": {
+                    "maxAttempts": min(retries + 1, 5),  # gRPC caps attempts at 5
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    return json.dumps(config)
+
+
+def channel_options(max_message_bytes: int, retries: int = 3) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.service_config", service_config(retries)),
+        ("grpc.enable_retries", 1),
+        # Keepalive: find dead connections (a replica gone without a FIN) within ~40 s, idle or not.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
     ]
 
 
+def tls_credentials(
+    root_certificates: str | Path | None = None,
+    certificate_chain: str | Path | None = None,
+    private_key: str | Path | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS credentials from PEM files: the CA to trust (default: the system's), and for mTLS the
+    client's certificate chain and key."""
+
+    def read(path: str | Path | None) -> bytes | None:
+        return None if path is None else Path(path).read_bytes()
+
+    return grpc.ssl_channel_credentials(read(root_certificates), read(private_key), read(certificate_chain))
+
+
 class _ClientConfig:
-    """What both twins share: where to connect, how, and the default deadline."""
+    """What both twins share: where to connect, how, the default deadline and the call metadata."""
 
     def __init__(
         self,
@@ -106,11 +152,14 @@ class _ClientConfig:
         timeout: float | None,
         credentials: grpc.ChannelCredentials | None,
         max_message_bytes: int,
+        retries: int,
+        token: str | None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.credentials = credentials
-        self.options = channel_options(max_message_bytes)
+        self.options = channel_options(max_message_bytes, retries)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     def deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -119,8 +168,12 @@ class _ClientConfig:
 class RerankClient:
     """Blocking client. Use as a context manager, or call close().
 
+    `target` is any gRPC target: `host:port`, or `dns:///rerank.ns.svc.cluster.local:50051` to spread
+    calls round-robin over every address the name resolves to (a headless Service's pods).
     `timeout` is the default deadline in seconds of every call (None: no deadline); a call's own
-    `timeout` argument overrides it. For RerankStream it bounds the whole stream.
+    `timeout` argument overrides it. For RerankStream it bounds the whole stream. `credentials`
+    turns on TLS (see `tls_credentials`), `token` sends `authorization: Bearer <token>`, and
+    `retries` is how often an idempotent call is retried, with backoff, on UNAVAILABLE.
     """
 
     def __init__(
@@ -129,9 +182,11 @@ class RerankClient:
         *,
         timeout: float | None = DEFAULT_TIMEOUT_S,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        retries: int = 3,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        self._config = _ClientConfig(target, timeout, credentials, max_message_bytes)
+        self._config = _ClientConfig(target, timeout, credentials, max_message_bytes, retries, token)
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=self._config.options)
         else:
@@ -186,7 +241,9 @@ class RerankClient:
         into the exception the unary call would have raised); a failure of the stream itself raises.
         """
         try:
-            yield from self._stub.RerankStream(iter(requests), timeout=self._config.deadline(timeout))
+            yield from self._stub.RerankStream(
+                iter(requests), timeout=self._config.deadline(timeout), metadata=self._config.metadata
+            )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -199,7 +256,7 @@ class RerankClient:
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return method(request, timeout=self._config.deadline(timeout))
+            return method(request, timeout=self._config.deadline(timeout), metadata=self._config.metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -224,9 +281,11 @@ class AsyncRerankClient:
         *,
         timeout: float | None = DEFAULT_TIMEOUT_S,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        retries: int = 3,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        self._config = _ClientConfig(target, timeout, credentials, max_message_bytes)
+        self._config = _ClientConfig(target, timeout, credentials, max_message_bytes, retries, token)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=self._config.options)
         else:
@@ -279,7 +338,7 @@ class AsyncRerankClient:
         timeout: float | None = None,
     ) -> AsyncIterator[rerank_pb2.RerankStreamResponse]:
         """Send independent rerank requests (see `stream_request`); answers come as they complete."""
-        call = self._stub.RerankStream(requests, timeout=self._config.deadline(timeout))
+        call = self._stub.RerankStream(requests, timeout=self._config.deadline(timeout), metadata=self._config.metadata)
         try:
             async for response in call:
                 yield response
@@ -297,7 +356,7 @@ class AsyncRerankClient:
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return await method(request, timeout=self._config.deadline(timeout))
+            return await method(request, timeout=self._config.deadline(timeout), metadata=self._config.metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
