@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,59 +85,62 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict
 
 @dataclass
 class Stack:
-    """A running `rerank serve`: its frontend target and the Triton it started."""
+    """A running `rerank serve`: its frontend target, the Triton it uses, and what it printed.
 
-    process: subprocess.Popen[str]
+    Its output goes to a file, never a pipe: a pipe nobody reads fills up and blocks the server.
+    """
+
+    process: subprocess.Popen[bytes]
     target: str
     triton_url: str
-    output: list[str]
+    log_path: Path
     triton_metrics_url: str | None = None
     metrics_url: str | None = None
+
+    @property
+    def output(self) -> list[str]:
+        return self.log_path.read_text(errors="replace").splitlines(keepends=True)
+
+
+def _flag(args: list[str], name: str) -> str | None:
+    return next((a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")), None)
 
 
 def start_serve(args: list[str], timeout_s: float = 240) -> Stack:
     """Start `rerank serve` and wait for its 'serving' line."""
     port = free_port()
-    if not any(a.startswith("--metrics-port=") for a in args):
+    if _flag(args, "metrics-port") is None:
         args = [*args, f"--metrics-port={free_port()}"]
     command = [*RERANK, "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    output: list[str] = []
+    log_path = Path(tempfile.mkstemp(prefix="rerank-serve-", suffix=".log")[1])
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    triton_metrics = _flag(args, "triton-metrics-port")
+    stack = Stack(
+        process,
+        f"{_flag(args, 'host') or '127.0.0.1'}:{_flag(args, 'port') or port}",
+        _flag(args, "triton-url") or f"localhost:{_flag(args, 'triton-grpc-port')}",
+        log_path,
+        f"http://localhost:{triton_metrics}/metrics" if triton_metrics else None,
+        f"http://{_flag(args, 'host') or '127.0.0.1'}:{_flag(args, 'metrics-port')}/metrics",
+    )
     deadline = time.monotonic() + timeout_s
-    assert process.stdout is not None
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        output.append(line)
-        if line.startswith("rerank: serving"):
-            triton = next((a.split("=", 1)[1] for a in args if a.startswith("--triton-url=")), None)
-            triton_port = next((a.split("=", 1)[1] for a in args if a.startswith("--triton-grpc-port=")), None)
-            metrics_port = next((a.split("=", 1)[1] for a in args if a.startswith("--triton-metrics-port=")), None)
-            metrics = f"http://localhost:{metrics_port}/metrics" if metrics_port else None
-            frontend_metrics = next(a.split("=", 1)[1] for a in args if a.startswith("--metrics-port="))
-            return Stack(
-                process,
-                f"127.0.0.1:{port}",
-                triton or f"localhost:{triton_port}",
-                output,
-                metrics,
-                f"http://127.0.0.1:{frontend_metrics}/metrics",
-            )
+    while time.monotonic() < deadline and process.poll() is None:
+        if any(line.startswith("rerank: serving") for line in stack.output):
+            return stack
+        time.sleep(0.2)
     process.kill()
-    raise RuntimeError("rerank serve did not start:\n" + "".join(output))
+    raise RuntimeError("rerank serve did not start:\n" + "".join(stack.output))
 
 
 def stop_serve(stack: Stack, timeout_s: float = 60) -> int:
     stack.process.terminate()
     try:
-        remaining, _ = stack.process.communicate(timeout=timeout_s)
+        return stack.process.wait(timeout_s)
     except subprocess.TimeoutExpired:
         stack.process.kill()
         raise
-    stack.output.append(remaining or "")
-    return stack.process.returncode
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ Triton is started with this environment's bin/ first on PATH.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -97,6 +98,10 @@ class LocalTriton:
 
     def start(self) -> None:
         """Start tritonserver (again, after it exited: same ports, same log file)."""
+        if self._process is not None:
+            # A crashed Triton can leave its Python-backend stubs behind in its process group.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGKILL)
         installation = TritonInstallation.find()
         command = [
             str(installation.binary),

@@ -1,0 +1,386 @@
+"""Operations, on loopback against real Triton: metrics, logs, auth, TLS, drain, supervision,
+backpressure, replicas behind one target, tracing. Each test bounds its own time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rerank_client import (
+    AsyncRerankClient,
+    AuthenticationError,
+    RerankClient,
+    RerankError,
+    ResourceExhaustedError,
+    UnavailableError,
+    tls_credentials,
+)
+from rerank_client._proto.rerank.v1 import rerank_pb2, rerank_pb2_grpc
+from tests.certs import Authority
+from tests.conftest import Stack, free_port, frontend, start_serve, stop_serve
+from tests.reference import eager
+from tests.texts import QUERY, text
+
+
+def scrape(url: str | None) -> str:
+    assert url is not None
+    return urllib.request.urlopen(url, timeout=10).read().decode()
+
+
+def sample(metrics: str, name: str, **labels: str) -> float:
+    """The value of one sample of a Prometheus text exposition (0 when absent)."""
+    for line in metrics.splitlines():
+        match = re.match(rf"^{name}(?:\{{([^}}]*)\}})? (\S+)$", line)
+        if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
+            return float(match.group(2))
+    return 0.0
+
+
+def health_status(target: str, service: str = "rerank.v1.RerankService") -> int:
+    with grpc.insecure_channel(target) as channel:
+        return (
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        )
+
+
+# -- metrics, logs, settings -------------------------------------------------------------------
+
+
+def test_metrics_count_calls_by_rpc_and_status_and_time_each_step(stack: Stack) -> None:
+    with RerankClient(stack.target, timeout=60) as client:
+        client.rerank(QUERY, [text(20), text(5)])
+        client.score([("a", "b")])
+        with pytest.raises(RerankError):
+            client.rerank("", ["x"])
+    metrics = scrape(stack.metrics_url)
+    assert sample(metrics, "rerank_calls_total", rpc="Rerank", code="OK") >= 1
+    assert sample(metrics, "rerank_calls_total", rpc="Score", code="OK") >= 1
+    assert sample(metrics, "rerank_calls_total", rpc="Rerank", code="INVALID_ARGUMENT") >= 1
+    assert sample(metrics, "rerank_call_duration_seconds_count", rpc="Rerank") >= 2
+    for histogram in (
+        "rerank_tokenize_duration_seconds",
+        "rerank_triton_duration_seconds",
+        "rerank_queue_wait_seconds",
+    ):
+        assert sample(metrics, f"{histogram}_count") >= 2, histogram
+    assert sample(metrics, "rerank_request_pairs_sum") >= 3
+    assert sample(metrics, "rerank_triton_request_pairs_count") >= 2
+    assert sample(metrics, "rerank_input_tokens_total") > 0
+    assert "rerank_inflight_calls" in metrics and "rerank_inflight_tokens" in metrics
+    # Triton's own metrics stay available on its port.
+    assert "nv_inference_request_success" in scrape(stack.triton_metrics_url)
+
+
+def test_json_logs_carry_the_callers_request_id_which_is_echoed(stack: Stack) -> None:
+    with grpc.insecure_channel(stack.target) as channel:
+        stub = rerank_pb2_grpc.RerankServiceStub(channel)
+        request = rerank_pb2.RerankRequest(query=QUERY, documents=["doc"])
+        _, call = stub.Rerank.with_call(request, metadata=(("x-request-id", "rid-4242"),), timeout=30)
+        assert ("x-request-id", "rid-4242") in call.initial_metadata()
+        _, call = stub.Rerank.with_call(request, timeout=30)
+        generated = dict(call.initial_metadata())["x-request-id"]
+        assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        entries = [json.loads(line) for line in stack.output if line.startswith("{")]
+        mine = [e for e in entries if e.get("request_id") == "rid-4242" and e.get("message") == "call finished"]
+        if mine:
+            break
+        time.sleep(0.2)
+    assert mine and mine[0]["rpc"] == "Rerank" and mine[0]["code"] == "OK" and mine[0]["duration_ms"] > 0
+
+
+# -- auth and TLS ----------------------------------------------------------------------------
+
+
+def test_bearer_token_auth_accepts_the_right_token_only(stack: Stack, model_repository: Path, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    with frontend(
+        stack, model_repository, f"--auth-token-file={token_file}", "--auth-token=unused-env-token"
+    ) as served:
+        with RerankClient(served.target, token="s3cret-token", timeout=30) as good:
+            assert len(good.rerank(QUERY, ["a"]).results) == 1
+        for token in (None, "wrong", "s3cret-token "):
+            with RerankClient(served.target, token=token, timeout=30) as bad, pytest.raises(AuthenticationError) as e:
+                bad.rerank(QUERY, ["a"])
+            assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+        # Probes need no token.
+        assert health_status(served.target) == health_pb2.HealthCheckResponse.SERVING
+        printed = "".join(served.output)
+        assert "auth_token = ***" in printed and "unused-env-token" not in printed and "s3cret" not in printed
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("pki")
+    ca, rogue = Authority(folder, "ca"), Authority(folder, "rogue-ca")
+    return {
+        "ca": ca.issued,
+        "server": ca.issue("server", server=True),
+        "client": ca.issue("client", server=False),
+        "rogue_ca": rogue.issued,
+        "rogue_client": rogue.issue("rogue-client", server=False),
+    }
+
+
+def call_ok(target: str, credentials: grpc.ChannelCredentials | None) -> bool:
+    try:
+        with RerankClient(target, credentials=credentials, timeout=10, retries=0) as client:
+            return len(client.rerank(QUERY, ["a"]).results) == 1
+    except UnavailableError:
+        return False
+
+
+def test_tls_serves_clients_that_trust_its_ca(stack: Stack, model_repository: Path, pki) -> None:
+    args = (
+        f"--tls-cert-file={pki['server'].cert}",
+        f"--tls-key-file={pki['server'].key}",
+        f"--health-port={free_port()}",
+    )
+    with frontend(stack, model_repository, *args) as served:
+        target = f"localhost:{served.target.rsplit(':', 1)[1]}"
+        assert call_ok(target, tls_credentials(pki["ca"].cert))
+        assert not call_ok(target, None), "a plaintext client was served"
+        assert not call_ok(target, tls_credentials(pki["rogue_ca"].cert)), "a client trusting another CA connected"
+        health_port = args[2].split("=")[1]
+        assert health_status(f"127.0.0.1:{health_port}") == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_mtls_serves_only_clients_with_a_certificate_from_its_ca(stack: Stack, model_repository: Path, pki) -> None:
+    args = (
+        f"--tls-cert-file={pki['server'].cert}",
+        f"--tls-key-file={pki['server'].key}",
+        f"--tls-client-ca-file={pki['ca'].cert}",
+    )
+    with frontend(stack, model_repository, *args) as served:
+        target = f"localhost:{served.target.rsplit(':', 1)[1]}"
+        ca = pki["ca"].cert
+        assert call_ok(target, tls_credentials(ca, pki["client"].cert, pki["client"].key))
+        assert not call_ok(target, tls_credentials(ca)), "a client without a certificate was served"
+        assert not call_ok(target, tls_credentials(ca, pki["rogue_client"].cert, pki["rogue_client"].key))
+
+
+# -- drain -----------------------------------------------------------------------------------
+
+
+def test_sigterm_under_load_lets_in_flight_calls_finish_and_exits_0(stack: Stack, model_repository: Path) -> None:
+    served = start_serve(
+        [
+            f"--triton-url={stack.triton_url}",
+            f"--model-repository={model_repository}",
+            "--model-name=reranker_long",
+            "--shutdown-grace-s=300",
+        ]
+    )
+    documents = [text(9000, seed=7)]  # an 8192-token pair: seconds of work per call
+    outcomes: list[object] = []
+
+    def call() -> None:
+        with RerankClient(served.target, timeout=120, retries=0) as client:
+            try:
+                outcomes.append(client.rerank(QUERY, documents))
+            except RerankError as error:
+                outcomes.append(error)
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    assert wait_until(lambda: sample(scrape(served.metrics_url), "rerank_inflight_calls") == 3, 60)
+    served.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert health_status(served.target) == health_pb2.HealthCheckResponse.NOT_SERVING
+    with RerankClient(served.target, timeout=10, retries=0) as late, pytest.raises(UnavailableError):
+        late.rerank(QUERY, ["too late"])
+    for thread in threads:
+        thread.join(300)
+    assert all(isinstance(o, rerank_pb2.RerankResponse) for o in outcomes), outcomes
+    assert len(outcomes) == 3
+    assert served.process.wait(60) == 0
+
+
+# -- Triton supervision ----------------------------------------------------------------------
+
+
+def test_kill_9_triton_under_load_every_call_ends_in_time_and_service_recovers(model_repository: Path) -> None:
+    served = start_serve(
+        [
+            f"--model-repository={model_repository}",
+            f"--triton-grpc-port={free_port()}",
+            f"--triton-http-port={free_port()}",
+            f"--triton-metrics-port={free_port()}",
+            "--health-interval-s=0.2",
+        ]
+    )
+    try:
+        triton = next(p for p in psutil.Process(served.process.pid).children() if p.name() == "tritonserver")
+        outcomes: list[tuple[str, float]] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            with RerankClient(served.target, timeout=5, retries=0) as client:
+                while not stop.is_set():
+                    started = time.monotonic()
+                    try:
+                        client.rerank(QUERY, [text(30), text(60)])
+                        outcomes.append(("OK", time.monotonic() - started))
+                    except RerankError as error:
+                        outcomes.append((error.code.name, time.monotonic() - started))
+                        time.sleep(0.05)
+
+        workers = [threading.Thread(target=load) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        time.sleep(2)
+        triton.kill()
+        recovered = wait_until(
+            lambda: health_status(served.target) == health_pb2.HealthCheckResponse.SERVING, 120, after=2
+        )
+        time.sleep(2)
+        stop.set()
+        for worker in workers:
+            worker.join(30)
+        assert recovered, "Triton was not restarted:\n" + "".join(x for x in served.output if "call finished" not in x)
+        codes = {code for code, _ in outcomes}
+        assert codes <= {"OK", "UNAVAILABLE"}, codes
+        assert "UNAVAILABLE" in codes, "no call saw Triton down"
+        assert max(elapsed for _, elapsed in outcomes) < 5 + 1, "a call outlived its deadline"
+        assert outcomes[-1][0] == "OK"
+        assert served.process.poll() is None, "the frontend died with Triton"
+    finally:
+        assert stop_serve(served) == 0
+
+
+def wait_until(condition, timeout_s: float, after: float = 0) -> bool:
+    time.sleep(after)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return True
+        except grpc.RpcError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+# -- backpressure ----------------------------------------------------------------------------
+
+
+async def test_overload_at_four_times_capacity_sheds_the_excess(stack: Stack, model_repository: Path) -> None:
+    documents = [text(9000, seed=50)]  # 8192 tokens: one call fills the capacity for seconds
+    args = ("--model-name=reranker_long", "--max-inflight-tokens=10000", "--max-total-tokens=10000")
+    with frontend(stack, model_repository, *args) as served:
+        process = psutil.Process(served.process.pid)
+        rss_before = process.memory_info().rss
+        outcomes: list[tuple[str, float]] = []
+
+        async def one(client: AsyncRerankClient) -> None:
+            started = time.monotonic()
+            try:
+                await client.rerank(QUERY, documents)
+                outcomes.append(("OK", time.monotonic() - started))
+            except ResourceExhaustedError as error:
+                assert "max_inflight_tokens is 10000" in error.details
+                outcomes.append(("RESOURCE_EXHAUSTED", time.monotonic() - started))
+
+        async with AsyncRerankClient(served.target, timeout=120, retries=0) as client:
+            for _ in range(3):  # waves of 4 concurrent calls where 1 fits
+                await asyncio.gather(*(one(client) for _ in range(4)))
+        rss_after = process.memory_info().rss
+        ok = [t for code, t in outcomes if code == "OK"]
+        shed = [t for code, t in outcomes if code == "RESOURCE_EXHAUSTED"]
+        assert len(ok) >= 3 and len(shed) >= 6, outcomes
+        assert max(shed) < min(ok), "refusals were not immediate"
+        assert rss_after - rss_before < 200 * 2**20, "memory grew under overload"
+        metrics = scrape(served.metrics_url)
+        assert sample(metrics, "rerank_rejected_total", reason="capacity") == len(shed)
+        assert served.process.poll() is None
+
+
+# -- replicas behind one target --------------------------------------------------------------
+
+
+def test_two_replicas_behind_one_target_share_traffic_and_survive_one_loss(
+    stack: Stack, model_repository: Path
+) -> None:
+    port = free_port()
+    replicas = [
+        start_serve(
+            [
+                f"--triton-url={stack.triton_url}",
+                f"--model-repository={model_repository}",
+                f"--host={host}",
+                f"--port={port}",
+            ]
+        )
+        for host in ("127.0.0.1", "127.0.0.2")
+    ]
+    try:
+        with RerankClient(f"ipv4:127.0.0.1:{port},127.0.0.2:{port}", timeout=30) as client:
+            for _ in range(20):
+                client.rerank(QUERY, ["a", "b"])
+            served = [sample(scrape(r.metrics_url), "rerank_calls_total", rpc="Rerank", code="OK") for r in replicas]
+            assert all(n >= 3 for n in served), f"traffic was not shared: {served}"
+            replicas[0].process.kill()
+            replicas[0].process.wait(10)
+            for _ in range(20):
+                assert len(client.rerank(QUERY, ["a", "b"]).results) == 2
+    finally:
+        for replica in replicas:
+            if replica.process.poll() is None:
+                stop_serve(replica)
+
+
+# -- tracing ---------------------------------------------------------------------------------
+
+
+def test_tracing_links_the_call_its_tokenization_and_its_triton_requests(stack: Stack, model_repository: Path) -> None:
+    with frontend(stack, model_repository, "--otel-exporter=console") as served:
+        with RerankClient(served.target, timeout=30) as client:
+            client.rerank(QUERY, ["a", "b"])
+        time.sleep(1)
+    spans = [json.loads(line) for line in served.output if line.startswith('{"name"')]
+    by_name = {span["name"]: span for span in spans}
+    root = by_name["rerank.v1.RerankService/Rerank"]
+    for child in ("tokenize", "triton.infer"):
+        assert by_name[child]["context"]["trace_id"] == root["context"]["trace_id"]
+        assert by_name[child]["parent_id"] == root["context"]["span_id"]
+
+
+# -- fuzzing ---------------------------------------------------------------------------------
+
+
+def test_ten_thousand_bad_or_random_requests_never_get_internal(stack: Stack, checkpoints) -> None:
+    from tests.fuzz import fuzz_rerank_service
+
+    codes = fuzz_rerank_service(stack.target, examples=10_000)
+    assert sum(codes.values()) >= 10_000
+    assert not {"INTERNAL", "UNKNOWN"} & set(codes), codes
+    assert stack.process.poll() is None
+    with RerankClient(stack.target, timeout=60) as client:
+        documents = [text(30, seed=1), text(7, seed=2)]
+        response = client.rerank(QUERY, documents)
+    got = np.array([{r.index: r.logit for r in response.results}[i] for i in range(2)])
+    np.testing.assert_allclose(got, eager(checkpoints["reranker"]).logits(QUERY, documents), atol=1e-4)
+
+
+def test_undecodable_bytes_are_invalid_argument(stack: Stack) -> None:
+    with grpc.insecure_channel(stack.target) as channel:
+        raw = channel.unary_unary("/rerank.v1.RerankService/Rerank")
+        with pytest.raises(grpc.RpcError) as caught:
+            raw(b"\x0a\x02\xff\xfe", timeout=10)  # field 1 (query) holding invalid UTF-8
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed request message" in caught.value.details()
