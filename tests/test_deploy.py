@@ -28,7 +28,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from rerank_server.app import HEALTH_SERVICES, RERANK_SERVICE
+from rerank_server.app import HEALTH_SERVICES, LIVENESS_SERVICE, RERANK_SERVICE
 from rerank_server.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -288,8 +288,9 @@ def test_probes_ask_the_health_service_names_on_the_service_ports(rendered: list
     frontend, triton = container(deployment, "frontend"), container(deployment, "triton")
     port = setting(frontend_env(rendered), "port")
     assert frontend["readinessProbe"]["grpc"]["service"] == RERANK_SERVICE == "rerank.v1.RerankService"
-    assert frontend["livenessProbe"]["grpc"]["service"] == ""
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    # Liveness must not follow Triton: an outage should unready pods, not restart healthy frontends.
+    assert frontend["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE
+    for probe in ("startupProbe", "readinessProbe"):
         assert frontend[probe]["grpc"]["service"] in HEALTH_SERVICES
         assert container_port(frontend, frontend[probe]["grpc"]["port"]) == port
 

@@ -39,6 +39,9 @@ RERANK_SERVICE = rerank_pb2.DESCRIPTOR.services_by_name["RerankService"].full_na
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # "" is the server as a whole, RERANK_SERVICE the API: both SERVING only while the model is ready.
 HEALTH_SERVICES = ("", RERANK_SERVICE)
+# For liveness probes: SERVING while the process runs (until it drains), whatever Triton's state, so
+# that a Triton outage makes pods unready without getting healthy frontends restarted.
+LIVENESS_SERVICE = "liveness"
 # Restart delays of a crashed local Triton (seconds), the last one repeating.
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -122,6 +125,7 @@ class Frontend:
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._set_health(await self.backend.is_ready())
         await self._server.start()
         if self._health_server is not None:
