@@ -45,6 +45,11 @@ def test_health_tracks_triton_and_calls_recover_without_restarting_the_frontend(
 
             triton.stop()
             wait_for_health(frontend.target, health_pb2.HealthCheckResponse.NOT_SERVING)
+            with grpc.insecure_channel(frontend.target) as channel:
+                liveness = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service="liveness"), timeout=5
+                )
+            assert liveness.status == health_pb2.HealthCheckResponse.SERVING, "liveness followed Triton"
             started = time.monotonic()
             with pytest.raises(UnavailableError):
                 client.rerank("query", ["a", "b"])
