@@ -176,8 +176,11 @@ async def supervise(triton: LocalTriton, stop: asyncio.Event) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=delay)
         if not stop.is_set():
-            triton.start()
             failures += 1
+            try:
+                triton.start()
+            except Exception:  # keep supervising: the next round retries with a longer delay
+                log.exception("restarting tritonserver failed")
 
 
 async def run(settings: Settings) -> int:

@@ -9,6 +9,7 @@ untouched, so probes keep working without tokens and during a drain.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -71,43 +72,38 @@ class CallPolicy(grpc.aio.ServerInterceptor):
 
     def _unary(self, rpc: str, metadata: dict[str, Any], behavior: Any) -> Any:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = await self._begin(rpc, metadata, context)
-            code = grpc.StatusCode.UNKNOWN
-            try:
-                with tracer.start_as_current_span(f"rerank.v1.RerankService/{rpc}", kind=trace.SpanKind.SERVER):
-                    response = await behavior(request, context)
-                code = grpc.StatusCode.OK
-                return response
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            finally:
-                self._end(rpc, code, started)
+            async with self._observed(rpc, metadata, context):
+                return await behavior(request, context)
 
         return unary
 
     def _streaming(self, rpc: str, metadata: dict[str, Any], behavior: Any) -> Any:
         async def streaming(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            started = await self._begin(rpc, metadata, context)
-            code = grpc.StatusCode.UNKNOWN
-            try:
-                with tracer.start_as_current_span(f"rerank.v1.RerankService/{rpc}", kind=trace.SpanKind.SERVER):
-                    async for response in behavior(requests, context):
-                        yield response
-                code = grpc.StatusCode.OK
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            finally:
-                self._end(rpc, code, started)
+            async with self._observed(rpc, metadata, context):
+                async for response in behavior(requests, context):
+                    yield response
 
         return streaming
+
+    @contextlib.asynccontextmanager
+    async def _observed(
+        self, rpc: str, metadata: dict[str, Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[None]:
+        """Admit the call (or abort it), then time, count and log it inside a server span."""
+        started = await self._begin(rpc, metadata, context)
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            with tracer.start_as_current_span(f"rerank.v1.RerankService/{rpc}", kind=trace.SpanKind.SERVER):
+                yield
+            code = grpc.StatusCode.OK
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            self._end(rpc, code, started)
 
     async def _begin(self, rpc: str, metadata: dict[str, Any], context: grpc.aio.ServicerContext) -> float:
         """Admit the call or abort it; returns its start time."""

@@ -167,15 +167,7 @@ class RerankService(rerank_pb2_grpc.RerankServiceServicer):
         documents = list(request.documents)
         if not documents:
             raise field_error(InvalidRequestError, "documents", "must hold at least one document")
-        scored = await self._score(
-            [request.query] * len(documents),
-            documents,
-            request.truncation,
-            request.max_length,
-            request.chunk_overlap if request.HasField("chunk_overlap") else None,
-            RERANK_FIELDS,
-            context,
-        )
+        scored = await self._score([request.query] * len(documents), documents, request, RERANK_FIELDS, context)
         response = rerank_pb2.RerankResponse(model=self.model.source_model, usage=scored.usage)
         for index in rank(scored.scores, request.top_n):
             result = response.results.add(
@@ -194,15 +186,8 @@ class RerankService(rerank_pb2_grpc.RerankServiceServicer):
     ) -> rerank_pb2.ScoreResponse:
         if not request.pairs:
             raise field_error(InvalidRequestError, "pairs", "must hold at least one pair")
-        scored = await self._score(
-            [pair.text_a for pair in request.pairs],
-            [pair.text_b for pair in request.pairs],
-            request.truncation,
-            request.max_length,
-            request.chunk_overlap if request.HasField("chunk_overlap") else None,
-            SCORE_FIELDS,
-            context,
-        )
+        queries, documents = [pair.text_a for pair in request.pairs], [pair.text_b for pair in request.pairs]
+        scored = await self._score(queries, documents, request, SCORE_FIELDS, context)
         response = rerank_pb2.ScoreResponse(model=self.model.source_model, usage=scored.usage)
         for i in range(len(request.pairs)):
             response.scores.add(
@@ -217,26 +202,25 @@ class RerankService(rerank_pb2_grpc.RerankServiceServicer):
         self,
         queries: Sequence[str],
         documents: Sequence[str],
-        truncation: rerank_pb2.Truncation,
-        max_length: int,
-        chunk_overlap: int | None,
+        request: rerank_pb2.RerankRequest | rerank_pb2.ScoreRequest,
         fields: FieldNames,
         context: grpc.aio.ServicerContext,
     ) -> Scored:
+        """Score (queries[i], documents[i]) under the request's truncation, max_length and chunk_overlap."""
         if len(documents) > self.settings.max_documents:
             raise field_error(
                 InvalidRequestError,
                 fields.collection,
                 f"{len(documents)} exceed the limit of {self.settings.max_documents} per request (max_documents)",
             )
-        if truncation not in _TRUNCATION:
-            raise field_error(InvalidRequestError, "truncation", f"unknown value {truncation}")
+        if request.truncation not in _TRUNCATION:
+            raise field_error(InvalidRequestError, "truncation", f"unknown value {request.truncation}")
         options = EncodeOptions(
-            max_length=max_length or self.tokenizer.max_length,
+            max_length=request.max_length or self.tokenizer.max_length,
             max_query_tokens=self.settings.max_query_tokens,
             max_total_tokens=self.settings.max_total_tokens,
-            truncation=_TRUNCATION[truncation],
-            chunk_overlap=chunk_overlap,
+            truncation=_TRUNCATION[request.truncation],
+            chunk_overlap=request.chunk_overlap if request.HasField("chunk_overlap") else None,
             default_chunk_overlap=self.settings.chunk_overlap_tokens,
         )
         # Identical pairs are tokenized and scored once; `slot` maps each pair to its first copy.

@@ -61,8 +61,13 @@ class TritonInstallation:
         return env
 
     def backend_directory(self, into: Path) -> Path:
-        """A --backend-directory holding python/ with the backend and the stub of this interpreter."""
+        """A --backend-directory holding python/ with the backend and the stub of this interpreter.
+
+        Made once: a restarted Triton reuses it (stubs of a killed one may still be running from it).
+        """
         python = into / "python"
+        if (python / self.stub.name).exists():
+            return into
         python.mkdir(parents=True, exist_ok=True)
         for item in self.python_backend.iterdir():
             if item.is_file():
