@@ -373,3 +373,17 @@ def test_an_expired_deadline_drops_the_remaining_work(long_stack: Stack) -> None
         assert time.monotonic() - started < 10
     after = model_counters(long_stack, "reranker_long")
     assert after["computed"] - before["computed"] < len(LARGE)
+
+
+async def test_the_async_client_covers_every_rpc(stack: Stack) -> None:
+    async with AsyncRerankClient(stack.target, timeout=60) as c:
+        info = await c.model_info()
+        scored = await c.score([("q", "a"), ("q", "b")], truncation="end")
+        ranked = await c.rerank("q", ["a", "b"], truncation="chunk", max_length=info.max_length)
+        answers = [a async for a in c.rerank_stream([stream_request("x", "q", ["a"])])]
+        with pytest.raises(InvalidRequestError) as caught:
+            await c.score([("q", "a")], max_length=info.max_length + 1)
+    assert info.model == "reranker" and len(scored.scores) == 2
+    assert {r.index: r.logit for r in ranked.results}[0] == pytest.approx(scored.scores[0].logit, abs=ATOL)
+    assert [a.id for a in answers] == ["x"]
+    assert [v.field for v in caught.value.field_violations] == ["max_length"]
