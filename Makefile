@@ -22,7 +22,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml client/pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ./client -e '.[triton,export,tracing,dev]'
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ./client -e '.[triton,export,tracing,dev,bench]'
 	touch $@
 
 $(REPOSITORY)/$(NAME)/config.pbtxt: | $(STAMP)
@@ -42,6 +42,14 @@ pytest: install
 	$(BIN)/python -m pytest
 
 test: check pytest
+
+# The throughput benchmark (README, Performance): full size takes ~20 minutes on 2 cores.
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-quick: install
+	$(BIN)/python -m bench.run --quick $(BENCH_ARGS)
 
 protos: install
 	$(BIN)/python tools/generate_protos.py

@@ -7,7 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rerank_model_repository.reranker_engine import PackedReranker, check_ragged_batch, plan_sub_batches
+from rerank_model_repository.reranker_engine import (
+    PackedReranker,
+    available_cores,
+    check_ragged_batch,
+    plan_sub_batches,
+    session_options,
+)
 from tests.reference import eager
 from tests.texts import QUERY, mixed_documents
 
@@ -31,6 +37,32 @@ def test_short_pairs_are_not_padded_to_long_ones() -> None:
     batches = plan_sub_batches(lengths, 1024)
     assert [sorted(b.pairs.tolist()) for b in batches] == [[1, 2, 3, 5], [0, 4]]
     assert sum(b.padded_tokens for b in batches) == 4 * 12 + 2 * 500
+
+
+@pytest.mark.parametrize("slack", [0.0, 0.1, 0.25])
+def test_padding_stays_within_the_slack(slack: float) -> None:
+    # 64 log-normal lengths, like one request's rerank candidates: under the token budget alone, runs
+    # of short pairs would be padded to the longest that fits (about 50% padding on these lengths).
+    lengths = np.clip(np.random.default_rng(1).lognormal(np.log(200), 0.8, 64).astype(int), 16, 1024)
+    batches = plan_sub_batches(lengths, 8192, padding_slack=slack, padding_allowance=32)
+    assert sorted(np.concatenate([b.pairs for b in batches]).tolist()) == list(range(lengths.size))
+    for batch in batches:
+        real = int(lengths[batch.pairs].sum())
+        assert batch.padded_tokens - real <= max(slack * real, 32) or batch.pairs.size == 1
+        assert batch.padded_tokens <= 8192 or batch.pairs.size == 1
+    waste = sum(b.padded_tokens for b in batches) / lengths.sum()
+    assert waste <= 1 + max(slack, 0.05)
+    unbounded = plan_sub_batches(lengths, 8192, padding_slack=float("inf"))
+    assert sum(b.padded_tokens for b in unbounded) / lengths.sum() > 1.3
+    assert len(unbounded) < len(batches)
+
+
+def test_sessions_use_the_available_cores_without_spinning() -> None:
+    options = session_options()
+    assert options.intra_op_num_threads == available_cores() >= 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert session_options(3, spinning=True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert session_options(3).intra_op_num_threads == 3
 
 
 @pytest.mark.parametrize("budget", [16, 200, 8192])

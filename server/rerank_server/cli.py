@@ -36,6 +36,12 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokenizer", default=None, help="hub id or folder of the tokenizer (default: --model)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="instance kind (default: %(default)s)")
     parser.add_argument("--precision", choices=["fp32", "fp16"], default=None, help="default: fp32 on cpu, fp16 on gpu")
+    parser.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="dynamically quantize the fp32 graph's weights to int8 (CPU only; verified against eager)",
+    )
     parser.add_argument("--max-length", type=int, default=None, help="tokens per pair (default: the model's limit)")
     parser.add_argument(
         "--max-batch-size", type=int, default=defaults.max_batch_size, help="requests merged per execution"

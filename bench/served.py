@@ -1,0 +1,214 @@
+"""The served path under load: `rerank serve` (frontend + local Triton) as a child process, the
+psutil sampling of its processes, Triton's metrics, and asyncio clients driving it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import resource
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from bench.workloads import Request, Workload
+from rerank_client import AsyncRerankClient
+
+RERANK = str(Path(sys.executable).parent / "rerank")
+TRITON_NAMES = ("tritonserver", "triton_python_backend_stub")
+_METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN)$")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def process_cpu(processes: list[psutil.Process]) -> float:
+    """User + system CPU seconds of these processes (children not included); gone processes count 0."""
+    total = 0.0
+    for p in processes:
+        try:
+            times = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def process_rss(processes: list[psutil.Process]) -> int:
+    total = 0
+    for p in processes:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+def self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Sampler:
+    """Samples the RSS of the frontend and of Triton (tritonserver + its Python-backend stubs)."""
+
+    def __init__(self, frontend: psutil.Process, triton: list[psutil.Process], interval_s: float = 0.2) -> None:
+        self.frontend, self.triton, self.interval_s = frontend, triton, interval_s
+        self.peak_frontend = 0
+        self.peak_triton = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def reset_peaks(self) -> None:
+        self.peak_frontend = process_rss([self.frontend])
+        self.peak_triton = process_rss(self.triton)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_frontend = max(self.peak_frontend, process_rss([self.frontend]))
+            self.peak_triton = max(self.peak_triton, process_rss(self.triton))
+
+    def start(self) -> None:
+        self.reset_peaks()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class Snapshot:
+    wall: float
+    frontend_cpu: float
+    triton_cpu: float
+    client_cpu: float
+    metrics: dict[str, float]
+
+
+@dataclass
+class ServedStack:
+    """A running `rerank serve --model-repository ...` with its own ports."""
+
+    process: subprocess.Popen[bytes]
+    target: str
+    metrics_url: str
+    log_path: Path
+    frontend: psutil.Process
+    triton: list[psutil.Process] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, repository: Path, log_path: Path, timeout_s: float = 900.0) -> ServedStack:
+        port, grpc_port, http_port, metrics_port, frontend_metrics_port = (free_port() for _ in range(5))
+        command = [
+            RERANK,
+            "serve",
+            f"--model-repository={repository}",
+            "--host=127.0.0.1",
+            f"--port={port}",
+            f"--triton-grpc-port={grpc_port}",
+            f"--triton-http-port={http_port}",
+            f"--triton-metrics-port={metrics_port}",
+            f"--metrics-port={frontend_metrics_port}",
+            # A call still running when its connection reaches max age gets only the shutdown grace
+            # (10 s) to finish; full-size calls queue for minutes at concurrency 16 (README, Performance).
+            "--max-connection-age-s=86400",
+            "--log-level=WARNING",
+        ]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if "rerank: serving" in log_path.read_text(errors="replace"):
+                break
+            if process.poll() is not None:
+                raise RuntimeError(f"rerank serve exited with {process.returncode}:\n{_tail(log_path)}")
+            time.sleep(0.5)
+        else:
+            process.kill()
+            raise RuntimeError(f"rerank serve did not start in {timeout_s:.0f}s:\n{_tail(log_path)}")
+        frontend = psutil.Process(process.pid)
+        triton = [p for p in frontend.children(recursive=True) if p.name() in TRITON_NAMES]
+        if not any(p.name() == "tritonserver" for p in triton):
+            raise RuntimeError("no tritonserver process under rerank serve")
+        return cls(process, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", log_path, frontend, triton)
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        self.process.terminate()
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def metrics(self) -> dict[str, float]:
+        """Triton's Prometheus metrics of the model, summed over label sets that differ only by version."""
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+                text = response.read().decode()
+        except OSError:
+            return {}
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            match = _METRIC.match(line.strip())
+            if not match or match.group(3) == "NaN":
+                continue
+            name, labels = match.group(1), match.group(2) or ""
+            kind = re.search(r'kind="([^"]+)"', labels)
+            key = f"{name}:{kind.group(1)}" if kind else name
+            values[key] = values.get(key, 0.0) + float(match.group(3))
+        return values
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            time.perf_counter(),
+            process_cpu([self.frontend]),
+            process_cpu(self.triton),
+            self_cpu(),
+            self.metrics(),
+        )
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class Completed:
+    latency_s: float
+    pairs: int
+    tokens: int  # usage.input_tokens as the server counted them
+
+
+async def drive(
+    target: str, workload: Workload, repeats: int, on_done: Callable[[int], None], timeout_s: float = 3600.0
+) -> list[Completed]:
+    """Every client of the workload sends its requests `repeats` times, one at a time; all clients at once."""
+    done: list[Completed] = []
+
+    async def client(requests: tuple[Request, ...]) -> None:
+        async with AsyncRerankClient(target, timeout=timeout_s) as rerank:
+            for _ in range(repeats):
+                for request in requests:
+                    start = time.perf_counter()
+                    response = await rerank.rerank(request.query, list(request.documents))
+                    latency = time.perf_counter() - start
+                    if len(response.results) != request.pairs:
+                        raise RuntimeError(f"{len(response.results)} results for {request.pairs} documents")
+                    done.append(Completed(latency, request.pairs, int(response.usage.input_tokens)))
+                    on_done(request.pairs)
+
+    await asyncio.gather(*(client(requests) for requests in workload.clients))
+    return done

@@ -1,0 +1,107 @@
+"""bench/: the workloads are exact, and the quick mode runs end to end (its figures are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from bench import workloads
+from tests.conftest import TOKENIZER_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEMS = {"onnxruntime", "onnxruntime-int8", "crossencoder", "served"}
+
+
+def test_workloads_have_the_planned_shapes_and_exact_token_counts() -> None:
+    built = workloads.build(TOKENIZER_DIR, seed=3)
+    assert sorted(built) == ["a1", "a16", "a4", "b", "c"]
+    tokenizer = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
+    for workload in built.values():
+        for request in workload.requests:
+            encoded = tokenizer.encode_batch([(request.query, d) for d in request.documents])
+            assert tuple(len(e.ids) for e in encoded) == request.pair_lengths
+            assert len(set(request.documents)) == request.pairs, "documents repeat (the server would dedup them)"
+    assert [w.concurrency for w in (built["a1"], built["a4"], built["a16"])] == [1, 4, 16]
+    assert all(n == 256 for r in built["a16"].requests for n in r.pair_lengths)
+    assert built["a16"].pairs == 16 * 16
+    (rerank,) = built["b"].requests
+    assert rerank.pairs == 64
+    query_tokens = rerank.pair_lengths[0] - len(tokenizer.encode(rerank.documents[0], add_special_tokens=False).ids) - 3
+    assert 8 <= query_tokens <= 32
+    documents = np.array(rerank.pair_lengths) - query_tokens - 3
+    assert documents.min() >= 16 and documents.max() <= 1024
+    assert 100 <= np.median(documents) <= 320  # log-normal around 200
+    assert built["c"].concurrency == 16 and all(r.pairs == 8 for r in built["c"].requests)
+
+
+def test_workloads_are_seeded() -> None:
+    first = workloads.build(TOKENIZER_DIR, seed=1, shape=workloads.QUICK)
+    again = workloads.build(TOKENIZER_DIR, seed=1, shape=workloads.QUICK)
+    other = workloads.build(TOKENIZER_DIR, seed=2, shape=workloads.QUICK)
+    assert first["b"].requests == again["b"].requests
+    assert first["b"].requests != other["b"].requests
+
+
+def test_quick_mode_runs_end_to_end(tmp_path: Path) -> None:
+    output = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--output", str(output), "--workdir", str(tmp_path / "work")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "100%" in done.stderr  # the progress bar reached the end
+    results = json.loads((output / "results.json").read_text())
+    assert results["mode"] == "quick"
+    assert results["failures"] == []
+    assert results["machine"]["cores"] >= 1 and "onnxruntime" in results["machine"]["versions"]
+    quick = workloads.build(TOKENIZER_DIR, seed=0, shape=workloads.QUICK)
+
+    measurements = results["measurements"]
+    assert {m["system"] for m in measurements} == SYSTEMS
+    served = [m for m in measurements if m["system"] == "served"]
+    assert sorted((m["workload"], m["concurrency"]) for m in served) == [
+        ("a", 1),
+        ("a", 2),
+        ("a", 4),
+        ("b", 1),
+        ("c", 4),
+    ]
+    for m in measurements:
+        planned = next(w for w in quick.values() if w.kind == m["workload"] and w.concurrency == m["concurrency"])
+        assert m["pairs"] == planned.pairs * m["repeats"]
+        # Served: the tokens the server reported (usage.input_tokens) are the ones the workload planned.
+        assert m["tokens"] == planned.tokens * m["repeats"]
+        assert m["requests"] == len(planned.requests) * m["repeats"]
+        assert m["pairs_per_s"] > 0 and m["tokens_per_s"] > m["pairs_per_s"]
+        assert 0 < m["latency_ms"]["p50"] <= m["latency_ms"]["p99"] <= m["latency_ms"]["max"] * 1.0001
+        assert m["padding_waste"] >= 1.0
+    for m in served:
+        assert 0 < m["frontend_cpu_share"] < 1
+        assert m["frontend_cpu_s"] > 0 and m["triton_cpu_s"] > 0
+        assert m["frontend_peak_rss_mib"] > 20 and m["triton_peak_rss_mib"] > 20
+        assert m["triton"]["executions"] >= 1 and m["triton"]["compute_s"] > 0
+    fixed = [m for m in measurements if m["workload"] == "a"]
+    assert all(m["padding_waste"] == 1.0 for m in fixed), "equal lengths need no padding"
+
+    int8 = results["agreement"]["int8_vs_fp32"]
+    assert 0 <= int8["top10_overlap"] <= 1 and -1 <= int8["spearman"] <= 1 and int8["documents"] == 16
+    # CrossEncoder and ONNX Runtime score the same checkpoint: the same logits up to float error.
+    assert results["agreement"]["crossencoder_vs_onnxruntime"]["max_abs_diff"] < 1e-3
+    names = [r["name"] for r in results["ratios"]]
+    assert len(names) == 9 and all(isinstance(r["met"], bool) and r["value"] > 0 for r in results["ratios"])
+    assert {p["op"] for p in results["profile"]["int8"]["by_op"]} & {"MatMulInteger", "DynamicQuantizeMatMul"}
+    assert results["profile"]["gemm"]["fp32_gflops"] > 0
+
+    table = (output / "results.md").read_text()
+    assert "| system | workload |" in table and "| ratio | value | target | met |" in table
+    assert table.count("\n| served (gRPC frontend + Triton) |") == 5
+    assert (output / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| system | workload |" in done.stdout  # the table is printed too

@@ -1,0 +1,110 @@
+"""`rerank export --quantize int8`: a dynamically quantized CPU model, verified and recorded as int8."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from scipy.stats import spearmanr
+
+from rerank_model_repository.reranker_engine import PackedReranker
+from tests.conftest import run_rerank
+
+PAD = 50283
+
+
+@pytest.fixture(scope="module")
+def int8_repository(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> Path:
+    repository = tmp_path_factory.mktemp("int8")
+    done = run_rerank(
+        "export", "--model", str(checkpoints["reranker"]), "--output", str(repository), "--quantize", "int8"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "[5/6] Quantizing to int8" in done.stderr and "[6/6]" in done.stderr
+    return repository
+
+
+def test_config_and_provenance_say_int8(int8_repository: Path) -> None:
+    config = (int8_repository / "reranker" / "config.pbtxt").read_text()
+    assert 'key: "precision" value: { string_value: "int8" }' in config
+    assert "kind: KIND_CPU" in config
+    provenance = json.loads((int8_repository / "reranker" / "1" / "export.json").read_text())
+    assert provenance["precision"] == "int8"
+    assert provenance["quantization"]["method"] == "onnxruntime.quantization.quantize_dynamic"
+    assert provenance["quantization"]["weight_type"] == "QUInt8"
+    verification = provenance["verification"]
+    assert verification["verified"] is True
+    assert 0 < verification["max_abs_diff"] <= verification["tolerance"]  # int8 is close, not exact
+    assert verification["fp32"]["verified"] is True and verification["fp32"]["max_abs_diff"] < 1e-4
+    assert not (int8_repository / "reranker" / "1" / "model.fp32.onnx").exists()
+
+
+def test_graph_runs_its_weight_matmuls_in_int8(int8_repository: Path, model_repository: Path) -> None:
+    graph = onnx.load(str(int8_repository / "reranker" / "1" / "model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    weights = {init.name for init in graph.initializer}
+    quantized = ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul")
+    # 4 layers x 4 weight matrices (Wqkv, Wo, Wi, mlp Wo); the scoring head stays fp32.
+    assert quantized == 4 * 4, ops
+    fp32_weights = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & weights]
+    # (quantize_dynamic rewrites the classifier's Gemm as MatMul + Add, still fp32)
+    assert [name.split("/")[2] for name in fp32_weights] == ["head", "classifier"], fp32_weights
+    assert any(init.data_type == onnx.TensorProto.UINT8 for init in graph.initializer)
+    # The fp32 graph of the same checkpoint is the larger file: the weights shrank to a byte each.
+    fp32_size = (model_repository / "reranker" / "1" / "model.onnx").stat().st_size
+    assert (int8_repository / "reranker" / "1" / "model.onnx").stat().st_size < fp32_size
+
+
+def _random_pairs(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(4, 300, count)
+    return rng.integers(0, PAD, int(lengths.sum())).astype(np.int32), lengths
+
+
+def test_int8_scores_rank_like_fp32(int8_repository: Path, model_repository: Path) -> None:
+    def engine(repository: Path) -> PackedReranker:
+        path = repository / "reranker" / "1" / "model.onnx"
+        return PackedReranker.from_file(str(path), pad_token_id=PAD, max_batch_tokens=4096)
+
+    ids, lengths = _random_pairs(48, seed=7)
+    fp32 = engine(model_repository).score(ids, lengths)
+    int8 = engine(int8_repository).score(ids, lengths)
+    assert not np.array_equal(fp32, int8)
+    assert np.abs(int8 - fp32).max() <= 0.05 * np.abs(fp32).max()
+    assert spearmanr(fp32, int8).statistic >= 0.98
+    top_fp32, top_int8 = set(np.argsort(-fp32)[:10]), set(np.argsort(-int8)[:10])
+    assert len(top_fp32 & top_int8) >= 9
+
+
+def test_refuses_int8_on_gpu(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    done = run_rerank(
+        "export",
+        "--model",
+        str(checkpoints["reranker"]),
+        "--output",
+        str(tmp_path),
+        "--quantize",
+        "int8",
+        "--device",
+        "gpu",
+    )
+    assert done.returncode == 2
+    assert "makes a CPU model" in done.stderr and "--device gpu" in done.stderr
+    assert not (tmp_path / "reranker").exists()
+
+
+def test_refuses_an_unknown_quantization(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    done = run_rerank(
+        "export", "--model", str(checkpoints["reranker"]), "--output", str(tmp_path), "--quantize", "int4"
+    )
+    assert done.returncode == 2 and "invalid choice: 'int4'" in done.stderr
+
+
+def test_the_api_refuses_an_unknown_quantization(tmp_path: Path) -> None:
+    from rerank_server.export import ExportError, ExportOptions, export
+
+    with pytest.raises(ExportError, match="quantize must be one of"):
+        export(ExportOptions(model=str(tmp_path), output=tmp_path, quantize="int4"))
