@@ -152,5 +152,9 @@ class LocalTriton:
                 # Its whole process group: the Python-backend stubs with it.
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+        if process is not None:
+            # Stubs of a Triton that died (killed, crashed) outlive it in its process group.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
         shutil.rmtree(self._workdir / "backends", ignore_errors=True)
         return None if process is None else process.returncode
