@@ -639,8 +639,16 @@ def _measure(
     tokenizer = Tokenizer.from_file(str(models.model_dir() / "1" / "tokenizer" / "tokenizer.json"))
     parameters = models.parameters()
     threads = int(parameters.get("intra_op_threads", "0"))
-    first = b.requests[0]
-    warm = Workload("warm", "warm", "warm-up", ((Request(first.query, first.documents[:4], first.pair_lengths[:4]),),))
+    # Warm-up: two (a) requests' documents under one query, a sub-batch as large as the token budget of
+    # the full-size model, so that every process has run one before anything is timed (ONNX Runtime's
+    # first run at a new size grows its memory arena and is up to twice as slow).
+    fixed = [r for client in a16.clients[:2] for r in client]
+    warm_request = Request(
+        fixed[0].query,
+        tuple(d for r in fixed for d in r.documents),
+        tuple(n for r in fixed for n in fixed[0].pair_lengths[: r.pairs]),
+    )
+    warm = Workload("warm", "warm", "warm-up", ((warm_request,),))
 
     def engine(int8: bool) -> PackedReranker:
         return PackedReranker.from_file(
