@@ -43,7 +43,7 @@ pytest: install
 
 test: check pytest
 
-# The throughput benchmark (README, Performance): full size takes ~20 minutes on 2 cores.
+# The throughput benchmark (README, Performance): full size takes ~25 minutes on 2 cores.
 BENCH_ARGS ?=
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
