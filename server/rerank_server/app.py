@@ -64,9 +64,10 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.keepalive_time_ms", 60_000),
-        # Old connections are closed gracefully so that clients rebalance onto new replicas.
+        # Old connections are closed gracefully so that clients rebalance onto new replicas: new calls
+        # go elsewhere at once, and calls in flight may finish however long they take (no grace limit:
+        # a 1,000-document call can take minutes on a CPU).
         ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
-        ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace_s * 1000)),
     ]
 
 
