@@ -121,9 +121,6 @@ class ServedStack:
             f"--triton-http-port={http_port}",
             f"--triton-metrics-port={metrics_port}",
             f"--metrics-port={frontend_metrics_port}",
-            # A call still running when its connection reaches max age gets only the shutdown grace
-            # (10 s) to finish; full-size calls queue for minutes at concurrency 16 (README, Performance).
-            "--max-connection-age-s=86400",
             "--log-level=WARNING",
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -384,3 +384,12 @@ def test_undecodable_bytes_are_invalid_argument(stack: Stack) -> None:
             raw(b"\x0a\x02\xff\xfe", timeout=10)  # field 1 (query) holding invalid UTF-8
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "malformed request message" in caught.value.details()
+
+
+def test_a_call_outliving_its_connections_max_age_still_completes(stack: Stack, model_repository: Path) -> None:
+    args = ("--model-name=reranker_long", "--max-connection-age-s=1", "--shutdown-grace-s=1")
+    with frontend(stack, model_repository, *args) as served, RerankClient(served.target, timeout=300, retries=0) as c:
+        started = time.monotonic()
+        response = c.rerank(QUERY, [text(9000, seed=70), text(9000, seed=71)])
+        assert time.monotonic() - started > 1.5, "the call was too short to cross the connection's age"
+        assert len(response.results) == 2
