@@ -1,7 +1,8 @@
 """Triton Python-backend model: the cross-encoder reranker over ragged batches.
 
 `rerank export` copies this file to <repository>/<name>/1/model.py, next to reranker_engine.py,
-model.onnx and the tokenizer. Each request carries one or more tokenized (query, document) pairs:
+torch_runner.py, the weights (model.onnx for the onnxruntime runtime, the checkpoint folder model/
+for the torch runtime) and the tokenizer. Each request carries one or more tokenized (query, document) pairs:
 
     input_ids         INT32 [1, total_tokens]  every pair's ids laid end to end
     sequence_lengths  INT32 [1, pairs]         each pair's length
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from reranker_engine import PackedReranker, check_ragged_batch
+from reranker_engine import OnnxRunner, PackedReranker, check_ragged_batch
 
 
 def _parameter(config: dict[str, Any], key: str, default: str | None = None) -> str:
@@ -60,17 +61,36 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         version_dir = os.path.join(args["model_repository"], args["model_version"])
-        providers: list[str | tuple[str, dict[str, object]]] = ["CPUExecutionProvider"]
-        if args["model_instance_kind"] == "GPU":
-            device: dict[str, object] = {"device_id": int(args["model_instance_device_id"])}
-            providers = [("CUDAExecutionProvider", device), "CPUExecutionProvider"]
-        self.engine = PackedReranker.from_file(
-            os.path.join(version_dir, _parameter(config, "onnx_file", "model.onnx")),
-            pad_token_id=int(_parameter(config, "pad_token_id")),
-            max_batch_tokens=int(_parameter(config, "max_batch_tokens")),
-            intra_op_threads=int(_parameter(config, "intra_op_threads", "0")),
-            providers=providers,
-        )
+        on_gpu = args["model_instance_kind"] == "GPU"
+        device_id = int(args["model_instance_device_id"])
+        runtime = _parameter(config, "runtime", "onnxruntime")
+        weights = os.path.join(version_dir, _parameter(config, "weights", "model.onnx"))
+        common = {
+            "pad_token_id": int(_parameter(config, "pad_token_id")),
+            "max_batch_tokens": int(_parameter(config, "max_batch_tokens")),
+            "intra_op_threads": int(_parameter(config, "intra_op_threads", "0")),
+        }
+        if runtime == "torch":
+            self.engine = PackedReranker.from_pretrained(
+                weights,
+                device=f"cuda:{device_id}" if on_gpu else "cpu",
+                precision=_parameter(config, "precision", "fp32"),
+                **common,
+            )
+        elif runtime == "onnxruntime":
+            providers: list[str | tuple[str, dict[str, object]]] = ["CPUExecutionProvider"]
+            if on_gpu:
+                providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+            self.engine = PackedReranker.from_file(weights, providers=providers, **common)
+            assert isinstance(self.engine.runner, OnnxRunner)
+            active = self.engine.runner.session.get_providers()
+            if on_gpu and active[0] != "CUDAExecutionProvider":
+                # ONNX Runtime falls back to the CPU silently; a GPU instance on the CPU is a fault.
+                raise pb_utils.TritonModelException(
+                    f"a KIND_GPU instance needs ONNX Runtime's CUDA provider (onnxruntime-gpu); it has {active}"
+                )
+        else:
+            raise pb_utils.TritonModelException(f"unknown runtime {runtime!r}: expected onnxruntime or torch")
         self.vocab_size = int(_parameter(config, "vocab_size"))
         self.metrics = _Metrics(args["model_name"])
 

@@ -1,7 +1,9 @@
-"""Length-sorted, token-budgeted execution of an ONNX cross-encoder over ragged (query, document) pairs.
+"""Length-sorted, token-budgeted execution of a cross-encoder over ragged (query, document) pairs.
 
 This file runs inside Triton's Python backend (`rerank export` copies it next to model.py) and in
-the benchmarks in-process, so it depends on numpy and onnxruntime only.
+the benchmarks in-process, so it depends on numpy alone; the runtime that computes a padded
+sub-batch is behind the `Runner` interface: ONNX Runtime (`OnnxRunner`, here) or PyTorch
+(`torch_runner.TorchRunner`), imported only by the model that uses it.
 
 A ragged batch is every pair's token ids laid end to end (`input_ids`) plus each pair's length
 (`lengths`). Pairs are ordered by length and cut into sub-batches whose padded size
@@ -14,13 +16,19 @@ while another model run costs nothing measurable (GPUs keep the token budget alo
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import onnxruntime as ort
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+Providers = Sequence[str | tuple[str, dict[str, object]]]
 
 
 @dataclass(frozen=True)
@@ -84,12 +92,33 @@ def pad_sub_batch(
     return ids, mask.astype(np.int64)
 
 
+class Runner(Protocol):
+    """Computes one padded sub-batch: int64 [rows, width] input_ids and attention_mask in, float32
+    [rows] logits out (the first output column: the single-logit head)."""
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
+
+
+class OnnxRunner:
+    """A Runner over an ONNX Runtime session of the exported graph."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self._input_names = [i.name for i in session.get_inputs()]
+        self._output_name = session.get_outputs()[0].name
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        feeds = dict(zip(self._input_names, (input_ids, attention_mask), strict=True))
+        logits = self.session.run([self._output_name], feeds)[0]
+        return np.asarray(logits, dtype=np.float32).reshape(input_ids.shape[0], -1)[:, 0]
+
+
 class PackedReranker:
-    """Scores a ragged batch of token sequences with an ONNX sequence classifier (one logit per pair)."""
+    """Scores a ragged batch of token sequences with a sequence classifier (one logit per pair)."""
 
     def __init__(
         self,
-        session: ort.InferenceSession,
+        runner: Runner,
         *,
         pad_token_id: int,
         max_batch_tokens: int,
@@ -97,12 +126,10 @@ class PackedReranker:
     ) -> None:
         if max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be positive")
-        self.session = session
+        self.runner = runner
         self.pad_token_id = pad_token_id
         self.max_batch_tokens = max_batch_tokens
         self.padding_slack = padding_slack
-        self._input_names = [i.name for i in session.get_inputs()]
-        self._output_name = session.get_outputs()[0].name
 
     @classmethod
     def from_file(
@@ -112,15 +139,48 @@ class PackedReranker:
         pad_token_id: int,
         max_batch_tokens: int,
         intra_op_threads: int = 0,
-        providers: Sequence[str | tuple[str, dict[str, object]]] = ("CPUExecutionProvider",),
+        providers: Providers = ("CPUExecutionProvider",),
         padding_slack: float | None = None,
     ) -> PackedReranker:
-        """padding_slack=None: PADDING_SLACK on CPUs, GPU_PADDING_SLACK when CUDA comes first."""
+        """The ONNX Runtime engine. padding_slack=None: PADDING_SLACK on CPUs, GPU_PADDING_SLACK when
+        CUDA comes first."""
         if padding_slack is None:
             first = providers[0] if isinstance(providers[0], str) else providers[0][0]
             padding_slack = GPU_PADDING_SLACK if first == "CUDAExecutionProvider" else PADDING_SLACK
         return cls(
-            create_session(onnx_path, intra_op_threads=intra_op_threads, providers=providers),
+            OnnxRunner(create_session(onnx_path, intra_op_threads=intra_op_threads, providers=providers)),
+            pad_token_id=pad_token_id,
+            max_batch_tokens=max_batch_tokens,
+            padding_slack=padding_slack,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str,
+        *,
+        pad_token_id: int,
+        max_batch_tokens: int,
+        device: str = "cpu",
+        precision: str = "fp32",
+        intra_op_threads: int = 0,
+        padding_slack: float | None = None,
+    ) -> PackedReranker:
+        """The PyTorch engine over a saved transformers checkpoint (torch_runner.py, imported here
+        so that the ONNX engine never needs torch). padding_slack=None: as from_file, by device."""
+        # Imported as rerank_model_repository.reranker_engine by tests and benchmarks; in Triton's
+        # Python backend the version folder's files are top-level modules.
+        torch_runner = (
+            importlib.import_module(".torch_runner", __package__)
+            if __package__
+            else importlib.import_module("torch_runner")
+        )
+
+        if padding_slack is None:
+            padding_slack = PADDING_SLACK if device == "cpu" else GPU_PADDING_SLACK
+        threads = intra_op_threads if intra_op_threads > 0 else available_cores()
+        return cls(
+            torch_runner.TorchRunner(model_dir, device=device, precision=precision, cpu_threads=threads),
             pad_token_id=pad_token_id,
             max_batch_tokens=max_batch_tokens,
             padding_slack=padding_slack,
@@ -147,9 +207,7 @@ class PackedReranker:
                     continue
                 batch = SubBatch(wanted, int(lengths[wanted].max()))
             ids, mask = pad_sub_batch(input_ids, offsets, lengths, batch, self.pad_token_id)
-            feeds = dict(zip(self._input_names, (ids, mask), strict=True))
-            logits = self.session.run([self._output_name], feeds)[0]
-            yield batch, np.asarray(logits, dtype=np.float32).reshape(batch.pairs.size, -1)[:, 0]
+            yield batch, self.runner(ids, mask)
 
     def score(
         self, input_ids: np.ndarray, lengths: np.ndarray, active: Callable[[np.ndarray], np.ndarray] | None = None
@@ -203,6 +261,8 @@ def session_options(intra_op_threads: int = 0, *, spinning: bool = False) -> ort
       on ModernBERT (its rotary attention is not recognised), agrees within 1e-5 but was not
       measurably faster, so it is not used.
     """
+    import onnxruntime as ort  # the ONNX runtime only: a torch model needs no onnxruntime
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -216,8 +276,10 @@ def create_session(
     onnx_path: str,
     *,
     intra_op_threads: int = 0,
-    providers: Sequence[str | tuple[str, dict[str, object]]] = ("CPUExecutionProvider",),
+    providers: Providers = ("CPUExecutionProvider",),
 ) -> ort.InferenceSession:
     """An InferenceSession with session_options(); intra_op_threads=0: one thread per available core."""
+    import onnxruntime as ort  # the ONNX runtime only: a torch model needs no onnxruntime
+
     options = session_options(intra_op_threads)
     return ort.InferenceSession(onnx_path, sess_options=options, providers=list(providers))

@@ -49,6 +49,8 @@ MODELS = {
     "reranker": ModelSpec(TINY_CONFIG, 0),
     "reranker_mean": ModelSpec(MEAN_POOLING_CONFIG, 1),
     "reranker_long": ModelSpec(LONG_CONFIG, 2, ("--max-batch-tokens", "16384")),
+    # reranker_mean's weights (same shape and seed) run by PyTorch inside Triton instead of ONNX Runtime.
+    "reranker_torch": ModelSpec(MEAN_POOLING_CONFIG, 1, ("--runtime", "torch")),
 }
 
 
@@ -174,6 +176,13 @@ def frontend(stack: Stack, model_repository: Path, *args: str) -> Iterator[Stack
 def mean_stack(stack: Stack, model_repository: Path) -> Iterator[Stack]:
     """A second frontend fronting `reranker_mean`: another model shape, through --triton-url."""
     with frontend(stack, model_repository, "--model-name=reranker_mean") as served:
+        yield served
+
+
+@pytest.fixture(scope="session")
+def torch_stack(stack: Stack, model_repository: Path) -> Iterator[Stack]:
+    """A frontend fronting `reranker_torch`: the model computed by PyTorch inside Triton."""
+    with frontend(stack, model_repository, "--model-name=reranker_torch") as served:
         yield served
 
 

@@ -78,6 +78,21 @@ def test_scores_match_eager_whatever_the_budget(model_repository: Path, checkpoi
     np.testing.assert_allclose(logits, reference.logits(QUERY, documents), atol=1e-4)
 
 
+def test_torch_runtime_agrees_with_onnx_runtime(model_repository: Path) -> None:
+    # The same weights (reranker_torch is the mean-pooling checkpoint), two runtimes, one ragged batch.
+    version = model_repository / "reranker_torch" / "1"
+    rng = np.random.default_rng(7)
+    lengths = rng.integers(2, 384, 24)
+    ids = rng.integers(0, 50000, int(lengths.sum()))
+    torch_engine = PackedReranker.from_pretrained(str(version / "model"), pad_token_id=50283, max_batch_tokens=2048)
+    logits = torch_engine.score(ids, lengths)
+    onnx_engine = PackedReranker.from_file(
+        str(model_repository / "reranker_mean" / "1" / "model.onnx"), pad_token_id=50283, max_batch_tokens=2048
+    )
+    assert len(torch_engine.plan(lengths)) > 1
+    np.testing.assert_allclose(logits, onnx_engine.score(ids, lengths), atol=1e-4)
+
+
 @pytest.mark.parametrize(
     ("ids", "lengths", "problem"),
     [

@@ -50,6 +50,34 @@ def test_gpu_variant_is_fp16_with_fp32_io(tmp_path: Path, checkpoints: dict[str,
     assert "[5/6]" in done.stderr and "[6/6]" in done.stderr  # progress is shown
 
 
+def test_torch_runtime_saves_the_checkpoint_in_the_served_precision(
+    tmp_path: Path, checkpoints: dict[str, Path]
+) -> None:
+    model = str(checkpoints["reranker"])
+    done = run_rerank("export", "--model", model, "--output", str(tmp_path), "--device", "gpu", "--runtime", "torch")
+    assert done.returncode == 0, done.stderr
+    config = (tmp_path / "reranker" / "config.pbtxt").read_text()
+    assert "kind: KIND_GPU" in config and 'key: "runtime" value: { string_value: "torch" }' in config
+    assert 'key: "weights" value: { string_value: "model" }' in config and 'string_value: "fp16"' in config
+    version = tmp_path / "reranker" / "1"
+    assert not (version / "model.onnx").exists() and (version / "torch_runner.py").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(version / "model" / "model.safetensors"), framework="pt") as weights:
+        assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.float16}  # noqa: SIM118
+    verification = json.loads((version / "export.json").read_text())["verification"]
+    # No GPU here: the fp16 weights are checked in fp32 on the CPU, padded batch against eager.
+    assert verification["verified"] is True and verification["checked_in"] == "fp32"
+    assert verification["max_abs_diff"] < 5e-2
+
+
+def test_quantize_needs_the_onnx_runtime(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    model = str(checkpoints["reranker"])
+    done = run_rerank("export", "--model", model, "--output", str(tmp_path), "--runtime", "torch", "--quantize", "int8")
+    assert done.returncode == 2 and "--runtime onnxruntime" in done.stderr
+    assert not (tmp_path / "reranker").exists()
+
+
 def _refused(checkpoint: Path, tmp_path: Path) -> str:
     done = run_rerank("export", "--model", str(checkpoint), "--output", str(tmp_path / "out"))
     assert done.returncode == 2, done.stderr

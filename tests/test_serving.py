@@ -1,4 +1,4 @@
-"""The served path end to end: SDK -> frontend -> real Triton -> ONNX Runtime, checked against eager."""
+"""The served path end to end: SDK -> frontend -> real Triton -> ONNX Runtime or PyTorch, checked against eager."""
 
 from __future__ import annotations
 
@@ -34,9 +34,12 @@ def served_logits(response, n: int) -> np.ndarray:
     return logits
 
 
-@pytest.mark.parametrize("model", ["reranker", "reranker_mean"])
+STACKS = {"reranker": "stack", "reranker_mean": "mean_stack", "reranker_torch": "torch_stack"}
+
+
+@pytest.mark.parametrize("model", sorted(STACKS))
 def test_logits_match_transformers_eager_for_mixed_lengths(request, model: str, checkpoints) -> None:
-    stack = request.getfixturevalue("stack" if model == "reranker" else "mean_stack")
+    stack = request.getfixturevalue(STACKS[model])
     documents = mixed_documents()
     reference = eager(checkpoints[model])
     with RerankClient(stack.target, timeout=60) as c:

@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_export(subparsers: argparse._SubParsersAction) -> None:
-    from rerank_server.export import DEFAULT_MODEL, ExportOptions
+    from rerank_server.export import DEFAULT_MODEL, RUNTIMES, ExportOptions
 
     defaults = ExportOptions()
     parser = subparsers.add_parser(
@@ -35,6 +35,13 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--tokenizer", default=None, help="hub id or folder of the tokenizer (default: --model)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="instance kind (default: %(default)s)")
+    parser.add_argument(
+        "--runtime",
+        choices=list(RUNTIMES),
+        default=defaults.runtime,
+        help="what runs the model in Triton: onnxruntime (the exported ONNX graph; onnxruntime-gpu on GPUs) or "
+        "torch (the checkpoint through transformers' PyTorch model) (default: %(default)s)",
+    )
     parser.add_argument("--precision", choices=["fp32", "fp16"], default=None, help="default: fp32 on cpu, fp16 on gpu")
     parser.add_argument(
         "--quantize",

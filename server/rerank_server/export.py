@@ -3,7 +3,9 @@
     <output>/<name>/config.pbtxt          rendered from model_repository/config.pbtxt.template
     <output>/<name>/1/model.onnx         the graph (dynamic batch and sequence axes), verified against eager;
                                      with --quantize int8, its dynamically quantized version
-    <output>/<name>/1/model.py           the Python-backend model, with reranker_engine.py
+    <output>/<name>/1/model/             instead, with --runtime torch: the checkpoint in the served
+                                     precision, for transformers' PyTorch model
+    <output>/<name>/1/model.py           the Python-backend model, with reranker_engine.py, torch_runner.py
     <output>/<name>/1/tokenizer/         the fast tokenizer the frontend loads
     <output>/<name>/1/export.json        provenance: source, versions, verification result
 
@@ -35,6 +37,9 @@ import rerank_model_repository
 DEFAULT_MODEL = "Alibaba-NLP/gte-reranker-modernbert-base"
 ARCHITECTURE = "ModernBertForSequenceClassification"
 PRECISIONS = {"cpu": ("fp32",), "gpu": ("fp16", "fp32")}
+# What computes the model inside Triton: ONNX Runtime on the exported graph, or PyTorch on the
+# checkpoint (GPUs without onnxruntime-gpu, e.g. NVIDIA's PyTorch-enabled Triton container).
+RUNTIMES = ("onnxruntime", "torch")
 # Eager vs ONNX Runtime on the verification pairs; fp32 agrees to ~1e-6 in practice.
 VERIFY_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
 QUANTIZATIONS = ("int8",)
@@ -57,6 +62,7 @@ class ExportOptions:
     model_id: str | None = None  # reported to callers; default: the hub id, or a local folder's name
     tokenizer: str | None = None
     device: str = "cpu"
+    runtime: str = "onnxruntime"
     precision: str | None = None  # default: fp32 on cpu, fp16 on gpu
     quantize: str | None = None  # "int8": dynamic int8 quantization of the fp32 graph (CPU only)
     max_length: int | None = None
@@ -120,7 +126,11 @@ def export(options: ExportOptions, progress: Progress = print) -> Path:
     precision = options.resolved_precision
     if precision not in PRECISIONS[options.device]:
         raise ExportError(f"precision {precision!r} is not offered on {options.device}: {PRECISIONS[options.device]}")
+    if options.runtime not in RUNTIMES:
+        raise ExportError(f"runtime must be one of {list(RUNTIMES)}, got {options.runtime!r}")
     if options.quantize is not None:
+        if options.runtime != "onnxruntime":
+            raise ExportError(f"--quantize {options.quantize} quantizes the ONNX graph; use --runtime onnxruntime")
         if options.quantize not in QUANTIZATIONS:
             raise ExportError(f"quantize must be one of {list(QUANTIZATIONS)}, got {options.quantize!r}")
         if options.device != "cpu":
@@ -137,7 +147,8 @@ def export(options: ExportOptions, progress: Progress = print) -> Path:
     import torch
     import transformers
 
-    steps = _Steps(5 + (precision == "fp16") + (options.quantize is not None), progress)
+    onnx_runtime = options.runtime == "onnxruntime"
+    steps = _Steps(5 + (onnx_runtime and precision == "fp16") + (options.quantize is not None), progress)
     with steps.step(f"Checking {options.model}"):
         config = _load(transformers.AutoConfig.from_pretrained, options.model, "configuration")
         check_config(config)
@@ -166,13 +177,25 @@ def export(options: ExportOptions, progress: Progress = print) -> Path:
     version_dir.mkdir(parents=True)
     try:
         onnx_path = version_dir / "model.onnx"
-        with steps.step(f"Exporting to ONNX (opset {options.opset})"):
-            _export_onnx(model, config, onnx_path, options.opset, max_length)
-        if precision == "fp16":
-            with steps.step("Converting the graph to fp16"):
-                _convert_fp16(onnx_path)
-        with steps.step("Verifying ONNX Runtime against transformers eager"):
-            verification = _verify(model, config, onnx_path, precision, max_length)
+        weights = onnx_path.name
+        if onnx_runtime:
+            with steps.step(f"Exporting to ONNX (opset {options.opset})"):
+                _export_onnx(model, config, onnx_path, options.opset, max_length)
+            if precision == "fp16":
+                with steps.step("Converting the graph to fp16"):
+                    _convert_fp16(onnx_path)
+            with steps.step("Verifying ONNX Runtime against transformers eager"):
+                verification = _verify(model, config, onnx_path, precision, max_length)
+        else:
+            weights = "model"
+            with steps.step(f"Saving the checkpoint in {precision} for PyTorch"):
+                dtype = torch.float16 if precision == "fp16" else torch.float32
+                state = {key: value.to(dtype) for key, value in model.state_dict().items()}
+                model.save_pretrained(version_dir / weights, state_dict=state)
+            with steps.step("Verifying the PyTorch runtime against transformers eager"):
+                verification = _verify_torch(
+                    model, config, version_dir / weights, precision, options.device, max_length
+                )
         quantization: dict[str, Any] | None = None
         if options.quantize is not None:
             with steps.step(f"Quantizing to {options.quantize} (dynamic) and verifying it against eager"):
@@ -192,6 +215,8 @@ def export(options: ExportOptions, progress: Progress = print) -> Path:
                     name=options.name,
                     source_model=options.resolved_model_id,
                     precision=precision,
+                    runtime=options.runtime,
+                    weights=weights,
                     max_length=max_length,
                     vocab_size=config.vocab_size,
                     pad_token_id=pad_token_id,
@@ -218,7 +243,7 @@ def export(options: ExportOptions, progress: Progress = print) -> Path:
         staging.rename(destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    progress(f"Exported {options.model} to {destination} ({precision}, max_length {max_length})")
+    progress(f"Exported {options.model} to {destination} ({options.runtime}, {precision}, max_length {max_length})")
     return destination
 
 
@@ -359,10 +384,9 @@ def _convert_fp16(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _verify(model: Any, config: Any, onnx_path: Path, precision: str, max_length: int) -> dict[str, Any]:
-    """Run padded sample batches through ONNX Runtime and compare with eager, pair by pair, unpadded."""
+def _eager_reference(model: Any, config: Any, max_length: int) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray]:
+    """A padded batch of sample pairs (lengths, ids, mask) and eager's logits for each pair run alone."""
     import numpy as np
-    import onnxruntime as ort
     import torch
 
     lengths = _sample_lengths(config, max_length)
@@ -371,13 +395,12 @@ def _verify(model: Any, config: Any, onnx_path: Path, precision: str, max_length
         expected = np.array(
             [model(input_ids=torch.from_numpy(ids[i : i + 1, :n])).logits[0, 0].item() for i, n in enumerate(lengths)]
         )
-    try:
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        got = session.run(None, {"input_ids": ids, "attention_mask": mask})[0][:, 0].astype(np.float64)
-    except Exception as error:  # noqa: BLE001 - fp16 kernels may be missing on the CPU provider
-        if precision != "fp16":
-            raise ExportError(f"ONNX Runtime cannot run the exported graph: {error}") from None
-        return {"verified": False, "reason": f"not runnable on the CPU provider: {str(error)[:200]}"}
+    return lengths, ids, mask, expected
+
+
+def _agreement(got: np.ndarray, expected: np.ndarray, precision: str, lengths: list[int], what: str) -> dict[str, Any]:
+    import numpy as np
+
     max_diff = float(np.max(np.abs(got - expected)))
     if precision in VERIFY_TOLERANCE:
         tolerance = VERIFY_TOLERANCE[precision]
@@ -385,6 +408,41 @@ def _verify(model: Any, config: Any, onnx_path: Path, precision: str, max_length
         tolerance = INT8_RELATIVE_TOLERANCE * max(1.0, float(np.max(np.abs(expected))))
     if max_diff > tolerance:
         raise ExportError(
-            f"ONNX Runtime ({precision}) differs from eager by {max_diff:.2e} (> {tolerance:.2e}) on lengths {lengths}"
+            f"{what} ({precision}) differs from eager by {max_diff:.2e} (> {tolerance:.2e}) on lengths {lengths}"
         )
     return {"verified": True, "lengths": lengths, "max_abs_diff": max_diff, "tolerance": tolerance}
+
+
+def _verify(model: Any, config: Any, onnx_path: Path, precision: str, max_length: int) -> dict[str, Any]:
+    """Run padded sample batches through ONNX Runtime and compare with eager, pair by pair, unpadded."""
+    import numpy as np
+    import onnxruntime as ort
+
+    lengths, ids, mask, expected = _eager_reference(model, config, max_length)
+    try:
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"input_ids": ids, "attention_mask": mask})[0][:, 0].astype(np.float64)
+    except Exception as error:  # noqa: BLE001 - fp16 kernels may be missing on the CPU provider
+        if precision != "fp16":
+            raise ExportError(f"ONNX Runtime cannot run the exported graph: {error}") from None
+        return {"verified": False, "reason": f"not runnable on the CPU provider: {str(error)[:200]}"}
+    return _agreement(got, expected, precision, lengths, "ONNX Runtime")
+
+
+def _verify_torch(
+    model: Any, config: Any, weights: Path, precision: str, device: str, max_length: int
+) -> dict[str, Any]:
+    """Load the saved checkpoint the way Triton will (torch_runner.TorchRunner) and compare a padded
+    batch with eager, pair by pair. On a GPU export made where no GPU is, fp16 weights are checked
+    in fp32 on the CPU: the saved weights and the padding, not fp16 arithmetic."""
+    import torch
+
+    from rerank_model_repository.torch_runner import TorchRunner
+
+    on_gpu = device == "gpu" and torch.cuda.is_available()
+    run_precision = precision if on_gpu else "fp32"
+    runner = TorchRunner(str(weights), device="cuda" if on_gpu else "cpu", precision=run_precision)
+    lengths, ids, mask, expected = _eager_reference(model, config, max_length)
+    got = runner(ids, mask).astype("float64")
+    result = _agreement(got, expected, precision, lengths, "PyTorch")
+    return {**result, "device": str(runner.device), "checked_in": run_precision}

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,12 @@ class TritonInstallation:
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(self.libraries), env.get("LD_LIBRARY_PATH")]))
+        # The stub links libpython3.X.so by name; without this it may find the system's, an older patch
+        # release than this interpreter's, whose compiled modules (_ssl, imported by transformers) then
+        # miss symbols. This interpreter's own library folder first (a no-op when it has no libpython).
+        own_libpython = sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
+        paths = [str(self.libraries), own_libpython, env.get("LD_LIBRARY_PATH")]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, paths))
         # The stub embeds Python and imports from the environment found first on PATH: ours.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.setdefault("VIRTUAL_ENV", sys.prefix)
