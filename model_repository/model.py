@@ -61,7 +61,9 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         version_dir = os.path.join(args["model_repository"], args["model_version"])
-        on_gpu = args["model_instance_kind"] == "GPU"
+        # KIND_GPU: Triton's GPU `model_instance_device_id`. KIND_MODEL: the model places itself, on
+        # the first GPU if its runtime sees one (for Triton builds or hosts where Triton cannot).
+        kind = args["model_instance_kind"]
         device_id = int(args["model_instance_device_id"])
         runtime = _parameter(config, "runtime", "onnxruntime")
         weights = os.path.join(version_dir, _parameter(config, "weights", "model.onnx"))
@@ -73,11 +75,16 @@ class TritonPythonModel:
         if runtime == "torch":
             self.engine = PackedReranker.from_pretrained(
                 weights,
-                device=f"cuda:{device_id}" if on_gpu else "cpu",
+                device={"GPU": f"cuda:{device_id}", "MODEL": "auto"}.get(kind, "cpu"),
                 precision=_parameter(config, "precision", "fp32"),
                 **common,
             )
         elif runtime == "onnxruntime":
+            on_gpu = kind == "GPU"
+            if kind == "MODEL":
+                import onnxruntime
+
+                on_gpu = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
             providers: list[str | tuple[str, dict[str, object]]] = ["CPUExecutionProvider"]
             if on_gpu:
                 providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
@@ -87,7 +94,7 @@ class TritonPythonModel:
             if on_gpu and active[0] != "CUDAExecutionProvider":
                 # ONNX Runtime falls back to the CPU silently; a GPU instance on the CPU is a fault.
                 raise pb_utils.TritonModelException(
-                    f"a KIND_GPU instance needs ONNX Runtime's CUDA provider (onnxruntime-gpu); it has {active}"
+                    f"a GPU instance needs ONNX Runtime's CUDA provider (onnxruntime-gpu); it has {active}"
                 )
         else:
             raise pb_utils.TritonModelException(f"unknown runtime {runtime!r}: expected onnxruntime or torch")

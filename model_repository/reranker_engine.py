@@ -167,7 +167,8 @@ class PackedReranker:
         padding_slack: float | None = None,
     ) -> PackedReranker:
         """The PyTorch engine over a saved transformers checkpoint (torch_runner.py, imported here
-        so that the ONNX engine never needs torch). padding_slack=None: as from_file, by device."""
+        so that the ONNX engine never needs torch). device: "cpu", "cuda:N", or "auto" (the first
+        GPU if PyTorch sees one). padding_slack=None: as from_file, by device."""
         # Imported as rerank_model_repository.reranker_engine by tests and benchmarks; in Triton's
         # Python backend the version folder's files are top-level modules.
         torch_runner = (
@@ -176,11 +177,12 @@ class PackedReranker:
             else importlib.import_module("torch_runner")
         )
 
-        if padding_slack is None:
-            padding_slack = PADDING_SLACK if device == "cpu" else GPU_PADDING_SLACK
         threads = intra_op_threads if intra_op_threads > 0 else available_cores()
+        runner = torch_runner.TorchRunner(model_dir, device=device, precision=precision, cpu_threads=threads)
+        if padding_slack is None:
+            padding_slack = PADDING_SLACK if runner.device.type == "cpu" else GPU_PADDING_SLACK
         return cls(
-            torch_runner.TorchRunner(model_dir, device=device, precision=precision, cpu_threads=threads),
+            runner,
             pad_token_id=pad_token_id,
             max_batch_tokens=max_batch_tokens,
             padding_slack=padding_slack,

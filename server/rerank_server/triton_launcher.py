@@ -57,9 +57,8 @@ class TritonInstallation:
         env = dict(os.environ)
         # The stub links libpython3.X.so by name; without this it may find the system's, an older patch
         # release than this interpreter's, whose compiled modules (_ssl, imported by transformers) then
-        # miss symbols. This interpreter's own library folder first (a no-op when it has no libpython).
-        own_libpython = sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
-        paths = [str(self.libraries), own_libpython, env.get("LD_LIBRARY_PATH")]
+        # miss symbols. This interpreter's own library folder comes first.
+        paths = [str(self.libraries), *_libpython_folders(), env.get("LD_LIBRARY_PATH")]
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, paths))
         # The stub embeds Python and imports from the environment found first on PATH: ours.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -164,3 +163,15 @@ class LocalTriton:
                 os.killpg(process.pid, signal.SIGKILL)
         shutil.rmtree(self._workdir / "backends", ignore_errors=True)
         return None if process is None else process.returncode
+
+
+def _libpython_folders() -> list[str]:
+    """Folders holding this interpreter's shared libpython (LIBDIR, or base_prefix/lib when LIBDIR is
+    a build-time path, as in relocated builds); none for a static interpreter."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    candidates = [sysconfig.get_config_var("LIBDIR"), os.path.join(sys.base_prefix, "lib")]
+    found: list[str] = []
+    for folder in filter(None, candidates):
+        if folder not in found and any(Path(folder).glob(f"libpython{version}*.so*")):
+            found.append(folder)
+    return found
