@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from reranker_engine import OnnxRunner, PackedReranker, check_ragged_batch
+from reranker_engine import OnnxRunner, PackedReranker, check_ragged_batch, flat_input
 
 
 def _parameter(config: dict[str, Any], key: str, default: str | None = None) -> str:
@@ -61,9 +61,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
         version_dir = os.path.join(args["model_repository"], args["model_version"])
-        # KIND_GPU: Triton's GPU `model_instance_device_id`. KIND_MODEL: the model places itself, on
-        # the first GPU if its runtime sees one (for Triton builds or hosts where Triton cannot).
-        kind = args["model_instance_kind"]
+        on_gpu = args["model_instance_kind"] == "GPU"
         device_id = int(args["model_instance_device_id"])
         runtime = _parameter(config, "runtime", "onnxruntime")
         weights = os.path.join(version_dir, _parameter(config, "weights", "model.onnx"))
@@ -75,16 +73,11 @@ class TritonPythonModel:
         if runtime == "torch":
             self.engine = PackedReranker.from_pretrained(
                 weights,
-                device={"GPU": f"cuda:{device_id}", "MODEL": "auto"}.get(kind, "cpu"),
+                device=f"cuda:{device_id}" if on_gpu else "cpu",
                 precision=_parameter(config, "precision", "fp32"),
                 **common,
             )
         elif runtime == "onnxruntime":
-            on_gpu = kind == "GPU"
-            if kind == "MODEL":
-                import onnxruntime
-
-                on_gpu = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
             providers: list[str | tuple[str, dict[str, object]]] = ["CPUExecutionProvider"]
             if on_gpu:
                 providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
@@ -94,7 +87,7 @@ class TritonPythonModel:
             if on_gpu and active[0] != "CUDAExecutionProvider":
                 # ONNX Runtime falls back to the CPU silently; a GPU instance on the CPU is a fault.
                 raise pb_utils.TritonModelException(
-                    f"a GPU instance needs ONNX Runtime's CUDA provider (onnxruntime-gpu); it has {active}"
+                    f"a KIND_GPU instance needs ONNX Runtime's CUDA provider (onnxruntime-gpu); it has {active}"
                 )
         else:
             raise pb_utils.TritonModelException(f"unknown runtime {runtime!r}: expected onnxruntime or torch")
@@ -106,8 +99,14 @@ class TritonPythonModel:
         responses: list[Any] = [None] * len(requests)
         pooled: list[tuple[int, np.ndarray, np.ndarray]] = []
         for position, request in enumerate(requests):
-            ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1)
-            lengths = pb_utils.get_input_tensor_by_name(request, "sequence_lengths").as_numpy().reshape(-1)
+            try:
+                ids = flat_input(pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy(), "input_ids")
+                lengths = flat_input(
+                    pb_utils.get_input_tensor_by_name(request, "sequence_lengths").as_numpy(), "sequence_lengths"
+                )
+            except ValueError as error:
+                responses[position] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
+                continue
             problem = check_ragged_batch(ids, lengths, self.vocab_size)
             if problem is None:
                 pooled.append((position, ids, lengths))

@@ -167,8 +167,8 @@ class PackedReranker:
         padding_slack: float | None = None,
     ) -> PackedReranker:
         """The PyTorch engine over a saved transformers checkpoint (torch_runner.py, imported here
-        so that the ONNX engine never needs torch). device: "cpu", "cuda:N", or "auto" (the first
-        GPU if PyTorch sees one). padding_slack=None: as from_file, by device."""
+        so that the ONNX engine never needs torch). device: "cpu" or "cuda:N". padding_slack=None:
+        as from_file, by device."""
         # Imported as rerank_model_repository.reranker_engine by tests and benchmarks; in Triton's
         # Python backend the version folder's files are top-level modules.
         torch_runner = (
@@ -222,6 +222,23 @@ class PackedReranker:
         return logits
 
 
+def flat_input(view: np.ndarray, name: str) -> np.ndarray:
+    """An input tensor as one row, refusing views that repeat memory.
+
+    Triton 2.51's Python-backend stub builds as_numpy() views through pybind11; under numpy 2.5 (an
+    H200 host's Python 3.12) they came back with stride 0, every element reading the first one. Such a
+    batch must fail with the cause named, not be scored (numpy<2 is what the stub supports).
+    """
+    if view.size > 1 and any(
+        stride == 0 for stride, extent in zip(view.strides, view.shape, strict=True) if extent > 1
+    ):
+        raise ValueError(
+            f"the Python backend handed {name} over as a stride-0 view: numpy {np.__version__} is not "
+            "supported by this Triton's backend stub (install numpy<2)"
+        )
+    return view.reshape(-1)
+
+
 def check_ragged_batch(input_ids: np.ndarray, lengths: np.ndarray, vocab_size: int) -> str | None:
     """Why this ragged batch cannot be scored, or None when it can."""
     if input_ids.ndim != 1 or lengths.ndim != 1:
@@ -231,7 +248,10 @@ def check_ragged_batch(input_ids: np.ndarray, lengths: np.ndarray, vocab_size: i
     if int(lengths.min()) < 1:
         return "every sequence length must be at least 1"
     if int(lengths.sum()) != input_ids.size:
-        return f"sequence_lengths sum to {int(lengths.sum())} but input_ids holds {input_ids.size} tokens"
+        return (
+            f"sequence_lengths ({lengths.size} pairs) sum to {int(lengths.sum())} "
+            f"but input_ids holds {input_ids.size} tokens"
+        )
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
         return f"token ids must lie in [0, {vocab_size})"
     return None

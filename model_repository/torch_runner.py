@@ -17,14 +17,11 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TorchRunner:
-    """A reranker_engine.Runner over a transformers checkpoint folder, on one device ("cpu",
-    "cuda:N", or "auto": the first GPU if PyTorch sees one)."""
+    """A reranker_engine.Runner over a transformers checkpoint folder, on one device ("cpu" or "cuda:N")."""
 
     def __init__(self, model_dir: str, *, device: str = "cpu", precision: str = "fp32", cpu_threads: int = 0) -> None:
         if precision not in DTYPES:
             raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} asked for, but PyTorch sees no CUDA device")

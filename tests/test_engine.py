@@ -11,6 +11,7 @@ from rerank_model_repository.reranker_engine import (
     PackedReranker,
     available_cores,
     check_ragged_batch,
+    flat_input,
     plan_sub_batches,
     session_options,
 )
@@ -78,6 +79,16 @@ def test_scores_match_eager_whatever_the_budget(model_repository: Path, checkpoi
     np.testing.assert_allclose(logits, reference.logits(QUERY, documents), atol=1e-4)
 
 
+def test_inputs_that_repeat_memory_are_refused_by_name() -> None:
+    row = np.arange(6, dtype=np.int32).reshape(1, 6)
+    np.testing.assert_array_equal(flat_input(row, "input_ids"), np.arange(6))
+    assert flat_input(np.array([[7]], dtype=np.int32), "sequence_lengths").tolist() == [7]
+    # What Triton's stub handed over under numpy 2.5: six elements, all reading the first one.
+    repeated = np.lib.stride_tricks.as_strided(row, shape=(1, 6), strides=(24, 0))
+    with pytest.raises(ValueError, match=r"sequence_lengths over as a stride-0 view.*numpy<2"):
+        flat_input(repeated, "sequence_lengths")
+
+
 def test_torch_runtime_agrees_with_onnx_runtime(model_repository: Path) -> None:
     # The same weights (reranker_torch is the mean-pooling checkpoint), two runtimes, one ragged batch.
     version = model_repository / "reranker_torch" / "1"
@@ -98,7 +109,7 @@ def test_torch_runtime_agrees_with_onnx_runtime(model_repository: Path) -> None:
     [
         ([1, 2, 3], [], "at least one pair"),
         ([1, 2, 3], [3, 0], "at least 1"),
-        ([1, 2, 3], [2], "sum to 2 but input_ids holds 3"),
+        ([1, 2, 3], [2], "(1 pairs) sum to 2 but input_ids holds 3"),
         ([1, 2, 99], [3], "token ids must lie in [0, 50)"),
         ([1, -2, 9], [3], "token ids must lie in [0, 50)"),
     ],

@@ -9,6 +9,7 @@ Triton is started with this environment's bin/ first on PATH.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -32,14 +33,14 @@ class TritonInstallation:
 
     @classmethod
     def find(cls) -> TritonInstallation:
-        try:
-            import pytriton
-        except ImportError:
+        # Located, not imported: only the wheel's files are used, not pytriton's Python API or its needs.
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
             raise RuntimeError(
                 "a local Triton needs the nvidia-pytriton wheel: pip install 'rerank-service[triton]', "
                 "or connect to a running Triton with --triton-url"
-            ) from None
-        package = Path(pytriton.__file__).resolve().parent
+            )
+        package = Path(next(iter(spec.submodule_search_locations))).resolve()
         root = package / "tritonserver"
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         found = cls(
