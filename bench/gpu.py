@@ -41,7 +41,7 @@ from bench.run import (
     TOKENIZER_DIR,
     Progress,
     machine_info,
-    measurement,
+    run_batched,
     run_inprocess,
     run_served,
 )
@@ -91,33 +91,14 @@ class HandRolledEager:
 
 
 def run_eager(eager: HandRolledEager, workload: Workload, repeats: int) -> tuple[dict[str, Any], np.ndarray]:
-    latencies: list[float] = []
-    last = np.zeros(0)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        for request in workload.requests:
-            t0 = time.perf_counter()
-            last = eager.logits(request.query, request.documents)
-            latencies.append(time.perf_counter() - t0)
-    wall = time.perf_counter() - start
-    padded = 0
-    for request in workload.requests:
-        lengths = np.asarray(request.pair_lengths)
-        padded += sum(
-            int(lengths[i : i + EAGER_BATCH].max()) * lengths[i : i + EAGER_BATCH].size
-            for i in range(0, lengths.size, EAGER_BATCH)
-        )
-    result = measurement(
+    return run_batched(
         "torch-eager",
         workload,
-        repeats=repeats,
-        latencies=latencies,
-        wall_s=wall,
-        pairs=workload.pairs * repeats,
-        tokens=workload.tokens * repeats,
-        padding_waste=padded / workload.tokens,
+        repeats,
+        lambda request: eager.logits(request.query, request.documents),
+        Progress(0, enabled=False),
+        batch=EAGER_BATCH,
     )
-    return result, last
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -301,29 +301,39 @@ def run_inprocess(
     return result, logits[-1]
 
 
-def run_crossencoder(
-    model: Any, workload: Workload, repeats: int, progress: Progress
+def run_batched(
+    system: str,
+    workload: Workload,
+    repeats: int,
+    predict: Callable[[Request], np.ndarray],
+    progress: Progress,
+    order: Callable[[Request], np.ndarray] | None = None,
+    batch: int = 32,
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """model.predict over each request's pairs with its defaults (batch_size 32, length-sorted batches)."""
-    progress.stage(f"crossencoder {workload.name}")
+    """A baseline that scores each request's pairs in batches of `batch` padded to their longest:
+    `predict` maps a request to its pairs' logits; `order` is the order it batches them in (None:
+    request order), used to count its padding."""
+    progress.stage(f"{system} {workload.name}")
     latencies: list[float] = []
     scores: list[np.ndarray] = []
     start = time.perf_counter()
     for _ in range(repeats):
         for request in workload.requests:
             t0 = time.perf_counter()
-            scores.append(np.asarray(model.predict([(request.query, d) for d in request.documents])))
+            scores.append(np.asarray(predict(request)))
             latencies.append(time.perf_counter() - t0)
             progress.advance(request.pairs)
     wall = time.perf_counter() - start
-    # CrossEncoder orders pairs by length (characters) and pads each batch of 32 to its longest.
     padded = 0
     for request in workload.requests:
-        order = np.argsort([-(len(request.query) + len(d)) for d in request.documents], kind="stable")
-        lengths = np.asarray(request.pair_lengths)[order]
-        padded += sum(int(lengths[i : i + 32].max()) * lengths[i : i + 32].size for i in range(0, lengths.size, 32))
+        lengths = np.asarray(request.pair_lengths)
+        if order is not None:
+            lengths = lengths[order(request)]
+        padded += sum(
+            int(lengths[i : i + batch].max()) * lengths[i : i + batch].size for i in range(0, lengths.size, batch)
+        )
     result = measurement(
-        "crossencoder",
+        system,
         workload,
         repeats=repeats,
         latencies=latencies,
@@ -333,6 +343,25 @@ def run_crossencoder(
         padding_waste=padded / workload.tokens,
     )
     return result, scores[-1]
+
+
+def run_crossencoder(
+    model: Any, workload: Workload, repeats: int, progress: Progress
+) -> tuple[dict[str, Any], np.ndarray]:
+    """model.predict over each request's pairs with its defaults (batch_size 32, length-sorted batches)."""
+
+    def by_characters(request: Request) -> np.ndarray:
+        # CrossEncoder orders pairs by length (characters), longest first, and pads each batch of 32.
+        return np.argsort([-(len(request.query) + len(d)) for d in request.documents], kind="stable")
+
+    return run_batched(
+        "crossencoder",
+        workload,
+        repeats,
+        lambda request: model.predict([(request.query, d) for d in request.documents]),
+        progress,
+        order=by_characters,
+    )
 
 
 def run_served(stack: Any, workload: Workload, repeats: int, sampler: Any, progress: Progress) -> dict[str, Any]:

@@ -105,3 +105,33 @@ def test_quick_mode_runs_end_to_end(tmp_path: Path) -> None:
     assert table.count("\n| served (gRPC frontend + Triton) |") == 5
     assert (output / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| system | workload |" in done.stdout  # the table is printed too
+
+
+def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path) -> None:
+    # bench/gpu.py's steps on a tiny model with the PyTorch runtime on the CPU (the GPU run needs a card).
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.gpu",
+            "--quick",
+            "--device",
+            "cpu",
+            "--seconds",
+            "0.2",
+            "--output",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu-results.json").read_text())
+    systems = {(m["system"], m["workload"], m["concurrency"]) for m in results["measurements"]}
+    assert {("torch-engine", "a", 1), ("torch-eager", "b", 1), ("served", "a", 4), ("served", "c", 4)} <= systems
+    # The served fp32 model, the engine and eager agree with fp32 eager on the same request.
+    assert all(diff < 1e-3 for diff in results["agreement"].values()), results["agreement"]
+    assert results["instance_kind"] == "KIND_CPU" and results["precision"] == "fp32"
+    assert "served/torch-eager (b)" in results["ratios"]
