@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from reranker_engine import OnnxRunner, PackedReranker, check_ragged_batch, flat_input
+from reranker_engine import PackedReranker, check_ragged_batch, flat_input
 
 
 def _parameter(config: dict[str, Any], key: str, default: str | None = None) -> str:
@@ -81,14 +81,8 @@ class TritonPythonModel:
             providers: list[str | tuple[str, dict[str, object]]] = ["CPUExecutionProvider"]
             if on_gpu:
                 providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+            # Refuses to load when the CUDA provider cannot start (no silent fall-back to the CPU).
             self.engine = PackedReranker.from_file(weights, providers=providers, **common)
-            assert isinstance(self.engine.runner, OnnxRunner)
-            active = self.engine.runner.session.get_providers()
-            if on_gpu and active[0] != "CUDAExecutionProvider":
-                # ONNX Runtime falls back to the CPU silently; a GPU instance on the CPU is a fault.
-                raise pb_utils.TritonModelException(
-                    f"a KIND_GPU instance needs ONNX Runtime's CUDA provider (onnxruntime-gpu); it has {active}"
-                )
         else:
             raise pb_utils.TritonModelException(f"unknown runtime {runtime!r}: expected onnxruntime or torch")
         self.vocab_size = int(_parameter(config, "vocab_size"))

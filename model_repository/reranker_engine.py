@@ -145,8 +145,8 @@ class PackedReranker:
         """The ONNX Runtime engine. padding_slack=None: PADDING_SLACK on CPUs, GPU_PADDING_SLACK when
         CUDA comes first."""
         if padding_slack is None:
-            first = providers[0] if isinstance(providers[0], str) else providers[0][0]
-            padding_slack = GPU_PADDING_SLACK if first == "CUDAExecutionProvider" else PADDING_SLACK
+            on_gpu = _provider_name(providers[0]) == "CUDAExecutionProvider"
+            padding_slack = GPU_PADDING_SLACK if on_gpu else PADDING_SLACK
         return cls(
             OnnxRunner(create_session(onnx_path, intra_op_threads=intra_op_threads, providers=providers)),
             pad_token_id=pad_token_id,
@@ -300,8 +300,20 @@ def create_session(
     intra_op_threads: int = 0,
     providers: Providers = ("CPUExecutionProvider",),
 ) -> ort.InferenceSession:
-    """An InferenceSession with session_options(); intra_op_threads=0: one thread per available core."""
+    """An InferenceSession with session_options(); intra_op_threads=0: one thread per available core.
+
+    Raises RuntimeError when the first provider asked for is not the one running: ONNX Runtime falls
+    back to the next (the CPU) silently, and a GPU model running on the CPU is a fault, not a mode.
+    """
     import onnxruntime as ort  # the ONNX runtime only: a torch model needs no onnxruntime
 
     options = session_options(intra_op_threads)
-    return ort.InferenceSession(onnx_path, sess_options=options, providers=list(providers))
+    session = ort.InferenceSession(onnx_path, sess_options=options, providers=list(providers))
+    wanted, active = _provider_name(providers[0]), session.get_providers()
+    if active[0] != wanted:
+        raise RuntimeError(f"ONNX Runtime could not start {wanted} (CUDA needs onnxruntime-gpu); it runs {active}")
+    return session
+
+
+def _provider_name(provider: str | tuple[str, dict[str, object]]) -> str:
+    return provider if isinstance(provider, str) else provider[0]

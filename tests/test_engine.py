@@ -11,6 +11,7 @@ from rerank_model_repository.reranker_engine import (
     PackedReranker,
     available_cores,
     check_ragged_batch,
+    create_session,
     flat_input,
     plan_sub_batches,
     session_options,
@@ -77,6 +78,14 @@ def test_scores_match_eager_whatever_the_budget(model_repository: Path, checkpoi
     input_ids = np.concatenate([np.array(e, dtype=np.int32) for e in encoded])
     logits = engine.score(input_ids, np.array([len(e) for e in encoded]))
     np.testing.assert_allclose(logits, reference.logits(QUERY, documents), atol=1e-4)
+
+
+def test_a_gpu_session_never_falls_back_to_the_cpu_silently(model_repository: Path) -> None:
+    onnx_path = str(model_repository / "reranker" / "1" / "model.onnx")
+    assert create_session(onnx_path).get_providers()[0] == "CPUExecutionProvider"
+    # This machine has no CUDA provider: ONNX Runtime would run the CPU instead; the engine refuses.
+    with pytest.raises(RuntimeError, match="could not start CUDAExecutionProvider"):
+        create_session(onnx_path, providers=[("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
 
 
 def test_inputs_that_repeat_memory_are_refused_by_name() -> None:
