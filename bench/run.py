@@ -270,24 +270,27 @@ def measurement(
     }
 
 
-def run_inprocess(
-    system: str, engine: Any, tokenizer: Any, workload: Workload, repeats: int, progress: Progress
+def timed_requests(
+    system: str,
+    workload: Workload,
+    repeats: int,
+    score: Callable[[int], np.ndarray],
+    progress: Progress,
+    padding_waste: float,
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Score each request with PackedReranker.score, one after the other (tokenizing is not timed)."""
+    """Score the workload's requests one after the other, `repeats` times; score(i) scores request i.
+    Returns the measurement and the last request's logits."""
     progress.stage(f"{system} {workload.name}")
-    inputs = [pair_inputs(tokenizer, r) for r in workload.requests]
     latencies: list[float] = []
-    logits: list[np.ndarray] = []
+    last = np.zeros(0)
     start = time.perf_counter()
     for _ in range(repeats):
-        for (ids, lengths), request in zip(inputs, workload.requests, strict=True):
+        for index, request in enumerate(workload.requests):
             t0 = time.perf_counter()
-            logits.append(engine.score(ids, lengths))
+            last = np.asarray(score(index))
             latencies.append(time.perf_counter() - t0)
             progress.advance(request.pairs)
     wall = time.perf_counter() - start
-    padded = sum(b.padded_tokens for _, lengths in inputs for b in engine.plan(lengths))
-    real = sum(int(lengths.sum()) for _, lengths in inputs)
     result = measurement(
         system,
         workload,
@@ -296,9 +299,19 @@ def run_inprocess(
         wall_s=wall,
         pairs=workload.pairs * repeats,
         tokens=workload.tokens * repeats,
-        padding_waste=padded / real,
+        padding_waste=padding_waste,
     )
-    return result, logits[-1]
+    return result, last
+
+
+def run_inprocess(
+    system: str, engine: Any, tokenizer: Any, workload: Workload, repeats: int, progress: Progress
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Score each request with PackedReranker.score, one after the other (tokenizing is not timed)."""
+    inputs = [pair_inputs(tokenizer, r) for r in workload.requests]
+    padded = sum(b.padded_tokens for _, lengths in inputs for b in engine.plan(lengths))
+    real = sum(int(lengths.sum()) for _, lengths in inputs)
+    return timed_requests(system, workload, repeats, lambda i: engine.score(*inputs[i]), progress, padded / real)
 
 
 def run_batched(
@@ -313,17 +326,6 @@ def run_batched(
     """A baseline that scores each request's pairs in batches of `batch` padded to their longest:
     `predict` maps a request to its pairs' logits; `order` is the order it batches them in (None:
     request order), used to count its padding."""
-    progress.stage(f"{system} {workload.name}")
-    latencies: list[float] = []
-    scores: list[np.ndarray] = []
-    start = time.perf_counter()
-    for _ in range(repeats):
-        for request in workload.requests:
-            t0 = time.perf_counter()
-            scores.append(np.asarray(predict(request)))
-            latencies.append(time.perf_counter() - t0)
-            progress.advance(request.pairs)
-    wall = time.perf_counter() - start
     padded = 0
     for request in workload.requests:
         lengths = np.asarray(request.pair_lengths)
@@ -332,17 +334,8 @@ def run_batched(
         padded += sum(
             int(lengths[i : i + batch].max()) * lengths[i : i + batch].size for i in range(0, lengths.size, batch)
         )
-    result = measurement(
-        system,
-        workload,
-        repeats=repeats,
-        latencies=latencies,
-        wall_s=wall,
-        pairs=workload.pairs * repeats,
-        tokens=workload.tokens * repeats,
-        padding_waste=padded / workload.tokens,
-    )
-    return result, scores[-1]
+    requests = workload.requests
+    return timed_requests(system, workload, repeats, lambda i: predict(requests[i]), progress, padded / workload.tokens)
 
 
 def run_crossencoder(
