@@ -226,8 +226,9 @@ def flat_input(view: np.ndarray, name: str) -> np.ndarray:
     """An input tensor as one row, refusing views that repeat memory.
 
     Triton 2.51's Python-backend stub builds as_numpy() views through pybind11; under numpy 2.5 (an
-    H200 host's Python 3.12) they came back with stride 0, every element reading the first one. Such a
-    batch must fail with the cause named, not be scored (numpy<2 is what the stub supports).
+    H200 host's Python 3.12) every element read as the first one, as a stride-0 view does (inferred
+    from the sums; bench/gpu-run-2026-11-28.md). Such a batch must fail with the cause named, not be
+    scored (numpy<2 is what the stub supports); check_ragged_batch still catches other repetitions.
     """
     if view.size > 1 and any(
         stride == 0 for stride, extent in zip(view.strides, view.shape, strict=True) if extent > 1
