@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from rerank_client._proto.rerank.v1 import rerank_pb2
 from rerank_server.admission import TokenAdmission
+from rerank_server.core import RerankCore
 from rerank_server.handlers import rerank_service_handler
 from rerank_server.interceptors import CallPolicy
 from rerank_server.observability import Metrics
@@ -98,7 +99,8 @@ class Frontend:
         self.health = health.aio.HealthServicer()
         self.policy = CallPolicy(metrics, settings.bearer_token)
         self._executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
-        service = RerankService(
+        # One core for every API surface: the gRPC servicer here, the HTTP routes beside it.
+        self.core = RerankCore(
             settings,
             tokenizer,
             backend,
@@ -107,6 +109,7 @@ class Frontend:
             metrics,
             TokenAdmission(settings.max_inflight_tokens, metrics),
         )
+        service = RerankService(self.core, settings)
         self._server = grpc.aio.server(interceptors=[self.policy], options=server_options(settings))
         self._server.add_generic_rpc_handlers((rerank_service_handler(service),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -1,0 +1,322 @@
+"""The scoring core every API surface calls: validate, de-duplicate, tokenize, admit, score, rank.
+
+It speaks plain Python types (RerankInput / ScoreInput in, RerankOutput / ScoreOutput out) and raises
+errors.ServiceError; the gRPC servicer (service.py) and the HTTP routes (http_api/) only translate to
+and from these types, so a limit, a truncation rule or an error exists once, here or below.
+
+    surface ──▶ RerankCore.rerank / score ──▶ tokenization (thread pool) ──▶ admission ──▶ backend ──▶ ranking
+
+Rerank and Score go through one path, `_score`: distinct pairs are tokenized once, scored by the
+backend under the caller's deadline, and reduced to one logit per pair (the best window with CHUNK
+truncation). A deadline is an absolute time.monotonic() value; cancellation is the caller's asyncio
+task being cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rerank_server.admission import TokenAdmission
+from rerank_server.errors import DeadlineExceededError, InvalidRequestError, LimitExceededError, field_error
+from rerank_server.observability import Metrics
+from rerank_server.ranking import rank, sigmoid
+from rerank_server.settings import Settings
+from rerank_server.tokenization import EncodeOptions, EncodingError, PairTokenizer, TokenizedPairs, Truncation
+from rerank_server.tracing import tracer
+from rerank_server.triton_backend import ModelInfo, ScoringBackend
+
+__all__ = [
+    "RERANK_FIELDS",
+    "SCORE_FIELDS",
+    "FieldNames",
+    "Limits",
+    "ModelDescription",
+    "PairResult",
+    "RerankCore",
+    "RerankInput",
+    "RerankOutput",
+    "ScoreInput",
+    "ScoreOptions",
+    "ScoreOutput",
+    "Truncation",
+    "Usage",
+]
+
+
+@dataclass(frozen=True)
+class FieldNames:
+    """How one API names the request fields an error points at (each surface passes its own)."""
+
+    query: Callable[[int], str]
+    document: Callable[[int], str]
+    collection: str
+
+
+RERANK_FIELDS = FieldNames(lambda i: "query", lambda i: f"documents[{i}]", "documents")
+SCORE_FIELDS = FieldNames(lambda i: f"pairs[{i}].text_a", lambda i: f"pairs[{i}].text_b", "pairs")
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    truncation: Truncation = Truncation.END
+    max_length: int | None = None  # None: the model's limit
+    chunk_overlap: int | None = None  # None: the server's default (--chunk-overlap-tokens)
+
+
+@dataclass(frozen=True)
+class RerankInput:
+    query: str
+    documents: Sequence[str]
+    top_n: int = 0  # 0: every document
+    options: ScoreOptions = field(default_factory=ScoreOptions)
+    fields: FieldNames = RERANK_FIELDS
+
+
+@dataclass(frozen=True)
+class ScoreInput:
+    pairs: Sequence[tuple[str, str]]
+    options: ScoreOptions = field(default_factory=ScoreOptions)
+    fields: FieldNames = SCORE_FIELDS
+
+
+@dataclass(frozen=True)
+class PairResult:
+    index: int  # position of the document (pair) in the request
+    score: float  # sigmoid(logit), in [0, 1]
+    logit: float
+    windows: int  # model inputs the pair used (1 unless CHUNK)
+    truncated: bool  # the document was cut (END)
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int
+    truncated_documents: int
+    model_inputs: int
+
+
+@dataclass(frozen=True)
+class RerankOutput:
+    model: str
+    results: list[PairResult]  # best first, at most top_n
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class ScoreOutput:
+    model: str
+    scores: list[PairResult]  # in request order
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_documents: int
+    max_total_tokens: int
+    max_query_tokens: int
+    max_message_bytes: int
+    default_chunk_overlap: int
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    model: str
+    max_length: int
+    precision: str
+    triton_model_name: str
+    triton_model_version: str
+    tokenizer: str
+    limits: Limits
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """Scores of a request's pairs, in request order (duplicates answered from their first copy)."""
+
+    logits: np.ndarray
+    scores: np.ndarray
+    windows: np.ndarray
+    truncated: np.ndarray
+    usage: Usage
+
+    def result(self, index: int) -> PairResult:
+        return PairResult(
+            index=index,
+            score=float(self.scores[index]),
+            logit=float(self.logits[index]),
+            windows=int(self.windows[index]),
+            truncated=bool(self.truncated[index]),
+        )
+
+
+class RerankCore:
+    def __init__(
+        self,
+        settings: Settings,
+        tokenizer: PairTokenizer,
+        backend: ScoringBackend,
+        model: ModelInfo,
+        tokenize_executor: Executor,
+        metrics: Metrics,
+        admission: TokenAdmission,
+    ) -> None:
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.model = model
+        self.tokenize_executor = tokenize_executor
+        self.metrics = metrics
+        self.admission = admission
+
+    def describe(self) -> ModelDescription:
+        return ModelDescription(
+            model=self.model.source_model,
+            max_length=self.tokenizer.max_length,
+            precision=self.model.precision,
+            triton_model_name=self.model.name,
+            triton_model_version=self.model.version,
+            tokenizer=self.tokenizer.describe(),
+            limits=Limits(
+                max_documents=self.settings.max_documents,
+                max_total_tokens=self.settings.max_total_tokens,
+                max_query_tokens=self.settings.max_query_tokens,
+                max_message_bytes=self.settings.max_message_bytes,
+                default_chunk_overlap=self.settings.chunk_overlap_tokens,
+            ),
+        )
+
+    async def is_ready(self) -> bool:
+        return await self.backend.is_ready()
+
+    async def rerank(self, request: RerankInput, deadline: float | None = None) -> RerankOutput:
+        """Score every document against the query; results best first (equal scores by index), top_n of them."""
+        if not request.query.strip():
+            raise field_error(InvalidRequestError, request.fields.query(0), "must not be empty")
+        if not request.documents:
+            raise field_error(InvalidRequestError, request.fields.collection, "must hold at least one document")
+        if request.top_n < 0:
+            raise field_error(InvalidRequestError, "top_n", f"must not be negative, got {request.top_n}")
+        documents = request.documents
+        self._check_count(len(documents), request.fields)
+        scored = await self._score(
+            [request.query] * len(documents), documents, request.options, request.fields, deadline
+        )
+        results = [scored.result(int(i)) for i in rank(scored.scores, request.top_n)]
+        return RerankOutput(model=self.model.source_model, results=results, usage=scored.usage)
+
+    async def score(self, request: ScoreInput, deadline: float | None = None) -> ScoreOutput:
+        """Score each (text_a, text_b) pair, in request order."""
+        if not request.pairs:
+            raise field_error(InvalidRequestError, request.fields.collection, "must hold at least one pair")
+        self._check_count(len(request.pairs), request.fields)
+        queries, documents = [a for a, _ in request.pairs], [b for _, b in request.pairs]
+        scored = await self._score(queries, documents, request.options, request.fields, deadline)
+        scores = [scored.result(i) for i in range(len(request.pairs))]
+        return ScoreOutput(model=self.model.source_model, scores=scores, usage=scored.usage)
+
+    # -- one path for every request ----------------------------------------------------------
+
+    def _check_count(self, count: int, fields: FieldNames) -> None:
+        if count > self.settings.max_documents:
+            raise field_error(
+                InvalidRequestError,
+                fields.collection,
+                f"{count} exceed the limit of {self.settings.max_documents} per request (max_documents)",
+            )
+
+    def _encode_options(self, options: ScoreOptions) -> EncodeOptions:
+        return EncodeOptions(
+            max_length=options.max_length or self.tokenizer.max_length,
+            max_query_tokens=self.settings.max_query_tokens,
+            max_total_tokens=self.settings.max_total_tokens,
+            truncation=options.truncation,
+            chunk_overlap=options.chunk_overlap,
+            default_chunk_overlap=self.settings.chunk_overlap_tokens,
+        )
+
+    async def _score(
+        self,
+        queries: Sequence[str],
+        documents: Sequence[str],
+        options: ScoreOptions,
+        fields: FieldNames,
+        deadline: float | None,
+    ) -> _Scored:
+        """Score (queries[i], documents[i]) under the options' truncation, max_length and chunk_overlap."""
+        encode_options = self._encode_options(options)
+        # Identical pairs are tokenized and scored once; `slot` maps each pair to its first copy.
+        distinct: dict[tuple[str, str], int] = {}
+        slot = np.array([distinct.setdefault(pair, len(distinct)) for pair in zip(queries, documents, strict=True)])
+        first = np.unique(slot, return_index=True)[1]
+        unique_queries = [queries[i] for i in first]
+        unique_documents = [documents[i] for i in first]
+
+        pairs = await self._tokenize(unique_queries, unique_documents, encode_options, fields, first)
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceededError("the deadline passed before scoring began")
+        with self.admission.admit(pairs.total_tokens):
+            started = time.perf_counter()
+            model_logits = await self.backend.score(pairs, timeout_s=remaining)
+            self.metrics.triton.observe(time.perf_counter() - started)
+        self.metrics.pairs.observe(pairs.lengths.size)
+        self.metrics.tokens.inc(pairs.total_tokens)
+        logits = pairs.best_per_pair(model_logits)
+        truncated = pairs.truncated[slot]
+        return _Scored(
+            logits=logits[slot],
+            scores=sigmoid(logits)[slot],
+            windows=pairs.windows[slot],
+            truncated=truncated,
+            usage=Usage(
+                input_tokens=pairs.total_tokens,
+                truncated_documents=int(truncated.sum()),
+                model_inputs=int(pairs.lengths.size),
+            ),
+        )
+
+    async def _tokenize(
+        self,
+        queries: list[str],
+        documents: list[str],
+        options: EncodeOptions,
+        fields: FieldNames,
+        original_index: np.ndarray,
+    ) -> TokenizedPairs:
+        loop = asyncio.get_running_loop()
+        submitted = time.perf_counter()
+
+        def encode() -> TokenizedPairs:
+            started = time.perf_counter()
+            self.metrics.queue_wait.observe(started - submitted)
+            try:
+                return self.tokenizer.encode(queries, documents, options)
+            finally:
+                self.metrics.tokenize.observe(time.perf_counter() - started)
+
+        try:
+            with tracer.start_as_current_span("tokenize", attributes={"pairs": len(documents)}):
+                return await loop.run_in_executor(self.tokenize_executor, encode)
+        except EncodingError as error:
+            raise _field_error(error, fields, original_index) from None
+
+
+def _field_error(error: EncodingError, fields: FieldNames, original_index: np.ndarray) -> Exception:
+    """The EncodingError of a de-duplicated pair, named by the request's own field and index."""
+    index = None if error.index is None else int(original_index[error.index])
+    if error.part == "total":
+        return field_error(LimitExceededError, fields.collection, error.description)
+    if error.part == "query":
+        name = fields.query(index or 0)
+    elif error.part == "document":
+        name = fields.document(index or 0)
+    else:
+        name = error.part
+    description = error.description.replace(f"document {error.index} ", f"document {index} ", 1)
+    return field_error(InvalidRequestError, name, description)
