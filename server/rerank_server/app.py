@@ -203,7 +203,13 @@ async def run(settings: Settings) -> int:
         if url is None:
             assert settings.model_repository is not None  # Settings.validated() guarantees it
             ports = TritonPorts(settings.triton_grpc_port, settings.triton_http_port, settings.triton_metrics_port)
-            triton = LocalTriton(settings.model_repository, ports, settings.triton_log)
+            triton = LocalTriton(
+                settings.model_repository,
+                ports,
+                settings.triton_log,
+                home=settings.triton_home,
+                python_env=settings.triton_python_env,
+            )
             triton.start()
             stack.callback(triton.stop)
             url = triton.grpc_url

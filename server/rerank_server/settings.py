@@ -86,6 +86,12 @@ class Settings:
     triton_http_port: int = _setting(8000, "HTTP port of the local Triton")
     triton_metrics_port: int = _setting(8002, "Prometheus metrics port of the local Triton")
     triton_log: Path | None = _setting(None, "file the local Triton logs to (default: a temporary file)")
+    triton_home: Path | None = _setting(
+        None, "folder laid out like the nvidia-pytriton wheel (pytriton/, nvidia_pytriton.libs/) to run instead of it"
+    )
+    triton_python_env: Path | None = _setting(
+        None, "Python environment (venv folder, this Python's version) whose packages the model imports in Triton"
+    )
     # Lifecycle.
     startup_timeout_s: float = _setting(600.0, "how long to wait for Triton and the model to become ready")
     health_interval_s: float = _setting(1.0, "how often Triton's model readiness is checked for the health service")

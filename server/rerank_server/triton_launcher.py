@@ -3,7 +3,12 @@
 The wheel carries the binary, its shared libraries (nvidia_pytriton.libs/), the Python backend and
 one backend stub per Python version. The stub must match the interpreter whose packages the models
 import (numpy, onnxruntime), so a backend folder is assembled with the stub of this interpreter and
-Triton is started with this environment's bin/ first on PATH.
+Triton is started with a Python environment's bin/ first on PATH (this one's by default).
+
+The stub embeds Python with the environment ignored (PYTHONPATH has no effect on it): it imports from
+the environment whose `python3` comes first on PATH, so `python_env` is how another set of packages
+reaches the model. `home` is a folder laid out like the wheel's subset (pytriton/tritonserver/...,
+nvidia_pytriton.libs/), e.g. what `python -m bench.gpu_pack` carries to a machine without the wheel.
 """
 
 from __future__ import annotations
@@ -32,15 +37,19 @@ class TritonInstallation:
     stub: Path
 
     @classmethod
-    def find(cls) -> TritonInstallation:
-        # Located, not imported: only the wheel's files are used, not pytriton's Python API or its needs.
-        spec = importlib.util.find_spec("pytriton")
-        if spec is None or not spec.submodule_search_locations:
-            raise RuntimeError(
-                "a local Triton needs the nvidia-pytriton wheel: pip install 'rerank-service[triton]', "
-                "or connect to a running Triton with --triton-url"
-            )
-        package = Path(next(iter(spec.submodule_search_locations))).resolve()
+    def find(cls, home: Path | None = None) -> TritonInstallation:
+        """The wheel's Triton, or the one under `home` (the wheel's layout: home/pytriton/tritonserver)."""
+        if home is not None:
+            package = home.resolve() / "pytriton"
+        else:
+            # Located, not imported: only the wheel's files are used, not pytriton's Python API or its needs.
+            spec = importlib.util.find_spec("pytriton")
+            if spec is None or not spec.submodule_search_locations:
+                raise RuntimeError(
+                    "a local Triton needs the nvidia-pytriton wheel: pip install 'rerank-service[triton]', "
+                    "or connect to a running Triton with --triton-url"
+                )
+            package = Path(next(iter(spec.submodule_search_locations))).resolve()
         root = package / "tritonserver"
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         found = cls(
@@ -51,19 +60,25 @@ class TritonInstallation:
         )
         for path in (found.binary, found.libraries, found.python_backend, found.stub):
             if not path.exists():
-                raise RuntimeError(f"the nvidia-pytriton install lacks {path} (Python {version})")
+                raise RuntimeError(f"the Triton install at {package.parent} lacks {path} (Python {version})")
         return found
 
-    def environment(self) -> dict[str, str]:
+    def environment(self, python_env: Path | None = None) -> dict[str, str]:
+        """Triton's environment; python_env: the Python environment (a venv's folder) whose packages the
+        stub imports, by default this interpreter's. It must be a Python of this version."""
         env = dict(os.environ)
         # The stub links libpython3.X.so by name; without this it may find the system's, an older patch
         # release than this interpreter's, whose compiled modules (_ssl, imported by transformers) then
         # miss symbols. This interpreter's own library folder comes first.
         paths = [str(self.libraries), *_libpython_folders(), env.get("LD_LIBRARY_PATH")]
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, paths))
-        # The stub embeds Python and imports from the environment found first on PATH: ours.
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        env.setdefault("VIRTUAL_ENV", sys.prefix)
+        # The stub embeds Python and imports from the environment found first on PATH: ours, or python_env.
+        bin_dir = python_env / "bin" if python_env is not None else Path(sys.executable).parent
+        env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
+        if python_env is not None:
+            env["VIRTUAL_ENV"] = str(python_env)
+        else:
+            env.setdefault("VIRTUAL_ENV", sys.prefix)
         return env
 
     def backend_directory(self, into: Path) -> Path:
@@ -92,9 +107,18 @@ class TritonPorts:
 class LocalTriton:
     """A tritonserver child process serving one model repository."""
 
-    def __init__(self, model_repository: Path, ports: TritonPorts, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        model_repository: Path,
+        ports: TritonPorts,
+        log_path: Path | None = None,
+        *,
+        home: Path | None = None,
+        python_env: Path | None = None,
+    ) -> None:
         self.model_repository = model_repository.resolve()
         self.ports = ports
+        self.home, self.python_env = home, python_env
         self._workdir = Path(tempfile.mkdtemp(prefix="rerank-triton-"))
         self.log_path = log_path or self._workdir / "tritonserver.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -113,7 +137,7 @@ class LocalTriton:
             # A crashed Triton can leave its Python-backend stubs behind in its process group.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._process.pid, signal.SIGKILL)
-        installation = TritonInstallation.find()
+        installation = TritonInstallation.find(self.home)
         command = [
             str(installation.binary),
             f"--model-repository={self.model_repository}",
@@ -129,7 +153,7 @@ class LocalTriton:
         with open(self.log_path, "ab") as log_file:
             self._process = subprocess.Popen(
                 command,
-                env=installation.environment(),
+                env=installation.environment(self.python_env),
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
