@@ -1,0 +1,504 @@
+"""A packed (unpadded), windowed ModernBERT sequence classifier in PyTorch.
+
+All pairs of one execution are laid end to end (`input_ids` [total_tokens], `cu_seqlens` [pairs+1]);
+every pair gets its own rotary positions 0..len-1. Global layers attend within their pair; local
+layers within their pair and within `config.local_attention // 2` tokens each way, exactly as
+transformers' ModernBERT defines them (|q - k| <= local_attention // 2). Nothing is padded and no
+T x T buffer is built, so an 8192-token document costs O(T * window) in local layers.
+
+Attention, by device:
+- CUDA, fp16/bf16: FlashAttention-2 varlen over the whole packed batch (window (w, w) on local
+  layers), through `torch.nn.attention.varlen.varlen_attn` where it takes a window, else
+  `torch.ops.aten._flash_attention_forward` where its schema has window_size_left/right.
+- Otherwise (CPU, fp32 on CUDA, or neither op): global layers run scaled_dot_product_attention per
+  pair (grouped by equal length) without a mask, which on CPU is a fused flash-style kernel; local
+  layers run blocked window attention: blocks of w queries against their 3w keys with a band mask,
+  all blocks of all pairs in one call (O(T * w) memory and time).
+
+The weights are the checkpoint's own, loaded through transformers; the forward is this file's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F  # noqa: N812 (the usual alias)
+
+# Names of the attention kernels forward_packed may use (see select_attention_backend).
+VARLEN_ATTN = "varlen_attn"
+FLASH_FORWARD = "aten_flash_forward"
+BLOCKED = "blocked"  # the device-agnostic algorithm (SDPA per pair + blocked window attention)
+
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _varlen_attn_function() -> Callable[..., Any] | None:
+    """torch.nn.attention.varlen.varlen_attn if this torch has it with a `window_size` argument."""
+    try:
+        from torch.nn.attention import varlen
+    except ImportError:
+        return None
+    fn = getattr(varlen, "varlen_attn", None)
+    if fn is None:
+        return None
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+    return fn if "window_size" in params else None
+
+
+def _flash_forward_has_window() -> bool:
+    """Whether aten::_flash_attention_forward exists with window_size_left/right arguments."""
+    try:
+        schema = torch.ops.aten._flash_attention_forward.default._schema
+    except (AttributeError, RuntimeError):
+        return False
+    names = {argument.name for argument in schema.arguments}
+    return {"window_size_left", "window_size_right", "scale"} <= names
+
+
+def select_attention_backend(
+    device: torch.device,
+    dtype: torch.dtype,
+    head_dim: int,
+    *,
+    varlen_fn: Callable[..., Any] | None = None,
+    flash_forward: bool | None = None,
+    flash_available: bool | None = None,
+) -> str:
+    """The attention kernel for this device and dtype: VARLEN_ATTN, FLASH_FORWARD or BLOCKED.
+
+    FlashAttention-2 needs CUDA, fp16/bf16 and a head size it compiles (multiple of 8, <= 256);
+    anything else takes the blocked algorithm, which is exact on every device. The keyword
+    arguments override what this torch exposes (for tests).
+    """
+    if device.type != "cuda" or dtype not in FLASH_DTYPES or head_dim % 8 != 0 or head_dim > 256:
+        return BLOCKED
+    if flash_available is None:
+        flash_available = bool(torch.backends.cuda.is_flash_attention_available())
+    if not flash_available:
+        return BLOCKED
+    if varlen_fn is None:
+        varlen_fn = _varlen_attn_function()
+    if varlen_fn is not None:
+        return VARLEN_ATTN
+    if flash_forward is None:
+        flash_forward = _flash_forward_has_window()
+    return FLASH_FORWARD if flash_forward else BLOCKED
+
+
+def flash_window(half_window: int | None) -> tuple[int, int]:
+    """FlashAttention's (left, right) window: inclusive, so |q - k| <= w is (w, w); (-1, -1) is global."""
+    return (-1, -1) if half_window is None else (half_window, half_window)
+
+
+def flash_forward_arguments(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    half_window: int | None,
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword arguments of aten::_flash_attention_forward for packed q, k, v [N, H, D]."""
+    left, right = flash_window(half_window)
+    args = (q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, False, False)
+    kwargs = {"scale": scale, "window_size_left": left, "window_size_right": right}
+    return args, kwargs
+
+
+@dataclass
+class _Layer:
+    attn_norm: tuple[torch.Tensor, torch.Tensor | None] | None  # None: layer 0's Identity
+    wqkv: tuple[torch.Tensor, torch.Tensor | None]
+    wo: tuple[torch.Tensor, torch.Tensor | None]
+    mlp_norm: tuple[torch.Tensor, torch.Tensor | None]
+    wi: tuple[torch.Tensor, torch.Tensor | None]
+    mlp_wo: tuple[torch.Tensor, torch.Tensor | None]
+    half_window: int | None  # None: a global layer
+    rope: str  # the layer type whose rotary table it uses
+
+
+@dataclass
+class _Blocks:
+    """Index plan of blocked window attention over the pairs longer than the window (shared by all
+    local layers of one forward)."""
+
+    q_index: torch.Tensor  # [blocks * b] packed positions of each block's queries (clamped)
+    q_keep: torch.Tensor  # [blocks * b] bool: a real query (not past its pair's end)
+    k_index: torch.Tensor  # [blocks * (b + 2w)] packed positions of each block's keys (clamped)
+    mask: torch.Tensor  # [blocks, 1, b, b + 2w] bool: key within the pair and within w of the query
+    block: int
+    keys: int
+
+
+def _linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    return F.linear(x, weight[0], weight[1])
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class PackedModernBert:
+    """ModernBERT's sequence classifier over packed pairs (first logit per pair)."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    def __init__(self, model: Any, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        """From a loaded transformers ModernBertForSequenceClassification (its weights only)."""
+        from transformers.activations import ACT2FN
+
+        config = model.config
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.hidden = int(config.hidden_size)
+        self.heads = int(config.num_attention_heads)
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden_size {self.hidden} is not a multiple of num_attention_heads {self.heads}")
+        self.head_dim = self.hidden // self.heads
+        self.scale = self.head_dim**-0.5
+        self.eps = float(getattr(config, "norm_eps", 1e-5))
+        self.act = ACT2FN[getattr(config, "hidden_activation", "gelu")]
+        self.head_act = ACT2FN[getattr(config, "classifier_activation", "gelu")]
+        self.pooling = getattr(config, "classifier_pooling", "cls")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"classifier_pooling {self.pooling!r} is not supported (cls, mean)")
+        self.half_window = int(getattr(config, "local_attention", 128)) // 2
+        self.backend = select_attention_backend(self.device, dtype, self.head_dim)
+
+        def param(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().to(self.device, dtype).contiguous()
+
+        def lin(module: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+            weight = param(module.weight)
+            assert weight is not None
+            return weight, param(getattr(module, "bias", None))
+
+        base = model.model
+        self.embeddings = lin(base.embeddings.tok_embeddings)[0]
+        self.emb_norm = lin(base.embeddings.norm)
+        layer_types = self._layer_types(config)
+        self.layers: list[_Layer] = []
+        for i, layer in enumerate(base.layers):
+            is_global = layer_types[i] == "full_attention"
+            self.layers.append(
+                _Layer(
+                    attn_norm=None if isinstance(layer.attn_norm, torch.nn.Identity) else lin(layer.attn_norm),
+                    wqkv=lin(layer.attn.Wqkv),
+                    wo=lin(layer.attn.Wo),
+                    mlp_norm=lin(layer.mlp_norm),
+                    wi=lin(layer.mlp.Wi),
+                    mlp_wo=lin(layer.mlp.Wo),
+                    half_window=None if is_global else self.half_window,
+                    rope=layer_types[i],
+                )
+            )
+        self.final_norm = lin(base.final_norm)
+        self.head_dense = lin(model.head.dense)
+        self.head_norm = lin(model.head.norm)
+        self.classifier = lin(model.classifier)
+        # Rotary inverse frequencies per layer type, in float32 (tables are grown on demand).
+        self.inv_freq: dict[str, tuple[torch.Tensor, float]] = {}
+        for layer_type in set(layer_types):
+            self.inv_freq[layer_type] = self._inv_freq(config, base, layer_type)
+        self._rope_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> PackedModernBert:
+        """Load a saved transformers ModernBertForSequenceClassification checkpoint folder."""
+        import transformers
+        from transformers import ModernBertForSequenceClassification
+
+        transformers.utils.logging.disable_progress_bar()
+        model = ModernBertForSequenceClassification.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+        engine = cls(model, device=device, dtype=dtype)
+        del model
+        return engine
+
+    @staticmethod
+    def _layer_types(config: Any) -> list[str]:
+        n = int(config.num_hidden_layers)
+        types = getattr(config, "layer_types", None)
+        if types:
+            return [str(t) for t in types][:n]
+        every = int(getattr(config, "global_attn_every_n_layers", 3))
+        return ["full_attention" if i % every == 0 else "sliding_attention" for i in range(n)]
+
+    def _inv_freq(self, config: Any, base: Any, layer_type: str) -> tuple[torch.Tensor, float]:
+        rope_parameters = getattr(config, "rope_parameters", None) or {}
+        params = rope_parameters.get(layer_type) or {}
+        rope_type = params.get("rope_type", "default")
+        if rope_type != "default":
+            # Scaled rotary variants: take the frequencies transformers computed for this config.
+            rotary = base.rotary_emb
+            inv = getattr(rotary, f"{layer_type}_inv_freq").detach().float()
+            return inv.to(self.device), float(getattr(rotary, f"{layer_type}_attention_scaling", 1.0))
+        theta: Any = params.get("rope_theta")
+        if theta is None:  # configs written before rope_parameters
+            key = "global_rope_theta" if layer_type == "full_attention" else "local_rope_theta"
+            theta = getattr(config, key, 160000.0 if layer_type == "full_attention" else 10000.0)
+        dim = self.head_dim
+        inv = 1.0 / (float(theta) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        return inv.to(self.device), 1.0
+
+    def _rope(self, layer_type: str, positions: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, 1, D] in the compute dtype for these positions (the table grows by powers of 2)."""
+        table = self._rope_tables.get(layer_type)
+        if table is None or table[0].shape[0] < max_len:
+            size = 1 << max(10, math.ceil(math.log2(max(max_len, 1))))
+            inv, scaling = self.inv_freq[layer_type]
+            freqs = torch.arange(size, device=self.device, dtype=torch.float32)[:, None] * inv[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            # Cast as transformers does: cos/sin in float32, then to the activations' dtype.
+            table = ((emb.cos() * scaling).to(self.dtype), (emb.sin() * scaling).to(self.dtype))
+            self._rope_tables[layer_type] = table
+        return table[0][positions].unsqueeze(1), table[1][positions].unsqueeze(1)
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def _norm(self, x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        return F.layer_norm(x, (self.hidden,), weight[0], weight[1], self.eps)
+
+    @torch.inference_mode()
+    def forward_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """input_ids: int64 [total_tokens] on self.device, pairs end to end; cu_seqlens: int32 [pairs+1]
+        cumulative offsets (0, l0, l0+l1, ...). Returns float32 [pairs] logits (the first head column)."""
+        if input_ids.dim() != 1 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError("input_ids must be [total_tokens] and cu_seqlens [pairs+1] with at least one pair")
+        cu_host = cu_seqlens.detach().to("cpu", torch.int64)
+        lengths_host = cu_host[1:] - cu_host[:-1]
+        total = int(cu_host[-1])
+        if int(cu_host[0]) != 0 or total != input_ids.numel() or bool((lengths_host < 1).any()):
+            raise ValueError("cu_seqlens must start at 0, increase strictly and end at len(input_ids)")
+        device = self.device
+        ids = input_ids.to(device)
+        cu = cu_host.to(device)
+        lengths = lengths_host.to(device)
+        max_len = int(lengths_host.max())
+        pair_of_token = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
+        positions = torch.arange(total, device=device) - cu[:-1][pair_of_token]
+
+        h = self._norm(F.embedding(ids, self.embeddings), self.emb_norm)
+        ropes = {t: self._rope(t, positions, max_len) for t in self.inv_freq}
+        blocks: _Blocks | None = None
+        if self.backend == BLOCKED and any(layer.half_window is not None for layer in self.layers):
+            blocks = self._plan_blocks(cu_host, lengths_host, total)
+        cu32 = cu.to(torch.int32)
+
+        for layer in self.layers:
+            x = h if layer.attn_norm is None else self._norm(h, layer.attn_norm)
+            qkv = _linear(x, layer.wqkv).view(total, 3, self.heads, self.head_dim)
+            cos, sin = ropes[layer.rope]
+            q = self._rotate(qkv[:, 0], cos, sin)
+            k = self._rotate(qkv[:, 1], cos, sin)
+            v = qkv[:, 2]
+            del qkv
+            attn = self._attention(q, k, v, layer.half_window, cu32, cu_host, lengths_host, max_len, blocks)
+            del q, k, v
+            h = h + _linear(attn.reshape(total, self.hidden), layer.wo)
+            del attn
+            gate_in, gate = _linear(self._norm(h, layer.mlp_norm), layer.wi).chunk(2, dim=-1)
+            h = h + _linear(self.act(gate_in) * gate, layer.mlp_wo)
+
+        h = self._norm(h, self.final_norm)
+        if self.pooling == "cls":
+            pooled = h[cu[:-1]]
+        else:
+            sums = torch.zeros(lengths.numel(), self.hidden, device=device, dtype=torch.float32)
+            sums.index_add_(0, pair_of_token, h.float())
+            pooled = (sums / lengths[:, None].float()).to(self.dtype)
+        pooled = self._norm(self.head_act(_linear(pooled, self.head_dense)), self.head_norm)
+        logits = _linear(pooled, self.classifier)[:, 0].float()
+        return logits
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of x [N, H, D], computed in float32 as transformers does."""
+        xf = x.float()
+        return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+
+    def _attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        half_window: int | None,
+        cu32: torch.Tensor,
+        cu_host: torch.Tensor,
+        lengths_host: torch.Tensor,
+        max_len: int,
+        blocks: _Blocks | None,
+    ) -> torch.Tensor:
+        """Attention of packed q, k, v [N, H, D] -> [N, H, D]."""
+        if self.backend == VARLEN_ATTN:
+            fn = _varlen_attn_function()
+            assert fn is not None
+            out: torch.Tensor = fn(
+                q.contiguous(),
+                k.contiguous(),
+                v.contiguous(),
+                cu32,
+                cu32,
+                max_len,
+                max_len,
+                scale=self.scale,
+                window_size=flash_window(half_window),
+            )
+            return out
+        if self.backend == FLASH_FORWARD:
+            args, kwargs = flash_forward_arguments(
+                q.contiguous(), k.contiguous(), v.contiguous(), cu32, max_len, self.scale, half_window
+            )
+            return torch.ops.aten._flash_attention_forward(*args, **kwargs)[0]
+        return self._blocked_attention(q, k, v, half_window, cu_host, lengths_host, blocks)
+
+    def _blocked_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        half_window: int | None,
+        cu_host: torch.Tensor,
+        lengths_host: torch.Tensor,
+        blocks: _Blocks | None,
+    ) -> torch.Tensor:
+        out = torch.empty_like(q)
+        # Pairs the window covers whole (or every pair, in a global layer): unmasked attention per pair.
+        covered = lengths_host <= (half_window + 1 if half_window is not None else lengths_host.max())
+        self._dense_per_pair(q, k, v, out, cu_host[:-1][covered], lengths_host[covered])
+        if half_window is not None and blocks is not None:
+            self._windowed(q, k, v, out, blocks)
+        return out
+
+    def _dense_per_pair(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        starts: torch.Tensor,
+        lengths: torch.Tensor,
+    ) -> None:
+        """SDPA without a mask over each pair (pairs of equal length stacked into one call)."""
+        if starts.numel() == 0:
+            return
+        by_length: dict[int, list[int]] = {}
+        for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+            by_length.setdefault(length, []).append(start)
+        for length, group in by_length.items():
+            if len(group) == 1:
+                s = group[0]
+                # [L, H, D] -> [H, L, D]: SDPA batches over heads.
+                o = F.scaled_dot_product_attention(
+                    q[s : s + length].transpose(0, 1),
+                    k[s : s + length].transpose(0, 1),
+                    v[s : s + length].transpose(0, 1),
+                    scale=self.scale,
+                )
+                out[s : s + length] = o.transpose(0, 1)
+                continue
+            index = (torch.tensor(group)[:, None] + torch.arange(length)[None, :]).reshape(-1).to(q.device)
+            shape = (len(group), length, self.heads, self.head_dim)
+            o = F.scaled_dot_product_attention(
+                q.index_select(0, index).view(shape).transpose(1, 2),
+                k.index_select(0, index).view(shape).transpose(1, 2),
+                v.index_select(0, index).view(shape).transpose(1, 2),
+                scale=self.scale,
+            )
+            out.index_copy_(0, index, o.transpose(1, 2).reshape(-1, self.heads, self.head_dim))
+
+    def _plan_blocks(self, cu_host: torch.Tensor, lengths_host: torch.Tensor, total: int) -> _Blocks | None:
+        """Blocks of b = w queries (w = the half window) of every pair longer than w + 1, each with the
+        keys [start - w, start + b + w): every query's window lies inside its block's keys, and with
+        b <= w no query row is left without a key."""
+        w = self.half_window
+        long_pairs = lengths_host > w + 1
+        if not bool(long_pairs.any()):
+            return None
+        b = max(1, w)
+        keys = b + 2 * w
+        starts = cu_host[:-1][long_pairs]
+        lengths = lengths_host[long_pairs]
+        counts = (lengths + b - 1) // b
+        pair = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+        first_block = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(int(counts.sum())) - first_block[pair]
+        block_start = starts[pair] + rank * b  # packed position of each block's first query
+        pair_end = (starts + lengths)[pair]
+        q_pos = block_start[:, None] + torch.arange(b)[None, :]  # [blocks, b]
+        k_pos = block_start[:, None] - w + torch.arange(keys)[None, :]  # [blocks, keys]
+        k_in_pair = (k_pos >= starts[pair][:, None]) & (k_pos < pair_end[:, None])
+        # Key j of a block holds position start - w + j, query r position start + r: |j - w - r| <= w.
+        band = (torch.arange(keys)[None, :] - w - torch.arange(b)[:, None]).abs() <= w  # [b, keys]
+        mask = band[None, :, :] & k_in_pair[:, None, :]
+        device = self.device
+        return _Blocks(
+            q_index=q_pos.clamp(max=total - 1).reshape(-1).to(device),
+            q_keep=(q_pos < pair_end[:, None]).reshape(-1).to(device),
+            k_index=k_pos.clamp(0, total - 1).reshape(-1).to(device),
+            mask=mask.unsqueeze(1).to(device),
+            block=b,
+            keys=keys,
+        )
+
+    def _windowed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, blocks: _Blocks) -> None:
+        """Blocked window attention of the long pairs, all blocks in one SDPA call."""
+        n_blocks = blocks.mask.shape[0]
+        h, d = self.heads, self.head_dim
+        qb = q.index_select(0, blocks.q_index).view(n_blocks, blocks.block, h, d).transpose(1, 2)
+        kb = k.index_select(0, blocks.k_index).view(n_blocks, blocks.keys, h, d).transpose(1, 2)
+        vb = v.index_select(0, blocks.k_index).view(n_blocks, blocks.keys, h, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=blocks.mask, scale=self.scale)
+        o = o.transpose(1, 2).reshape(-1, h, d)
+        out.index_copy_(0, blocks.q_index[blocks.q_keep], o[blocks.q_keep])
+
+    # -- convenience ------------------------------------------------------------------------------
+
+    def score(self, input_ids: np.ndarray, lengths: np.ndarray, max_batch_tokens: int) -> np.ndarray:
+        """Logits (float32) of a ragged batch (ids end to end, one length per pair), in forward_packed
+        calls of at most max_batch_tokens tokens each (a pair longer than the budget runs alone)."""
+        if max_batch_tokens < 1:
+            raise ValueError("max_batch_tokens must be positive")
+        lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+        input_ids = np.asarray(input_ids).reshape(-1)
+        if lengths.size and (lengths.min() < 1 or int(lengths.sum()) != input_ids.size):
+            raise ValueError("lengths must be positive and sum to the number of input ids")
+        offsets = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
+        logits = np.empty(lengths.size, dtype=np.float32)
+        # Length order: pairs of equal length share one attention call in the blocked path.
+        order = np.argsort(lengths, kind="stable")
+        i = 0
+        while i < order.size:
+            j, tokens = i, 0
+            while j < order.size and (j == i or tokens + lengths[order[j]] <= max_batch_tokens):
+                tokens += int(lengths[order[j]])
+                j += 1
+            pairs = order[i:j]
+            ids = np.concatenate([input_ids[offsets[p] : offsets[p] + lengths[p]] for p in pairs])
+            cu = np.concatenate(([0], np.cumsum(lengths[pairs]))).astype(np.int32)
+            batch_logits = self.forward_packed(
+                torch.from_numpy(ids.astype(np.int64)).to(self.device), torch.from_numpy(cu).to(self.device)
+            )
+            logits[pairs] = batch_logits.cpu().numpy()
+            i = j
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # a long document's activations are not held after the call
+        return logits
