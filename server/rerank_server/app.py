@@ -111,7 +111,7 @@ class Frontend:
         )
         service = RerankService(self.core, settings)
         self._server = grpc.aio.server(interceptors=[self.policy], options=server_options(settings))
-        self._server.add_generic_rpc_handlers((rerank_service_handler(service),))
+        self._server.add_generic_rpc_handlers((rerank_service_handler(service, settings.max_documents),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((RERANK_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server)
         address = f"{settings.host}:{settings.port}"
