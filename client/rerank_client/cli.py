@@ -17,9 +17,9 @@ from importlib.metadata import entry_points
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from rerank_client._proto.rerank.v1 import rerank_pb2
 from rerank_client.client import RerankClient, stream_request, tls_credentials
 from rerank_client.errors import RerankError
+from rerank_client.pb import rerank_pb2
 
 ENTRY_POINT_GROUP = "rerank.commands"
 Command = Callable[[argparse.Namespace], int]

@@ -15,8 +15,8 @@ from typing import Any, TypeAlias
 import grpc
 import grpc.aio
 
-from rerank_client._proto.rerank.v1 import rerank_pb2, rerank_pb2_grpc
 from rerank_client.errors import from_rpc_error
+from rerank_client.pb import SERVICE_NAME, rerank_pb2, rerank_pb2_grpc
 
 DEFAULT_TIMEOUT_S = 30.0
 # Rerank requests carry whole documents; gRPC's 4 MiB default is too small for 1,000 long ones.
@@ -103,7 +103,7 @@ def service_config(retries: int) -> str:
     if retries > 0:
         config["methodConfig"] = [
             {
-                "name": [{"service": "rerank.v1.RerankService", "method": m} for m in _IDEMPOTENT_METHODS],
+                "name": [{"service": SERVICE_NAME, "method": m} for m in _IDEMPOTENT_METHODS],
                 "retryPolicy": {
                     "maxAttempts": min(retries + 1, 5),  # gRPC caps attempts at 5
                     "initialBackoff": "0.1s",

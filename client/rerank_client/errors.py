@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-from rerank_client._proto.rerank.v1 import rerank_pb2
+from rerank_client.pb import rerank_pb2
 
 
 class RerankError(Exception):

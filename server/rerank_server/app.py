@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from rerank_client._proto.rerank.v1 import rerank_pb2
+from rerank_client.pb import SERVICE_NAME
 from rerank_server.admission import TokenAdmission
 from rerank_server.core import RerankCore
 from rerank_server.handlers import rerank_service_handler
@@ -36,7 +36,7 @@ from rerank_server.triton_launcher import LocalTriton, TritonPorts
 
 log = logging.getLogger(__name__)
 
-RERANK_SERVICE = rerank_pb2.DESCRIPTOR.services_by_name["RerankService"].full_name
+RERANK_SERVICE = SERVICE_NAME
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # "" is the server as a whole, RERANK_SERVICE the API: both SERVING only while the model is ready.
 HEALTH_SERVICES = ("", RERANK_SERVICE)

@@ -18,7 +18,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from rerank_client._proto.rerank.v1 import rerank_pb2, rerank_pb2_grpc
+from rerank_client.pb import rerank_pb2, rerank_pb2_grpc
 from rerank_server.core import (
     RerankCore,
     RerankInput,
