@@ -1,0 +1,157 @@
+"""The scoring core in process (fast tier): validation, de-duplication, truncation, chunking, ranking,
+limits and admission over FakeBackend. Each behaviour here also runs against the real Triton through
+the gRPC surface (tests/test_api.py) and the HTTP surfaces."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from rerank_server.core import RerankInput, ScoreInput, ScoreOptions, Truncation
+from rerank_server.errors import ErrorCode, ServiceError
+from rerank_server.ranking import sigmoid
+from tests.conftest import TOKENIZER_DIR
+from tests.fakes import MODEL, FakeBackend, deadline_in, fake_core, fake_logit
+from tests.texts import QUERY, mixed_documents, text
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+def expected_logit(hf_tokenizer, query: str, document: str, max_length: int) -> float:
+    ids = hf_tokenizer([query], [document], truncation="only_second", max_length=max_length)["input_ids"][0]
+    return fake_logit(np.array(ids))
+
+
+async def failure(work) -> ServiceError:
+    with pytest.raises(ServiceError) as caught:
+        await work
+    return caught.value
+
+
+async def test_rerank_ranks_by_score_with_each_pairs_own_logit(hf_tokenizer) -> None:
+    documents = mixed_documents()
+    ranked = await fake_core().rerank(RerankInput(QUERY, documents, options=ScoreOptions(max_length=48)))
+    assert ranked.model == MODEL.source_model
+    assert sorted(r.index for r in ranked.results) == list(range(len(documents)))
+    for result in ranked.results:
+        assert result.logit == pytest.approx(expected_logit(hf_tokenizer, QUERY, documents[result.index], 48))
+        assert result.score == pytest.approx(float(sigmoid(np.array([result.logit]))[0]))
+    keys = [(-r.score, r.index) for r in ranked.results]
+    assert keys == sorted(keys), "not best first, equal scores by index"
+    full = [len(hf_tokenizer([QUERY], [d])["input_ids"][0]) for d in documents]
+    assert ranked.usage.truncated_documents == sum(n > 48 for n in full)
+
+
+async def test_top_n_keeps_the_best() -> None:
+    documents = mixed_documents()
+    core = fake_core()
+    every = await core.rerank(RerankInput(QUERY, documents))
+    top = await core.rerank(RerankInput(QUERY, documents, top_n=3))
+    assert top.results == every.results[:3]
+
+
+async def test_identical_documents_are_scored_once_and_answered_for_each_index() -> None:
+    backend = FakeBackend()
+    documents = ["alpha beta", "gamma", "alpha beta", "gamma", "delta"]
+    ranked = await fake_core(backend).rerank(RerankInput(QUERY, documents))
+    assert backend.calls[0].lengths.size == 3
+    assert ranked.usage.model_inputs == 3
+    by_index = {r.index: r for r in ranked.results}
+    assert by_index[0].logit == by_index[2].logit and by_index[1].logit == by_index[3].logit
+
+
+async def test_chunk_scores_a_document_by_its_best_window(hf_tokenizer) -> None:
+    document = text(400, seed=3)
+    max_length, overlap = 64, 16
+    ranked = await fake_core().rerank(
+        RerankInput(QUERY, [document], options=ScoreOptions(Truncation.CHUNK, max_length, overlap))
+    )
+    query_ids = hf_tokenizer(QUERY, add_special_tokens=False)["input_ids"]
+    doc_ids = hf_tokenizer(document, add_special_tokens=False)["input_ids"]
+    cls, sep = hf_tokenizer.cls_token_id, hf_tokenizer.sep_token_id
+    room = max_length - len(query_ids) - 3
+    logits, start = [], 0
+    while True:
+        logits.append(fake_logit(np.array([cls, *query_ids, sep, *doc_ids[start : start + room], sep])))
+        if start + room >= len(doc_ids):
+            break
+        start += room - overlap
+    (result,) = ranked.results
+    assert result.windows == len(logits) > 5
+    assert result.logit == pytest.approx(max(logits))
+
+
+async def test_score_keeps_request_order_and_names_pair_fields() -> None:
+    core = fake_core()
+    pairs = [("q one", "d one"), ("q two", "d two"), ("q one", "d one")]
+    scored = await core.score(ScoreInput(pairs))
+    assert [s.index for s in scored.scores] == [0, 1, 2]
+    assert scored.scores[0].logit == scored.scores[2].logit
+    error = await failure(core.score(ScoreInput([("q", "d"), ("q", text(100))], ScoreOptions(Truncation.NONE, 16))))
+    assert error.code is ErrorCode.INVALID_ARGUMENT
+    assert error.violations[0][0] == "pairs[1].text_b"
+
+
+@pytest.mark.parametrize(
+    ("request_", "settings", "code", "field"),
+    [
+        (RerankInput("  ", ["d"]), {}, ErrorCode.INVALID_ARGUMENT, "query"),
+        (RerankInput("q", []), {}, ErrorCode.INVALID_ARGUMENT, "documents"),
+        (RerankInput("q", ["a", "b", "c", "d"]), {"max_documents": 3}, ErrorCode.INVALID_ARGUMENT, "documents"),
+        (
+            RerankInput("q", ["d"], options=ScoreOptions(max_length=100_000)),
+            {},
+            ErrorCode.INVALID_ARGUMENT,
+            "max_length",
+        ),
+        (RerankInput(text(50), ["d"]), {"max_query_tokens": 10}, ErrorCode.INVALID_ARGUMENT, "query"),
+        (
+            RerankInput("q", ["short", "short", text(300)], options=ScoreOptions(Truncation.NONE, 64)),
+            {},
+            ErrorCode.INVALID_ARGUMENT,
+            "documents[2]",
+        ),
+        (
+            RerankInput("q", [text(200, seed=i) for i in range(8)]),
+            {"max_total_tokens": 1000, "max_inflight_tokens": 1000},
+            ErrorCode.RESOURCE_EXHAUSTED,
+            "documents",
+        ),
+        (
+            ScoreInput([("q", "d"), (text(50), "d")]),
+            {"max_query_tokens": 10},
+            ErrorCode.INVALID_ARGUMENT,
+            "pairs[1].text_a",
+        ),
+    ],
+)
+async def test_request_errors_name_the_field_at_fault(request_, settings, code: ErrorCode, field: str) -> None:
+    core = fake_core(**settings)
+    work = core.rerank(request_) if isinstance(request_, RerankInput) else core.score(request_)
+    error = await failure(work)
+    assert error.code is code
+    assert [f for f, _ in error.violations] == [field], error.message
+
+
+async def test_a_passed_deadline_is_deadline_exceeded_and_never_reaches_the_backend() -> None:
+    backend = FakeBackend()
+    error = await failure(fake_core(backend).rerank(RerankInput("q", ["d"]), deadline=deadline_in(-1)))
+    assert error.code is ErrorCode.DEADLINE_EXCEEDED
+    assert backend.calls == []
+
+
+async def test_admission_refuses_what_would_pass_the_inflight_budget() -> None:
+    core = fake_core(FakeBackend(delay_s=0.5), max_total_tokens=300, max_inflight_tokens=300)
+    documents = [text(30, seed=i) for i in range(4)]  # about 190 tokens with the query
+    first = asyncio.create_task(core.rerank(RerankInput(QUERY, documents)))
+    await asyncio.sleep(0.2)
+    error = await failure(core.rerank(RerankInput(QUERY, documents)))
+    assert error.code is ErrorCode.RESOURCE_EXHAUSTED and "capacity" in error.message
+    assert len((await first).results) == 4
+    assert len((await core.rerank(RerankInput(QUERY, documents))).results) == 4  # the budget was returned
