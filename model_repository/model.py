@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from reranker_engine import PackedReranker, check_ragged_batch, flat_input
+from cpu_features import cpu_flags, served_choice
+from reranker_engine import PackedReranker, check_ragged_batch
 
 
 def _parameter(config: dict[str, Any], key: str, default: str | None = None) -> str:
@@ -29,6 +31,47 @@ def _parameter(config: dict[str, Any], key: str, default: str | None = None) -> 
     if value is None:
         raise pb_utils.TritonModelException(f"config.pbtxt lacks the parameter {key!r}")
     return str(value)
+
+
+def _input(request: Any, name: str) -> np.ndarray:
+    """One input tensor as a flat numpy array, read through DLPack.
+
+    Never as_numpy(): Triton 2.51's stub builds those arrays through pybind11 2.10, which under numpy 2
+    reads every element as the first one (fixed in python_backend r24.11). DLPack bypasses numpy's C API.
+    """
+    return np.from_dlpack(pb_utils.get_input_tensor_by_name(request, name)).reshape(-1)
+
+
+def _numpy_output(name: str, values: np.ndarray) -> Any:
+    """An output tensor from numpy through DLPack (pb_utils.Tensor(name, array) has a byte size of 0
+    under numpy 2, for the reason _input gives)."""
+    return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(values))
+
+
+def _ignore_consumed_numpy_capsules() -> None:
+    """Silence one harmless report per numpy output: the stub renames the DLPack capsule it consumed
+    ("used_dlpack"), numpy's capsule destructor expects its own name, reports the mismatch through
+    sys.unraisablehook and frees nothing (the stub frees the tensor). Anything else is still reported."""
+    default = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not (
+            isinstance(unraisable.exc_value, ValueError)
+            and "PyCapsule_GetPointer called with incorrect name" in str(unraisable.exc_value)
+            and (unraisable.object is None or type(unraisable.object).__name__ == "PyCapsule")
+        ):
+            default(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def _torch_output(name: str, values: np.ndarray) -> Any:
+    """As _numpy_output, through a torch capsule: the stub logs a spurious PyCapsule warning for each
+    numpy capsule it consumes, none for torch's. For the runtimes that import torch anyway."""
+    import torch
+    from torch.utils.dlpack import to_dlpack
+
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(torch.from_numpy(np.ascontiguousarray(values))))
 
 
 class _Metrics:
@@ -63,29 +106,43 @@ class TritonPythonModel:
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         on_gpu = args["model_instance_kind"] == "GPU"
         device_id = int(args["model_instance_device_id"])
-        runtime = _parameter(config, "runtime", "onnxruntime")
-        weights = os.path.join(version_dir, _parameter(config, "weights", "model.onnx"))
+        # On CPUs, the precision this CPU runs natively: a bf16 or int8 export served on a CPU without
+        # bf16 or VNNI loads its fp32 weights (cpu_features.py); the frontend resolves the same to report it.
+        parameters = {key: str(value.get("string_value", "")) for key, value in config.get("parameters", {}).items()}
+        try:
+            choice = served_choice(parameters, cpu_flags(), on_gpu)
+        except ValueError as error:
+            raise pb_utils.TritonModelException(str(error)) from None
+        log = pb_utils.Logger.log_info if choice.precision == choice.requested else pb_utils.Logger.log_warn
+        log(f"{args['model_name']}: precision {choice.precision} ({choice.runtime}, {choice.weights}): {choice.reason}")
+        runtime, weights = choice.runtime, os.path.join(version_dir, choice.weights)
         common = {
             "pad_token_id": int(_parameter(config, "pad_token_id")),
             "max_batch_tokens": int(_parameter(config, "max_batch_tokens")),
             "intra_op_threads": int(_parameter(config, "intra_op_threads", "0")),
         }
-        if runtime == "torch":
+        if runtime in ("torch", "packed"):
+            # torch: transformers' model on padded sub-batches; packed: modernbert_packed's unpadded engine.
             self.engine = PackedReranker.from_pretrained(
                 weights,
                 device=f"cuda:{device_id}" if on_gpu else "cpu",
-                precision=_parameter(config, "precision", "fp32"),
+                precision=choice.precision,
+                packed=runtime == "packed",
                 **common,
             )
+            self.output = _torch_output
         elif runtime == "onnxruntime":
             providers: list[str | tuple[str, dict[str, object]]] = ["CPUExecutionProvider"]
             if on_gpu:
                 providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
             # Refuses to load when the CUDA provider cannot start (no silent fall-back to the CPU).
             self.engine = PackedReranker.from_file(weights, providers=providers, **common)
+            self.output = _numpy_output
+            _ignore_consumed_numpy_capsules()
         else:
-            raise pb_utils.TritonModelException(f"unknown runtime {runtime!r}: expected onnxruntime or torch")
+            raise pb_utils.TritonModelException(f"unknown runtime {runtime!r}: expected onnxruntime, torch or packed")
         self.vocab_size = int(_parameter(config, "vocab_size"))
+        pb_utils.Logger.log_info(f"{args['model_name']}: {runtime} runtime, numpy {np.__version__}")
         self.metrics = _Metrics(args["model_name"])
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -93,14 +150,7 @@ class TritonPythonModel:
         responses: list[Any] = [None] * len(requests)
         pooled: list[tuple[int, np.ndarray, np.ndarray]] = []
         for position, request in enumerate(requests):
-            try:
-                ids = flat_input(pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy(), "input_ids")
-                lengths = flat_input(
-                    pb_utils.get_input_tensor_by_name(request, "sequence_lengths").as_numpy(), "sequence_lengths"
-                )
-            except ValueError as error:
-                responses[position] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
-                continue
+            ids, lengths = _input(request, "input_ids"), _input(request, "sequence_lengths")
             problem = check_ragged_batch(ids, lengths, self.vocab_size)
             if problem is None:
                 pooled.append((position, ids, lengths))
@@ -140,7 +190,7 @@ class TritonPythonModel:
                 cancelled_error = pb_utils.TritonError("cancelled", pb_utils.TritonError.CANCELLED)
                 responses[position] = pb_utils.InferenceResponse(error=cancelled_error)
             else:
-                responses[position] = pb_utils.InferenceResponse([pb_utils.Tensor("logits", chunk.reshape(1, -1))])
+                responses[position] = pb_utils.InferenceResponse([self.output("logits", chunk.reshape(1, -1))])
         return responses
 
     def finalize(self) -> None:

@@ -1,9 +1,12 @@
 """Length-sorted, token-budgeted execution of a cross-encoder over ragged (query, document) pairs.
 
 This file runs inside Triton's Python backend (`rerank export` copies it next to model.py) and in
-the benchmarks in-process, so it depends on numpy alone; the runtime that computes a padded
-sub-batch is behind the `Runner` interface: ONNX Runtime (`OnnxRunner`, here) or PyTorch
-(`torch_runner.TorchRunner`), imported only by the model that uses it.
+the benchmarks in-process, so it depends on numpy alone; the runtime that computes a sub-batch is
+behind one of two interfaces, imported only by the model that uses it:
+- `Runner`, padded rows: ONNX Runtime (`OnnxRunner`, here) or transformers (`torch_runner.TorchRunner`);
+- `PackedRunner`, pairs end to end with their offsets, no padding at all: `torch_runner.PackedTorchRunner`
+  over modernbert_packed.PackedModernBert. Its sub-batches are cut by real tokens under the same
+  budget, so their padded tokens (in the metrics) are their real tokens.
 
 A ragged batch is every pair's token ids laid end to end (`input_ids`) plus each pair's length
 (`lengths`). Pairs are ordered by length and cut into sub-batches whose padded size
@@ -21,7 +24,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
 
 import numpy as np
 
@@ -37,10 +40,12 @@ class SubBatch:
 
     pairs: np.ndarray  # int64 indices into `lengths`, ascending by length
     width: int  # length of the longest pair: every row is padded to it
+    packed_tokens: int | None = None  # packed runs: the real tokens laid end to end (no padding)
 
     @property
     def padded_tokens(self) -> int:
-        return int(self.pairs.size) * self.width
+        """Tokens as computed: rows x width, or the real tokens of a packed run."""
+        return self.packed_tokens if self.packed_tokens is not None else int(self.pairs.size) * self.width
 
 
 # On CPUs, padding a sub-batch may add this share of its real tokens (or PADDING_ALLOWANCE tokens if
@@ -79,6 +84,34 @@ def plan_sub_batches(
     return batches
 
 
+def plan_packed_sub_batches(lengths: np.ndarray, max_batch_tokens: int) -> list[SubBatch]:
+    """Cut length-sorted pairs into runs of at most max_batch_tokens real tokens (a longer pair runs alone).
+
+    Length order: equal lengths land in one run, where a packed engine can batch their attention."""
+    order = np.argsort(lengths, kind="stable")
+    ordered = np.asarray(lengths, dtype=np.int64)[order]
+    batches: list[SubBatch] = []
+    start, tokens = 0, 0
+    for end in range(order.size):
+        width = int(ordered[end])
+        if end > start and tokens + width > max_batch_tokens:
+            batches.append(SubBatch(order[start:end], int(ordered[end - 1]), tokens))
+            start, tokens = end, 0
+        tokens += width
+    if order.size:
+        batches.append(SubBatch(order[start:], int(ordered[-1]), tokens))
+    return batches
+
+
+def pack_sub_batch(
+    input_ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, batch: SubBatch
+) -> tuple[np.ndarray, np.ndarray]:
+    """int64 ids of the batch's pairs end to end [tokens], and int32 cumulative offsets [pairs + 1]."""
+    ids = np.concatenate([input_ids[offsets[p] : offsets[p] + lengths[p]] for p in batch.pairs]).astype(np.int64)
+    cu_seqlens = np.concatenate(([0], np.cumsum(lengths[batch.pairs]))).astype(np.int32)
+    return ids, cu_seqlens
+
+
 def pad_sub_batch(
     input_ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, batch: SubBatch, pad_token_id: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +130,14 @@ class Runner(Protocol):
     [rows] logits out (the first output column: the single-logit head)."""
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
+
+
+@runtime_checkable
+class PackedRunner(Protocol):
+    """Computes one packed sub-batch: int64 [tokens] input_ids (pairs end to end) and int32 [pairs + 1]
+    cu_seqlens (each pair's start, then the total) in, float32 [pairs] logits out."""
+
+    def run_packed(self, input_ids: np.ndarray, cu_seqlens: np.ndarray) -> np.ndarray: ...
 
 
 class OnnxRunner:
@@ -118,7 +159,7 @@ class PackedReranker:
 
     def __init__(
         self,
-        runner: Runner,
+        runner: Runner | PackedRunner,
         *,
         pad_token_id: int,
         max_batch_tokens: int,
@@ -127,6 +168,8 @@ class PackedReranker:
         if max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be positive")
         self.runner = runner
+        self.packed_runner = runner if isinstance(runner, PackedRunner) else None
+        self.packed = self.packed_runner is not None
         self.pad_token_id = pad_token_id
         self.max_batch_tokens = max_batch_tokens
         self.padding_slack = padding_slack
@@ -165,10 +208,12 @@ class PackedReranker:
         precision: str = "fp32",
         intra_op_threads: int = 0,
         padding_slack: float | None = None,
+        packed: bool = False,
     ) -> PackedReranker:
         """The PyTorch engine over a saved transformers checkpoint (torch_runner.py, imported here
-        so that the ONNX engine never needs torch). device: "cpu" or "cuda:N". padding_slack=None:
-        as from_file, by device."""
+        so that the ONNX engine never needs torch). device: "cpu" or "cuda:N". packed: the unpadded
+        engine (PackedTorchRunner) instead of transformers' model on padded rows. padding_slack=None:
+        as from_file, by device (unused when packed)."""
         # Imported as rerank_model_repository.reranker_engine by tests and benchmarks; in Triton's
         # Python backend the version folder's files are top-level modules.
         torch_runner = (
@@ -178,7 +223,8 @@ class PackedReranker:
         )
 
         threads = intra_op_threads if intra_op_threads > 0 else available_cores()
-        runner = torch_runner.TorchRunner(model_dir, device=device, precision=precision, cpu_threads=threads)
+        runner_class = torch_runner.PackedTorchRunner if packed else torch_runner.TorchRunner
+        runner = runner_class(model_dir, device=device, precision=precision, cpu_threads=threads)
         if padding_slack is None:
             padding_slack = PADDING_SLACK if runner.device.type == "cpu" else GPU_PADDING_SLACK
         return cls(
@@ -190,6 +236,8 @@ class PackedReranker:
 
     def plan(self, lengths: np.ndarray) -> list[SubBatch]:
         """The sub-batches a ragged batch of these pair lengths runs as."""
+        if self.packed:
+            return plan_packed_sub_batches(np.asarray(lengths, dtype=np.int64), self.max_batch_tokens)
         return plan_sub_batches(np.asarray(lengths, dtype=np.int64), self.max_batch_tokens, self.padding_slack)
 
     def iter_sub_batches(
@@ -207,9 +255,14 @@ class PackedReranker:
                 wanted = batch.pairs[active(batch.pairs)]
                 if wanted.size == 0:
                     continue
-                batch = SubBatch(wanted, int(lengths[wanted].max()))
-            ids, mask = pad_sub_batch(input_ids, offsets, lengths, batch, self.pad_token_id)
-            yield batch, self.runner(ids, mask)
+                real = int(lengths[wanted].sum()) if self.packed else None
+                batch = SubBatch(wanted, int(lengths[wanted].max()), real)
+            if self.packed_runner is not None:
+                ids, cu_seqlens = pack_sub_batch(input_ids, offsets, lengths, batch)
+                yield batch, self.packed_runner.run_packed(ids, cu_seqlens)
+            else:
+                ids, mask = pad_sub_batch(input_ids, offsets, lengths, batch, self.pad_token_id)
+                yield batch, cast(Runner, self.runner)(ids, mask)
 
     def score(
         self, input_ids: np.ndarray, lengths: np.ndarray, active: Callable[[np.ndarray], np.ndarray] | None = None
@@ -220,24 +273,6 @@ class PackedReranker:
         for batch, batch_logits in self.iter_sub_batches(input_ids, lengths, active):
             logits[batch.pairs] = batch_logits
         return logits
-
-
-def flat_input(view: np.ndarray, name: str) -> np.ndarray:
-    """An input tensor as one row, refusing views that repeat memory.
-
-    Triton 2.51's Python-backend stub builds as_numpy() views through pybind11; under numpy 2.5 (an
-    H200 host's Python 3.12) every element read as the first one, as a stride-0 view does (inferred
-    from the sums; bench/gpu-run-2026-11-28.md). Such a batch must fail with the cause named, not be
-    scored (numpy<2 is what the stub supports); check_ragged_batch still catches other repetitions.
-    """
-    if view.size > 1 and any(
-        stride == 0 for stride, extent in zip(view.strides, view.shape, strict=True) if extent > 1
-    ):
-        raise ValueError(
-            f"the Python backend handed {name} over as a stride-0 view: numpy {np.__version__} is not "
-            "supported by this Triton's backend stub (install numpy<2)"
-        )
-    return view.reshape(-1)
 
 
 def check_ragged_batch(input_ids: np.ndarray, lengths: np.ndarray, vocab_size: int) -> str | None:

@@ -43,7 +43,7 @@ HEALTH_SERVICES = ("", RERANK_SERVICE)
 # For liveness probes: SERVING while the process runs (until it drains), whatever Triton's state, so
 # that a Triton outage makes pods unready without getting healthy frontends restarted.
 LIVENESS_SERVICE = "liveness"
-# Restart delays of a crashed local Triton (seconds), the last one repeating.
+# Restart delays of a crashed local Triton (seconds), the last one repeating (--triton-restart-backoff-s).
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -166,21 +166,35 @@ class Frontend:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-async def supervise(triton: LocalTriton, stop: asyncio.Event) -> None:
-    """Restart the local Triton whenever it exits, with backoff, until the frontend stops."""
+async def supervise(
+    triton: LocalTriton,
+    stop: asyncio.Event,
+    backoff: tuple[float, ...] = RESTART_BACKOFF_S,
+    healthy_s: float = 30.0,
+) -> None:
+    """Restart the local Triton whenever it exits, with backoff, until the frontend stops.
+
+    The delay grows with consecutive failures only: a Triton that ran `healthy_s` or longer before
+    dying is restarted after the first delay again (a crash now and then is not a crash loop).
+    """
+    loop = asyncio.get_running_loop()
     failures = 0
+    started = loop.time()  # when the running Triton was (re)started
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=0.5)
         code = triton.exit_code()
         if stop.is_set() or code is None:
             continue
-        delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
+        if loop.time() - started >= healthy_s:
+            failures = 0
+        delay = backoff[min(failures, len(backoff) - 1)]
         log.error("tritonserver exited with %s; restarting in %.0fs. Log tail:\n%s", code, delay, triton.log_tail())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=delay)
         if not stop.is_set():
             failures += 1
+            started = loop.time()
             try:
                 triton.start()
             except Exception:  # keep supervising: the next round retries with a longer delay
@@ -231,7 +245,11 @@ async def run(settings: Settings) -> int:
 
         frontend = Frontend(settings, backend, model, tokenizer, metrics)
         await frontend.start()
-        supervisor = asyncio.create_task(supervise(triton, stop)) if triton is not None else None
+        supervisor = (
+            asyncio.create_task(supervise(triton, stop, settings.restart_backoff, settings.triton_healthy_s))
+            if triton is not None
+            else None
+        )
         print(
             f"rerank: serving {model.source_model} ({model.precision}, max {max_length} tokens) "
             f"on {settings.host}:{frontend.port}; Triton at {url}",

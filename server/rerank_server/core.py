@@ -15,6 +15,7 @@ task being cancelled.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -27,7 +28,14 @@ from rerank_server.errors import DeadlineExceededError, InvalidRequestError, Lim
 from rerank_server.observability import Metrics
 from rerank_server.ranking import rank, sigmoid
 from rerank_server.settings import Settings
-from rerank_server.tokenization import EncodeOptions, EncodingError, PairTokenizer, TokenizedPairs, Truncation
+from rerank_server.tokenization import (
+    EncodeOptions,
+    EncodingError,
+    PairTokenizer,
+    StoppedError,
+    TokenizedPairs,
+    Truncation,
+)
 from rerank_server.tracing import tracer
 from rerank_server.triton_backend import ModelInfo, ScoringBackend
 
@@ -173,6 +181,7 @@ class RerankCore:
         self.tokenize_executor = tokenize_executor
         self.metrics = metrics
         self.admission = admission
+        self._tokenizing = 0  # calls tokenizing or queued for a tokenizer thread (tokenize_queue_max)
 
     def describe(self) -> ModelDescription:
         return ModelDescription(
@@ -257,7 +266,7 @@ class RerankCore:
         unique_queries = [queries[i] for i in first]
         unique_documents = [documents[i] for i in first]
 
-        pairs = await self._tokenize(unique_queries, unique_documents, encode_options, fields, first)
+        pairs = await self._tokenize(unique_queries, unique_documents, encode_options, fields, first, deadline)
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceededError("the deadline passed before scoring began")
@@ -288,23 +297,42 @@ class RerankCore:
         options: EncodeOptions,
         fields: FieldNames,
         original_index: np.ndarray,
+        deadline: float | None,
     ) -> TokenizedPairs:
+        """Tokenize on the thread pool; the work stops (within one segment, milliseconds) when the
+        deadline passes or the calling task is cancelled, wherever it is: queued or tokenizing."""
+        if self._tokenizing >= self.settings.tokenize_queue_max:
+            self.metrics.rejected.labels(reason="tokenize_queue").inc()
+            raise LimitExceededError(
+                f"{self._tokenizing} calls are already tokenizing or waiting to (tokenize_queue_max); retry later"
+            )
         loop = asyncio.get_running_loop()
         submitted = time.perf_counter()
+        stop = threading.Event()
 
         def encode() -> TokenizedPairs:
+            if stop.is_set():  # given up while it waited for a thread
+                raise StoppedError
             started = time.perf_counter()
             self.metrics.queue_wait.observe(started - submitted)
             try:
-                return self.tokenizer.encode(queries, documents, options)
+                return self.tokenizer.encode(queries, documents, options, stop.is_set)
             finally:
                 self.metrics.tokenize.observe(time.perf_counter() - started)
 
+        self._tokenizing += 1
         try:
             with tracer.start_as_current_span("tokenize", attributes={"pairs": len(documents)}):
-                return await loop.run_in_executor(self.tokenize_executor, encode)
+                work = loop.run_in_executor(self.tokenize_executor, encode)
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                return await asyncio.wait_for(work, timeout)
+        except TimeoutError:
+            raise DeadlineExceededError("the deadline passed during tokenization") from None
         except EncodingError as error:
             raise _field_error(error, fields, original_index) from None
+        finally:
+            stop.set()  # a cancelled or timed-out call's thread stops at its next check
+            self._tokenizing -= 1
 
 
 def _field_error(error: EncodingError, fields: FieldNames, original_index: np.ndarray) -> Exception:

@@ -56,6 +56,10 @@ class Settings:
         16384, "a rerank request is split into Triton requests of at most this many tokens (length-sorted)"
     )
     tokenizer_threads: int = _setting(2, "threads that tokenize requests, off the event loop")
+    tokenize_queue_max: int = _setting(
+        256,
+        "calls tokenizing or waiting for a tokenizer thread at once; past it calls get RESOURCE_EXHAUSTED at once",
+    )
     # Backpressure.
     max_inflight_tokens: int = _setting(
         1048576,
@@ -66,8 +70,15 @@ class Settings:
     tls_cert_file: Path | None = _setting(None, "PEM certificate chain: serve TLS (with --tls-key-file)")
     tls_key_file: Path | None = _setting(None, "PEM private key of --tls-cert-file")
     tls_client_ca_file: Path | None = _setting(None, "PEM CA bundle: require client certificates it signed (mTLS)")
-    auth_token: str | None = _setting(None, "bearer token callers must send (authorization: Bearer ...)", secret=True)
-    auth_token_file: Path | None = _setting(None, "file holding the bearer token (keeps it out of the environment)")
+    auth_token: str | None = _setting(
+        None,
+        "bearer token callers must send (authorization: Bearer ...). A flag's value shows in `ps` to every "
+        "user of the host: prefer --auth-token-file or the environment variable, which do not",
+        secret=True,
+    )
+    auth_token_file: Path | None = _setting(
+        None, "file holding the bearer token (out of `ps` and of the environment; wins over --auth-token)"
+    )
     health_port: int | None = _setting(
         None, "extra plaintext port serving only grpc.health.v1, for probes that cannot do TLS or tokens"
     )
@@ -86,6 +97,12 @@ class Settings:
     triton_http_port: int = _setting(8000, "HTTP port of the local Triton")
     triton_metrics_port: int = _setting(8002, "Prometheus metrics port of the local Triton")
     triton_log: Path | None = _setting(None, "file the local Triton logs to (default: a temporary file)")
+    triton_restart_backoff_s: str = _setting(
+        "1,2,5,10,30", "delays before restarting a local Triton that died, seconds, comma-separated; the last repeats"
+    )
+    triton_healthy_s: float = _setting(
+        30.0, "a local Triton that ran this long before dying is restarted after the first delay again"
+    )
     triton_home: Path | None = _setting(
         None, "folder laid out like the nvidia-pytriton wheel (pytriton/, nvidia_pytriton.libs/) to run instead of it"
     )
@@ -104,6 +121,11 @@ class Settings:
         if self.auth_token_file is not None:
             return self.auth_token_file.read_text().strip()
         return self.auth_token
+
+    @property
+    def restart_backoff(self) -> tuple[float, ...]:
+        """--triton-restart-backoff-s as seconds."""
+        return tuple(float(delay) for delay in self.triton_restart_backoff_s.split(",") if delay.strip())
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -146,6 +168,14 @@ class Settings:
             raise ValueError("max_length must be at least 4")
         if self.tokenizer_threads < 1:
             raise ValueError("tokenizer_threads must be at least 1")
+        if self.tokenize_queue_max < 1:
+            raise ValueError("tokenize_queue_max must be at least 1")
+        try:
+            backoff = self.restart_backoff
+        except ValueError:
+            raise ValueError("triton_restart_backoff_s must be comma-separated seconds, e.g. 1,2,5") from None
+        if not backoff or min(backoff) < 0 or self.triton_healthy_s < 0:
+            raise ValueError("triton_restart_backoff_s needs at least one delay; delays and triton_healthy_s >= 0")
         if self.triton_url is None and self.model_repository is None:
             raise ValueError("give --model-repository (to start a local Triton) or --triton-url")
         if self.max_inflight_tokens < self.max_total_tokens:
