@@ -2,15 +2,18 @@
 
 In order: a request id (the caller's `x-request-id`, or a new one, echoed in the initial metadata
 and attached to log lines), bearer-token authentication, refusal while draining, then the call,
-timed and counted by RPC and status, inside a server span. Health and reflection calls pass
-untouched, so probes keep working without tokens and during a drain.
+timed and counted by RPC and status, inside a server span. Health calls pass untouched, so probes
+keep working without tokens and during a drain; reflection needs the token like the API (it is
+the API's schema, and tools such as grpcurl send the header), but is neither counted nor drained.
+
+Authentication happens before the request is read: a call without the right token gets a handler
+that never reads (so never decodes) its message, however large, and answers UNAUTHENTICATED.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 import uuid
@@ -20,18 +23,20 @@ from typing import Any
 import grpc
 from opentelemetry import trace
 
+from rerank_server.auth import check_authorization
 from rerank_server.observability import Metrics, request_id
 from rerank_server.tracing import tracer
 
 log = logging.getLogger(__name__)
 
 RERANK_SERVICE_PREFIX = "/rerank.v1.RerankService/"
+HEALTH_SERVICE_PREFIX = "/grpc.health.v1.Health/"
 
 
 class CallPolicy(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics, bearer_token: str | None) -> None:
         self.metrics = metrics
-        self._expected_authorization = None if bearer_token is None else f"Bearer {bearer_token}".encode()
+        self._token = bearer_token
         self.draining = False
         self.inflight = 0
         self._idle = asyncio.Event()
@@ -50,12 +55,20 @@ class CallPolicy(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
         method: str = details.method
-        if handler is None or not method.startswith(RERANK_SERVICE_PREFIX):
+        if method.startswith(HEALTH_SERVICE_PREFIX):
+            return await continuation(details)
+        pairs = list(details.invocation_metadata or ())
+        metadata = {m.key: m.value for m in pairs}
+        rerank = method.startswith(RERANK_SERVICE_PREFIX)
+        if self._token is not None and not check_authorization(
+            [m.value for m in pairs if m.key == "authorization"], self._token
+        ):
+            return self._unauthenticated(method.removeprefix(RERANK_SERVICE_PREFIX) if rerank else None, metadata)
+        handler = await continuation(details)
+        if handler is None or not rerank:
             return handler
         rpc = method.removeprefix(RERANK_SERVICE_PREFIX)
-        metadata = {m.key: m.value for m in details.invocation_metadata or ()}
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(rpc, metadata, handler.unary_unary),
@@ -69,6 +82,26 @@ class CallPolicy(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+    def _unauthenticated(self, rpc: str | None, metadata: dict[str, Any]) -> grpc.RpcMethodHandler:
+        """A handler that answers UNAUTHENTICATED without reading the request.
+
+        It is request-streaming whatever the method (the wire is the same), so gRPC hands it an
+        iterator it never advances instead of a decoded message: the message is never turned into
+        Python objects, and a 60 MiB one costs nothing beyond gRPC's own receive window.
+        """
+
+        async def refuse(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            rid = str(metadata.get("x-request-id") or uuid.uuid4().hex)[:128]
+            request_id.set(rid)
+            await context.send_initial_metadata((("x-request-id", rid),))
+            if rpc is not None:
+                self.metrics.calls.labels(surface="grpc", rpc=rpc, code=grpc.StatusCode.UNAUTHENTICATED.name).inc()
+            self.metrics.rejected.labels(reason="unauthenticated").inc()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+            yield  # unreachable: abort raises; makes this an async generator
+
+        return grpc.stream_stream_rpc_method_handler(refuse, request_deserializer=_discard)
 
     def _unary(self, rpc: str, metadata: dict[str, Any], behavior: Any) -> Any:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -97,7 +130,10 @@ class CallPolicy(grpc.aio.ServerInterceptor):
                 yield
             code = grpc.StatusCode.OK
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            # gRPC cancels the handler both when the caller cancels and when its deadline passes.
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         except grpc.aio.AbortError:
             code = context.code() or grpc.StatusCode.UNKNOWN
@@ -106,18 +142,12 @@ class CallPolicy(grpc.aio.ServerInterceptor):
             self._end(rpc, code, started)
 
     async def _begin(self, rpc: str, metadata: dict[str, Any], context: grpc.aio.ServicerContext) -> float:
-        """Admit the call or abort it; returns its start time."""
+        """Admit the call (authenticated already) or abort it; returns its start time."""
         rid = str(metadata.get("x-request-id") or uuid.uuid4().hex)[:128]
         request_id.set(rid)
         await context.send_initial_metadata((("x-request-id", rid),))
-        if self._expected_authorization is not None:
-            presented = str(metadata.get("authorization", "")).encode()
-            if not hmac.compare_digest(presented, self._expected_authorization):
-                self.metrics.calls.labels(rpc=rpc, code=grpc.StatusCode.UNAUTHENTICATED.name).inc()
-                self.metrics.rejected.labels(reason="unauthenticated").inc()
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
         if self.draining:
-            self.metrics.calls.labels(rpc=rpc, code=grpc.StatusCode.UNAVAILABLE.name).inc()
+            self.metrics.calls.labels(surface="grpc", rpc=rpc, code=grpc.StatusCode.UNAVAILABLE.name).inc()
             self.metrics.rejected.labels(reason="draining").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
         self.inflight += 1
@@ -131,6 +161,11 @@ class CallPolicy(grpc.aio.ServerInterceptor):
         if self.inflight == 0:
             self._idle.set()
         self.metrics.inflight_calls.dec()
-        self.metrics.calls.labels(rpc=rpc, code=code.name).inc()
-        self.metrics.latency.labels(rpc=rpc).observe(elapsed)
+        self.metrics.calls.labels(surface="grpc", rpc=rpc, code=code.name).inc()
+        self.metrics.latency.labels(surface="grpc", rpc=rpc).observe(elapsed)
         log.info("call finished", extra={"rpc": rpc, "code": code.name, "duration_ms": round(elapsed * 1000, 2)})
+
+
+def _discard(data: bytes) -> None:
+    """The deserializer of refused calls: never called in practice (the request is never read)."""
+    return None

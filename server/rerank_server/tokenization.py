@@ -7,16 +7,21 @@ CrossEncoder makes (an empty document keeps its [SEP]: `[CLS] query [SEP] [SEP]`
 kept whole; the document is cut (END), refused (NONE) or split into overlapping windows (CHUNK)
 when the pair is longer than max_length.
 
-Only as much text is tokenized as the answer needs: a document that will be cut at 8192 tokens is
-encoded from a prefix that ends just before a whitespace (where byte-level BPE's pre-tokenizer
-splits anyway, so the tokens are the same as the full text's), which keeps a 10 MB document from
-costing seconds.
+Only as much text is tokenized as the answer needs, in segments: a document is encoded a segment
+at a time (at most _SEGMENT_CHARS characters, cut just before a whitespace, where byte-level BPE's
+pre-tokenizer splits anyway, so the tokens are the same as the full text's) until it has the
+tokens the answer needs, which keeps a 10 MB document from costing seconds. Between segments the
+caller's `should_stop` is checked, so a call whose deadline passed or that was cancelled stops
+within one segment's time (milliseconds). A run of more than _SEGMENT_CHARS characters without
+whitespace (CJK or Thai text, a base64 blob: one pre-token for byte-level BPE, whose merges cost
+more than linear time in its length) is cut at _SEGMENT_CHARS anyway: the few tokens at such a
+cut may differ from what the whole text gives.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +31,10 @@ from tokenizers import Tokenizer
 # First guess of characters per token when cutting a prefix; the cut grows when it was too short.
 _CHARS_PER_TOKEN = 8
 _GROWTH = 4
+# Longest piece of text encoded at once (a few milliseconds), and the most characters one
+# encode_batch call is given: the bounds of the time between two `should_stop` checks.
+_SEGMENT_CHARS = 16384
+_BATCH_CHARS = 262144
 
 
 class Truncation(enum.Enum):
@@ -82,8 +91,12 @@ class EncodingError(ValueError):
         self.index = index
 
 
+class StoppedError(Exception):
+    """Encoding stopped because the caller's `should_stop` said so (deadline passed, call cancelled)."""
+
+
 class QueryTooLongError(EncodingError):
-    def __init__(self, index: int, tokens: int, limit: int) -> None:
+    def __init__(self, index: int, tokens: str, limit: int) -> None:
         super().__init__("query", f"the query is {tokens} tokens long; the limit is {limit} (max_query_tokens)", index)
 
 
@@ -127,14 +140,14 @@ class PairTemplate:
         return cls(tuple(ids[: first[0]]), tuple(ids[first[-1] + 1 : second[0]]), tuple(ids[second[-1] + 1 :]))
 
 
-def _safe_cut(text: str, limit: int) -> int:
-    """A cut at or before `limit` that falls just before a whitespace following a non-whitespace.
+def _safe_cut(text: str, start: int, limit: int) -> int:
+    """A cut in (start, limit] that falls just before a whitespace following a non-whitespace.
 
-    Byte-level BPE pre-tokenizes at such points, so the tokens of text[:cut] are a prefix of the
-    text's tokens. Without such a point in the upper half (a whitespace run, one huge word), cut
-    at `limit`.
+    Byte-level BPE pre-tokenizes at such points, so the tokens of text[start:cut] followed by those
+    of text[cut:] are the text's. Without such a point in the upper half (a whitespace run, one huge
+    word), cut at `limit`.
     """
-    for cut in range(limit, limit // 2, -1):
+    for cut in range(limit, start + (limit - start) // 2, -1):
         if text[cut].isspace() and not text[cut - 1].isspace():
             return cut
     return limit
@@ -166,29 +179,59 @@ class PairTokenizer:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
-    def encode_prefixes(self, texts: Sequence[str], needs: Sequence[int]) -> list[list[int]]:
-        """Token ids of each text, or at least its first needs[i] + 1 (exact) when it has more."""
-        results: list[list[int] | None] = [None] * len(texts)
-        limits = [max(64, (need + 1) * _CHARS_PER_TOKEN) for need in needs]
+    def encode_prefixes(
+        self, texts: Sequence[str], needs: Sequence[int], should_stop: Callable[[], bool] | None = None
+    ) -> list[list[int]]:
+        """Token ids of each text, or at least its first needs[i] + 1 (exact) when it has more.
+
+        Texts are encoded in segments (see the module's docstring); `should_stop` is checked before
+        each encode_batch call, and StoppedError raised when it returns True.
+        """
+        results: list[list[int]] = [[] for _ in texts]
+        positions = [0] * len(texts)
+        grown = [1] * len(texts)  # how many times a segment without a safe cut was retried longer
         pending = list(range(len(texts)))
         while pending:
-            cuts = [len(texts[i]) if len(texts[i]) <= limits[i] else _safe_cut(texts[i], limits[i]) for i in pending]
-            encodings = self.tokenizer.encode_batch(
-                [texts[i][:cut] for i, cut in zip(pending, cuts, strict=True)], add_special_tokens=False
-            )
             still = []
-            for i, cut, encoding in zip(pending, cuts, encodings, strict=True):
-                ids = encoding.ids
-                if cut == len(texts[i]) or len(ids) > needs[i]:
-                    results[i] = ids
-                else:  # the prefix was too short to tell: cut longer
-                    limits[i] *= _GROWTH
-                    still.append(i)
+            for group in _groups(pending, [min(len(texts[i]) - positions[i], _SEGMENT_CHARS) for i in pending]):
+                if should_stop is not None and should_stop():
+                    raise StoppedError
+                cuts = []
+                for i in group:
+                    # Enough characters for the tokens still needed (a guess), within one segment.
+                    want = max(64, (needs[i] + 1 - len(results[i])) * _CHARS_PER_TOKEN) * grown[i]
+                    limit = positions[i] + min(want, _SEGMENT_CHARS)
+                    cuts.append(len(texts[i]) if len(texts[i]) <= limit else _safe_cut(texts[i], positions[i], limit))
+                encodings = self.tokenizer.encode_batch(
+                    [texts[i][positions[i] : cut] for i, cut in zip(group, cuts, strict=True)],
+                    add_special_tokens=False,
+                )
+                for i, cut, encoding in zip(group, cuts, encodings, strict=True):
+                    ids = encoding.ids
+                    enough = len(results[i]) + len(ids) > needs[i]
+                    ends = cut == len(texts[i])
+                    hard = not ends and not (texts[i][cut].isspace() and not texts[i][cut - 1].isspace())
+                    if hard and not enough and cut - positions[i] < _SEGMENT_CHARS:
+                        grown[i] *= _GROWTH  # a cut inside a word: retry the segment longer
+                        still.append(i)
+                        continue
+                    results[i] += ids
+                    positions[i] = cut
+                    grown[i] = 1
+                    if not ends and not enough:
+                        still.append(i)  # not enough yet: its next segment
             pending = still
-        return [r for r in results if r is not None]
+        return results
 
-    def encode(self, queries: Sequence[str], documents: Sequence[str], options: EncodeOptions) -> TokenizedPairs:
-        """Encode the pairs (queries[i], documents[i]); raises an EncodingError naming the field at fault."""
+    def encode(
+        self,
+        queries: Sequence[str],
+        documents: Sequence[str],
+        options: EncodeOptions,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> TokenizedPairs:
+        """Encode the pairs (queries[i], documents[i]); raises an EncodingError naming the field at fault,
+        or StoppedError as soon as `should_stop()` is True (checked between segments)."""
         if options.max_length > self.max_length:
             raise EncodingError("max_length", f"max_length {options.max_length} exceeds the model's {self.max_length}")
         specials = self.template.special_tokens
@@ -197,17 +240,26 @@ class PairTokenizer:
         query_limit = min(options.max_query_tokens, options.max_length - specials - 1)
         distinct = list(dict.fromkeys(queries))
         query_ids: dict[str, list[int]] = {}
-        for query, ids in zip(distinct, self.encode_prefixes(distinct, [query_limit] * len(distinct)), strict=True):
+        query_prefixes = self.encode_prefixes(distinct, [query_limit] * len(distinct), should_stop)
+        for query, ids in zip(distinct, query_prefixes, strict=True):
             if len(ids) > query_limit:
-                index = queries.index(query)
-                tokens = len(ids) if len(ids) <= query_limit + 1 else self.count_tokens(query)
-                raise QueryTooLongError(index, tokens, query_limit)
+                # Only a prefix was encoded: the exact length of a 20 MB query is not worth its cost.
+                raise QueryTooLongError(queries.index(query), f"more than {query_limit}", query_limit)
             query_ids[query] = ids
 
         rooms = [options.max_length - specials - len(query_ids[q]) for q in queries]
+        # A window's size is known from max_length and the query: an overlap that leaves no stride
+        # is refused whatever the documents' lengths (not only when one needs chunking).
+        if options.truncation is Truncation.CHUNK and options.chunk_overlap is not None and rooms:
+            smallest = min(rooms)
+            if options.chunk_overlap >= smallest:
+                raise EncodingError(
+                    "chunk_overlap",
+                    f"chunk_overlap {options.chunk_overlap} must be smaller than a window's {smallest} document tokens",
+                )
         # CHUNK needs every token (up to the request's budget); END and NONE only enough to fill the room.
         needs = [options.max_total_tokens] * len(documents) if options.truncation is Truncation.CHUNK else rooms
-        document_ids = self.encode_prefixes(documents, needs)
+        document_ids = self.encode_prefixes(documents, needs, should_stop)
 
         pieces: list[np.ndarray] = []
         lengths: list[int] = []
@@ -222,8 +274,8 @@ class PairTokenizer:
         tail = np.array(self.template.suffix, dtype=np.int32)
         for index, (query, doc_ids, room) in enumerate(zip(queries, document_ids, rooms, strict=True)):
             if options.truncation is Truncation.NONE and len(doc_ids) > room:
-                length = self._pair_length(len(query_ids[query]), documents[index], options)
-                raise PairTooLongError(index, length, options.max_length)
+                # Only room + 1 tokens were encoded: enough to refuse, and to say by how much at least.
+                raise PairTooLongError(index, f"more than {options.max_length}", options.max_length)
             spans = self._spans(len(doc_ids), room, options)
             truncated[index] = options.truncation is Truncation.END and len(doc_ids) > room
             windows[index] = len(spans)
@@ -243,12 +295,6 @@ class PairTokenizer:
             truncated=truncated,
         )
 
-    def _pair_length(self, query_tokens: int, document: str, options: EncodeOptions) -> str:
-        """The pair's length for an error message; past the request's token budget only a bound."""
-        tokens = len(self.encode_prefixes([document], [options.max_total_tokens])[0])
-        length = query_tokens + tokens + self.template.special_tokens
-        return str(length) if tokens <= options.max_total_tokens else f"more than {options.max_total_tokens}"
-
     def _spans(self, tokens: int, room: int, options: EncodeOptions) -> list[tuple[int, int]]:
         """The [start, end) document-token spans of a pair's model inputs."""
         if tokens <= room:
@@ -265,3 +311,16 @@ class PairTokenizer:
         stride = room - overlap
         last = -(-(tokens - room) // stride)  # windows until one reaches the end
         return [(k * stride, min(k * stride + room, tokens)) for k in range(last + 1)]
+
+
+def _groups(indices: list[int], sizes: list[int]) -> list[list[int]]:
+    """Consecutive groups of `indices` of at most _BATCH_CHARS characters each (one index at least)."""
+    groups: list[list[int]] = []
+    total = _BATCH_CHARS
+    for index, size in zip(indices, sizes, strict=True):
+        if total + size > _BATCH_CHARS:
+            groups.append([])
+            total = 0
+        groups[-1].append(index)
+        total += size
+    return groups
