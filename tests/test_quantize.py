@@ -1,4 +1,5 @@
-"""`rerank export --quantize int8`: a dynamically quantized CPU model, verified and recorded as int8."""
+"""`rerank export --quantize int8` (= --precision int8): a dynamically quantized CPU model, verified and
+recorded as int8, with its fp32 graph kept for CPUs without VNNI."""
 
 from __future__ import annotations
 
@@ -39,7 +40,10 @@ def test_config_and_provenance_say_int8(int8_repository: Path) -> None:
     assert verification["verified"] is True
     assert 0 < verification["max_abs_diff"] <= verification["tolerance"]  # int8 is close, not exact
     assert verification["fp32"]["verified"] is True and verification["fp32"]["max_abs_diff"] < 1e-4
-    assert not (int8_repository / "reranker" / "1" / "model.fp32.onnx").exists()
+    # The fp32 graph stays: a CPU without VNNI loads it instead (cpu_features.py).
+    assert (int8_repository / "reranker" / "1" / "model.fp32.onnx").is_file()
+    assert 'key: "fp32_weights" value: { string_value: "model.fp32.onnx" }' in config
+    assert provenance["fp32_fallback"] == {"runtime": "onnxruntime", "weights": "model.fp32.onnx"}
 
 
 def test_graph_runs_its_weight_matmuls_in_int8(int8_repository: Path, model_repository: Path) -> None:

@@ -246,6 +246,7 @@ async def run(settings: Settings) -> int:
         frontend = Frontend(settings, backend, model, tokenizer, metrics)
         await frontend.start()
         supervisor = (
+            local=triton is not None,
             asyncio.create_task(supervise(triton, stop, settings.restart_backoff, settings.triton_healthy_s))
             if triton is not None
             else None

@@ -40,14 +40,22 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
         choices=list(RUNTIMES),
         default=defaults.runtime,
         help="what runs the model in Triton: onnxruntime (the exported ONNX graph; onnxruntime-gpu on GPUs) or "
-        "torch (the checkpoint through transformers' PyTorch model) (default: %(default)s)",
+        "torch (the checkpoint through transformers' PyTorch model) (default: onnxruntime; torch for bf16; "
+        "--precision auto picks it)",
     )
-    parser.add_argument("--precision", choices=["fp32", "fp16"], default=None, help="default: fp32 on cpu, fp16 on gpu")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "int8", "fp16"],
+        default=None,
+        help="cpu: auto (the default: measure the precisions this CPU runs natively and keep the fastest that "
+        "ranks like fp32), fp32, bf16 (PyTorch) or int8 (ONNX Runtime dynamic quantization); gpu: fp16 (the "
+        "default) or fp32. A CPU model keeps fp32 weights: a CPU without bf16 or VNNI serves those instead",
+    )
     parser.add_argument(
         "--quantize",
         choices=["int8"],
         default=None,
-        help="dynamically quantize the fp32 graph's weights to int8 (CPU only; verified against eager)",
+        help="same as --precision int8 (kept for older scripts)",
     )
     parser.add_argument("--max-length", type=int, default=None, help="tokens per pair (default: the model's limit)")
     parser.add_argument(

@@ -33,15 +33,38 @@ if TYPE_CHECKING:
     import numpy as np
 
 import rerank_model_repository
+from rerank_model_repository.cpu_features import (
+    BF16_FLAGS,
+    INT8_FLAGS,
+    cpu_flags,
+    native_precisions,
+    resolve_precision,
+)
 
 DEFAULT_MODEL = "Alibaba-NLP/gte-reranker-modernbert-base"
 ARCHITECTURE = "ModernBertForSequenceClassification"
-PRECISIONS = {"cpu": ("fp32",), "gpu": ("fp16", "fp32")}
-# What computes the model inside Triton: ONNX Runtime on the exported graph, or PyTorch on the
-# checkpoint (GPUs without onnxruntime-gpu, e.g. NVIDIA's PyTorch-enabled Triton container).
-RUNTIMES = ("onnxruntime", "torch")
+# The first is the default. auto (CPU): measure the precisions this CPU runs natively and keep the
+# fastest whose ranking agrees with fp32 (`choose_precision`).
+PRECISIONS = {"cpu": ("auto", "fp32", "bf16", "int8"), "gpu": ("fp16", "bf16", "fp32")}
+# What computes the model inside Triton: ONNX Runtime on the exported graph, PyTorch on the checkpoint
+# through transformers on padded rows (torch), or the packed engine (modernbert_packed: no padding,
+# varlen flash attention with the local window on GPUs; the GPU default).
+RUNTIMES = ("onnxruntime", "torch", "packed")
 # Eager vs ONNX Runtime on the verification pairs; fp32 agrees to ~1e-6 in practice.
 VERIFY_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
+# bf16 vs eager fp32: bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2% per operation);
+# over a few layers the logit error stays within a few % of the logits' scale (0.023 on a random
+# ModernBERT-base whose logits reach ~3), so the bound is relative like int8's. 5% fails wrong weights
+# or a wrong mask, which move logits by their whole scale.
+BF16_RELATIVE_TOLERANCE = 0.05
+# auto: a candidate must rank like fp32 on the built-in pairs (the issue's bounds) ...
+AGREEMENT_TOP10 = 0.95
+AGREEMENT_SPEARMAN = 0.99
+# ... and beat ONNX Runtime fp32 by more than the timing noise of a short measurement on a shared
+# machine; fp32 is exact, so a tie keeps fp32.
+MIN_SPEEDUP = 1.05
+# Time each candidate scores the built-in pairs for (after one untimed pass), at least one pass.
+MEASURE_SECONDS = 1.0
 QUANTIZATIONS = ("int8",)
 # int8 vs eager: quantization error grows with the activations, so its bound is relative to the
 # largest |logit| of the verification pairs (at least 1). 5% passes the rounding error of a sound
@@ -62,9 +85,9 @@ class ExportOptions:
     model_id: str | None = None  # reported to callers; default: the hub id, or a local folder's name
     tokenizer: str | None = None
     device: str = "cpu"
-    runtime: str = "onnxruntime"
-    precision: str | None = None  # default: fp32 on cpu, fp16 on gpu
-    quantize: str | None = None  # "int8": dynamic int8 quantization of the fp32 graph (CPU only)
+    runtime: str | None = None  # default: onnxruntime, torch for bf16; auto picks it
+    precision: str | None = None  # default: auto on cpu (fp32 when a runtime is named), fp16 on gpu
+    quantize: str | None = None  # "int8": an alias of precision int8 (CPU only)
     max_length: int | None = None
     max_batch_size: int = 32
     max_batch_tokens: int | None = None
@@ -76,7 +99,22 @@ class ExportOptions:
 
     @property
     def resolved_precision(self) -> str:
-        return self.precision or PRECISIONS[self.device][0]
+        if self.precision:
+            return self.precision
+        if self.quantize:
+            return self.quantize
+        if self.device == "cpu" and self.runtime is not None:
+            return "fp32"  # a runtime named without a precision: its fp32, as before auto existed
+        return PRECISIONS.get(self.device, ("fp32",))[0]
+
+    @property
+    def resolved_runtime(self) -> str:
+        """The runtime of a fixed precision (auto chooses its own)."""
+        if self.runtime:
+            return self.runtime
+        if self.device == "gpu":
+            return "packed"
+        return "torch" if self.resolved_precision == "bf16" else "onnxruntime"
 
     @property
     def resolved_model_id(self) -> str:
@@ -124,13 +162,8 @@ def export(options: ExportOptions, progress: Progress = print) -> Path:
     if options.device not in PRECISIONS:
         raise ExportError(f"device must be one of {sorted(PRECISIONS)}, got {options.device!r}")
     precision = options.resolved_precision
-    if precision not in PRECISIONS[options.device]:
-        raise ExportError(f"precision {precision!r} is not offered on {options.device}: {PRECISIONS[options.device]}")
-    if options.runtime not in RUNTIMES:
-        raise ExportError(f"runtime must be one of {list(RUNTIMES)}, got {options.runtime!r}")
     if options.quantize is not None:
-        if options.runtime != "onnxruntime":
-            raise ExportError(f"--quantize {options.quantize} quantizes the ONNX graph; use --runtime onnxruntime")
+        # --quantize int8 is an alias of --precision int8.
         if options.quantize not in QUANTIZATIONS:
             raise ExportError(f"quantize must be one of {list(QUANTIZATIONS)}, got {options.quantize!r}")
         if options.device != "cpu":
@@ -138,8 +171,19 @@ def export(options: ExportOptions, progress: Progress = print) -> Path:
                 f"--quantize {options.quantize} makes a CPU model (ONNX Runtime's dynamic int8 CPU kernels); "
                 f"it cannot be combined with --device {options.device}"
             )
-        if precision != "fp32":
+        if precision not in (options.quantize, "fp32"):
             raise ExportError(f"--quantize {options.quantize} quantizes the fp32 graph; drop --precision {precision}")
+        precision = options.quantize
+    if precision not in PRECISIONS[options.device]:
+        raise ExportError(f"precision {precision!r} is not offered on {options.device}: {PRECISIONS[options.device]}")
+    if options.runtime is not None and options.runtime not in RUNTIMES:
+        raise ExportError(f"runtime must be one of {list(RUNTIMES)}, got {options.runtime!r}")
+    if precision == "auto" and options.runtime is not None:
+        raise ExportError("--precision auto chooses the runtime itself; drop --runtime or name a precision")
+    if precision == "int8" and options.resolved_runtime != "onnxruntime":
+        raise ExportError("int8 quantizes the ONNX graph; use --runtime onnxruntime")
+    if precision == "bf16" and options.resolved_runtime == "onnxruntime":
+        raise ExportError("bf16 runs in PyTorch on CPUs; use --runtime torch (or leave --runtime out)")
     destination = options.output / options.name
     if destination.exists() and not options.overwrite:
         raise ExportError(f"{destination} exists; pass --overwrite to replace it")
@@ -147,8 +191,15 @@ def export(options: ExportOptions, progress: Progress = print) -> Path:
     import torch
     import transformers
 
-    onnx_runtime = options.runtime == "onnxruntime"
-    steps = _Steps(5 + (onnx_runtime and precision == "fp16") + (options.quantize is not None), progress)
+    runtime = "onnxruntime" if precision == "auto" else options.resolved_runtime
+    onnx_runtime = runtime == "onnxruntime"
+    cpu_variants = options.device == "cpu" and precision in ("auto", "bf16", "int8")
+    flags = cpu_flags()
+    candidates = cpu_candidates(precision, runtime, flags) if cpu_variants else []
+    if cpu_variants:
+        steps = _Steps(5 + _variant_steps(precision, candidates), progress)
+    else:
+        steps = _Steps(5 + (onnx_runtime and precision == "fp16"), progress)
     with steps.step(f"Checking {options.model}"):
         config = _load(transformers.AutoConfig.from_pretrained, options.model, "configuration")
         check_config(config)
@@ -178,7 +229,16 @@ def export(options: ExportOptions, progress: Progress = print) -> Path:
     try:
         onnx_path = version_dir / "model.onnx"
         weights = onnx_path.name
-        if onnx_runtime:
+        quantization: dict[str, Any] | None = None
+        selection: dict[str, Any] | None = None
+        if cpu_variants:
+            variant = _export_cpu_variants(
+                model, config, tokenizer, options, precision, candidates, flags, version_dir, steps, max_length
+            )
+            precision, runtime, weights = variant.precision, variant.runtime, variant.weights
+            fp32_runtime, fp32_weights, reason = variant.fp32_runtime, variant.fp32_weights, variant.reason
+            verification, quantization, selection = variant.verification, variant.quantization, variant.selection
+        elif onnx_runtime:
             with steps.step(f"Exporting to ONNX (opset {options.opset})"):
                 _export_onnx(model, config, onnx_path, options.opset, max_length)
             if precision == "fp16":
@@ -186,6 +246,14 @@ def export(options: ExportOptions, progress: Progress = print) -> Path:
                     _convert_fp16(onnx_path)
             with steps.step("Verifying ONNX Runtime against transformers eager"):
                 verification = _verify(model, config, onnx_path, precision, max_length)
+        elif runtime == "packed":
+            weights = "model"
+            with steps.step("Saving the fp32 checkpoint for the packed engine (cast to the served precision at load)"):
+                model.save_pretrained(version_dir / weights)
+            with steps.step("Verifying the packed engine against transformers eager"):
+                verification = _verify_packed(
+                    model, config, version_dir / weights, precision, options.device, max_length
+                )
         else:
             weights = "model"
             with steps.step(f"Saving the checkpoint in {precision} for PyTorch"):
@@ -196,15 +264,10 @@ def export(options: ExportOptions, progress: Progress = print) -> Path:
                 verification = _verify_torch(
                     model, config, version_dir / weights, precision, options.device, max_length
                 )
-        quantization: dict[str, Any] | None = None
-        if options.quantize is not None:
-            with steps.step(f"Quantizing to {options.quantize} (dynamic) and verifying it against eager"):
-                fp32_path = version_dir / "model.fp32.onnx"
-                onnx_path.rename(fp32_path)
-                quantization = quantize_int8(fp32_path, onnx_path)
-                fp32_path.unlink()
-                verification = {**_verify(model, config, onnx_path, "int8", max_length), "fp32": verification}
-                precision = options.quantize
+        if not cpu_variants:
+            # fp32 is its own fallback; a GPU model runs as exported.
+            fp32_runtime, fp32_weights = (runtime, weights) if precision == "fp32" else ("", "")
+            reason = f"--precision {precision}" if options.precision else f"the default on {options.device}"
         with steps.step("Writing the Triton model"):
             tokenizer.save_pretrained(version_dir / "tokenizer")
             for target, source in rerank_model_repository.MODEL_FILES.items():
@@ -215,8 +278,12 @@ def export(options: ExportOptions, progress: Progress = print) -> Path:
                     name=options.name,
                     source_model=options.resolved_model_id,
                     precision=precision,
-                    runtime=options.runtime,
+                    runtime=runtime,
                     weights=weights,
+                    precision_reason=reason,
+                    cpu_flags=",".join(sorted(flags)),
+                    fp32_runtime=fp32_runtime,
+                    fp32_weights=fp32_weights,
                     max_length=max_length,
                     vocab_size=config.vocab_size,
                     pad_token_id=pad_token_id,
@@ -231,6 +298,12 @@ def export(options: ExportOptions, progress: Progress = print) -> Path:
             provenance = {
                 "options": {k: str(v) for k, v in asdict(options).items()},
                 "precision": precision,
+                "runtime": runtime,
+                "weights": weights,
+                "fp32_fallback": {"runtime": fp32_runtime, "weights": fp32_weights} if fp32_weights else None,
+                "precision_reason": reason,
+                "cpu_flags": sorted(flags),
+                "precision_selection": selection,
                 "quantization": quantization,
                 "max_length": max_length,
                 "config": config.to_dict(),
@@ -243,8 +316,226 @@ def export(options: ExportOptions, progress: Progress = print) -> Path:
         staging.rename(destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    progress(f"Exported {options.model} to {destination} ({options.runtime}, {precision}, max_length {max_length})")
+    progress(f"Exported {options.model} to {destination} ({runtime}, {precision}, max_length {max_length})")
+    progress(f"Precision {precision}: {reason}")
     return destination
+
+
+def cpu_candidates(precision: str, runtime: str, flags: frozenset[str]) -> list[tuple[str, str]]:
+    """(runtime, precision) pairs to export: the named one, or for auto ONNX Runtime fp32 (the
+    reference, always) and the precisions this CPU computes natively."""
+    if precision != "auto":
+        return [(runtime, precision)]
+    native = native_precisions(flags)
+    candidates = [("onnxruntime", "fp32")]
+    if "int8" in native:
+        candidates.append(("onnxruntime", "int8"))
+    if "bf16" in native:
+        candidates.append(("torch", "bf16"))
+    return candidates
+
+
+def _variant_steps(precision: str, candidates: list[tuple[str, str]]) -> int:
+    """Steps beyond check, load, export, verify and write."""
+    int8 = any(p == "int8" for _, p in candidates)
+    checkpoint = any(r != "onnxruntime" for r, _ in candidates)
+    return int8 + 2 * checkpoint + (precision == "auto" and len(candidates) > 1)
+
+
+@dataclass(frozen=True)
+class _Variant:
+    precision: str
+    runtime: str
+    weights: str
+    fp32_runtime: str
+    fp32_weights: str
+    reason: str
+    verification: dict[str, Any]
+    quantization: dict[str, Any] | None
+    selection: dict[str, Any] | None
+
+
+def _export_cpu_variants(
+    model: Any,
+    config: Any,
+    tokenizer: Any,
+    options: ExportOptions,
+    precision: str,
+    candidates: list[tuple[str, str]],
+    flags: frozenset[str],
+    version_dir: Path,
+    steps: _Steps,
+    max_length: int,
+) -> _Variant:
+    """The fp32 graph (always: the reference and every CPU's fallback), then what the candidates
+    need (the int8 graph, the fp32 checkpoint that PyTorch casts to bf16 at load), each verified
+    against eager; with auto, the measured choice. Leaves the chosen weights and the fp32 fallback."""
+    onnx_path = version_dir / "model.onnx"
+    int8_path = version_dir / "model.int8.onnx"
+    checkpoint = version_dir / "model"
+    with steps.step(f"Exporting to ONNX (opset {options.opset})"):
+        _export_onnx(model, config, onnx_path, options.opset, max_length)
+    with steps.step("Verifying ONNX Runtime against transformers eager"):
+        verification = {"fp32": _verify(model, config, onnx_path, "fp32", max_length)}
+    quantization = None
+    if any(p == "int8" for _, p in candidates):
+        with steps.step("Quantizing to int8 (dynamic) and verifying it against eager"):
+            quantization = quantize_int8(onnx_path, int8_path)
+            verification["int8"] = _verify(model, config, int8_path, "int8", max_length)
+    if any(r != "onnxruntime" for r, _ in candidates):
+        with steps.step("Saving the fp32 checkpoint for PyTorch (cast to the served precision at load)"):
+            model.save_pretrained(checkpoint)
+        with steps.step("Verifying the PyTorch runtime (fp32 and bf16) against transformers eager"):
+            verification["torch-fp32"] = _verify_torch(model, config, checkpoint, "fp32", "cpu", max_length)
+            verification["bf16"] = _verify_torch(model, config, checkpoint, "bf16", "cpu", max_length)
+    selection = None
+    if precision == "auto" and len(candidates) > 1:
+        with steps.step(f"Measuring {len(candidates)} precisions on this CPU"):
+            selection = choose_precision(candidates, version_dir, config, tokenizer, options, max_length)
+        runtime, chosen, reason = selection["runtime"], selection["precision"], selection["reason"]
+    elif precision == "auto":
+        runtime, chosen = candidates[0]
+        lacking = ", ".join((*BF16_FLAGS, *INT8_FLAGS))
+        reason = f"auto: fp32, the only native precision here (the CPU has none of {lacking})"
+    else:
+        runtime, chosen = candidates[0]
+        reason = f"--precision {chosen}"
+        served, why = resolve_precision(chosen, flags)
+        if served != chosen:
+            reason += f" (on this CPU it would load as {served}: {why})"
+    if chosen == "int8":
+        onnx_path.rename(version_dir / "model.fp32.onnx")
+        int8_path.rename(onnx_path)
+        weights, fp32_weights = onnx_path.name, "model.fp32.onnx"
+    else:
+        weights = checkpoint.name if chosen == "bf16" else onnx_path.name
+        fp32_weights = onnx_path.name
+    int8_path.unlink(missing_ok=True)
+    if chosen != "bf16":
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    key = "int8" if chosen == "int8" else "bf16" if chosen == "bf16" else "fp32"
+    return _Variant(
+        precision=chosen,
+        runtime=runtime,
+        weights=weights,
+        fp32_runtime="onnxruntime",
+        fp32_weights=fp32_weights,
+        reason=reason,
+        verification={**verification[key], "fp32": verification["fp32"], "variants": verification},
+        quantization=quantization if chosen == "int8" else None,
+        selection=selection,
+    )
+
+
+def precision_pairs(config: Any, tokenizer: Any, max_length: int, count: int = 32, seed: int = 0) -> tuple[Any, Any]:
+    """The built-in mixed-length set: one query against `count` documents of log-normal lengths
+    (median 96 tokens, up to 512), as ragged ids ([CLS] query [SEP] document [SEP]) and lengths.
+    Random ordinary token ids: the tokenizer's vocabulary, not a language, is all an export has."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    vocab = min(len(tokenizer), int(config.vocab_size))
+    pool = np.setdiff1d(np.arange(vocab), np.asarray(tokenizer.all_special_ids, dtype=np.int64))
+    cls = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else int(pool[0])
+    sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else cls
+    limit = min(max_length, 512)
+    query = rng.choice(pool, max(1, min(16, (limit - 3) // 4)))
+    longest = max(1, limit - query.size - 3)
+    documents = np.clip(np.round(rng.lognormal(np.log(96), 0.8, count)), min(4, longest), longest).astype(int)
+    rows = [np.concatenate(([cls], query, [sep], rng.choice(pool, n), [sep])) for n in documents]
+    return np.concatenate(rows).astype(np.int32), np.array([r.size for r in rows], dtype=np.int64)
+
+
+def ranking_agreement(reference: Any, other: Any, top: int = 10) -> dict[str, float]:
+    """How far `other` ranks like `reference`: top-k overlap, Spearman (ranks' Pearson), max |Δ|."""
+    import numpy as np
+
+    reference, other = np.asarray(reference, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    k = min(top, reference.size)
+    overlap = len(set(np.argsort(-reference, kind="stable")[:k]) & set(np.argsort(-other, kind="stable")[:k])) / k
+    ranks = [np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(np.float64) for x in (reference, other)]
+    spearman = float(np.corrcoef(*ranks)[0, 1]) if reference.size > 1 else 1.0
+    return {"top10_overlap": overlap, "spearman": spearman, "max_abs_diff": float(np.abs(other - reference).max())}
+
+
+def _candidate_engine(
+    runtime: str, precision: str, version_dir: Path, pad_token_id: int, budget: int, threads: int
+) -> Any:
+    from rerank_model_repository.reranker_engine import PackedReranker
+
+    if runtime == "onnxruntime":
+        path = version_dir / ("model.int8.onnx" if precision == "int8" else "model.onnx")
+        return PackedReranker.from_file(
+            str(path), pad_token_id=pad_token_id, max_batch_tokens=budget, intra_op_threads=threads
+        )
+    return PackedReranker.from_pretrained(
+        str(version_dir / "model"),
+        pad_token_id=pad_token_id,
+        max_batch_tokens=budget,
+        precision=precision,
+        intra_op_threads=threads,
+    )
+
+
+def _time_scoring(engine: Any, ids: Any, lengths: Any) -> tuple[float, Any]:
+    """Pairs per second over whole passes (at least MEASURE_SECONDS, one pass at least) after an
+    untimed pass (first runs allocate and compile kernels); that pass's logits."""
+    logits = engine.score(ids, lengths)
+    passes, start = 0, time.perf_counter()
+    while True:
+        engine.score(ids, lengths)
+        passes += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= MEASURE_SECONDS:
+            return passes * lengths.size / elapsed, logits
+
+
+def choose_precision(
+    candidates: list[tuple[str, str]],
+    version_dir: Path,
+    config: Any,
+    tokenizer: Any,
+    options: ExportOptions,
+    max_length: int,
+) -> dict[str, Any]:
+    """Measure each candidate on the built-in pairs, as served (the token budget, the threads), and
+    pick the fastest whose ranking agrees with ONNX Runtime fp32 (the first candidate)."""
+    ids, lengths = precision_pairs(config, tokenizer, max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (config.pad_token_id or 0)
+    budget = options.max_batch_tokens or max(8192, max_length)
+    rows: list[dict[str, Any]] = []
+    reference = None
+    for runtime, precision in candidates:
+        engine = _candidate_engine(runtime, precision, version_dir, pad, budget, options.intra_op_threads)
+        rate, logits = _time_scoring(engine, ids, lengths)
+        del engine
+        reference = logits if reference is None else reference
+        rows.append({"runtime": runtime, "precision": precision, "pairs_per_s": rate})
+        rows[-1].update(ranking_agreement(reference, logits))
+    for row in rows:
+        row["speedup"] = row["pairs_per_s"] / rows[0]["pairs_per_s"]
+        row["agrees"] = row["top10_overlap"] >= AGREEMENT_TOP10 and row["spearman"] >= AGREEMENT_SPEARMAN
+    eligible = [rows[0], *(r for r in rows[1:] if r["agrees"] and r["speedup"] >= MIN_SPEEDUP)]
+    best = max(eligible, key=lambda r: r["pairs_per_s"])
+
+    def describe(r: dict[str, Any]) -> str:
+        fails = "" if r["agrees"] else ", ranks unlike fp32"
+        return f"{r['precision']} ({r['runtime']}) {r['speedup']:.2f}x{fails}"
+
+    others = "; ".join(describe(r) for r in rows[1:] if r is not best)
+    reason = (
+        f"auto: {describe(best)} ONNX Runtime fp32 on this CPU, top-10 overlap {best['top10_overlap']:.2f}, "
+        f"Spearman {best['spearman']:.3f} on {lengths.size} built-in pairs" + (f"; {others}" if others else "")
+    )
+    return {
+        "runtime": best["runtime"],
+        "precision": best["precision"],
+        "reason": reason,
+        "candidates": rows,
+        "pairs": int(lengths.size),
+        "tokens": int(lengths.sum()),
+        "thresholds": {"top10_overlap": AGREEMENT_TOP10, "spearman": AGREEMENT_SPEARMAN, "speedup": MIN_SPEEDUP},
+    }
 
 
 def render_config(**values: Any) -> str:
@@ -404,6 +695,8 @@ def _agreement(got: np.ndarray, expected: np.ndarray, precision: str, lengths: l
     max_diff = float(np.max(np.abs(got - expected)))
     if precision in VERIFY_TOLERANCE:
         tolerance = VERIFY_TOLERANCE[precision]
+    elif precision == "bf16":
+        tolerance = BF16_RELATIVE_TOLERANCE * max(1.0, float(np.max(np.abs(expected))))
     else:
         tolerance = INT8_RELATIVE_TOLERANCE * max(1.0, float(np.max(np.abs(expected))))
     if max_diff > tolerance:
@@ -440,9 +733,38 @@ def _verify_torch(
     from rerank_model_repository.torch_runner import TorchRunner
 
     on_gpu = device == "gpu" and torch.cuda.is_available()
-    run_precision = precision if on_gpu else "fp32"
+    # bf16 runs on any CPU (emulated where it lacks AVX512_BF16): checked as it will run.
+    run_precision = precision if on_gpu or precision == "bf16" else "fp32"
     runner = TorchRunner(str(weights), device="cuda" if on_gpu else "cpu", precision=run_precision)
     lengths, ids, mask, expected = _eager_reference(model, config, max_length)
     got = runner(ids, mask).astype("float64")
     result = _agreement(got, expected, precision, lengths, "PyTorch")
     return {**result, "device": str(runner.device), "checked_in": run_precision}
+
+
+def _verify_packed(
+    model: Any, config: Any, weights: Path, precision: str, device: str, max_length: int
+) -> dict[str, Any]:
+    """Load the saved checkpoint the way Triton will (the packed engine, in sub-batches under a small
+    token budget so several runs are checked) and compare with eager, pair by pair. On a GPU export
+    made where no GPU is, the weights are checked in fp32 on the CPU (not the flash kernels)."""
+    import numpy as np
+    import torch
+
+    from rerank_model_repository.reranker_engine import PackedReranker
+
+    on_gpu = device == "gpu" and torch.cuda.is_available()
+    run_precision = precision if on_gpu or device == "cpu" else "fp32"
+    lengths, ids, _, expected = _eager_reference(model, config, max_length)
+    engine = PackedReranker.from_pretrained(
+        str(weights),
+        pad_token_id=int(config.pad_token_id or 0),
+        max_batch_tokens=max(lengths) + 1,
+        device="cuda" if on_gpu else "cpu",
+        precision=run_precision,
+        packed=True,
+    )
+    ragged = np.concatenate([ids[row, :n] for row, n in enumerate(lengths)])
+    got = engine.score(ragged, np.array(lengths)).astype(np.float64)
+    result = _agreement(got, expected, precision, lengths, "the packed engine")
+    return {**result, "device": "cuda" if on_gpu else "cpu", "checked_in": run_precision}

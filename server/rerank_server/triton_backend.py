@@ -94,8 +94,12 @@ class TritonBackend:
         request_max_tokens: int,
         max_message_bytes: int,
         metrics: Metrics | None = None,
+        local: bool = False,
     ) -> None:
         self.url = url
+        # Triton runs on this machine (started by `rerank serve`): its CPU is ours, so the precision
+        # the model loaded in is the one cpu_features resolves here from the config and these flags.
+        self.local = local
         self.model_name = model_name
         self.request_max_tokens = request_max_tokens
         self.metrics = metrics
@@ -123,9 +127,22 @@ class TritonBackend:
             version=max(metadata.get("versions", ["1"]), key=int),
             source_model=params["source_model"],
             max_length=int(params["max_length"]),
-            precision=params["precision"],
+            precision=self._precision_in_use(config, params),
             tokenizer_dir=params.get("tokenizer_dir", "tokenizer"),
         )
+
+    def _precision_in_use(self, config: dict[str, Any], params: dict[str, str]) -> str:
+        """The precision the model computes in: on a local CPU instance, what model.py resolved from
+        the same parameters and flags (cpu_features.served_choice); else the exported one."""
+        kinds = {group.get("kind", "KIND_CPU") for group in config.get("instance_group", [])}
+        if not self.local or kinds != {"KIND_CPU"}:
+            return params["precision"]
+        from rerank_model_repository.cpu_features import cpu_flags, served_choice
+
+        try:
+            return served_choice(params, cpu_flags()).precision
+        except ValueError:
+            return params["precision"]  # the model refused to load; is_ready says so
 
     async def statistics(self) -> dict[str, Any]:
         """Triton's statistics of the model (inference and execution counts, queue and compute times)."""
