@@ -78,6 +78,10 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def model_repository(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> Path:
     repository = tmp_path_factory.mktemp("model_repository")
     for name, checkpoint in checkpoints.items():
+        # fp32: the tests hold the served logits to eager's at fp32 tolerances; the CPU-dependent
+        # choice of the default (auto) has its own tests (test_precision.py).
+        args = MODELS[name].export_args
+        precision = () if "--runtime" in args or "--precision" in args else ("--precision", "fp32")
         done = run_rerank(
             "export", "--model", str(checkpoint), "--output", str(repository), "--name", name, *args, *precision
         )
@@ -95,10 +99,6 @@ class Stack:
     process: subprocess.Popen[bytes]
     target: str
     triton_url: str
-        # fp32: the tests hold the served logits to eager's at fp32 tolerances; the CPU-dependent
-        # choice of the default (auto) has its own tests (test_precision.py).
-        args = MODELS[name].export_args
-        precision = () if "--runtime" in args or "--precision" in args else ("--precision", "fp32")
     log_path: Path
     triton_metrics_url: str | None = None
     metrics_url: str | None = None

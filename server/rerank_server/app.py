@@ -233,6 +233,7 @@ async def run(settings: Settings) -> int:
             request_max_tokens=settings.triton_request_max_tokens,
             max_message_bytes=settings.max_message_bytes,
             metrics=metrics,
+            local=triton is not None,
         )
         stack.push_async_callback(backend.close)
 
@@ -246,7 +247,6 @@ async def run(settings: Settings) -> int:
         frontend = Frontend(settings, backend, model, tokenizer, metrics)
         await frontend.start()
         supervisor = (
-            local=triton is not None,
             asyncio.create_task(supervise(triton, stop, settings.restart_backoff, settings.triton_healthy_s))
             if triton is not None
             else None
