@@ -4,9 +4,11 @@ export` itself, and a real stack (tritonserver + frontend) started by `rerank se
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
@@ -36,6 +38,17 @@ MEAN_POOLING_CONFIG = {
 # 8192-token inputs on a model small enough for CPU tests, with a token budget of two such inputs
 # per model run, so long documents go through several sub-batches.
 LONG_CONFIG = {**TINY_CONFIG, "max_position_embeddings": 8192, "local_attention": 64}
+# The packed engine's served shape, unlike the others: odd head count, five layers with every fourth
+# global, a window of 24 (12 each way).
+PACKED_CONFIG = {
+    "hidden_size": 80,
+    "intermediate_size": 112,
+    "num_hidden_layers": 5,
+    "num_attention_heads": 5,
+    "local_attention": 24,
+    "global_attn_every_n_layers": 4,
+    "max_position_embeddings": 512,
+}
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,10 @@ MODELS = {
     "reranker_long": ModelSpec(LONG_CONFIG, 2, ("--max-batch-tokens", "16384")),
     # reranker_mean's weights (same shape and seed) run by PyTorch inside Triton instead of ONNX Runtime.
     "reranker_torch": ModelSpec(MEAN_POOLING_CONFIG, 1, ("--runtime", "torch")),
+    # The packed (unpadded) engine, with a small token budget so that requests run as several packed runs.
+    "reranker_packed": ModelSpec(PACKED_CONFIG, 3, ("--runtime", "packed", "--max-batch-tokens", "600")),
+    # reranker_long's weights in the packed engine: one 8192-token pair per run.
+    "reranker_long_packed": ModelSpec(LONG_CONFIG, 2, ("--runtime", "packed", "--max-batch-tokens", "8192")),
 }
 
 
@@ -102,6 +119,8 @@ class Stack:
     log_path: Path
     triton_metrics_url: str | None = None
     metrics_url: str | None = None
+    triton_log: Path | None = None
+    http_url: str | None = None  # the HTTP/JSON frontend (http_api), e.g. http://127.0.0.1:PORT
 
     @property
     def output(self) -> list[str]:
@@ -188,6 +207,67 @@ def torch_stack(stack: Stack, model_repository: Path) -> Iterator[Stack]:
     """A frontend fronting `reranker_torch`: the model computed by PyTorch inside Triton."""
     with frontend(stack, model_repository, "--model-name=reranker_torch") as served:
         yield served
+
+
+@pytest.fixture(scope="session")
+def packed_stack(stack: Stack, model_repository: Path) -> Iterator[Stack]:
+    """A frontend fronting `reranker_packed`: the packed engine inside Triton."""
+    with frontend(stack, model_repository, "--model-name=reranker_packed") as served:
+        yield served
+
+
+@pytest.fixture(scope="session")
+def numpy2_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Python environment (a venv's layout) in which numpy>=2 shadows this venv's numpy 1, this venv's
+    packages coming after it. Triton's backend stub ignores PYTHONPATH (it embeds Python with the
+    environment ignored), so this reaches the model through `rerank serve --triton-python-env`."""
+    root = tmp_path_factory.mktemp("numpy2-env")
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    site = root / "lib" / version / "site-packages"
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(site), "numpy>=2.3,<3"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    # The venv's site folder after numpy 2, with its own .pth files (editable installs) processed.
+    (site / "zz-this-venv.pth").write_text(f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+    (root / "bin").mkdir()
+    (root / "bin" / "python3").symlink_to(os.path.realpath(sys.executable))
+    shutil.copy2(Path(sys.prefix) / "pyvenv.cfg", root / "pyvenv.cfg")
+    return root
+
+
+@pytest.fixture(scope="session")
+def numpy2_repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One model per runtime (onnxruntime, torch, packed), for a Triton running them under numpy 2."""
+    repository = tmp_path_factory.mktemp("numpy2-repository")
+    for name in ("reranker", "reranker_torch", "reranker_packed"):
+        shutil.copytree(model_repository / name, repository / name)
+    return repository
+
+
+@pytest.fixture(scope="session")
+def numpy2_stack(numpy2_env: Path, numpy2_repository: Path) -> Iterator[Stack]:
+    """`rerank serve` whose Triton runs numpy2_repository's models under numpy 2, fronting `reranker`;
+    its Triton log is stack.triton_log."""
+    repository = numpy2_repository
+    triton_log = repository.parent / "numpy2-triton.log"
+    served = start_serve(
+        [
+            f"--model-repository={repository}",
+            f"--triton-python-env={numpy2_env}",
+            f"--triton-log={triton_log}",
+            f"--triton-grpc-port={free_port()}",
+            f"--triton-http-port={free_port()}",
+            f"--triton-metrics-port={free_port()}",
+        ]
+    )
+    served.triton_log = triton_log
+    yield served
+    code = stop_serve(served)
+    assert code == 0, "".join(served.output[-30:])
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
-"""The served path end to end: SDK -> frontend -> real Triton -> ONNX Runtime or PyTorch, checked against eager."""
+"""The served path end to end: SDK -> frontend -> real Triton -> ONNX Runtime, PyTorch or the packed engine,
+checked against eager."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from rerank_client import AsyncRerankClient, InvalidRequestError, RerankClient
-from tests.conftest import Stack, run_rerank
+from tests.conftest import Stack, frontend, run_rerank
 from tests.reference import eager
 from tests.texts import QUERY, mixed_documents, text
 
@@ -34,7 +36,12 @@ def served_logits(response, n: int) -> np.ndarray:
     return logits
 
 
-STACKS = {"reranker": "stack", "reranker_mean": "mean_stack", "reranker_torch": "torch_stack"}
+STACKS = {
+    "reranker": "stack",
+    "reranker_mean": "mean_stack",
+    "reranker_torch": "torch_stack",
+    "reranker_packed": "packed_stack",
+}
 
 
 @pytest.mark.parametrize("model", sorted(STACKS))
@@ -183,3 +190,39 @@ def test_cli_query_reports_errors_with_a_status(stack: Stack) -> None:
 def test_serve_printed_where_it_listens(stack: Stack, model_repository: Path) -> None:
     line = next(line for line in stack.output if line.startswith("rerank: serving"))
     assert stack.target.split(":")[1] in line and "Triton at" in line
+
+
+def equal_length_documents(reference, count: int, tokens: int) -> list[str]:
+    """`count` different documents whose (QUERY, document) pairs all tokenize to the same length."""
+    found: list[str] = []
+    for seed in range(2000):
+        document = text(tokens // 2, seed=seed)
+        if len(reference.encode(QUERY, document)) == len(reference.encode(QUERY, found[0] if found else document)):
+            found.append(document)
+        if len(found) == count:
+            return found
+    raise AssertionError("no documents of equal length found")
+
+
+@pytest.mark.parametrize("model", ["reranker", "reranker_torch", "reranker_packed"])
+def test_numpy_2_in_triton_serves_every_runtime_like_eager(
+    numpy2_stack: Stack, numpy2_repository: Path, model: str, checkpoints
+) -> None:
+    # Triton 2.51's stub reads numpy 2 arrays wrongly through as_numpy() (each element as the first) and
+    # writes numpy 2 outputs with a byte size of 0; the model reads and writes through DLPack instead.
+    assert numpy2_stack.triton_log is not None
+    log = numpy2_stack.triton_log.read_text(errors="replace")
+    versions = re.findall(rf'"{model}: \w+ runtime, numpy (\S+)"', log)  # model.py logs it at load
+    assert versions and versions[0].startswith("2."), f"the stub did not import numpy 2: {versions}"
+    reference = eager(checkpoints[model])
+    same = equal_length_documents(reference, 4, 40)
+    requests = [mixed_documents(), same, [same[0]]]
+    with (
+        frontend(numpy2_stack, numpy2_repository, f"--model-name={model}") as served,
+        RerankClient(served.target, timeout=60) as c,
+    ):
+        for documents in requests:
+            got = served_logits(c.rerank(QUERY, documents), len(documents))
+            np.testing.assert_allclose(got, reference.logits(QUERY, documents), atol=ATOL)
+    assert len(set(np.round(reference.logits(QUERY, same), 4))) > 1, "equal-length pairs must score differently"
+    assert "PyCapsule" not in numpy2_stack.triton_log.read_text(errors="replace")
