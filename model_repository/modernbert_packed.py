@@ -69,7 +69,7 @@ def select_attention_backend(
     dtype: torch.dtype,
     head_dim: int,
     *,
-    varlen_fn: Callable[..., Any] | None = None,
+    varlen_window: bool | None = None,
     flash_forward: bool | None = None,
     flash_available: bool | None = None,
 ) -> str:
@@ -77,7 +77,8 @@ def select_attention_backend(
 
     FlashAttention-2 needs CUDA, fp16/bf16 and a head size it compiles (multiple of 8, <= 256);
     anything else takes the blocked algorithm, which is exact on every device. The keyword
-    arguments override what this torch exposes (for tests).
+    arguments (None: ask this torch) say whether varlen_attn takes a window, whether
+    aten::_flash_attention_forward does, and whether flash attention was built in.
     """
     if device.type != "cuda" or dtype not in FLASH_DTYPES or head_dim % 8 != 0 or head_dim > 256:
         return BLOCKED
@@ -85,13 +86,19 @@ def select_attention_backend(
         flash_available = bool(torch.backends.cuda.is_flash_attention_available())
     if not flash_available:
         return BLOCKED
-    if varlen_fn is None:
-        varlen_fn = _varlen_attn_function()
-    if varlen_fn is not None:
+    if varlen_window is None:
+        varlen_window = _varlen_attn_function() is not None
+    if varlen_window:
         return VARLEN_ATTN
     if flash_forward is None:
         flash_forward = _flash_forward_has_window()
     return FLASH_FORWARD if flash_forward else BLOCKED
+
+
+def _flash_attention_forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """aten::_flash_attention_forward's output (a module function, so tests can stand in for it)."""
+    out: torch.Tensor = torch.ops.aten._flash_attention_forward(*args, **kwargs)[0]
+    return out
 
 
 def flash_window(half_window: int | None) -> tuple[int, int]:
@@ -177,6 +184,7 @@ class PackedModernBert:
             raise ValueError(f"classifier_pooling {self.pooling!r} is not supported (cls, mean)")
         self.half_window = int(getattr(config, "local_attention", 128)) // 2
         self.backend = select_attention_backend(self.device, dtype, self.head_dim)
+        self.varlen_attn = _varlen_attn_function() if self.backend == VARLEN_ATTN else None
 
         def param(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.detach().to(self.device, dtype).contiguous()
@@ -349,9 +357,8 @@ class PackedModernBert:
     ) -> torch.Tensor:
         """Attention of packed q, k, v [N, H, D] -> [N, H, D]."""
         if self.backend == VARLEN_ATTN:
-            fn = _varlen_attn_function()
-            assert fn is not None
-            out: torch.Tensor = fn(
+            assert self.varlen_attn is not None
+            out: torch.Tensor = self.varlen_attn(
                 q.contiguous(),
                 k.contiguous(),
                 v.contiguous(),
@@ -367,7 +374,7 @@ class PackedModernBert:
             args, kwargs = flash_forward_arguments(
                 q.contiguous(), k.contiguous(), v.contiguous(), cu32, max_len, self.scale, half_window
             )
-            return torch.ops.aten._flash_attention_forward(*args, **kwargs)[0]
+            return _flash_attention_forward(*args, **kwargs)
         return self._blocked_attention(q, k, v, half_window, cu_host, lengths_host, blocks)
 
     def _blocked_attention(
@@ -406,14 +413,15 @@ class PackedModernBert:
         for length, group in by_length.items():
             if len(group) == 1:
                 s = group[0]
-                # [L, H, D] -> [H, L, D]: SDPA batches over heads.
+                # [L, H, D] -> [1, H, L, D]: the fused CPU kernel takes 4-D inputs only (3-D ones
+                # fall back to the math path, which builds the T x T scores).
                 o = F.scaled_dot_product_attention(
-                    q[s : s + length].transpose(0, 1),
-                    k[s : s + length].transpose(0, 1),
-                    v[s : s + length].transpose(0, 1),
+                    q[s : s + length].transpose(0, 1)[None],
+                    k[s : s + length].transpose(0, 1)[None],
+                    v[s : s + length].transpose(0, 1)[None],
                     scale=self.scale,
                 )
-                out[s : s + length] = o.transpose(0, 1)
+                out[s : s + length] = o[0].transpose(0, 1)
                 continue
             index = (torch.tensor(group)[:, None] + torch.arange(length)[None, :]).reshape(-1).to(q.device)
             shape = (len(group), length, self.heads, self.head_dim)

@@ -1,0 +1,367 @@
+"""modernbert_packed (the packed, windowed ModernBERT engine) on CPU, against transformers eager.
+
+Tiny random checkpoints of different widths, depths, heads, windows, global_attn_every_n_layers and
+poolings; pairs at lengths around and far past the window, packed together in one call in mixed
+orders. The reference runs each pair alone, unpadded, with eager attention in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from transformers import ModernBertForSequenceClassification
+
+from rerank_model_repository import modernbert_packed
+from rerank_model_repository.modernbert_packed import (
+    BLOCKED,
+    FLASH_FORWARD,
+    VARLEN_ATTN,
+    PackedModernBert,
+    flash_forward_arguments,
+    select_attention_backend,
+)
+from rerank_server.testing import save_random_checkpoint
+
+TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "modernbert-tokenizer"
+VOCAB = 50_000  # below every checkpoint's vocab_size (ModernBertConfig's default, 50368)
+FP32_TOLERANCE = 1e-4
+
+# Widths, depths, heads (head sizes 8 to 24), windows (odd half-windows too), layer patterns, poolings
+# and rotary thetas that differ from one checkpoint to the next.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "w16-every3-cls": {
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "local_attention": 16,
+    },
+    "w32-every2-mean": {
+        "hidden_size": 48,
+        "intermediate_size": 80,
+        "num_hidden_layers": 5,
+        "num_attention_heads": 2,
+        "local_attention": 32,
+        "global_attn_every_n_layers": 2,
+        "classifier_pooling": "mean",
+    },
+    "w64-every1-cls": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "local_attention": 64,
+        "global_attn_every_n_layers": 1,
+    },
+    "w30-every3-mean-thetas": {
+        "hidden_size": 96,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "local_attention": 30,
+        "classifier_pooling": "mean",
+        "global_rope_theta": 80_000.0,
+        "local_rope_theta": 5_000.0,
+    },
+    "w64-every3-cls-deep": {
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 7,
+        "num_attention_heads": 2,
+        "local_attention": 64,
+        "norm_bias": True,
+        "attention_bias": True,
+        "mlp_bias": True,
+        "classifier_bias": True,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("packed_checkpoints")
+    return {
+        name: save_random_checkpoint(root / name, TOKENIZER_DIR, seed=i, **config)
+        for i, (name, config) in enumerate(CONFIGS.items())
+    }
+
+
+def window_lengths(local_attention: int) -> list[int]:
+    """Lengths around the half window w and far past it (some repeated: equal lengths share a call)."""
+    w = local_attention // 2
+    return [1, 2, w - 1, w, w + 1, w + 2, 2 * w + 1, 3 * w + 5, 1000, w, 3 * w + 5, 7]
+
+
+def random_pairs(lengths: list[int], seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=generator) for n in lengths]
+
+
+def pack(pairs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    cu = torch.tensor([0, *np.cumsum([p.numel() for p in pairs]).tolist()], dtype=torch.int32)
+    return torch.cat(pairs), cu
+
+
+def eager_logits(checkpoint: Path, pairs: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> np.ndarray:
+    model = ModernBertForSequenceClassification.from_pretrained(
+        checkpoint, attn_implementation="eager", dtype=dtype
+    ).eval()
+    with torch.inference_mode():
+        return np.array([model(input_ids=p[None]).logits[0, 0].item() for p in pairs])
+
+
+@pytest.fixture(scope="module")
+def references(checkpoint_dirs: dict[str, Path]) -> dict[str, tuple[list[torch.Tensor], np.ndarray]]:
+    """Per checkpoint: its test pairs and eager fp32's logits for them."""
+    out = {}
+    for i, (name, checkpoint) in enumerate(checkpoint_dirs.items()):
+        pairs = random_pairs(window_lengths(CONFIGS[name]["local_attention"]), seed=100 + i)
+        out[name] = (pairs, eager_logits(checkpoint, pairs))
+    return out
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_packed_fp32_matches_eager_in_any_order(
+    name: str, checkpoint_dirs: dict[str, Path], references: dict[str, tuple[list[torch.Tensor], np.ndarray]]
+) -> None:
+    engine = PackedModernBert.from_pretrained(str(checkpoint_dirs[name]))
+    assert engine.backend == BLOCKED and engine.dtype == torch.float32
+    pairs, expected = references[name]
+    assert np.ptp(expected) > 1.0, "logits too alike to tell pairs apart"
+    for order in (np.arange(len(pairs)), np.arange(len(pairs))[::-1], np.random.default_rng(0).permutation(len(pairs))):
+        logits = engine.forward_packed(*pack([pairs[i] for i in order]))
+        assert logits.dtype == torch.float32 and logits.shape == (len(pairs),)
+        np.testing.assert_allclose(logits.numpy(), expected[order], rtol=0, atol=FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("name", ["w16-every3-cls", "w32-every2-mean"])
+def test_packed_bf16_is_as_close_to_fp32_as_transformers_bf16(
+    name: str, checkpoint_dirs: dict[str, Path], references: dict[str, tuple[list[torch.Tensor], np.ndarray]]
+) -> None:
+    """bf16 keeps 8 significant bits, so logits move by ~1% of their scale through a few layers. The
+    bound is transformers' own bf16 eager error on the same pairs (x2, since rounding happens at other
+    points), and at most 2% of the logits' spread."""
+    pairs, expected = references[name]
+    engine = PackedModernBert.from_pretrained(str(checkpoint_dirs[name]), dtype=torch.bfloat16)
+    assert engine.dtype == torch.bfloat16 and engine.embeddings.dtype == torch.bfloat16
+    logits = engine.forward_packed(*pack(pairs))
+    assert logits.dtype == torch.float32
+    ours = np.abs(logits.numpy() - expected).max()
+    theirs = np.abs(eager_logits(checkpoint_dirs[name], pairs, torch.bfloat16) - expected).max()
+    spread = np.ptp(expected)
+    assert ours <= max(2 * theirs, 0.002 * spread), (ours, theirs, spread)
+    assert ours <= 0.02 * spread, (ours, spread)
+
+
+def test_a_pair_of_thousands_of_tokens_packed_with_short_ones(tmp_path: Path) -> None:
+    checkpoint = save_random_checkpoint(
+        tmp_path / "long",
+        TOKENIZER_DIR,
+        seed=7,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        local_attention=32,
+    )
+    pairs = random_pairs([3, 4500, 40, 17], seed=3)
+    expected = eager_logits(checkpoint, pairs)
+    logits = PackedModernBert.from_pretrained(str(checkpoint)).forward_packed(*pack(pairs))
+    np.testing.assert_allclose(logits.numpy(), expected, rtol=0, atol=FP32_TOLERANCE)
+
+
+def test_score_splits_by_the_token_budget_and_keeps_the_order(
+    checkpoint_dirs: dict[str, Path], references: dict[str, tuple[list[torch.Tensor], np.ndarray]]
+) -> None:
+    name = "w30-every3-mean-thetas"
+    engine = PackedModernBert.from_pretrained(str(checkpoint_dirs[name]))
+    pairs, expected = references[name]
+    calls: list[int] = []
+    forward = engine.forward_packed
+
+    def counting(input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        calls.append(int(input_ids.numel()))
+        assert int(cu_seqlens[-1]) == input_ids.numel()
+        return forward(input_ids, cu_seqlens)
+
+    engine.forward_packed = counting
+    lengths = np.array([p.numel() for p in pairs])
+    ids = torch.cat(pairs).numpy()
+    budget = 200
+    logits = engine.score(ids, lengths, max_batch_tokens=budget)
+    assert logits.dtype == np.float32
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=FP32_TOLERANCE)
+    assert sum(calls) == lengths.sum() and len(calls) > 1
+    # Over the budget only alone: the 1000-token pair.
+    assert all(n <= budget or n in lengths[lengths > budget] for n in calls), calls
+    calls.clear()
+    np.testing.assert_allclose(engine.score(ids, lengths, max_batch_tokens=100_000), logits, rtol=0, atol=1e-5)
+    assert calls == [lengths.sum()]
+    with pytest.raises(ValueError, match="sum to the number"):
+        engine.score(ids[:-1], lengths, max_batch_tokens=budget)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        forward(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 2, 3], dtype=torch.int32))
+
+
+MEMORY_PROBE = """
+import json, resource, sys, psutil, torch
+from rerank_model_repository.modernbert_packed import PackedModernBert
+torch.set_num_threads(2)
+engine = PackedModernBert.from_pretrained(sys.argv[1])
+tokens = int(sys.argv[2])
+ids = torch.randint(0, 50000, (tokens,), generator=torch.Generator().manual_seed(0))
+cu = torch.tensor([0, tokens], dtype=torch.int32)
+engine.forward_packed(ids[:300], torch.tensor([0, 300], dtype=torch.int32))  # warm the allocators
+before = psutil.Process().memory_info().rss
+peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+logit = float(engine.forward_packed(ids, cu)[0])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"growth": peak - max(before, peak_before), "after": psutil.Process().memory_info().rss - before,
+                  "logit": logit}))
+"""
+
+
+def test_a_long_pair_allocates_no_t_by_t_buffer(checkpoint_dirs: dict[str, Path]) -> None:
+    """8192 tokens: one fp32 T x T score matrix over the heads would be 1 GiB; the engine's peak
+    growth (own process, ru_maxrss) stays under an eighth of that and is returned after the call."""
+    name = "w16-every3-cls"
+    tokens, heads = 8192, CONFIGS[name]["num_attention_heads"]
+    t_by_t = tokens * tokens * heads * 4
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(checkpoint_dirs[name]), str(tokens)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert np.isfinite(result["logit"])
+    assert result["growth"] < t_by_t / 8, result
+    assert result["after"] < 64 * 2**20, result
+
+
+# -- attention backend selection and the CUDA path's glue (no GPU here: kernels stood in for) -----
+
+
+def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    select = select_attention_backend
+    assert select(cpu, torch.float16, 64, varlen_window=True, flash_forward=True, flash_available=True) == BLOCKED
+    assert select(cuda, torch.float32, 64, varlen_window=True, flash_forward=True, flash_available=True) == BLOCKED
+    assert select(cuda, torch.bfloat16, 64, varlen_window=True, flash_forward=True, flash_available=True) == VARLEN_ATTN
+    assert (
+        select(cuda, torch.float16, 64, varlen_window=False, flash_forward=True, flash_available=True) == FLASH_FORWARD
+    )
+    assert select(cuda, torch.float16, 64, varlen_window=False, flash_forward=False, flash_available=True) == BLOCKED
+    assert select(cuda, torch.float16, 64, varlen_window=True, flash_forward=True, flash_available=False) == BLOCKED
+    assert select(cuda, torch.float16, 12, varlen_window=True, flash_forward=True, flash_available=True) == BLOCKED
+    assert select(cuda, torch.float16, 512, varlen_window=True, flash_forward=True, flash_available=True) == BLOCKED
+    # This torch (2.13) has both; 2.11 on the GPU host is checked by the same code at load time.
+    assert modernbert_packed._varlen_attn_function() is not None
+    assert modernbert_packed._flash_forward_has_window()
+
+    # A varlen_attn without a window (as in torch releases before it took one) is not used.
+    from torch.nn.attention import varlen
+
+    def windowless(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, is_causal: bool = False) -> None:
+        return None
+
+    monkeypatch.setattr(varlen, "varlen_attn", windowless)
+    assert modernbert_packed._varlen_attn_function() is None
+    assert select(cuda, torch.float16, 64, flash_forward=True, flash_available=True) == FLASH_FORWARD
+
+
+def test_flash_arguments_bind_to_the_real_ops_on_meta_tensors() -> None:
+    q = torch.empty(100, 4, 16, dtype=torch.float16, device="meta")
+    cu = torch.empty(4, dtype=torch.int32, device="meta")
+    args, kwargs = flash_forward_arguments(q, q, q, cu, 50, 0.25, 8)
+    assert kwargs["window_size_left"] == kwargs["window_size_right"] == 8
+    assert modernbert_packed._flash_attention_forward(*args, **kwargs).shape == q.shape
+    assert flash_forward_arguments(q, q, q, cu, 50, 0.25, None)[1]["window_size_left"] == -1
+    varlen_attn = modernbert_packed._varlen_attn_function()
+    assert varlen_attn is not None
+    assert varlen_attn(q, q, q, cu, cu, 50, 50, scale=0.25, window_size=(8, 8)).shape == q.shape
+
+
+def dense_flash(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: torch.Tensor,
+    max_len: int,
+    scale: float,
+    window: tuple[int, int],
+) -> torch.Tensor:
+    """FlashAttention-2 varlen's semantics, densely: per segment, keys j with -left <= j - i <= right."""
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and q.dim() == 3
+    assert cu.dtype == torch.int32 and max_len == int((cu[1:] - cu[:-1]).max())
+    out = torch.empty_like(q)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        scores = torch.einsum("qhd,khd->hqk", q[s:e], k[s:e]) * scale
+        pos = torch.arange(e - s)
+        offset = pos[None, :] - pos[:, None]
+        allowed = torch.ones_like(offset, dtype=torch.bool)
+        if window[0] >= 0:
+            allowed &= offset >= -window[0]
+        if window[1] >= 0:
+            allowed &= offset <= window[1]
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        out[s:e] = torch.einsum("hqk,khd->qhd", probs, v[s:e])
+    return out
+
+
+@pytest.mark.parametrize("backend", [VARLEN_ATTN, FLASH_FORWARD])
+def test_cuda_path_glue_with_the_kernels_stood_in_for(
+    backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+    checkpoint_dirs: dict[str, Path],
+    references: dict[str, tuple[list[torch.Tensor], np.ndarray]],
+) -> None:
+    """The flash paths' layouts, offsets and windows, end to end, with a dense stand-in for the kernel
+    (fp32 on CPU). Not a GPU run: the kernels themselves are exercised only on a GPU host."""
+    name = "w32-every2-mean"
+    engine = PackedModernBert.from_pretrained(str(checkpoint_dirs[name]))
+    windows: list[tuple[int, int]] = []
+
+    def varlen(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_q: torch.Tensor,
+        cu_k: torch.Tensor,
+        max_q: int,
+        max_k: int,
+        *,
+        scale: float,
+        window_size: tuple[int, int],
+    ) -> torch.Tensor:
+        assert cu_q is cu_k and max_q == max_k
+        windows.append(window_size)
+        return dense_flash(q, k, v, cu_q, max_q, scale, window_size)
+
+    def flash(*args: Any, **kwargs: Any) -> torch.Tensor:
+        q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug = args
+        assert cu_q is cu_k and max_q == max_k and dropout == 0.0 and not causal and not debug
+        window = (kwargs["window_size_left"], kwargs["window_size_right"])
+        windows.append(window)
+        return dense_flash(q, k, v, cu_q, max_q, kwargs["scale"], window)
+
+    engine.backend = backend
+    stand_in: Callable[..., torch.Tensor] = varlen
+    if backend == VARLEN_ATTN:
+        engine.varlen_attn = stand_in
+    else:
+        monkeypatch.setattr(modernbert_packed, "_flash_attention_forward", flash)
+    pairs, expected = references[name]
+    logits = engine.forward_packed(*pack(pairs))
+    np.testing.assert_allclose(logits.numpy(), expected, rtol=0, atol=FP32_TOLERANCE)
+    w = CONFIGS[name]["local_attention"] // 2
+    assert windows == [(-1, -1) if i % 2 == 0 else (w, w) for i in range(CONFIGS[name]["num_hidden_layers"])]
