@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from rerank_model_repository.reranker_engine import (
     available_cores,
     check_ragged_batch,
     create_session,
-    flat_input,
+    plan_packed_sub_batches,
     plan_sub_batches,
     session_options,
 )
@@ -88,14 +89,41 @@ def test_a_gpu_session_never_falls_back_to_the_cpu_silently(model_repository: Pa
         create_session(onnx_path, providers=[("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
 
 
-def test_inputs_that_repeat_memory_are_refused_by_name() -> None:
-    row = np.arange(6, dtype=np.int32).reshape(1, 6)
-    np.testing.assert_array_equal(flat_input(row, "input_ids"), np.arange(6))
-    assert flat_input(np.array([[7]], dtype=np.int32), "sequence_lengths").tolist() == [7]
-    # What Triton's stub handed over under numpy 2.5: six elements, all reading the first one.
-    repeated = np.lib.stride_tricks.as_strided(row, shape=(1, 6), strides=(24, 0))
-    with pytest.raises(ValueError, match=r"sequence_lengths over as a stride-0 view.*numpy<2"):
-        flat_input(repeated, "sequence_lengths")
+@pytest.mark.parametrize("budget", [1, 64, 300, 1000, 100_000])
+def test_packed_sub_batches_cover_every_pair_once_within_the_token_budget(budget: int) -> None:
+    lengths = np.random.default_rng(2).integers(1, 512, 200)
+    batches = plan_packed_sub_batches(lengths, budget)
+    assert sorted(np.concatenate([b.pairs for b in batches]).tolist()) == list(range(lengths.size))
+    for batch in batches:
+        real = int(lengths[batch.pairs].sum())
+        # No padding: the tokens run are the real ones, within the budget unless one pair exceeds it.
+        assert batch.padded_tokens == real
+        assert real <= budget or batch.pairs.size == 1
+    # Greedy: a run ends only where the next pair would not fit.
+    for first, second in itertools.pairwise(batches):
+        assert first.padded_tokens + int(lengths[second.pairs[0]]) > budget
+
+
+@pytest.mark.parametrize("budget", [40, 300, 8192])
+def test_packed_engine_matches_eager_whatever_the_budget(model_repository: Path, checkpoints, budget: int) -> None:
+    reference = eager(checkpoints["reranker_packed"])
+    documents = mixed_documents()
+    encoded = [reference.encode(QUERY, d) for d in documents]
+    engine = PackedReranker.from_pretrained(
+        str(model_repository / "reranker_packed" / "1" / "model"),
+        pad_token_id=50283,
+        max_batch_tokens=budget,
+        packed=True,
+    )
+    assert engine.packed
+    input_ids = np.concatenate([np.array(e, dtype=np.int32) for e in encoded])
+    lengths = np.array([len(e) for e in encoded])
+    assert sum(b.padded_tokens for b in engine.plan(lengths)) == lengths.sum()
+    np.testing.assert_allclose(engine.score(input_ids, lengths), reference.logits(QUERY, documents), atol=1e-4)
+    # Cancellation: pairs no longer wanted are dropped uncomputed (NaN), the others still scored.
+    dropped = lengths > 20
+    logits = engine.score(input_ids, lengths, active=lambda pairs: ~dropped[pairs])
+    assert np.isnan(logits[dropped]).all() and not np.isnan(logits[~dropped]).any()
 
 
 def test_torch_runtime_agrees_with_onnx_runtime(model_repository: Path) -> None:
