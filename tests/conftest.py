@@ -119,8 +119,8 @@ class Stack:
     log_path: Path
     triton_metrics_url: str | None = None
     metrics_url: str | None = None
-    triton_log: Path | None = None
     http_url: str | None = None  # the HTTP/JSON frontend (http_api), e.g. http://127.0.0.1:PORT
+    triton_log: Path | None = None
 
     @property
     def output(self) -> list[str]:
