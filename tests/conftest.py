@@ -40,7 +40,7 @@ MEAN_POOLING_CONFIG = {
 LONG_CONFIG = {**TINY_CONFIG, "max_position_embeddings": 8192, "local_attention": 64}
 # The packed engine's served shape, unlike the others: odd head count, five layers with every fourth
 # global, a window of 24 (12 each way).
-PACKED_CONFIG = {
+PACKED_CONFIG: dict[str, object] = {
     "hidden_size": 80,
     "intermediate_size": 112,
     "num_hidden_layers": 5,
