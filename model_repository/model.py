@@ -44,7 +44,10 @@ def _input(request: Any, name: str) -> np.ndarray:
 
 def _numpy_output(name: str, values: np.ndarray) -> Any:
     """An output tensor from numpy through DLPack (pb_utils.Tensor(name, array) has a byte size of 0
-    under numpy 2, for the reason _input gives)."""
+    under numpy 2, for the reason _input gives). Under numpy 1 the stub dies consuming a numpy
+    capsule (observed with numpy 1.26.4), while pb_utils.Tensor is correct there."""
+    if int(np.__version__.split(".")[0]) < 2:
+        return pb_utils.Tensor(name, np.ascontiguousarray(values))
     return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(values))
 
 
