@@ -136,6 +136,8 @@ def start_serve(args: list[str], timeout_s: float = 240) -> Stack:
     port = free_port()
     if _flag(args, "metrics-port") is None:
         args = [*args, f"--metrics-port={free_port()}"]
+    if _flag(args, "http-port") is None:  # a free port each: several frontends run at once
+        args = [*args, f"--http-port={free_port()}"]
     command = [*RERANK, "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     log_path = Path(tempfile.mkstemp(prefix="rerank-serve-", suffix=".log")[1])
@@ -149,6 +151,9 @@ def start_serve(args: list[str], timeout_s: float = 240) -> Stack:
         log_path,
         f"http://localhost:{triton_metrics}/metrics" if triton_metrics else None,
         f"http://{_flag(args, 'host') or '127.0.0.1'}:{_flag(args, 'metrics-port')}/metrics",
+        f"http://{_flag(args, 'host') or '127.0.0.1'}:{_flag(args, 'http-port')}"
+        if _flag(args, "http-port") != "0"
+        else None,
     )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and process.poll() is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from rerank_server.errors import LimitExceededError
+from rerank_server.errors import OverloadedError
 from rerank_server.observability import Metrics
 
 
@@ -27,7 +27,7 @@ class TokenAdmission:
         # An idle server admits any single request within max_total_tokens (<= capacity, see Settings).
         if self.inflight and self.inflight + tokens > self.capacity:
             self.metrics.rejected.labels(reason="capacity").inc()
-            raise LimitExceededError(
+            raise OverloadedError(
                 f"the service is at capacity: {self.inflight} tokens in flight, {tokens} more asked, "
                 f"max_inflight_tokens is {self.capacity}; retry later or elsewhere"
             )

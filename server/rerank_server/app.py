@@ -26,6 +26,7 @@ from rerank_client.pb import SERVICE_NAME
 from rerank_server.admission import TokenAdmission
 from rerank_server.core import RerankCore
 from rerank_server.handlers import rerank_service_handler
+from rerank_server.http_api.server import HttpFrontend
 from rerank_server.interceptors import CallPolicy
 from rerank_server.observability import Metrics
 from rerank_server.service import RerankService
@@ -126,12 +127,16 @@ class Frontend:
             self._health_server = grpc.aio.server()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
             self._health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+        # The HTTP/JSON APIs on the same loop, core, admission budget, token and TLS files (--http-port 0: off).
+        self.http = HttpFrontend(settings, self.core, metrics) if settings.http_port else None
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._set_health(await self.backend.is_ready())
         await self._server.start()
+        if self.http is not None:
+            await self.http.start()
         if self._health_server is not None:
             await self._health_server.start()
         self._watcher = asyncio.create_task(self._watch_backend(), name="health-watcher")
@@ -157,9 +162,17 @@ class Frontend:
         if self._watcher is not None:
             self._watcher.cancel()
         self.policy.draining = True
+        loop = asyncio.get_running_loop()
+        draining_since = loop.time()
+        if self.http is not None:
+            self.http.start_draining()
         await self.health.enter_graceful_shutdown()
         if not await self.policy.wait_idle(grace_s):
             log.warning("%d calls still in flight after %.0fs; cancelling them", self.policy.inflight, grace_s)
+        if self.http is not None:
+            if not await self.http.wait_idle(max(0.0, grace_s - (loop.time() - draining_since))):
+                log.warning("%d HTTP calls still in flight after %.0fs; ending them", self.http.inflight, grace_s)
+            await self.http.stop()
         await self._server.stop(0)
         if self._health_server is not None:
             await self._health_server.stop(0)
@@ -253,7 +266,9 @@ async def run(settings: Settings) -> int:
         )
         print(
             f"rerank: serving {model.source_model} ({model.precision}, max {max_length} tokens) "
-            f"on {settings.host}:{frontend.port}; Triton at {url}",
+            f"on {settings.host}:{frontend.port}"
+            + (f"; HTTP on {settings.host}:{frontend.http.port}" if frontend.http is not None else "")
+            + f"; Triton at {url}",
             flush=True,
         )
         await stop.wait()

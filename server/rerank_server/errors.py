@@ -47,6 +47,13 @@ class LimitExceededError(ServiceError):
     code = ErrorCode.RESOURCE_EXHAUSTED
 
 
+class OverloadedError(LimitExceededError):
+    """The service is at capacity (not the request too large): the same call may succeed later.
+
+    gRPC answers RESOURCE_EXHAUSTED like any limit; HTTP answers 429 with Retry-After instead of 413.
+    """
+
+
 class BackendUnavailableError(ServiceError):
     code = ErrorCode.UNAVAILABLE
 

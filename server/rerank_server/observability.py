@@ -29,11 +29,20 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # surface: the API a call came through (grpc, cohere, tei, nim); code: the gRPC status name, or
+        # the HTTP status for HTTP surfaces.
         self.calls = Counter(
-            "rerank_calls_total", "Finished calls, by RPC and gRPC status", ["rpc", "code"], registry=r
+            "rerank_calls_total",
+            "Finished calls, by surface, RPC (or route) and status",
+            ["surface", "rpc", "code"],
+            registry=r,
         )
         self.latency = Histogram(
-            "rerank_call_duration_seconds", "Call latency, by RPC", ["rpc"], buckets=_LATENCY_BUCKETS, registry=r
+            "rerank_call_duration_seconds",
+            "Call latency, by surface and RPC (or route)",
+            ["surface", "rpc"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.inflight_calls = Gauge("rerank_inflight_calls", "Calls being handled", registry=r)
         self.inflight_tokens = Gauge(

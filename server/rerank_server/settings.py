@@ -26,6 +26,11 @@ class Settings:
     # Where the frontend listens.
     host: str = _setting("0.0.0.0", "address the gRPC frontend binds")
     port: int = _setting(50051, "port of the gRPC frontend")
+    # The HTTP/JSON surfaces (Cohere, Jina, TEI and NIM rerank APIs) beside gRPC, on the same core.
+    http_port: int = _setting(8080, "port of the HTTP/JSON frontend (Cohere, Jina, TEI, NIM APIs; 0: off)")
+    http_timeout_s: float = _setting(
+        120.0, "deadline of an HTTP call, which has no gRPC deadline to carry one (504 past it)"
+    )
     # Which Triton, and which model on it.
     model_repository: Path | None = _setting(
         None, "Triton model repository made by `rerank export`; read for the tokenizer, and served by a local Triton"
@@ -164,6 +169,10 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.http_port < 0:
+            raise ValueError("http_port must be a port number, or 0 for no HTTP frontend")
+        if self.http_timeout_s <= 0:
+            raise ValueError("http_timeout_s must be positive")
         if self.max_length is not None and self.max_length < 4:
             raise ValueError("max_length must be at least 4")
         if self.tokenizer_threads < 1:

@@ -1,0 +1,153 @@
+"""Cohere's rerank API (v1 and v2) and Jina's, which shares Cohere v1's path: POST /v1/rerank, /v2/rerank.
+
+Clients: the `cohere` SDK (Client and ClientV2 with base_url=), langchain-cohere, LlamaIndex's and
+Haystack's Cohere rankers (all through /v2/rerank), and Jina's clients (LangChain, LlamaIndex,
+jina-haystack) through /v1/rerank. The /v1/rerank answer carries both APIs' fields (Cohere's `id` and
+`meta`, Jina's `model` and `usage`); each client reads its own and ignores the rest.
+
+How the knobs map onto the core:
+- relevance_score is the core's score, sigmoid(logit), in [0, 1]; results come best first, top_n of them.
+- `model`: any name is accepted and the served model answers (Jina's `model` field says which). Clients
+  require a model name; refusing other names would make moving to this service more than a URL change.
+- v2 `max_tokens_per_doc` caps the tokens of each (query, document) input, query and special tokens
+  included (the core's max_length), clamped to the model's limit: a cap on the document alone would need
+  the query's length, which only the tokenizer knows. Cohere's default (4096) is the model's limit here.
+- v1 `max_chunks_per_doc` turns on chunking (CHUNK: long documents are scored window by window and keep
+  their best window, as Cohere does); the number of windows is bounded by max_total_tokens, not by it.
+- v1 documents may be objects: `text` is ranked, or with `rank_fields` those fields, one `name: value`
+  line each, in that order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from rerank_server.core import RerankInput, RerankOutput, ScoreOptions, Truncation
+from rerank_server.errors import InvalidRequestError, field_error
+from rerank_server.http_api.common import call_core, context, request_id
+
+router = APIRouter(tags=["Cohere and Jina"])
+
+# Cohere bills one search unit per query and up to 100 documents.
+_DOCUMENTS_PER_SEARCH_UNIT = 100
+
+
+class RerankV1Request(BaseModel):
+    """Cohere v1 (and Jina) rerank request."""
+
+    query: str
+    documents: list[str | dict[str, Any]] = Field(description="strings, or objects ranked on `text` (or rank_fields)")
+    model: str | None = Field(None, description="accepted whatever it is; the served model answers")
+    top_n: int | None = Field(None, ge=1, description="results to return (default: all)")
+    rank_fields: list[str] | None = Field(None, description="fields of object documents to rank on, in order")
+    return_documents: bool = False
+    max_chunks_per_doc: int | None = Field(None, ge=1, description="set: long documents are scored in windows")
+
+
+class RerankV2Request(BaseModel):
+    """Cohere v2 rerank request."""
+
+    query: str
+    documents: list[str]
+    model: str | None = Field(None, description="accepted whatever it is; the served model answers")
+    top_n: int | None = Field(None, ge=1, description="results to return (default: all)")
+    max_tokens_per_doc: int | None = Field(
+        None, ge=1, description="tokens per (query, document) input, clamped to the model's limit"
+    )
+    return_documents: bool = False
+
+
+class Document(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: Document | None = None
+
+
+class RerankResponse(BaseModel):
+    id: str
+    results: list[RerankResult]
+    meta: dict[str, Any]
+    model: str | None = Field(None, description="/v1/rerank only (Jina)")
+    usage: dict[str, int] | None = Field(None, description="/v1/rerank only (Jina)")
+
+
+def _document_text(document: str | dict[str, Any], index: int, rank_fields: list[str] | None) -> str:
+    if isinstance(document, str):
+        return document
+    fields = rank_fields or ["text"]
+    values = []
+    for name in fields:
+        value = document.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise field_error(InvalidRequestError, f"documents[{index}].{name}", "must be a string")
+        values.append(value if rank_fields is None else f"{name}: {value}")
+    if not values:
+        raise field_error(
+            InvalidRequestError, f"documents[{index}]", f"has none of the fields to rank on ({', '.join(fields)})"
+        )
+    return "\n".join(values)
+
+
+def _answer(
+    request: Request, output: RerankOutput, documents: list[str], return_documents: bool, version: str
+) -> dict[str, Any]:
+    results: list[dict[str, Any]] = []
+    for result in output.results:
+        item: dict[str, Any] = {"index": result.index, "relevance_score": result.score}
+        if return_documents:
+            item["document"] = {"text": documents[result.index]}
+        results.append(item)
+    units = math.ceil(len(documents) / _DOCUMENTS_PER_SEARCH_UNIT)
+    return {
+        "id": request_id(request),
+        "results": results,
+        "meta": {"api_version": {"version": version}, "billed_units": {"search_units": units}},
+    }
+
+
+@router.post(
+    "/v1/rerank",
+    response_model=RerankResponse,
+    summary="Cohere v1 and Jina rerank",
+    responses={400: {"description": "invalid request: {message, detail}"}},
+)
+async def rerank_v1(body: RerankV1Request, request: Request) -> JSONResponse:
+    documents = [_document_text(d, i, body.rank_fields) for i, d in enumerate(body.documents)]
+    options = ScoreOptions(truncation=Truncation.CHUNK if body.max_chunks_per_doc else Truncation.END)
+    core_input = RerankInput(body.query, documents, top_n=body.top_n or 0, options=options)
+    core = context(request).core
+    output = await call_core(request, lambda deadline: core.rerank(core_input, deadline))
+    answer = _answer(request, output, documents, body.return_documents, "1")
+    tokens = output.usage.input_tokens
+    answer["model"] = output.model
+    answer["usage"] = {"total_tokens": tokens, "prompt_tokens": tokens}
+    return JSONResponse(answer)
+
+
+@router.post(
+    "/v2/rerank",
+    response_model=RerankResponse,
+    summary="Cohere v2 rerank",
+    responses={400: {"description": "invalid request: {message}"}},
+)
+async def rerank_v2(body: RerankV2Request, request: Request) -> JSONResponse:
+    core = context(request).core
+    max_length = None
+    if body.max_tokens_per_doc is not None:
+        max_length = min(body.max_tokens_per_doc, core.describe().max_length)
+    core_input = RerankInput(
+        body.query, body.documents, top_n=body.top_n or 0, options=ScoreOptions(max_length=max_length)
+    )
+    output = await call_core(request, lambda deadline: core.rerank(core_input, deadline))
+    return JSONResponse(_answer(request, output, body.documents, body.return_documents, "2"))

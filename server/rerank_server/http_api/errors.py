@@ -1,0 +1,138 @@
+"""Errors in each HTTP API's own shape and status: one mapper per shape, from the core's ServiceError.
+
+The core decides what went wrong (errors.ErrorCode); an API surface only decides how to say it. Every
+failure becomes a Kind, each shape maps a Kind to its API's status (Cohere says 400 where TEI and NIM
+say 422) and writes its body: Cohere `{"message"}`, Jina `{"detail"}` (same path as Cohere v1, so that
+body carries both keys), TEI `{"error", "error_type"}`, NIM `{"status", "title", "detail", "type"}`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from rerank_server.errors import ErrorCode, OverloadedError, ServiceError
+
+# Seconds a client is told to wait before retrying an overloaded or unavailable server (Retry-After).
+RETRY_AFTER_S = 1
+
+
+class Kind(enum.Enum):
+    INVALID = "invalid_request"  # malformed JSON, wrong types, values out of range, text that does not fit
+    TOO_LARGE = "too_large"  # the body or the request's tokens pass a server limit
+    OVERLOADED = "overloaded"  # the admission budget is spent: retry later
+    UNAVAILABLE = "unavailable"  # Triton down, or this server draining
+    DEADLINE = "deadline_exceeded"
+    UNAUTHENTICATED = "unauthenticated"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+
+
+_STATUS = {
+    Kind.INVALID: 400,
+    Kind.TOO_LARGE: 413,
+    Kind.OVERLOADED: 429,
+    Kind.UNAVAILABLE: 503,
+    Kind.DEADLINE: 504,
+    Kind.UNAUTHENTICATED: 401,
+    Kind.CANCELLED: 499,
+    Kind.INTERNAL: 500,
+    Kind.NOT_FOUND: 404,
+    Kind.METHOD_NOT_ALLOWED: 405,
+}
+
+_KIND = {
+    ErrorCode.INVALID_ARGUMENT: Kind.INVALID,
+    ErrorCode.RESOURCE_EXHAUSTED: Kind.TOO_LARGE,
+    ErrorCode.UNAVAILABLE: Kind.UNAVAILABLE,
+    ErrorCode.DEADLINE_EXCEEDED: Kind.DEADLINE,
+    ErrorCode.CANCELLED: Kind.CANCELLED,
+    ErrorCode.INTERNAL: Kind.INTERNAL,
+    ErrorCode.UNAUTHENTICATED: Kind.UNAUTHENTICATED,
+}
+
+
+def kind_of(error: ServiceError) -> Kind:
+    """The core's error as a Kind: at capacity (retry later) is told apart from too large (do not retry)."""
+    if isinstance(error, OverloadedError):
+        return Kind.OVERLOADED
+    return _KIND[error.code]
+
+
+@dataclass(frozen=True)
+class ErrorShape:
+    """How one API writes its errors: its surface name (the metrics label), statuses and body."""
+
+    surface: str
+    body: Callable[[int, Kind, str], dict[str, Any]]
+    statuses: Mapping[Kind, int] = field(default_factory=dict)
+
+    def status(self, kind: Kind) -> int:
+        return self.statuses.get(kind, _STATUS[kind])
+
+    def response(self, kind: Kind, message: str) -> JSONResponse:
+        status = self.status(kind)
+        headers = {}
+        if kind in (Kind.OVERLOADED, Kind.UNAVAILABLE):
+            headers["retry-after"] = str(RETRY_AFTER_S)
+        if kind is Kind.UNAUTHENTICATED:
+            headers["www-authenticate"] = "Bearer"
+        return JSONResponse(self.body(status, kind, message), status_code=status, headers=headers)
+
+    def error_response(self, error: ServiceError) -> JSONResponse:
+        return self.response(kind_of(error), error.message)
+
+
+_TEI_TYPES = {
+    Kind.INVALID: "Validation",
+    Kind.TOO_LARGE: "Validation",
+    Kind.OVERLOADED: "Overloaded",
+    Kind.UNAVAILABLE: "Unhealthy",
+    Kind.DEADLINE: "Timeout",
+    Kind.UNAUTHENTICATED: "Unauthorized",
+    Kind.CANCELLED: "Cancelled",
+    Kind.INTERNAL: "Backend",
+    Kind.NOT_FOUND: "NotFound",
+    Kind.METHOD_NOT_ALLOWED: "MethodNotAllowed",
+}
+
+COHERE = ErrorShape("cohere", lambda status, kind, message: {"message": message})
+# POST /v1/rerank answers Cohere v1 and Jina clients alike: Cohere's SDK reads `message`, Jina's `detail`.
+COHERE_JINA = ErrorShape("cohere", lambda status, kind, message: {"message": message, "detail": message})
+# TEI: 422 for validation and tokenizer errors, 424 for a failing backend (its own statuses).
+TEI = ErrorShape(
+    "tei",
+    lambda status, kind, message: {"error": message, "error_type": _TEI_TYPES[kind]},
+    {Kind.INVALID: 422, Kind.INTERNAL: 424},
+)
+# NIM (FastAPI-based): 422 for validation; langchain-nvidia-ai-endpoints prints status, title and detail.
+NIM = ErrorShape(
+    "nim",
+    lambda status, kind, message: {
+        "status": status,
+        "title": HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else kind.value,
+        "detail": message,
+        "type": kind.value,
+    },
+    {Kind.INVALID: 422},
+)
+
+# Which shape answers a path (the longest matching prefix wins; other paths get Cohere's `message`).
+_SHAPES = (("/v2/rerank", COHERE), ("/v1/rerank", COHERE_JINA), ("/v1/ranking", NIM), ("/v1/models", NIM))
+_TEI_PATHS = ("/rerank", "/info", "/health")
+
+
+def shape_for(path: str) -> ErrorShape:
+    for prefix, shape in _SHAPES:
+        if path == prefix or path.startswith(prefix + "/"):
+            return shape
+    if path in _TEI_PATHS:
+        return TEI
+    return COHERE

@@ -1,0 +1,76 @@
+"""NVIDIA NIM's reranking API (NeMo Retriever): POST /v1/ranking, GET /v1/models.
+
+Clients: langchain-nvidia-ai-endpoints' NVIDIARerank and LlamaIndex's NVIDIARerank with base_url=
+(".../v1"); LlamaIndex lists /v1/models when it is constructed, LangChain when no model is named.
+
+How the knobs map onto the core:
+- `rankings` hold every passage, best first, with its `logit` (NIM's score; sigmoid(logit) is the
+  probability the other APIs answer).
+- `truncate`: "END" → END; "NONE" or absent (NIM's default) → NONE: a passage that does not fit is
+  refused with 422.
+- `model`: any name is accepted and the served model answers; /v1/models lists the served one.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from rerank_server.core import FieldNames, RerankInput, ScoreOptions, Truncation
+from rerank_server.http_api.common import call_core, context
+
+router = APIRouter(tags=["NVIDIA NIM"])
+
+NIM_FIELDS = FieldNames(lambda i: "query.text", lambda i: f"passages[{i}].text", "passages")
+_TRUNCATION = {"NONE": Truncation.NONE, "END": Truncation.END}
+
+
+class Text(BaseModel):
+    text: str
+
+
+class RankingRequest(BaseModel):
+    query: Text
+    passages: list[Text]
+    model: str | None = Field(None, description="accepted whatever it is; the served model answers")
+    truncate: Literal["NONE", "END"] = Field("NONE", description="NONE (default): refuse passages that do not fit")
+
+
+class Ranking(BaseModel):
+    index: int
+    logit: float
+
+
+class RankingResponse(BaseModel):
+    rankings: list[Ranking]
+    usage: dict[str, int]
+
+
+@router.post("/v1/ranking", response_model=RankingResponse, summary="NIM ranking")
+async def ranking(body: RankingRequest, request: Request) -> JSONResponse:
+    core = context(request).core
+    core_input = RerankInput(
+        body.query.text,
+        [passage.text for passage in body.passages],
+        options=ScoreOptions(truncation=_TRUNCATION[body.truncate]),
+        fields=NIM_FIELDS,
+    )
+    output = await call_core(request, lambda deadline: core.rerank(core_input, deadline))
+    tokens = output.usage.input_tokens
+    return JSONResponse(
+        {
+            "rankings": [{"index": r.index, "logit": r.logit} for r in output.results],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
+
+
+@router.get("/v1/models", summary="the served model, OpenAI-style")
+async def models(request: Request) -> JSONResponse:
+    model = context(request).core.describe().model
+    return JSONResponse(
+        {"object": "list", "data": [{"id": model, "object": "model", "owned_by": "rerank-service", "root": model}]}
+    )

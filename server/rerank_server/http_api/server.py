@@ -1,0 +1,162 @@
+"""The HTTP/JSON frontend: a FastAPI app (OpenAPI page at /docs) served by uvicorn on the gRPC server's
+own asyncio loop, over the same RerankCore, admission budget, token, TLS files and drain.
+
+Why FastAPI + uvicorn: the request and response models double as the OpenAPI description, which the
+APIs' users look for; uvicorn's Server.serve() runs as a task on the running loop (no thread, no second
+loop), so HTTP and gRPC calls share one core and one admission budget. uvicorn's own signal handling is
+turned off (app.run owns SIGTERM) and its socket is bound here, so a taken port raises instead of exiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from rerank_server.core import RerankCore
+from rerank_server.errors import ServiceError
+from rerank_server.http_api import cohere, nim, tei
+from rerank_server.http_api.common import HttpContext
+from rerank_server.http_api.errors import Kind, shape_for
+from rerank_server.http_api.gate import Gate
+from rerank_server.observability import Metrics
+from rerank_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_KIND_OF_STATUS = {404: Kind.NOT_FOUND, 405: Kind.METHOD_NOT_ALLOWED, 413: Kind.TOO_LARGE}
+
+
+def create_app(core: RerankCore, settings: Settings, draining: Callable[[], bool] = lambda: False) -> FastAPI:
+    app = FastAPI(
+        title="rerank-service HTTP APIs",
+        description="Cohere (v1, v2), Jina, Hugging Face TEI and NVIDIA NIM compatible rerank endpoints over "
+        "the same scoring core as the rerank.v1 gRPC API.",
+        version="1",
+    )
+    app.state.context = HttpContext(core, settings, draining)
+    for module in (cohere, tei, nim):
+        app.include_router(module.router)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, error: ServiceError) -> JSONResponse:
+        return shape_for(request.url.path).error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        return shape_for(request.url.path).response(Kind.INVALID, validation_message(error.errors()))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        kind = _KIND_OF_STATUS.get(error.status_code, Kind.INVALID)
+        message = error.detail if isinstance(error.detail, str) else str(error.detail)
+        if kind is Kind.NOT_FOUND:
+            message = f"no route {request.url.path}; see /docs"
+        return shape_for(request.url.path).response(kind, message)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return shape_for(request.url.path).response(Kind.INTERNAL, "internal error")
+
+    return app
+
+
+def validation_message(errors: Any) -> str:
+    """Pydantic's errors as one line naming the fields, e.g. `documents[2]: Input should be a valid string`."""
+    parts = []
+    for error in list(errors)[:5]:
+        loc = [part for part in error.get("loc", ()) if part != "body"]
+        if error.get("type") == "json_invalid":
+            parts.append(f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'decode error')})")
+            continue
+        if not loc:
+            parts.append("the body must be a JSON object" if error.get("type") == "missing" else error["msg"])
+            continue
+        name = str(loc[0]) + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
+        parts.append(f"{name}: {error['msg']}")
+    more = len(list(errors)) - 5
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # app.run handles SIGINT/SIGTERM for both frontends and drains them together.
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class HttpFrontend:
+    """The HTTP server: start() binds and serves, drain() refuses new calls, stop() ends it."""
+
+    def __init__(self, settings: Settings, core: RerankCore, metrics: Metrics) -> None:
+        self.settings = settings
+        self.app = create_app(core, settings, self._is_draining)
+        self.gate = Gate(self.app, metrics, settings.bearer_token, settings.max_message_bytes)
+        tls: dict[str, Any] = {}
+        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+            tls = {"ssl_certfile": str(settings.tls_cert_file), "ssl_keyfile": str(settings.tls_key_file)}
+            if settings.tls_client_ca_file is not None:
+                tls |= {"ssl_ca_certs": str(settings.tls_client_ca_file), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+        config = uvicorn.Config(
+            self.gate,
+            lifespan="off",
+            log_config=None,
+            access_log=False,  # the gate logs each call once, as JSON with its request id
+            server_header=False,
+            timeout_graceful_shutdown=1,
+            **tls,
+        )
+        self._server = _Server(config)
+        self._task: asyncio.Task[None] | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        sock = _bind(self.settings.host, self.settings.http_port)
+        self.port = sock.getsockname()[1]
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http-frontend")
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises why it stopped
+                raise RuntimeError("the HTTP frontend stopped during start-up")
+            await asyncio.sleep(0.01)
+
+    def _is_draining(self) -> bool:
+        return self.gate.draining
+
+    def start_draining(self) -> None:
+        self.gate.draining = True
+
+    @property
+    def inflight(self) -> int:
+        return self.gate.inflight
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        return await self.gate.wait_idle(timeout_s)
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task

@@ -1,0 +1,102 @@
+"""Hugging Face text-embeddings-inference's rerank API: POST /rerank, GET /info, GET /health.
+
+Clients: LlamaIndex's TextEmbeddingInference postprocessor, Haystack's HuggingFaceTEIRanker.
+
+How the knobs map onto the core:
+- `score` is sigmoid(logit) (TEI's default); `raw_scores: true` answers the logit instead.
+- Every text gets an entry, best first (LlamaIndex asserts one entry per text).
+- `truncate`: absent or true → END (the text is cut to fit, like TEI with --auto-truncate); false → NONE
+  (a text that does not fit is refused with 422, like TEI without it).
+- `truncation_direction`: "Right" is END; "Left" (keep the end of the text) is refused with 422: the
+  core cuts documents at their end only, and silently cutting the other end would change scores.
+- `model` is not part of TEI's request; /info names the served model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from rerank_server.core import FieldNames, RerankInput, ScoreOptions, Truncation
+from rerank_server.errors import InvalidRequestError, field_error
+from rerank_server.http_api.common import call_core, context
+
+router = APIRouter(tags=["TEI"])
+
+TEI_FIELDS = FieldNames(lambda i: "query", lambda i: f"texts[{i}]", "texts")
+
+
+class TeiRerankRequest(BaseModel):
+    query: str
+    texts: list[str]
+    truncate: bool | None = Field(None, description="absent or true: cut texts to fit; false: refuse them (422)")
+    truncation_direction: Literal["Left", "Right"] = Field("Right", description='"Left" is refused (422)')
+    raw_scores: bool = Field(False, description="answer logits instead of sigmoid scores")
+    return_text: bool = False
+
+
+class TeiRank(BaseModel):
+    index: int
+    score: float
+    text: str | None = None
+
+
+class TeiError(BaseModel):
+    error: str
+    error_type: str
+
+
+@router.post(
+    "/rerank",
+    response_model=list[TeiRank],
+    summary="TEI rerank",
+    responses={413: {"model": TeiError}, 422: {"model": TeiError}, 429: {"model": TeiError}},
+)
+async def rerank(body: TeiRerankRequest, request: Request) -> JSONResponse:
+    if body.truncation_direction == "Left":
+        raise field_error(
+            InvalidRequestError, "truncation_direction", "Left is not supported: texts are cut at their end (Right)"
+        )
+    truncation = Truncation.NONE if body.truncate is False else Truncation.END
+    core = context(request).core
+    core_input = RerankInput(body.query, body.texts, options=ScoreOptions(truncation=truncation), fields=TEI_FIELDS)
+    output = await call_core(request, lambda deadline: core.rerank(core_input, deadline))
+    ranks: list[dict[str, Any]] = []
+    for result in output.results:
+        item: dict[str, Any] = {"index": result.index, "score": result.logit if body.raw_scores else result.score}
+        if body.return_text:
+            item["text"] = body.texts[result.index]
+        ranks.append(item)
+    return JSONResponse(ranks)
+
+
+@router.get("/info", summary="TEI model information")
+async def info(request: Request) -> JSONResponse:
+    ctx = context(request)
+    description = ctx.core.describe()
+    return JSONResponse(
+        {
+            "model_id": description.model,
+            "model_sha": None,
+            "model_dtype": description.precision,
+            "model_type": {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}},
+            "max_input_length": description.max_length,
+            "max_client_batch_size": description.limits.max_documents,
+            "max_batch_tokens": description.limits.max_total_tokens,
+            "tokenization_workers": ctx.settings.tokenizer_threads,
+            "version": "rerank-service",
+        }
+    )
+
+
+@router.get("/health", summary="200 while the model can answer, 503 otherwise (and while draining)")
+async def health(request: Request) -> JSONResponse:
+    ctx = context(request)
+    if ctx.draining():
+        return JSONResponse({"error": "the server is shutting down", "error_type": "Unhealthy"}, status_code=503)
+    if not await ctx.core.is_ready():
+        return JSONResponse({"error": "the model is not ready", "error_type": "Unhealthy"}, status_code=503)
+    return JSONResponse({})
