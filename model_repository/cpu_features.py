@@ -58,7 +58,7 @@ def native_precisions(flags: frozenset[str] | set[str]) -> list[str]:
 
 def _lacks(precision: str) -> str:
     needs = BF16_FLAGS if precision == "bf16" else INT8_FLAGS
-    return f"the CPU lacks {' and '.join(needs)}"
+    return f"the CPU has none of {', '.join(needs)}"
 
 
 def resolve_precision(
