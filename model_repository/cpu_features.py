@@ -71,8 +71,8 @@ def resolve_precision(
     if forced:
         if forced not in held:
             raise ValueError(f"{FORCE_ENV}={forced}, but the repository holds weights for {held} only")
-        native = forced in native_precisions(flags) or forced not in CPU_PRECISIONS
-        return forced, f"forced by {FORCE_ENV}" + ("" if native else f" ({_lacks(forced)}: emulated, slow)")
+        emulated = forced in CPU_PRECISIONS and forced not in native_precisions(flags)
+        return forced, f"forced by {FORCE_ENV}" + (f" ({_lacks(forced)}: emulated, slow)" if emulated else "")
     if requested not in CPU_PRECISIONS:
         return requested, f"{requested} is not a CPU precision: run as exported"
     native = native_precisions(flags)

@@ -454,7 +454,7 @@ def ranking_agreement(reference: Any, other: Any, top: int = 10) -> dict[str, fl
     k = min(top, reference.size)
     overlap = len(set(np.argsort(-reference, kind="stable")[:k]) & set(np.argsort(-other, kind="stable")[:k])) / k
     ranks = [np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(np.float64) for x in (reference, other)]
-    spearman = float(np.corrcoef(*ranks)[0, 1]) if reference.size > 1 else 1.0
+    spearman = float(np.corrcoef(ranks[0], ranks[1])[0, 1]) if reference.size > 1 else 1.0
     return {"top10_overlap": overlap, "spearman": spearman, "max_abs_diff": float(np.abs(other - reference).max())}
 
 
