@@ -37,6 +37,12 @@ BLOCKED = "blocked"  # the device-agnostic algorithm (SDPA per pair + blocked wi
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
+# Blocked path, unwindowed attention: pairs whose lengths differ by at most this share (plus a few
+# tokens) run as one SDPA call, keys past each pair's end masked. One call per pair costs more on CPU
+# than the masked slack does (64 pairs of 150-250 tokens: 2-5x the time per pair, 2-core Zen 4).
+GROUP_SLACK = 0.125
+GROUP_ALLOWANCE = 8
+
 
 def _varlen_attn_function() -> Callable[..., Any] | None:
     """torch.nn.attention.varlen.varlen_attn if this torch has it with a `window_size` argument."""
@@ -135,6 +141,18 @@ class _Layer:
 
 
 @dataclass
+class _Group:
+    """Pairs attended together without a window: one pair as a slice, several gathered into
+    [pairs, longest] with keys past each pair's end masked."""
+
+    start: int  # the single pair's packed offset (index is None)
+    shape: tuple[int, int]  # (pairs, longest)
+    index: torch.Tensor | None = None  # [pairs * longest] packed positions (clamped)
+    mask: torch.Tensor | None = None  # [pairs, 1, 1, longest] bool: a key of the pair; None: all are
+    keep: torch.Tensor | None = None  # [pairs * longest] bool: a real query; None: all are
+
+
+@dataclass
 class _Blocks:
     """Index plan of blocked window attention over the pairs longer than the window (shared by all
     local layers of one forward)."""
@@ -147,13 +165,17 @@ class _Blocks:
     keys: int
 
 
+@dataclass
+class _Plan:
+    """How the blocked path attends, shared by the layers of one forward."""
+
+    every_pair: list[_Group]  # global layers
+    short_pairs: list[_Group]  # local layers: pairs the window covers whole (length <= w + 1)
+    blocks: _Blocks | None  # local layers: the longer pairs
+
+
 def _linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
     return F.linear(x, weight[0], weight[1])
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class PackedModernBert:
@@ -268,17 +290,17 @@ class PackedModernBert:
         return inv.to(self.device), 1.0
 
     def _rope(self, layer_type: str, positions: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [N, 1, D] in the compute dtype for these positions (the table grows by powers of 2)."""
+        """cos, sin [N, 1, 1, D/2] in the compute dtype for these positions (both halves of transformers'
+        cat((freqs, freqs)) are equal, so the table keeps one; it grows by powers of 2)."""
         table = self._rope_tables.get(layer_type)
         if table is None or table[0].shape[0] < max_len:
             size = 1 << max(10, math.ceil(math.log2(max(max_len, 1))))
             inv, scaling = self.inv_freq[layer_type]
             freqs = torch.arange(size, device=self.device, dtype=torch.float32)[:, None] * inv[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
             # Cast as transformers does: cos/sin in float32, then to the activations' dtype.
-            table = ((emb.cos() * scaling).to(self.dtype), (emb.sin() * scaling).to(self.dtype))
+            table = ((freqs.cos() * scaling).to(self.dtype), (freqs.sin() * scaling).to(self.dtype))
             self._rope_tables[layer_type] = table
-        return table[0][positions].unsqueeze(1), table[1][positions].unsqueeze(1)
+        return table[0][positions][:, None, None, :], table[1][positions][:, None, None, :]
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -306,20 +328,18 @@ class PackedModernBert:
 
         h = self._norm(F.embedding(ids, self.embeddings), self.emb_norm)
         ropes = {t: self._rope(t, positions, max_len) for t in self.inv_freq}
-        blocks: _Blocks | None = None
-        if self.backend == BLOCKED and any(layer.half_window is not None for layer in self.layers):
-            blocks = self._plan_blocks(cu_host, lengths_host, total)
+        plan = self._plan(cu_host, lengths_host, total) if self.backend == BLOCKED else None
         cu32 = cu.to(torch.int32)
 
         for layer in self.layers:
             x = h if layer.attn_norm is None else self._norm(h, layer.attn_norm)
             qkv = _linear(x, layer.wqkv).view(total, 3, self.heads, self.head_dim)
             cos, sin = ropes[layer.rope]
-            q = self._rotate(qkv[:, 0], cos, sin)
-            k = self._rotate(qkv[:, 1], cos, sin)
-            v = qkv[:, 2]
+            qk = self._rotate(qkv[:, :2], cos, sin)
+            q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
+            del qk
             del qkv
-            attn = self._attention(q, k, v, layer.half_window, cu32, cu_host, lengths_host, max_len, blocks)
+            attn = self._attention(q, k, v, layer.half_window, cu32, max_len, plan)
             del q, k, v
             h = h + _linear(attn.reshape(total, self.hidden), layer.wo)
             del attn
@@ -339,9 +359,18 @@ class PackedModernBert:
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding of x [N, H, D], computed in float32 as transformers does."""
+        """Rotary embedding of q and k (x [N, 2, H, D]) in float32, as transformers computes it:
+        x * cos + rotate_half(x) * sin, i.e. (x1 c - x2 s, x2 c + x1 s) over the two halves."""
         xf = x.float()
-        return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+        half = x.shape[-1] // 2
+        x1, x2 = xf[..., :half], xf[..., half:]
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        first, second = out[..., :half], out[..., half:]
+        torch.mul(x1, cos, out=first)
+        first.addcmul_(x2, sin, value=-1.0)
+        torch.mul(x2, cos, out=second)
+        second.addcmul_(x1, sin)
+        return out.to(x.dtype)
 
     def _attention(
         self,
@@ -350,10 +379,8 @@ class PackedModernBert:
         v: torch.Tensor,
         half_window: int | None,
         cu32: torch.Tensor,
-        cu_host: torch.Tensor,
-        lengths_host: torch.Tensor,
         max_len: int,
-        blocks: _Blocks | None,
+        plan: _Plan | None,
     ) -> torch.Tensor:
         """Attention of packed q, k, v [N, H, D] -> [N, H, D]."""
         if self.backend == VARLEN_ATTN:
@@ -375,63 +402,91 @@ class PackedModernBert:
                 q.contiguous(), k.contiguous(), v.contiguous(), cu32, max_len, self.scale, half_window
             )
             return _flash_attention_forward(*args, **kwargs)
-        return self._blocked_attention(q, k, v, half_window, cu_host, lengths_host, blocks)
-
-    def _blocked_attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        half_window: int | None,
-        cu_host: torch.Tensor,
-        lengths_host: torch.Tensor,
-        blocks: _Blocks | None,
-    ) -> torch.Tensor:
+        assert plan is not None
         out = torch.empty_like(q)
-        # Pairs the window covers whole (or every pair, in a global layer): unmasked attention per pair.
-        covered = lengths_host <= (half_window + 1 if half_window is not None else lengths_host.max())
-        self._dense_per_pair(q, k, v, out, cu_host[:-1][covered], lengths_host[covered])
-        if half_window is not None and blocks is not None:
-            self._windowed(q, k, v, out, blocks)
+        if half_window is None:
+            self._unwindowed(q, k, v, out, plan.every_pair)
+        else:
+            self._unwindowed(q, k, v, out, plan.short_pairs)
+            if plan.blocks is not None:
+                self._windowed(q, k, v, out, plan.blocks)
         return out
 
-    def _dense_per_pair(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        out: torch.Tensor,
-        starts: torch.Tensor,
-        lengths: torch.Tensor,
+    def _plan(self, cu_host: torch.Tensor, lengths_host: torch.Tensor, total: int) -> _Plan:
+        starts = cu_host[:-1]
+        short = lengths_host <= self.half_window + 1
+        has_local = any(layer.half_window is not None for layer in self.layers)
+        return _Plan(
+            every_pair=self._groups(starts, lengths_host, total),
+            short_pairs=self._groups(starts[short], lengths_host[short], total) if has_local else [],
+            blocks=self._plan_blocks(cu_host, lengths_host, total) if has_local else None,
+        )
+
+    def _groups(self, starts: torch.Tensor, lengths: torch.Tensor, total: int) -> list[_Group]:
+        """Pairs in length order, cut where a length exceeds the group's first by GROUP_SLACK."""
+        order = torch.argsort(lengths, stable=True).tolist()
+        starts_list, lengths_list = starts.tolist(), lengths.tolist()
+        groups: list[_Group] = []
+        i = 0
+        while i < len(order):
+            limit = lengths_list[order[i]] * (1 + GROUP_SLACK) + GROUP_ALLOWANCE
+            j = i + 1
+            while j < len(order) and lengths_list[order[j]] <= limit:
+                j += 1
+            members = order[i:j]
+            i = j
+            longest = lengths_list[members[-1]]
+            if len(members) == 1:
+                groups.append(_Group(start=starts_list[members[0]], shape=(1, longest)))
+                continue
+            group_starts = torch.tensor([starts_list[m] for m in members])
+            group_lengths = torch.tensor([lengths_list[m] for m in members])
+            offsets = torch.arange(longest)[None, :]
+            index = (group_starts[:, None] + offsets).clamp(max=total - 1).reshape(-1).to(self.device)
+            real = offsets < group_lengths[:, None]  # [pairs, longest]
+            equal = bool(real.all())
+            groups.append(
+                _Group(
+                    start=-1,
+                    shape=(len(members), longest),
+                    index=index,
+                    mask=None if equal else real[:, None, None, :].to(self.device),
+                    keep=None if equal else real.reshape(-1).to(self.device),
+                )
+            )
+        return groups
+
+    def _unwindowed(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, groups: list[_Group]
     ) -> None:
-        """SDPA without a mask over each pair (pairs of equal length stacked into one call)."""
-        if starts.numel() == 0:
-            return
-        by_length: dict[int, list[int]] = {}
-        for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
-            by_length.setdefault(length, []).append(start)
-        for length, group in by_length.items():
-            if len(group) == 1:
-                s = group[0]
+        """SDPA per group of pairs: a lone pair without a mask (the fused CPU kernel, no T x T buffer)."""
+        for group in groups:
+            pairs, longest = group.shape
+            if group.index is None:
+                s = group.start
                 # [L, H, D] -> [1, H, L, D]: the fused CPU kernel takes 4-D inputs only (3-D ones
                 # fall back to the math path, which builds the T x T scores).
                 o = F.scaled_dot_product_attention(
-                    q[s : s + length].transpose(0, 1)[None],
-                    k[s : s + length].transpose(0, 1)[None],
-                    v[s : s + length].transpose(0, 1)[None],
+                    q[s : s + longest].transpose(0, 1)[None],
+                    k[s : s + longest].transpose(0, 1)[None],
+                    v[s : s + longest].transpose(0, 1)[None],
                     scale=self.scale,
                 )
-                out[s : s + length] = o[0].transpose(0, 1)
+                out[s : s + longest] = o[0].transpose(0, 1)
                 continue
-            index = (torch.tensor(group)[:, None] + torch.arange(length)[None, :]).reshape(-1).to(q.device)
-            shape = (len(group), length, self.heads, self.head_dim)
+            shape = (pairs, longest, self.heads, self.head_dim)
             o = F.scaled_dot_product_attention(
-                q.index_select(0, index).view(shape).transpose(1, 2),
-                k.index_select(0, index).view(shape).transpose(1, 2),
-                v.index_select(0, index).view(shape).transpose(1, 2),
+                q.index_select(0, group.index).view(shape).transpose(1, 2),
+                k.index_select(0, group.index).view(shape).transpose(1, 2),
+                v.index_select(0, group.index).view(shape).transpose(1, 2),
+                attn_mask=group.mask,
                 scale=self.scale,
             )
-            out.index_copy_(0, index, o.transpose(1, 2).reshape(-1, self.heads, self.head_dim))
+            o = o.transpose(1, 2).reshape(-1, self.heads, self.head_dim)
+            if group.keep is None:
+                out.index_copy_(0, group.index, o)
+            else:
+                out.index_copy_(0, group.index[group.keep], o[group.keep])
 
     def _plan_blocks(self, cu_host: torch.Tensor, lengths_host: torch.Tensor, total: int) -> _Blocks | None:
         """Blocks of b = w queries (w = the half window) of every pair longer than w + 1, each with the
