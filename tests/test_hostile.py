@@ -1,0 +1,414 @@
+"""Hostile and heavy input on loopback against a real Triton (issue 13): what a refused message costs
+before the limits and before auth, work that stops when the caller does, a bounded tokenization
+queue, malformed stream messages, deadline accounting, auth details, and steady Triton recovery.
+Every flood is bounded in count and time."""
+
+from __future__ import annotations
+
+import re
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from rerank_client import InvalidRequestError, RerankClient, RerankError, stream_request
+from rerank_client.errors import from_rpc_error, from_stream_error
+from rerank_client.pb import rerank_pb2
+from tests.conftest import RERANK, Stack, free_port, frontend, start_serve, stop_serve
+from tests.texts import QUERY, text
+
+MIB = 1024 * 1024
+TOKEN = "hostile-test-token"
+# ~31 million empty documents after a one-letter query: 60 MiB on the wire.
+HUGE_RERANK = b"\x0a\x01q" + b"\x12\x00" * 31_457_276
+GRPC_OPTIONS = [("grpc.max_send_message_length", 64 * MIB), ("grpc.max_receive_message_length", 64 * MIB)]
+# Three rounds of four concurrent HUGE_RERANK calls, from another process; prints each status.
+FLOOD = """
+import sys, grpc
+from concurrent.futures import ThreadPoolExecutor
+HUGE = b"\\x0a\\x01q" + b"\\x12\\x00" * 31_457_276
+options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+def call(_):
+    with grpc.insecure_channel(sys.argv[1], options=options) as channel:
+        try:
+            channel.unary_unary("/rerank.v1.RerankService/Rerank")(
+                HUGE, metadata=(("authorization", "Bearer " + sys.argv[2]),), timeout=60)
+            return "OK"
+        except grpc.RpcError as error:
+            return error.code().name
+with ThreadPoolExecutor(4) as pool:
+    for _ in range(3):
+        print(*pool.map(call, range(4)), flush=True)
+"""
+# 20 MB of CJK text without whitespace: one pre-token for byte-level BPE.
+CJK = ("北京是中国的首都上海是最大的城市" * 420_000)[:6_700_000]
+
+
+def scrape(url: str | None) -> str:
+    assert url is not None
+    return urllib.request.urlopen(url, timeout=10).read().decode()
+
+
+def sample(metrics: str, name: str, **labels: str) -> float:
+    for line in metrics.splitlines():
+        match = re.match(rf"^{name}(?:\{{([^}}]*)\}})? (\S+)$", line)
+        if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
+            return float(match.group(2))
+    return 0.0
+
+
+def memory(pid: int, field: str) -> int:
+    """VmRSS or VmHWM (peak RSS since the last reset) of a process, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def reset_peak(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+
+def raw_call(target: str, method: str, payload: bytes, metadata=(), timeout: float = 60) -> grpc.RpcError | bytes:
+    """One unary call with identity serializers (the bytes go on the wire as they are)."""
+    with grpc.insecure_channel(target, options=GRPC_OPTIONS) as channel:
+        call = channel.unary_unary(f"/rerank.v1.RerankService/{method}")
+        try:
+            return call(payload, metadata=metadata, timeout=timeout)
+        except grpc.RpcError as error:
+            return error
+
+
+def timed(call: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+@pytest.fixture(scope="module")
+def guarded(stack: Stack, model_repository: Path):
+    """A frontend with a bearer token and its own process, so that its memory can be watched."""
+    with frontend(stack, model_repository, f"--auth-token={TOKEN}") as served:
+        yield served
+
+
+# -- defect 1: memory before the limits and before auth ------------------------------------------
+
+
+def test_a_60_mib_refused_message_costs_a_small_multiple_of_its_size_and_stalls_no_one(guarded: Stack) -> None:
+    pid = guarded.process.pid
+    bearer = (("authorization", f"Bearer {TOKEN}"),)
+    with RerankClient(guarded.target, token=TOKEN, timeout=30) as small:
+        small.rerank(QUERY, ["a"])
+        baseline = [timed(lambda: small.rerank(QUERY, ["a"])) for _ in range(20)]
+
+        reset_peak(pid)
+        before = memory(pid, "VmRSS")
+        error = raw_call(guarded.target, "Rerank", HUGE_RERANK, bearer)
+        one = memory(pid, "VmHWM") - before
+        assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+        refused = from_rpc_error(error)
+        assert [v.field for v in refused.field_violations] == ["documents"], refused
+        assert "max_documents" in refused.field_violations[0].description
+        assert one < 4 * len(HUGE_RERANK), f"one refusal grew the frontend by {one / MIB:.0f} MiB"
+
+        # Three rounds of four at once, sent by another process (so that its copies of the 60 MiB
+        # do not hold this one's GIL), while a small caller keeps calling.
+        reset_peak(pid)
+        before = memory(pid, "VmRSS")
+        flood = subprocess.Popen(
+            [sys.executable, "-c", FLOOD, guarded.target, TOKEN], stdout=subprocess.PIPE, text=True
+        )
+        during: list[float] = []
+        while flood.poll() is None:
+            during.append(timed(lambda: small.rerank(QUERY, ["a"])))
+            time.sleep(0.02)
+        four = memory(pid, "VmHWM") - before
+    codes = (flood.stdout.read() if flood.stdout else "").split()
+    assert codes == ["INVALID_ARGUMENT"] * 12, codes
+    assert four < 4 * 4 * len(HUGE_RERANK), f"four refusals at once grew the frontend by {four / MIB:.0f} MiB"
+    rise = statistics.median(during) - statistics.median(baseline)
+    print(
+        f"\none refusal: +{one / MIB:.0f} MiB peak RSS; four at once: +{four / MIB:.0f} MiB; small call median "
+        f"{statistics.median(baseline) * 1000:.1f} ms -> {statistics.median(during) * 1000:.1f} ms, "
+        f"max {max(during) * 1000:.1f} ms over {len(during)} calls"
+    )
+    assert rise < 0.1, f"a small call's median latency rose by {rise * 1000:.0f} ms"
+    # Each 60 MiB message is still copied into Python by gRPC on the event loop (~0.1 s of a core):
+    # bounded, and the reason the README advises sizing --max-message-bytes.
+    assert max(during) < 1.5, f"a small call took {max(during):.2f} s"
+
+
+def test_an_unauthenticated_60_mib_message_is_never_decoded(guarded: Stack) -> None:
+    pid = guarded.process.pid
+    raw_call(guarded.target, "Rerank", b"", (("authorization", "Bearer nope"),))  # warm the path up
+    reset_peak(pid)
+    before = memory(pid, "VmRSS")
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(lambda _: raw_call(guarded.target, "Rerank", HUGE_RERANK), range(4)))
+    growth = memory(pid, "VmHWM") - before
+    assert all(isinstance(o, grpc.RpcError) and o.code() == grpc.StatusCode.UNAUTHENTICATED for o in outcomes)
+    print(f"\nfour unauthenticated 60 MiB messages: +{growth / MIB:.1f} MiB peak RSS")
+    # A constant, whatever the message: no 60 MiB bytes object, no decoded strings.
+    assert growth < len(HUGE_RERANK) / 2, f"unauthenticated calls grew the frontend by {growth / MIB:.0f} MiB"
+
+
+def test_score_pairs_and_stream_documents_are_counted_before_decoding(guarded: Stack) -> None:
+    bearer = (("authorization", f"Bearer {TOKEN}"),)
+    error = raw_call(guarded.target, "Score", b"\x0a\x00" * 2_000_000, bearer)
+    assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+    assert [v.field for v in from_rpc_error(error).field_violations] == ["pairs"]
+    # In a stream, an oversized message gets its own StreamError; the others are answered.
+    messages = [
+        stream_request("before", QUERY, ["a", "b"]),
+        stream_request("big", QUERY, [""] * 1001),
+        stream_request("after", QUERY, ["c"]),
+    ]
+    with RerankClient(guarded.target, token=TOKEN, timeout=60) as client:
+        answers = {a.id: a for a in client.rerank_stream(iter(messages))}
+    assert set(answers) == {"before", "big", "after"}
+    refused = from_stream_error(answers["big"].error)
+    assert isinstance(refused, InvalidRequestError) and [v.field for v in refused.field_violations] == ["documents"]
+    assert len(answers["before"].response.results) == 2 and len(answers["after"].response.results) == 1
+
+
+# -- defect 4: a malformed message inside a RerankStream -------------------------------------------
+
+
+def test_a_malformed_stream_message_ends_the_stream_cleanly_after_answering_the_ones_before(guarded: Stack) -> None:
+    valid = stream_request("first", QUERY, [text(30), "b"]).SerializeToString()
+    before = scrape(guarded.metrics_url)
+    lines_before = len(guarded.output)
+    with grpc.insecure_channel(guarded.target) as channel:
+        call = channel.stream_stream("/rerank.v1.RerankService/RerankStream")(
+            iter([valid, b"\xff\xff\xff\xff"]), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=30
+        )
+        answers = []
+        with pytest.raises(grpc.RpcError) as caught:
+            for answer in call:
+                answers.append(rerank_pb2.RerankStreamResponse.FromString(answer))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed" in (caught.value.details() or "")
+    assert [a.id for a in answers] == ["first"] and len(answers[0].response.results) == 2
+    time.sleep(0.5)
+    after = scrape(guarded.metrics_url)
+    code = {"rpc": "RerankStream"}
+    assert sample(after, "rerank_calls_total", **code, code="INVALID_ARGUMENT") == (
+        sample(before, "rerank_calls_total", **code, code="INVALID_ARGUMENT") + 1
+    )
+    assert sample(after, "rerank_calls_total", **code, code="UNKNOWN") == 0
+    logged = "".join(guarded.output[lines_before:])
+    assert "Traceback" not in logged and '"level": "ERROR"' not in logged and "ExceptionGroup" not in logged
+
+
+# -- defect 5: deadline expiry counted as such ----------------------------------------------------
+
+
+def test_deadline_expiry_is_counted_deadline_exceeded_and_cancellation_cancelled(guarded: Stack) -> None:
+    documents = [text(150, seed=i) for i in range(1000)]  # seconds of work on this machine
+    before = scrape(guarded.metrics_url)
+    with RerankClient(guarded.target, token=TOKEN, retries=0) as client:
+        for _ in range(4):
+            with pytest.raises(RerankError) as caught:
+                client.rerank(QUERY, documents, timeout=0.3)
+            assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    with grpc.insecure_channel(guarded.target) as channel:
+        call = channel.unary_unary("/rerank.v1.RerankService/Rerank").future(
+            rerank_pb2.RerankRequest(query=QUERY, documents=documents).SerializeToString(),
+            metadata=(("authorization", f"Bearer {TOKEN}"),),
+            timeout=60,
+        )
+        time.sleep(0.3)
+        call.cancel()
+    time.sleep(1.0)
+    after = scrape(guarded.metrics_url)
+
+    def counted(code: str) -> float:
+        return sample(after, "rerank_calls_total", rpc="Rerank", code=code) - sample(
+            before, "rerank_calls_total", rpc="Rerank", code=code
+        )
+
+    assert counted("DEADLINE_EXCEEDED") == 4, after
+    assert counted("CANCELLED") == 1
+    assert counted("UNKNOWN") == 0
+
+
+# -- defect 6: auth details -------------------------------------------------------------------
+
+
+def test_auth_scheme_is_case_insensitive_two_headers_are_refused_and_reflection_needs_the_token(
+    guarded: Stack,
+) -> None:
+    request = rerank_pb2.RerankRequest(query=QUERY, documents=["a"]).SerializeToString()
+
+    def code(metadata) -> grpc.StatusCode:
+        outcome = raw_call(guarded.target, "Rerank", request, metadata, timeout=30)
+        return outcome.code() if isinstance(outcome, grpc.RpcError) else grpc.StatusCode.OK
+
+    for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):
+        assert code((("authorization", f"{scheme} {TOKEN}"),)) == grpc.StatusCode.OK, scheme
+    for metadata in (
+        (("authorization", f"Bearer {TOKEN}"), ("authorization", f"Bearer {TOKEN}")),
+        (("authorization", "Bearer wrong"), ("authorization", f"Bearer {TOKEN}")),
+        (("authorization", TOKEN),),  # gRPC takes the bearer scheme only
+        (("authorization", f"Basic {TOKEN}"),),
+    ):
+        assert code(metadata) == grpc.StatusCode.UNAUTHENTICATED, metadata
+
+    def reflect(metadata) -> grpc.StatusCode:
+        with grpc.insecure_channel(guarded.target) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            try:
+                for _ in stub.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), metadata=metadata, timeout=10
+                ):
+                    pass
+            except grpc.RpcError as error:
+                return error.code()
+        return grpc.StatusCode.OK
+
+    assert reflect(()) == grpc.StatusCode.UNAUTHENTICATED
+    assert reflect((("authorization", f"Bearer {TOKEN}"),)) == grpc.StatusCode.OK
+    with grpc.insecure_channel(guarded.target) as channel:  # probes need no token
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    help_text = " ".join(subprocess.run([*RERANK, "serve", "--help"], capture_output=True, text=True).stdout.split())
+    assert "shows in `ps`" in help_text
+
+
+# -- defect 7: chunk_overlap checked against the window, whatever the documents ---------------------
+
+
+def test_chunk_overlap_not_below_the_window_is_refused_even_for_short_documents(stack: Stack) -> None:
+    with RerankClient(stack.target, timeout=30) as client:
+        for documents in (["short"], [text(100)]):
+            with pytest.raises(InvalidRequestError) as caught:
+                client.rerank(QUERY, documents, truncation="chunk", max_length=32, chunk_overlap=30)
+            assert [v.field for v in caught.value.field_violations] == ["chunk_overlap"]
+            assert "smaller than a window" in str(caught.value)
+        assert client.rerank(QUERY, ["short"], truncation="chunk", max_length=32, chunk_overlap=5).results
+
+
+# -- defect 2: work stops with the caller; the tokenization queue is bounded ------------------------
+
+
+def test_tokenization_stops_at_the_deadline_or_cancellation_and_its_queue_is_bounded(
+    stack: Stack, model_repository: Path
+) -> None:
+    args = (
+        "--tokenizer-threads=1",
+        "--tokenize-queue-max=2",
+        "--max-total-tokens=100000000",
+        "--max-inflight-tokens=100000000",
+    )
+    with frontend(stack, model_repository, *args) as served, RerankClient(served.target, retries=0) as client:
+        client.rerank(QUERY, ["warm up"], timeout=30)
+
+        def long_call(timeout: float) -> str:
+            try:
+                client.rerank(QUERY, [CJK], truncation="chunk", timeout=timeout)
+            except RerankError as error:
+                return f"{error.code.name}: {error}"
+            return "OK"
+
+        # Four callers of seconds of tokenization each, 2 s deadlines, a queue of 2: the queue refuses
+        # the latecomers at once, the deadline ends the others, and the work ends with them.
+        with ThreadPoolExecutor(4) as pool:
+            outcomes = list(pool.map(long_call, [2.0] * 4))
+        ended = time.perf_counter()
+        small = timed(lambda: client.rerank(QUERY, ["a"], timeout=30))
+        codes = sorted(o.split(":")[0] for o in outcomes)
+        assert "RESOURCE_EXHAUSTED" in codes and set(codes) <= {"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}, outcomes
+        assert any("tokenize_queue_max" in o for o in outcomes)
+        print(f"\nsmall call {small * 1000:.0f} ms, {(time.perf_counter() - ended) * 1000:.0f} ms after the deadlines")
+        assert small < 0.5, f"a small call waited {small:.2f} s behind abandoned tokenization"
+
+        # A cancelled caller's tokenization stops too.
+        with grpc.insecure_channel(served.target, options=GRPC_OPTIONS) as channel:
+            request = rerank_pb2.RerankRequest(query=QUERY, documents=[CJK], truncation=rerank_pb2.TRUNCATION_CHUNK)
+            call = channel.unary_unary("/rerank.v1.RerankService/Rerank").future(request.SerializeToString())
+            time.sleep(1.0)
+            call.cancel()
+        time.sleep(0.1)
+        small = timed(lambda: client.rerank(QUERY, ["a"], timeout=30))
+        assert small < 0.5, f"a small call waited {small:.2f} s behind a cancelled call's tokenization"
+
+        # NONE truncation refuses a 20 MB document from a prefix, without tokenizing it whole.
+        started = time.perf_counter()
+        with pytest.raises(InvalidRequestError, match="more than"):
+            client.rerank(QUERY, [CJK], truncation="none", timeout=30)
+        took = time.perf_counter() - started
+        assert took < 1.0, f"refusing a 20 MB document with NONE took {took:.2f} s"
+
+
+# -- defect 3: Triton restart backoff returns to its first step after a healthy period --------------
+
+
+def test_triton_killed_again_and_again_recovers_within_the_first_steps(model_repository: Path, tmp_path: Path) -> None:
+    repository = tmp_path / "repository"  # one tiny model: Triton restarts in seconds
+    repository.mkdir()
+    (repository / "reranker").symlink_to(model_repository / "reranker", target_is_directory=True)
+    served = start_serve(
+        [
+            f"--model-repository={repository}",
+            f"--triton-grpc-port={free_port()}",
+            f"--triton-http-port={free_port()}",
+            f"--triton-metrics-port={free_port()}",
+            "--health-interval-s=0.1",
+            "--triton-restart-backoff-s=1,4,8,16",
+            "--triton-healthy-s=2",
+        ]
+    )
+    try:
+        outages = []
+        for _ in range(5):
+            assert wait_serving(served.target, 60)
+            time.sleep(2.5)  # a healthy period
+            triton = next(p for p in psutil.Process(served.process.pid).children() if p.name() == "tritonserver")
+            killed = time.monotonic()
+            triton.kill()
+            assert wait_gone(triton, 10)
+            time.sleep(0.3)  # health notices within its interval
+            assert wait_serving(served.target, 60), "".join(served.output[-20:])
+            outages.append(time.monotonic() - killed)
+        print("\noutages after each kill:", [f"{o:.1f}s" for o in outages])
+        # Without the reset the delays would be 1, 4, 8, 16, 16 s.
+        assert max(outages) < min(outages) + 2.5, outages
+    finally:
+        assert stop_serve(served) == 0
+
+
+def wait_gone(process: psutil.Process, timeout_s: float) -> bool:
+    try:
+        process.wait(timeout_s)
+    except psutil.TimeoutExpired:
+        return False
+    return True
+
+
+def wait_serving(target: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with grpc.insecure_channel(target) as channel:
+                status = (
+                    health_pb2_grpc.HealthStub(channel)
+                    .Check(health_pb2.HealthCheckRequest(service="rerank.v1.RerankService"), timeout=2)
+                    .status
+                )
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return True
+        except grpc.RpcError:
+            pass
+        time.sleep(0.05)
+    return False
