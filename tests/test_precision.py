@@ -24,7 +24,7 @@ import pytest
 from rerank_client import RerankClient
 from rerank_model_repository import cpu_features
 from rerank_model_repository.cpu_features import cpu_flags, native_precisions, resolve_precision, served_choice
-from rerank_server.export import BF16_RELATIVE_TOLERANCE, INT8_RELATIVE_TOLERANCE
+from rerank_server.export import BF16_RELATIVE_TOLERANCE, INT8_RELATIVE_TOLERANCE, RUNTIMES
 from tests.conftest import RERANK, free_port, run_rerank, start_serve, stop_serve
 from tests.reference import eager
 from tests.texts import QUERY, mixed_documents
@@ -32,6 +32,7 @@ from tests.texts import QUERY, mixed_documents
 PRECISIONS = ("fp32", "int8", "bf16")
 # A CPU of the AVX2/AVX-512 generation before VNNI and bf16 (e.g. Skylake-SP, Zen 1-3).
 PLAIN_CPU = "avx2,avx512f"
+RUNTIMES_BF16 = [(runtime, "bf16") for runtime in RUNTIMES if runtime != "onnxruntime"]
 
 
 # ------------------------------------------------------------------------------------------- probe
@@ -127,23 +128,26 @@ def test_auto_measures_each_native_precision_and_keeps_one_that_ranks_like_fp32(
     monkeypatch.setenv(cpu_features.FLAGS_ENV, "avx2,avx512_vnni,avx512_bf16")
     done = run_rerank("export", "--model", str(checkpoints["reranker_mean"]), "--output", str(tmp_path))
     assert done.returncode == 0, done.stderr
-    assert "Measuring 3 precisions on this CPU" in done.stderr
     model_dir = tmp_path / "reranker"
     provenance = json.loads((model_dir / "1" / "export.json").read_text())
     selection = provenance["precision_selection"]
-    rows = {row["precision"]: row for row in selection["candidates"]}
-    assert sorted(rows) == ["bf16", "fp32", "int8"] and rows["bf16"]["runtime"] == "torch"
-    assert rows["fp32"]["speedup"] == 1.0 and rows["fp32"]["max_abs_diff"] == 0.0
+    rows = {(row["runtime"], row["precision"]): row for row in selection["candidates"]}
+    bf16 = {("torch", "bf16"), ("packed", "bf16")} & set(RUNTIMES_BF16)
+    assert set(rows) == {("onnxruntime", "fp32"), ("onnxruntime", "int8"), *bf16}
+    assert f"Measuring {len(rows)} candidates on this CPU" in done.stderr
+    reference = rows[("onnxruntime", "fp32")]
+    assert reference["speedup"] == 1.0 and reference["max_abs_diff"] == 0.0
     assert all(row["pairs_per_s"] > 0 and 0 <= row["top10_overlap"] <= 1 for row in rows.values())
     assert selection["pairs"] == 32 and selection["tokens"] > 32 * 16
-    chosen = rows[selection["precision"]]
+    chosen = rows[(selection["runtime"], selection["precision"])]
     # The fastest of those that rank like fp32 and beat it clearly; fp32 otherwise.
-    eligible = [r for r in rows.values() if r["precision"] == "fp32" or (r["agrees"] and r["speedup"] >= 1.05)]
+    eligible = [r for r in rows.values() if r is reference or (r["agrees"] and r["speedup"] >= 1.05)]
     assert chosen == max(eligible, key=lambda r: r["pairs_per_s"])
     for row in rows.values():
         assert row["agrees"] == (row["top10_overlap"] >= 0.95 and row["spearman"] >= 0.99)
     parameters = _parameters(model_dir)
     assert parameters["precision"] == selection["precision"] == provenance["precision"]
+    assert parameters["runtime"] == selection["runtime"]
     assert parameters["precision_reason"].startswith(f"auto: {selection['precision']} ")
     assert parameters["cpu_flags"] == "avx2,avx512_bf16,avx512_vnni"
     # What the choice and its fallback need is there, nothing else.
@@ -151,6 +155,7 @@ def test_auto_measures_each_native_precision_and_keeps_one_that_ranks_like_fp32(
     assert (version / parameters["weights"]).exists() and (version / parameters["fp32_weights"]).is_file()
     assert parameters["fp32_runtime"] == "onnxruntime"
     assert (version / "model").is_dir() == (selection["precision"] == "bf16")
+    assert provenance["verification"]["verified"] is True
     assert not (version / "model.int8.onnx").exists()
 
 

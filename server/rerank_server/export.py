@@ -331,7 +331,8 @@ def cpu_candidates(precision: str, runtime: str, flags: frozenset[str]) -> list[
     if "int8" in native:
         candidates.append(("onnxruntime", "int8"))
     if "bf16" in native:
-        candidates.append(("torch", "bf16"))
+        # transformers' model on padded sub-batches, and the packed engine (no padding) where present.
+        candidates += [(runtime, "bf16") for runtime in ("torch", "packed") if runtime in RUNTIMES]
     return candidates
 
 
@@ -385,12 +386,20 @@ def _export_cpu_variants(
     if any(r != "onnxruntime" for r, _ in candidates):
         with steps.step("Saving the fp32 checkpoint for PyTorch (cast to the served precision at load)"):
             model.save_pretrained(checkpoint)
-        with steps.step("Verifying the PyTorch runtime (fp32 and bf16) against transformers eager"):
+        with steps.step("Verifying the PyTorch runtimes (fp32 and bf16) against transformers eager"):
             verification["torch-fp32"] = _verify_torch(model, config, checkpoint, "fp32", "cpu", max_length)
-            verification["bf16"] = _verify_torch(model, config, checkpoint, "bf16", "cpu", max_length)
+            for runtime, candidate in candidates:
+                if runtime == "torch":
+                    verification[f"torch-{candidate}"] = _verify_torch(
+                        model, config, checkpoint, candidate, "cpu", max_length
+                    )
+                elif runtime == "packed":
+                    verification[f"packed-{candidate}"] = _verify_packed(
+                        model, config, checkpoint, candidate, "cpu", max_length
+                    )
     selection = None
     if precision == "auto" and len(candidates) > 1:
-        with steps.step(f"Measuring {len(candidates)} precisions on this CPU"):
+        with steps.step(f"Measuring {len(candidates)} candidates on this CPU"):
             selection = choose_precision(candidates, version_dir, config, tokenizer, options, max_length)
         runtime, chosen, reason = selection["runtime"], selection["precision"], selection["reason"]
     elif precision == "auto":
@@ -413,7 +422,7 @@ def _export_cpu_variants(
     int8_path.unlink(missing_ok=True)
     if chosen != "bf16":
         shutil.rmtree(checkpoint, ignore_errors=True)
-    key = "int8" if chosen == "int8" else "bf16" if chosen == "bf16" else "fp32"
+    key = {"int8": "int8", "bf16": f"{runtime}-bf16"}.get(chosen, "fp32")
     return _Variant(
         precision=chosen,
         runtime=runtime,
@@ -474,6 +483,7 @@ def _candidate_engine(
         max_batch_tokens=budget,
         precision=precision,
         intra_op_threads=threads,
+        packed=runtime == "packed",
     )
 
 
