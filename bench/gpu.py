@@ -1,21 +1,28 @@
-"""The GPU check: the served path on the GPU variant against PyTorch fp16 eager, in one run on one card.
+"""The GPU check: the served packed engine against the padded engine and transformers eager, in one run on one card.
 
-    python -m bench.gpu --output DIR                  # a machine with a CUDA GPU (README, Performance)
-    python -m bench.gpu --quick --device cpu          # the same steps on a tiny model, on the CPU (dry run)
+    python3 -m bench.gpu_pack run artifacts/gpu-pack -- --output DIR   # a CUDA machine without this project's
+                                                                       # packages (`make gpu-check`)
+    python -m bench.gpu --output DIR                                   # a CUDA machine with them installed
+    python -m bench.gpu --quick --device cpu                           # the same steps on a tiny model, on the CPU
 
-The GPU variant is `rerank export --device gpu --runtime torch`: fp16 weights run by PyTorch (SDPA
-attention) inside Triton's Python backend, one KIND_GPU instance, behind the same frontend. Side by
-side, in this order, on the same card and workloads as bench.run (a, b, c):
+The GPU variant is `rerank export --device gpu` (the packed runtime: unpadded, varlen flash attention with
+the local window; fp16 by default) served by `rerank serve` (frontend + local Triton, one KIND_GPU
+instance). Side by side, on the same card and the workloads of bench.run (a, b, c):
 
-    torch-eager   a hand-rolled loop: transformers' model in fp16, the tokenizer, batches of 32 pairs in
-                  request order padded to their longest (what a team writes instead of a service)
-    torch-engine  the served model's engine in-process: length-sorted sub-batches under the same token
-                  budget, no tokenizing, no gRPC, no Triton (the limit for the served path)
-    served        rerank serve (frontend + local Triton), at concurrency 1, 4 and 16
+    eager          a hand-rolled loop: transformers' model (sdpa) in the served precision, the tokenizer,
+                   batches of 32 pairs in request order padded to their longest
+    padded-engine  the engine in-process with transformers' model on length-sorted padded sub-batches
+                   (the torch runtime) under the same token budget
+    packed-engine  the served engine in-process: packed sub-batches, no tokenizing, gRPC or Triton (the
+                   limit for the served path); also on large batches of (a)'s shape (tokens/s, share of
+                   the card's measured matmul peak)
+    served         rerank serve at concurrency 1, 4 and 16 on (a), and on (b) and (c)
 
-Each measurement repeats its workload for at least --seconds (calibrated on a second warm-up pass: the
-first carries CUDA's first-run costs). Writes
-<output>/gpu-results.json and gpu-results.md and prints the table and the ratios.
+plus the device memory peak (in-process: PyTorch's allocator; served: the card's used memory) and the served
+model against fp32 eager on one (b) request (max |logit difference|, top-10 overlap, Spearman). Each
+measurement repeats its workload for at least --seconds (calibrated on a second pass; the first carries
+first-run costs); --seconds shrinks to keep the run within --budget-s. Writes gpu-results.json,
+gpu-results.md and gpu-results.png under --output, and prints the table and the ratios.
 """
 
 from __future__ import annotations
@@ -28,7 +35,10 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +55,22 @@ from bench.run import (
     run_inprocess,
     run_served,
 )
-from bench.workloads import Workload
+from bench.workloads import Request, Workload
 
 EAGER_BATCH = 32  # sentence-transformers' default batch size
+# In-process "large batches of (a)'s shape": this many (a) pairs per call, under this token budget.
+LARGE_PAIRS = 512
+LARGE_BUDGET = 65536
+# The issue's targets (H200), each a ratio of two measurements of this run.
+TARGETS = {
+    "served/packed-engine (a) c16": 0.9,
+    "served/packed-engine (c)": 0.9,
+    "packed-engine/eager (b)": 3.0,
+    "packed-engine/padded-engine (b)": 1.5,
+    "packed-engine large (a), tokens/s": 750_000,
+    "fp16 vs fp32 top-10 overlap": 0.95,
+    "fp16 vs fp32 Spearman": 0.99,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=Path("bench/results-gpu"))
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a dry run of the steps")
     parser.add_argument("--quick", action="store_true", help="a tiny model and the small workloads")
-    parser.add_argument("--seconds", type=float, default=5.0, help="least time per measurement")
+    parser.add_argument("--seconds", type=float, default=4.0, help="least time per measurement")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="the whole run's time, roughly")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--export-args", default="", help="extra `rerank export` arguments")
     return parser.parse_args(argv)
@@ -63,6 +87,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def repeats_for(seconds: float, one_pass_s: float) -> int:
     return max(1, min(1000, math.ceil(seconds / max(one_pass_s, 1e-6))))
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ranks_a, ranks_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
+
+
+def agreement(got: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    top = min(10, reference.size)
+    overlap = len(set(np.argsort(-got)[:top]) & set(np.argsort(-reference)[:top])) / top
+    return {
+        "max_abs_diff": float(np.max(np.abs(got - reference))),
+        "top10_overlap": overlap,
+        "spearman": spearman(got, reference),
+    }
 
 
 class HandRolledEager:
@@ -90,20 +129,76 @@ class HandRolledEager:
         return np.concatenate(out)
 
 
-def run_eager(eager: HandRolledEager, workload: Workload, repeats: int) -> tuple[dict[str, Any], np.ndarray]:
-    return run_batched(
-        "torch-eager",
-        workload,
-        repeats,
-        lambda request: eager.logits(request.query, request.documents),
-        Progress(0, enabled=False),
-        batch=EAGER_BATCH,
-    )
+def eager_predict(eager: HandRolledEager, request: Request) -> np.ndarray:
+    return eager.logits(request.query, request.documents)
+
+
+class DeviceMemory:
+    """Peak memory used on the card (by every process: the served model's stub too), sampled."""
+
+    def __init__(self, on_gpu: bool) -> None:
+        self.on_gpu, self.peak, self._stop = on_gpu, 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def used(self) -> int:
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        return int(total - free)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.used())
+            time.sleep(0.05)
+
+    def __enter__(self) -> DeviceMemory:
+        if self.on_gpu:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self.on_gpu:
+            self._thread.join()
+
+
+def matmul_peak_tflops(device: str, dtype: Any) -> float | None:
+    """The card's dense matmul rate in this precision (8192^3 products for about a second): the peak
+    that tokens/s are reported against."""
+    if device != "cuda":
+        return None
+    import torch
+
+    a = torch.randn(8192, 8192, device=device, dtype=dtype)
+    b = torch.randn(8192, 8192, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 1.0:
+        for _ in range(10):
+            a @ b
+        torch.cuda.synchronize()
+        runs += 10
+    return 2 * 8192**3 * runs / (time.perf_counter() - start) / 1e12
+
+
+def flops_per_token(config: dict[str, Any], tokens_per_pair: int) -> float:
+    """Forward FLOPs per token: 2 per weight of the layers (embeddings excluded) plus attention's two
+    products over the tokens each query sees (its pair on global layers, the window on local ones)."""
+    hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    weights = layers * (4 * hidden * hidden + 3 * hidden * inter)  # Wqkv + Wo, Wi (gated: 2x) + Wo
+    every = config.get("global_attn_every_n_layers", 3)
+    global_layers = len([i for i in range(layers) if i % every == 0])
+    window = min(config.get("local_attention", 128), tokens_per_pair)
+    attention = 4 * hidden * (global_layers * tokens_per_pair + (layers - global_layers) * window)
+    return float(2 * weights + attention)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
+    from transformers import ModernBertConfig
 
     from bench.served import Sampler, ServedStack
     from rerank_client import RerankClient
@@ -119,35 +214,45 @@ def main(argv: list[str] | None = None) -> int:
     if on_gpu:
         properties = torch.cuda.get_device_properties(0)
         machine["gpu"] = {"name": properties.name, "memory_gib": properties.total_memory / 2**30}
-    precision = "fp16" if on_gpu else "fp32"
-    dtype = torch.float16 if on_gpu else torch.float32
     built = workloads.build(TOKENIZER_DIR, seed=args.seed, shape=workloads.QUICK if args.quick else workloads.FULL)
     fixed = sorted((w for w in built.values() if w.kind == "a"), key=lambda w: w.concurrency)
     a1, b, c = fixed[0], built["b"], built["c"]
     progress = Progress(0, enabled=False)
     args.output.mkdir(parents=True, exist_ok=True)
     measurements: list[dict[str, Any]] = []
-    agreement: dict[str, Any] = {}
+    agreements: dict[str, Any] = {}
+    memory: dict[str, Any] = {}
+    # Measurements: 6 in-process + 3 eager + served on every (a), (b), (c); each runs about 3 passes.
+    planned = 9 + len(fixed) + 2
+    seconds = max(0.2, min(args.seconds, 0.5 * args.budget_s / (3 * planned)))
 
     def log(line: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f}s] {line}", flush=True)
+
+    def calibrated(run: Callable[[int], Any]) -> Any:
+        run(1)  # first-run costs (CUDA kernels, allocator growth)
+        warm = run(1)
+        return run(repeats_for(seconds, warm[0]["wall_s"] if isinstance(warm, tuple) else warm["wall_s"]))
 
     with tempfile.TemporaryDirectory(prefix="rerank-bench-gpu-") as temporary:
         workdir = Path(temporary)
         checkpoint = workdir / "checkpoint"
         config = {**(QUICK_CONFIG if args.quick else {}), "initializer_range": 0.02}
         save_random_checkpoint(checkpoint, TOKENIZER_DIR, seed=args.seed, **config)
+        model_config = ModernBertConfig(**config).to_dict()
         log(f"saved a random {'tiny' if args.quick else 'ModernBERT-base size'} checkpoint")
         repository = workdir / "repository"
-        export = [RERANK, "export", "--model", str(checkpoint), "--output", str(repository), "--runtime", "torch"]
-        export += ["--device", "gpu" if on_gpu else "cpu", *args.export_args.split()]
-        done = subprocess.run(export, capture_output=True, text=True)
+        export = [RERANK, "export", "--model", str(checkpoint), "--output", str(repository)]
+        export += ["--device", "gpu"] if on_gpu else ["--device", "cpu", "--runtime", "packed", "--precision", "fp32"]
+        done = subprocess.run([*export, *args.export_args.split()], capture_output=True, text=True)
         if done.returncode != 0:
-            print(done.stderr[-3000:], file=sys.stderr)
+            print(done.stdout[-2000:], done.stderr[-3000:], file=sys.stderr)
             return 1
         version = repository / "reranker" / "1"
-        verification = json.loads((version / "export.json").read_text())["verification"]
-        log(f"exported: {verification}")
+        exported = json.loads((version / "export.json").read_text())
+        precision, runtime = exported["precision"], exported.get("runtime", "packed")
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+        log(f"exported ({runtime}, {precision}): {exported['verification']}")
         config_text = (repository / "reranker" / "config.pbtxt").read_text()
         parameters = dict(re.findall(r'key: "([^"]+)" value: \{ string_value: "([^"]*)" \}', config_text))
         budget = int(parameters["max_batch_tokens"])
@@ -155,58 +260,83 @@ def main(argv: list[str] | None = None) -> int:
 
         tokenizer = Tokenizer.from_file(str(version / "tokenizer" / "tokenizer.json"))
 
-        # In-process first, each warmed up and calibrated on its own pass, then freed for Triton.
-        engine = PackedReranker.from_pretrained(
-            str(version / "model"),
-            pad_token_id=int(parameters["pad_token_id"]),
-            max_batch_tokens=budget,
-            device=args.device,
-            precision=precision,
-        )
-        for workload in (a1, b):
-            run_inprocess("torch-engine", engine, tokenizer, workload, 1, progress)  # first-run costs
-            warm, _ = run_inprocess("torch-engine", engine, tokenizer, workload, 1, progress)
-            result, engine_b = run_inprocess(
-                "torch-engine", engine, tokenizer, workload, repeats_for(args.seconds, warm["wall_s"]), progress
+        # In-process first, each engine warmed up and calibrated on its own pass, then freed for Triton.
+        engine_logits: dict[str, np.ndarray] = {}
+        for system, packed in (("packed-engine", True), ("padded-engine", False)):
+            engine = PackedReranker.from_pretrained(
+                str(version / "model"),
+                pad_token_id=int(parameters["pad_token_id"]),
+                max_batch_tokens=budget,
+                device=args.device,
+                precision=precision,
+                packed=packed,
             )
-            measurements.append(result)
-            log(f"torch-engine {workload.name}: {result['pairs_per_s']:.1f} pairs/s")
-        del engine
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
+            for workload in (a1, b, c):
+                result, logits = calibrated(
+                    partial(run_inprocess, system, engine, tokenizer, workload, progress=progress)
+                )
+                measurements.append(result)
+                if workload is b:
+                    engine_logits[system] = logits
+                log(f"{system} {workload.name}: {result['pairs_per_s']:.1f} pairs/s")
+            if packed:
+                # Large batches of (a)'s shape: one call of LARGE_PAIRS pairs under a LARGE_BUDGET token budget.
+                engine.max_batch_tokens = LARGE_BUDGET
+                first = a1.requests[0]
+                copies = math.ceil(LARGE_PAIRS / first.pairs)
+                request = workloads.Request(first.query, first.documents * copies, first.pair_lengths * copies)
+                large = Workload(
+                    a1.name + "-large", a1.kind, f"{a1.title}, {request.pairs} pairs per call", ((request,),)
+                )
+                result, _ = calibrated(partial(run_inprocess, system, engine, tokenizer, large, progress=progress))
+                result["workload"] = "a-large"
+                measurements.append(result)
+                log(f"packed-engine large (a): {result['tokens_per_s']:.0f} tokens/s")
+            if on_gpu:
+                memory[f"{system}_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            del engine
+            if on_gpu:
+                torch.cuda.empty_cache()
         eager = HandRolledEager(checkpoint, args.device, dtype)
         for workload in (a1, b):
-            run_eager(eager, workload, 1)  # first-run costs
-            warm, _ = run_eager(eager, workload, 1)
-            result, eager_b = run_eager(eager, workload, repeats_for(args.seconds, warm["wall_s"]))
+            predict = partial(eager_predict, eager)
+            run = partial(run_batched, "eager", workload, predict=predict, progress=progress, batch=EAGER_BATCH)
+            result, eager_b = calibrated(run)
             measurements.append(result)
-            log(f"torch-eager {workload.name}: {result['pairs_per_s']:.1f} pairs/s")
-        # fp32 eager on the last (b) request: the reference both fp16 paths are held to.
+            log(f"eager {workload.name}: {result['pairs_per_s']:.1f} pairs/s")
+        # fp32 eager on the last (b) request: the reference every path is held to.
         eager.model.float()
-        reference = eager.logits(b.requests[-1].query, b.requests[-1].documents)
-        del eager
+        last = b.requests[-1]
+        reference = eager.logits(last.query, last.documents).astype(np.float64)
+        del eager, predict
+        peak_tflops = matmul_peak_tflops(args.device, dtype)
         if on_gpu:
             torch.cuda.empty_cache()
 
         instance_kind = "KIND_GPU" if on_gpu else "KIND_CPU"
         stack = ServedStack.start(repository, args.output / "gpu-serve.log")
-        log(f"serving with {instance_kind}")
+        triton_binary = next(p.exe() for p in stack.triton if p.name() == "tritonserver")
+        log(f"serving with {instance_kind} ({triton_binary})")
         sampler = Sampler(stack.frontend, stack.triton)
         sampler.start()
         try:
             with RerankClient(stack.target, timeout=120) as client:
-                response = client.rerank(b.requests[-1].query, list(b.requests[-1].documents))
-            served_b = np.full(b.requests[-1].pairs, np.nan)
+                response = client.rerank(last.query, list(last.documents))
+            served_b = np.full(last.pairs, np.nan)
             for r in response.results:
                 served_b[r.index] = r.logit
-            for name, got in (("served", served_b), ("torch-engine", engine_b), ("torch-eager", eager_b)):
-                agreement[f"{name}_vs_fp32_eager_max_abs_diff"] = float(np.max(np.abs(got - reference)))
-            log(f"agreement with fp32 eager on one (b) request: {agreement}")
-            for workload in [*sorted((w for w in built.values() if w.kind == "a"), key=lambda w: w.concurrency), b, c]:
-                run_served(stack, workload, 1, sampler, progress)  # first-run costs
-                warm = run_served(stack, workload, 1, sampler, progress)
-                repeats = repeats_for(args.seconds, warm["wall_s"])
-                result = run_served(stack, workload, repeats, sampler, progress)
-                measurements.append(result)
-                log(f"served {workload.name} c{workload.concurrency}: {result['pairs_per_s']:.1f} pairs/s")
+            for name, got in (("served", served_b), *engine_logits.items(), ("eager", eager_b)):
+                agreements[name] = agreement(np.asarray(got, dtype=np.float64), reference)
+            log(f"against fp32 eager on one (b) request: {agreements}")
+            with DeviceMemory(on_gpu) as device_memory:
+                for workload in [*fixed, b, c]:
+                    result = calibrated(partial(run_served, stack, workload, sampler=sampler, progress=progress))
+                    measurements.append(result)
+                    log(f"served {workload.name} c{workload.concurrency}: {result['pairs_per_s']:.1f} pairs/s")
+            if on_gpu:
+                memory["served_device_used_peak_gib"] = device_memory.peak / 2**30
         finally:
             sampler.stop()
             code = stack.stop()
@@ -219,34 +349,55 @@ def main(argv: list[str] | None = None) -> int:
             for m in measurements
             if m["system"] == system and m["workload"] == kind and m["concurrency"] == concurrency
         ]
-        return found[0]["tokens_per_s" if per_token else "pairs_per_s"] if found else float("nan")
+        return float(found[0]["tokens_per_s" if per_token else "pairs_per_s"]) if found else float("nan")
 
-    top = max(w.concurrency for w in built.values() if w.kind == "a")
+    top = fixed[-1].concurrency
+    large_tokens = rate("packed-engine", "a-large", per_token=True)
+    flops = flops_per_token(model_config, a1.requests[0].pair_lengths[0])
     ratios = {
-        "served/torch-engine (a) c1": rate("served", "a") / rate("torch-engine", "a"),
-        f"served/torch-engine (a) c{top}": rate("served", "a", top) / rate("torch-engine", "a"),
-        "served/torch-eager (a) c1": rate("served", "a") / rate("torch-eager", "a"),
-        "served/torch-eager (b)": rate("served", "b") / rate("torch-eager", "b"),
-        "served/torch-engine (b)": rate("served", "b") / rate("torch-engine", "b"),
-        "served (c) / served (a) c1, per token": rate("served", "c", c.concurrency, True)
-        / rate("served", "a", 1, True),
+        f"served/packed-engine (a) c{top}": rate("served", "a", top) / rate("packed-engine", "a"),
+        "served/packed-engine (c)": rate("served", "c", c.concurrency) / rate("packed-engine", "c"),
+        "packed-engine/eager (b)": rate("packed-engine", "b") / rate("eager", "b"),
+        "packed-engine/padded-engine (b)": rate("packed-engine", "b") / rate("padded-engine", "b"),
+        "packed-engine/eager (a)": rate("packed-engine", "a") / rate("eager", "a"),
+        "packed-engine large (a), tokens/s": large_tokens,
+        "fp16 vs fp32 top-10 overlap": agreements["served"]["top10_overlap"],
+        "fp16 vs fp32 Spearman": agreements["served"]["spearman"],
+        "fp16 vs fp32 max |logit difference|": agreements["served"]["max_abs_diff"],
     }
+    utilisation = None
+    if peak_tflops:
+        utilisation = {
+            "matmul_peak_tflops": peak_tflops,
+            "flops_per_token": flops,
+            "large_batch_tflops": large_tokens * flops / 1e12,
+            "share_of_peak": large_tokens * flops / 1e12 / peak_tflops,
+        }
     results = {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python -m bench.gpu", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine,
         "precision": precision,
+        "runtime": runtime,
         "max_batch_tokens": budget,
         "instance_kind": instance_kind,
-        "export_verification": verification,
-        "agreement": agreement,
+        "triton_binary": triton_binary,
+        "export_verification": exported["verification"],
+        "agreement_with_fp32_eager": agreements,
+        "memory": memory,
+        "utilisation": utilisation,
         "measurements": measurements,
         "ratios": ratios,
+        "targets": {name: {"target": target, "met": ratios[name] >= target} for name, target in TARGETS.items()}
+        if on_gpu and not args.quick
+        else {},
+        "seconds_per_measurement": seconds,
         "elapsed_s": time.perf_counter() - started,
     }
     (args.output / "gpu-results.json").write_text(json.dumps(results, indent=2))
     lines = [
-        f"{machine.get('gpu', {}).get('name', machine['cpu'])}, {precision}, token budget {budget}, {instance_kind}",
+        f"{machine.get('gpu', {}).get('name', machine['cpu'])}, {runtime} {precision}, token budget {budget}, "
+        f"{instance_kind}, {results['elapsed_s']:.0f} s",
         "",
         "| system | workload | clients | pairs/s | tokens/s | p50 ms | p99 ms | padding waste |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -258,10 +409,37 @@ def main(argv: list[str] | None = None) -> int:
             f"{m['tokens_per_s']:.0f} | {m['latency_ms']['p50']:.1f} | {m['latency_ms']['p99']:.1f} | "
             f"{'' if waste is None else f'{waste:.2f}'} |"
         )
-    lines += ["", *(f"- {name}: {value:.2f}" for name, value in ratios.items())]
+    lines += ["", *(f"- {name}: {value:.3g}" for name, value in ratios.items())]
+    if utilisation:
+        lines.append(f"- large batches: {utilisation['share_of_peak']:.1%} of the measured matmul peak")
+    lines += [f"- {name}: {value:.2f} GiB" for name, value in memory.items()]
     (args.output / "gpu-results.md").write_text("\n".join(lines) + "\n")
+    plot(measurements, args.output / "gpu-results.png", lines[0])
     print("\n".join(lines))
     return 0
+
+
+def plot(measurements: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Pairs/s of every measurement, one bar each, grouped by workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{m['system']}\n{m['workload']} c{m['concurrency']}" for m in measurements]
+    colours = {"served": "tab:blue", "packed-engine": "tab:green", "padded-engine": "tab:olive", "eager": "tab:red"}
+    figure, axis = plt.subplots(figsize=(max(8, len(labels) * 0.7), 4.5))
+    axis.bar(
+        range(len(labels)),
+        [m["pairs_per_s"] for m in measurements],
+        color=[colours.get(m["system"], "grey") for m in measurements],
+    )
+    axis.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+    axis.set_ylabel("pairs/s")
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

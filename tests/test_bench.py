@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -108,30 +109,53 @@ def test_quick_mode_runs_end_to_end(tmp_path: Path) -> None:
 
 
 def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path) -> None:
-    # bench/gpu.py's steps on a tiny model with the PyTorch runtime on the CPU (the GPU run needs a card).
+    # What `make gpu-check` does on a GPU machine, on the CPU: pack (Triton's subset, the project), unpack
+    # into a fresh folder, and run bench.gpu there with the carried Triton, on a tiny model.
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    pack = tmp_path / "pack"
+    packing = [sys.executable, "-m", "bench.gpu_pack", "pack", "--output", str(pack), "--python", "3.12"]
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.gpu",
-            "--quick",
-            "--device",
-            "cpu",
-            "--seconds",
-            "0.2",
-            "--output",
-            str(tmp_path),
-        ],
+        [*packing, "--python", version, "--no-wheels", "--xz-preset", "0"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
     )
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((pack / "manifest.json").read_text())
+    assert manifest["bytes"] < 64 * 2**20
+    with tarfile.open(pack / "triton.tar.xz") as archive:
+        names = set(archive.getnames())
+    assert {
+        "pytriton/tritonserver/bin/tritonserver",
+        "pytriton/tritonserver/backends/python/libtriton_python.so",
+        "pytriton/tritonserver/python_backend_stubs/3.12/triton_python_backend_stub",
+    } <= names
+    assert any(n.startswith("nvidia_pytriton.libs/libtritonserver") for n in names)
+    assert not any("libpython3" in n for n in names), "the stubs use the machine's own libpython"
+
+    output, workdir = tmp_path / "results", tmp_path / "work"
+    gpu_args = ["--quick", "--device", "cpu", "--seconds", "0.2", "--output", str(output)]
+    running = [sys.executable, "-m", "bench.gpu_pack", "run", str(pack), "--workdir", str(workdir), "--", *gpu_args]
+    done = subprocess.run(running, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = json.loads((tmp_path / "gpu-results.json").read_text())
+    results = json.loads((output / "gpu-results.json").read_text())
+    # The served model ran on the unpacked Triton, not the wheel's.
+    assert results["triton_binary"].startswith(str(workdir / "triton")), results["triton_binary"]
     systems = {(m["system"], m["workload"], m["concurrency"]) for m in results["measurements"]}
-    assert {("torch-engine", "a", 1), ("torch-eager", "b", 1), ("served", "a", 4), ("served", "c", 4)} <= systems
-    # The served fp32 model, the engine and eager agree with fp32 eager on the same request.
-    assert all(diff < 1e-3 for diff in results["agreement"].values()), results["agreement"]
+    assert {
+        ("packed-engine", "a", 1),
+        ("packed-engine", "a-large", 1),
+        ("padded-engine", "b", 1),
+        ("eager", "b", 1),
+        ("served", "a", 4),
+        ("served", "c", 4),
+    } <= systems
+    # fp32 everywhere on the CPU: every path agrees with fp32 eager up to float error, ranks identical.
+    for name, found in results["agreement_with_fp32_eager"].items():
+        assert found["max_abs_diff"] < 1e-3 and found["top10_overlap"] == 1.0, (name, found)
     assert results["instance_kind"] == "KIND_CPU" and results["precision"] == "fp32"
-    assert "served/torch-eager (b)" in results["ratios"]
+    assert results["runtime"] == "packed"
+    assert "packed-engine/padded-engine (b)" in results["ratios"]
+    assert "| served | c |" in (output / "gpu-results.md").read_text()
+    assert (output / "gpu-results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
