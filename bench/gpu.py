@@ -421,7 +421,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def plot(measurements: list[dict[str, Any]], path: Path, title: str) -> None:
     """Pairs/s of every measurement, one bar each, grouped by workload."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("no matplotlib: no PNG (the JSON and Markdown are written)", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

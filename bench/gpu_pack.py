@@ -56,6 +56,17 @@ WHEELS = (
     ("zipp==3.23.0", "zipp", None),
     ("typing-extensions==4.15.0", "typing_extensions", None),
     ("psutil==7.2.2", "psutil", None),
+    # The PNG (about 24 MB of the pack; used only where matplotlib is missing).
+    ("matplotlib==3.11.2", "matplotlib", None),
+    ("pillow==13.0.0", "PIL", None),
+    ("kiwisolver==1.5.1", "kiwisolver", None),
+    ("fonttools==4.68.0", "fontTools", None),
+    ("contourpy==1.4.0", "contourpy", None),
+    ("cycler==0.12.1", "cycler", None),
+    ("pyparsing==3.3.3", "pyparsing", None),
+    ("python-dateutil==4.0.0", "dateutil", None),
+    ("six==1.17.0", "six", None),
+    ("packaging==26.4", "packaging", None),
 )
 DISTRIBUTIONS = {"google.protobuf": "protobuf", "grpc": "grpcio"}
 
