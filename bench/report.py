@@ -8,9 +8,16 @@ from typing import Any
 SYSTEM_LABELS = {
     "onnxruntime": "in-process ONNX Runtime (fp32)",
     "onnxruntime-int8": "in-process ONNX Runtime (int8)",
+    "torch": "in-process PyTorch, padded (fp32)",
+    "torch-bf16": "in-process PyTorch, padded (bf16)",
+    "packed": "in-process packed engine (fp32)",
+    "packed-bf16": "in-process packed engine (bf16)",
     "crossencoder": "sentence-transformers CrossEncoder",
     "served": "served (gRPC frontend + Triton)",
+    "served-auto": "served, --precision auto",
 }
+# The issue's bounds on a reduced precision's ranking against fp32, on (b).
+AUTO_TOP10, AUTO_SPEARMAN = 0.95, 0.99
 
 
 def find(
@@ -38,8 +45,10 @@ def _ratio(
     return {"name": name, "value": value, "target": target, "met": value >= target, "note": note}
 
 
-def ratios(measurements: list[dict[str, Any]], agreement: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, each as value / target / met; a ratio whose runs were skipped is left out."""
+def ratios(
+    measurements: list[dict[str, Any]], agreement: dict[str, Any], auto: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """The issues' targets, each as value / target / met; a ratio whose runs were skipped is left out."""
     ort_a = find(measurements, "onnxruntime", "a")
     ort_b = find(measurements, "onnxruntime", "b")
     served_a1 = find(measurements, "served", "a")
@@ -105,7 +114,29 @@ def ratios(measurements: list[dict[str, Any]], agreement: dict[str, Any]) -> lis
             "pairs/s",
         ),
     ]
+    if auto is not None:
+        found += _auto_ratios(measurements, auto)
     out = [r for r in found if r is not None]
+    served_auto = agreement.get("served-auto_vs_fp32")
+    if served_auto:
+        out.append(
+            {
+                "name": f"served auto ({served_auto['precision']}) vs fp32 top-10 overlap, (b)",
+                "value": served_auto["top10_overlap"],
+                "target": AUTO_TOP10,
+                "met": served_auto["top10_overlap"] >= AUTO_TOP10,
+                "note": "fraction of fp32's top 10 documents in the served auto model's top 10",
+            }
+        )
+        out.append(
+            {
+                "name": f"served auto ({served_auto['precision']}) vs fp32 Spearman correlation, (b)",
+                "value": served_auto["spearman"],
+                "target": AUTO_SPEARMAN,
+                "met": served_auto["spearman"] >= AUTO_SPEARMAN,
+                "note": "rank correlation of the (b) scores",
+            }
+        )
     int8 = agreement.get("int8_vs_fp32")
     if int8:
         out.append(
@@ -129,6 +160,49 @@ def ratios(measurements: list[dict[str, Any]], agreement: dict[str, Any]) -> lis
     return out
 
 
+def _auto_ratios(measurements: list[dict[str, Any]], auto: dict[str, Any]) -> list[dict[str, Any] | None]:
+    """Issue 11: served auto against served fp32, and against the same precision in-process."""
+    same = auto["system"]
+    label = f"{auto['precision']}, {auto['runtime']}"
+    out = [
+        _ratio(
+            f"served auto ({label}) / served fp32, (a) concurrency 1",
+            find(measurements, "served-auto", "a"),
+            find(measurements, "served", "a"),
+            "pairs_per_s",
+            1.7,
+            "pairs/s",
+        ),
+        _ratio(
+            f"served auto ({label}) / served fp32, (b)",
+            find(measurements, "served-auto", "b"),
+            find(measurements, "served", "b"),
+            "pairs_per_s",
+            1.7,
+            "pairs/s",
+        ),
+    ]
+    for workload, level, title in (
+        ("a", "low", "(a) concurrency 1"),
+        ("a", "high", "(a) highest concurrency"),
+        ("c", "low", "(c)"),
+    ):
+        served = find(measurements, "served-auto", workload, level)
+        if served is not None and workload == "a":
+            title = f"(a) concurrency {served['concurrency']}"
+        out.append(
+            _ratio(
+                f"served auto / in-process {same}, {title}",
+                served,
+                find(measurements, same, workload),
+                "pairs_per_s",
+                0.95,
+                "pairs/s",
+            )
+        )
+    return out
+
+
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "—"
@@ -146,6 +220,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Machine: {machine['cpu']} ({machine['cores']} cores), {machine['memory_gib']:.0f} GiB; "
         f"CPU pressure (others' load) at start {_fmt(machine.get('cpu_pressure_start'))}%, "
         f"at end {_fmt(machine.get('cpu_pressure_end'))}% (PSI 'some' avg60).",
+        f"CPU flags: {', '.join(machine.get('cpu_flags', [])) or 'none of note'}; native precisions: "
+        f"{', '.join(machine.get('native_precisions', ['fp32']))}.",
         "",
         "| system | workload | conc. | pairs | pairs/s | tokens/s | p50 ms | p99 ms | padded/real "
         "| frontend CPU share | frontend peak RSS MiB | Triton peak RSS MiB |",
@@ -175,6 +251,20 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", "| ratio | value | target | met |", "|---|--:|--:|:-:|"]
     for r in results["ratios"]:
         lines.append(f"| {r['name']} | {r['value']:.3f} | ≥ {r['target']} | {'yes' if r['met'] else '**no**'} |")
+    auto = results["model"].get("auto")
+    if auto:
+        lines += ["", f"`--precision auto` chose {auto['precision']} ({auto['runtime']}): {auto['reason']}."]
+    compared = [(k[: -len("_vs_fp32")], v) for k, v in results["agreement"].items() if k.endswith("_vs_fp32")]
+    compared = [(k, v) for k, v in compared if k != "int8"]
+    if compared:
+        lines += [
+            "",
+            "| against in-process ONNX Runtime fp32 on (b) | top-10 overlap | Spearman | max \\|Δlogit\\| |",
+            "|---|--:|--:|--:|",
+        ]
+        for system, a in compared:
+            label = SYSTEM_LABELS.get(system, system) + (f" ({a['precision']})" if "precision" in a else "")
+            lines.append(f"| {label} | {a['top10_overlap']:.2f} | {a['spearman']:.4f} | {a['max_abs_diff']:.4f} |")
     int8 = results["agreement"].get("int8_vs_fp32")
     if int8:
         lines += [
@@ -201,10 +291,24 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     measurements = results["measurements"]
     labels = [f"{m['workload_title'].split(')')[0]}) c{m['concurrency']} · {m['system']}" for m in measurements]
-    colors = {"onnxruntime": "#4c72b0", "onnxruntime-int8": "#8172b2", "crossencoder": "#c44e52", "served": "#55a868"}
+    colors = {
+        "onnxruntime": "#4c72b0",
+        "onnxruntime-int8": "#8172b2",
+        "torch": "#937860",
+        "torch-bf16": "#da8bc3",
+        "packed": "#8c8c8c",
+        "packed-bf16": "#ccb974",
+        "crossencoder": "#c44e52",
+        "served": "#55a868",
+        "served-auto": "#64b5cd",
+    }
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 0.45 * len(measurements) + 2.0), sharey=True)
     positions = list(range(len(measurements)))[::-1]
-    left.barh(positions, [m["tokens_per_s"] for m in measurements], color=[colors[m["system"]] for m in measurements])
+    left.barh(
+        positions,
+        [m["tokens_per_s"] for m in measurements],
+        color=[colors.get(m["system"], "#999999") for m in measurements],
+    )
     left.set_yticks(positions, labels, fontsize=8)
     left.set_xlabel("tokens/s (higher is better)")
     left.set_xlim(0, 1.3 * max(m["tokens_per_s"] for m in measurements))
@@ -213,7 +317,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     p50 = [m["latency_ms"]["p50"] / 1000 for m in measurements]
     p99 = [m["latency_ms"]["p99"] / 1000 for m in measurements]
     right.barh(positions, p99, color="#dddddd", label="p99")
-    right.barh(positions, p50, color=[colors[m["system"]] for m in measurements], height=0.5, label="p50")
+    right.barh(
+        positions, p50, color=[colors.get(m["system"], "#999999") for m in measurements], height=0.5, label="p50"
+    )
     right.set_xlabel("request latency, s (lower is better)")
     right.legend(loc="lower right", fontsize=8)
     machine = results["machine"]

@@ -1,5 +1,7 @@
-"""Reranking throughput benchmark: in-process ONNX Runtime vs sentence-transformers' CrossEncoder vs the
-served gRPC path (frontend + Triton), on seeded workloads, plus int8 against fp32.
+"""Reranking throughput benchmark on seeded workloads: in-process engines in each CPU precision (ONNX
+Runtime fp32 and int8, PyTorch fp32 and bf16 padded, the packed engine), sentence-transformers'
+CrossEncoder, and the served gRPC path (frontend + Triton) for an fp32 export and a `--precision auto`
+one, with every precision's ranking agreement against fp32 and the CPU's flags.
 
     python -m bench.run                 # full size (ModernBERT-base shapes, random weights); see README
     python -m bench.run --quick         # a tiny model, for CI smoke tests (figures are meaningless)
@@ -59,10 +61,22 @@ class Plan:
     served_b: int
     served_c: int
     int8_b: int
+    variant_a: int = 1  # the other in-process precisions (int8, PyTorch, packed) on (a)
+    variant_b: int = 1  # ... on (b)
+    inprocess_c: int = 1  # in-process fp32 and the auto export's precision on (c)
 
 
 FULL_PLAN = Plan(2, 1, 1, 1, 2, 1, 1, 1, 1, 1)
-QUICK_PLAN = Plan(3, 3, 2, 2, 3, 2, 1, 2, 2, 3)
+QUICK_PLAN = Plan(3, 3, 2, 2, 3, 2, 1, 2, 2, 3, 2, 2, 2)
+# In-process systems by the (runtime, precision) they compute in; a system's name is its label key.
+SYSTEMS = {
+    ("onnxruntime", "fp32"): "onnxruntime",
+    ("onnxruntime", "int8"): "onnxruntime-int8",
+    ("torch", "fp32"): "torch",
+    ("torch", "bf16"): "torch-bf16",
+    ("packed", "fp32"): "packed",
+    ("packed", "bf16"): "packed-bf16",
+}
 
 
 class Progress:
@@ -104,6 +118,8 @@ def machine_info() -> dict[str, Any]:
 
     import psutil
 
+    from rerank_model_repository.cpu_features import cpu_flags, native_precisions
+
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -116,6 +132,8 @@ def machine_info() -> dict[str, Any]:
             versions[name] = importlib.metadata.version(name)
     return {
         "cpu": cpu,
+        "cpu_flags": sorted(cpu_flags()),
+        "native_precisions": native_precisions(cpu_flags()),
         "cores": len(os.sched_getaffinity(0)),
         "memory_gib": psutil.virtual_memory().total / 2**30,
         "os": platform.platform(),
@@ -135,15 +153,16 @@ class Models:
     config: dict[str, Any]
     fp32_repository: Path
     int8_repository: Path | None
+    auto_repository: Path | None = None  # `rerank export --precision auto`
     name: str = "reranker"
 
-    def model_dir(self, int8: bool = False) -> Path:
-        repository = self.int8_repository if int8 else self.fp32_repository
+    def model_dir(self, int8: bool = False, auto: bool = False) -> Path:
+        repository = self.auto_repository if auto else self.int8_repository if int8 else self.fp32_repository
         assert repository is not None
         return repository / self.name
 
-    def parameters(self, int8: bool = False) -> dict[str, str]:
-        text = (self.model_dir(int8) / "config.pbtxt").read_text()
+    def parameters(self, int8: bool = False, auto: bool = False) -> dict[str, str]:
+        text = (self.model_dir(int8, auto) / "config.pbtxt").read_text()
         return dict(re.findall(r'key: "([^"]+)" value: \{ string_value: "([^"]*)" \}', text))
 
 
@@ -156,7 +175,7 @@ def _run_exports(exports: list[list[str]], progress: Progress) -> None:
     for process in running:
         _, stderr = process.communicate()
         for line in stderr.splitlines():
-            if line.startswith("Exported"):
+            if line.startswith(("Exported", "Precision")):
                 progress.log(f"  {line}")
         if process.returncode != 0:
             raise RuntimeError(f"rerank export failed ({process.returncode}):\n{stderr[-3000:]}")
@@ -176,6 +195,7 @@ def prepare_models(args: argparse.Namespace, workdir: Path, progress: Progress) 
         size = "tiny ModernBERT" if args.quick else "ModernBERT-base size"
         description = f"{size}, random weights (initializer_range {init}, seed {args.seed})"
     spec["int8"] = not args.skip_int8
+    spec["auto"] = not args.skip_auto
     # Exports copy model.py and reranker_engine.py: reuse them only while those and the exporter are unchanged.
     import hashlib
 
@@ -191,12 +211,13 @@ def prepare_models(args: argparse.Namespace, workdir: Path, progress: Progress) 
     spec["export_args"] = args.export_args
     fp32_repository = workdir / "repository"
     int8_repository = workdir / "repository-int8" if not args.skip_int8 else None
+    auto_repository = workdir / "repository-auto" if not args.skip_auto else None
     stamp = workdir / "bench-models.json"
     reusable = (
         stamp.is_file()
         and json.loads(stamp.read_text()) == spec
         and (fp32_repository / "reranker" / "config.pbtxt").is_file()
-        and (int8_repository is None or (int8_repository / "reranker" / "config.pbtxt").is_file())
+        and all(r is None or (r / "reranker" / "config.pbtxt").is_file() for r in (int8_repository, auto_repository))
     )
     if reusable:
         progress.log(f"Reusing the checkpoint and exports in {workdir}")
@@ -210,14 +231,17 @@ def prepare_models(args: argparse.Namespace, workdir: Path, progress: Progress) 
             shutil.rmtree(checkpoint, ignore_errors=True)
             save_random_checkpoint(checkpoint, TOKENIZER_DIR, seed=args.seed, **spec["random"])
         common = ["--model", str(checkpoint), "--name", "reranker", "--overwrite", *args.export_args.split()]
-        exports = [[*common, "--output", str(fp32_repository)]]
+        exports = [[*common, "--output", str(fp32_repository), "--precision", "fp32"]]
         if int8_repository is not None:
-            exports.append([*common, "--output", str(int8_repository), "--quantize", "int8"])
+            exports.append([*common, "--output", str(int8_repository), "--precision", "int8"])
         progress.stage("export")
         _run_exports(exports, progress)
+        if auto_repository is not None:
+            # Alone: auto times the candidates, which other exports running beside it would slow.
+            _run_exports([[*common, "--output", str(auto_repository), "--precision", "auto"]], progress)
         stamp.write_text(json.dumps(spec))
     config = json.loads((checkpoint / "config.json").read_text())
-    return Models(checkpoint, description, config, fp32_repository, int8_repository)
+    return Models(checkpoint, description, config, fp32_repository, int8_repository, auto_repository)
 
 
 # ------------------------------------------------------------------------------------ measurements
@@ -357,10 +381,12 @@ def run_crossencoder(
     )
 
 
-def run_served(stack: Any, workload: Workload, repeats: int, sampler: Any, progress: Progress) -> dict[str, Any]:
+def run_served(
+    stack: Any, workload: Workload, repeats: int, sampler: Any, progress: Progress, system: str = "served"
+) -> dict[str, Any]:
     from bench.served import drive
 
-    progress.stage(f"served {workload.name} c{workload.concurrency}")
+    progress.stage(f"{system} {workload.name} c{workload.concurrency}")
     sampler.reset_peaks()
     before = stack.snapshot()
     completed = asyncio.run(drive(stack.target, workload, repeats, progress.advance))
@@ -378,7 +404,7 @@ def run_served(stack: Any, workload: Workload, repeats: int, sampler: Any, progr
             f"  note: the server counted {served_tokens} tokens, the workload plans {workload.tokens * repeats}"
         )
     return measurement(
-        "served",
+        system,
         workload,
         repeats=repeats,
         latencies=[c.latency_s for c in completed],
@@ -532,6 +558,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--skip-crossencoder", action="store_true", help="do not run sentence-transformers")
     parser.add_argument("--skip-int8", action="store_true", help="no int8 export and measurement")
+    parser.add_argument("--skip-torch", action="store_true", help="no in-process PyTorch or packed-engine runs")
+    parser.add_argument("--skip-auto", action="store_true", help="no `--precision auto` export (in-process and served)")
     parser.add_argument("--skip-served", action="store_true", help="do not start rerank serve")
     parser.add_argument("--skip-profile", action="store_true", help="no operator profile and GEMM check")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -549,14 +577,22 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     built = workloads.build(TOKENIZER_DIR, seed=args.seed, shape=workloads.QUICK if args.quick else workloads.FULL)
     a1, a4, a16, b, c = (built[k] for k in _roles(built))
-    total = a1.pairs * plan.ort_a + b.pairs * plan.ort_b
+    # The bar counts what the plan will score; systems the run turns out not to have are skipped from it.
+    total = a1.pairs * plan.ort_a + b.pairs * plan.ort_b + c.pairs * plan.inprocess_c
     if not args.skip_int8:
         total += b.pairs * plan.int8_b
+    if not args.skip_torch:
+        total += 4 * (a1.pairs * plan.variant_a + b.pairs * plan.variant_b)
+    if not args.skip_auto:
+        total += a1.pairs * plan.variant_a + c.pairs * plan.inprocess_c
     if not args.skip_crossencoder:
         total += a1.pairs * plan.crossencoder_a + b.pairs * plan.crossencoder_b
     if not args.skip_served:
         total += a1.pairs * plan.served_a1 + a4.pairs * plan.served_a4 + a16.pairs * plan.served_a16
         total += b.pairs * plan.served_b + c.pairs * plan.served_c
+        if not args.skip_auto:
+            total += a1.pairs * plan.served_a1 + a16.pairs * plan.served_a16
+            total += b.pairs * plan.served_b + c.pairs * plan.served_c
     progress = Progress(total, enabled=not args.no_progress)
     args.output.mkdir(parents=True, exist_ok=True)
     measurements: list[dict[str, Any]] = []
@@ -565,12 +601,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with working_directory(args.workdir) as workdir:
             models = prepare_models(args, workdir, progress)
+            # Read while the working folder exists: without --workdir it is a temporary one.
+            parameters = models.parameters()
+            auto = _auto_choice(models)
             measurements, agreements, profile = _measure(args, plan, models, built, workdir, progress)
     finally:
         progress.close()
     machine["cpu_pressure_end"] = cpu_pressure()
     machine["load_average_end"] = os.getloadavg()[0]
-    parameters = models.parameters()
     results: dict[str, Any] = {
         "schema": 1,
         "created": created,
@@ -593,12 +631,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
             },
             "serving": {k: parameters.get(k) for k in ("max_batch_tokens", "intra_op_threads", "precision")},
+            "auto": auto,
         },
         "plan": asdict(plan),
         "workloads": {name: _describe(w) for name, w in built.items()},
         "measurements": measurements,
         "agreement": agreements,
-        "ratios": report.ratios(measurements, agreements),
+        "ratios": report.ratios(measurements, agreements, auto),
         "profile": profile,
         "failures": profile.pop("failures", []),
         "elapsed_s": time.perf_counter() - started,
@@ -641,6 +680,23 @@ def _describe(workload: Workload) -> dict[str, Any]:
     }
 
 
+def _auto_choice(models: Models) -> dict[str, Any] | None:
+    """What `--precision auto` chose on this machine, why, and the figures it chose on."""
+    if models.auto_repository is None:
+        return None
+    parameters = models.parameters(auto=True)
+    export = json.loads((models.model_dir(auto=True) / "1" / "export.json").read_text())
+    runtime, precision = parameters["runtime"], parameters["precision"]
+    return {
+        "precision": precision,
+        "runtime": runtime,
+        "system": SYSTEMS.get((runtime, precision), f"{runtime}-{precision}"),
+        "reason": parameters.get("precision_reason", ""),
+        "cpu_flags": parameters.get("cpu_flags", ""),
+        "candidates": (export.get("precision_selection") or {}).get("candidates", []),
+    }
+
+
 def _measure(
     args: argparse.Namespace,
     plan: Plan,
@@ -661,6 +717,7 @@ def _measure(
     tokenizer = Tokenizer.from_file(str(models.model_dir() / "1" / "tokenizer" / "tokenizer.json"))
     parameters = models.parameters()
     threads = int(parameters.get("intra_op_threads", "0"))
+    auto = _auto_choice(models)
     # Warm-up: two (a) requests' documents under one query, a sub-batch as large as the token budget of
     # the full-size model, so that every process has run one before anything is timed (ONNX Runtime's
     # first run at a new size grows its memory arena and is up to twice as slow).
@@ -671,21 +728,26 @@ def _measure(
         tuple(n for r in fixed for n in fixed[0].pair_lengths[: r.pairs]),
     )
     warm = Workload("warm", "warm", "warm-up", ((warm_request,),))
+    common = {"pad_token_id": int(parameters["pad_token_id"]), "max_batch_tokens": int(parameters["max_batch_tokens"])}
 
-    def engine(int8: bool) -> PackedReranker:
-        return PackedReranker.from_file(
-            str(models.model_dir(int8) / "1" / "model.onnx"),
-            pad_token_id=int(parameters["pad_token_id"]),
-            max_batch_tokens=int(parameters["max_batch_tokens"]),
-            intra_op_threads=threads,
+    def engine(runtime: str, precision: str) -> PackedReranker:
+        """The in-process engine as the served model builds it (model.py): same weights, token budget
+        and threads."""
+        if runtime == "onnxruntime":
+            path = models.model_dir(int8=precision == "int8") / "1" / "model.onnx"
+            return PackedReranker.from_file(str(path), intra_op_threads=threads, **common)
+        return PackedReranker.from_pretrained(
+            str(models.checkpoint), precision=precision, intra_op_threads=threads, packed=runtime == "packed", **common
         )
 
-    # In-process ONNX Runtime: the same graph, session settings and token budget as the served model.
-    fp32 = engine(int8=False)
+    # In-process ONNX Runtime fp32: the reference of every agreement.
+    fp32 = engine("onnxruntime", "fp32")
     run_inprocess("onnxruntime", fp32, tokenizer, warm, 1, _Quiet(progress))
     result, _ = run_inprocess("onnxruntime", fp32, tokenizer, a1, plan.ort_a, progress)
     measurements.append(result)
     result, fp32_b = run_inprocess("onnxruntime", fp32, tokenizer, b, plan.ort_b, progress)
+    measurements.append(result)
+    result, _ = run_inprocess("onnxruntime", fp32, tokenizer, c, plan.inprocess_c, progress)
     measurements.append(result)
     if not args.skip_profile:
         progress.stage("profile")
@@ -694,15 +756,37 @@ def _measure(
         profile["fp32"] = op_profile(models.model_dir() / "1" / "model.onnx", ids, threads, workdir)
     del fp32
 
+    # The other precisions in-process: (a) and (b), and the auto export's choice on (c) too.
+    variants: list[tuple[str, str]] = []
     if models.int8_repository is not None:
-        int8 = engine(int8=True)
-        run_inprocess("onnxruntime-int8", int8, tokenizer, warm, 1, _Quiet(progress))
-        result, int8_b = run_inprocess("onnxruntime-int8", int8, tokenizer, b, plan.int8_b, progress)
-        measurements.append(result)
-        agreements["int8_vs_fp32"] = agreement(fp32_b, int8_b)
-        if not args.skip_profile:
-            profile["int8"] = op_profile(models.model_dir(int8=True) / "1" / "model.onnx", ids, threads, workdir)
-        del int8
+        variants.append(("onnxruntime", "int8"))
+    if not args.skip_torch:
+        variants += [("torch", "fp32"), ("torch", "bf16")]
+        if _has_packed():
+            variants += [("packed", "fp32"), ("packed", "bf16")]
+    if auto is not None and (auto["runtime"], auto["precision"]) not in [*variants, ("onnxruntime", "fp32")]:
+        variants.append((auto["runtime"], auto["precision"]))
+    for runtime, precision in variants:
+        system = SYSTEMS[(runtime, precision)]
+        try:
+            variant = engine(runtime, precision)
+            run_inprocess(system, variant, tokenizer, warm, 1, _Quiet(progress))
+            repeats_b = plan.int8_b if system == "onnxruntime-int8" else plan.variant_b
+            for workload, repeats in ((a1, plan.variant_a), (b, repeats_b)):
+                result, logits = run_inprocess(system, variant, tokenizer, workload, repeats, progress)
+                measurements.append(result)
+            agreements[f"{system}_vs_fp32"] = agreement(fp32_b, logits)
+            if auto is not None and system == auto["system"]:
+                result, _ = run_inprocess(system, variant, tokenizer, c, plan.inprocess_c, progress)
+                measurements.append(result)
+            if system == "onnxruntime-int8" and not args.skip_profile:
+                profile["int8"] = op_profile(models.model_dir(int8=True) / "1" / "model.onnx", ids, threads, workdir)
+            del variant
+        except Exception as error:  # noqa: BLE001 - one failed system is reported, the others still run
+            progress.log(f"{system} failed: {error}")
+            failures.append({"system": system, "workload": "a/b", "error": str(error)})
+    if "onnxruntime-int8_vs_fp32" in agreements:
+        agreements["int8_vs_fp32"] = agreements["onnxruntime-int8_vs_fp32"]
     if not args.skip_profile:
         profile["gemm"] = gemm_check(workdir)
 
@@ -721,28 +805,62 @@ def _measure(
         del model
 
     if not args.skip_served:
-        from bench.served import Sampler, ServedStack
-
-        progress.stage("starting rerank serve")
-        log_path = args.output / "serve.log"
-        stack = ServedStack.start(models.fp32_repository, log_path)
-        sampler = Sampler(stack.frontend, stack.triton)
-        sampler.start()
-        try:
-            run_served(stack, warm, 1, sampler, _Quiet(progress))
-            runs = ((a1, plan.served_a1), (a4, plan.served_a4), (a16, plan.served_a16), (b, plan.served_b))
-            for workload, repeats in (*runs, (c, plan.served_c)):
-                try:
-                    measurements.append(run_served(stack, workload, repeats, sampler, progress))
-                except Exception as error:  # noqa: BLE001 - one failed run is reported, the others still run
-                    progress.log(f"served {workload.name} failed: {error}")
-                    failures.append({"system": "served", "workload": workload.name, "error": str(error)})
-        finally:
-            sampler.stop()
-            code = stack.stop()
-            if code != 0:
-                progress.log(f"rerank serve exited with {code}; see {log_path}")
+        # The fp32 export on every workload, then the auto export on those its targets name.
+        served: list[tuple[str, Path, tuple[tuple[Workload, int], ...]]] = [
+            ("served", models.fp32_repository, ((a1, plan.served_a1), (a4, plan.served_a4)))
+        ]
+        if models.auto_repository is not None:
+            served.append(("served-auto", models.auto_repository, ((a1, plan.served_a1),)))
+        for system, repository, low in served:
+            runs = (*low, (a16, plan.served_a16), (b, plan.served_b), (c, plan.served_c))
+            _measure_served(
+                system, repository, runs, (warm, b, fp32_b), args, (measurements, agreements, failures), progress
+            )
     return measurements, agreements, profile
+
+
+def _measure_served(
+    system: str,
+    repository: Path,
+    runs: tuple[tuple[Workload, int], ...],
+    reference: tuple[Workload, Workload, np.ndarray],
+    args: argparse.Namespace,
+    out: tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, str]]],
+    progress: Progress,
+) -> None:
+    """`rerank serve` on the repository: each run measured, and (b)'s served logits against in-process
+    fp32's (reference: the warm-up, (b), and fp32's (b) logits; out: measurements, agreements, failures)."""
+    from bench.served import Sampler, ServedStack, served_logits
+
+    warm, b, fp32_b = reference
+    measurements, agreements, failures = out
+    progress.stage(f"starting rerank serve ({system})")
+    log_path = args.output / f"{system}.log"
+    stack = ServedStack.start(repository, log_path)
+    sampler = Sampler(stack.frontend, stack.triton)
+    sampler.start()
+    try:
+        run_served(stack, warm, 1, sampler, _Quiet(progress), system)
+        for workload, repeats in runs:
+            try:
+                measurements.append(run_served(stack, workload, repeats, sampler, progress, system))
+            except Exception as error:  # noqa: BLE001 - one failed run is reported, the others still run
+                progress.log(f"{system} {workload.name} failed: {error}")
+                failures.append({"system": system, "workload": workload.name, "error": str(error)})
+        (request,) = b.requests
+        logits, precision = asyncio.run(served_logits(stack.target, request))
+        agreements[f"{system}_vs_fp32"] = {**agreement(fp32_b, logits), "precision": precision}
+    finally:
+        sampler.stop()
+        code = stack.stop()
+        if code != 0:
+            progress.log(f"rerank serve exited with {code}; see {log_path}")
+
+
+def _has_packed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("rerank_model_repository.modernbert_packed") is not None
 
 
 class _Quiet(Progress):

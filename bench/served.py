@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 from bench.workloads import Request, Workload
@@ -209,3 +210,14 @@ async def drive(
 
     await asyncio.gather(*(client(requests) for requests in workload.clients))
     return done
+
+
+async def served_logits(target: str, request: Request, timeout_s: float = 3600.0) -> tuple[np.ndarray, str]:
+    """One rerank call's logits in document order, and the precision GetModelInfo reports."""
+    async with AsyncRerankClient(target, timeout=timeout_s) as rerank:
+        info = await rerank.model_info()
+        response = await rerank.rerank(request.query, list(request.documents))
+    logits = np.full(request.pairs, np.nan)
+    for result in response.results:
+        logits[result.index] = result.logit
+    return logits, str(info.precision)
