@@ -1,41 +1,44 @@
 # syntax=docker/dockerfile:1
 #
-# NVIDIA Triton Inference Server 2.51 (container release 24.10) with the exported reranker baked in.
+# NVIDIA Triton Inference Server 2.51 (container release 24.10, the PyTorch-enabled Python-backend image)
+# with the exported reranker baked in.
 #
 # 1. Make the model repository first, on a machine with the `export` extra (`make install` gives it):
 #
 #      rerank export --device gpu --output artifacts/model_repository_gpu
 #
-#    (instance_group KIND_GPU, fp16 ONNX graph; `--model /path/to/checkpoint` for a local checkpoint).
+#    (instance_group KIND_GPU, the packed runtime: the fp32 checkpoint, run in fp16 by
+#    model_repository/modernbert_packed.py: no padding, FlashAttention-2 varlen with the local window;
+#    `--model /path/to/checkpoint` for a local checkpoint).
 # 2. Build from the repository root (.dockerignore lets artifacts/model_repository_gpu/ into the context):
 #
 #      docker build -f docker/triton.Dockerfile -t rerank-triton:0.1.0 .
 #
-# For clusters without GPUs (deploy/k8s/overlays/cpu) the CPU variant runs in the same image, because
-# onnxruntime-gpu also carries the CPU provider:
+# For clusters without GPUs (deploy/k8s/overlays/cpu) the CPU variant runs in the same image (ONNX Runtime's
+# CPU build, or the packed runtime on the CPU):
 #
 #      rerank export --device cpu --intra-op-threads 4 --output artifacts/model_repository
 #      docker build -f docker/triton.Dockerfile --build-arg MODEL_REPOSITORY=artifacts/model_repository \
 #          -t rerank-triton-cpu:0.1.0 .
 #
-# The model is a Python-backend model (model.py + reranker_engine.py) that runs the ONNX graph with ONNX
-# Runtime's CUDA provider; the Python backend's stub embeds the container's python3 (3.10), so onnxruntime-gpu
-# and numpy are installed into that interpreter. tests/test_deploy.py checks this file.
+# The model is a Python-backend model (model.py + reranker_engine.py + torch_runner.py + modernbert_packed.py);
+# the backend's stub embeds the container's python3 (3.10), whose PyTorch (CUDA build, shipped by NVIDIA in
+# this image) runs the packed engine; transformers (the checkpoint's loader) and onnxruntime (the CPU
+# variant) are installed into that interpreter. Model inputs and outputs go through DLPack, so the image's
+# numpy version does not matter. tests/test_deploy.py checks this file.
 
-ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3
+ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-pyt-python-py3
 FROM ${TRITON_IMAGE}
 
-# 1.20.x: built for CUDA 12.x and cuDNN 9.x like the 24.10 container (CUDA 12.6), with Python 3.10 wheels.
-ARG ONNXRUNTIME_GPU_VERSION=1.20.2
+# The exporter's transformers (export.json records it), so the saved config reads back as written.
+ARG TRANSFORMERS_VERSION=5.24.0
+ARG ONNXRUNTIME_VERSION=1.20.1
 ARG MODEL_REPOSITORY=artifacts/model_repository_gpu
 
-RUN python3 -m pip install --no-cache-dir "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" "numpy<2"
-# Fail the build, rather than fall back to the CPU at run time, when the CUDA provider cannot load: every
-# library it links (cuDNN 9, cuBLAS 12, ...) must be in the image. libcuda comes from the host's driver.
-RUN provider="$(python3 -c 'import os, onnxruntime; print(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime_providers_cuda.so"))')" \
-    && python3 -c "import onnxruntime; assert 'CUDAExecutionProvider' in onnxruntime.get_available_providers()" \
-    && missing="$(ldd "$provider" | grep 'not found' | grep -v 'libcuda\.so' || true)" \
-    && if [ -n "$missing" ]; then echo "onnxruntime-gpu's CUDA provider lacks: $missing" >&2; exit 1; fi
+RUN python3 -m pip install --no-cache-dir "transformers==${TRANSFORMERS_VERSION}" "onnxruntime==${ONNXRUNTIME_VERSION}"
+# Fail the build, rather than at model load, when the image's PyTorch is not a CUDA build or cannot load
+# ModernBERT. libcuda comes from the host's driver at run time.
+RUN python3 -c "import torch, transformers; assert torch.version.cuda, torch.__version__; from transformers import ModernBertForSequenceClassification"
 
 RUN groupadd --gid 10001 rerank \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin rerank
