@@ -14,7 +14,7 @@ SERVE_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve export test check pytest bench bench-quick protos clean
+.PHONY: install serve export test check pytest bench bench-quick gpu-pack gpu-check protos clean
 
 install: $(STAMP)
 
@@ -50,6 +50,17 @@ bench: install
 
 bench-quick: install
 	$(BIN)/python -m bench.run --quick $(BENCH_ARGS)
+
+# The GPU check (README, Performance, GPU): `make gpu-pack` here writes what travels (Triton's subset, the
+# project, wheels; < 64 MiB); on the GPU machine, from the repository root and with no venv or network,
+# `make gpu-check` unpacks it and runs `python -m bench.gpu` (about 7 minutes).
+GPU_PACK ?= artifacts/gpu-pack
+GPU_ARGS ?= --output bench/results-gpu
+gpu-pack: install
+	$(BIN)/python -m bench.gpu_pack pack --output $(GPU_PACK)
+
+gpu-check:
+	$(PYTHON) -m bench.gpu_pack run $(GPU_PACK) -- $(GPU_ARGS)
 
 protos: install
 	$(BIN)/python tools/generate_protos.py
