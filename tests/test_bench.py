@@ -15,7 +15,19 @@ from bench import workloads
 from tests.conftest import TOKENIZER_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS = {"onnxruntime", "onnxruntime-int8", "crossencoder", "served"}
+# Every CPU precision in-process (ONNX Runtime fp32/int8, PyTorch padded fp32/bf16, the packed engine),
+# and served: the fp32 export and the `--precision auto` one.
+SYSTEMS = {
+    "onnxruntime",
+    "onnxruntime-int8",
+    "torch",
+    "torch-bf16",
+    "packed",
+    "packed-bf16",
+    "crossencoder",
+    "served",
+    "served-auto",
+}
 
 
 def test_workloads_have_the_planned_shapes_and_exact_token_counts() -> None:
@@ -49,9 +61,11 @@ def test_workloads_are_seeded() -> None:
 
 
 def test_quick_mode_runs_end_to_end(tmp_path: Path) -> None:
+    # As the README runs it (`make bench`): no --workdir, the exports in a temporary folder that is
+    # gone by the time the results are written.
     output = tmp_path / "results"
     done = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--output", str(output), "--workdir", str(tmp_path / "work")],
+        [sys.executable, "-m", "bench.run", "--quick", "--output", str(output)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -63,6 +77,11 @@ def test_quick_mode_runs_end_to_end(tmp_path: Path) -> None:
     assert results["mode"] == "quick"
     assert results["failures"] == []
     assert results["machine"]["cores"] >= 1 and "onnxruntime" in results["machine"]["versions"]
+    from rerank_model_repository.cpu_features import cpu_flags
+
+    assert results["machine"]["cpu_flags"] == sorted(cpu_flags()) and "fp32" in results["machine"]["native_precisions"]
+    auto = results["model"]["auto"]
+    assert auto["precision"] in results["machine"]["native_precisions"] and auto["reason"].startswith("auto: ")
     quick = workloads.build(TOKENIZER_DIR, seed=0, shape=workloads.QUICK)
 
     measurements = results["measurements"]
@@ -75,6 +94,11 @@ def test_quick_mode_runs_end_to_end(tmp_path: Path) -> None:
         ("b", 1),
         ("c", 4),
     ]
+    served_auto = [m for m in measurements if m["system"] == "served-auto"]
+    assert sorted((m["workload"], m["concurrency"]) for m in served_auto) == [("a", 1), ("a", 4), ("b", 1), ("c", 4)]
+    # The auto export's precision also runs in-process on (c), for the served / in-process ratio.
+    assert any(m["system"] == auto["system"] and m["workload"] == "c" for m in measurements)
+    served += served_auto
     for m in measurements:
         planned = next(w for w in quick.values() if w.kind == m["workload"] and w.concurrency == m["concurrency"])
         assert m["pairs"] == planned.pairs * m["repeats"]
@@ -92,18 +116,28 @@ def test_quick_mode_runs_end_to_end(tmp_path: Path) -> None:
     fixed = [m for m in measurements if m["workload"] == "a"]
     assert all(m["padding_waste"] == 1.0 for m in fixed), "equal lengths need no padding"
 
-    int8 = results["agreement"]["int8_vs_fp32"]
+    agreement = results["agreement"]
+    int8 = agreement["int8_vs_fp32"]
     assert 0 <= int8["top10_overlap"] <= 1 and -1 <= int8["spearman"] <= 1 and int8["documents"] == 16
+    for system in SYSTEMS - {"onnxruntime", "crossencoder"}:
+        assert agreement[f"{system}_vs_fp32"]["documents"] == 16, system
+    # fp32 everywhere computes the same logits; served, the model's precision is the one reported.
+    for system in ("torch", "packed", "served"):
+        assert agreement[f"{system}_vs_fp32"]["max_abs_diff"] < 1e-3, system
+    assert agreement["served_vs_fp32"]["precision"] == "fp32"
+    assert agreement["served-auto_vs_fp32"]["precision"] == auto["precision"]
     # CrossEncoder and ONNX Runtime score the same checkpoint: the same logits up to float error.
     assert results["agreement"]["crossencoder_vs_onnxruntime"]["max_abs_diff"] < 1e-3
     names = [r["name"] for r in results["ratios"]]
-    assert len(names) == 9 and all(isinstance(r["met"], bool) and r["value"] > 0 for r in results["ratios"])
+    assert len(names) == 16 and all(isinstance(r["met"], bool) and r["value"] > 0 for r in results["ratios"])
+    assert sum(name.startswith("served auto") for name in names) == 7
     assert {p["op"] for p in results["profile"]["int8"]["by_op"]} & {"MatMulInteger", "DynamicQuantizeMatMul"}
     assert results["profile"]["gemm"]["fp32_gflops"] > 0
 
     table = (output / "results.md").read_text()
     assert "| system | workload |" in table and "| ratio | value | target | met |" in table
     assert table.count("\n| served (gRPC frontend + Triton) |") == 5
+    assert table.count("\n| served, --precision auto |") == 4 and "CPU flags: " in table
     assert (output / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| system | workload |" in done.stdout  # the table is printed too
 
