@@ -43,7 +43,8 @@ pytest: install
 
 test: check pytest
 
-# The throughput benchmark (README, Performance): full size takes ~25 minutes on 2 cores.
+# The throughput benchmark (README, Performance): every CPU precision in-process and served (fp32 and
+# --precision auto); full size takes 10-30 minutes on 2 cores. Without --workdir it works in a temporary folder.
 BENCH_ARGS ?=
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
