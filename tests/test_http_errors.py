@@ -1,0 +1,415 @@
+"""Every error path of the HTTP APIs over plain HTTP (httpx): each API's own status and body shape, the
+server's limits, auth, TLS, overload, Triton down, drain and deadline; never a 500 for bad input, and the
+server keeps serving after each."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import re
+import signal
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from rerank_client import RerankClient
+from tests.certs import Authority
+from tests.conftest import Stack, free_port, frontend, start_serve, stop_serve
+from tests.test_operations import sample, scrape
+from tests.texts import QUERY, text
+
+COHERE_V1, COHERE_V2, TEI, NIM = "/v1/rerank", "/v2/rerank", "/rerank", "/v1/ranking"
+
+
+def good_body(path: str, documents: list[str], **extra: Any) -> dict[str, Any]:
+    if path == TEI:
+        return {"query": QUERY, "texts": documents, **extra}
+    if path == NIM:
+        return {"model": "any", "query": {"text": QUERY}, "passages": [{"text": d} for d in documents], **extra}
+    return {"model": "any", "query": QUERY, "documents": documents, **extra}
+
+
+def cutting(path: str) -> dict[str, Any]:
+    """The field that turns END truncation on where it is not the default (NIM)."""
+    return {"truncate": "END"} if path == NIM else {}
+
+
+def assert_shape(path: str, response: httpx.Response, status: int, *fragments: str) -> str:
+    """The response has `status` and the API's error body; returns the message, which holds `fragments`."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    if path == TEI:
+        assert set(body) == {"error", "error_type"}, body
+        message = body["error"]
+    elif path == NIM:
+        assert {"status", "title", "detail"} <= set(body) and body["status"] == status, body
+        message = body["detail"]
+    elif path == COHERE_V1:  # Cohere v1 reads `message`, Jina `detail`
+        assert body["message"] == body["detail"], body
+        message = body["message"]
+    else:
+        assert set(body) == {"message"}, body
+        message = body["message"]
+    for fragment in fragments:
+        assert fragment in message, message
+    assert response.headers["x-request-id"]
+    return str(message)
+
+
+def still_serving(base_url: str, **headers: str) -> None:
+    response = httpx.post(f"{base_url}{COHERE_V2}", json=good_body(COHERE_V2, ["a", "b"]), headers=headers, timeout=60)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == 2
+
+
+@pytest.fixture(scope="module")
+def base_url(stack: Stack) -> str:
+    assert stack.http_url is not None
+    return stack.http_url
+
+
+# -- bad input: each API's status and shape ----------------------------------------------------
+
+ALL = (COHERE_V1, COHERE_V2, TEI, NIM)
+INVALID = {COHERE_V1: 400, COHERE_V2: 400, TEI: 422, NIM: 422}
+
+
+@pytest.mark.parametrize("path", ALL)
+def test_malformed_json_empty_body_and_wrong_types_are_refused_in_the_apis_shape(base_url: str, path: str) -> None:
+    status = INVALID[path]
+    url = f"{base_url}{path}"
+    headers = {"content-type": "application/json"}
+    assert_shape(path, httpx.post(url, content=b'{"query": "q", "documents": [', headers=headers), status, "JSON")
+    assert_shape(path, httpx.post(url, content=b"", headers=headers), status)
+    assert_shape(path, httpx.post(url, content=b"\xff\xfe\x00garbage", headers=headers), status)
+    assert_shape(path, httpx.post(url, json=[1, 2, 3]), status)
+    wrong_query = {**good_body(path, ["a"]), "query": 5 if path != NIM else {"text": 5}}
+    assert_shape(path, httpx.post(url, json=wrong_query), status, "query")
+    documents_field = {TEI: "texts", NIM: "passages"}.get(path, "documents")
+    wrong_documents = {**good_body(path, ["a"]), documents_field: "not a list"}
+    assert_shape(path, httpx.post(url, json=wrong_documents), status, documents_field)
+    wrong_item = {**good_body(path, ["a"]), documents_field: ["a", None]}
+    assert_shape(path, httpx.post(url, json=wrong_item), status, f"{documents_field}[1]")
+    still_serving(base_url)
+
+
+@pytest.mark.parametrize("path", ALL)
+def test_empty_query_no_documents_and_too_many_documents_are_refused(base_url: str, path: str) -> None:
+    status = INVALID[path]
+    url = f"{base_url}{path}"
+    documents_field = {TEI: "texts", NIM: "passages"}.get(path, "documents")
+    empty_query = good_body(path, ["a"])
+    empty_query["query"] = {"text": "  "} if path == NIM else "  "
+    assert_shape(path, httpx.post(url, json=empty_query), status, "query", "must not be empty")
+    assert_shape(path, httpx.post(url, json=good_body(path, [])), status, documents_field)
+    many = httpx.post(url, json=good_body(path, ["a"] * 1001), timeout=60)
+    assert_shape(path, many, status, documents_field, "max_documents")
+    still_serving(base_url)
+
+
+def test_top_n_and_cohere_object_documents_are_checked(base_url: str) -> None:
+    for top_n in (0, -1, "three"):
+        body = good_body(COHERE_V2, ["a", "b"], top_n=top_n)
+        assert_shape(COHERE_V2, httpx.post(f"{base_url}{COHERE_V2}", json=body), 400, "top_n")
+    no_text = good_body(COHERE_V1, [{"title": "t"}])  # type: ignore[list-item]
+    assert_shape(COHERE_V1, httpx.post(f"{base_url}{COHERE_V1}", json=no_text), 400, "documents[0]")
+    # rank_fields: one `name: value` line per field, in order.
+    fields = good_body(COHERE_V1, [{"title": "quick sort", "body": "python"}], rank_fields=["title", "body"])  # type: ignore[list-item]
+    fields["return_documents"] = True
+    answer = httpx.post(f"{base_url}{COHERE_V1}", json=fields).json()
+    assert answer["results"][0]["document"]["text"] == "title: quick sort\nbody: python"
+
+
+def test_unknown_routes_and_methods_are_404_and_405_not_500(base_url: str) -> None:
+    assert_shape(COHERE_V2, httpx.get(f"{base_url}{COHERE_V2}"), 405)
+    assert_shape(TEI, httpx.get(f"{base_url}{TEI}"), 405)
+    response = httpx.post(f"{base_url}/v1/v1/rerank", json={})  # a base URL ending in /v1 given to the Cohere SDK
+    assert response.status_code == 404 and "/v1/v1/rerank" in response.json()["message"]
+
+
+# -- the knobs mapped onto the core -----------------------------------------------------------
+
+
+def test_truncation_knobs_map_onto_the_core(stack: Stack, base_url: str) -> None:
+    long = [text(700, seed=3), "short"]  # 700 words pass the tiny model's 512 tokens
+    # TEI: truncate false refuses (NONE); absent or true cuts (END); Left is refused.
+    refused = httpx.post(f"{base_url}{TEI}", json=good_body(TEI, long, truncate=False))
+    assert_shape(TEI, refused, 422, "texts[0]", "does not fit")
+    assert httpx.post(f"{base_url}{TEI}", json=good_body(TEI, long)).status_code == 200
+    assert httpx.post(f"{base_url}{TEI}", json=good_body(TEI, long, truncate=True)).status_code == 200
+    left = httpx.post(f"{base_url}{TEI}", json=good_body(TEI, long, truncate=True, truncation_direction="Left"))
+    assert_shape(TEI, left, 422, "truncation_direction")
+    # NIM: NONE is the default and refuses; END cuts.
+    assert_shape(NIM, httpx.post(f"{base_url}{NIM}", json=good_body(NIM, long)), 422, "passages[0]", "does not fit")
+    cut = httpx.post(f"{base_url}{NIM}", json=good_body(NIM, long, truncate="END"))
+    assert cut.status_code == 200 and len(cut.json()["rankings"]) == 2
+    assert_shape(NIM, httpx.post(f"{base_url}{NIM}", json=good_body(NIM, long, truncate="SOME")), 422, "truncate")
+    # Cohere v2 max_tokens_per_doc is the core's max_length (query included), clamped to the model's limit.
+    with RerankClient(stack.target, timeout=60) as client:
+        capped = {r.index: r.score for r in client.rerank(QUERY, long, max_length=48).results}
+        full = {r.index: r.score for r in client.rerank(QUERY, long).results}
+    answer = httpx.post(f"{base_url}{COHERE_V2}", json=good_body(COHERE_V2, long, max_tokens_per_doc=48)).json()
+    assert {r["index"]: r["relevance_score"] for r in answer["results"]} == pytest.approx(capped, abs=1e-6)
+    huge = httpx.post(f"{base_url}{COHERE_V2}", json=good_body(COHERE_V2, long, max_tokens_per_doc=4096)).json()
+    assert {r["index"]: r["relevance_score"] for r in huge["results"]} == pytest.approx(full, abs=1e-6)
+    # Cohere v1 max_chunks_per_doc: CHUNK, scored window by window.
+    with RerankClient(stack.target, timeout=60) as client:
+        chunked = {r.index: r.score for r in client.rerank(QUERY, long, truncation="chunk").results}
+    answer = httpx.post(f"{base_url}{COHERE_V1}", json=good_body(COHERE_V1, long, max_chunks_per_doc=10)).json()
+    assert {r["index"]: r["relevance_score"] for r in answer["results"]} == pytest.approx(chunked, abs=1e-6)
+
+
+def test_jina_answer_on_the_cohere_v1_path(base_url: str) -> None:
+    documents = ["beijing", "quick sort in python", "rain"]
+    answer = httpx.post(f"{base_url}{COHERE_V1}", json=good_body(COHERE_V1, documents, top_n=2, return_documents=True))
+    body = answer.json()
+    assert answer.status_code == 200 and len(body["results"]) == 2
+    assert body["model"] and body["usage"]["total_tokens"] > 0
+    assert all(r["document"]["text"] == documents[r["index"]] for r in body["results"])
+    scores = [r["relevance_score"] for r in body["results"]]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+
+
+# -- operations: ids, logs, metrics, descriptions ----------------------------------------------
+
+
+def test_request_ids_json_logs_and_metrics_by_surface(stack: Stack, base_url: str) -> None:
+    response = httpx.post(f"{base_url}{COHERE_V2}", json=good_body(COHERE_V2, ["a"]), headers={"x-request-id": "h-77"})
+    assert response.headers["x-request-id"] == "h-77" and response.json()["id"] == "h-77"
+    generated = httpx.post(f"{base_url}{TEI}", json=good_body(TEI, ["a"])).headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    httpx.post(f"{base_url}{NIM}", json={"query": "not an object"})
+    deadline = time.monotonic() + 10
+    mine: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and not mine:
+        entries = [json.loads(line) for line in stack.output if line.startswith("{")]
+        mine = [e for e in entries if e.get("request_id") == "h-77" and e.get("message") == "call finished"]
+        time.sleep(0.2)
+    assert mine and mine[0]["surface"] == "cohere" and mine[0]["rpc"] == COHERE_V2 and mine[0]["code"] == 200
+    assert stack.metrics_url is not None
+    metrics = scrape(stack.metrics_url)
+    assert sample(metrics, "rerank_calls_total", surface="cohere", rpc=COHERE_V2, code="200") >= 1
+    assert sample(metrics, "rerank_calls_total", surface="tei", rpc=TEI, code="200") >= 1
+    assert sample(metrics, "rerank_calls_total", surface="nim", rpc=NIM, code="422") >= 1
+    assert sample(metrics, "rerank_call_duration_seconds_count", surface="tei", rpc=TEI) >= 1
+
+
+def test_openapi_info_health_and_models(base_url: str) -> None:
+    spec = httpx.get(f"{base_url}/openapi.json").json()
+    assert {COHERE_V1, COHERE_V2, TEI, NIM, "/info", "/health", "/v1/models"} <= set(spec["paths"])
+    docs = httpx.get(f"{base_url}/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    info = httpx.get(f"{base_url}/info").json()
+    assert info["max_input_length"] == 512 and info["max_client_batch_size"] == 1000
+    assert httpx.get(f"{base_url}/health").status_code == 200
+    models = httpx.get(f"{base_url}/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == info["model_id"]
+
+
+# -- limits, auth, TLS --------------------------------------------------------------------------
+
+
+def test_auth_body_and_token_limits(stack: Stack, model_repository: Path) -> None:
+    args = ("--auth-token=s3cret", "--max-message-bytes=65536", "--max-total-tokens=2048")
+    with frontend(stack, model_repository, *args) as served:
+        url = served.http_url
+        assert url is not None
+        # The same token check as gRPC: Bearer in any case, or the raw token (LlamaIndex's TEI client).
+        for value in ("Bearer s3cret", "bearer s3cret", "BEARER s3cret", "s3cret"):
+            still_serving(url, authorization=value)
+        for path in ALL:
+            for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic s3cret"}):
+                response = httpx.post(f"{url}{path}", json=good_body(path, ["a"]), headers=headers)
+                assert_shape(path, response, 401, "token")
+                assert response.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(f"{url}/health").status_code == 200  # probes need no token
+        auth = {"authorization": "Bearer s3cret"}
+        # 413 from Content-Length, before the body is read ...
+        big = good_body(COHERE_V2, ["x" * 70_000])
+        assert_shape(COHERE_V2, httpx.post(f"{url}{COHERE_V2}", json=big, headers=auth), 413, "65536")
+        assert_shape(TEI, httpx.post(f"{url}{TEI}", json=good_body(TEI, ["x" * 70_000]), headers=auth), 413)
+
+        # ... and from a chunked body as soon as it passes the limit.
+        def chunks() -> Iterator[bytes]:
+            yield b'{"query": "q", "documents": ["'
+            for _ in range(100):
+                yield b"x" * 1024
+            yield b'"]}'
+
+        chunked = httpx.post(
+            f"{url}{COHERE_V2}", content=chunks(), headers={**auth, "content-type": "application/json"}
+        )
+        assert_shape(COHERE_V2, chunked, 413, "65536")
+        # A request over max_total_tokens: 413 naming the documents, not a 500.
+        many_tokens = good_body(NIM, [text(300, seed=i) for i in range(10)], truncate="END")
+        assert_shape(NIM, httpx.post(f"{url}{NIM}", json=many_tokens, headers=auth), 413, "passages")
+        still_serving(url, **auth)
+
+
+def test_tls_with_the_same_files_as_grpc(stack: Stack, model_repository: Path, tmp_path: Path) -> None:
+    ca = Authority(tmp_path, "ca")
+    server = ca.issue("server", server=True)
+    with frontend(stack, model_repository, f"--tls-cert-file={server.cert}", f"--tls-key-file={server.key}") as served:
+        assert served.http_url is not None
+        https = served.http_url.replace("http://127.0.0.1", "https://localhost")
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(ca.issued.cert))) as client:
+            response = client.post(f"{https}{COHERE_V2}", json=good_body(COHERE_V2, ["a"]))
+            assert response.status_code == 200
+        with pytest.raises(httpx.HTTPError):
+            httpx.post(f"{served.http_url}{COHERE_V2}", json=good_body(COHERE_V2, ["a"]), timeout=5)
+
+
+# -- overload, drain, deadline, Triton down ---------------------------------------------------
+
+
+def test_overload_is_429_with_retry_after_and_sigterm_drains(stack: Stack, model_repository: Path) -> None:
+    served = start_serve(
+        [
+            f"--triton-url={stack.triton_url}",
+            f"--model-repository={model_repository}",
+            "--model-name=reranker_long",
+            "--max-inflight-tokens=10000",
+            "--max-total-tokens=10000",
+            "--shutdown-grace-s=300",
+        ]
+    )
+    url = served.http_url
+    documents = [text(9000, seed=50)]  # 8192 tokens: one call fills the capacity for seconds
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            calls = [
+                pool.submit(httpx.post, f"{url}{path}", json=good_body(path, documents, **cutting(path)), timeout=300)
+                for path in (COHERE_V2, TEI, NIM, COHERE_V1)
+            ]
+            responses = [call.result() for call in calls]
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) == {200, 429} and statuses.count(200) >= 1, statuses
+        for path, response in zip((COHERE_V2, TEI, NIM, COHERE_V1), responses, strict=True):
+            if response.status_code == 429:
+                assert_shape(path, response, 429, "max_inflight_tokens is 10000")
+                assert response.headers["retry-after"] == "1"
+
+        # SIGTERM with a call in flight: new calls get 503, the one in flight finishes, exit 0.
+        results: list[httpx.Response] = []
+        first = threading.Thread(
+            target=lambda: results.append(httpx.post(f"{url}{TEI}", json=good_body(TEI, documents), timeout=300))
+        )
+        first.start()
+        assert served.metrics_url is not None
+        deadline = time.monotonic() + 60
+        while sample(scrape(served.metrics_url), "rerank_inflight_tokens") == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        served.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        late = httpx.post(f"{url}{COHERE_V2}", json=good_body(COHERE_V2, ["too late"]), timeout=30)
+        assert_shape(COHERE_V2, late, 503, "shutting down")
+        assert late.headers["retry-after"] == "1"
+        assert httpx.get(f"{url}/health").status_code == 503
+        first.join(300)
+        assert [r.status_code for r in results] == [200]
+        assert served.process.wait(60) == 0
+    finally:
+        if served.process.poll() is None:
+            stop_serve(served)
+
+
+def test_deadline_is_504(stack: Stack, model_repository: Path) -> None:
+    args = ("--model-name=reranker_long", "--http-timeout-s=0.3")
+    with frontend(stack, model_repository, *args) as served:
+        url = served.http_url
+        for path in ALL:
+            started = time.monotonic()
+            response = httpx.post(
+                f"{url}{path}", json=good_body(path, [text(9000, seed=9)], **cutting(path)), timeout=60
+            )
+            assert_shape(path, response, 504, "http_timeout_s")
+            assert time.monotonic() - started < 5
+        # Triton still works off the abandoned calls; once it has, short calls fit in the deadline again.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if httpx.post(f"{url}{COHERE_V2}", json=good_body(COHERE_V2, ["a"]), timeout=30).status_code == 200:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("no short call succeeded after the deadlines")
+
+
+class Proxy:
+    """A TCP relay to Triton the test can cut, to take Triton away from one frontend only."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.open = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while self.open:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.open:
+                client.close()
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.open = False
+        self.listener.close()
+        for s in self.sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
+def test_triton_down_is_503_with_retry_after(stack: Stack, model_repository: Path) -> None:
+    proxy = Proxy(stack.triton_url.replace("localhost", "127.0.0.1"))
+    served = start_serve(
+        [
+            f"--triton-url=127.0.0.1:{proxy.port}",
+            f"--model-repository={model_repository}",
+            "--health-interval-s=0.2",
+            f"--http-port={free_port()}",
+        ]
+    )
+    try:
+        url = served.http_url
+        assert url is not None
+        still_serving(url)
+        proxy.cut()
+        for path in ALL:
+            response = httpx.post(f"{url}{path}", json=good_body(path, ["a"]), timeout=30)
+            assert_shape(path, response, 503, "unavailable")
+            assert response.headers["retry-after"] == "1"
+        assert httpx.get(f"{url}/health").status_code == 503
+        assert served.process.poll() is None
+    finally:
+        proxy.cut()
+        stop_serve(served)
