@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from cpu_features import cpu_flags, served_choice
+from cpu_features import cpu_flags, served_choice  # type: ignore[import-not-found]  # the version folder's module
 from reranker_engine import PackedReranker, check_ragged_batch
 
 
