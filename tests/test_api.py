@@ -89,10 +89,11 @@ def test_chunk_overlap_defaults_to_the_servers(client: RerankClient, checkpoints
 def test_none_truncation_refuses_a_pair_that_does_not_fit(client: RerankClient, checkpoints) -> None:
     reference = eager(checkpoints["reranker"])
     documents = ["short", text(80, seed=9), "also short"]
-    length = len(reference.tokenizer([QUERY], [documents[1]])["input_ids"][0])
+    assert len(reference.tokenizer([QUERY], [documents[1]])["input_ids"][0]) > 64
     with pytest.raises(InvalidRequestError) as caught:
         client.rerank(QUERY, documents, truncation="none", max_length=64)
-    assert f"document 1 does not fit: with the query it is {length} tokens long and max_length is 64" in str(
+    # The document is tokenized only as far as the answer needs, so the length is a bound (issue 13).
+    assert "document 1 does not fit: with the query it is more than 64 tokens long and max_length is 64" in str(
         caught.value
     )
     assert [(v.field, "document 1" in v.description) for v in caught.value.field_violations] == [("documents[1]", True)]
