@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make serve   set up everything, export the model (once) and serve it
 #   make test    set up everything and run the checks and the test suite (what CI runs: .ci/run)
+# and, with no model download: make demo (a small random-weight ModernBERT, every API on it).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,13 +9,14 @@ MODEL ?= Alibaba-NLP/gte-reranker-modernbert-base
 REPOSITORY ?= artifacts/model_repository
 NAME ?= reranker
 PORT ?= 50051
+HTTP_PORT ?= 8080
 EXPORT_ARGS ?=
 SERVE_ARGS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve export test check pytest bench bench-quick gpu-pack gpu-check protos clean
+.PHONY: install serve export demo test check pytest bench bench-quick gpu-pack gpu-check protos clean
 
 install: $(STAMP)
 
@@ -26,12 +28,27 @@ $(STAMP): pyproject.toml client/pyproject.toml requirements/constraints.txt
 	touch $@
 
 $(REPOSITORY)/$(NAME)/config.pbtxt: | $(STAMP)
+	@$(BIN)/python -m rerank_server.first_contact check-model $(MODEL)
 	$(BIN)/rerank export --model $(MODEL) --output $(REPOSITORY) --name $(NAME) $(EXPORT_ARGS)
 
 export: $(REPOSITORY)/$(NAME)/config.pbtxt
 
 serve: install export
-	$(BIN)/rerank serve --model-repository $(REPOSITORY) --model-name $(NAME) --port $(PORT) $(SERVE_ARGS)
+	$(BIN)/rerank serve --model-repository $(REPOSITORY) --model-name $(NAME) --port $(PORT) --http-port $(HTTP_PORT) $(SERVE_ARGS)
+
+# A small random-weight ModernBERT with the real tokenizer, named as such in every answer: gRPC, HTTP, SDK
+# and CLI with no download (its scores mean nothing).
+DEMO_DIR ?= artifacts/demo
+DEMO_MODEL_ID := random-modernbert-demo (random weights, not a real reranker)
+
+$(DEMO_DIR)/checkpoint/config.json: | $(STAMP)
+	$(BIN)/python -m rerank_server.first_contact demo-checkpoint $(DEMO_DIR)/checkpoint
+
+$(DEMO_DIR)/repository/$(NAME)/config.pbtxt: $(DEMO_DIR)/checkpoint/config.json
+	$(BIN)/rerank export --model $(DEMO_DIR)/checkpoint --model-id "$(DEMO_MODEL_ID)" --precision fp32 --output $(DEMO_DIR)/repository --name $(NAME) --overwrite
+
+demo: install $(DEMO_DIR)/repository/$(NAME)/config.pbtxt
+	$(BIN)/rerank serve --model-repository $(DEMO_DIR)/repository --model-name $(NAME) --port $(PORT) --http-port $(HTTP_PORT) $(SERVE_ARGS)
 
 check: install
 	$(BIN)/ruff format --check .
