@@ -24,7 +24,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from rerank_client import InvalidRequestError, RerankClient, RerankError, stream_request
 from rerank_client.errors import from_rpc_error, from_stream_error
 from rerank_client.pb import rerank_pb2
-from tests.conftest import RERANK, Stack, free_port, frontend, start_serve, stop_serve
+from rerank_server.tokenization import PairTokenizer, StoppedError
+from tests.conftest import RERANK, TOKENIZER_DIR, Stack, free_port, frontend, start_serve, stop_serve
 from tests.texts import QUERY, text
 
 MIB = 1024 * 1024
@@ -302,6 +303,17 @@ def test_chunk_overlap_not_below_the_window_is_refused_even_for_short_documents(
 # -- defect 2: work stops with the caller; the tokenization queue is bounded ------------------------
 
 
+def test_segmented_tokenization_equals_the_whole_texts_and_stops_when_asked() -> None:
+    tokenizer = PairTokenizer.from_dir(TOKENIZER_DIR, 8192)
+    long = text(30_000, seed=5)  # ~190,000 characters: a dozen segments
+    texts = ["", long, "x", "  spaced   out  " * 3000]
+    whole = [tokenizer.tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+    assert tokenizer.encode_prefixes(texts, [10**7] * len(texts)) == whole
+    calls = iter(range(1000))
+    with pytest.raises(StoppedError):  # asked to stop after the first segment
+        tokenizer.encode_prefixes([long], [10**7], should_stop=lambda: next(calls) >= 1)
+
+
 def test_tokenization_stops_at_the_deadline_or_cancellation_and_its_queue_is_bounded(
     stack: Stack, model_repository: Path
 ) -> None:
@@ -371,18 +383,18 @@ def test_triton_killed_again_and_again_recovers_within_the_first_steps(model_rep
     )
     try:
         outages = []
-        for _ in range(5):
+        for _ in range(10):
             assert wait_serving(served.target, 60)
             time.sleep(2.5)  # a healthy period
             triton = next(p for p in psutil.Process(served.process.pid).children() if p.name() == "tritonserver")
             killed = time.monotonic()
             triton.kill()
             assert wait_gone(triton, 10)
-            time.sleep(0.3)  # health notices within its interval
+            assert wait_serving(served.target, 10, serving=False), "health never saw Triton down"
             assert wait_serving(served.target, 60), "".join(served.output[-20:])
             outages.append(time.monotonic() - killed)
         print("\noutages after each kill:", [f"{o:.1f}s" for o in outages])
-        # Without the reset the delays would be 1, 4, 8, 16, 16 s.
+        # Without the reset the delays would be 1, 4, 8, 16, 16, ... s.
         assert max(outages) < min(outages) + 2.5, outages
     finally:
         assert stop_serve(served) == 0
@@ -396,7 +408,8 @@ def wait_gone(process: psutil.Process, timeout_s: float) -> bool:
     return True
 
 
-def wait_serving(target: str, timeout_s: float) -> bool:
+def wait_serving(target: str, timeout_s: float, serving: bool = True) -> bool:
+    """Wait until the API's health is SERVING (or, with serving=False, anything else)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -406,9 +419,10 @@ def wait_serving(target: str, timeout_s: float) -> bool:
                     .Check(health_pb2.HealthCheckRequest(service="rerank.v1.RerankService"), timeout=2)
                     .status
                 )
-            if status == health_pb2.HealthCheckResponse.SERVING:
+            if (status == health_pb2.HealthCheckResponse.SERVING) == serving:
                 return True
         except grpc.RpcError:
-            pass
+            if not serving:
+                return True
         time.sleep(0.05)
     return False

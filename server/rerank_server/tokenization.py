@@ -315,12 +315,12 @@ class PairTokenizer:
 
 def _groups(indices: list[int], sizes: list[int]) -> list[list[int]]:
     """Consecutive groups of `indices` of at most _BATCH_CHARS characters each (one index at least)."""
-    groups: list[list[int]] = []
-    total = _BATCH_CHARS
+    groups: list[list[int]] = [[]]
+    total = 0
     for index, size in zip(indices, sizes, strict=True):
-        if total + size > _BATCH_CHARS:
+        if groups[-1] and total + size > _BATCH_CHARS:
             groups.append([])
             total = 0
         groups[-1].append(index)
         total += size
-    return groups
+    return [group for group in groups if group]
