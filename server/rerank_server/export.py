@@ -2,7 +2,8 @@
 
     <output>/<name>/config.pbtxt          rendered from model_repository/config.pbtxt.template
     <output>/<name>/1/model.onnx         the graph (dynamic batch and sequence axes), verified against eager;
-                                     with --quantize int8, its dynamically quantized version
+                                     with --precision int8, its dynamically quantized version (the fp32
+                                     graph then stays as model.fp32.onnx: CPUs without VNNI load it)
     <output>/<name>/1/model/             instead, with --runtime torch: the checkpoint in the served
                                      precision, for transformers' PyTorch model
     <output>/<name>/1/model.py           the Python-backend model, with reranker_engine.py, torch_runner.py
