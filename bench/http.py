@@ -1,0 +1,179 @@
+"""HTTP beside gRPC: the same `rerank serve` answering workloads (b) and (c) of bench/workloads.py through
+the Cohere v2 route (POST /v2/rerank, JSON) and through the gRPC Rerank call, in alternating rounds.
+
+    python -m bench.http            # ModernBERT-base-sized random model, FULL workloads, ~5 min on 2 cores
+    python -m bench.http --quick    # the tests' tiny model on QUICK workloads, ~1 min (a smoke test)
+
+Reports pairs/s per protocol and workload (the median of the rounds) and HTTP / gRPC; the target is
+HTTP >= 0.95 x gRPC. Both protocols reach one frontend process, one core and one Triton, so the ratio is
+the cost of JSON over HTTP/1.1 against protobuf over HTTP/2, on top of the same scoring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import workloads
+from bench.served import free_port
+from bench.workloads import Request, Workload
+from rerank_client import AsyncRerankClient
+from rerank_server.testing import TINY_CONFIG, save_random_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "modernbert-tokenizer"
+RERANK = str(Path(sys.executable).parent / "rerank")
+TARGET_RATIO = 0.95
+
+
+def start_serve(repository: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+    port, http_port = free_port(), free_port()
+    command = [
+        RERANK,
+        "serve",
+        f"--model-repository={repository}",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        f"--http-port={http_port}",
+        f"--triton-grpc-port={free_port()}",
+        f"--triton-http-port={free_port()}",
+        f"--triton-metrics-port={free_port()}",
+        "--metrics-port=0",
+        "--log-level=WARNING",
+        "--http-timeout-s=3600",
+    ]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    deadline = time.monotonic() + 900
+    while "rerank: serving" not in log_path.read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("rerank serve did not start:\n" + log_path.read_text(errors="replace")[-4000:])
+        time.sleep(0.5)
+    return process, f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}"
+
+
+Call = Callable[[Request], Awaitable[list[float]]]
+
+
+async def run_workload(call: Call, workload: Workload, repeats: int) -> float:
+    """Every client sends its requests `repeats` times, one at a time, all clients at once; pairs/s."""
+
+    async def client(requests: tuple[Request, ...]) -> int:
+        pairs = 0
+        for _ in range(repeats):
+            for request in requests:
+                scores = await call(request)
+                if len(scores) != request.pairs:
+                    raise RuntimeError(f"{len(scores)} results for {request.pairs} documents")
+                pairs += request.pairs
+        return pairs
+
+    started = time.perf_counter()
+    pairs = sum(await asyncio.gather(*(client(requests) for requests in workload.clients)))
+    return pairs / (time.perf_counter() - started)
+
+
+async def measure(target: str, base_url: str, built: dict[str, Workload], rounds: int, repeats: int) -> dict[str, Any]:
+    async with (
+        AsyncRerankClient(target, timeout=3600) as grpc_client,
+        httpx.AsyncClient(base_url=base_url, timeout=3600, limits=httpx.Limits(max_connections=64)) as http_client,
+    ):
+
+        async def grpc_call(request: Request) -> list[float]:
+            response = await grpc_client.rerank(request.query, list(request.documents))
+            return [r.score for r in sorted(response.results, key=lambda r: r.index)]
+
+        async def http_call(request: Request) -> list[float]:
+            response = await http_client.post(
+                "/v2/rerank", json={"query": request.query, "documents": list(request.documents)}
+            )
+            response.raise_for_status()
+            results = response.json()["results"]
+            return [r["relevance_score"] for r in sorted(results, key=lambda r: r["index"])]
+
+        calls: dict[str, Call] = {"grpc": grpc_call, "http": http_call}
+        # Warm-up, and the same scores through both.
+        for workload in (built["b"], built["c"]):
+            request = workload.clients[0][0]
+            grpc_scores, http_scores = await grpc_call(request), await http_call(request)
+            worst = max(abs(a - b) for a, b in zip(grpc_scores, http_scores, strict=True))
+            if worst > 1e-6:
+                raise RuntimeError(f"HTTP and gRPC scores differ by {worst} on {workload.name}")
+            await run_workload(grpc_call, workload, 1)
+            await run_workload(http_call, workload, 1)
+        rates: dict[str, dict[str, list[float]]] = {"b": {"grpc": [], "http": []}, "c": {"grpc": [], "http": []}}
+        for round_ in range(rounds):
+            order = ("grpc", "http") if round_ % 2 == 0 else ("http", "grpc")  # alternate: no drift favours one
+            for name in ("b", "c"):
+                for protocol in order:
+                    rate = await run_workload(calls[protocol], built[name], repeats)
+                    rates[name][protocol].append(rate)
+                    print(f"  round {round_ + 1} {name} {protocol}: {rate:.1f} pairs/s", flush=True)
+    summary: dict[str, Any] = {}
+    for name, by_protocol in rates.items():
+        grpc_rate, http_rate = statistics.median(by_protocol["grpc"]), statistics.median(by_protocol["http"])
+        per_round = [h / g for h, g in zip(by_protocol["http"], by_protocol["grpc"], strict=True)]
+        summary[name] = {
+            "workload": built[name].title,
+            "grpc_pairs_per_s": grpc_rate,
+            "http_pairs_per_s": http_rate,
+            "http_over_grpc": http_rate / grpc_rate,
+            "http_over_grpc_per_round": per_round,
+            "rounds": by_protocol,
+            "met": http_rate / grpc_rate >= TARGET_RATIO,
+        }
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.http", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, QUICK workloads (a smoke test)")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per protocol (default 5; 2 quick)")
+    parser.add_argument("--repeats", type=int, default=1, help="times each client sends its requests per round")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "http.json")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (2 if args.quick else 5)
+    built = workloads.build(TOKENIZER_DIR, shape=workloads.QUICK if args.quick else workloads.FULL)
+    with tempfile.TemporaryDirectory(prefix="bench-http-") as folder:
+        work = Path(folder)
+        config = TINY_CONFIG if args.quick else {"initializer_range": 0.02}  # else ModernBERT-base's sizes
+        save_random_checkpoint(work / "checkpoint", TOKENIZER_DIR, seed=0, **config)
+        export = [RERANK, "export", "--model", str(work / "checkpoint"), "--output", str(work / "repository")]
+        done = subprocess.run([*export, "--precision", "fp32"], capture_output=True, text=True)
+        if done.returncode != 0:
+            print(done.stderr, file=sys.stderr)
+            return 1
+        process, target, base_url = start_serve(work / "repository", work / "serve.log")
+        try:
+            summary = asyncio.run(measure(target, base_url, built, rounds, args.repeats))
+        finally:
+            process.terminate()
+            process.wait(120)
+    result = {"quick": args.quick, "rounds": rounds, "cpus": len(os.sched_getaffinity(0)), "workloads": summary}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2))
+    print("| workload | gRPC pairs/s | HTTP pairs/s | HTTP / gRPC | target >= 0.95 |")
+    print("|---|---|---|---|---|")
+    for item in summary.values():
+        print(
+            f"| {item['workload']} | {item['grpc_pairs_per_s']:.1f} | {item['http_pairs_per_s']:.1f} | "
+            f"{item['http_over_grpc']:.3f} | {'met' if item['met'] else 'MISSED'} |"
+        )
+    return 0 if all(item["met"] for item in summary.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
