@@ -39,8 +39,30 @@ def test_graph_has_dynamic_batch_and_sequence_axes(model_repository: Path) -> No
     assert [o.name for o in graph.output] == ["logits"]
 
 
-def test_gpu_variant_is_fp16_with_fp32_io(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+def test_gpu_variant_is_the_packed_engine_in_fp16_over_fp32_weights(
+    tmp_path: Path, checkpoints: dict[str, Path]
+) -> None:
     done = run_rerank("export", "--model", str(checkpoints["reranker"]), "--output", str(tmp_path), "--device", "gpu")
+    assert done.returncode == 0, done.stderr
+    config = (tmp_path / "reranker" / "config.pbtxt").read_text()
+    assert "kind: KIND_GPU" in config and 'key: "runtime" value: { string_value: "packed" }' in config
+    assert 'key: "precision" value: { string_value: "fp16" }' in config
+    version = tmp_path / "reranker" / "1"
+    assert (version / "modernbert_packed.py").is_file() and not (version / "model.onnx").exists()
+    from safetensors import safe_open
+
+    # fp32 on disk, cast to the served precision at load.
+    with safe_open(str(version / "model" / "model.safetensors"), framework="pt") as weights:
+        assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.float32}  # noqa: SIM118
+    verification = json.loads((version / "export.json").read_text())["verification"]
+    assert verification["verified"] and verification["max_abs_diff"] < 1e-3  # checked in fp32 without a GPU
+
+
+def test_gpu_onnx_variant_is_fp16_with_fp32_io(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    model = str(checkpoints["reranker"])
+    done = run_rerank(
+        "export", "--model", model, "--output", str(tmp_path), "--device", "gpu", "--runtime", "onnxruntime"
+    )
     assert done.returncode == 0, done.stderr
     config = (tmp_path / "reranker" / "config.pbtxt").read_text()
     assert "kind: KIND_GPU" in config and 'string_value: "fp16"' in config
