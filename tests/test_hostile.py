@@ -165,22 +165,44 @@ def test_an_unauthenticated_60_mib_message_is_never_decoded(guarded: Stack) -> N
 
 
 def test_score_pairs_and_stream_documents_are_counted_before_decoding(guarded: Stack) -> None:
+    pid = guarded.process.pid
     bearer = (("authorization", f"Bearer {TOKEN}"),)
-    error = raw_call(guarded.target, "Score", b"\x0a\x00" * 2_000_000, bearer)
+    huge_score = b"\x0a\x00" * 31_457_280  # 60 MiB of empty pairs
+    reset_peak(pid)
+    before = memory(pid, "VmRSS")
+    error = raw_call(guarded.target, "Score", huge_score, bearer)
+    score_growth = memory(pid, "VmHWM") - before
     assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
     assert [v.field for v in from_rpc_error(error).field_violations] == ["pairs"]
+    assert score_growth < 4 * len(huge_score), f"a refused Score grew the frontend by {score_growth / MIB:.0f} MiB"
+
     # In a stream, an oversized message gets its own StreamError; the others are answered.
+    def framed(number: int, payload: bytes) -> bytes:  # a length-delimited protobuf field
+        size, varint = len(payload), b""
+        while size > 0x7F:
+            varint, size = varint + bytes([size & 0x7F | 0x80]), size >> 7
+        return bytes([number << 3 | 2]) + varint + bytes([size]) + payload
+
+    huge_message = framed(1, b"big") + framed(2, HUGE_RERANK)
     messages = [
-        stream_request("before", QUERY, ["a", "b"]),
-        stream_request("big", QUERY, [""] * 1001),
-        stream_request("after", QUERY, ["c"]),
+        stream_request("before", QUERY, ["a", "b"]).SerializeToString(),
+        huge_message,
+        stream_request("after", QUERY, ["c"]).SerializeToString(),
     ]
-    with RerankClient(guarded.target, token=TOKEN, timeout=60) as client:
-        answers = {a.id: a for a in client.rerank_stream(iter(messages))}
+    reset_peak(pid)
+    before = memory(pid, "VmRSS")
+    with grpc.insecure_channel(guarded.target, options=GRPC_OPTIONS) as channel:
+        call = channel.stream_stream("/rerank.v1.RerankService/RerankStream")
+        raw = list(call(iter(messages), metadata=bearer, timeout=60))
+    stream_growth = memory(pid, "VmHWM") - before
+    answers = {a.id: a for a in map(rerank_pb2.RerankStreamResponse.FromString, raw)}
     assert set(answers) == {"before", "big", "after"}
     refused = from_stream_error(answers["big"].error)
     assert isinstance(refused, InvalidRequestError) and [v.field for v in refused.field_violations] == ["documents"]
     assert len(answers["before"].response.results) == 2 and len(answers["after"].response.results) == 1
+    assert stream_growth < 4 * len(huge_message), (
+        f"a refused message grew the frontend by {stream_growth / MIB:.0f} MiB"
+    )
 
 
 # -- defect 4: a malformed message inside a RerankStream -------------------------------------------
