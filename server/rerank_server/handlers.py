@@ -144,9 +144,7 @@ class _Scan:
 
 
 def _too_many(field: str, limit: int, stream_id: str = "") -> RefusedMessage:
-    return RefusedMessage(
-        field, f"more than {limit}; the limit is {limit} per request (max_documents)", stream_id
-    )
+    return RefusedMessage(field, f"more than {limit}; the limit is {limit} per request (max_documents)", stream_id)
 
 
 def _bounded(message_class: Any, max_documents: int) -> Callable[[bytes], Any]:
