@@ -6,7 +6,11 @@ the HTTP APIs are translations over the same core, so they must not change a sin
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +22,7 @@ from tests.texts import QUERY, text
 # Lengths from a few tokens to past the tiny model's 512 (END truncation cuts the last one).
 DOCUMENTS = [text(n, seed=100 + i) for i, n in enumerate((40, 3, 7, 300, 12, 25, 90, 700))]
 TOP_N = 3
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +145,28 @@ def test_llamaindex_nvidia_rerank(base_url: str, reference: list[Any]) -> None:
         ranker = NVIDIARerank(base_url=f"{base_url}/v1", top_n=TOP_N, truncate="END")
     ranked = ranker.postprocess_nodes(nodes(), query_str=QUERY)
     assert_same([(int(n.node.node_id), n.score) for n in ranked], reference, logits=True)
+
+
+def readme_blocks(language: str) -> list[str]:
+    section = README.read_text().split("## The HTTP APIs", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", section, re.S)
+
+
+def test_readme_curl_commands(base_url: str) -> None:
+    (block,) = readme_blocks("sh")
+    commands = [c for c in block.replace("\\\n", " ").splitlines() if c.strip().startswith("curl")]
+    assert len(commands) == 4
+    for command in commands:
+        command = command.replace("localhost:8080", base_url.removeprefix("http://"))
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        answer = json.loads(done.stdout)
+        results = answer if isinstance(answer, list) else answer.get("results", answer.get("rankings"))
+        assert isinstance(results, list) and results, answer
+
+
+def test_readme_framework_snippets(base_url: str) -> None:
+    (block,) = readme_blocks("python")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(block.replace("http://localhost:8080", base_url), {"q": QUERY, "docs": DOCUMENTS})
