@@ -49,13 +49,28 @@ WHEELS = (
     ("googleapis-common-protos==1.76.0", "google.rpc", None),
     ("tritonclient==2.73.0", "tritonclient", None),
     ("python-rapidjson==1.25", "rapidjson", None),
+    ("ml-dtypes==0.6.0", "ml_dtypes", None),  # tritonclient.utils imports it
     ("urllib3==2.8.0", "urllib3", None),
     ("prometheus-client==0.26.0", "prometheus_client", None),
     ("opentelemetry-api==1.45.2", "opentelemetry", None),
     ("importlib-metadata==8.7.1", "importlib_metadata", None),
     ("zipp==3.23.0", "zipp", None),
-    ("typing-extensions==4.15.0", "typing_extensions", None),
+    ("typing-extensions==4.15.0", "typing_extensions", "4.14.1"),
     ("psutil==7.2.2", "psutil", None),
+    # The HTTP/JSON frontend (FastAPI on uvicorn), imported by `rerank serve`.
+    ("fastapi==0.165.0", "fastapi", "0.115"),
+    ("starlette==1.10.0", "starlette", "0.40"),
+    ("pydantic==2.14.4", "pydantic", "2.14.4"),
+    ("pydantic-core==2.50.5", "pydantic_core", "2.50.5"),  # exactly the one pydantic 2.14.4 needs
+    ("typing-inspection==0.4.5", "typing_inspection", None),
+    ("annotated-types==0.8.0", "annotated_types", None),
+    ("annotated-doc==0.0.7", "annotated_doc", None),
+    ("uvicorn==0.54.0", "uvicorn", "0.30"),
+    ("h11==0.16.0", "h11", None),
+    ("click==8.5.1", "click", "8.0"),
+    ("anyio==4.16.0", "anyio", "4.0"),
+    ("sniffio==1.3.1", "sniffio", None),
+    ("idna==3.20", "idna", None),
     # The PNG (about 24 MB of the pack; used only where matplotlib is missing).
     ("matplotlib==3.11.2", "matplotlib", None),
     ("pillow==13.0.0", "PIL", None),
@@ -68,7 +83,7 @@ WHEELS = (
     ("six==1.17.0", "six", None),
     ("packaging==26.4", "packaging", None),
 )
-DISTRIBUTIONS = {"google.protobuf": "protobuf", "grpc": "grpcio"}
+DISTRIBUTIONS = {"google.protobuf": "protobuf", "grpc": "grpcio", "pydantic_core": "pydantic-core"}
 
 
 def needed_libraries(binaries: list[Path], libraries: Path) -> list[Path]:
