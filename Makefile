@@ -16,7 +16,7 @@ SERVE_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve export demo test check pytest bench bench-quick gpu-pack gpu-check protos clean
+.PHONY: install serve export demo test test-fast check pytest bench bench-quick gpu-pack gpu-check protos clean
 
 install: $(STAMP)
 
@@ -59,6 +59,10 @@ pytest: install
 	$(BIN)/python -m pytest
 
 test: check pytest
+
+# The fast tier (no exported model, no Triton; tests/conftest.py marks the rest e2e): about a minute.
+test-fast: install
+	$(BIN)/python -m pytest -m "not e2e"
 
 # The throughput benchmark (README, Performance): every CPU precision in-process and served (fp32 and
 # --precision auto); full size takes 10-30 minutes on 2 cores. Without --workdir it works in a temporary folder.

@@ -280,3 +280,21 @@ def long_stack(stack: Stack, model_repository: Path) -> Iterator[Stack]:
     """A frontend fronting `reranker_long` (8192-token inputs, 16384-token budget per model run)."""
     with frontend(stack, model_repository, "--model-name=reranker_long") as served:
         yield served
+
+
+# The end-to-end tier: tests using a fixture that exports models or starts Triton, and the modules that run
+# `rerank export`, `rerank serve`, `make` or the benchmark themselves. The rest is the fast tier.
+E2E_FIXTURES = frozenset({"checkpoints", "model_repository", "stack", "mean_stack", "torch_stack", "long_stack"})
+E2E_MODULES = frozenset({"test_bench", "test_export", "test_http_first_contact", "test_client_package"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the end-to-end tier (`-m e2e`); `make test-fast` runs the rest (`-m "not e2e"`)."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        if (
+            E2E_FIXTURES & set(getattr(item, "fixturenames", ()))
+            or module in E2E_MODULES
+            or item.get_closest_marker("e2e")
+        ):
+            item.add_marker(pytest.mark.e2e)
