@@ -29,7 +29,13 @@ from tests.conftest import RERANK, free_port, run_rerank, start_serve, stop_serv
 from tests.reference import eager
 from tests.texts import QUERY, mixed_documents
 
-PRECISIONS = ("fp32", "int8", "bf16")
+# Each CPU export, by name: its `rerank export` arguments (bf16 through transformers' model and the packed engine).
+VARIANTS = {
+    "fp32": ("--precision", "fp32"),
+    "int8": ("--precision", "int8"),
+    "bf16": ("--precision", "bf16"),
+    "bf16-packed": ("--precision", "bf16", "--runtime", "packed"),
+}
 # A CPU of the AVX2/AVX-512 generation before VNNI and bf16 (e.g. Skylake-SP, Zen 1-3).
 PLAIN_CPU = "avx2,avx512f"
 RUNTIMES_BF16 = [(runtime, "bf16") for runtime in RUNTIMES if runtime != "onnxruntime"]
@@ -192,21 +198,18 @@ def repositories(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str
                 "--model",
                 str(checkpoints["reranker_mean"]),
                 "--output",
-                str(root / precision),
-                *(
-                    "--precision",
-                    precision,
-                ),
+                str(root / variant),
+                *args,
             ],
             stderr=subprocess.PIPE,
             text=True,
         )
-        for precision in PRECISIONS
+        for variant, args in VARIANTS.items()
     ]
     for process in running:
         _, stderr = process.communicate(timeout=600)
         assert process.returncode == 0, stderr
-    return {precision: root / precision for precision in PRECISIONS}
+    return {variant: root / variant for variant in VARIANTS}
 
 
 @dataclass
@@ -260,15 +263,15 @@ def _tolerance(precision: str, expected: np.ndarray) -> float:
     return relative * max(1.0, float(np.abs(expected).max()))
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_each_precision_served_matches_eager(
-    repositories: dict[str, Path], checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch, precision: str
+    repositories: dict[str, Path], checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch, variant: str
 ) -> None:
     monkeypatch.delenv(cpu_features.FLAGS_ENV, raising=False)
     monkeypatch.delenv(cpu_features.FORCE_ENV, raising=False)
     # This machine's CPU: the exported precision where it is native, else its fp32 fallback.
-    in_use = resolve_precision(precision, cpu_flags())[0]
-    served = _serve_and_score(repositories[precision], checkpoints["reranker_mean"])
+    in_use = resolve_precision(variant.split("-")[0], cpu_flags())[0]
+    served = _serve_and_score(repositories[variant], checkpoints["reranker_mean"])
     assert served.precision == in_use
     np.testing.assert_allclose(served.logits, served.expected, atol=_tolerance(in_use, served.expected))
     if in_use != "fp32":
