@@ -291,7 +291,7 @@ E2E_MODULES = frozenset({"test_bench", "test_export", "test_http_first_contact",
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark the end-to-end tier (`-m e2e`); `make test-fast` runs the rest (`-m "not e2e"`)."""
     for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        module = item.path.stem
         if (
             E2E_FIXTURES & set(getattr(item, "fixturenames", ()))
             or module in E2E_MODULES

@@ -8,7 +8,7 @@ import grpc
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from rerank_client._proto.rerank.v1 import rerank_pb2
+from rerank_client.pb import rerank_pb2
 
 short_text = st.text(max_size=40)
 documents = st.lists(short_text, max_size=6)

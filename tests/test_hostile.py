@@ -5,12 +5,10 @@ Every flood is bounded in count and time."""
 
 from __future__ import annotations
 
-import re
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +24,7 @@ from rerank_client.errors import from_rpc_error, from_stream_error
 from rerank_client.pb import rerank_pb2
 from rerank_server.tokenization import PairTokenizer, StoppedError
 from tests.conftest import RERANK, TOKENIZER_DIR, Stack, free_port, frontend, start_serve, stop_serve
+from tests.test_operations import sample, scrape
 from tests.texts import QUERY, text
 
 MIB = 1024 * 1024
@@ -53,19 +52,6 @@ with ThreadPoolExecutor(4) as pool:
 """
 # 20 MB of CJK text without whitespace: one pre-token for byte-level BPE.
 CJK = ("北京是中国的首都上海是最大的城市" * 420_000)[:6_700_000]
-
-
-def scrape(url: str | None) -> str:
-    assert url is not None
-    return urllib.request.urlopen(url, timeout=10).read().decode()
-
-
-def sample(metrics: str, name: str, **labels: str) -> float:
-    for line in metrics.splitlines():
-        match = re.match(rf"^{name}(?:\{{([^}}]*)\}})? (\S+)$", line)
-        if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
-            return float(match.group(2))
-    return 0.0
 
 
 def memory(pid: int, field: str) -> int:

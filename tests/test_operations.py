@@ -27,7 +27,7 @@ from rerank_client import (
     UnavailableError,
     tls_credentials,
 )
-from rerank_client._proto.rerank.v1 import rerank_pb2, rerank_pb2_grpc
+from rerank_client.pb import rerank_pb2, rerank_pb2_grpc
 from tests.certs import Authority
 from tests.conftest import Stack, free_port, frontend, start_serve, stop_serve
 from tests.reference import eager
