@@ -488,17 +488,22 @@ def _candidate_engine(
     )
 
 
-def _time_scoring(engine: Any, ids: Any, lengths: Any) -> tuple[float, Any]:
-    """Pairs per second over whole passes (at least MEASURE_SECONDS, one pass at least) after an
-    untimed pass (first runs allocate and compile kernels); that pass's logits."""
-    logits = engine.score(ids, lengths)
-    passes, start = 0, time.perf_counter()
-    while True:
-        engine.score(ids, lengths)
-        passes += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= MEASURE_SECONDS:
-            return passes * lengths.size / elapsed, logits
+def _time_scoring(engines: list[Any], ids: Any, lengths: Any) -> list[tuple[float, Any]]:
+    """Each engine's pairs per second over whole passes (at least MEASURE_SECONDS each, one pass at
+    least) after an untimed pass (first runs allocate and compile kernels), and that pass's logits.
+    The engines take turns, a pass each, so that a change in the machine's load (other processes on a
+    shared host) falls on all of them alike rather than on whichever was being timed."""
+    logits = [engine.score(ids, lengths) for engine in engines]
+    elapsed = [0.0] * len(engines)
+    passes = [0] * len(engines)
+    while min(elapsed) < MEASURE_SECONDS:
+        for index, engine in enumerate(engines):
+            if elapsed[index] < MEASURE_SECONDS:
+                start = time.perf_counter()
+                engine.score(ids, lengths)
+                elapsed[index] += time.perf_counter() - start
+                passes[index] += 1
+    return [(n * lengths.size / t, out) for n, t, out in zip(passes, elapsed, logits, strict=True)]
 
 
 def choose_precision(
@@ -515,12 +520,11 @@ def choose_precision(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (config.pad_token_id or 0)
     budget = options.max_batch_tokens or max(8192, max_length)
     rows: list[dict[str, Any]] = []
-    reference = None
-    for runtime, precision in candidates:
-        engine = _candidate_engine(runtime, precision, version_dir, pad, budget, options.intra_op_threads)
-        rate, logits = _time_scoring(engine, ids, lengths)
-        del engine
-        reference = logits if reference is None else reference
+    engines = [_candidate_engine(r, p, version_dir, pad, budget, options.intra_op_threads) for r, p in candidates]
+    timed = _time_scoring(engines, ids, lengths)
+    del engines
+    reference = timed[0][1]
+    for (runtime, precision), (rate, logits) in zip(candidates, timed, strict=True):
         rows.append({"runtime": runtime, "precision": precision, "pairs_per_s": rate})
         rows[-1].update(ranking_agreement(reference, logits))
     for row in rows:
