@@ -103,11 +103,21 @@ def plan_packed_sub_batches(lengths: np.ndarray, max_batch_tokens: int) -> list[
     return batches
 
 
+def pair_offsets(lengths: np.ndarray) -> np.ndarray:
+    """Where each pair of a ragged batch starts in its ids laid end to end (int64)."""
+    return np.concatenate(([0], np.cumsum(lengths, dtype=np.int64)[:-1])).astype(np.int64)
+
+
+def gather_pairs(input_ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """The ids of `pairs` (indices into lengths), laid end to end in that order, in input_ids' dtype."""
+    return np.concatenate([input_ids[offsets[p] : offsets[p] + lengths[p]] for p in pairs])
+
+
 def pack_sub_batch(
     input_ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, batch: SubBatch
 ) -> tuple[np.ndarray, np.ndarray]:
     """int64 ids of the batch's pairs end to end [tokens], and int32 cumulative offsets [pairs + 1]."""
-    ids = np.concatenate([input_ids[offsets[p] : offsets[p] + lengths[p]] for p in batch.pairs]).astype(np.int64)
+    ids = gather_pairs(input_ids, offsets, lengths, batch.pairs).astype(np.int64)
     cu_seqlens = np.concatenate(([0], np.cumsum(lengths[batch.pairs]))).astype(np.int32)
     return ids, cu_seqlens
 
@@ -121,7 +131,7 @@ def pad_sub_batch(
     mask = np.arange(batch.width)[None, :] < row_lengths[:, None]
     ids = np.full((rows, batch.width), pad_token_id, dtype=np.int64)
     # Boolean assignment fills row by row, so the pairs' tokens laid end to end land in place.
-    ids[mask] = np.concatenate([input_ids[offsets[p] : offsets[p] + lengths[p]] for p in batch.pairs])
+    ids[mask] = gather_pairs(input_ids, offsets, lengths, batch.pairs)
     return ids, mask.astype(np.int64)
 
 
@@ -249,7 +259,7 @@ class PackedReranker:
         others are dropped uncomputed (their caller cancelled or its deadline passed).
         """
         lengths = np.asarray(lengths, dtype=np.int64)
-        offsets = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
+        offsets = pair_offsets(lengths)
         for batch in self.plan(lengths):
             if active is not None:
                 wanted = batch.pairs[active(batch.pairs)]

@@ -22,17 +22,23 @@ from transformers import AutoModelForSequenceClassification
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def _device(device: str, precision: str, cpu_threads: int) -> torch.device:
+    """The torch device a runner computes on, after checking the precision and that the device exists."""
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but PyTorch sees no CUDA device")
+    if resolved.type == "cpu" and cpu_threads > 0:
+        torch.set_num_threads(cpu_threads)
+    return resolved
+
+
 class TorchRunner:
     """A reranker_engine.Runner over a transformers checkpoint folder, on one device ("cpu" or "cuda:N")."""
 
     def __init__(self, model_dir: str, *, device: str = "cpu", precision: str = "fp32", cpu_threads: int = 0) -> None:
-        if precision not in DTYPES:
-            raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} asked for, but PyTorch sees no CUDA device")
-        if self.device.type == "cpu" and cpu_threads > 0:
-            torch.set_num_threads(cpu_threads)
+        self.device = _device(device, precision, cpu_threads)
         transformers.utils.logging.disable_progress_bar()  # no bars in Triton's log
         model = AutoModelForSequenceClassification.from_pretrained(
             model_dir, dtype=DTYPES[precision], attn_implementation="sdpa"
@@ -57,13 +63,7 @@ class PackedTorchRunner:
     """A reranker_engine.PackedRunner over modernbert_packed.PackedModernBert, on one device."""
 
     def __init__(self, model_dir: str, *, device: str = "cpu", precision: str = "fp32", cpu_threads: int = 0) -> None:
-        if precision not in DTYPES:
-            raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} asked for, but PyTorch sees no CUDA device")
-        if self.device.type == "cpu" and cpu_threads > 0:
-            torch.set_num_threads(cpu_threads)
+        self.device = _device(device, precision, cpu_threads)
         # A package module in tests and benchmarks, a top-level one in Triton's version folder.
         packed = (
             importlib.import_module(".modernbert_packed", __package__)

@@ -60,12 +60,6 @@ class FakeBackend:
     async def is_ready(self) -> bool:
         return self.ready
 
-    async def model_info(self) -> ModelInfo:
-        return MODEL
-
-    async def close(self) -> None:
-        return None
-
 
 def fake_core(backend: FakeBackend | None = None, **settings: object) -> RerankCore:
     """A RerankCore over FakeBackend and the real ModernBERT tokenizer, with Settings overrides."""

@@ -17,6 +17,7 @@ import tritonclient.grpc.aio as triton_grpc
 from opentelemetry import trace
 from tritonclient.utils import InferenceServerException
 
+from rerank_model_repository.reranker_engine import gather_pairs, pair_offsets, plan_packed_sub_batches
 from rerank_server.errors import BackendFailureError, BackendUnavailableError, DeadlineExceededError, ServiceError
 from rerank_server.observability import Metrics
 from rerank_server.tokenization import TokenizedPairs
@@ -47,30 +48,6 @@ class ScoringBackend(Protocol):
     async def score(self, pairs: TokenizedPairs, timeout_s: float | None = None) -> np.ndarray: ...
 
     async def is_ready(self) -> bool: ...
-
-    async def model_info(self) -> ModelInfo: ...
-
-    async def close(self) -> None: ...
-
-
-def split_requests(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
-    """Pair indices per Triton request: length-sorted runs of at most max_tokens tokens (at least one pair)."""
-    order = np.argsort(lengths, kind="stable")
-    groups: list[np.ndarray] = []
-    start, tokens = 0, 0
-    for position, pair in enumerate(order):
-        if position > start and tokens + int(lengths[pair]) > max_tokens:
-            groups.append(order[start:position])
-            start, tokens = position, 0
-        tokens += int(lengths[pair])
-    if order.size:
-        groups.append(order[start:])
-    return groups
-
-
-def gather_pairs(pairs: TokenizedPairs, offsets: np.ndarray, group: np.ndarray) -> np.ndarray:
-    """The ids of the pairs in `group`, laid end to end (int32)."""
-    return np.concatenate([pairs.input_ids[offsets[i] : offsets[i] + pairs.lengths[i]] for i in group])
 
 
 def _translate(error: InferenceServerException) -> ServiceError:
@@ -144,20 +121,20 @@ class TritonBackend:
         except ValueError:
             return params["precision"]  # the model refused to load; is_ready says so
 
-    async def statistics(self) -> dict[str, Any]:
-        """Triton's statistics of the model (inference and execution counts, queue and compute times)."""
-        stats = await self._client.get_inference_statistics(self.model_name, as_json=True)
-        return dict(stats["model_stats"][0])
-
     async def score(self, pairs: TokenizedPairs, timeout_s: float | None = None) -> np.ndarray:
         """Logits (float32) of every pair, in the order of `pairs`."""
-        offsets = np.concatenate(([0], np.cumsum(pairs.lengths, dtype=np.int64)[:-1]))
-        groups = split_requests(pairs.lengths, self.request_max_tokens)
+        offsets = pair_offsets(pairs.lengths)
+        # Length-sorted runs of at most request_max_tokens real tokens: the model's own packed plan.
+        groups = [batch.pairs for batch in plan_packed_sub_batches(pairs.lengths, self.request_max_tokens)]
         logits = np.empty(pairs.lengths.size, dtype=np.float32)
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [
-                    group.create_task(self._infer(gather_pairs(pairs, offsets, g), pairs.lengths[g], timeout_s))
+                    group.create_task(
+                        self._infer(
+                            gather_pairs(pairs.input_ids, offsets, pairs.lengths, g), pairs.lengths[g], timeout_s
+                        )
+                    )
                     for g in groups
                 ]
         except* (InferenceServerException, ServiceError) as errors:
