@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import random
 import re
 import signal
 import socket
@@ -91,6 +92,8 @@ def test_malformed_json_empty_body_and_wrong_types_are_refused_in_the_apis_shape
     assert_shape(path, httpx.post(url, content=b"", headers=headers), status)
     assert_shape(path, httpx.post(url, content=b"\xff\xfe\x00garbage", headers=headers), status)
     assert_shape(path, httpx.post(url, json=[1, 2, 3]), status)
+    form = httpx.post(url, content=json.dumps(good_body(path, ["a"])).encode())  # no content-type
+    assert_shape(path, form, status, "content-type: application/json")
     wrong_query = {**good_body(path, ["a"]), "query": 5 if path != NIM else {"text": 5}}
     assert_shape(path, httpx.post(url, json=wrong_query), status, "query")
     documents_field = {TEI: "texts", NIM: "passages"}.get(path, "documents")
@@ -413,3 +416,70 @@ def test_triton_down_is_503_with_retry_after(stack: Stack, model_repository: Pat
     finally:
         proxy.cut()
         stop_serve(served)
+
+
+def random_json(rng: random.Random, depth: int = 0) -> Any:
+    """A random JSON value, biased toward the APIs' own field names and near-valid shapes."""
+    choice = rng.randrange(9 if depth < 3 else 6)
+    if choice == 0:
+        return None
+    if choice == 1:
+        return rng.choice([True, False])
+    if choice == 2:
+        return rng.choice([0, -1, 1, 3, 2**31, 2**63, -(2**40), 1.5, float(rng.randrange(10))])
+    if choice in (3, 4, 5):
+        return rng.choice(
+            ["", " ", "a", "quick sort", "\u0000", "\ud7ff" * 3, "é" * 50, "Left", "END", "NONE", "x" * 3000]
+        )
+    if choice in (6, 7):
+        return [random_json(rng, depth + 1) for _ in range(rng.randrange(6))]
+    keys = [
+        "query",
+        "documents",
+        "texts",
+        "passages",
+        "text",
+        "top_n",
+        "model",
+        "truncate",
+        "truncation_direction",
+        "raw_scores",
+        "return_text",
+        "return_documents",
+        "rank_fields",
+        "max_chunks_per_doc",
+        "max_tokens_per_doc",
+    ]
+    return {rng.choice(keys): random_json(rng, depth + 1) for _ in range(rng.randrange(6))}
+
+
+def test_random_bodies_never_get_a_500(base_url: str) -> None:
+    rng = random.Random(7)
+    statuses: dict[int, int] = {}
+    with httpx.Client(base_url=base_url, timeout=60) as client:
+        for i in range(800):
+            path = ALL[i % len(ALL)]
+            body = random_json(rng)
+            if rng.random() < 0.5:  # near-valid: a correct skeleton with one knob set to a random value
+                knob = rng.choice(
+                    [
+                        "top_n",
+                        "truncate",
+                        "truncation_direction",
+                        "raw_scores",
+                        "return_documents",
+                        "return_text",
+                        "rank_fields",
+                        "max_chunks_per_doc",
+                        "max_tokens_per_doc",
+                        "model",
+                    ]
+                )
+                body = {**good_body(path, ["a", "quick sort"]), knob: random_json(rng, 2)}
+            response = client.post(
+                path, content=json.dumps(body).encode(), headers={"content-type": "application/json"}
+            )
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            assert response.status_code < 500, (path, body, response.text)
+    assert statuses.get(200, 0) > 0 and sum(v for k, v in statuses.items() if k >= 400) > 0, statuses
+    still_serving(base_url)

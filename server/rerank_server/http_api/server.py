@@ -54,7 +54,12 @@ def create_app(core: RerankCore, settings: Settings, draining: Callable[[], bool
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        return shape_for(request.url.path).response(Kind.INVALID, validation_message(error.errors()))
+        message = validation_message(error.errors())
+        content_type = request.headers.get("content-type", "")
+        if request.method == "POST" and "json" not in content_type:
+            # FastAPI reads a body as JSON only when it says so (curl -d sends a form type by default).
+            message = f"send the body as JSON with content-type: application/json (got {content_type!r}); {message}"
+        return shape_for(request.url.path).response(Kind.INVALID, message)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
