@@ -483,3 +483,36 @@ def test_random_bodies_never_get_a_500(base_url: str) -> None:
             assert response.status_code < 500, (path, body, response.text)
     assert statuses.get(200, 0) > 0 and sum(v for k, v in statuses.items() if k >= 400) > 0, statuses
     still_serving(base_url)
+
+
+def test_a_call_outliving_the_shutdown_grace_gets_503_not_500(stack: Stack, model_repository: Path) -> None:
+    served = start_serve(
+        [
+            f"--triton-url={stack.triton_url}",
+            f"--model-repository={model_repository}",
+            "--model-name=reranker_long",
+            "--shutdown-grace-s=1",
+        ]
+    )
+    try:
+        url = served.http_url
+        results: list[httpx.Response] = []
+
+        def call() -> None:
+            body = good_body(COHERE_V2, [text(9000, seed=i) for i in range(4)])  # many seconds of work
+            results.append(httpx.post(f"{url}{COHERE_V2}", json=body, timeout=300))
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        assert served.metrics_url is not None
+        deadline = time.monotonic() + 60
+        while sample(scrape(served.metrics_url), "rerank_inflight_tokens") == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        served.process.send_signal(signal.SIGTERM)
+        caller.join(120)
+        assert len(results) == 1
+        assert_shape(COHERE_V2, results[0], 503, "stopped before the call finished")
+        assert served.process.wait(60) == 0
+    finally:
+        if served.process.poll() is None:
+            stop_serve(served)

@@ -73,11 +73,12 @@ class Gate:
         request_id.set(rid)
         scope.setdefault("state", {})["request_id"] = rid
         status = 500
+        started_response = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_response = message["status"], True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
             await send(message)
 
@@ -95,6 +96,13 @@ class Gate:
         try:
             with tracer.start_as_current_span(f"{scope['method']} {route}", kind=trace.SpanKind.SERVER):
                 await self.app(scope, self._limited(receive), send_with_id)
+        except asyncio.CancelledError:
+            # The server stopped with the call still running (past --shutdown-grace-s): say so, and that a
+            # retry may succeed elsewhere, instead of the 500 uvicorn writes for a cancelled call.
+            if not started_response:
+                stopped = shape.response(Kind.UNAVAILABLE, "the server stopped before the call finished; retry")
+                await stopped(scope, receive, send_with_id)
+            raise
         finally:
             self.inflight -= 1
             if self.inflight == 0:
