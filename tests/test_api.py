@@ -388,3 +388,21 @@ async def test_the_async_client_covers_every_rpc(stack: Stack) -> None:
     assert {r.index: r.logit for r in ranked.results}[0] == pytest.approx(scored.scores[0].logit, abs=ATOL)
     assert [a.id for a in answers] == ["x"]
     assert [v.field for v in caught.value.field_violations] == ["max_length"]
+
+
+def test_an_http_caller_that_disconnects_stops_its_pending_work(long_stack: Stack) -> None:
+    # HTTP has no cancellation message: a client that closes its connection is the signal.
+    import httpx
+
+    assert long_stack.http_url is not None
+    before = model_counters(long_stack, "reranker_long")
+    body = {"model": "m", "query": QUERY, "documents": LARGE}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{long_stack.http_url}/v2/rerank", json=body, timeout=httpx.Timeout(60, read=1.5))
+    # One instance runs one execution at a time: this call is answered once the abandoned one has ended,
+    # after all its pairs had they not been dropped.
+    with RerankClient(long_stack.target, timeout=300) as c:
+        assert len(c.rerank(QUERY, ["still serving"]).results) == 1
+    after = model_counters(long_stack, "reranker_long")
+    computed = after["computed"] - before["computed"] - 1
+    assert computed < len(LARGE), "every pair was computed for a caller who left"

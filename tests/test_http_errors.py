@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from rerank_client import RerankClient
@@ -255,6 +256,36 @@ def test_auth_body_and_token_limits(stack: Stack, model_repository: Path) -> Non
         many_tokens = good_body(NIM, [text(300, seed=i) for i in range(10)], truncate="END")
         assert_shape(NIM, httpx.post(f"{url}{NIM}", json=many_tokens, headers=auth), 413, "passages")
         still_serving(url, **auth)
+
+
+def test_a_body_of_millions_of_tiny_values_is_refused_from_a_scan(stack: Stack) -> None:
+    # The HTTP twin of issue 13's first defect: 40 MiB of `"",` would be parsed into 13 million strings (GBs)
+    # before max_documents could refuse them; the gate counts JSON values first and stops at its bound.
+    assert stack.http_url is not None
+    body = b'{"model": "m", "query": "q", "documents": [' + b'"",' * 13_000_000 + b'""]}'
+    frontend_process = psutil.Process(stack.process.pid)
+    before = frontend_process.memory_info().rss
+    peak = before
+    done = threading.Event()
+
+    def sample_rss() -> None:
+        nonlocal peak
+        while not done.wait(0.02):
+            peak = max(peak, frontend_process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample_rss)
+    sampler.start()
+    try:
+        response = httpx.post(
+            f"{stack.http_url}{COHERE_V2}", content=body, headers={"content-type": "application/json"}, timeout=60
+        )
+    finally:
+        done.set()
+        sampler.join()
+    assert_shape(COHERE_V2, response, 413, "max_documents")
+    # The body itself is held (about 40 MiB, plus its join); never the gigabytes of a parse.
+    assert peak - before < 4 * len(body), f"frontend grew {(peak - before) / 2**20:.0f} MiB"
+    still_serving(stack.http_url)
 
 
 def test_tls_with_the_same_files_as_grpc(stack: Stack, model_repository: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from typing import TypeVar
 from fastapi import Request
 
 from rerank_server.core import RerankCore
-from rerank_server.errors import DeadlineExceededError
+from rerank_server.errors import DeadlineExceededError, ErrorCode, ServiceError
 from rerank_server.settings import Settings
 
 T = TypeVar("T")
@@ -33,14 +33,35 @@ def context(request: Request) -> HttpContext:
 
 
 async def call_core(request: Request, work: Callable[[float], Awaitable[T]]) -> T:
-    """Run `work(deadline)` (a core call); past --http-timeout-s it is cancelled and the call gets 504."""
+    """Run `work(deadline)` (a core call); past --http-timeout-s it is cancelled and the call gets 504.
+
+    A caller that disconnects cancels it too (its tokenization, queue places and Triton requests stop),
+    as a cancelled gRPC call does: nobody is left to read the answer."""
     timeout_s = context(request).settings.http_timeout_s
     deadline = time.monotonic() + timeout_s
+    call = asyncio.ensure_future(work(deadline))
+    watcher = asyncio.ensure_future(_disconnect(request))
     try:
-        async with asyncio.timeout(timeout_s):
-            return await work(deadline)
-    except TimeoutError:
-        raise DeadlineExceededError(f"no answer within {timeout_s:g}s (http_timeout_s)") from None
+        done, _ = await asyncio.wait({call, watcher}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not call.done():
+            call.cancel()
+    if call in done:
+        return call.result()
+    if watcher in done:
+        raise CallerGoneError("the caller disconnected")
+    raise DeadlineExceededError(f"no answer within {timeout_s:g}s (http_timeout_s)")
+
+
+class CallerGoneError(ServiceError):
+    code = ErrorCode.CANCELLED
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: receive() then waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def request_id(request: Request) -> str:

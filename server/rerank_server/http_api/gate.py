@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -33,6 +34,28 @@ OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "
 ROUTES = frozenset({"/v1/rerank", "/v2/rerank", "/rerank", "/info", "/health", "/v1/ranking", "/v1/models"})
 
 
+# FastAPI parses a JSON body into Python objects whole, before any route sees it: 60 MiB of `"",` would be
+# 20 million strings, gigabytes. So the body is scanned first, in C (re), for what becomes an object (strings,
+# numbers, arrays, objects), stopping at a bound no valid request reaches: a refusal costs about the body's size.
+_JSON_OBJECTS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[{]|-?[0-9][0-9.eE+-]*')
+# Per accepted document: its string, or an object's fields (Cohere v1 documents may be objects).
+JSON_OBJECTS_PER_DOCUMENT = 16
+
+
+def too_many_json_objects(body: bytes, limit: int) -> bool:
+    """Whether the JSON body would make more than `limit` Python objects (O(limit) whatever its size)."""
+    return any(count > limit for count, _ in enumerate(_JSON_OBJECTS.finditer(body), start=1))
+
+
+class TooManyValuesError(HTTPException):
+    def __init__(self, limit: int, max_documents: int) -> None:
+        super().__init__(
+            413,
+            f"the request body holds more than {limit} JSON values; a request may hold at most {max_documents} "
+            "documents (max_documents)",
+        )
+
+
 class BodyTooLargeError(HTTPException):
     """Raised from `receive` once a streamed body passes the limit; FastAPI lets HTTPException through."""
 
@@ -41,11 +64,15 @@ class BodyTooLargeError(HTTPException):
 
 
 class Gate:
-    def __init__(self, app: ASGIApp, metrics: Metrics, token: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, token: str | None, max_body_bytes: int, max_documents: int
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.token = token
         self.max_body_bytes = max_body_bytes
+        self.max_documents = max_documents
+        self.max_json_objects = JSON_OBJECTS_PER_DOCUMENT * max_documents + 64
         self.draining = False
         self.inflight = 0
         self._idle = asyncio.Event()
@@ -132,18 +159,35 @@ class Gate:
         return None
 
     def _limited(self, receive: Receive) -> Receive:
-        """`receive` that counts body bytes and stops at the limit (chunked bodies have no Content-Length)."""
+        """`receive` that counts body bytes and stops at the limit (chunked bodies have no Content-Length),
+        then checks the whole body's JSON object count before handing it on in one message."""
         seen = 0
+        chunks: list[bytes] = []
+        delivered = False
 
         async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+            nonlocal seen, delivered
+            if delivered:  # after the body: disconnects
+                return await receive()
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return message
+                chunk = message.get("body", b"")
+                seen += len(chunk)
                 if seen > self.max_body_bytes:
                     self.metrics.rejected.labels(reason="body_too_large").inc()
                     raise BodyTooLargeError(self.max_body_bytes)
-            return message
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            delivered = True
+            body = b"".join(chunks)
+            chunks.clear()
+            if too_many_json_objects(body, self.max_json_objects):
+                self.metrics.rejected.labels(reason="too_many_values").inc()
+                raise TooManyValuesError(self.max_json_objects, self.max_documents)
+            return {"type": "http.request", "body": body, "more_body": False}
 
         return limited
 

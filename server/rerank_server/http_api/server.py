@@ -120,7 +120,7 @@ class HttpFrontend:
     def __init__(self, settings: Settings, core: RerankCore, metrics: Metrics) -> None:
         self.settings = settings
         self.app = create_app(core, settings, self._is_draining)
-        self.gate = Gate(self.app, metrics, settings.bearer_token, settings.max_message_bytes)
+        self.gate = Gate(self.app, metrics, settings.bearer_token, settings.max_message_bytes, settings.max_documents)
         tls: dict[str, Any] = {}
         if settings.tls_cert_file is not None and settings.tls_key_file is not None:
             tls = {"ssl_certfile": str(settings.tls_cert_file), "ssl_keyfile": str(settings.tls_key_file)}
