@@ -38,7 +38,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1
 # Numeric, so that Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
-EXPOSE 50051
+# gRPC, and the HTTP/JSON APIs (Cohere, Jina, TEI, NIM; RERANK_HTTP_PORT, 0 turns them off).
+EXPOSE 50051 8080
 # For `docker run` and compose; Kubernetes uses its native gRPC probes (deploy/k8s/base/deployment.yaml).
 # SERVING only while Triton's model is ready. The start period covers RERANK_STARTUP_TIMEOUT_S (600 s).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \

@@ -306,6 +306,7 @@ def test_probes_ask_the_health_service_names_on_the_service_ports(rendered: list
         published[service_port["name"]] = (owners[0]["name"], service_port["port"])
     assert published == {
         "grpc": ("frontend", port),
+        "http": ("frontend", Settings.http_port),
         "metrics": ("frontend", 9090),
         "triton-metrics": ("triton", 8002),
     }
@@ -494,7 +495,7 @@ def test_frontend_image_is_slim_non_root_and_serves() -> None:
     (entrypoint,) = [s.exec_form() for s in final if s.keyword == "ENTRYPOINT"]
     assert entrypoint == ["rerank", "serve"]
     exposed = {p for s in final if s.keyword == "EXPOSE" for p in s.arguments.split()}
-    assert exposed == {str(Settings.port)}
+    assert exposed == {str(Settings.port), str(Settings.http_port)}
     for source in copy_sources(path):
         assert (ROOT / source).exists(), f"COPY {source}: no such path"
 
