@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 
 from bench import workloads
-from bench.served import free_port
+from bench.served import ServedStack
 from bench.workloads import Request, Workload
 from rerank_client import AsyncRerankClient
 from rerank_server.first_contact import DEMO_CONFIG
@@ -42,33 +42,6 @@ RERANK = str(Path(sys.executable).parent / "rerank")
 TARGET_RATIO = 0.95
 # Random checkpoints: ModernBERT-base's sizes (transformers' defaults, initializer 0.02), make demo's, the tests'.
 SIZES: dict[str, dict[str, Any]] = {"base": {"initializer_range": 0.02}, "demo": DEMO_CONFIG, "tiny": TINY_CONFIG}
-
-
-def start_serve(repository: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    port, http_port = free_port(), free_port()
-    command = [
-        RERANK,
-        "serve",
-        f"--model-repository={repository}",
-        "--host=127.0.0.1",
-        f"--port={port}",
-        f"--http-port={http_port}",
-        f"--triton-grpc-port={free_port()}",
-        f"--triton-http-port={free_port()}",
-        f"--triton-metrics-port={free_port()}",
-        "--metrics-port=0",
-        "--log-level=WARNING",
-        "--http-timeout-s=3600",
-    ]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-    deadline = time.monotonic() + 900
-    while "rerank: serving" not in log_path.read_text(errors="replace"):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError("rerank serve did not start:\n" + log_path.read_text(errors="replace")[-4000:])
-        time.sleep(0.5)
-    return process, f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}"
 
 
 Call = Callable[[Request], Awaitable[list[float]]]
@@ -164,12 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         if done.returncode != 0:
             print(done.stderr, file=sys.stderr)
             return 1
-        process, target, base_url = start_serve(work / "repository", work / "serve.log")
+        stack = ServedStack.start(work / "repository", work / "serve.log", extra_args=["--http-timeout-s=3600"])
         try:
-            summary = asyncio.run(measure(target, base_url, built, rounds, args.repeats))
+            summary = asyncio.run(measure(stack.target, stack.http_url, built, rounds, args.repeats))
         finally:
-            process.terminate()
-            process.wait(120)
+            stack.stop()
     result = {
         "quick": args.quick,
         "size": args.size or ("tiny" if args.quick else "base"),

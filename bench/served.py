@@ -7,13 +7,12 @@ import asyncio
 import os
 import re
 import resource
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,16 +21,12 @@ import psutil
 
 from bench.workloads import Request, Workload
 from rerank_client import AsyncRerankClient
+from rerank_server.testing import free_port, wait_until_serving
+from rerank_server.triton_launcher import tail
 
 RERANK = str(Path(sys.executable).parent / "rerank")
 TRITON_NAMES = ("tritonserver", "triton_python_backend_stub")
 _METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN)$")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def process_cpu(processes: list[psutil.Process]) -> float:
@@ -108,40 +103,43 @@ class ServedStack:
     log_path: Path
     frontend: psutil.Process
     triton: list[psutil.Process] = field(default_factory=list)
+    http_url: str = ""
 
     @classmethod
-    def start(cls, repository: Path, log_path: Path, timeout_s: float = 900.0) -> ServedStack:
-        port, grpc_port, http_port, metrics_port, frontend_metrics_port = (free_port() for _ in range(5))
+    def start(
+        cls, repository: Path, log_path: Path, timeout_s: float = 900.0, extra_args: Sequence[str] = ()
+    ) -> ServedStack:
+        port, grpc_port, http_port, metrics_port, frontend_metrics_port, frontend_http_port = (
+            free_port() for _ in range(6)
+        )
         command = [
             RERANK,
             "serve",
             f"--model-repository={repository}",
             "--host=127.0.0.1",
             f"--port={port}",
+            f"--http-port={frontend_http_port}",
             f"--triton-grpc-port={grpc_port}",
             f"--triton-http-port={http_port}",
             f"--triton-metrics-port={metrics_port}",
             f"--metrics-port={frontend_metrics_port}",
             "--log-level=WARNING",
+            *extra_args,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(log_path, "wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if "rerank: serving" in log_path.read_text(errors="replace"):
-                break
-            if process.poll() is not None:
-                raise RuntimeError(f"rerank serve exited with {process.returncode}:\n{_tail(log_path)}")
-            time.sleep(0.5)
-        else:
+        target = f"127.0.0.1:{port}"
+        if not wait_until_serving(target, process, timeout_s):
             process.kill()
-            raise RuntimeError(f"rerank serve did not start in {timeout_s:.0f}s:\n{_tail(log_path)}")
+            raise RuntimeError(f"rerank serve did not start within {timeout_s:.0f}s:\n{tail(log_path)}")
         frontend = psutil.Process(process.pid)
         triton = [p for p in frontend.children(recursive=True) if p.name() in TRITON_NAMES]
         if not any(p.name() == "tritonserver" for p in triton):
             raise RuntimeError("no tritonserver process under rerank serve")
-        return cls(process, f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", log_path, frontend, triton)
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        http_url = f"http://127.0.0.1:{frontend_http_port}"
+        return cls(process, target, metrics_url, log_path, frontend, triton, http_url)
 
     def stop(self, timeout_s: float = 60.0) -> int:
         self.process.terminate()
@@ -177,10 +175,6 @@ class ServedStack:
             self_cpu(),
             self.metrics(),
         )
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 @dataclass

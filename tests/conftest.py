@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rerank_server.testing import TINY_CONFIG, save_random_checkpoint
+from rerank_server.testing import TINY_CONFIG, free_port, save_random_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER_DIR = FIXTURES / "modernbert-tokenizer"
@@ -69,12 +68,6 @@ MODELS = {
     # reranker_long's weights in the packed engine: one 8192-token pair per run.
     "reranker_long_packed": ModelSpec(LONG_CONFIG, 2, ("--runtime", "packed", "--max-batch-tokens", "8192")),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_rerank(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -8,6 +8,9 @@ extra (torch, transformers).
 from __future__ import annotations
 
 import shutil
+import socket
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +45,30 @@ def save_random_checkpoint(folder: Path, tokenizer_dir: Path, seed: int = 0, **c
         if (tokenizer_dir / name).exists():
             shutil.copy2(tokenizer_dir / name, folder / name)
     return folder
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (tests and benchmarks start servers on such ports)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until_serving(target: str, process: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """Wait until `rerank serve` at target (plaintext gRPC) answers its health service SERVING, the way a
+    Kubernetes readiness probe asks; False if the process exited or timeout_s passed first."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                answer = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return True
+            except grpc.RpcError:
+                pass  # not listening yet
+            time.sleep(0.3)
+    return False

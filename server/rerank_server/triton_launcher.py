@@ -165,10 +165,7 @@ class LocalTriton:
         return None if self._process is None else self._process.poll()
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return tail(self.log_path, lines)
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM, then SIGKILL after timeout_s; returns Triton's exit code."""
@@ -200,3 +197,11 @@ def _libpython_folders() -> list[str]:
         if folder not in found and any(Path(folder).glob(f"libpython{version}*.so*")):
             found.append(folder)
     return found
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    """The last lines of a log file ("" when it cannot be read)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
