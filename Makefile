@@ -78,11 +78,13 @@ bench-quick: install
 # `make gpu-check` unpacks it and runs `python -m bench.gpu` (about 7 minutes).
 GPU_PACK ?= artifacts/gpu-pack
 GPU_ARGS ?= --output bench/results-gpu
+GPU_PACK_ARGS ?=
+GPU_RUN_ARGS ?=
 gpu-pack: install
-	$(BIN)/python -m bench.gpu_pack pack --output $(GPU_PACK)
+	$(BIN)/python -m bench.gpu_pack pack --output $(GPU_PACK) $(GPU_PACK_ARGS)
 
 gpu-check:
-	$(PYTHON) -m bench.gpu_pack run $(GPU_PACK) -- $(GPU_ARGS)
+	$(PYTHON) -m bench.gpu_pack run $(GPU_PACK) $(GPU_RUN_ARGS) -- $(GPU_ARGS)
 
 protos: install
 	$(BIN)/python tools/generate_protos.py
