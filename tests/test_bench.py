@@ -205,3 +205,22 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path) -> None:
     assert "packed-engine/padded-engine (b)" in results["ratios"]
     assert "| served | c |" in (output / "gpu-results.md").read_text()
     assert (output / "gpu-results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_long_document_check_runs_end_to_end(tmp_path: Path) -> None:
+    # `python -m bench.long --quick`, as the README shows it: one 8192-token pair served per runtime.
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.long", "--quick", "--output", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((tmp_path / "long.json").read_text())
+    systems = results["systems"]
+    assert set(systems) == {"onnxruntime fp32", "packed fp32", "packed bf16"}
+    # The packed engine computes what the exported graph computes, unpadded and windowed.
+    assert abs(systems["packed fp32"]["logit"] - systems["onnxruntime fp32"]["logit"]) < 1e-3
+    assert all(figures["peak_rss_gib"] >= figures["idle_rss_gib"] > 0 for figures in systems.values())
+    assert "| packed bf16 |" in done.stdout

@@ -1,0 +1,126 @@
+"""One long document on the CPU, served: the time and memory of a single 8,192-token (query, document) pair
+through `rerank serve`, per runtime, side by side on the machine it runs on.
+
+    python -m bench.long                 # ModernBERT-base size, random weights (a few minutes; ORT needs ~17 GiB)
+    python -m bench.long --quick         # the tests' tiny long model (a smoke test)
+
+For each system — ONNX Runtime fp32 (the padded graph: dense T x T attention in every layer), the packed
+engine in fp32 and in bf16 (`modernbert_packed.py`: no padding, fused attention without a mask on global
+layers, blocked window attention on local ones) — it exports the same checkpoint, serves it, warms it up with a
+short call, and then times one call of one 8,192-token pair while sampling the Triton side's RSS
+(tritonserver and its Python-backend stub). It reports the time, the peak RSS, the RSS 2 s after the call
+against the idle level, and each logit against ONNX Runtime fp32's (the export checks that graph against
+eager). Writes <output>/long.json and prints a Markdown table with the ratios of the issue's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.served import RERANK, Sampler, ServedStack, process_rss
+from rerank_client import AsyncRerankClient
+from rerank_server.testing import TINY_CONFIG, save_random_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "modernbert-tokenizer"
+# name, export arguments
+SYSTEMS = (
+    ("onnxruntime fp32", ("--precision", "fp32")),
+    ("packed fp32", ("--runtime", "packed", "--precision", "fp32")),
+    ("packed bf16", ("--runtime", "packed", "--precision", "bf16")),
+)
+QUICK_CONFIG = {**TINY_CONFIG, "max_position_embeddings": 8192, "local_attention": 64}
+GIB = 2**30
+
+
+def long_document(words: int = 9000) -> str:
+    """More words than 8,192 tokens hold: END truncation cuts the pair to the model's limit."""
+    vocabulary = "quick sort divides an array around a pivot then sorts each side recursively in place".split()
+    return " ".join(vocabulary[(7 * i) % len(vocabulary)] for i in range(words))
+
+
+async def one_call(target: str, query: str, document: str) -> tuple[float, float]:
+    """Seconds of one Rerank call of one pair, and its logit."""
+    async with AsyncRerankClient(target, timeout=3600) as client:
+        started = time.perf_counter()
+        response = await client.rerank(query, [document])
+        return time.perf_counter() - started, float(response.results[0].logit)
+
+
+def measure(repository: Path, log_path: Path, query: str, document: str) -> dict[str, Any]:
+    stack = ServedStack.start(repository, log_path)
+    try:
+        asyncio.run(one_call(stack.target, query, "a short warm-up document"))
+        time.sleep(1.0)
+        idle = process_rss(stack.triton)
+        sampler = Sampler(stack.frontend, stack.triton, interval_s=0.1)
+        sampler.start()
+        seconds, logit = asyncio.run(one_call(stack.target, query, document))
+        time.sleep(2.0)
+        after = process_rss(stack.triton)
+        sampler.stop()
+        return {
+            "seconds": seconds,
+            "logit": logit,
+            "idle_rss_gib": idle / GIB,
+            "peak_rss_gib": sampler.peak_triton / GIB,
+            "after_rss_gib": after / GIB,
+        }
+    finally:
+        stack.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.long", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the tests' tiny 8192-token model")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args(argv)
+    from bench.run import machine_info
+
+    query = "how to implement quick sort in python?"
+    document = long_document()
+    results: dict[str, Any] = {"machine": machine_info(), "quick": args.quick, "systems": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-long-") as folder:
+        work = Path(folder)
+        config = QUICK_CONFIG if args.quick else {"initializer_range": 0.02}
+        save_random_checkpoint(work / "checkpoint", TOKENIZER_DIR, seed=0, **config)
+        for index, (name, export_args) in enumerate(SYSTEMS):
+            repository = work / f"repository-{index}"
+            export = [RERANK, "export", "--model", str(work / "checkpoint"), "--output", str(repository)]
+            done = subprocess.run([*export, *export_args], capture_output=True, text=True)
+            if done.returncode != 0:
+                print(done.stderr[-3000:], file=sys.stderr)
+                return 1
+            print(f"{name}: exported; serving one 8192-token pair", file=sys.stderr, flush=True)
+            results["systems"][name] = measure(repository, work / f"serve-{index}.log", query, document)
+            print(f"{name}: {results['systems'][name]}", file=sys.stderr, flush=True)
+    reference = results["systems"]["onnxruntime fp32"]
+    lines = [
+        "| served, one 8,192-token pair | seconds | x ORT fp32 time | Triton peak RSS GiB | after - idle GiB "
+        "| logit - ORT fp32's |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+    for name, figures in results["systems"].items():
+        lines.append(
+            f"| {name} | {figures['seconds']:.1f} | {figures['seconds'] / reference['seconds']:.2f} "
+            f"| {figures['peak_rss_gib']:.2f} | {figures['after_rss_gib'] - figures['idle_rss_gib']:+.2f} "
+            f"| {figures['logit'] - reference['logit']:+.1e} |"
+        )
+    table = "\n".join(lines)
+    results["table"] = table
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "long.json").write_text(json.dumps(results, indent=2))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
