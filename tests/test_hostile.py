@@ -402,8 +402,10 @@ def test_triton_killed_again_and_again_recovers_within_the_first_steps(model_rep
             assert wait_serving(served.target, 60), "".join(served.output[-20:])
             outages.append(time.monotonic() - killed)
         print("\noutages after each kill:", [f"{o:.1f}s" for o in outages])
-        # Without the reset the delays would be 1, 4, 8, 16, 16, ... s.
-        assert max(outages) < min(outages) + 2.5, outages
+        # Without the reset the delays would be 1, 4, 8, 16, 16, ... s: from the third kill on, every outage
+        # would pass 8 s. With it each is the first step (1 s) plus noticing (0.5 s) plus Triton's start,
+        # a few seconds on 2 busy cores.
+        assert max(outages) < 7.5, outages
     finally:
         assert stop_serve(served) == 0
 
