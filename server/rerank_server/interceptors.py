@@ -131,12 +131,11 @@ class CallPolicy(grpc.aio.ServerInterceptor):
             code = grpc.StatusCode.OK
         except asyncio.CancelledError:
             # gRPC cancels the handler both when the caller cancels and when its deadline passes.
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            code = _ended_early(context)
             raise
         except grpc.aio.AbortError:
-            code = context.code() or grpc.StatusCode.UNKNOWN
+            # An abort on a call its caller already ended leaves no code set.
+            code = context.code() or _ended_early(context)
             raise
         finally:
             self._end(rpc, code, started)
@@ -169,3 +168,15 @@ class CallPolicy(grpc.aio.ServerInterceptor):
 def _discard(data: bytes) -> None:
     """The deserializer of refused calls: never called in practice (the request is never read)."""
     return None
+
+
+# The deadline travels as a relative timeout, so the caller's side expires (and cancels the call) a moment
+# before the server's clock says so: a call ended this close to its deadline ended by its deadline.
+DEADLINE_SLACK_S = 0.1
+
+
+def _ended_early(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """DEADLINE_EXCEEDED or CANCELLED, for a call that ended before its handler did."""
+    remaining = context.time_remaining()
+    expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
