@@ -114,7 +114,7 @@ def test_quick_mode_runs_end_to_end(tmp_path: Path) -> None:
         assert m["padding_waste"] >= 1.0
     for m in served:
         assert 0 <= m["frontend_cpu_share"] < 1  # psutil counts CPU in 10 ms ticks: a quick run may use none
-        assert m["frontend_cpu_s"] > 0 and m["triton_cpu_s"] > 0
+        assert m["frontend_cpu_s"] >= 0 and m["triton_cpu_s"] > 0
         assert m["frontend_peak_rss_mib"] > 20 and m["triton_peak_rss_mib"] > 20
         assert m["triton"]["executions"] >= 1 and m["triton"]["compute_s"] > 0
     fixed = [m for m in measurements if m["workload"] == "a"]
