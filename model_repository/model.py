@@ -25,6 +25,9 @@ import triton_python_backend_utils as pb_utils
 from cpu_features import cpu_flags, served_choice  # type: ignore[import-not-found]  # the version folder's module
 from reranker_engine import PackedReranker, check_ragged_batch
 
+# Read once: the output path depends on it, and numpy does not change under a running stub.
+_NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
+
 
 def _parameter(config: dict[str, Any], key: str, default: str | None = None) -> str:
     value = config.get("parameters", {}).get(key, {}).get("string_value", default)
@@ -46,7 +49,7 @@ def _numpy_output(name: str, values: np.ndarray) -> Any:
     """An output tensor from numpy through DLPack (pb_utils.Tensor(name, array) has a byte size of 0
     under numpy 2, for the reason _input gives). Under numpy 1 the stub dies consuming a numpy
     capsule (observed with numpy 1.26.4), while pb_utils.Tensor is correct there."""
-    if int(np.__version__.split(".")[0]) < 2:
+    if not _NUMPY_2:
         return pb_utils.Tensor(name, np.ascontiguousarray(values))
     return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(values))
 
