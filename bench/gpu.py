@@ -202,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.served import Sampler, ServedStack
     from rerank_client import RerankClient
-    from rerank_model_repository.reranker_engine import PackedReranker
     from rerank_server.testing import save_random_checkpoint
+    from rerank_triton_model.reranker_engine import PackedReranker
 
     started = time.perf_counter()
     on_gpu = args.device == "cuda"

@@ -8,7 +8,7 @@
                     wheel's layout (pytriton/tritonserver/{bin/tritonserver, backends/python,
                     python_backend_stubs/<X.Y>/...}, nvidia_pytriton.libs/ with only the libraries they
                     link), stripped
-    project.tar.xz  the project's sources (client, server, model_repository, bench, the tokenizer fixture)
+    project.tar.xz  the project's sources (client, server, bench, the tokenizer fixture)
     wheels/         wheels (--no-deps) of what the frontend and the benchmark import, for --python's first
                     version; `run` uses one only where the machine lacks the package or has it too old
     manifest.json   sizes, versions, files
@@ -38,7 +38,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT_BYTES = 64 * 2**20  # what the device machine accepts in all
 # Project folders that travel (tracked and untracked-not-ignored files).
-PROJECT_PATHS = ("client/rerank_client", "server/rerank_server", "model_repository", "bench", "tests/fixtures")
+PROJECT_PATHS = (
+    "client/rerank_client",
+    "server/rerank_server",
+    "server/rerank_triton_model",
+    "bench",
+    "tests/fixtures",
+)
 # Wheels for the frontend, the served path's client and the benchmark: (requirement, module, least version).
 WHEELS = (
     ("grpcio==1.81.1", "grpc", "1.81.1"),
@@ -255,13 +261,7 @@ def unpack(pack_dir: Path, workdir: Path) -> tuple[Path, Path, Path]:
     for binary in triton.rglob("*"):
         if binary.is_file() and binary.suffix != ".py":
             binary.chmod(0o755)
-    # rerank_model_repository is model_repository/ installed under another name.
-    packages = workdir / "packages"
-    packages.mkdir(exist_ok=True)
-    link = packages / "rerank_model_repository"
-    if not link.exists():
-        link.symlink_to(project / "model_repository", target_is_directory=True)
-    paths = [project, project / "server", project / "client", packages]
+    paths = [project, project / "server", project / "client"]
     wheels = {w.name.split("-")[0].lower().replace("_", "-"): w for w in (pack_dir / "wheels").glob("*.whl")}
     for requirement, module, least in WHEELS:
         name = requirement.split("==")[0].lower()

@@ -118,7 +118,7 @@ def machine_info() -> dict[str, Any]:
 
     import psutil
 
-    from rerank_model_repository.cpu_features import cpu_flags, native_precisions
+    from rerank_triton_model.cpu_features import cpu_flags, native_precisions
 
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -196,15 +196,15 @@ def prepare_models(args: argparse.Namespace, workdir: Path, progress: Progress) 
         description = f"{size}, random weights (initializer_range {init}, seed {args.seed})"
     spec["int8"] = not args.skip_int8
     spec["auto"] = not args.skip_auto
-    # Exports copy model.py and reranker_engine.py: reuse them only while those and the exporter are unchanged.
+    # Exports copy the model package: reuse them only while it and the exporter are unchanged.
     import hashlib
 
-    import rerank_model_repository
+    import rerank_triton_model
     from rerank_server import export as exporter
 
-    sources = [
-        *rerank_model_repository.MODEL_FILES.values(),
-        rerank_model_repository.CONFIG_TEMPLATE,
+    sources: list[str | Path] = [
+        *sorted(rerank_triton_model.PACKAGE_DIR.glob("*.py")),
+        rerank_triton_model.CONFIG_TEMPLATE,
         exporter.__file__,
     ]
     spec["sources"] = hashlib.sha256(b"".join(Path(p).read_bytes() for p in sources)).hexdigest()
@@ -497,7 +497,7 @@ def op_profile(onnx_path: Path, ids: np.ndarray, threads: int, workdir: Path) ->
     """ONNX Runtime's own profiler on one padded batch: time per operator type, largest first."""
     import onnxruntime as ort
 
-    from rerank_model_repository.reranker_engine import session_options
+    from rerank_triton_model.reranker_engine import session_options
 
     feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones_like(ids, dtype=np.int64)}
     options = session_options(threads)
@@ -707,7 +707,7 @@ def _measure(
 ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     from tokenizers import Tokenizer
 
-    from rerank_model_repository.reranker_engine import PackedReranker
+    from rerank_triton_model.reranker_engine import PackedReranker
 
     a1, a4, a16, b, c = (built[k] for k in _roles(built))
     measurements: list[dict[str, Any]] = []
@@ -728,16 +728,23 @@ def _measure(
         tuple(n for r in fixed for n in fixed[0].pair_lengths[: r.pairs]),
     )
     warm = Workload("warm", "warm", "warm-up", ((warm_request,),))
-    common = {"pad_token_id": int(parameters["pad_token_id"]), "max_batch_tokens": int(parameters["max_batch_tokens"])}
+    pad_token_id, max_batch_tokens = int(parameters["pad_token_id"]), int(parameters["max_batch_tokens"])
 
     def engine(runtime: str, precision: str) -> PackedReranker:
         """The in-process engine as the served model builds it (model.py): same weights, token budget
         and threads."""
         if runtime == "onnxruntime":
             path = models.model_dir(int8=precision == "int8") / "1" / "model.onnx"
-            return PackedReranker.from_file(str(path), intra_op_threads=threads, **common)
+            return PackedReranker.from_file(
+                str(path), pad_token_id=pad_token_id, max_batch_tokens=max_batch_tokens, intra_op_threads=threads
+            )
         return PackedReranker.from_pretrained(
-            str(models.checkpoint), precision=precision, intra_op_threads=threads, packed=runtime == "packed", **common
+            str(models.checkpoint),
+            pad_token_id=pad_token_id,
+            max_batch_tokens=max_batch_tokens,
+            precision=precision,
+            intra_op_threads=threads,
+            packed=runtime == "packed",
         )
 
     # In-process ONNX Runtime fp32: the reference of every agreement.
@@ -860,7 +867,7 @@ def _measure_served(
 def _has_packed() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("rerank_model_repository.modernbert_packed") is not None
+    return importlib.util.find_spec("rerank_triton_model.modernbert_packed") is not None
 
 
 class _Quiet(Progress):

@@ -81,7 +81,7 @@ def test_quick_mode_runs_end_to_end(tmp_path: Path) -> None:
     assert results["mode"] == "quick"
     assert results["failures"] == []
     assert results["machine"]["cores"] >= 1 and "onnxruntime" in results["machine"]["versions"]
-    from rerank_model_repository.cpu_features import cpu_flags
+    from rerank_triton_model.cpu_features import cpu_flags
 
     assert results["machine"]["cpu_flags"] == sorted(cpu_flags()) and "fp32" in results["machine"]["native_precisions"]
     auto = results["model"]["auto"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rerank_model_repository.reranker_engine import (
+from rerank_triton_model.reranker_engine import (
     PackedReranker,
     available_cores,
     check_ragged_batch,

@@ -19,8 +19,9 @@ import pytest
 import torch
 from transformers import ModernBertForSequenceClassification
 
-from rerank_model_repository import modernbert_packed
-from rerank_model_repository.modernbert_packed import (
+from rerank_server.testing import save_random_checkpoint
+from rerank_triton_model import modernbert_packed
+from rerank_triton_model.modernbert_packed import (
     BLOCKED,
     FLASH_FORWARD,
     VARLEN_ATTN,
@@ -28,7 +29,6 @@ from rerank_model_repository.modernbert_packed import (
     flash_forward_arguments,
     select_attention_backend,
 )
-from rerank_server.testing import save_random_checkpoint
 
 TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "modernbert-tokenizer"
 VOCAB = 50_000  # below every checkpoint's vocab_size (ModernBertConfig's default, 50368)
@@ -195,7 +195,7 @@ def test_score_splits_by_the_token_budget_and_keeps_the_order(
         assert int(cu_seqlens[-1]) == input_ids.numel()
         return forward(input_ids, cu_seqlens)
 
-    engine.forward_packed = counting
+    engine.forward_packed = counting  # type: ignore[method-assign]
     lengths = np.array([p.numel() for p in pairs])
     ids = torch.cat(pairs).numpy()
     budget = 200
@@ -216,7 +216,7 @@ def test_score_splits_by_the_token_budget_and_keeps_the_order(
 
 MEMORY_PROBE = """
 import json, resource, sys, psutil, torch
-from rerank_model_repository.modernbert_packed import PackedModernBert
+from rerank_triton_model.modernbert_packed import PackedModernBert
 torch.set_num_threads(2)
 engine = PackedModernBert.from_pretrained(sys.argv[1])
 ids = torch.randint(0, 50000, (8192,), generator=torch.Generator().manual_seed(0))

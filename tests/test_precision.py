@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 
 from rerank_client import RerankClient
-from rerank_model_repository import cpu_features
-from rerank_model_repository.cpu_features import cpu_flags, native_precisions, resolve_precision, served_choice
 from rerank_server.export import BF16_RELATIVE_TOLERANCE, INT8_RELATIVE_TOLERANCE, RUNTIMES
+from rerank_triton_model import cpu_features
+from rerank_triton_model.contract import ModelParameters
+from rerank_triton_model.cpu_features import cpu_flags, native_precisions, resolve_precision, served_choice
 from tests.conftest import RERANK, free_port, run_rerank, start_serve, stop_serve
 from tests.reference import eager
 from tests.texts import QUERY, mixed_documents
@@ -88,8 +89,17 @@ def test_flags_come_from_cpuinfo_or_the_override(tmp_path: Path, monkeypatch: py
 
 def test_served_choice_loads_the_fp32_weights_named_in_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(cpu_features.FORCE_ENV, raising=False)
-    bf16 = {"precision": "bf16", "runtime": "torch", "weights": "model", "fp32_runtime": "onnxruntime"}
-    bf16["fp32_weights"] = "model.onnx"
+    bf16 = ModelParameters.from_strings(
+        {
+            **{key: "1" for key in ("max_length", "vocab_size", "pad_token_id", "max_batch_tokens")},
+            "source_model": "m",
+            "precision": "bf16",
+            "runtime": "torch",
+            "weights": "model",
+            "fp32_runtime": "onnxruntime",
+            "fp32_weights": "model.onnx",
+        }
+    )
     choice = served_choice(bf16, {"avx2"})
     assert (choice.precision, choice.runtime, choice.weights, choice.requested) == (
         "fp32",

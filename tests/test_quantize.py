@@ -11,7 +11,7 @@ import onnx
 import pytest
 from scipy.stats import spearmanr
 
-from rerank_model_repository.reranker_engine import PackedReranker
+from rerank_triton_model.reranker_engine import PackedReranker
 from tests.conftest import run_rerank
 
 PAD = 50283

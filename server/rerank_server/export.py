@@ -1,12 +1,13 @@
 """`rerank export`: a ModernBertForSequenceClassification checkpoint (one logit) to a Triton model repository.
 
-    <output>/<name>/config.pbtxt          rendered from model_repository/config.pbtxt.template
+    <output>/<name>/config.pbtxt          rendered from rerank_triton_model/config.pbtxt.template
     <output>/<name>/1/model.onnx         the graph (dynamic batch and sequence axes), verified against eager;
                                      with --precision int8, its dynamically quantized version (the fp32
                                      graph then stays as model.fp32.onnx: CPUs without VNNI load it)
     <output>/<name>/1/model/             instead, with --runtime torch: the checkpoint in the served
                                      precision, for transformers' PyTorch model
-    <output>/<name>/1/model.py           the Python-backend model, with reranker_engine.py, torch_runner.py
+    <output>/<name>/1/model.py           one import: the Python-backend model is the package beside it,
+    <output>/<name>/1/rerank_triton_model/   copied from server/rerank_triton_model
     <output>/<name>/1/tokenizer/         the fast tokenizer the frontend loads
     <output>/<name>/1/export.json        provenance: source, versions, verification result
 
@@ -33,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-import rerank_model_repository
-from rerank_model_repository.cpu_features import (
+import rerank_triton_model
+from rerank_triton_model.contract import INPUT_IDS, LOGITS, SEQUENCE_LENGTHS, ModelParameters
+from rerank_triton_model.cpu_features import (
     BF16_FLAGS,
     INT8_FLAGS,
     cpu_flags,
@@ -271,31 +273,24 @@ def export(options: ExportOptions, progress: Progress = print) -> Path:
             reason = f"--precision {precision}" if options.precision else f"the default on {options.device}"
         with steps.step("Writing the Triton model"):
             tokenizer.save_pretrained(version_dir / "tokenizer")
-            for target, source in rerank_model_repository.MODEL_FILES.items():
-                shutil.copy2(source, version_dir / target)
+            copy_model_package(version_dir)
             pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (config.pad_token_id or 0)
-            (staging / "config.pbtxt").write_text(
-                render_config(
-                    name=options.name,
-                    source_model=options.resolved_model_id,
-                    precision=precision,
-                    runtime=runtime,
-                    weights=weights,
-                    precision_reason=reason,
-                    cpu_flags=",".join(sorted(flags)),
-                    fp32_runtime=fp32_runtime,
-                    fp32_weights=fp32_weights,
-                    max_length=max_length,
-                    vocab_size=config.vocab_size,
-                    pad_token_id=pad_token_id,
-                    max_batch_size=options.max_batch_size,
-                    max_batch_tokens=options.max_batch_tokens or max(8192, max_length),
-                    max_queue_delay_us=options.max_queue_delay_us,
-                    instance_kind="KIND_GPU" if options.device == "gpu" else "KIND_CPU",
-                    instance_count=options.instance_count,
-                    intra_op_threads=options.intra_op_threads,
-                )
+            parameters = ModelParameters(
+                source_model=options.resolved_model_id,
+                precision=precision,
+                max_length=max_length,
+                vocab_size=config.vocab_size,
+                pad_token_id=pad_token_id,
+                max_batch_tokens=options.max_batch_tokens or max(8192, max_length),
+                intra_op_threads=options.intra_op_threads,
+                runtime=runtime,
+                weights=weights,
+                precision_reason=reason,
+                cpu_flags=",".join(sorted(flags)),
+                fp32_runtime=fp32_runtime,
+                fp32_weights=fp32_weights,
             )
+            (staging / "config.pbtxt").write_text(render_config(options, parameters))
             provenance = {
                 "options": {k: str(v) for k, v in asdict(options).items()},
                 "precision": precision,
@@ -471,7 +466,7 @@ def ranking_agreement(reference: Any, other: Any, top: int = 10) -> dict[str, fl
 def _candidate_engine(
     runtime: str, precision: str, version_dir: Path, pad_token_id: int, budget: int, threads: int
 ) -> Any:
-    from rerank_model_repository.reranker_engine import PackedReranker
+    from rerank_triton_model.reranker_engine import PackedReranker
 
     if runtime == "onnxruntime":
         path = version_dir / ("model.int8.onnx" if precision == "int8" else "model.onnx")
@@ -553,10 +548,37 @@ def choose_precision(
     }
 
 
-def render_config(**values: Any) -> str:
+def render_config(options: ExportOptions, parameters: ModelParameters) -> str:
     """config.pbtxt from the template; string values are escaped for protobuf text format."""
-    escaped = {k: json.dumps(v)[1:-1] if isinstance(v, str) else v for k, v in values.items()}
-    return string.Template(rerank_model_repository.CONFIG_TEMPLATE.read_text()).substitute(escaped)
+
+    def quoted(value: str) -> str:
+        return json.dumps(value)  # a JSON string is a valid protobuf text-format string
+
+    lines = [
+        f"  {{ key: {quoted(key)} value: {{ string_value: {quoted(value)} }} }}"
+        for key, value in parameters.as_strings().items()
+    ]
+    return string.Template(rerank_triton_model.CONFIG_TEMPLATE.read_text()).substitute(
+        name=quoted(options.name)[1:-1],
+        input_ids=INPUT_IDS,
+        sequence_lengths=SEQUENCE_LENGTHS,
+        logits=LOGITS,
+        max_batch_size=options.max_batch_size,
+        max_queue_delay_us=options.max_queue_delay_us,
+        instance_kind="KIND_GPU" if options.device == "gpu" else "KIND_CPU",
+        instance_count=options.instance_count,
+        parameters=",\n".join(lines),
+    )
+
+
+def copy_model_package(version_dir: Path) -> None:
+    """The model package into the version folder, and the model.py Triton's stub loads (one import)."""
+    shutil.copytree(
+        rerank_triton_model.PACKAGE_DIR,
+        version_dir / rerank_triton_model.PACKAGE_DIR.name,
+        ignore=shutil.ignore_patterns("__pycache__", "*.py[co]", rerank_triton_model.CONFIG_TEMPLATE.name),
+    )
+    (version_dir / "model.py").write_text(rerank_triton_model.ENTRY_POINT)
 
 
 def _load(loader: Callable[..., Any], source: str, what: str, **kwargs: Any) -> Any:
@@ -745,7 +767,7 @@ def _verify_torch(
     in fp32 on the CPU: the saved weights and the padding, not fp16 arithmetic."""
     import torch
 
-    from rerank_model_repository.torch_runner import TorchRunner
+    from rerank_triton_model.torch_runner import TorchRunner
 
     on_gpu = device == "gpu" and torch.cuda.is_available()
     # bf16 runs on any CPU (emulated where it lacks AVX512_BF16): checked as it will run.
@@ -766,7 +788,7 @@ def _verify_packed(
     import numpy as np
     import torch
 
-    from rerank_model_repository.reranker_engine import PackedReranker
+    from rerank_triton_model.reranker_engine import PackedReranker
 
     on_gpu = device == "gpu" and torch.cuda.is_available()
     run_precision = precision if on_gpu or device == "cpu" else "fp32"

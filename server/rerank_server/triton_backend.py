@@ -17,17 +17,15 @@ import tritonclient.grpc.aio as triton_grpc
 from opentelemetry import trace
 from tritonclient.utils import InferenceServerException
 
-from rerank_model_repository.reranker_engine import gather_pairs, pair_offsets, plan_packed_sub_batches
 from rerank_server.errors import BackendFailureError, BackendUnavailableError, DeadlineExceededError, ServiceError
 from rerank_server.observability import Metrics
 from rerank_server.tokenization import TokenizedPairs
 from rerank_server.tracing import propagation_headers, tracer
+from rerank_triton_model.contract import INPUT_IDS, LOGITS, SEQUENCE_LENGTHS, ModelParameters
+from rerank_triton_model.cpu_features import cpu_flags, served_choice
+from rerank_triton_model.reranker_engine import gather_pairs, pair_offsets, plan_packed_sub_batches
 
 log = logging.getLogger(__name__)
-
-INPUT_IDS = "input_ids"
-SEQUENCE_LENGTHS = "sequence_lengths"
-LOGITS = "logits"
 
 
 @dataclass(frozen=True)
@@ -95,31 +93,29 @@ class TritonBackend:
     async def model_info(self) -> ModelInfo:
         config = (await self._client.get_model_config(self.model_name, as_json=True))["config"]
         metadata = await self._client.get_model_metadata(self.model_name, as_json=True)
-        params = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
-        missing = {"source_model", "max_length", "precision"} - params.keys()
-        if missing:
-            raise RuntimeError(f"model {self.model_name!r} was not made by `rerank export`: it lacks {sorted(missing)}")
+        try:
+            params = ModelParameters.from_model_config(config)
+        except ValueError as error:
+            raise RuntimeError(f"model {self.model_name!r}: {error}") from None
         return ModelInfo(
             name=self.model_name,
             version=max(metadata.get("versions", ["1"]), key=int),
-            source_model=params["source_model"],
-            max_length=int(params["max_length"]),
+            source_model=params.source_model,
+            max_length=params.max_length,
             precision=self._precision_in_use(config, params),
-            tokenizer_dir=params.get("tokenizer_dir", "tokenizer"),
+            tokenizer_dir=params.tokenizer_dir,
         )
 
-    def _precision_in_use(self, config: dict[str, Any], params: dict[str, str]) -> str:
+    def _precision_in_use(self, config: dict[str, Any], params: ModelParameters) -> str:
         """The precision the model computes in: on a local CPU instance, what model.py resolved from
         the same parameters and flags (cpu_features.served_choice); else the exported one."""
         kinds = {group.get("kind", "KIND_CPU") for group in config.get("instance_group", [])}
         if not self.local or kinds != {"KIND_CPU"}:
-            return params["precision"]
-        from rerank_model_repository.cpu_features import cpu_flags, served_choice
-
+            return params.precision
         try:
             return served_choice(params, cpu_flags()).precision
         except ValueError:
-            return params["precision"]  # the model refused to load; is_ready says so
+            return params.precision  # the model refused to load; is_ready says so
 
     async def score(self, pairs: TokenizedPairs, timeout_s: float | None = None) -> np.ndarray:
         """Logits (float32) of every pair, in the order of `pairs`."""

@@ -1,12 +1,9 @@
 """Triton Python-backend model: the cross-encoder reranker over ragged batches.
 
-`rerank export` copies this file to <repository>/<name>/1/model.py, next to reranker_engine.py,
-torch_runner.py, the weights (model.onnx for the onnxruntime runtime, the checkpoint folder model/
-for the torch runtime) and the tokenizer. Each request carries one or more tokenized (query, document) pairs:
-
-    input_ids         INT32 [1, total_tokens]  every pair's ids laid end to end
-    sequence_lengths  INT32 [1, pairs]         each pair's length
-    logits            FP32  [1, pairs]         one logit per pair (the answer)
+`rerank export` copies this package to <repository>/<name>/1/rerank_triton_model/, beside a model.py that
+imports TritonPythonModel from here, the weights (model.onnx for the onnxruntime runtime, the checkpoint
+folder model/ for the torch and packed runtimes) and the tokenizer. Each request carries one or more
+tokenized (query, document) pairs; contract.py names the tensors and the config parameters.
 
 The inputs allow ragged batches, so Triton's dynamic batcher merges requests of any lengths; this
 model then pools the pairs of all merged requests, orders them by length and runs them in padded
@@ -22,18 +19,13 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from cpu_features import cpu_flags, served_choice  # type: ignore[import-not-found]  # the version folder's module
-from reranker_engine import PackedReranker, check_ragged_batch
+
+from .contract import INPUT_IDS, LOGITS, SEQUENCE_LENGTHS, ModelParameters
+from .cpu_features import cpu_flags, served_choice
+from .reranker_engine import PackedReranker, check_ragged_batch
 
 # Read once: the output path depends on it, and numpy does not change under a running stub.
 _NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
-
-
-def _parameter(config: dict[str, Any], key: str, default: str | None = None) -> str:
-    value = config.get("parameters", {}).get(key, {}).get("string_value", default)
-    if value is None:
-        raise pb_utils.TritonModelException(f"config.pbtxt lacks the parameter {key!r}")
-    return str(value)
 
 
 def _input(request: Any, name: str) -> np.ndarray:
@@ -114,8 +106,8 @@ class TritonPythonModel:
         device_id = int(args["model_instance_device_id"])
         # On CPUs, the precision this CPU runs natively: a bf16 or int8 export served on a CPU without
         # bf16 or VNNI loads its fp32 weights (cpu_features.py); the frontend resolves the same to report it.
-        parameters = {key: str(value.get("string_value", "")) for key, value in config.get("parameters", {}).items()}
         try:
+            parameters = ModelParameters.from_model_config(config)
             choice = served_choice(parameters, cpu_flags(), on_gpu)
         except ValueError as error:
             raise pb_utils.TritonModelException(str(error)) from None
@@ -123,9 +115,9 @@ class TritonPythonModel:
         log(f"{args['model_name']}: precision {choice.precision} ({choice.runtime}, {choice.weights}): {choice.reason}")
         runtime, weights = choice.runtime, os.path.join(version_dir, choice.weights)
         common = {
-            "pad_token_id": int(_parameter(config, "pad_token_id")),
-            "max_batch_tokens": int(_parameter(config, "max_batch_tokens")),
-            "intra_op_threads": int(_parameter(config, "intra_op_threads", "0")),
+            "pad_token_id": parameters.pad_token_id,
+            "max_batch_tokens": parameters.max_batch_tokens,
+            "intra_op_threads": parameters.intra_op_threads,
         }
         if runtime in ("torch", "packed"):
             # torch: transformers' model on padded sub-batches; packed: modernbert_packed's unpadded engine.
@@ -147,7 +139,7 @@ class TritonPythonModel:
             _ignore_consumed_numpy_capsules()
         else:
             raise pb_utils.TritonModelException(f"unknown runtime {runtime!r}: expected onnxruntime, torch or packed")
-        self.vocab_size = int(_parameter(config, "vocab_size"))
+        self.vocab_size = parameters.vocab_size
         pb_utils.Logger.log_info(f"{args['model_name']}: {runtime} runtime, numpy {np.__version__}")
         self.metrics = _Metrics(args["model_name"])
 
@@ -156,7 +148,7 @@ class TritonPythonModel:
         responses: list[Any] = [None] * len(requests)
         pooled: list[tuple[int, np.ndarray, np.ndarray]] = []
         for position, request in enumerate(requests):
-            ids, lengths = _input(request, "input_ids"), _input(request, "sequence_lengths")
+            ids, lengths = _input(request, INPUT_IDS), _input(request, SEQUENCE_LENGTHS)
             problem = check_ragged_batch(ids, lengths, self.vocab_size)
             if problem is None:
                 pooled.append((position, ids, lengths))
@@ -196,7 +188,7 @@ class TritonPythonModel:
                 cancelled_error = pb_utils.TritonError("cancelled", pb_utils.TritonError.CANCELLED)
                 responses[position] = pb_utils.InferenceResponse(error=cancelled_error)
             else:
-                responses[position] = pb_utils.InferenceResponse([self.output("logits", chunk.reshape(1, -1))])
+                responses[position] = pb_utils.InferenceResponse([self.output(LOGITS, chunk.reshape(1, -1))])
         return responses
 
     def finalize(self) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import importlib
 
 import numpy as np
 import torch
@@ -64,15 +63,9 @@ class PackedTorchRunner:
 
     def __init__(self, model_dir: str, *, device: str = "cpu", precision: str = "fp32", cpu_threads: int = 0) -> None:
         self.device = _device(device, precision, cpu_threads)
-        # A package module in tests and benchmarks, a top-level one in Triton's version folder.
-        packed = (
-            importlib.import_module(".modernbert_packed", __package__)
-            if __package__
-            else importlib.import_module("modernbert_packed")
-        )
-        self.model = packed.PackedModernBert.from_pretrained(
-            model_dir, device=str(self.device), dtype=DTYPES[precision]
-        )
+        from .modernbert_packed import PackedModernBert  # the padded runtime never needs it
+
+        self.model = PackedModernBert.from_pretrained(model_dir, device=str(self.device), dtype=DTYPES[precision])
 
     def run_packed(self, input_ids: np.ndarray, cu_seqlens: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -22,6 +22,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .contract import ModelParameters
+
 # The flags that decide which precisions are native, as /proc/cpuinfo names them.
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -99,17 +101,15 @@ class Choice:
     reason: str
 
 
-def served_choice(parameters: dict[str, str], flags: frozenset[str] | set[str], on_gpu: bool = False) -> Choice:
+def served_choice(parameters: ModelParameters, flags: frozenset[str] | set[str], on_gpu: bool = False) -> Choice:
     """The choice for a model's config.pbtxt parameters (precision, runtime, weights, and the fp32
     fallback's fp32_runtime and fp32_weights) on a CPU with these flags. GPUs run as exported."""
-    requested = parameters.get("precision", "fp32")
-    runtime = parameters.get("runtime", "onnxruntime")
-    weights = parameters.get("weights", "model.onnx")
+    requested, runtime, weights = parameters.precision, parameters.runtime, parameters.weights
     if on_gpu:
         return Choice(requested, runtime, weights, requested, "GPU instance: as exported")
     held = {requested: (runtime, weights)}
-    if parameters.get("fp32_weights"):
-        held.setdefault("fp32", (parameters.get("fp32_runtime", "onnxruntime"), parameters["fp32_weights"]))
+    if parameters.fp32_weights:
+        held.setdefault("fp32", (parameters.fp32_runtime or "onnxruntime", parameters.fp32_weights))
     precision, reason = resolve_precision(requested, flags, list(held))
     runtime, weights = held[precision]
     return Choice(precision, runtime, weights, requested, reason)

@@ -19,7 +19,6 @@ while another model run costs nothing measurable (GPUs keep the token budget alo
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -224,13 +223,7 @@ class PackedReranker:
         so that the ONNX engine never needs torch). device: "cpu" or "cuda:N". packed: the unpadded
         engine (PackedTorchRunner) instead of transformers' model on padded rows. padding_slack=None:
         as from_file, by device (unused when packed)."""
-        # Imported as rerank_model_repository.reranker_engine by tests and benchmarks; in Triton's
-        # Python backend the version folder's files are top-level modules.
-        torch_runner = (
-            importlib.import_module(".torch_runner", __package__)
-            if __package__
-            else importlib.import_module("torch_runner")
-        )
+        from . import torch_runner
 
         threads = intra_op_threads if intra_op_threads > 0 else available_cores()
         runner_class = torch_runner.PackedTorchRunner if packed else torch_runner.TorchRunner

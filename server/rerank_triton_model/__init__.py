@@ -1,0 +1,26 @@
+"""The Triton model: a Python-backend model (model.py) over the reranker engines, as a package.
+
+`rerank export` copies this package into a model's version folder, <output>/<name>/1/rerank_triton_model/,
+beside a model.py of one import (ENTRY_POINT): Triton's stub loads <name>/1/model.py, and that file puts
+its own folder first on sys.path so the copy, not any installed version, is what runs. It also renders
+CONFIG_TEMPLATE into <name>/config.pbtxt; the weights and the tokenizer it writes itself.
+
+Importing the package imports nothing heavy: the frontend uses contract, cpu_features and reranker_engine
+(numpy only), and only model.py needs Triton's triton_python_backend_utils.
+"""
+
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_TEMPLATE = PACKAGE_DIR / "config.pbtxt.template"
+# <name>/1/model.py: what Triton's stub imports.
+ENTRY_POINT = '''"""Written by `rerank export`: the model is the package rerank_triton_model/ beside this file."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # this copy, before any installed one
+from rerank_triton_model.model import TritonPythonModel  # noqa: E402
+
+__all__ = ["TritonPythonModel"]
+'''
