@@ -22,7 +22,7 @@ import triton_python_backend_utils as pb_utils
 
 from .contract import INPUT_IDS, LOGITS, SEQUENCE_LENGTHS, ModelParameters
 from .cpu_features import cpu_flags, served_choice
-from .reranker_engine import PackedReranker, check_ragged_batch
+from .reranker_engine import PackedReranker, RoutedReranker, check_ragged_batch
 
 # Read once: the output path depends on it, and numpy does not change under a running stub.
 _NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
@@ -86,10 +86,19 @@ class _Metrics:
             description="tokens of computed inputs: real, and padded (real plus padding) as run",
             kind=pb_utils.MetricFamily.COUNTER,
         )
+        self.long_family = pb_utils.MetricFamily(
+            name="rerank_model_long_pairs_total",
+            description="pairs over the model's long_pair_tokens, computed on the packed engine (CPU, ONNX Runtime)",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
         self.computed = self.pairs_family.Metric(labels={"model": model, "outcome": "computed"})
         self.dropped = self.pairs_family.Metric(labels={"model": model, "outcome": "dropped"})
         self.real_tokens = self.tokens_family.Metric(labels={"model": model, "kind": "real"})
         self.padded_tokens = self.tokens_family.Metric(labels={"model": model, "kind": "padded"})
+        self.long_pairs = self.long_family.Metric(labels={"model": model})
+
+    def count_long(self, pairs: int) -> None:
+        self.long_pairs.increment(pairs)
 
     def count(self, lengths: np.ndarray, computed: np.ndarray, padded_tokens: int) -> None:
         self.computed.increment(int(computed.sum()))
@@ -119,6 +128,7 @@ class TritonPythonModel:
             "max_batch_tokens": parameters.max_batch_tokens,
             "intra_op_threads": parameters.intra_op_threads,
         }
+        self.engine: PackedReranker | RoutedReranker
         if runtime in ("torch", "packed"):
             # torch: transformers' model on padded sub-batches; packed: modernbert_packed's unpadded engine.
             self.engine = PackedReranker.from_pretrained(
@@ -137,11 +147,29 @@ class TritonPythonModel:
             self.engine = PackedReranker.from_file(weights, providers=providers, **common)
             self.output = _numpy_output
             _ignore_consumed_numpy_capsules()
+            if not on_gpu and parameters.long_pair_tokens > 0 and parameters.long_weights:
+                # The graph computes dense T x T attention in every layer; long pairs go to the packed
+                # engine (no T x T buffer, windowed local layers), loaded now so a bad checkpoint fails here.
+                long = PackedReranker.from_pretrained(
+                    os.path.join(version_dir, parameters.long_weights),
+                    device="cpu",
+                    precision="fp32",
+                    packed=True,
+                    **common,
+                )
+                self.engine = RoutedReranker(self.engine, long, parameters.long_pair_tokens)
+                self.output = _torch_output
+                pb_utils.Logger.log_info(
+                    f"{args['model_name']}: pairs over {parameters.long_pair_tokens} tokens run on the packed "
+                    f"engine (fp32, {parameters.long_weights}), the others on ONNX Runtime"
+                )
         else:
             raise pb_utils.TritonModelException(f"unknown runtime {runtime!r}: expected onnxruntime, torch or packed")
         self.vocab_size = parameters.vocab_size
         pb_utils.Logger.log_info(f"{args['model_name']}: {runtime} runtime, numpy {np.__version__}")
         self.metrics = _Metrics(args["model_name"])
+        if isinstance(self.engine, RoutedReranker):
+            self.engine.on_long = self.metrics.count_long
 
     def execute(self, requests: list[Any]) -> list[Any]:
         # Pool the pairs of every well-formed request into one ragged batch, score it once, split it back.

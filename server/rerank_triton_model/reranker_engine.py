@@ -15,6 +15,9 @@ and a batch full of 8192-token documents cannot exhaust memory. A pair longer th
 runs alone. On CPUs a sub-batch also ends where padding the next pair's length onto it would waste
 more than `padding_slack` of its real tokens: there a padding token costs as much as a real one,
 while another model run costs nothing measurable (GPUs keep the token budget alone).
+
+`RoutedReranker` puts two engines behind the same interface: on CPU models ONNX Runtime serves, pairs
+longer than `long_pair_tokens` run on the packed engine (no T x T attention), the others on the graph.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ PADDING_SLACK = 0.05
 PADDING_ALLOWANCE = 64
 # GPUs: per-run launch costs favour large batches; the token budget alone bounds them.
 GPU_PADDING_SLACK = float("inf")
+
+# CPU exports ONNX Runtime serves: pairs longer than this run on the packed engine (RoutedReranker).
+LONG_PAIR_TOKENS = 1024  # provisional: being measured
 
 
 def plan_sub_batches(
@@ -271,11 +277,63 @@ class PackedReranker:
         self, input_ids: np.ndarray, lengths: np.ndarray, active: Callable[[np.ndarray], np.ndarray] | None = None
     ) -> np.ndarray:
         """Logits (float32) of every pair of a ragged batch, in the order of `lengths` (NaN: dropped)."""
+        return _collect(self.iter_sub_batches(input_ids, lengths, active), len(lengths))
+
+
+def _collect(sub_batches: Iterator[tuple[SubBatch, np.ndarray]], pairs: int) -> np.ndarray:
+    logits = np.full(pairs, np.nan, dtype=np.float32)
+    for batch, batch_logits in sub_batches:
+        logits[batch.pairs] = batch_logits
+    return logits
+
+
+class RoutedReranker:
+    """Pairs longer than `long_pair_tokens` on `long` (the packed engine), the others on `short`.
+
+    For CPU models ONNX Runtime serves: its graph computes dense T x T attention in every layer (an
+    8,192-token pair on ModernBERT-base: 52 s and 17 GiB held), the packed engine O(T * window) in local
+    layers and no T x T buffer anywhere. Each engine plans its own sub-batches under its token budget;
+    `active` is asked before each of them, and sub-batches come back with indices into the whole batch.
+    `on_long(pairs)`, when set, is called after each long sub-batch has run (a model metric).
+    """
+
+    def __init__(self, short: PackedReranker, long: PackedReranker, long_pair_tokens: int) -> None:
+        if long_pair_tokens < 1:
+            raise ValueError("long_pair_tokens must be positive")
+        self.short = short
+        self.long = long
+        self.long_pair_tokens = long_pair_tokens
+        self.on_long: Callable[[int], None] | None = None
+
+    def iter_sub_batches(
+        self, input_ids: np.ndarray, lengths: np.ndarray, active: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> Iterator[tuple[SubBatch, np.ndarray]]:
+        """As PackedReranker.iter_sub_batches: the short pairs' sub-batches first, then the long ones'."""
         lengths = np.asarray(lengths, dtype=np.int64)
-        logits = np.full(lengths.size, np.nan, dtype=np.float32)
-        for batch, batch_logits in self.iter_sub_batches(input_ids, lengths, active):
-            logits[batch.pairs] = batch_logits
-        return logits
+        is_long = lengths > self.long_pair_tokens
+        offsets = pair_offsets(lengths)
+        for engine, chosen in ((self.short, ~is_long), (self.long, is_long)):
+            pairs = np.flatnonzero(chosen)
+            if pairs.size == 0:
+                continue
+            ids = input_ids if pairs.size == lengths.size else gather_pairs(input_ids, offsets, lengths, pairs)
+            local_active = None if active is None else _through(active, pairs)
+            for batch, logits in engine.iter_sub_batches(ids, lengths[pairs], local_active):
+                whole = SubBatch(pairs[batch.pairs], batch.width, batch.packed_tokens)
+                if engine is self.long and self.on_long is not None:
+                    self.on_long(int(whole.pairs.size))
+                yield whole, logits
+
+    def score(
+        self, input_ids: np.ndarray, lengths: np.ndarray, active: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> np.ndarray:
+        """Logits (float32) of every pair of a ragged batch, in the order of `lengths` (NaN: dropped)."""
+        return _collect(self.iter_sub_batches(input_ids, lengths, active), len(lengths))
+
+
+def _through(active: Callable[[np.ndarray], np.ndarray], pairs: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """`active` for an engine that sees only `pairs` of the batch (its indices are positions in `pairs`)."""
+    return lambda local: active(pairs[local])
 
 
 def check_ragged_batch(input_ids: np.ndarray, lengths: np.ndarray, vocab_size: int) -> str | None:
