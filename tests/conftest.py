@@ -277,7 +277,9 @@ def long_stack(stack: Stack, model_repository: Path) -> Iterator[Stack]:
 
 # The end-to-end tier: tests using a fixture that exports models or starts Triton, and the modules that run
 # `rerank export`, `rerank serve`, `make` or the benchmark themselves. The rest is the fast tier.
-E2E_FIXTURES = frozenset({"checkpoints", "model_repository", "stack", "mean_stack", "torch_stack", "long_stack"})
+E2E_FIXTURES = frozenset(
+    {"checkpoints", "model_repository", "stack", "mean_stack", "torch_stack", "long_stack", "routed_stack"}
+)
 E2E_MODULES = frozenset({"test_bench", "test_export", "test_http_first_contact", "test_client_package", "test_tiers"})
 
 

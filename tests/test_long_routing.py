@@ -8,15 +8,20 @@ above the threshold, against eager, with the model's long-pairs counter as evide
 
 from __future__ import annotations
 
+import re
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from rerank_server.testing import save_random_checkpoint
+from rerank_client import RerankClient
+from rerank_server.testing import free_port, save_random_checkpoint
 from rerank_triton_model.reranker_engine import PackedReranker, RoutedReranker
-from tests.conftest import TOKENIZER_DIR
+from tests.conftest import TOKENIZER_DIR, Stack, run_rerank, start_serve, stop_serve
 from tests.reference import eager
+from tests.texts import QUERY, text
 
 FP32_TOLERANCE = 1e-4  # the export check's
 THRESHOLD = 40
@@ -180,3 +185,77 @@ def test_routed_scores_equal_each_engine_alone_and_eager(routed_checkpoint: Path
     reference = eager(routed_checkpoint)
     expected = [reference.logits_of_ids(ids[o : o + n].tolist()) for o, n in zip(offsets, lengths_array, strict=True)]
     np.testing.assert_allclose(logits, expected, atol=FP32_TOLERANCE, rtol=0)
+
+
+# -- served ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def routed_stack(routed_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """`rerank serve` of routed_checkpoint exported for ONNX Runtime fp32 with long pairs over ROUTED_TOKENS
+    on the packed engine; its Triton log is stack.triton_log."""
+    repository = tmp_path_factory.mktemp("routed-repository")
+    done = run_rerank(
+        "export",
+        "--model",
+        str(routed_checkpoint),
+        "--output",
+        str(repository),
+        "--precision",
+        "fp32",
+        "--long-pair-tokens",
+        str(ROUTED_TOKENS),
+        "--max-batch-tokens",
+        "1500",
+    )
+    assert done.returncode == 0, done.stderr
+    triton_log = repository.parent / "routed-triton.log"
+    served = start_serve(
+        [
+            f"--model-repository={repository}",
+            f"--triton-log={triton_log}",
+            f"--triton-grpc-port={free_port()}",
+            f"--triton-http-port={free_port()}",
+            f"--triton-metrics-port={free_port()}",
+        ]
+    )
+    served.triton_log = triton_log
+    yield served
+    assert stop_serve(served) == 0, "".join(served.output[-30:])
+
+
+ROUTED_TOKENS = 64
+
+
+def long_pairs_counted(stack: Stack) -> float:
+    assert stack.triton_metrics_url is not None
+    metrics = urllib.request.urlopen(stack.triton_metrics_url, timeout=10).read().decode()
+    found = re.search(r'^rerank_model_long_pairs_total\{model="reranker"\} (\S+)$', metrics, re.M)
+    assert found, "the model exports no long-pairs counter"
+    return float(found.group(1))
+
+
+def test_served_long_pairs_run_on_the_packed_engine_and_agree_with_eager(
+    routed_stack: Stack, routed_checkpoint: Path
+) -> None:
+    reference = eager(routed_checkpoint)
+    # Below the threshold, at it, just past it, and far past it (2000 words: cut at 1024 tokens).
+    documents = [text(5, seed=1), text(2000, seed=2), text(30, seed=3), text(400, seed=4), text(60, seed=5)]
+    lengths = [len(reference.encode(QUERY, d)) for d in documents]
+    assert min(lengths) <= ROUTED_TOKENS < max(lengths) and max(lengths) == 1024
+    long = sum(n > ROUTED_TOKENS for n in lengths)
+    assert 0 < long < len(documents)
+    before = long_pairs_counted(routed_stack)
+    with RerankClient(routed_stack.target, timeout=300) as client:
+        response = client.rerank(QUERY, documents)
+    results = {r.index: r for r in response.results}
+    np.testing.assert_allclose(
+        [results[i].logit for i in range(len(documents))],
+        reference.logits(QUERY, documents),
+        atol=FP32_TOLERANCE,
+        rtol=0,
+    )
+    assert long_pairs_counted(routed_stack) - before == long
+    assert routed_stack.triton_log is not None
+    log = routed_stack.triton_log.read_text(errors="replace")
+    assert f"pairs over {ROUTED_TOKENS} tokens run on the packed engine" in log
