@@ -11,13 +11,19 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, ModernBertConfig, ModernBertForMaskedLM
 
 from rerank_server.testing import TINY_CONFIG, save_random_checkpoint
+from rerank_triton_model.reranker_engine import LONG_PAIR_TOKENS
 from tests.conftest import TOKENIZER_DIR, run_rerank
 
 
 def test_repository_layout_and_config(model_repository: Path) -> None:
     model_dir = model_repository / "reranker"
     version = model_dir / "1"
-    for name in ("model.onnx", "model.py", "reranker_engine.py", "tokenizer/tokenizer.json", "export.json"):
+    package = (
+        "rerank_triton_model/model.py",
+        "rerank_triton_model/contract.py",
+        "rerank_triton_model/reranker_engine.py",
+    )
+    for name in ("model.onnx", "model.py", *package, "tokenizer/tokenizer.json", "export.json"):
         assert (version / name).is_file(), name
     config = (model_dir / "config.pbtxt").read_text()
     assert 'backend: "python"' in config
@@ -48,7 +54,9 @@ def test_gpu_variant_is_the_packed_engine_in_fp16_over_fp32_weights(
     assert "kind: KIND_GPU" in config and 'key: "runtime" value: { string_value: "packed" }' in config
     assert 'key: "precision" value: { string_value: "fp16" }' in config
     version = tmp_path / "reranker" / "1"
-    assert (version / "modernbert_packed.py").is_file() and not (version / "model.onnx").exists()
+    assert (version / "rerank_triton_model" / "modernbert_packed.py").is_file() and not (
+        version / "model.onnx"
+    ).exists()
     from safetensors import safe_open
 
     # fp32 on disk, cast to the served precision at load.
@@ -82,7 +90,7 @@ def test_torch_runtime_saves_the_checkpoint_in_the_served_precision(
     assert "kind: KIND_GPU" in config and 'key: "runtime" value: { string_value: "torch" }' in config
     assert 'key: "weights" value: { string_value: "model" }' in config and 'string_value: "fp16"' in config
     version = tmp_path / "reranker" / "1"
-    assert not (version / "model.onnx").exists() and (version / "torch_runner.py").is_file()
+    assert not (version / "model.onnx").exists() and (version / "rerank_triton_model" / "torch_runner.py").is_file()
     from safetensors import safe_open
 
     with safe_open(str(version / "model" / "model.safetensors"), framework="pt") as weights:
@@ -148,3 +156,33 @@ def test_refuses_a_max_length_outside_the_model_limit(tmp_path: Path, checkpoint
         "export", "--model", str(checkpoints["reranker"]), "--output", str(tmp_path), "--max-length", value
     )
     assert done.returncode == 2 and "--max-length must lie in [4, 512]" in done.stderr
+
+
+def test_an_onnx_export_keeps_the_fp32_checkpoint_for_long_pairs(
+    model_repository: Path, tmp_path: Path, checkpoints: dict[str, Path]
+) -> None:
+    # reranker_long (8,192 tokens, ONNX Runtime): pairs past the threshold go to the packed engine.
+    long_dir = model_repository / "reranker_long"
+    config = (long_dir / "config.pbtxt").read_text()
+    assert f'key: "long_pair_tokens" value: {{ string_value: "{LONG_PAIR_TOKENS}" }}' in config
+    assert 'key: "long_weights" value: { string_value: "model" }' in config
+    assert (long_dir / "1" / "model" / "config.json").is_file()
+    provenance = json.loads((long_dir / "1" / "export.json").read_text())
+    assert provenance["long_pairs"]["verification"]["verified"] is True
+    # Off with 0, and no checkpoint is left behind.
+    done = run_rerank(
+        "export", "--model", str(checkpoints["reranker_long"]), "--output", str(tmp_path), "--precision", "fp32",
+        "--long-pair-tokens", "0",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (
+        'key: "long_pair_tokens" value: { string_value: "0" }' in (tmp_path / "reranker" / "config.pbtxt").read_text()
+    )
+    assert not (tmp_path / "reranker" / "1" / "model").exists()
+
+
+def test_refuses_a_negative_long_pair_threshold(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    done = run_rerank(
+        "export", "--model", str(checkpoints["reranker"]), "--output", str(tmp_path), "--long-pair-tokens", "-1"
+    )
+    assert done.returncode == 2 and "--long-pair-tokens must be 0 (off) or positive" in done.stderr

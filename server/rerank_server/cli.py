@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import logging
 import sys
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,66 +15,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_export(subparsers: argparse._SubParsersAction) -> None:
-    from rerank_server.export import DEFAULT_MODEL, RUNTIMES, ExportOptions
+    from rerank_server.export import ExportOptions
 
-    defaults = ExportOptions()
     parser = subparsers.add_parser(
         "export",
         help="turn a ModernBERT cross-encoder checkpoint into a Triton model repository",
         description="Export a single-logit ModernBertForSequenceClassification checkpoint (hub id or local "
         "folder) to ONNX and write a Triton model repository around it.",
     )
-    parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help="hub id or local checkpoint folder (default: %(default)s)"
-    )
-    parser.add_argument("--output", type=Path, required=True, help="model repository folder to write into")
-    parser.add_argument("--name", default=defaults.name, help="model name in the repository (default: %(default)s)")
-    parser.add_argument(
-        "--model-id", default=None, help="model name reported to callers (default: the hub id or folder name)"
-    )
-    parser.add_argument("--tokenizer", default=None, help="hub id or folder of the tokenizer (default: --model)")
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="instance kind (default: %(default)s)")
-    parser.add_argument(
-        "--runtime",
-        choices=list(RUNTIMES),
-        default=defaults.runtime,
-        help="what runs the model in Triton: onnxruntime (the exported ONNX graph; onnxruntime-gpu on GPUs) or "
-        "torch (the checkpoint through transformers' PyTorch model) (default: onnxruntime; torch for bf16; "
-        "--precision auto picks it)",
-    )
-    parser.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16", "int8", "fp16"],
-        default=None,
-        help="cpu: auto (the default: measure the precisions this CPU runs natively and keep the fastest that "
-        "ranks like fp32), fp32, bf16 (PyTorch) or int8 (ONNX Runtime dynamic quantization); gpu: fp16 (the "
-        "default) or fp32. A CPU model keeps fp32 weights: a CPU without bf16 or VNNI serves those instead",
-    )
-    parser.add_argument(
-        "--quantize",
-        choices=["int8"],
-        default=None,
-        help="same as --precision int8 (kept for older scripts)",
-    )
-    parser.add_argument("--max-length", type=int, default=None, help="tokens per pair (default: the model's limit)")
-    parser.add_argument(
-        "--max-batch-size", type=int, default=defaults.max_batch_size, help="requests merged per execution"
-    )
-    parser.add_argument(
-        "--max-batch-tokens",
-        type=int,
-        default=None,
-        help="padded tokens per model run (default: max(8192, max length))",
-    )
-    parser.add_argument(
-        "--max-queue-delay-us", type=int, default=defaults.max_queue_delay_us, help="dynamic batcher delay"
-    )
-    parser.add_argument("--instance-count", type=int, default=defaults.instance_count, help="model instances")
-    parser.add_argument(
-        "--intra-op-threads", type=int, default=defaults.intra_op_threads, help="ONNX Runtime threads (0: all cores)"
-    )
-    parser.add_argument("--opset", type=int, default=defaults.opset, help="ONNX opset (default: %(default)s)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing model of that name")
+    ExportOptions.add_arguments(parser)
     parser.set_defaults(func=_run_export)
 
 

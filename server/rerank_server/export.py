@@ -19,6 +19,7 @@ never leaves a half-written model for Triton to load.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import shutil
@@ -27,7 +28,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,7 @@ from rerank_triton_model.cpu_features import (
     native_precisions,
     resolve_precision,
 )
+from rerank_triton_model.reranker_engine import LONG_PAIR_TOKENS
 
 DEFAULT_MODEL = "Alibaba-NLP/gte-reranker-modernbert-base"
 ARCHITECTURE = "ModernBertForSequenceClassification"
@@ -80,25 +82,62 @@ class ExportError(Exception):
     """The checkpoint cannot be exported; the message says why."""
 
 
+def _option(default: Any, help: str, **flag: Any) -> Any:
+    """A field of ExportOptions and its `rerank export` flag (ExportOptions.add_arguments), defined once."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
 @dataclass(frozen=True)
 class ExportOptions:
-    model: str = DEFAULT_MODEL
-    output: Path = Path("model_repository_build")
-    name: str = "reranker"
-    model_id: str | None = None  # reported to callers; default: the hub id, or a local folder's name
-    tokenizer: str | None = None
-    device: str = "cpu"
-    runtime: str | None = None  # default: onnxruntime, torch for bf16; auto picks it
-    precision: str | None = None  # default: auto on cpu (fp32 when a runtime is named), fp16 on gpu
-    quantize: str | None = None  # "int8": an alias of precision int8 (CPU only)
-    max_length: int | None = None
-    max_batch_size: int = 32
-    max_batch_tokens: int | None = None
-    max_queue_delay_us: int = 2000
-    instance_count: int = 1
-    intra_op_threads: int = 0
-    opset: int = 18
-    overwrite: bool = False
+    model: str = _option(DEFAULT_MODEL, "hub id or local checkpoint folder")
+    output: Path = _option(Path("model_repository_build"), "model repository folder to write into", required=True)
+    name: str = _option("reranker", "model name in the repository")
+    model_id: str | None = _option(None, "model name reported to callers (default: the hub id or folder name)")
+    tokenizer: str | None = _option(None, "hub id or folder of the tokenizer (default: --model)")
+    device: str = _option("cpu", "instance kind", choices=("cpu", "gpu"))
+    runtime: str | None = _option(
+        None,
+        "what runs the model in Triton: onnxruntime (the ONNX graph), torch (transformers' model on padded rows) "
+        "or packed (the unpadded ModernBERT engine) (default: onnxruntime on cpu, packed on gpu; torch for bf16; "
+        "--precision auto picks it)",
+        choices=RUNTIMES,
+    )
+    precision: str | None = _option(
+        None,
+        "cpu: auto (the default: measure the precisions this CPU runs natively and keep the fastest that ranks "
+        "like fp32), fp32, bf16 (PyTorch) or int8 (ONNX Runtime dynamic quantization); gpu: fp16 (the default), "
+        "bf16 or fp32. A CPU model keeps fp32 weights: a CPU without bf16 or VNNI serves those instead",
+        choices=("auto", "fp32", "bf16", "int8", "fp16"),
+    )
+    quantize: str | None = _option(None, "same as --precision int8 (kept for older scripts)", choices=QUANTIZATIONS)
+    max_length: int | None = _option(None, "tokens per pair (default: the model's limit)")
+    max_batch_size: int = _option(32, "requests merged per execution")
+    max_batch_tokens: int | None = _option(None, "tokens per model run (default: max(8192, max length))")
+    max_queue_delay_us: int = _option(2000, "dynamic batcher delay")
+    instance_count: int = _option(1, "model instances")
+    intra_op_threads: int = _option(0, "threads per model instance (0: all cores)")
+    long_pair_tokens: int = _option(
+        LONG_PAIR_TOKENS,
+        "cpu, ONNX Runtime: pairs longer than this run on the packed engine over the fp32 checkpoint (saved "
+        "beside the graph), whose attention is linear in the local layers and never holds a T x T buffer; "
+        "0: every pair on ONNX Runtime",
+    )
+    opset: int = _option(18, "ONNX opset")
+    overwrite: bool = _option(False, "replace an existing model of that name")
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One --flag per option, typed, with its default shown."""
+        for option in fields(cls):
+            flag, meta = "--" + option.name.replace("_", "-"), dict(option.metadata)
+            help_text = meta.pop("help")
+            if option.type == "bool":
+                parser.add_argument(flag, action="store_true", help=help_text)
+                continue
+            kind = Path if "Path" in option.type else int if "int" in option.type else str
+            if option.default is not None and not meta.get("required"):
+                help_text += " (default: %(default)s)"
+            parser.add_argument(flag, type=kind, default=option.default, help=help_text, **meta)
 
     @property
     def resolved_precision(self) -> str:
@@ -162,6 +201,49 @@ def check_config(config: Any) -> None:
 
 def export(options: ExportOptions, progress: Progress = print) -> Path:
     """Export the checkpoint into options.output/options.name; returns that folder."""
+    precision = _checked_precision(options)
+    destination = options.output / options.name
+    if destination.exists() and not options.overwrite:
+        raise ExportError(f"{destination} exists; pass --overwrite to replace it")
+
+    runtime = "onnxruntime" if precision == "auto" else options.resolved_runtime
+    cpu_variants = options.device == "cpu" and precision in ("auto", "bf16", "int8")
+    flags = cpu_flags()
+    candidates = cpu_candidates(precision, runtime, flags) if cpu_variants else []
+    # Long-pair routing: only where ONNX Runtime may serve (auto's choice is known later).
+    routing = options.device == "cpu" and options.long_pair_tokens > 0 and "onnxruntime" in {runtime, *dict(candidates)}
+    extra = (
+        _variant_steps(precision, candidates) if cpu_variants else (runtime == "onnxruntime" and precision == "fp16")
+    )
+    steps = _Steps(5 + extra + routing, progress)
+    source = _load_source(options, steps)
+    staging = options.output / f".{options.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    version_dir = staging / "1"
+    version_dir.mkdir(parents=True)
+    try:
+        if cpu_variants:
+            variant = _export_cpu_variants(source, options, precision, candidates, flags, version_dir, steps)
+        else:
+            variant = _export_weights(source, options, precision, runtime, version_dir, steps)
+        long_pairs = _export_long_pairs(source, options, variant, version_dir, steps) if routing else None
+        with steps.step("Writing the Triton model"):
+            parameters = _write_model(source, options, variant, long_pairs, flags, staging)
+        if destination.exists():
+            shutil.rmtree(destination)
+        staging.rename(destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    progress(
+        f"Exported {options.model} to {destination} ({parameters.runtime}, {parameters.precision}, "
+        f"max_length {parameters.max_length})"
+    )
+    progress(f"Precision {parameters.precision}: {parameters.precision_reason}")
+    return destination
+
+
+def _checked_precision(options: ExportOptions) -> str:
+    """The precision to export (auto, or a fixed one), once the options agree with each other."""
     if options.device not in PRECISIONS:
         raise ExportError(f"device must be one of {sorted(PRECISIONS)}, got {options.device!r}")
     precision = options.resolved_precision
@@ -187,22 +269,25 @@ def export(options: ExportOptions, progress: Progress = print) -> Path:
         raise ExportError("int8 quantizes the ONNX graph; use --runtime onnxruntime")
     if precision == "bf16" and options.resolved_runtime == "onnxruntime":
         raise ExportError("bf16 runs in PyTorch on CPUs; use --runtime torch (or leave --runtime out)")
-    destination = options.output / options.name
-    if destination.exists() and not options.overwrite:
-        raise ExportError(f"{destination} exists; pass --overwrite to replace it")
+    if options.long_pair_tokens < 0:
+        raise ExportError(f"--long-pair-tokens must be 0 (off) or positive, got {options.long_pair_tokens}")
+    return precision
 
+
+@dataclass(frozen=True)
+class _Source:
+    """The checkpoint being exported: its configuration, the eager fp32 model and the tokenizer."""
+
+    config: Any
+    model: Any
+    tokenizer: Any
+    max_length: int
+
+
+def _load_source(options: ExportOptions, steps: _Steps) -> _Source:
     import torch
     import transformers
 
-    runtime = "onnxruntime" if precision == "auto" else options.resolved_runtime
-    onnx_runtime = runtime == "onnxruntime"
-    cpu_variants = options.device == "cpu" and precision in ("auto", "bf16", "int8")
-    flags = cpu_flags()
-    candidates = cpu_candidates(precision, runtime, flags) if cpu_variants else []
-    if cpu_variants:
-        steps = _Steps(5 + _variant_steps(precision, candidates), progress)
-    else:
-        steps = _Steps(5 + (onnx_runtime and precision == "fp16"), progress)
     with steps.step(f"Checking {options.model}"):
         config = _load(transformers.AutoConfig.from_pretrained, options.model, "configuration")
         check_config(config)
@@ -223,98 +308,140 @@ def export(options: ExportOptions, progress: Progress = print) -> Path:
             raise ExportError("the tokenizer has no fast (tokenizer.json) version, which the frontend needs")
         if len(tokenizer) > config.vocab_size:
             raise ExportError(f"the tokenizer has {len(tokenizer)} ids but the model embeds only {config.vocab_size}")
-        max_length = _max_length(config, tokenizer, options.max_length)
+    return _Source(config, model, tokenizer, _max_length(config, tokenizer, options.max_length))
 
-    staging = options.output / f".{options.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    version_dir = staging / "1"
-    version_dir.mkdir(parents=True)
-    try:
-        onnx_path = version_dir / "model.onnx"
-        weights = onnx_path.name
-        quantization: dict[str, Any] | None = None
-        selection: dict[str, Any] | None = None
-        if cpu_variants:
-            variant = _export_cpu_variants(
-                model, config, tokenizer, options, precision, candidates, flags, version_dir, steps, max_length
-            )
-            precision, runtime, weights = variant.precision, variant.runtime, variant.weights
-            fp32_runtime, fp32_weights, reason = variant.fp32_runtime, variant.fp32_weights, variant.reason
-            verification, quantization, selection = variant.verification, variant.quantization, variant.selection
-        elif onnx_runtime:
-            with steps.step(f"Exporting to ONNX (opset {options.opset})"):
-                _export_onnx(model, config, onnx_path, options.opset, max_length)
-            if precision == "fp16":
-                with steps.step("Converting the graph to fp16"):
-                    _convert_fp16(onnx_path)
-            with steps.step("Verifying ONNX Runtime against transformers eager"):
-                verification = _verify(model, config, onnx_path, precision, max_length)
-        elif runtime == "packed":
-            weights = "model"
-            with steps.step("Saving the fp32 checkpoint for the packed engine (cast to the served precision at load)"):
-                model.save_pretrained(version_dir / weights)
-            with steps.step("Verifying the packed engine against transformers eager"):
-                verification = _verify_packed(
-                    model, config, version_dir / weights, precision, options.device, max_length
-                )
-        else:
-            weights = "model"
-            with steps.step(f"Saving the checkpoint in {precision} for PyTorch"):
-                dtype = torch.float16 if precision == "fp16" else torch.float32
-                state = {key: value.to(dtype) for key, value in model.state_dict().items()}
-                model.save_pretrained(version_dir / weights, state_dict=state)
-            with steps.step("Verifying the PyTorch runtime against transformers eager"):
-                verification = _verify_torch(
-                    model, config, version_dir / weights, precision, options.device, max_length
-                )
-        if not cpu_variants:
-            # fp32 is its own fallback; a GPU model runs as exported.
-            fp32_runtime, fp32_weights = (runtime, weights) if precision == "fp32" else ("", "")
-            reason = f"--precision {precision}" if options.precision else f"the default on {options.device}"
-        with steps.step("Writing the Triton model"):
-            tokenizer.save_pretrained(version_dir / "tokenizer")
-            copy_model_package(version_dir)
-            pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (config.pad_token_id or 0)
-            parameters = ModelParameters(
-                source_model=options.resolved_model_id,
-                precision=precision,
-                max_length=max_length,
-                vocab_size=config.vocab_size,
-                pad_token_id=pad_token_id,
-                max_batch_tokens=options.max_batch_tokens or max(8192, max_length),
-                intra_op_threads=options.intra_op_threads,
-                runtime=runtime,
-                weights=weights,
-                precision_reason=reason,
-                cpu_flags=",".join(sorted(flags)),
-                fp32_runtime=fp32_runtime,
-                fp32_weights=fp32_weights,
-            )
-            (staging / "config.pbtxt").write_text(render_config(options, parameters))
-            provenance = {
-                "options": {k: str(v) for k, v in asdict(options).items()},
-                "precision": precision,
-                "runtime": runtime,
-                "weights": weights,
-                "fp32_fallback": {"runtime": fp32_runtime, "weights": fp32_weights} if fp32_weights else None,
-                "precision_reason": reason,
-                "cpu_flags": sorted(flags),
-                "precision_selection": selection,
-                "quantization": quantization,
-                "max_length": max_length,
-                "config": config.to_dict(),
-                "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-                "verification": verification,
-            }
-            (version_dir / "export.json").write_text(json.dumps(provenance, indent=2, default=str))
-        if destination.exists():
-            shutil.rmtree(destination)
-        staging.rename(destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    progress(f"Exported {options.model} to {destination} ({runtime}, {precision}, max_length {max_length})")
-    progress(f"Precision {precision}: {reason}")
-    return destination
+
+@dataclass(frozen=True)
+class _Variant:
+    """What the version folder serves: the precision, its runtime and weights, the fp32 fallback, and why."""
+
+    precision: str
+    runtime: str
+    weights: str
+    fp32_runtime: str
+    fp32_weights: str
+    reason: str
+    verification: dict[str, Any]
+    quantization: dict[str, Any] | None = None
+    selection: dict[str, Any] | None = None
+
+
+def _export_weights(
+    source: _Source, options: ExportOptions, precision: str, runtime: str, version_dir: Path, steps: _Steps
+) -> _Variant:
+    """A fixed precision that has no CPU variants (fp32, or any GPU precision) in `runtime`, verified."""
+    import torch
+
+    model, config, max_length = source.model, source.config, source.max_length
+    if runtime == "onnxruntime":
+        weights = "model.onnx"
+        with steps.step(f"Exporting to ONNX (opset {options.opset})"):
+            _export_onnx(model, config, version_dir / weights, options.opset, max_length)
+        if precision == "fp16":
+            with steps.step("Converting the graph to fp16"):
+                _convert_fp16(version_dir / weights)
+        with steps.step("Verifying ONNX Runtime against transformers eager"):
+            verification = _verify(model, config, version_dir / weights, precision, max_length)
+    elif runtime == "packed":
+        weights = "model"
+        with steps.step("Saving the fp32 checkpoint for the packed engine (cast to the served precision at load)"):
+            model.save_pretrained(version_dir / weights)
+        with steps.step("Verifying the packed engine against transformers eager"):
+            verification = _verify_packed(model, config, version_dir / weights, precision, options.device, max_length)
+    else:
+        weights = "model"
+        with steps.step(f"Saving the checkpoint in {precision} for PyTorch"):
+            dtype = torch.float16 if precision == "fp16" else torch.float32
+            state = {key: value.to(dtype) for key, value in model.state_dict().items()}
+            model.save_pretrained(version_dir / weights, state_dict=state)
+        with steps.step("Verifying the PyTorch runtime against transformers eager"):
+            verification = _verify_torch(model, config, version_dir / weights, precision, options.device, max_length)
+    # fp32 is its own fallback; a GPU model runs as exported.
+    fp32_runtime, fp32_weights = (runtime, weights) if precision == "fp32" else ("", "")
+    reason = f"--precision {precision}" if options.precision else f"the default on {options.device}"
+    return _Variant(precision, runtime, weights, fp32_runtime, fp32_weights, reason, verification)
+
+
+LONG_WEIGHTS = "model"  # the fp32 checkpoint folder, shared with the torch and packed runtimes
+
+
+def _export_long_pairs(
+    source: _Source, options: ExportOptions, variant: _Variant, version_dir: Path, steps: _Steps
+) -> dict[str, Any] | None:
+    """For a model ONNX Runtime may serve on CPUs (as exported, or as the fp32 fallback): the fp32
+    checkpoint that the packed engine computes pairs longer than --long-pair-tokens on. ONNX Runtime's
+    graph computes dense T x T attention in every layer: an 8,192-token pair there takes about a minute
+    and holds ~16 GiB. Verified like a packed export."""
+    with steps.step(f"Saving the fp32 checkpoint for pairs over {options.long_pair_tokens} tokens (packed engine)"):
+        checkpoint = version_dir / LONG_WEIGHTS
+        if (
+            "onnxruntime" not in (variant.runtime, variant.fp32_runtime)
+            or options.long_pair_tokens >= source.max_length
+        ):
+            # Nothing to route: ONNX Runtime never serves it, or no pair can be that long.
+            if variant.weights != LONG_WEIGHTS:
+                shutil.rmtree(checkpoint, ignore_errors=True)
+            return None
+        if not checkpoint.exists():
+            source.model.save_pretrained(checkpoint)
+        verification = _verify_packed(source.model, source.config, checkpoint, "fp32", "cpu", source.max_length)
+    return {"long_pair_tokens": options.long_pair_tokens, "weights": LONG_WEIGHTS, "verification": verification}
+
+
+def _write_model(
+    source: _Source,
+    options: ExportOptions,
+    variant: _Variant,
+    long_pairs: dict[str, Any] | None,
+    flags: frozenset[str],
+    staging: Path,
+) -> ModelParameters:
+    """The tokenizer, the model package, config.pbtxt and export.json; returns the parameters written."""
+    import torch
+    import transformers
+
+    tokenizer, config, version_dir = source.tokenizer, source.config, staging / "1"
+    tokenizer.save_pretrained(version_dir / "tokenizer")
+    copy_model_package(version_dir)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (config.pad_token_id or 0)
+    parameters = ModelParameters(
+        source_model=options.resolved_model_id,
+        precision=variant.precision,
+        max_length=source.max_length,
+        vocab_size=config.vocab_size,
+        pad_token_id=pad_token_id,
+        max_batch_tokens=options.max_batch_tokens or max(8192, source.max_length),
+        intra_op_threads=options.intra_op_threads,
+        runtime=variant.runtime,
+        weights=variant.weights,
+        precision_reason=variant.reason,
+        cpu_flags=",".join(sorted(flags)),
+        fp32_runtime=variant.fp32_runtime,
+        fp32_weights=variant.fp32_weights,
+        long_pair_tokens=long_pairs["long_pair_tokens"] if long_pairs else 0,
+        long_weights=long_pairs["weights"] if long_pairs else "",
+    )
+    (staging / "config.pbtxt").write_text(render_config(options, parameters))
+    provenance = {
+        "options": {k: str(v) for k, v in asdict(options).items()},
+        "precision": variant.precision,
+        "runtime": variant.runtime,
+        "weights": variant.weights,
+        "fp32_fallback": {"runtime": variant.fp32_runtime, "weights": variant.fp32_weights}
+        if variant.fp32_weights
+        else None,
+        "long_pairs": long_pairs,
+        "precision_reason": variant.reason,
+        "cpu_flags": sorted(flags),
+        "precision_selection": variant.selection,
+        "quantization": variant.quantization,
+        "max_length": source.max_length,
+        "config": config.to_dict(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "verification": variant.verification,
+    }
+    (version_dir / "export.json").write_text(json.dumps(provenance, indent=2, default=str))
+    return parameters
 
 
 def cpu_candidates(precision: str, runtime: str, flags: frozenset[str]) -> list[tuple[str, str]]:
@@ -339,34 +466,19 @@ def _variant_steps(precision: str, candidates: list[tuple[str, str]]) -> int:
     return int8 + 2 * checkpoint + (precision == "auto" and len(candidates) > 1)
 
 
-@dataclass(frozen=True)
-class _Variant:
-    precision: str
-    runtime: str
-    weights: str
-    fp32_runtime: str
-    fp32_weights: str
-    reason: str
-    verification: dict[str, Any]
-    quantization: dict[str, Any] | None
-    selection: dict[str, Any] | None
-
-
 def _export_cpu_variants(
-    model: Any,
-    config: Any,
-    tokenizer: Any,
+    source: _Source,
     options: ExportOptions,
     precision: str,
     candidates: list[tuple[str, str]],
     flags: frozenset[str],
     version_dir: Path,
     steps: _Steps,
-    max_length: int,
 ) -> _Variant:
     """The fp32 graph (always: the reference and every CPU's fallback), then what the candidates
     need (the int8 graph, the fp32 checkpoint that PyTorch casts to bf16 at load), each verified
     against eager; with auto, the measured choice. Leaves the chosen weights and the fp32 fallback."""
+    model, config, max_length = source.model, source.config, source.max_length
     onnx_path = version_dir / "model.onnx"
     int8_path = version_dir / "model.int8.onnx"
     checkpoint = version_dir / "model"
@@ -396,7 +508,7 @@ def _export_cpu_variants(
     selection = None
     if precision == "auto" and len(candidates) > 1:
         with steps.step(f"Measuring {len(candidates)} candidates on this CPU"):
-            selection = choose_precision(candidates, version_dir, config, tokenizer, options, max_length)
+            selection = choose_precision(candidates, version_dir, config, source.tokenizer, options, max_length)
         runtime, chosen, reason = selection["runtime"], selection["precision"], selection["reason"]
     elif precision == "auto":
         runtime, chosen = candidates[0]
@@ -416,8 +528,8 @@ def _export_cpu_variants(
         weights = checkpoint.name if chosen == "bf16" else onnx_path.name
         fp32_weights = onnx_path.name
     int8_path.unlink(missing_ok=True)
-    if chosen != "bf16":
-        shutil.rmtree(checkpoint, ignore_errors=True)
+    if chosen != "bf16" and not options.long_pair_tokens:
+        shutil.rmtree(checkpoint, ignore_errors=True)  # else kept for long pairs (_export_long_pairs)
     key = {"int8": "int8", "bf16": f"{runtime}-bf16"}.get(chosen, "fp32")
     return _Variant(
         precision=chosen,
