@@ -24,7 +24,6 @@ COPY requirements/constraints.txt requirements/constraints.txt
 COPY client client
 COPY pyproject.toml README.md ./
 COPY server server
-COPY model_repository model_repository
 RUN /opt/venv/bin/pip install -c requirements/constraints.txt ./client . \
     && /opt/venv/bin/pip check
 

@@ -8,7 +8,7 @@
 #      rerank export --device gpu --output artifacts/model_repository_gpu
 #
 #    (instance_group KIND_GPU, the packed runtime: the fp32 checkpoint, run in fp16 by
-#    model_repository/modernbert_packed.py: no padding, FlashAttention-2 varlen with the local window;
+#    rerank_triton_model/modernbert_packed.py: no padding, FlashAttention-2 varlen with the local window;
 #    `--model /path/to/checkpoint` for a local checkpoint).
 # 2. Build from the repository root (.dockerignore lets artifacts/model_repository_gpu/ into the context):
 #

@@ -692,3 +692,32 @@ def test_compose_wires_the_frontend_to_triton() -> None:
 
     assert seconds(frontend["stop_grace_period"]) > settings.shutdown_grace_s
     assert seconds(triton["stop_grace_period"]) > settings.shutdown_grace_s
+
+
+def test_the_server_wheel_carries_every_package_and_the_config_template(tmp_path: Path) -> None:
+    # The frontend image installs `.` without -e: what the wheel lacks, the image lacks (http_api once did).
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    import zipfile
+
+    (wheel,) = tmp_path.glob("rerank_service-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    sources = [p.relative_to(ROOT / "server").as_posix() for p in (ROOT / "server").rglob("*.py")]
+    assert sources and not [s for s in sources if s not in names]
+    assert "rerank_triton_model/config.pbtxt.template" in names
