@@ -15,9 +15,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
-from rerank_server.testing import TINY_CONFIG, free_port, save_random_checkpoint
+from rerank_server.testing import TINY_CONFIG, free_port, save_random_checkpoint, wait_until_serving
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER_DIR = FIXTURES / "modernbert-tokenizer"
@@ -119,13 +120,27 @@ class Stack:
     def output(self) -> list[str]:
         return self.log_path.read_text(errors="replace").splitlines(keepends=True)
 
+    def printed(self, prefix: str, timeout_s: float = 10) -> str:
+        """The first line printed that starts with prefix, waiting up to timeout_s for it (readiness comes
+        from the health service, so start-up lines may still be on their way)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            line = next((line for line in self.output if line.startswith(prefix)), None)
+            if line is not None:
+                return line
+            assert time.monotonic() < deadline, f"no line starting {prefix!r} in:\n" + "".join(self.output[-30:])
+            time.sleep(0.1)
+
 
 def _flag(args: list[str], name: str) -> str | None:
     return next((a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")), None)
 
 
-def start_serve(args: list[str], timeout_s: float = 240) -> Stack:
-    """Start `rerank serve` and wait for its 'serving' line."""
+def start_serve(args: list[str], timeout_s: float = 240, credentials: grpc.ChannelCredentials | None = None) -> Stack:
+    """Start `rerank serve` and wait until its health service says SERVING, as a readiness probe would:
+    on --health-port when given (plaintext), else on the API port, over TLS with `credentials`."""
+    if _flag(args, "tls-cert-file") and credentials is None and _flag(args, "health-port") is None:
+        raise ValueError("a TLS frontend's readiness needs credentials= or a plaintext --health-port")
     port = free_port()
     if _flag(args, "metrics-port") is None:
         args = [*args, f"--metrics-port={free_port()}"]
@@ -136,25 +151,33 @@ def start_serve(args: list[str], timeout_s: float = 240) -> Stack:
     log_path = Path(tempfile.mkstemp(prefix="rerank-serve-", suffix=".log")[1])
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    host = _flag(args, "host") or "127.0.0.1"
     triton_metrics = _flag(args, "triton-metrics-port")
     stack = Stack(
         process,
-        f"{_flag(args, 'host') or '127.0.0.1'}:{_flag(args, 'port') or port}",
+        f"{host}:{_flag(args, 'port') or port}",
         _flag(args, "triton-url") or f"localhost:{_flag(args, 'triton-grpc-port')}",
         log_path,
         f"http://localhost:{triton_metrics}/metrics" if triton_metrics else None,
-        f"http://{_flag(args, 'host') or '127.0.0.1'}:{_flag(args, 'metrics-port')}/metrics",
-        f"http://{_flag(args, 'host') or '127.0.0.1'}:{_flag(args, 'http-port')}"
-        if _flag(args, "http-port") != "0"
-        else None,
+        f"http://{host}:{_flag(args, 'metrics-port')}/metrics",
+        f"http://{host}:{_flag(args, 'http-port')}" if _flag(args, "http-port") != "0" else None,
     )
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and process.poll() is None:
-        if any(line.startswith("rerank: serving") for line in stack.output):
-            return stack
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("rerank serve did not start:\n" + "".join(stack.output))
+    health_port = _flag(args, "health-port")
+    if health_port is not None:
+        ready = wait_until_serving(f"{host}:{health_port}", process, timeout_s)
+    else:
+        ready = wait_until_serving(stack.target, process, timeout_s, credentials)
+    if not ready:
+        process.kill()
+        process.wait(30)
+        raise RuntimeError("rerank serve did not start:\n" + "".join(stack.output))
+    return stack
+
+
+def start_local(repository: Path, *args: str) -> Stack:
+    """`rerank serve` starting its own Triton on free ports, serving `repository`."""
+    ports = (f"--triton-{kind}-port={free_port()}" for kind in ("grpc", "http", "metrics"))
+    return start_serve([f"--model-repository={repository}", *ports, *args])
 
 
 def stop_serve(stack: Stack, timeout_s: float = 60) -> int:
@@ -169,23 +192,21 @@ def stop_serve(stack: Stack, timeout_s: float = 60) -> int:
 @pytest.fixture(scope="session")
 def stack(model_repository: Path) -> Iterator[Stack]:
     """`rerank serve` with a local Triton serving both tiny models; the frontend fronts `reranker`."""
-    served = start_serve(
-        [
-            f"--model-repository={model_repository}",
-            f"--triton-grpc-port={free_port()}",
-            f"--triton-http-port={free_port()}",
-            f"--triton-metrics-port={free_port()}",
-        ]
-    )
+    served = start_local(model_repository)
     yield served
     code = stop_serve(served)
     assert code == 0, "".join(served.output[-30:])
 
 
 @contextmanager
-def frontend(stack: Stack, model_repository: Path, *args: str) -> Iterator[Stack]:
-    """Another frontend on the stack's Triton (--triton-url), with its own settings."""
-    served = start_serve([f"--triton-url={stack.triton_url}", f"--model-repository={model_repository}", *args])
+def frontend(
+    stack: Stack, model_repository: Path, *args: str, credentials: grpc.ChannelCredentials | None = None
+) -> Iterator[Stack]:
+    """Another frontend on the stack's Triton (--triton-url), with its own settings (`credentials`: see
+    start_serve)."""
+    served = start_serve(
+        [f"--triton-url={stack.triton_url}", f"--model-repository={model_repository}", *args], credentials=credentials
+    )
     served.triton_metrics_url = stack.triton_metrics_url
     try:
         yield served
@@ -252,16 +273,7 @@ def numpy2_stack(numpy2_env: Path, numpy2_repository: Path) -> Iterator[Stack]:
     its Triton log is stack.triton_log."""
     repository = numpy2_repository
     triton_log = repository.parent / "numpy2-triton.log"
-    served = start_serve(
-        [
-            f"--model-repository={repository}",
-            f"--triton-python-env={numpy2_env}",
-            f"--triton-log={triton_log}",
-            f"--triton-grpc-port={free_port()}",
-            f"--triton-http-port={free_port()}",
-            f"--triton-metrics-port={free_port()}",
-        ]
-    )
+    served = start_local(repository, f"--triton-python-env={numpy2_env}", f"--triton-log={triton_log}")
     served.triton_log = triton_log
     yield served
     code = stop_serve(served)

@@ -5,26 +5,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from rerank_client import RerankClient, UnavailableError
+from rerank_client.pb import SERVICE_NAME
+from rerank_server.testing import health_status, wait_for_health
 from rerank_server.triton_launcher import LocalTriton, TritonPorts
 from tests.conftest import free_port, start_serve, stop_serve
 
 
-def wait_for_health(target: str, status: int, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        seen = None
-        while time.monotonic() < deadline:
-            seen = stub.Check(health_pb2.HealthCheckRequest(service="rerank.v1.RerankService"), timeout=5).status
-            if seen == status:
-                return
-            time.sleep(0.2)
-    raise AssertionError(f"health stayed {seen}, expected {status}")
+def wait_for_api_health(target: str, serving: bool, timeout_s: float = 60) -> None:
+    assert wait_for_health(target, timeout_s, serving=serving, service=SERVICE_NAME), (
+        f"the API's health never became {'SERVING' if serving else 'not SERVING'}"
+    )
 
 
 def start_triton(repository: Path, ports: TritonPorts) -> LocalTriton:
@@ -40,23 +34,20 @@ def test_health_tracks_triton_and_calls_recover_without_restarting_the_frontend(
     try:
         frontend = start_serve([f"--triton-url=localhost:{ports.grpc}", f"--model-repository={model_repository}"])
         with RerankClient(frontend.target, timeout=30) as client:
-            wait_for_health(frontend.target, health_pb2.HealthCheckResponse.SERVING)
+            wait_for_api_health(frontend.target, serving=True)
             assert len(client.rerank("query", ["a", "b"]).results) == 2
 
             triton.stop()
-            wait_for_health(frontend.target, health_pb2.HealthCheckResponse.NOT_SERVING)
-            with grpc.insecure_channel(frontend.target) as channel:
-                liveness = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(service="liveness"), timeout=5
-                )
-            assert liveness.status == health_pb2.HealthCheckResponse.SERVING, "liveness followed Triton"
+            wait_for_api_health(frontend.target, serving=False)
+            liveness = health_status(frontend.target, "liveness")
+            assert liveness == health_pb2.HealthCheckResponse.SERVING, "liveness followed Triton"
             started = time.monotonic()
             with pytest.raises(UnavailableError):
                 client.rerank("query", ["a", "b"])
             assert time.monotonic() - started < 10, "a call with Triton down did not fail fast"
 
             triton = start_triton(model_repository, ports)
-            wait_for_health(frontend.target, health_pb2.HealthCheckResponse.SERVING, timeout_s=120)
+            wait_for_api_health(frontend.target, serving=True, timeout_s=120)
             assert len(client.rerank("query", ["a", "b"]).results) == 2
     finally:
         if frontend is not None:

@@ -19,11 +19,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from rerank_client import InvalidRequestError, RerankClient, RerankError, stream_request
+from rerank_client import InvalidRequestError, RerankClient, RerankError, message_size_options, stream_request
 from rerank_client.errors import from_rpc_error, from_stream_error
-from rerank_client.pb import rerank_pb2
+from rerank_client.pb import SERVICE_NAME, rerank_pb2
+from rerank_server.testing import wait_for_health
 from rerank_server.tokenization import PairTokenizer, StoppedError
-from tests.conftest import RERANK, TOKENIZER_DIR, Stack, free_port, frontend, start_serve, stop_serve
+from tests.conftest import RERANK, TOKENIZER_DIR, Stack, frontend, start_local, stop_serve
 from tests.test_operations import sample, scrape
 from tests.texts import QUERY, text
 
@@ -31,13 +32,14 @@ MIB = 1024 * 1024
 TOKEN = "hostile-test-token"
 # ~31 million empty documents after a one-letter query: 60 MiB on the wire.
 HUGE_RERANK = b"\x0a\x01q" + b"\x12\x00" * 31_457_276
-GRPC_OPTIONS = [("grpc.max_send_message_length", 64 * MIB), ("grpc.max_receive_message_length", 64 * MIB)]
+GRPC_OPTIONS = message_size_options(64 * MIB)
 # Three rounds of four concurrent HUGE_RERANK calls, from another process; prints each status.
 FLOOD = """
 import sys, grpc
 from concurrent.futures import ThreadPoolExecutor
+from rerank_client import message_size_options
 HUGE = b"\\x0a\\x01q" + b"\\x12\\x00" * 31_457_276
-options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+options = message_size_options(64 << 20)
 def call(_):
     with grpc.insecure_channel(sys.argv[1], options=options) as channel:
         try:
@@ -378,28 +380,22 @@ def test_triton_killed_again_and_again_recovers_within_the_first_steps(model_rep
     repository = tmp_path / "repository"  # one tiny model: Triton restarts in seconds
     repository.mkdir()
     (repository / "reranker").symlink_to(model_repository / "reranker", target_is_directory=True)
-    served = start_serve(
-        [
-            f"--model-repository={repository}",
-            f"--triton-grpc-port={free_port()}",
-            f"--triton-http-port={free_port()}",
-            f"--triton-metrics-port={free_port()}",
-            "--health-interval-s=0.1",
-            "--triton-restart-backoff-s=1,4,8,16",
-            "--triton-healthy-s=2",
-        ]
+    served = start_local(
+        repository, "--health-interval-s=0.1", "--triton-restart-backoff-s=1,4,8,16", "--triton-healthy-s=2"
     )
     try:
         outages = []
         for _ in range(10):
-            assert wait_serving(served.target, 60)
+            assert wait_for_health(served.target, 60, service=SERVICE_NAME)
             time.sleep(2.5)  # a healthy period
             triton = next(p for p in psutil.Process(served.process.pid).children() if p.name() == "tritonserver")
             killed = time.monotonic()
             triton.kill()
             assert wait_gone(triton, 10)
-            assert wait_serving(served.target, 10, serving=False), "health never saw Triton down"
-            assert wait_serving(served.target, 60), "".join(served.output[-20:])
+            assert wait_for_health(served.target, 10, serving=False, service=SERVICE_NAME), (
+                "health never saw Triton down"
+            )
+            assert wait_for_health(served.target, 60, service=SERVICE_NAME), "".join(served.output[-20:])
             outages.append(time.monotonic() - killed)
         print("\noutages after each kill:", [f"{o:.1f}s" for o in outages])
         # Without the reset the delays would be 1, 4, 8, 16, 16, ... s: from the third kill on, every outage
@@ -416,23 +412,3 @@ def wait_gone(process: psutil.Process, timeout_s: float) -> bool:
     except psutil.TimeoutExpired:
         return False
     return True
-
-
-def wait_serving(target: str, timeout_s: float, serving: bool = True) -> bool:
-    """Wait until the API's health is SERVING (or, with serving=False, anything else)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with grpc.insecure_channel(target) as channel:
-                status = (
-                    health_pb2_grpc.HealthStub(channel)
-                    .Check(health_pb2.HealthCheckRequest(service="rerank.v1.RerankService"), timeout=2)
-                    .status
-                )
-            if (status == health_pb2.HealthCheckResponse.SERVING) == serving:
-                return True
-        except grpc.RpcError:
-            if not serving:
-                return True
-        time.sleep(0.05)
-    return False

@@ -15,6 +15,7 @@ import httpx
 
 from rerank_client import RerankClient
 from rerank_server.first_contact import DEMO_MODEL_ID
+from rerank_server.testing import wait_until_serving
 from tests.conftest import RERANK, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,11 +58,8 @@ def test_make_demo_serves_a_named_random_model_on_grpc_http_sdk_and_cli(tmp_path
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 600
-        while "rerank: serving" not in log_path.read_text(errors="replace"):
-            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text(errors="replace")
-            time.sleep(0.5)
         target = f"127.0.0.1:{port}"
+        assert wait_until_serving(target, process, 600), log_path.read_text(errors="replace")
         with RerankClient(target, timeout=60) as client:
             grpc_answer = client.rerank("what is the capital of China?", ["Beijing", "rain"])
             assert grpc_answer.model == DEMO_MODEL_ID

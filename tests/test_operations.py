@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import psutil
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from rerank_client import (
     AsyncRerankClient,
@@ -27,9 +27,10 @@ from rerank_client import (
     UnavailableError,
     tls_credentials,
 )
-from rerank_client.pb import rerank_pb2, rerank_pb2_grpc
+from rerank_client.pb import SERVICE_NAME, rerank_pb2, rerank_pb2_grpc
+from rerank_server.testing import health_status
 from tests.certs import Authority
-from tests.conftest import Stack, free_port, frontend, start_serve, stop_serve
+from tests.conftest import Stack, free_port, frontend, start_local, start_serve, stop_serve
 from tests.reference import eager
 from tests.texts import QUERY, text
 
@@ -46,13 +47,6 @@ def sample(metrics: str, name: str, **labels: str) -> float:
         if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
             return float(match.group(2))
     return 0.0
-
-
-def health_status(target: str, service: str = "rerank.v1.RerankService") -> int:
-    with grpc.insecure_channel(target) as channel:
-        return (
-            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
-        )
 
 
 # -- metrics, logs, settings -------------------------------------------------------------------
@@ -118,7 +112,7 @@ def test_bearer_token_auth_accepts_the_right_token_only(stack: Stack, model_repo
                 bad.rerank(QUERY, ["a"])
             assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
         # Probes need no token.
-        assert health_status(served.target) == health_pb2.HealthCheckResponse.SERVING
+        assert health_status(served.target, SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
         printed = "".join(served.output)
         assert "auth_token = ***" in printed and "unused-env-token" not in printed and "s3cret" not in printed
 
@@ -156,7 +150,7 @@ def test_tls_serves_clients_that_trust_its_ca(stack: Stack, model_repository: Pa
         assert not call_ok(target, None), "a plaintext client was served"
         assert not call_ok(target, tls_credentials(pki["rogue_ca"].cert)), "a client trusting another CA connected"
         health_port = args[2].split("=")[1]
-        assert health_status(f"127.0.0.1:{health_port}") == health_pb2.HealthCheckResponse.SERVING
+        assert health_status(f"127.0.0.1:{health_port}", SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_mtls_serves_only_clients_with_a_certificate_from_its_ca(stack: Stack, model_repository: Path, pki) -> None:
@@ -165,10 +159,12 @@ def test_mtls_serves_only_clients_with_a_certificate_from_its_ca(stack: Stack, m
         f"--tls-key-file={pki['server'].key}",
         f"--tls-client-ca-file={pki['ca'].cert}",
     )
-    with frontend(stack, model_repository, *args) as served:
+    ca = pki["ca"].cert
+    # No plaintext health port here: readiness is asked over mTLS, with a client certificate.
+    client_tls = tls_credentials(ca, pki["client"].cert, pki["client"].key)
+    with frontend(stack, model_repository, *args, credentials=client_tls) as served:
         target = f"localhost:{served.target.rsplit(':', 1)[1]}"
-        ca = pki["ca"].cert
-        assert call_ok(target, tls_credentials(ca, pki["client"].cert, pki["client"].key))
+        assert call_ok(target, client_tls)
         assert not call_ok(target, tls_credentials(ca)), "a client without a certificate was served"
         assert not call_ok(target, tls_credentials(ca, pki["rogue_client"].cert, pki["rogue_client"].key))
 
@@ -177,53 +173,38 @@ def test_mtls_serves_only_clients_with_a_certificate_from_its_ca(stack: Stack, m
 
 
 def test_sigterm_under_load_lets_in_flight_calls_finish_and_exits_0(stack: Stack, model_repository: Path) -> None:
-    served = start_serve(
-        [
-            f"--triton-url={stack.triton_url}",
-            f"--model-repository={model_repository}",
-            "--model-name=reranker_long",
-            "--shutdown-grace-s=300",
-        ]
-    )
-    documents = [text(9000, seed=7)]  # an 8192-token pair: seconds of work per call
-    outcomes: list[object] = []
+    with frontend(stack, model_repository, "--model-name=reranker_long", "--shutdown-grace-s=300") as served:
+        documents = [text(9000, seed=7)]  # an 8192-token pair: seconds of work per call
+        outcomes: list[object] = []
 
-    def call() -> None:
-        with RerankClient(served.target, timeout=120, retries=0) as client:
-            try:
-                outcomes.append(client.rerank(QUERY, documents))
-            except RerankError as error:
-                outcomes.append(error)
+        def call() -> None:
+            with RerankClient(served.target, timeout=120, retries=0) as client:
+                try:
+                    outcomes.append(client.rerank(QUERY, documents))
+                except RerankError as error:
+                    outcomes.append(error)
 
-    threads = [threading.Thread(target=call) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    assert wait_until(lambda: sample(scrape(served.metrics_url), "rerank_inflight_calls") == 3, 60)
-    served.process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    assert health_status(served.target) == health_pb2.HealthCheckResponse.NOT_SERVING
-    with RerankClient(served.target, timeout=10, retries=0) as late, pytest.raises(UnavailableError):
-        late.rerank(QUERY, ["too late"])
-    for thread in threads:
-        thread.join(300)
-    assert all(isinstance(o, rerank_pb2.RerankResponse) for o in outcomes), outcomes
-    assert len(outcomes) == 3
-    assert served.process.wait(60) == 0
+        threads = [threading.Thread(target=call) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        assert wait_until(lambda: sample(scrape(served.metrics_url), "rerank_inflight_calls") == 3, 60)
+        served.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert health_status(served.target, SERVICE_NAME) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with RerankClient(served.target, timeout=10, retries=0) as late, pytest.raises(UnavailableError):
+            late.rerank(QUERY, ["too late"])
+        for thread in threads:
+            thread.join(300)
+        assert all(isinstance(o, rerank_pb2.RerankResponse) for o in outcomes), outcomes
+        assert len(outcomes) == 3
+        assert served.process.wait(60) == 0
 
 
 # -- Triton supervision ----------------------------------------------------------------------
 
 
 def test_kill_9_triton_under_load_every_call_ends_in_time_and_service_recovers(model_repository: Path) -> None:
-    served = start_serve(
-        [
-            f"--model-repository={model_repository}",
-            f"--triton-grpc-port={free_port()}",
-            f"--triton-http-port={free_port()}",
-            f"--triton-metrics-port={free_port()}",
-            "--health-interval-s=0.2",
-        ]
-    )
+    served = start_local(model_repository, "--health-interval-s=0.2")
     try:
         triton = next(p for p in psutil.Process(served.process.pid).children() if p.name() == "tritonserver")
         outcomes: list[tuple[str, float]] = []
@@ -246,7 +227,7 @@ def test_kill_9_triton_under_load_every_call_ends_in_time_and_service_recovers(m
         time.sleep(2)
         triton.kill()
         recovered = wait_until(
-            lambda: health_status(served.target) == health_pb2.HealthCheckResponse.SERVING, 120, after=2
+            lambda: health_status(served.target, SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING, 120, after=2
         )
         time.sleep(2)
         stop.set()

@@ -190,7 +190,7 @@ def test_cli_query_reports_errors_with_a_status(stack: Stack) -> None:
 
 
 def test_serve_printed_where_it_listens(stack: Stack, model_repository: Path) -> None:
-    line = next(line for line in stack.output if line.startswith("rerank: serving"))
+    line = stack.printed("rerank: serving")
     assert stack.target.split(":")[1] in line and "Triton at" in line
 
 

@@ -32,6 +32,7 @@ from rerank_client.client import (
     RerankClient,
     build_rerank_request,
     build_score_request,
+    message_size_options,
     stream_request,
     tls_credentials,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "build_rerank_request",
     "build_score_request",
     "from_stream_error",
+    "message_size_options",
     "stream_request",
     "tls_credentials",
 ]

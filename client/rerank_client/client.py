@@ -116,10 +116,18 @@ def service_config(retries: int) -> str:
     return json.dumps(config)
 
 
-def channel_options(max_message_bytes: int, retries: int = 3) -> list[tuple[str, Any]]:
+def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """gRPC channel or server options that raise the largest message sent and received (gRPC's default
+    is 4 MiB received) to max_message_bytes; the SDK, the server and its Triton client all use them."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def channel_options(max_message_bytes: int, retries: int = 3) -> list[tuple[str, Any]]:
+    return [
+        *message_size_options(max_message_bytes),
         ("grpc.service_config", service_config(retries)),
         ("grpc.enable_retries", 1),
         # Keepalive: find dead connections (a replica gone without a FIN) within ~40 s, idle or not.

@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rerank_client import message_size_options
 from rerank_client.pb import SERVICE_NAME
 from rerank_server.admission import TokenAdmission
 from rerank_server.core import RerankCore
@@ -60,8 +61,7 @@ def tokenizer_folder(settings: Settings, model: ModelInfo) -> Path:
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     return [
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        *message_size_options(settings.max_message_bytes),
         # Clients keep connections alive with pings every 30 s (the SDK's default); allow them.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -133,12 +133,13 @@ class Frontend:
 
     async def start(self) -> None:
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        await self._set_health(await self.backend.is_ready())
         await self._server.start()
         if self.http is not None:
             await self.http.start()
         if self._health_server is not None:
             await self._health_server.start()
+        # Ready only once every surface listens: a probe's SERVING must not precede the HTTP port.
+        await self._set_health(await self.backend.is_ready())
         self._watcher = asyncio.create_task(self._watch_backend(), name="health-watcher")
 
     async def _set_health(self, ready: bool) -> None:

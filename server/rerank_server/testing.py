@@ -1,4 +1,5 @@
-"""Helpers for tests and benchmarks: ModernBERT rerankers with random weights, saved like real ones.
+"""Helpers for tests and benchmarks: ModernBERT rerankers with random weights, saved like real ones, and
+readiness asked of the gRPC health service (as a probe would), never read from printed output.
 
 Checkpoints are written with a real tokenizer so that tokenization, truncation and lengths are the
 production ones; only the weights are random (cost does not depend on them). Needs the `export`
@@ -7,12 +8,19 @@ extra (torch, transformers).
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rerank_triton_model.contract import ModelParameters
 
 # Small enough for fast correctness tests, with more than one global and one local attention layer.
 TINY_CONFIG: dict[str, Any] = {
@@ -47,6 +55,16 @@ def save_random_checkpoint(folder: Path, tokenizer_dir: Path, seed: int = 0, **c
     return folder
 
 
+# One entry of config.pbtxt's parameters block; export.render_config writes keys and values JSON-quoted.
+_PARAMETER = re.compile(r'key: ("(?:[^"\\]|\\.)*") value: \{ string_value: ("(?:[^"\\]|\\.)*") \}')
+
+
+def exported_parameters(model_dir: Path) -> ModelParameters:
+    """The typed parameters of a model folder written by `rerank export`, read from its config.pbtxt."""
+    text = (model_dir / "config.pbtxt").read_text()
+    return ModelParameters.from_strings({json.loads(k): json.loads(v) for k, v in _PARAMETER.findall(text)})
+
+
 def free_port() -> int:
     """A TCP port free on the loopback interface now (tests and benchmarks start servers on such ports)."""
     with socket.socket() as s:
@@ -54,21 +72,58 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until_serving(target: str, process: subprocess.Popen[bytes], timeout_s: float) -> bool:
-    """Wait until `rerank serve` at target (plaintext gRPC) answers its health service SERVING, the way a
-    Kubernetes readiness probe asks; False if the process exited or timeout_s passed first."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+def health_status(
+    target: str,
+    service: str = "",
+    credentials: grpc.ChannelCredentials | None = None,
+    timeout_s: float = 5.0,
+) -> int:
+    """What the gRPC health service at target says of `service` ("" is the server as a whole), over
+    plaintext or, with credentials, TLS. Raises grpc.RpcError when it cannot answer."""
+    with _channel(target, credentials) as channel:
+        request = health_pb2.HealthCheckRequest(service=service)
+        return int(health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout_s).status)
 
+
+def wait_for_health(
+    target: str,
+    timeout_s: float,
+    *,
+    serving: bool = True,
+    service: str = "",
+    credentials: grpc.ChannelCredentials | None = None,
+    process: subprocess.Popen[bytes] | None = None,
+) -> bool:
+    """Wait until the health service at target says SERVING (serving=False: anything else, or no answer),
+    the way a Kubernetes readiness probe asks; False if timeout_s passed or `process` exited first."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
+    request = health_pb2.HealthCheckRequest(service=service)
+    with _channel(target, credentials) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline and process.poll() is None:
+        while time.monotonic() < deadline and (process is None or process.poll() is None):
             try:
-                answer = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                answer = health.Check(request, timeout=2)
+                if (answer.status == health_pb2.HealthCheckResponse.SERVING) == serving:
                     return True
-            except grpc.RpcError:
-                pass  # not listening yet
-            time.sleep(0.3)
+            except grpc.RpcError:  # not listening (yet, or any more), or the service is not set yet
+                if not serving:
+                    return True
+            time.sleep(0.1)
     return False
+
+
+def wait_until_serving(
+    target: str,
+    process: subprocess.Popen[bytes],
+    timeout_s: float,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> bool:
+    """Wait until `rerank serve` at target answers its health service SERVING: the model is ready and
+    every API surface listens. False if the process exited or timeout_s passed first."""
+    return wait_for_health(target, timeout_s, credentials=credentials, process=process)
+
+
+def _channel(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
+    if credentials is None:
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, credentials)

@@ -17,6 +17,7 @@ import tritonclient.grpc.aio as triton_grpc
 from opentelemetry import trace
 from tritonclient.utils import InferenceServerException
 
+from rerank_client import message_size_options
 from rerank_server.errors import BackendFailureError, BackendUnavailableError, DeadlineExceededError, ServiceError
 from rerank_server.observability import Metrics
 from rerank_server.tokenization import TokenizedPairs
@@ -78,11 +79,7 @@ class TritonBackend:
         self.model_name = model_name
         self.request_max_tokens = request_max_tokens
         self.metrics = metrics
-        channel_args = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-        ]
-        self._client = triton_grpc.InferenceServerClient(url, channel_args=channel_args)
+        self._client = triton_grpc.InferenceServerClient(url, channel_args=message_size_options(max_message_bytes))
 
     async def is_ready(self) -> bool:
         try:
