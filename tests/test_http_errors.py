@@ -22,7 +22,7 @@ import httpx
 import psutil
 import pytest
 
-from rerank_client import RerankClient
+from rerank_client import RerankClient, tls_credentials
 from tests.certs import Authority
 from tests.conftest import Stack, free_port, frontend, start_serve, stop_serve
 from tests.test_operations import sample, scrape
@@ -291,7 +291,8 @@ def test_a_body_of_millions_of_tiny_values_is_refused_from_a_scan(stack: Stack) 
 def test_tls_with_the_same_files_as_grpc(stack: Stack, model_repository: Path, tmp_path: Path) -> None:
     ca = Authority(tmp_path, "ca")
     server = ca.issue("server", server=True)
-    with frontend(stack, model_repository, f"--tls-cert-file={server.cert}", f"--tls-key-file={server.key}") as served:
+    args = (f"--tls-cert-file={server.cert}", f"--tls-key-file={server.key}")
+    with frontend(stack, model_repository, *args, credentials=tls_credentials(ca.issued.cert)) as served:
         assert served.http_url is not None
         https = served.http_url.replace("http://127.0.0.1", "https://localhost")
         with httpx.Client(verify=ssl.create_default_context(cafile=str(ca.issued.cert))) as client:
@@ -304,20 +305,20 @@ def test_tls_with_the_same_files_as_grpc(stack: Stack, model_repository: Path, t
 # -- overload, drain, deadline, Triton down ---------------------------------------------------
 
 
+def sigterm_once_in_flight(served: Stack) -> None:
+    """SIGTERM the frontend once its metrics count tokens in flight (or after 60 s)."""
+    assert served.metrics_url is not None
+    deadline = time.monotonic() + 60
+    while sample(scrape(served.metrics_url), "rerank_inflight_tokens") == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    served.process.send_signal(signal.SIGTERM)
+
+
 def test_overload_is_429_with_retry_after_and_sigterm_drains(stack: Stack, model_repository: Path) -> None:
-    served = start_serve(
-        [
-            f"--triton-url={stack.triton_url}",
-            f"--model-repository={model_repository}",
-            "--model-name=reranker_long",
-            "--max-inflight-tokens=10000",
-            "--max-total-tokens=10000",
-            "--shutdown-grace-s=300",
-        ]
-    )
-    url = served.http_url
-    documents = [text(9000, seed=50)]  # 8192 tokens: one call fills the capacity for seconds
-    try:
+    args = ("--model-name=reranker_long", "--max-inflight-tokens=10000", "--max-total-tokens=10000")
+    with frontend(stack, model_repository, *args, "--shutdown-grace-s=300") as served:
+        url = served.http_url
+        documents = [text(9000, seed=50)]  # 8192 tokens: one call fills the capacity for seconds
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             calls = [
                 pool.submit(httpx.post, f"{url}{path}", json=good_body(path, documents, **cutting(path)), timeout=300)
@@ -337,11 +338,7 @@ def test_overload_is_429_with_retry_after_and_sigterm_drains(stack: Stack, model
             target=lambda: results.append(httpx.post(f"{url}{TEI}", json=good_body(TEI, documents), timeout=300))
         )
         first.start()
-        assert served.metrics_url is not None
-        deadline = time.monotonic() + 60
-        while sample(scrape(served.metrics_url), "rerank_inflight_tokens") == 0 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        served.process.send_signal(signal.SIGTERM)
+        sigterm_once_in_flight(served)
         time.sleep(0.5)
         late = httpx.post(f"{url}{COHERE_V2}", json=good_body(COHERE_V2, ["too late"]), timeout=30)
         assert_shape(COHERE_V2, late, 503, "shutting down")
@@ -350,9 +347,6 @@ def test_overload_is_429_with_retry_after_and_sigterm_drains(stack: Stack, model
         first.join(300)
         assert [r.status_code for r in results] == [200]
         assert served.process.wait(60) == 0
-    finally:
-        if served.process.poll() is None:
-            stop_serve(served)
 
 
 def test_deadline_is_504(stack: Stack, model_repository: Path) -> None:
@@ -517,15 +511,7 @@ def test_random_bodies_never_get_a_500(base_url: str) -> None:
 
 
 def test_a_call_outliving_the_shutdown_grace_gets_503_not_500(stack: Stack, model_repository: Path) -> None:
-    served = start_serve(
-        [
-            f"--triton-url={stack.triton_url}",
-            f"--model-repository={model_repository}",
-            "--model-name=reranker_long",
-            "--shutdown-grace-s=1",
-        ]
-    )
-    try:
+    with frontend(stack, model_repository, "--model-name=reranker_long", "--shutdown-grace-s=1") as served:
         url = served.http_url
         results: list[httpx.Response] = []
 
@@ -535,15 +521,8 @@ def test_a_call_outliving_the_shutdown_grace_gets_503_not_500(stack: Stack, mode
 
         caller = threading.Thread(target=call)
         caller.start()
-        assert served.metrics_url is not None
-        deadline = time.monotonic() + 60
-        while sample(scrape(served.metrics_url), "rerank_inflight_tokens") == 0 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        served.process.send_signal(signal.SIGTERM)
+        sigterm_once_in_flight(served)
         caller.join(120)
         assert len(results) == 1
         assert_shape(COHERE_V2, results[0], 503, "stopped before the call finished")
         assert served.process.wait(60) == 0
-    finally:
-        if served.process.poll() is None:
-            stop_serve(served)

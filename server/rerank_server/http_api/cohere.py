@@ -99,9 +99,19 @@ def _document_text(document: str | dict[str, Any], index: int, rank_fields: list
     return "\n".join(values)
 
 
-def _answer(
-    request: Request, output: RerankOutput, documents: list[str], return_documents: bool, version: str
-) -> dict[str, Any]:
+async def _rerank(
+    request: Request,
+    query: str,
+    documents: list[str],
+    top_n: int | None,
+    options: ScoreOptions,
+    return_documents: bool,
+    version: str,
+) -> tuple[RerankOutput, dict[str, Any]]:
+    """Both routes' body: rank through the core, answer in Cohere's shape for API `version`."""
+    core_input = RerankInput(query, documents, top_n=top_n or 0, options=options)
+    core = context(request).core
+    output = await call_core(request, lambda deadline: core.rerank(core_input, deadline))
     results: list[dict[str, Any]] = []
     for result in output.results:
         item: dict[str, Any] = {"index": result.index, "relevance_score": result.score}
@@ -109,11 +119,12 @@ def _answer(
             item["document"] = {"text": documents[result.index]}
         results.append(item)
     units = math.ceil(len(documents) / _DOCUMENTS_PER_SEARCH_UNIT)
-    return {
+    answer = {
         "id": request_id(request),
         "results": results,
         "meta": {"api_version": {"version": version}, "billed_units": {"search_units": units}},
     }
+    return output, answer
 
 
 @router.post(
@@ -125,10 +136,8 @@ def _answer(
 async def rerank_v1(body: RerankV1Request, request: Request) -> JSONResponse:
     documents = [_document_text(d, i, body.rank_fields) for i, d in enumerate(body.documents)]
     options = ScoreOptions(truncation=Truncation.CHUNK if body.max_chunks_per_doc else Truncation.END)
-    core_input = RerankInput(body.query, documents, top_n=body.top_n or 0, options=options)
-    core = context(request).core
-    output = await call_core(request, lambda deadline: core.rerank(core_input, deadline))
-    answer = _answer(request, output, documents, body.return_documents, "1")
+    output, answer = await _rerank(request, body.query, documents, body.top_n, options, body.return_documents, "1")
+    # Jina's fields beside Cohere's.
     tokens = output.usage.input_tokens
     answer["model"] = output.model
     answer["usage"] = {"total_tokens": tokens, "prompt_tokens": tokens}
@@ -142,12 +151,9 @@ async def rerank_v1(body: RerankV1Request, request: Request) -> JSONResponse:
     responses={400: {"description": "invalid request: {message}"}},
 )
 async def rerank_v2(body: RerankV2Request, request: Request) -> JSONResponse:
-    core = context(request).core
     max_length = None
     if body.max_tokens_per_doc is not None:
-        max_length = min(body.max_tokens_per_doc, core.describe().max_length)
-    core_input = RerankInput(
-        body.query, body.documents, top_n=body.top_n or 0, options=ScoreOptions(max_length=max_length)
-    )
-    output = await call_core(request, lambda deadline: core.rerank(core_input, deadline))
-    return JSONResponse(_answer(request, output, body.documents, body.return_documents, "2"))
+        max_length = min(body.max_tokens_per_doc, context(request).core.describe().max_length)
+    options = ScoreOptions(max_length=max_length)
+    _, answer = await _rerank(request, body.query, body.documents, body.top_n, options, body.return_documents, "2")
+    return JSONResponse(answer)
