@@ -31,13 +31,13 @@ import argparse
 import datetime as dt
 import json
 import math
-import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from bench.run import (
     run_served,
 )
 from bench.workloads import Request, Workload
+from rerank_triton_model.contract import ModelParameters
 
 EAGER_BATCH = 32  # sentence-transformers' default batch size
 # In-process "large batches of (a)'s shape": this many (a) pairs per call, under this token budget.
@@ -195,176 +196,264 @@ def flops_per_token(config: dict[str, Any], tokens_per_pair: int) -> float:
     return float(2 * weights + attention)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    import torch
-    from transformers import ModernBertConfig
+@dataclass
+class _Session:
+    """What the GPU check's steps share: its arguments, the clock, and the results each step adds to."""
 
-    from bench.served import Sampler, ServedStack
-    from rerank_client import RerankClient
-    from rerank_server.testing import save_random_checkpoint
-    from rerank_triton_model.reranker_engine import PackedReranker
+    args: argparse.Namespace
+    seconds: float  # least time per measurement, within --budget-s
+    started: float = field(default_factory=time.perf_counter)
+    progress: Progress = field(default_factory=lambda: Progress(0, enabled=False))
+    measurements: list[dict[str, Any]] = field(default_factory=list)
+    agreements: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
 
-    started = time.perf_counter()
-    on_gpu = args.device == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        print("no CUDA device: run with --device cpu for a dry run", file=sys.stderr)
-        return 2
-    machine = machine_info()
-    if on_gpu:
-        properties = torch.cuda.get_device_properties(0)
-        machine["gpu"] = {"name": properties.name, "memory_gib": properties.total_memory / 2**30}
-    built = workloads.build(TOKENIZER_DIR, seed=args.seed, shape=workloads.QUICK if args.quick else workloads.FULL)
-    fixed = sorted((w for w in built.values() if w.kind == "a"), key=lambda w: w.concurrency)
-    a1, b, c = fixed[0], built["b"], built["c"]
-    progress = Progress(0, enabled=False)
-    args.output.mkdir(parents=True, exist_ok=True)
-    measurements: list[dict[str, Any]] = []
-    agreements: dict[str, Any] = {}
-    memory: dict[str, Any] = {}
-    # Measurements: 6 in-process + 3 eager + served on every (a), (b), (c); each runs about 3 passes.
-    planned = 9 + len(fixed) + 2
-    seconds = max(0.2, min(args.seconds, 0.5 * args.budget_s / (3 * planned)))
+    @property
+    def on_gpu(self) -> bool:
+        return bool(self.args.device == "cuda")
 
-    def log(line: str) -> None:
-        print(f"[{time.perf_counter() - started:6.1f}s] {line}", flush=True)
+    def log(self, line: str) -> None:
+        print(f"[{time.perf_counter() - self.started:6.1f}s] {line}", flush=True)
 
-    def calibrated(run: Callable[[int], Any]) -> Any:
-        run(1)  # first-run costs (CUDA kernels, allocator growth)
+    def calibrated(self, run: Callable[[int], Any]) -> Any:
+        """run(repeats) once for first-run costs (CUDA kernels, allocator growth), once to time a pass,
+        then for at least `seconds`; returns the last run's result."""
+        run(1)
         warm = run(1)
-        return run(repeats_for(seconds, warm[0]["wall_s"] if isinstance(warm, tuple) else warm["wall_s"]))
+        return run(repeats_for(self.seconds, warm[0]["wall_s"] if isinstance(warm, tuple) else warm["wall_s"]))
 
-    with tempfile.TemporaryDirectory(prefix="rerank-bench-gpu-") as temporary:
-        workdir = Path(temporary)
-        checkpoint = workdir / "checkpoint"
-        config = {**(QUICK_CONFIG if args.quick else {}), "initializer_range": 0.02}
-        save_random_checkpoint(checkpoint, TOKENIZER_DIR, seed=args.seed, **config)
-        model_config = ModernBertConfig(**config).to_dict()
-        log(f"saved a random {'tiny' if args.quick else 'ModernBERT-base size'} checkpoint")
-        repository = workdir / "repository"
-        export = [RERANK, "export", "--model", str(checkpoint), "--output", str(repository)]
-        export += ["--device", "gpu"] if on_gpu else ["--device", "cpu", "--runtime", "packed", "--precision", "fp32"]
-        done = subprocess.run([*export, *args.export_args.split()], capture_output=True, text=True)
-        if done.returncode != 0:
-            print(done.stdout[-2000:], done.stderr[-3000:], file=sys.stderr)
-            return 1
-        version = repository / "reranker" / "1"
-        exported = json.loads((version / "export.json").read_text())
-        precision, runtime = exported["precision"], exported.get("runtime", "packed")
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-        log(f"exported ({runtime}, {precision}): {exported['verification']}")
-        config_text = (repository / "reranker" / "config.pbtxt").read_text()
-        parameters = dict(re.findall(r'key: "([^"]+)" value: \{ string_value: "([^"]*)" \}', config_text))
-        budget = int(parameters["max_batch_tokens"])
-        from tokenizers import Tokenizer
+    def release_device_memory(self) -> None:
+        if self.on_gpu:
+            import torch
 
-        tokenizer = Tokenizer.from_file(str(version / "tokenizer" / "tokenizer.json"))
-
-        # In-process first, each engine warmed up and calibrated on its own pass, then freed for Triton.
-        engine_logits: dict[str, np.ndarray] = {}
-        for system, packed in (("packed-engine", True), ("padded-engine", False)):
-            engine = PackedReranker.from_pretrained(
-                str(version / "model"),
-                pad_token_id=int(parameters["pad_token_id"]),
-                max_batch_tokens=budget,
-                device=args.device,
-                precision=precision,
-                packed=packed,
-            )
-            if on_gpu:
-                torch.cuda.reset_peak_memory_stats()
-            for workload in (a1, b, c):
-                result, logits = calibrated(
-                    partial(run_inprocess, system, engine, tokenizer, workload, progress=progress)
-                )
-                measurements.append(result)
-                if workload is b:
-                    engine_logits[system] = logits
-                log(f"{system} {workload.name}: {result['pairs_per_s']:.1f} pairs/s")
-            if packed:
-                # Large batches of (a)'s shape: one call of LARGE_PAIRS pairs under a LARGE_BUDGET token budget.
-                engine.max_batch_tokens = LARGE_BUDGET
-                first = a1.requests[0]
-                copies = math.ceil(LARGE_PAIRS / first.pairs)
-                request = workloads.Request(first.query, first.documents * copies, first.pair_lengths * copies)
-                large = Workload(
-                    a1.name + "-large", a1.kind, f"{a1.title}, {request.pairs} pairs per call", ((request,),)
-                )
-                result, _ = calibrated(partial(run_inprocess, system, engine, tokenizer, large, progress=progress))
-                result["workload"] = "a-large"
-                measurements.append(result)
-                log(f"packed-engine large (a): {result['tokens_per_s']:.0f} tokens/s")
-            if on_gpu:
-                memory[f"{system}_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            del engine
-            if on_gpu:
-                torch.cuda.empty_cache()
-        eager = HandRolledEager(checkpoint, args.device, dtype)
-        for workload in (a1, b):
-            predict = partial(eager_predict, eager)
-            run = partial(run_batched, "eager", workload, predict=predict, progress=progress, batch=EAGER_BATCH)
-            result, eager_b = calibrated(run)
-            measurements.append(result)
-            log(f"eager {workload.name}: {result['pairs_per_s']:.1f} pairs/s")
-        # fp32 eager on the last (b) request: the reference every path is held to.
-        eager.model.float()
-        last = b.requests[-1]
-        reference = eager.logits(last.query, last.documents).astype(np.float64)
-        del eager, predict
-        peak_tflops = matmul_peak_tflops(args.device, dtype)
-        if on_gpu:
             torch.cuda.empty_cache()
 
-        instance_kind = "KIND_GPU" if on_gpu else "KIND_CPU"
-        stack = ServedStack.start(repository, args.output / "gpu-serve.log")
-        triton_binary = next(p.exe() for p in stack.triton if p.name() == "tritonserver")
-        log(f"serving with {instance_kind} ({triton_binary})")
-        sampler = Sampler(stack.frontend, stack.triton)
-        sampler.start()
-        try:
-            with RerankClient(stack.target, timeout=120) as client:
-                response = client.rerank(last.query, list(last.documents))
-            served_b = np.full(last.pairs, np.nan)
-            for r in response.results:
-                served_b[r.index] = r.logit
-            for name, got in (("served", served_b), *engine_logits.items(), ("eager", eager_b)):
-                agreements[name] = agreement(np.asarray(got, dtype=np.float64), reference)
-            log(f"against fp32 eager on one (b) request: {agreements}")
-            with DeviceMemory(on_gpu) as device_memory:
-                for workload in [*fixed, b, c]:
-                    result = calibrated(partial(run_served, stack, workload, sampler=sampler, progress=progress))
-                    measurements.append(result)
-                    log(f"served {workload.name} c{workload.concurrency}: {result['pairs_per_s']:.1f} pairs/s")
-            if on_gpu:
-                memory["served_device_used_peak_gib"] = device_memory.peak / 2**30
-        finally:
-            sampler.stop()
-            code = stack.stop()
-            if code != 0:
-                log(f"rerank serve exited with {code}")
 
-    def rate(system: str, kind: str, concurrency: int = 1, per_token: bool = False) -> float:
-        found = [
-            m
-            for m in measurements
-            if m["system"] == system and m["workload"] == kind and m["concurrency"] == concurrency
-        ]
-        return float(found[0]["tokens_per_s" if per_token else "pairs_per_s"]) if found else float("nan")
+@dataclass(frozen=True)
+class _Export:
+    """The random checkpoint and its `rerank export` (the served variant), as the steps read them."""
 
-    top = fixed[-1].concurrency
-    large_tokens = rate("packed-engine", "a-large", per_token=True)
-    flops = flops_per_token(model_config, a1.requests[0].pair_lengths[0])
-    ratios = {
+    checkpoint: Path
+    repository: Path
+    model_config: dict[str, Any]
+    exported: dict[str, Any]  # the version folder's export.json
+    parameters: ModelParameters
+    tokenizer: Any
+
+    @property
+    def version(self) -> Path:
+        return self.repository / "reranker" / "1"
+
+    @property
+    def precision(self) -> str:
+        return str(self.exported["precision"])
+
+    @property
+    def runtime(self) -> str:
+        return str(self.exported.get("runtime", "packed"))
+
+
+def _export(run: _Session, workdir: Path) -> _Export | None:
+    """A random checkpoint exported as the GPU variant (--device cpu: packed fp32); None if export failed."""
+    from tokenizers import Tokenizer
+    from transformers import ModernBertConfig
+
+    from rerank_server.testing import exported_parameters, save_random_checkpoint
+
+    args = run.args
+    checkpoint = workdir / "checkpoint"
+    config = {**(QUICK_CONFIG if args.quick else {}), "initializer_range": 0.02}
+    save_random_checkpoint(checkpoint, TOKENIZER_DIR, seed=args.seed, **config)
+    run.log(f"saved a random {'tiny' if args.quick else 'ModernBERT-base size'} checkpoint")
+    repository = workdir / "repository"
+    export = [RERANK, "export", "--model", str(checkpoint), "--output", str(repository)]
+    export += ["--device", "gpu"] if run.on_gpu else ["--device", "cpu", "--runtime", "packed", "--precision", "fp32"]
+    done = subprocess.run([*export, *args.export_args.split()], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(done.stdout[-2000:], done.stderr[-3000:], file=sys.stderr)
+        return None
+    version = repository / "reranker" / "1"
+    result = _Export(
+        checkpoint,
+        repository,
+        ModernBertConfig(**config).to_dict(),
+        json.loads((version / "export.json").read_text()),
+        exported_parameters(repository / "reranker"),
+        Tokenizer.from_file(str(version / "tokenizer" / "tokenizer.json")),
+    )
+    run.log(f"exported ({result.runtime}, {result.precision}): {result.exported['verification']}")
+    return result
+
+
+def _measure_engines(run: _Session, model: _Export, a1: Workload, b: Workload, c: Workload) -> dict[str, np.ndarray]:
+    """The packed and padded engines in-process, each warmed up and calibrated on its own pass, then freed
+    for Triton; the packed one on large batches of (a)'s shape too. Returns each one's (b) logits."""
+    import torch
+
+    from rerank_triton_model.reranker_engine import PackedReranker
+
+    engine_logits: dict[str, np.ndarray] = {}
+    for system, packed in (("packed-engine", True), ("padded-engine", False)):
+        engine = PackedReranker.from_pretrained(
+            str(model.version / "model"),
+            pad_token_id=model.parameters.pad_token_id,
+            max_batch_tokens=model.parameters.max_batch_tokens,
+            device=run.args.device,
+            precision=model.precision,
+            packed=packed,
+        )
+        if run.on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        for workload in (a1, b, c):
+            result, logits = run.calibrated(
+                partial(run_inprocess, system, engine, model.tokenizer, workload, progress=run.progress)
+            )
+            run.measurements.append(result)
+            if workload is b:
+                engine_logits[system] = logits
+            run.log(f"{system} {workload.name}: {result['pairs_per_s']:.1f} pairs/s")
+        if packed:
+            # Large batches of (a)'s shape: one call of LARGE_PAIRS pairs under a LARGE_BUDGET token budget.
+            engine.max_batch_tokens = LARGE_BUDGET
+            first = a1.requests[0]
+            copies = math.ceil(LARGE_PAIRS / first.pairs)
+            request = workloads.Request(first.query, first.documents * copies, first.pair_lengths * copies)
+            large = Workload(a1.name + "-large", a1.kind, f"{a1.title}, {request.pairs} pairs per call", ((request,),))
+            result, _ = run.calibrated(
+                partial(run_inprocess, system, engine, model.tokenizer, large, progress=run.progress)
+            )
+            result["workload"] = "a-large"
+            run.measurements.append(result)
+            run.log(f"packed-engine large (a): {result['tokens_per_s']:.0f} tokens/s")
+        if run.on_gpu:
+            run.memory[f"{system}_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        del engine
+        run.release_device_memory()
+    return engine_logits
+
+
+def _measure_eager(
+    run: _Session, model: _Export, dtype: Any, a1: Workload, b: Workload
+) -> tuple[np.ndarray, np.ndarray]:
+    """The hand-rolled eager loop on (a) and (b). Returns its logits on the last (b) request, and fp32
+    eager's there: the reference every path is held to."""
+    eager = HandRolledEager(model.checkpoint, run.args.device, dtype)
+    predict = partial(eager_predict, eager)
+    for workload in (a1, b):
+        measure = partial(run_batched, "eager", workload, predict=predict, progress=run.progress, batch=EAGER_BATCH)
+        result, eager_b = run.calibrated(measure)
+        run.measurements.append(result)
+        run.log(f"eager {workload.name}: {result['pairs_per_s']:.1f} pairs/s")
+    eager.model.float()
+    last = b.requests[-1]
+    reference = eager.logits(last.query, last.documents).astype(np.float64)
+    del eager, predict
+    return eager_b, reference
+
+
+def _measure_served(
+    run: _Session,
+    model: _Export,
+    served_workloads: list[Workload],
+    last: Request,
+    reference: np.ndarray,
+    others: dict[str, np.ndarray],
+) -> str:
+    """rerank serve on the export: its logits on `last` held to fp32 eager's (`reference`) beside the
+    in-process systems' (`others`), then every workload measured. Returns the tritonserver binary."""
+    from bench.served import Sampler, ServedStack
+    from rerank_client import RerankClient
+
+    stack = ServedStack.start(model.repository, run.args.output / "gpu-serve.log")
+    triton_binary = next(p.exe() for p in stack.triton if p.name() == "tritonserver")
+    run.log(f"serving with {'KIND_GPU' if run.on_gpu else 'KIND_CPU'} ({triton_binary})")
+    sampler = Sampler(stack.frontend, stack.triton)
+    sampler.start()
+    try:
+        with RerankClient(stack.target, timeout=120) as client:
+            response = client.rerank(last.query, list(last.documents))
+        served_b = np.full(last.pairs, np.nan)
+        for r in response.results:
+            served_b[r.index] = r.logit
+        for name, got in (("served", served_b), *others.items()):
+            run.agreements[name] = agreement(np.asarray(got, dtype=np.float64), reference)
+        run.log(f"against fp32 eager on one (b) request: {run.agreements}")
+        with DeviceMemory(run.on_gpu) as device_memory:
+            for workload in served_workloads:
+                result = run.calibrated(partial(run_served, stack, workload, sampler=sampler, progress=run.progress))
+                run.measurements.append(result)
+                run.log(f"served {workload.name} c{workload.concurrency}: {result['pairs_per_s']:.1f} pairs/s")
+        if run.on_gpu:
+            run.memory["served_device_used_peak_gib"] = device_memory.peak / 2**30
+    finally:
+        sampler.stop()
+        code = stack.stop()
+        if code != 0:
+            run.log(f"rerank serve exited with {code}")
+    return triton_binary
+
+
+def _rate(
+    measurements: list[dict[str, Any]], system: str, kind: str, concurrency: int = 1, per_token: bool = False
+) -> float:
+    found = [
+        m for m in measurements if m["system"] == system and m["workload"] == kind and m["concurrency"] == concurrency
+    ]
+    return float(found[0]["tokens_per_s" if per_token else "pairs_per_s"]) if found else float("nan")
+
+
+def _ratios(run: _Session, top: int, c: Workload) -> dict[str, float]:
+    """The issue's ratios (TARGETS names most), and the fp16 served model's agreement with fp32 eager."""
+    rate = partial(_rate, run.measurements)
+    served = run.agreements["served"]
+    return {
         f"served/packed-engine (a) c{top}": rate("served", "a", top) / rate("packed-engine", "a"),
         "served/packed-engine (c)": rate("served", "c", c.concurrency) / rate("packed-engine", "c"),
         "packed-engine/eager (b)": rate("packed-engine", "b") / rate("eager", "b"),
         "packed-engine/padded-engine (b)": rate("packed-engine", "b") / rate("padded-engine", "b"),
         "packed-engine/eager (a)": rate("packed-engine", "a") / rate("eager", "a"),
-        "packed-engine large (a), tokens/s": large_tokens,
-        "fp16 vs fp32 top-10 overlap": agreements["served"]["top10_overlap"],
-        "fp16 vs fp32 Spearman": agreements["served"]["spearman"],
-        "fp16 vs fp32 max |logit difference|": agreements["served"]["max_abs_diff"],
+        "packed-engine large (a), tokens/s": rate("packed-engine", "a-large", per_token=True),
+        "fp16 vs fp32 top-10 overlap": served["top10_overlap"],
+        "fp16 vs fp32 Spearman": served["spearman"],
+        "fp16 vs fp32 max |logit difference|": served["max_abs_diff"],
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --device cpu for a dry run", file=sys.stderr)
+        return 2
+    machine = machine_info()
+    if args.device == "cuda":
+        properties = torch.cuda.get_device_properties(0)
+        machine["gpu"] = {"name": properties.name, "memory_gib": properties.total_memory / 2**30}
+    built = workloads.build(TOKENIZER_DIR, seed=args.seed, shape=workloads.QUICK if args.quick else workloads.FULL)
+    fixed = sorted((w for w in built.values() if w.kind == "a"), key=lambda w: w.concurrency)
+    a1, b, c = fixed[0], built["b"], built["c"]
+    args.output.mkdir(parents=True, exist_ok=True)
+    # Measurements: 6 in-process + 3 eager + served on every (a), (b), (c); each runs about 3 passes.
+    planned = 9 + len(fixed) + 2
+    run = _Session(args, max(0.2, min(args.seconds, 0.5 * args.budget_s / (3 * planned))), started)
+
+    with tempfile.TemporaryDirectory(prefix="rerank-bench-gpu-") as temporary:
+        model = _export(run, Path(temporary))
+        if model is None:
+            return 1
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(model.precision, torch.float32)
+        engine_logits = _measure_engines(run, model, a1, b, c)
+        eager_b, reference = _measure_eager(run, model, dtype, a1, b)
+        peak_tflops = matmul_peak_tflops(args.device, dtype)
+        run.release_device_memory()
+        others = {**engine_logits, "eager": eager_b}
+        triton_binary = _measure_served(run, model, [*fixed, b, c], b.requests[-1], reference, others)
+
+    ratios = _ratios(run, fixed[-1].concurrency, c)
+    large_tokens = ratios["packed-engine large (a), tokens/s"]
+    flops = flops_per_token(model.model_config, a1.requests[0].pair_lengths[0])
     utilisation = None
     if peak_tflops:
         utilisation = {
@@ -377,46 +466,53 @@ def main(argv: list[str] | None = None) -> int:
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python -m bench.gpu", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine,
-        "precision": precision,
-        "runtime": runtime,
-        "max_batch_tokens": budget,
-        "instance_kind": instance_kind,
+        "precision": model.precision,
+        "runtime": model.runtime,
+        "max_batch_tokens": model.parameters.max_batch_tokens,
+        "instance_kind": "KIND_GPU" if run.on_gpu else "KIND_CPU",
         "triton_binary": triton_binary,
-        "export_verification": exported["verification"],
-        "agreement_with_fp32_eager": agreements,
-        "memory": memory,
+        "export_verification": model.exported["verification"],
+        "agreement_with_fp32_eager": run.agreements,
+        "memory": run.memory,
         "utilisation": utilisation,
-        "measurements": measurements,
+        "measurements": run.measurements,
         "ratios": ratios,
         "targets": {name: {"target": target, "met": ratios[name] >= target} for name, target in TARGETS.items()}
-        if on_gpu and not args.quick
+        if run.on_gpu and not args.quick
         else {},
-        "seconds_per_measurement": seconds,
-        "elapsed_s": time.perf_counter() - started,
+        "seconds_per_measurement": run.seconds,
+        "elapsed_s": time.perf_counter() - run.started,
     }
     (args.output / "gpu-results.json").write_text(json.dumps(results, indent=2))
+    lines = markdown(results)
+    (args.output / "gpu-results.md").write_text("\n".join(lines) + "\n")
+    plot(run.measurements, args.output / "gpu-results.png", lines[0])
+    print("\n".join(lines))
+    return 0
+
+
+def markdown(results: dict[str, Any]) -> list[str]:
+    """gpu-results.md's lines: a title, the measurements' table, the ratios and the memory peaks."""
+    machine, utilisation = results["machine"], results["utilisation"]
     lines = [
-        f"{machine.get('gpu', {}).get('name', machine['cpu'])}, {runtime} {precision}, token budget {budget}, "
-        f"{instance_kind}, {results['elapsed_s']:.0f} s",
+        f"{machine.get('gpu', {}).get('name', machine['cpu'])}, {results['runtime']} {results['precision']}, "
+        f"token budget {results['max_batch_tokens']}, {results['instance_kind']}, {results['elapsed_s']:.0f} s",
         "",
         "| system | workload | clients | pairs/s | tokens/s | p50 ms | p99 ms | padding waste |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for m in measurements:
+    for m in results["measurements"]:
         waste = m.get("padding_waste")
         lines.append(
             f"| {m['system']} | {m['workload']} | {m['concurrency']} | {m['pairs_per_s']:.1f} | "
             f"{m['tokens_per_s']:.0f} | {m['latency_ms']['p50']:.1f} | {m['latency_ms']['p99']:.1f} | "
             f"{'' if waste is None else f'{waste:.2f}'} |"
         )
-    lines += ["", *(f"- {name}: {value:.3g}" for name, value in ratios.items())]
+    lines += ["", *(f"- {name}: {value:.3g}" for name, value in results["ratios"].items())]
     if utilisation:
         lines.append(f"- large batches: {utilisation['share_of_peak']:.1%} of the measured matmul peak")
-    lines += [f"- {name}: {value:.2f} GiB" for name, value in memory.items()]
-    (args.output / "gpu-results.md").write_text("\n".join(lines) + "\n")
-    plot(measurements, args.output / "gpu-results.png", lines[0])
-    print("\n".join(lines))
-    return 0
+    lines += [f"- {name}: {value:.2f} GiB" for name, value in results["memory"].items()]
+    return lines
 
 
 def plot(measurements: list[dict[str, Any]], path: Path, title: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,175 +32,131 @@ def find(
     return {"low": found[0], "mid": found[len(found) // 2], "high": found[-1]}[concurrency]
 
 
-def _ratio(
-    name: str,
-    numerator: dict[str, Any] | None,
-    denominator: dict[str, Any] | None,
-    key: str,
-    target: float,
-    note: str,
-) -> dict[str, Any] | None:
-    if numerator is None or denominator is None or not denominator[key]:
+@dataclass(frozen=True)
+class Ratio:
+    """A throughput target: numerator / denominator >= target, each side a (system, workload, level)
+    measurement (see find). In `label`, {concurrency} is the numerator's; {auto} and {same} (system
+    "{same}" too) name the served auto model's choice and its in-process system."""
+
+    label: str
+    numerator: tuple[str, str, str]
+    denominator: tuple[str, str, str]
+    target: float
+    note: str = "pairs/s"
+    key: str = "pairs_per_s"
+
+
+ORT_A, ORT_B = ("onnxruntime", "a", "low"), ("onnxruntime", "b", "low")
+SERVED_A = ("served", "a", "low")
+RATIOS = (
+    Ratio("served / in-process ORT, (a) concurrency 1", SERVED_A, ORT_A, 0.95),
+    Ratio(
+        "served / in-process ORT, (a) concurrency {concurrency}",
+        ("served", "a", "mid"),
+        ORT_A,
+        0.95,
+        "pairs/s (informative: no target in the issue)",
+    ),
+    Ratio("served / in-process ORT, (a) concurrency {concurrency}", ("served", "a", "high"), ORT_A, 0.95),
+    Ratio("served / CrossEncoder, (b)", ("served", "b", "low"), ("crossencoder", "b", "low"), 3.0),
+    Ratio(
+        "in-process ORT / CrossEncoder, (b)",
+        ORT_B,
+        ("crossencoder", "b", "low"),
+        3.0,
+        "pairs/s (informative: the engine's own lead)",
+    ),
+    Ratio(
+        "(c) concurrent clients / (a) served concurrency 1, per token",
+        ("served", "c", "low"),
+        SERVED_A,
+        0.9,
+        "tokens/s",
+        "tokens_per_s",
+    ),
+    Ratio("int8 / fp32 in-process ORT, (b)", ("onnxruntime-int8", "b", "low"), ORT_B, 2.0),
+)
+# Issue 11: served auto against served fp32, and against the same precision in-process.
+AUTO_RATIOS = (
+    Ratio("served auto ({auto}) / served fp32, (a) concurrency 1", ("served-auto", "a", "low"), SERVED_A, 1.7),
+    Ratio("served auto ({auto}) / served fp32, (b)", ("served-auto", "b", "low"), ("served", "b", "low"), 1.7),
+    Ratio(
+        "served auto / in-process {same}, (a) concurrency {concurrency}",
+        ("served-auto", "a", "low"),
+        ("{same}", "a", "low"),
+        0.95,
+    ),
+    Ratio(
+        "served auto / in-process {same}, (a) concurrency {concurrency}",
+        ("served-auto", "a", "high"),
+        ("{same}", "a", "low"),
+        0.95,
+    ),
+    Ratio("served auto / in-process {same}, (c)", ("served-auto", "c", "low"), ("{same}", "c", "low"), 0.95),
+)
+# Agreement targets: (label, agreement entry, its measure, target, note); {precision} is the entry's.
+AGREEMENTS = (
+    (
+        "served auto ({precision}) vs fp32 top-10 overlap, (b)",
+        "served-auto_vs_fp32",
+        "top10_overlap",
+        AUTO_TOP10,
+        "fraction of fp32's top 10 documents in the served auto model's top 10",
+    ),
+    (
+        "served auto ({precision}) vs fp32 Spearman correlation, (b)",
+        "served-auto_vs_fp32",
+        "spearman",
+        AUTO_SPEARMAN,
+        "rank correlation of the (b) scores",
+    ),
+    (
+        "int8 vs fp32 top-10 overlap, (b)",
+        "int8_vs_fp32",
+        "top10_overlap",
+        0.9,
+        "fraction of fp32's top 10 documents in int8's top 10",
+    ),
+    ("int8 vs fp32 Spearman correlation, (b)", "int8_vs_fp32", "spearman", 0.98, "rank correlation of the (b) scores"),
+)
+
+
+def _ratio(measurements: list[dict[str, Any]], ratio: Ratio, names: dict[str, str]) -> dict[str, Any] | None:
+    """One Ratio's row, or None when either side was not measured (its runs were skipped)."""
+
+    def side(system: str, workload: str, level: str) -> dict[str, Any] | None:
+        return find(measurements, system.format(**names), workload, level)
+
+    numerator, denominator = side(*ratio.numerator), side(*ratio.denominator)
+    if numerator is None or denominator is None or not denominator[ratio.key]:
         return None
-    value = numerator[key] / denominator[key]
-    return {"name": name, "value": value, "target": target, "met": value >= target, "note": note}
+    value = numerator[ratio.key] / denominator[ratio.key]
+    name = ratio.label.format(concurrency=numerator["concurrency"], **names)
+    return {"name": name, "value": value, "target": ratio.target, "met": value >= ratio.target, "note": ratio.note}
 
 
 def ratios(
     measurements: list[dict[str, Any]], agreement: dict[str, Any], auto: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
     """The issues' targets, each as value / target / met; a ratio whose runs were skipped is left out."""
-    ort_a = find(measurements, "onnxruntime", "a")
-    ort_b = find(measurements, "onnxruntime", "b")
-    served_a1 = find(measurements, "served", "a")
-    served_a_mid = find(measurements, "served", "a", "mid")
-    served_a_high = find(measurements, "served", "a", "high")
-    mid = served_a_mid["concurrency"] if served_a_mid else "?"
-    high = served_a_high["concurrency"] if served_a_high else "?"
-    found = [
-        _ratio(
-            "served / in-process ORT, (a) concurrency 1",
-            served_a1,
-            ort_a,
-            "pairs_per_s",
-            0.95,
-            "pairs/s",
-        ),
-        _ratio(
-            f"served / in-process ORT, (a) concurrency {mid}",
-            served_a_mid,
-            ort_a,
-            "pairs_per_s",
-            0.95,
-            "pairs/s (informative: no target in the issue)",
-        ),
-        _ratio(
-            f"served / in-process ORT, (a) concurrency {high}",
-            served_a_high,
-            ort_a,
-            "pairs_per_s",
-            0.95,
-            "pairs/s",
-        ),
-        _ratio(
-            "served / CrossEncoder, (b)",
-            find(measurements, "served", "b"),
-            find(measurements, "crossencoder", "b"),
-            "pairs_per_s",
-            3.0,
-            "pairs/s",
-        ),
-        _ratio(
-            "in-process ORT / CrossEncoder, (b)",
-            ort_b,
-            find(measurements, "crossencoder", "b"),
-            "pairs_per_s",
-            3.0,
-            "pairs/s (informative: the engine's own lead)",
-        ),
-        _ratio(
-            "(c) concurrent clients / (a) served concurrency 1, per token",
-            find(measurements, "served", "c"),
-            served_a1,
-            "tokens_per_s",
-            0.9,
-            "tokens/s",
-        ),
-        _ratio(
-            "int8 / fp32 in-process ORT, (b)",
-            find(measurements, "onnxruntime-int8", "b"),
-            ort_b,
-            "pairs_per_s",
-            2.0,
-            "pairs/s",
-        ),
-    ]
+    found = [_ratio(measurements, r, {}) for r in RATIOS]
     if auto is not None:
-        found += _auto_ratios(measurements, auto)
+        names = {"auto": f"{auto['precision']}, {auto['runtime']}", "same": auto["system"]}
+        found += [_ratio(measurements, r, names) for r in AUTO_RATIOS]
     out = [r for r in found if r is not None]
-    served_auto = agreement.get("served-auto_vs_fp32")
-    if served_auto:
-        out.append(
-            {
-                "name": f"served auto ({served_auto['precision']}) vs fp32 top-10 overlap, (b)",
-                "value": served_auto["top10_overlap"],
-                "target": AUTO_TOP10,
-                "met": served_auto["top10_overlap"] >= AUTO_TOP10,
-                "note": "fraction of fp32's top 10 documents in the served auto model's top 10",
-            }
-        )
-        out.append(
-            {
-                "name": f"served auto ({served_auto['precision']}) vs fp32 Spearman correlation, (b)",
-                "value": served_auto["spearman"],
-                "target": AUTO_SPEARMAN,
-                "met": served_auto["spearman"] >= AUTO_SPEARMAN,
-                "note": "rank correlation of the (b) scores",
-            }
-        )
-    int8 = agreement.get("int8_vs_fp32")
-    if int8:
-        out.append(
-            {
-                "name": "int8 vs fp32 top-10 overlap, (b)",
-                "value": int8["top10_overlap"],
-                "target": 0.9,
-                "met": int8["top10_overlap"] >= 0.9,
-                "note": "fraction of fp32's top 10 documents in int8's top 10",
-            }
-        )
-        out.append(
-            {
-                "name": "int8 vs fp32 Spearman correlation, (b)",
-                "value": int8["spearman"],
-                "target": 0.98,
-                "met": int8["spearman"] >= 0.98,
-                "note": "rank correlation of the (b) scores",
-            }
-        )
-    return out
-
-
-def _auto_ratios(measurements: list[dict[str, Any]], auto: dict[str, Any]) -> list[dict[str, Any] | None]:
-    """Issue 11: served auto against served fp32, and against the same precision in-process."""
-    same = auto["system"]
-    label = f"{auto['precision']}, {auto['runtime']}"
-    out = [
-        _ratio(
-            f"served auto ({label}) / served fp32, (a) concurrency 1",
-            find(measurements, "served-auto", "a"),
-            find(measurements, "served", "a"),
-            "pairs_per_s",
-            1.7,
-            "pairs/s",
-        ),
-        _ratio(
-            f"served auto ({label}) / served fp32, (b)",
-            find(measurements, "served-auto", "b"),
-            find(measurements, "served", "b"),
-            "pairs_per_s",
-            1.7,
-            "pairs/s",
-        ),
-    ]
-    for workload, level, title in (
-        ("a", "low", "(a) concurrency 1"),
-        ("a", "high", "(a) highest concurrency"),
-        ("c", "low", "(c)"),
-    ):
-        served = find(measurements, "served-auto", workload, level)
-        if served is not None and workload == "a":
-            title = f"(a) concurrency {served['concurrency']}"
-        out.append(
-            _ratio(
-                f"served auto / in-process {same}, {title}",
-                served,
-                find(measurements, same, workload),
-                "pairs_per_s",
-                0.95,
-                "pairs/s",
+    for label, entry, measure, target, note in AGREEMENTS:
+        compared = agreement.get(entry)
+        if compared:
+            value = compared[measure]
+            out.append(
+                {
+                    "name": label.format(**compared),
+                    "value": value,
+                    "target": target,
+                    "met": value >= target,
+                    "note": note,
+                }
             )
-        )
     return out
 
 

@@ -26,15 +26,19 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bench import report, workloads
 from bench.workloads import Request, Workload
-from rerank_server.testing import TINY_CONFIG
+from rerank_server.testing import TINY_CONFIG, exported_parameters
+from rerank_triton_model.contract import ModelParameters
+
+if TYPE_CHECKING:
+    from rerank_triton_model.reranker_engine import PackedReranker
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "modernbert-tokenizer"
@@ -161,9 +165,8 @@ class Models:
         assert repository is not None
         return repository / self.name
 
-    def parameters(self, int8: bool = False, auto: bool = False) -> dict[str, str]:
-        text = (self.model_dir(int8, auto) / "config.pbtxt").read_text()
-        return dict(re.findall(r'key: "([^"]+)" value: \{ string_value: "([^"]*)" \}', text))
+    def parameters(self, int8: bool = False, auto: bool = False) -> ModelParameters:
+        return exported_parameters(self.model_dir(int8, auto))
 
 
 def _run_exports(exports: list[list[str]], progress: Progress) -> None:
@@ -630,7 +633,11 @@ def main(argv: list[str] | None = None) -> int:
                     "initializer_range",
                 )
             },
-            "serving": {k: parameters.get(k) for k in ("max_batch_tokens", "intra_op_threads", "precision")},
+            "serving": {
+                "max_batch_tokens": parameters.max_batch_tokens,
+                "intra_op_threads": parameters.intra_op_threads,
+                "precision": parameters.precision,
+            },
             "auto": auto,
         },
         "plan": asdict(plan),
@@ -686,15 +693,87 @@ def _auto_choice(models: Models) -> dict[str, Any] | None:
         return None
     parameters = models.parameters(auto=True)
     export = json.loads((models.model_dir(auto=True) / "1" / "export.json").read_text())
-    runtime, precision = parameters["runtime"], parameters["precision"]
+    runtime, precision = parameters.runtime, parameters.precision
     return {
         "precision": precision,
         "runtime": runtime,
         "system": SYSTEMS.get((runtime, precision), f"{runtime}-{precision}"),
-        "reason": parameters.get("precision_reason", ""),
-        "cpu_flags": parameters.get("cpu_flags", ""),
+        "reason": parameters.precision_reason,
+        "cpu_flags": parameters.cpu_flags,
         "candidates": (export.get("precision_selection") or {}).get("candidates", []),
     }
+
+
+@dataclass
+class _Session:
+    """What the measuring steps share: the run's inputs, and the results each step adds to."""
+
+    args: argparse.Namespace
+    plan: Plan
+    models: Models
+    workdir: Path
+    progress: Progress
+    tokenizer: Any
+    warm: Workload  # run once by every system before it is timed
+    measurements: list[dict[str, Any]] = field(default_factory=list)
+    agreements: dict[str, Any] = field(default_factory=dict)
+    profile: dict[str, Any] = field(default_factory=dict)
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    def engine(self, runtime: str, precision: str) -> PackedReranker:
+        """The in-process engine as the served model builds it (model.py): same weights, token budget
+        and threads."""
+        from rerank_triton_model.reranker_engine import PackedReranker
+
+        served = self.models.parameters()
+        if runtime == "onnxruntime":
+            return PackedReranker.from_file(
+                str(self.models.model_dir(int8=precision == "int8") / "1" / "model.onnx"),
+                pad_token_id=served.pad_token_id,
+                max_batch_tokens=served.max_batch_tokens,
+                intra_op_threads=served.intra_op_threads,
+            )
+        return PackedReranker.from_pretrained(
+            str(self.models.checkpoint),
+            pad_token_id=served.pad_token_id,
+            max_batch_tokens=served.max_batch_tokens,
+            precision=precision,
+            intra_op_threads=served.intra_op_threads,
+            packed=runtime == "packed",
+        )
+
+    def inprocess(self, system: str, engine: PackedReranker, workload: Workload, repeats: int) -> np.ndarray:
+        """Measure an in-process engine on a workload; returns its last request's logits."""
+        result, logits = run_inprocess(system, engine, self.tokenizer, workload, repeats, self.progress)
+        self.measurements.append(result)
+        return logits
+
+    def warm_up(self, system: str, engine: PackedReranker) -> None:
+        run_inprocess(system, engine, self.tokenizer, self.warm, 1, _Quiet(self.progress))
+
+    def op_profile(self, name: str, first: Request, int8: bool = False) -> None:
+        """ONNX Runtime's per-operator profile of the fp32 (or int8) graph on 4 rows of the first pair."""
+        ids = np.asarray(pair_inputs(self.tokenizer, first)[0][: 4 * first.pair_lengths[0]]).reshape(4, -1)
+        model = self.models.model_dir(int8=int8) / "1" / "model.onnx"
+        self.profile[name] = op_profile(model, ids, self.models.parameters().intra_op_threads, self.workdir)
+
+    def failed(self, system: str, workload: str, error: Exception) -> None:
+        """One failed system or run is reported; the others still run."""
+        self.progress.log(f"{system} {workload} failed: {error}")
+        self.failures.append({"system": system, "workload": workload, "error": str(error)})
+
+
+def _warm_up(a16: Workload) -> Workload:
+    """Two (a) requests' documents under one query: a sub-batch as large as the token budget of the
+    full-size model, so that every process has run one before anything is timed (ONNX Runtime's first
+    run at a new size grows its memory arena and is up to twice as slow)."""
+    fixed = [r for client in a16.clients[:2] for r in client]
+    request = Request(
+        fixed[0].query,
+        tuple(d for r in fixed for d in r.documents),
+        tuple(n for r in fixed for n in fixed[0].pair_lengths[: r.pairs]),
+    )
+    return Workload("warm", "warm", "warm-up", ((request,),))
 
 
 def _measure(
@@ -705,112 +784,19 @@ def _measure(
     workdir: Path,
     progress: Progress,
 ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Every system the arguments keep, on the workloads the plan names: measurements, agreements
+    against in-process fp32, and the profile (its "failures": what failed and why)."""
     from tokenizers import Tokenizer
 
-    from rerank_triton_model.reranker_engine import PackedReranker
-
     a1, a4, a16, b, c = (built[k] for k in _roles(built))
-    measurements: list[dict[str, Any]] = []
-    agreements: dict[str, Any] = {}
-    profile: dict[str, Any] = {"failures": []}
-    failures: list[dict[str, str]] = profile["failures"]
     tokenizer = Tokenizer.from_file(str(models.model_dir() / "1" / "tokenizer" / "tokenizer.json"))
-    parameters = models.parameters()
-    threads = int(parameters.get("intra_op_threads", "0"))
-    auto = _auto_choice(models)
-    # Warm-up: two (a) requests' documents under one query, a sub-batch as large as the token budget of
-    # the full-size model, so that every process has run one before anything is timed (ONNX Runtime's
-    # first run at a new size grows its memory arena and is up to twice as slow).
-    fixed = [r for client in a16.clients[:2] for r in client]
-    warm_request = Request(
-        fixed[0].query,
-        tuple(d for r in fixed for d in r.documents),
-        tuple(n for r in fixed for n in fixed[0].pair_lengths[: r.pairs]),
-    )
-    warm = Workload("warm", "warm", "warm-up", ((warm_request,),))
-    pad_token_id, max_batch_tokens = int(parameters["pad_token_id"]), int(parameters["max_batch_tokens"])
-
-    def engine(runtime: str, precision: str) -> PackedReranker:
-        """The in-process engine as the served model builds it (model.py): same weights, token budget
-        and threads."""
-        if runtime == "onnxruntime":
-            path = models.model_dir(int8=precision == "int8") / "1" / "model.onnx"
-            return PackedReranker.from_file(
-                str(path), pad_token_id=pad_token_id, max_batch_tokens=max_batch_tokens, intra_op_threads=threads
-            )
-        return PackedReranker.from_pretrained(
-            str(models.checkpoint),
-            pad_token_id=pad_token_id,
-            max_batch_tokens=max_batch_tokens,
-            precision=precision,
-            intra_op_threads=threads,
-            packed=runtime == "packed",
-        )
-
-    # In-process ONNX Runtime fp32: the reference of every agreement.
-    fp32 = engine("onnxruntime", "fp32")
-    run_inprocess("onnxruntime", fp32, tokenizer, warm, 1, _Quiet(progress))
-    result, _ = run_inprocess("onnxruntime", fp32, tokenizer, a1, plan.ort_a, progress)
-    measurements.append(result)
-    result, fp32_b = run_inprocess("onnxruntime", fp32, tokenizer, b, plan.ort_b, progress)
-    measurements.append(result)
-    result, _ = run_inprocess("onnxruntime", fp32, tokenizer, c, plan.inprocess_c, progress)
-    measurements.append(result)
+    run = _Session(args, plan, models, workdir, progress, tokenizer, _warm_up(a16))
+    fp32_b = _measure_fp32(run, a1, b, c)
+    _measure_variants(run, a1, b, c, fp32_b)
     if not args.skip_profile:
-        progress.stage("profile")
-        ids = np.asarray(pair_inputs(tokenizer, a1.requests[0])[0][: 4 * a1.requests[0].pair_lengths[0]])
-        ids = ids.reshape(4, -1)
-        profile["fp32"] = op_profile(models.model_dir() / "1" / "model.onnx", ids, threads, workdir)
-    del fp32
-
-    # The other precisions in-process: (a) and (b), and the auto export's choice on (c) too.
-    variants: list[tuple[str, str]] = []
-    if models.int8_repository is not None:
-        variants.append(("onnxruntime", "int8"))
-    if not args.skip_torch:
-        variants += [("torch", "fp32"), ("torch", "bf16")]
-        if _has_packed():
-            variants += [("packed", "fp32"), ("packed", "bf16")]
-    if auto is not None and (auto["runtime"], auto["precision"]) not in [*variants, ("onnxruntime", "fp32")]:
-        variants.append((auto["runtime"], auto["precision"]))
-    for runtime, precision in variants:
-        system = SYSTEMS[(runtime, precision)]
-        try:
-            variant = engine(runtime, precision)
-            run_inprocess(system, variant, tokenizer, warm, 1, _Quiet(progress))
-            repeats_b = plan.int8_b if system == "onnxruntime-int8" else plan.variant_b
-            for workload, repeats in ((a1, plan.variant_a), (b, repeats_b)):
-                result, logits = run_inprocess(system, variant, tokenizer, workload, repeats, progress)
-                measurements.append(result)
-            agreements[f"{system}_vs_fp32"] = agreement(fp32_b, logits)
-            if auto is not None and system == auto["system"]:
-                result, _ = run_inprocess(system, variant, tokenizer, c, plan.inprocess_c, progress)
-                measurements.append(result)
-            if system == "onnxruntime-int8" and not args.skip_profile:
-                profile["int8"] = op_profile(models.model_dir(int8=True) / "1" / "model.onnx", ids, threads, workdir)
-            del variant
-        except Exception as error:  # noqa: BLE001 - one failed system is reported, the others still run
-            progress.log(f"{system} failed: {error}")
-            failures.append({"system": system, "workload": "a/b", "error": str(error)})
-    if "onnxruntime-int8_vs_fp32" in agreements:
-        agreements["int8_vs_fp32"] = agreements["onnxruntime-int8_vs_fp32"]
-    if not args.skip_profile:
-        profile["gemm"] = gemm_check(workdir)
-
+        run.profile["gemm"] = gemm_check(workdir)
     if not args.skip_crossencoder:
-        import torch
-        from sentence_transformers import CrossEncoder
-
-        progress.stage("crossencoder load")
-        model = CrossEncoder(str(models.checkpoint), device="cpu", activation_fn=torch.nn.Identity())
-        run_crossencoder(model, warm, 1, _Quiet(progress))
-        result, _ = run_crossencoder(model, a1, plan.crossencoder_a, progress)
-        measurements.append(result)
-        result, crossencoder_b = run_crossencoder(model, b, plan.crossencoder_b, progress)
-        measurements.append(result)
-        agreements["crossencoder_vs_onnxruntime"] = {"max_abs_diff": float(np.abs(crossencoder_b - fp32_b).max())}
-        del model
-
+        _measure_crossencoder(run, a1, b, fp32_b)
     if not args.skip_served:
         # The fp32 export on every workload, then the auto export on those its targets name.
         served: list[tuple[str, Path, tuple[tuple[Workload, int], ...]]] = [
@@ -820,48 +806,106 @@ def _measure(
             served.append(("served-auto", models.auto_repository, ((a1, plan.served_a1),)))
         for system, repository, low in served:
             runs = (*low, (a16, plan.served_a16), (b, plan.served_b), (c, plan.served_c))
-            _measure_served(
-                system, repository, runs, (warm, b, fp32_b), args, (measurements, agreements, failures), progress
-            )
-    return measurements, agreements, profile
+            _measure_served(run, system, repository, runs, b, fp32_b)
+    return run.measurements, run.agreements, {**run.profile, "failures": run.failures}
+
+
+def _measure_fp32(run: _Session, a1: Workload, b: Workload, c: Workload) -> np.ndarray:
+    """In-process ONNX Runtime fp32, the reference of every agreement; returns its (b) logits."""
+    fp32 = run.engine("onnxruntime", "fp32")
+    run.warm_up("onnxruntime", fp32)
+    run.inprocess("onnxruntime", fp32, a1, run.plan.ort_a)
+    fp32_b = run.inprocess("onnxruntime", fp32, b, run.plan.ort_b)
+    run.inprocess("onnxruntime", fp32, c, run.plan.inprocess_c)
+    if not run.args.skip_profile:
+        run.progress.stage("profile")
+        run.op_profile("fp32", a1.requests[0])
+    return fp32_b
+
+
+def _variants(args: argparse.Namespace, models: Models, auto: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The in-process (runtime, precision) pairs other than ONNX Runtime fp32 that this run measures."""
+    variants: list[tuple[str, str]] = []
+    if models.int8_repository is not None:
+        variants.append(("onnxruntime", "int8"))
+    if not args.skip_torch:
+        variants += [("torch", "fp32"), ("torch", "bf16")]
+        if _has_packed():
+            variants += [("packed", "fp32"), ("packed", "bf16")]
+    if auto is not None and (auto["runtime"], auto["precision"]) not in [*variants, ("onnxruntime", "fp32")]:
+        variants.append((auto["runtime"], auto["precision"]))
+    return variants
+
+
+def _measure_variants(run: _Session, a1: Workload, b: Workload, c: Workload, fp32_b: np.ndarray) -> None:
+    """The other precisions in-process: (a) and (b), and the auto export's choice on (c) too."""
+    auto = _auto_choice(run.models)
+    for runtime, precision in _variants(run.args, run.models, auto):
+        system = SYSTEMS[(runtime, precision)]
+        try:
+            variant = run.engine(runtime, precision)
+            run.warm_up(system, variant)
+            run.inprocess(system, variant, a1, run.plan.variant_a)
+            repeats_b = run.plan.int8_b if system == "onnxruntime-int8" else run.plan.variant_b
+            run.agreements[f"{system}_vs_fp32"] = agreement(fp32_b, run.inprocess(system, variant, b, repeats_b))
+            if auto is not None and system == auto["system"]:
+                run.inprocess(system, variant, c, run.plan.inprocess_c)
+            if system == "onnxruntime-int8" and not run.args.skip_profile:
+                run.op_profile("int8", a1.requests[0], int8=True)
+            del variant
+        except Exception as error:  # noqa: BLE001 - one failed system is reported, the others still run
+            run.failed(system, "a/b", error)
+    if "onnxruntime-int8_vs_fp32" in run.agreements:
+        run.agreements["int8_vs_fp32"] = run.agreements["onnxruntime-int8_vs_fp32"]
+
+
+def _measure_crossencoder(run: _Session, a1: Workload, b: Workload, fp32_b: np.ndarray) -> None:
+    """sentence-transformers' CrossEncoder on the same checkpoint, (a) and (b)."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    run.progress.stage("crossencoder load")
+    model = CrossEncoder(str(run.models.checkpoint), device="cpu", activation_fn=torch.nn.Identity())
+    run_crossencoder(model, run.warm, 1, _Quiet(run.progress))
+    result, _ = run_crossencoder(model, a1, run.plan.crossencoder_a, run.progress)
+    run.measurements.append(result)
+    result, crossencoder_b = run_crossencoder(model, b, run.plan.crossencoder_b, run.progress)
+    run.measurements.append(result)
+    run.agreements["crossencoder_vs_onnxruntime"] = {"max_abs_diff": float(np.abs(crossencoder_b - fp32_b).max())}
 
 
 def _measure_served(
+    run: _Session,
     system: str,
     repository: Path,
     runs: tuple[tuple[Workload, int], ...],
-    reference: tuple[Workload, Workload, np.ndarray],
-    args: argparse.Namespace,
-    out: tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, str]]],
-    progress: Progress,
+    b: Workload,
+    fp32_b: np.ndarray,
 ) -> None:
     """`rerank serve` on the repository: each run measured, and (b)'s served logits against in-process
-    fp32's (reference: the warm-up, (b), and fp32's (b) logits; out: measurements, agreements, failures)."""
+    fp32's."""
     from bench.served import Sampler, ServedStack, served_logits
 
-    warm, b, fp32_b = reference
-    measurements, agreements, failures = out
-    progress.stage(f"starting rerank serve ({system})")
-    log_path = args.output / f"{system}.log"
+    run.progress.stage(f"starting rerank serve ({system})")
+    log_path = run.args.output / f"{system}.log"
     stack = ServedStack.start(repository, log_path)
     sampler = Sampler(stack.frontend, stack.triton)
     sampler.start()
     try:
-        run_served(stack, warm, 1, sampler, _Quiet(progress), system)
+        run_served(stack, run.warm, 1, sampler, _Quiet(run.progress), system)
         for workload, repeats in runs:
             try:
-                measurements.append(run_served(stack, workload, repeats, sampler, progress, system))
+                run.measurements.append(run_served(stack, workload, repeats, sampler, run.progress, system))
             except Exception as error:  # noqa: BLE001 - one failed run is reported, the others still run
-                progress.log(f"{system} {workload.name} failed: {error}")
-                failures.append({"system": system, "workload": workload.name, "error": str(error)})
+                run.failed(system, workload.name, error)
         (request,) = b.requests
         logits, precision = asyncio.run(served_logits(stack.target, request))
-        agreements[f"{system}_vs_fp32"] = {**agreement(fp32_b, logits), "precision": precision}
+        run.agreements[f"{system}_vs_fp32"] = {**agreement(fp32_b, logits), "precision": precision}
     finally:
         sampler.stop()
         code = stack.stop()
         if code != 0:
-            progress.log(f"rerank serve exited with {code}; see {log_path}")
+            run.progress.log(f"rerank serve exited with {code}; see {log_path}")
 
 
 def _has_packed() -> bool:
