@@ -95,9 +95,10 @@ def checkpoint_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 
 
 def window_lengths(local_attention: int) -> list[int]:
-    """Lengths around the half window w and far past it (some repeated: equal lengths share a call)."""
+    """Lengths around the half window w and far past it (some repeated: equal lengths share a call), and
+    past GEMM_ATTENTION_MIN (global layers through chunked GEMMs on CPU fp32)."""
     w = local_attention // 2
-    return [1, 2, w - 1, w, w + 1, w + 2, 2 * w + 1, 3 * w + 5, 1000, w, 3 * w + 5, 7]
+    return [1, 2, w - 1, w, w + 1, w + 2, 2 * w + 1, 3 * w + 5, 1000, w, 3 * w + 5, 7, 1100, 1100]
 
 
 def random_pairs(lengths: list[int], seed: int) -> list[torch.Tensor]:
@@ -212,6 +213,49 @@ def test_score_splits_by_the_token_budget_and_keeps_the_order(
         engine.score(ids[:-1], lengths, max_batch_tokens=budget)
     with pytest.raises(ValueError, match="cu_seqlens"):
         forward(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 2, 3], dtype=torch.int32))
+
+
+def test_chunked_gemm_attention_equals_the_fused_kernel(
+    checkpoint_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPU fp32: pairs of GEMM_ATTENTION_MIN tokens or more attend through _gemm_attention (oneDNN GEMMs,
+    chunks of queries); the same forward through SDPA's fused kernel agrees, and so does eager."""
+    name = "w30-every3-mean-thetas"
+    checkpoint = checkpoint_dirs[name]
+    engine = PackedModernBert.from_pretrained(str(checkpoint))
+    if not engine.gemm_attention:
+        pytest.skip("this torch has no oneDNN linear: the fused kernel is the only CPU path")
+    # Two equal long pairs end to end (one group, attended pair by pair), one longer, one short.
+    pairs = random_pairs([1500, 1100, 1100, 40], seed=11)
+    # Chunks of 256 queries: a pair's last chunk is partial.
+    monkeypatch.setattr(modernbert_packed, "GEMM_SCORES_BYTES", 4 * 256 * 1100)
+    calls: list[int] = []
+    gemm_attention = engine._gemm_attention
+
+    def counting(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+        calls.append(q.shape[0])
+        gemm_attention(q, k, v, out)
+
+    engine._gemm_attention = counting  # type: ignore[method-assign]
+    gemm = engine.forward_packed(*pack(pairs)).numpy()
+    global_layers = sum(layer.half_window is None for layer in engine.layers)
+    assert sorted(calls) == sorted([1500, 1100, 1100] * global_layers)
+    engine.gemm_attention = False
+    fused = engine.forward_packed(*pack(pairs)).numpy()
+    np.testing.assert_allclose(gemm, fused, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(gemm, eager_logits(checkpoint, pairs), rtol=0, atol=FP32_TOLERANCE)
+
+
+def test_cpu_fp32_linear_is_onednn_where_it_agrees_else_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, w, b = torch.randn(33, 48), torch.randn(20, 48), torch.randn(20)
+    chosen = modernbert_packed._cpu_fp32_linear()
+    torch.testing.assert_close(chosen(x, (w, b)), torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+    def broken(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        raise RuntimeError("no oneDNN here")
+
+    monkeypatch.setattr(modernbert_packed, "_onednn_linear", broken)
+    assert modernbert_packed._cpu_fp32_linear() is modernbert_packed._linear
 
 
 MEMORY_PROBE = """

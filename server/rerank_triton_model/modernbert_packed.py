@@ -188,8 +188,35 @@ class _Plan:
     blocks: _Blocks | None  # local layers: the longer pairs
 
 
+# CPU fp32: single pairs at least this long attend through chunked GEMMs (_gemm_attention) rather than
+# SDPA's fused kernel; chunks of queries sized so a chunk's scores take GEMM_SCORES_BYTES.
+GEMM_ATTENTION_MIN = 1024
+GEMM_SCORES_BYTES = 16 << 20
+
+
 def _linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
     return F.linear(x, weight[0], weight[1])
+
+
+def _onednn_linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """x @ W.T + b through oneDNN. torch's fp32 F.linear calls MKL's sgemm, which on AMD CPUs runs its AVX2
+    code: one 8192 x 768 x 2304 product on 2 Zen 5 cores, 61 GFLOP/s there, 117 through oneDNN."""
+    out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, weight[0], weight[1], "none", [], "")
+    return out
+
+
+def _cpu_fp32_linear() -> Callable[[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor]:
+    """_onednn_linear where this torch has oneDNN's linear and it agrees with F.linear, else _linear."""
+    try:
+        generator = torch.Generator().manual_seed(0)
+        x, w = torch.randn(5, 24, generator=generator), torch.randn(7, 24, generator=generator)
+        b = torch.randn(7, generator=generator)
+        for bias in (b, None):
+            if not torch.allclose(_onednn_linear(x, (w, bias)), F.linear(x, w, bias), atol=1e-5, rtol=1e-5):
+                return _linear
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return _linear
+    return _onednn_linear
 
 
 class PackedModernBert:
@@ -220,6 +247,10 @@ class PackedModernBert:
             raise ValueError(f"classifier_pooling {self.pooling!r} is not supported (cls, mean)")
         self.half_window = int(getattr(config, "local_attention", 128)) // 2
         self.backend = select_attention_backend(self.device, dtype, self.head_dim)
+        cpu_fp32 = self.device.type == "cpu" and dtype == torch.float32
+        self.linear = _cpu_fp32_linear() if cpu_fp32 else _linear
+        # Long single pairs on CPU fp32: GEMMs through oneDNN (see _gemm_attention).
+        self.gemm_attention = cpu_fp32 and self.linear is _onednn_linear
         self.varlen_attn = _varlen_attn_function() if self.backend == VARLEN_ATTN else None
 
         def param(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -347,7 +378,7 @@ class PackedModernBert:
 
         for layer in self.layers:
             x = h if layer.attn_norm is None else self._norm(h, layer.attn_norm)
-            qkv = _linear(x, layer.wqkv).view(total, 3, self.heads, self.head_dim)
+            qkv = self.linear(x, layer.wqkv).view(total, 3, self.heads, self.head_dim)
             cos, sin = ropes[layer.rope]
             qk = self._rotate(qkv[:, :2], cos, sin)
             q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]
@@ -355,10 +386,10 @@ class PackedModernBert:
             del qkv
             attn = self._attention(q, k, v, layer.half_window, cu32, max_len, plan)
             del q, k, v
-            h = h + _linear(attn.reshape(total, self.hidden), layer.wo)
+            h = h + self.linear(attn.reshape(total, self.hidden), layer.wo)
             del attn
-            gate_in, gate = _linear(self._norm(h, layer.mlp_norm), layer.wi).chunk(2, dim=-1)
-            h = h + _linear(self.act(gate_in) * gate, layer.mlp_wo)
+            gate_in, gate = self.linear(self._norm(h, layer.mlp_norm), layer.wi).chunk(2, dim=-1)
+            h = h + self.linear(self.act(gate_in) * gate, layer.mlp_wo)
 
         h = self._norm(h, self.final_norm)
         if self.pooling == "cls":
@@ -367,8 +398,8 @@ class PackedModernBert:
             sums = torch.zeros(lengths.numel(), self.hidden, device=device, dtype=torch.float32)
             sums.index_add_(0, pair_of_token, h.float())
             pooled = (sums / lengths[:, None].float()).to(self.dtype)
-        pooled = self._norm(self.head_act(_linear(pooled, self.head_dense)), self.head_norm)
-        logits = _linear(pooled, self.classifier)[:, 0].float()
+        pooled = self._norm(self.head_act(self.linear(pooled, self.head_dense)), self.head_norm)
+        logits = self.linear(pooled, self.classifier)[:, 0].float()
         return logits
 
     @staticmethod
@@ -480,6 +511,11 @@ class PackedModernBert:
         for group in groups:
             pairs, longest = group.shape
             shape = (pairs, longest, self.heads, self.head_dim)
+            if group.index is None and self.gemm_attention and longest >= GEMM_ATTENTION_MIN:
+                for n in range(pairs):
+                    rows = slice(group.start + n * longest, group.start + (n + 1) * longest)
+                    self._gemm_attention(q[rows], k[rows], v[rows], out[rows])
+                continue
             if group.index is None:
                 # [pairs * L, H, D] -> [pairs, H, L, D]: the fused CPU kernel takes 4-D inputs only
                 # (3-D ones fall back to the math path, which builds the T x T scores).
@@ -504,6 +540,23 @@ class PackedModernBert:
                 out.index_copy_(0, group.index, o)
             else:
                 out.index_copy_(0, group.index[group.keep], o[group.keep])
+
+    def _gemm_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+        """Unmasked attention of one pair (q, k, v, out [L, H, D]) as oneDNN GEMMs, head by head and chunk
+        of queries by chunk: scores = q_c Kᵀ, softmax, @ V. A chunk's scores (GEMM_SCORES_BYTES) stay in
+        cache between the two products; no T x T buffer. ModernBERT-base, 8192 tokens, 2 Zen 5 cores: 0.66 s a
+        layer against 1.10 s in SDPA's fused kernel (whose inner products run MKL's AVX2 code on AMD)."""
+        length = q.shape[0]
+        chunk = max(64, GEMM_SCORES_BYTES // (4 * length))
+        for head in range(self.heads):
+            q_head = q[:, head] * self.scale  # contiguous [L, D]
+            k_head = k[:, head].contiguous()  # [L, D]: the "weight" of scores = q Kᵀ
+            v_t = v[:, head].t().contiguous()  # [D, L]: the "weight" of out = p V
+            for start in range(0, length, chunk):
+                scores = _onednn_linear(q_head[start : start + chunk], (k_head, None))
+                probabilities = torch.softmax(scores, dim=-1)
+                del scores
+                out[start : start + chunk, head] = _onednn_linear(probabilities, (v_t, None))
 
     def _plan_blocks(self, cu_host: torch.Tensor, lengths_host: torch.Tensor, total: int) -> _Blocks | None:
         """Blocks of b = w queries (w = the half window) of every pair longer than w + 1, each with the
