@@ -579,24 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK_PLAN if args.quick else FULL_PLAN
     machine = machine_info()
     built = workloads.build(TOKENIZER_DIR, seed=args.seed, shape=workloads.QUICK if args.quick else workloads.FULL)
-    a1, a4, a16, b, c = (built[k] for k in _roles(built))
-    # The bar counts what the plan will score; systems the run turns out not to have are skipped from it.
-    total = a1.pairs * plan.ort_a + b.pairs * plan.ort_b + c.pairs * plan.inprocess_c
-    if not args.skip_int8:
-        total += b.pairs * plan.int8_b
-    if not args.skip_torch:
-        total += 4 * (a1.pairs * plan.variant_a + b.pairs * plan.variant_b)
-    if not args.skip_auto:
-        total += a1.pairs * plan.variant_a + c.pairs * plan.inprocess_c
-    if not args.skip_crossencoder:
-        total += a1.pairs * plan.crossencoder_a + b.pairs * plan.crossencoder_b
-    if not args.skip_served:
-        total += a1.pairs * plan.served_a1 + a4.pairs * plan.served_a4 + a16.pairs * plan.served_a16
-        total += b.pairs * plan.served_b + c.pairs * plan.served_c
-        if not args.skip_auto:
-            total += a1.pairs * plan.served_a1 + a16.pairs * plan.served_a16
-            total += b.pairs * plan.served_b + c.pairs * plan.served_c
-    progress = Progress(total, enabled=not args.no_progress)
+    progress = Progress(_planned_pairs(args, plan, built), enabled=not args.no_progress)
     args.output.mkdir(parents=True, exist_ok=True)
     measurements: list[dict[str, Any]] = []
     agreements: dict[str, Any] = {}
@@ -660,6 +643,28 @@ def main(argv: list[str] | None = None) -> int:
     for failure in results["failures"]:
         print(f"FAILED: {failure['system']} {failure['workload']}: {failure['error']}")
     return 1 if results["failures"] else 0
+
+
+def _planned_pairs(args: argparse.Namespace, plan: Plan, built: dict[str, Workload]) -> int:
+    """The pairs the plan will score, for the progress bar; systems the run turns out not to have are
+    skipped from it."""
+    a1, a4, a16, b, c = (built[k] for k in _roles(built))
+    total = a1.pairs * plan.ort_a + b.pairs * plan.ort_b + c.pairs * plan.inprocess_c
+    if not args.skip_int8:
+        total += b.pairs * plan.int8_b
+    if not args.skip_torch:
+        total += 4 * (a1.pairs * plan.variant_a + b.pairs * plan.variant_b)
+    if not args.skip_auto:
+        total += a1.pairs * plan.variant_a + c.pairs * plan.inprocess_c
+    if not args.skip_crossencoder:
+        total += a1.pairs * plan.crossencoder_a + b.pairs * plan.crossencoder_b
+    if not args.skip_served:
+        total += a1.pairs * plan.served_a1 + a4.pairs * plan.served_a4 + a16.pairs * plan.served_a16
+        total += b.pairs * plan.served_b + c.pairs * plan.served_c
+        if not args.skip_auto:
+            total += a1.pairs * plan.served_a1 + a16.pairs * plan.served_a16
+            total += b.pairs * plan.served_b + c.pairs * plan.served_c
+    return total
 
 
 def _roles(built: dict[str, Workload]) -> tuple[str, str, str, str, str]:
