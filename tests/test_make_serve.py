@@ -4,15 +4,13 @@ answering the CLI. The model is a tiny random one; the ports are free ones rathe
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import tempfile
 from pathlib import Path
 
-from rerank_server.testing import wait_until_serving
-from rerank_triton_model.contract import ModelParameters
+from rerank_server.testing import exported_parameters, wait_until_serving
 from tests.conftest import RERANK, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,13 +49,7 @@ def test_make_serve_exports_a_local_checkpoint_once_and_answers_the_cli(
         os.killpg(process.pid, signal.SIGTERM)  # make and `rerank serve` under it, as Ctrl-C would
         process.wait(120)
     # The export the Makefile made: the default precision choice, measured here, and long-pair routing.
-    config = (repository / "reranker" / "config.pbtxt").read_text()
-    values = dict(
-        (line.split('key: "')[1].split('"')[0], json.loads(line.split("string_value: ")[1].split(" }")[0]))
-        for line in config.splitlines()
-        if "string_value" in line
-    )
-    parameters = ModelParameters.from_strings(values)
+    parameters = exported_parameters(repository / "reranker")
     assert parameters.precision_reason.startswith("auto: ")
     assert parameters.source_model == checkpoints["reranker_long"].name
     assert parameters.fp32_runtime == "onnxruntime"  # every CPU can fall back to it, so it routes long pairs

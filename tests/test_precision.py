@@ -23,6 +23,7 @@ import pytest
 
 from rerank_client import RerankClient
 from rerank_server.export import BF16_RELATIVE_TOLERANCE, INT8_RELATIVE_TOLERANCE, RUNTIMES
+from rerank_server.testing import exported_parameters
 from rerank_triton_model import cpu_features
 from rerank_triton_model.contract import ModelParameters
 from rerank_triton_model.cpu_features import cpu_flags, native_precisions, resolve_precision, served_choice
@@ -114,13 +115,6 @@ def test_served_choice_loads_the_fp32_weights_named_in_the_config(monkeypatch: p
 # ------------------------------------------------------------------------------------------ export
 
 
-def _parameters(model_dir: Path) -> dict[str, str]:
-    import re
-
-    text = (model_dir / "config.pbtxt").read_text()
-    return dict(re.findall(r'key: "([^"]+)" value: \{ string_value: "([^"]*)" \}', text))
-
-
 def test_auto_on_a_cpu_without_bf16_or_vnni_keeps_fp32_without_measuring(
     tmp_path: Path, checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -129,9 +123,9 @@ def test_auto_on_a_cpu_without_bf16_or_vnni_keeps_fp32_without_measuring(
     assert done.returncode == 0, done.stderr
     assert "Measuring" not in done.stderr and "Quantizing" not in done.stderr
     model_dir = tmp_path / "reranker"
-    parameters = _parameters(model_dir)
-    assert parameters["precision"] == "fp32" and parameters["runtime"] == "onnxruntime"
-    assert parameters["cpu_flags"] == "avx2,avx512f" and "only native precision" in parameters["precision_reason"]
+    parameters = exported_parameters(model_dir)
+    assert parameters.precision == "fp32" and parameters.runtime == "onnxruntime"
+    assert parameters.cpu_flags == "avx2,avx512f" and "only native precision" in parameters.precision_reason
     assert sorted(p.name for p in (model_dir / "1").glob("model*")) == ["model.onnx", "model.py"]
     provenance = json.loads((model_dir / "1" / "export.json").read_text())
     assert provenance["cpu_flags"] == ["avx2", "avx512f"] and provenance["precision_selection"] is None
@@ -161,15 +155,15 @@ def test_auto_measures_each_native_precision_and_keeps_one_that_ranks_like_fp32(
     assert chosen == max(eligible, key=lambda r: r["pairs_per_s"])
     for row in rows.values():
         assert row["agrees"] == (row["top10_overlap"] >= 0.95 and row["spearman"] >= 0.99)
-    parameters = _parameters(model_dir)
-    assert parameters["precision"] == selection["precision"] == provenance["precision"]
-    assert parameters["runtime"] == selection["runtime"]
-    assert parameters["precision_reason"].startswith(f"auto: {selection['precision']} ")
-    assert parameters["cpu_flags"] == "avx2,avx512_bf16,avx512_vnni"
+    parameters = exported_parameters(model_dir)
+    assert parameters.precision == selection["precision"] == provenance["precision"]
+    assert parameters.runtime == selection["runtime"]
+    assert parameters.precision_reason.startswith(f"auto: {selection['precision']} ")
+    assert parameters.cpu_flags == "avx2,avx512_bf16,avx512_vnni"
     # What the choice and its fallback need is there, nothing else.
     version = model_dir / "1"
-    assert (version / parameters["weights"]).exists() and (version / parameters["fp32_weights"]).is_file()
-    assert parameters["fp32_runtime"] == "onnxruntime"
+    assert (version / parameters.weights).exists() and (version / parameters.fp32_weights).is_file()
+    assert parameters.fp32_runtime == "onnxruntime"
     assert (version / "model").is_dir() == (selection["precision"] == "bf16")
     assert provenance["verification"]["verified"] is True
     assert not (version / "model.int8.onnx").exists()
