@@ -219,8 +219,12 @@ def test_long_document_check_runs_end_to_end(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((tmp_path / "long.json").read_text())
     systems = results["systems"]
-    assert set(systems) == {"onnxruntime fp32", "packed fp32", "packed bf16"}
+    baseline, default = "onnxruntime fp32, routing off", "onnxruntime fp32, long pairs packed (default)"
+    assert set(systems) == {baseline, default, "packed fp32", "packed bf16"}
     # The packed engine computes what the exported graph computes, unpadded and windowed.
-    assert abs(systems["packed fp32"]["logit"] - systems["onnxruntime fp32"]["logit"]) < 1e-3
+    assert abs(systems["packed fp32"]["logit"] - systems[baseline]["logit"]) < 1e-3
+    assert abs(systems[default]["logit"] - systems[baseline]["logit"]) < 1e-3
+    # The default export routed its 8192-token pair to the packed engine; routing off kept it on the graph.
+    assert systems[default]["long_pairs_packed"] == 1 and systems[baseline]["long_pairs_packed"] == 0
     assert all(figures["peak_rss_gib"] >= figures["idle_rss_gib"] > 0 for figures in systems.values())
     assert "| packed bf16 |" in done.stdout
