@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from rerank_client import RerankClient
-from rerank_server.testing import free_port, save_random_checkpoint
-from rerank_triton_model.reranker_engine import PackedReranker, RoutedReranker
+from rerank_server.testing import exported_parameters, free_port, save_random_checkpoint
+from rerank_triton_model.reranker_engine import LONG_PAIR_TOKENS, PackedReranker, RoutedReranker
 from tests.conftest import TOKENIZER_DIR, Stack, run_rerank, start_serve, stop_serve
 from tests.reference import eager
 from tests.texts import QUERY, text
@@ -185,6 +185,38 @@ def test_routed_scores_equal_each_engine_alone_and_eager(routed_checkpoint: Path
     reference = eager(routed_checkpoint)
     expected = [reference.logits_of_ids(ids[o : o + n].tolist()) for o, n in zip(offsets, lengths_array, strict=True)]
     np.testing.assert_allclose(logits, expected, atol=FP32_TOLERANCE, rtol=0)
+
+
+def test_an_exported_model_routes_its_graph_and_checkpoint(model_repository: Path, checkpoints) -> None:
+    """reranker_long as `rerank export` wrote it by default (ONNX graph, fp32 checkpoint, long_pair_tokens):
+    ONNX Runtime and the packed engine behind one RoutedReranker, against each alone and eager (sdpa: 8192
+    tokens), with pairs of both kinds cancelled."""
+    folder = model_repository / "reranker_long"
+    parameters = exported_parameters(folder)
+    assert parameters.long_pair_tokens == LONG_PAIR_TOKENS and parameters.long_weights
+    pad, budget = parameters.pad_token_id, parameters.max_batch_tokens
+    short = PackedReranker.from_file(str(folder / "1" / parameters.weights), pad_token_id=pad, max_batch_tokens=budget)
+    long = PackedReranker.from_pretrained(
+        str(folder / "1" / parameters.long_weights), pad_token_id=pad, max_batch_tokens=budget, packed=True
+    )
+    routed = RoutedReranker(short, long, parameters.long_pair_tokens)
+    edge = parameters.long_pair_tokens
+    lengths = np.array([30, 8192, edge, 500, edge + 1, 3000, 8], dtype=np.int64)
+    ids, _ = ragged(lengths.tolist(), seed=9, vocab=50_000)
+    logits = routed.score(ids, lengths)
+    is_long = lengths > edge
+    offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    reference = eager(checkpoints["reranker_long"], "sdpa")
+    expected = [reference.logits_of_ids(ids[o : o + n].tolist()) for o, n in zip(offsets, lengths, strict=True)]
+    np.testing.assert_allclose(logits, expected, atol=FP32_TOLERANCE, rtol=0)
+    for engine, chosen in ((short, ~is_long), (long, is_long)):
+        pairs = np.flatnonzero(chosen)
+        alone = engine.score(np.concatenate([ids[offsets[p] : offsets[p] + lengths[p]] for p in pairs]), lengths[pairs])
+        np.testing.assert_array_equal(logits[pairs], alone)
+    dropped = np.isin(np.arange(lengths.size), [1, 3])  # one long pair, one short
+    cancelled = routed.score(ids, lengths, active=lambda pairs: ~dropped[pairs])
+    assert np.isnan(cancelled[dropped]).all()
+    np.testing.assert_array_equal(cancelled[~dropped], logits[~dropped])
 
 
 # -- served ----------------------------------------------------------------------------------
