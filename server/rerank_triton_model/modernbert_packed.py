@@ -193,7 +193,27 @@ class _Plan:
 # CPU fp32: single pairs at least this long attend through chunked GEMMs (_gemm_attention) rather than
 # SDPA's fused kernel; chunks of queries sized so a chunk's scores take GEMM_SCORES_BYTES.
 GEMM_ATTENTION_MIN = 1024
-GEMM_SCORES_BYTES = 16 << 20
+
+
+def _scores_bytes(default_l3: int = 16 << 20) -> int:
+    """Half the CPU's last-level cache, at most 16 MiB. One 8192-token layer of ModernBERT-base on 2 Zen 5
+    cores (32 MiB L3): scores of 2, 4, 8, 16 MiB a chunk take 0.98, 0.79, 0.70, 0.68 s; 32 MiB 2.56 s
+    (out of cache between the two products)."""
+    l3 = default_l3
+    try:
+        for index in range(8):
+            folder = f"/sys/devices/system/cpu/cpu0/cache/index{index}"
+            with open(f"{folder}/level") as level, open(f"{folder}/size") as size:
+                if level.read().strip() == "3":
+                    text = size.read().strip().upper()
+                    units = {"K": 1 << 10, "M": 1 << 20}
+                    l3 = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+    except (OSError, ValueError):
+        pass
+    return max(1 << 20, min(16 << 20, l3 // 2))
+
+
+GEMM_SCORES_BYTES = _scores_bytes()
 
 
 def _linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
