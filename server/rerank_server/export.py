@@ -24,6 +24,7 @@ import json
 import logging
 import shutil
 import string
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -206,17 +207,25 @@ def export(options: ExportOptions, progress: Progress = print) -> Path:
     if destination.exists() and not options.overwrite:
         raise ExportError(f"{destination} exists; pass --overwrite to replace it")
 
+    import transformers
+
     runtime = "onnxruntime" if precision == "auto" else options.resolved_runtime
     cpu_variants = options.device == "cpu" and precision in ("auto", "bf16", "int8")
     flags = cpu_flags()
     candidates = cpu_candidates(precision, runtime, flags) if cpu_variants else []
-    # Long-pair routing: only where ONNX Runtime may serve (auto's choice is known later).
-    routing = options.device == "cpu" and options.long_pair_tokens > 0 and "onnxruntime" in {runtime, *dict(candidates)}
+    config = _load(transformers.AutoConfig.from_pretrained, options.model, "configuration")
+    # Long-pair routing: where ONNX Runtime may serve (auto's choice is known later) and a pair can be that long.
+    longest = min(int(getattr(config, "max_position_embeddings", 0)), options.max_length or sys.maxsize)
+    routing = (
+        options.device == "cpu"
+        and 0 < options.long_pair_tokens < longest
+        and "onnxruntime" in {runtime, *dict(candidates)}
+    )
     extra = (
         _variant_steps(precision, candidates) if cpu_variants else (runtime == "onnxruntime" and precision == "fp16")
     )
     steps = _Steps(5 + extra + routing, progress)
-    source = _load_source(options, steps)
+    source = _load_source(options, config, steps)
     staging = options.output / f".{options.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     version_dir = staging / "1"
@@ -284,12 +293,11 @@ class _Source:
     max_length: int
 
 
-def _load_source(options: ExportOptions, steps: _Steps) -> _Source:
+def _load_source(options: ExportOptions, config: Any, steps: _Steps) -> _Source:
     import torch
     import transformers
 
     with steps.step(f"Checking {options.model}"):
-        config = _load(transformers.AutoConfig.from_pretrained, options.model, "configuration")
         check_config(config)
     with steps.step("Loading the model and tokenizer"):
         model, loading_info = _load(

@@ -47,11 +47,16 @@ async def call_core(request: Request, work: Callable[[float], Awaitable[T]]) -> 
         watcher.cancel()
         if not call.done():
             call.cancel()
+    expired = DeadlineExceededError(f"no answer within {timeout_s:g}s (http_timeout_s)")
     if call in done:
-        return call.result()
+        try:
+            return call.result()
+        except DeadlineExceededError:
+            # The core saw the same deadline pass first (a race of a few ms): the caller hears one reason.
+            raise expired from None
     if watcher in done:
         raise CallerGoneError("the caller disconnected")
-    raise DeadlineExceededError(f"no answer within {timeout_s:g}s (http_timeout_s)")
+    raise expired
 
 
 class CallerGoneError(ServiceError):
