@@ -61,7 +61,11 @@ class ModelSpec:
 MODELS = {
     "reranker": ModelSpec(TINY_CONFIG, 0),
     "reranker_mean": ModelSpec(MEAN_POOLING_CONFIG, 1),
+    # 8192-token inputs, exported by default: pairs over LONG_PAIR_TOKENS run on the packed engine.
     "reranker_long": ModelSpec(LONG_CONFIG, 2, ("--max-batch-tokens", "16384")),
+    # The same with routing off: ONNX Runtime's dense attention makes an 8192-token pair seconds of work
+    # on any CPU, which the tests of drain, overload, deadlines and connection age need a call to take.
+    "reranker_long_dense": ModelSpec(LONG_CONFIG, 2, ("--max-batch-tokens", "16384", "--long-pair-tokens", "0")),
     # reranker_mean's weights (same shape and seed) run by PyTorch inside Triton instead of ONNX Runtime.
     "reranker_torch": ModelSpec(MEAN_POOLING_CONFIG, 1, ("--runtime", "torch")),
     # The packed (unpadded) engine, with a small token budget so that requests run as several packed runs.

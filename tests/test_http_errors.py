@@ -315,7 +315,7 @@ def sigterm_once_in_flight(served: Stack) -> None:
 
 
 def test_overload_is_429_with_retry_after_and_sigterm_drains(stack: Stack, model_repository: Path) -> None:
-    args = ("--model-name=reranker_long", "--max-inflight-tokens=10000", "--max-total-tokens=10000")
+    args = ("--model-name=reranker_long_dense", "--max-inflight-tokens=10000", "--max-total-tokens=10000")
     with frontend(stack, model_repository, *args, "--shutdown-grace-s=300") as served:
         url = served.http_url
         documents = [text(9000, seed=50)]  # 8192 tokens: one call fills the capacity for seconds
@@ -350,7 +350,7 @@ def test_overload_is_429_with_retry_after_and_sigterm_drains(stack: Stack, model
 
 
 def test_deadline_is_504(stack: Stack, model_repository: Path) -> None:
-    args = ("--model-name=reranker_long", "--http-timeout-s=0.3")
+    args = ("--model-name=reranker_long_dense", "--http-timeout-s=0.3")
     with frontend(stack, model_repository, *args) as served:
         url = served.http_url
         for path in ALL:
@@ -511,7 +511,7 @@ def test_random_bodies_never_get_a_500(base_url: str) -> None:
 
 
 def test_a_call_outliving_the_shutdown_grace_gets_503_not_500(stack: Stack, model_repository: Path) -> None:
-    with frontend(stack, model_repository, "--model-name=reranker_long", "--shutdown-grace-s=1") as served:
+    with frontend(stack, model_repository, "--model-name=reranker_long_dense", "--shutdown-grace-s=1") as served:
         url = served.http_url
         results: list[httpx.Response] = []
 

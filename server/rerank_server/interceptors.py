@@ -137,6 +137,12 @@ class CallPolicy(grpc.aio.ServerInterceptor):
             # An abort on a call its caller already ended leaves no code set.
             code = context.code() or _ended_early(context)
             raise
+        except Exception:
+            # Anything else raised once the caller has gone (its deadline passed, or it cancelled) ended a call
+            # the caller already saw end: count what it saw. Otherwise the handler failed: UNKNOWN.
+            if _caller_gone(context):
+                code = _ended_early(context)
+            raise
         finally:
             self._end(rpc, code, started)
 
@@ -173,6 +179,11 @@ def _discard(data: bytes) -> None:
 # The deadline travels as a relative timeout, so the caller's side expires (and cancels the call) a moment
 # before the server's clock says so: a call ended this close to its deadline ended by its deadline.
 DEADLINE_SLACK_S = 0.1
+
+
+def _caller_gone(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return (remaining is not None and remaining <= DEADLINE_SLACK_S) or context.cancelled()
 
 
 def _ended_early(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
