@@ -246,6 +246,32 @@ def test_chunked_gemm_attention_equals_the_fused_kernel(
     np.testing.assert_allclose(gemm, eager_logits(checkpoint, pairs), rtol=0, atol=FP32_TOLERANCE)
 
 
+def test_bf16_gemm_attention_is_as_close_to_fp32_as_the_fused_kernel(checkpoint_dirs: dict[str, Path]) -> None:
+    """CPU bf16: long pairs' global layers run as oneDNN GEMMs too (scores and softmax in bf16, as SDPA's
+    bf16 kernel has them); their error against fp32 eager stays within the fused kernel's own."""
+    name = "w30-every3-mean-thetas"
+    checkpoint = checkpoint_dirs[name]
+    engine = PackedModernBert.from_pretrained(str(checkpoint), dtype=torch.bfloat16)
+    if not engine.gemm_attention:
+        pytest.skip("this torch has no oneDNN bf16 linear: the fused kernel is the only CPU path")
+    pairs = random_pairs([1500, 1100, 40], seed=12)
+    calls: list[int] = []
+    gemm_attention = engine._gemm_attention
+
+    def counting(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+        calls.append(q.shape[0])
+        gemm_attention(q, k, v, out)
+
+    engine._gemm_attention = counting  # type: ignore[method-assign]
+    gemm = engine.forward_packed(*pack(pairs)).numpy()
+    assert sorted(set(calls)) == [1100, 1500]
+    engine.gemm_attention = False
+    fused = engine.forward_packed(*pack(pairs)).numpy()
+    expected = eager_logits(checkpoint, pairs)
+    ours, theirs = np.abs(gemm - expected).max(), np.abs(fused - expected).max()
+    assert ours <= max(2 * theirs, 0.002 * np.ptp(expected)), (ours, theirs, np.ptp(expected))
+
+
 def test_cpu_fp32_linear_is_onednn_where_it_agrees_else_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     x, w, b = torch.randn(33, 48), torch.randn(20, 48), torch.randn(20)
     chosen = modernbert_packed._cpu_fp32_linear()
