@@ -215,6 +215,19 @@ def test_score_splits_by_the_token_budget_and_keeps_the_order(
         forward(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 2, 3], dtype=torch.int32))
 
 
+def count_gemm_attention(engine: PackedModernBert) -> list[int]:
+    """The lengths of the pairs the engine sends through _gemm_attention from now on, one per call."""
+    calls: list[int] = []
+    gemm_attention = engine._gemm_attention
+
+    def counting(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+        calls.append(q.shape[0])
+        gemm_attention(q, k, v, out)
+
+    engine._gemm_attention = counting  # type: ignore[method-assign]
+    return calls
+
+
 def test_chunked_gemm_attention_equals_the_fused_kernel(
     checkpoint_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -229,14 +242,7 @@ def test_chunked_gemm_attention_equals_the_fused_kernel(
     pairs = random_pairs([1500, 1100, 1100, 40], seed=11)
     # Chunks of 256 queries: a pair's last chunk is partial.
     monkeypatch.setattr(modernbert_packed, "GEMM_SCORES_BYTES", 4 * 256 * 1100)
-    calls: list[int] = []
-    gemm_attention = engine._gemm_attention
-
-    def counting(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
-        calls.append(q.shape[0])
-        gemm_attention(q, k, v, out)
-
-    engine._gemm_attention = counting  # type: ignore[method-assign]
+    calls = count_gemm_attention(engine)
     gemm = engine.forward_packed(*pack(pairs)).numpy()
     global_layers = sum(layer.half_window is None for layer in engine.layers)
     assert sorted(calls) == sorted([1500, 1100, 1100] * global_layers)
@@ -255,14 +261,7 @@ def test_bf16_gemm_attention_is_as_close_to_fp32_as_the_fused_kernel(checkpoint_
     if not engine.gemm_attention:
         pytest.skip("this torch has no oneDNN bf16 linear: the fused kernel is the only CPU path")
     pairs = random_pairs([1500, 1100, 40], seed=12)
-    calls: list[int] = []
-    gemm_attention = engine._gemm_attention
-
-    def counting(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
-        calls.append(q.shape[0])
-        gemm_attention(q, k, v, out)
-
-    engine._gemm_attention = counting  # type: ignore[method-assign]
+    calls = count_gemm_attention(engine)
     gemm = engine.forward_packed(*pack(pairs)).numpy()
     assert sorted(set(calls)) == [1100, 1500]
     engine.gemm_attention = False
