@@ -1,6 +1,6 @@
 """The CPU's numeric features and the precision a model runs in on it.
 
-Stdlib only: `rerank export` copies this file next to model.py, and Triton's Python-backend stub
+Stdlib only: `rerank export` copies it with the model package, and Triton's Python-backend stub
 imports it when the model loads, as does the frontend (the same function, the same inputs) to
 report the precision in use.
 

@@ -1,6 +1,6 @@
 """Length-sorted, token-budgeted execution of a cross-encoder over ragged (query, document) pairs.
 
-This file runs inside Triton's Python backend (`rerank export` copies it next to model.py) and in
+This file runs inside Triton's Python backend (`rerank export` copies it with the model package) and in
 the benchmarks in-process, so it depends on numpy alone; the runtime that computes a sub-batch is
 behind one of two interfaces, imported only by the model that uses it:
 - `Runner`, padded rows: ONNX Runtime (`OnnxRunner`, here) or transformers (`torch_runner.TorchRunner`);
