@@ -64,7 +64,7 @@ test: check pytest
 test-fast: install
 	$(BIN)/python -m pytest -m "not e2e"
 
-# The throughput benchmark (README, Performance): every CPU precision in-process and served (fp32 and
+# The throughput benchmark (docs/performance.md): every CPU precision in-process and served (fp32 and
 # --precision auto); full size takes 10-30 minutes on 2 cores. Without --workdir it works in a temporary folder.
 BENCH_ARGS ?=
 bench: install
@@ -73,7 +73,7 @@ bench: install
 bench-quick: install
 	$(BIN)/python -m bench.run --quick $(BENCH_ARGS)
 
-# The GPU check (README, Performance, GPU): `make gpu-pack` here writes what travels (Triton's subset, the
+# The GPU check (docs/performance.md, GPU): `make gpu-pack` here writes what travels (Triton's subset, the
 # project, wheels; < 64 MiB); on the GPU machine, from the repository root and with no venv or network,
 # `make gpu-check` unpacks it and runs `python -m bench.gpu` (about 7 minutes).
 GPU_PACK ?= artifacts/gpu-pack

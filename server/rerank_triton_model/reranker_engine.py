@@ -376,7 +376,7 @@ def session_options(intra_op_threads: int = 0, *, spinning: bool = False) -> ort
       core count, which over-subscribes a container); the thread calling run() is one of them.
     - no spinning: idle pool threads sleep instead of busy-waiting, so the frontend's tokenizer and
       gRPC threads get the cores between and after runs. Spinning made no measurable difference to
-      this model (80% of its time is in MatMuls; README, Performance), so the cores go to the frontend.
+      this model (80% of its time is in MatMuls; docs/performance.md), so the cores go to the frontend.
     - ORT_ENABLE_ALL: constant folding, Gelu and MatMul-scale fusions. The transformers optimizer
       (onnxruntime.transformers.optimizer, model_type bert) adds only SkipLayerNormalization fusions
       on ModernBERT (its rotary attention is not recognised), agrees within 1e-5 but was not
