@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from rerank_server import flags
+from rerank_server.flags import option
 from rerank_server.settings import Settings
 
 
@@ -43,3 +46,66 @@ def test_every_setting_is_described() -> None:
     text = Settings.load(parse("--triton-url", "t:1"), {}).describe()
     for name in ("port", "triton_url", "max_documents", "tokenizer_threads"):
         assert f"{name} = " in text
+
+
+@dataclass(frozen=True)
+class _Options:
+    """A dataclass of every field type flags converts."""
+
+    switch: bool = option(False, "a bool")
+    count: int = option(3, "an int")
+    ratio: float | None = option(None, "a float or nothing")
+    folder: Path | None = option(None, "a path")
+    name: str = option("x", "a string", choices=("x", "y"))
+
+
+def parse_options(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    flags.add_arguments(_Options, parser, "T_")
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("false", False), ("0", False), ("No", False), ("true", True), ("1", True)]
+)
+def test_a_bool_from_the_environment_is_a_bool(text: str, value: bool) -> None:
+    options = _Options(**flags.values(_Options, parse_options(), {"T_SWITCH": text}, "T_"))
+    assert options.switch is value
+
+
+def test_bool_flags_win_over_the_environment_and_bad_values_are_named() -> None:
+    assert flags.values(_Options, parse_options("--switch"), {"T_SWITCH": "false"}, "T_")["switch"] is True
+    assert flags.values(_Options, parse_options("--no-switch"), {"T_SWITCH": "true"}, "T_")["switch"] is False
+    with pytest.raises(ValueError, match="switch: 'maybe' is not a valid bool"):
+        flags.values(_Options, parse_options(), {"T_SWITCH": "maybe"}, "T_")
+    with pytest.raises(ValueError, match=r"count: '2\.5' is not a valid int"):
+        flags.values(_Options, parse_options("--count", "2.5"), {}, "T_")
+
+
+def test_values_are_typed_and_unset_fields_keep_their_defaults() -> None:
+    given = flags.values(_Options, parse_options("--count", "7", "--ratio", "0.5", "--folder", "a/b"), {}, "T_")
+    assert given == {"count": 7, "ratio": 0.5, "folder": Path("a/b")}
+    assert _Options(**given).switch is False and _Options(**given).name == "x"
+    with pytest.raises(SystemExit):  # choices are argparse's
+        parse_options("--name", "z")
+
+
+def test_help_names_the_variable_and_the_default() -> None:
+    parser = argparse.ArgumentParser()
+    Settings.add_arguments(parser)
+    text = parser.format_help()
+    assert "RERANK_MAX_DOCUMENTS" in text and "default 1000" in text
+
+
+def test_export_options_use_the_same_conversion() -> None:
+    from rerank_server.export import ExportOptions
+
+    parser = argparse.ArgumentParser()
+    ExportOptions.add_arguments(parser)
+    options = ExportOptions.from_arguments(parser.parse_args(["--output", "out", "--max-length", "128", "--overwrite"]))
+    assert options.output == Path("out") and options.max_length == 128 and options.overwrite is True
+    assert options.max_batch_size == ExportOptions.max_batch_size  # not given: the default
+    plain = ExportOptions.from_arguments(parser.parse_args(["--output", "out"]))
+    assert plain.overwrite is False and plain.max_length is None
+    with pytest.raises(SystemExit):  # --output is required
+        parser.parse_args([])

@@ -45,8 +45,6 @@ HEALTH_SERVICES = ("", RERANK_SERVICE)
 # For liveness probes: SERVING while the process runs (until it drains), whatever Triton's state, so
 # that a Triton outage makes pods unready without getting healthy frontends restarted.
 LIVENESS_SERVICE = "liveness"
-# Restart delays of a crashed local Triton (seconds), the last one repeating (--triton-restart-backoff-s).
-RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 def tokenizer_folder(settings: Settings, model: ModelInfo) -> Path:
@@ -183,13 +181,14 @@ class Frontend:
 async def supervise(
     triton: LocalTriton,
     stop: asyncio.Event,
-    backoff: tuple[float, ...] = RESTART_BACKOFF_S,
-    healthy_s: float = 30.0,
+    backoff: tuple[float, ...],
+    healthy_s: float,
 ) -> None:
     """Restart the local Triton whenever it exits, with backoff, until the frontend stops.
 
-    The delay grows with consecutive failures only: a Triton that ran `healthy_s` or longer before
-    dying is restarted after the first delay again (a crash now and then is not a crash loop).
+    `backoff` (--triton-restart-backoff-s) are the delays, the last one repeating. The delay grows with
+    consecutive failures only: a Triton that ran `healthy_s` (--triton-healthy-s) or longer before dying
+    is restarted after the first delay again (a crash now and then is not a crash loop).
     """
     loop = asyncio.get_running_loop()
     failures = 0

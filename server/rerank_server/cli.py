@@ -30,7 +30,11 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from rerank_server.export import ExportError, ExportOptions, export
 
-    options = ExportOptions(**{k: v for k, v in vars(args).items() if k not in ("func", "command")})
+    try:
+        options = ExportOptions.from_arguments(args)
+    except ValueError as error:
+        print(f"rerank export: {error}", file=sys.stderr)
+        return 2
     try:
         export(options, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except ExportError as error:

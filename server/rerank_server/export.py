@@ -29,7 +29,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     import numpy as np
 
 import rerank_triton_model
+from rerank_server import flags
+from rerank_server.flags import option
 from rerank_triton_model.contract import INPUT_IDS, LOGITS, SEQUENCE_LENGTHS, ModelParameters
 from rerank_triton_model.cpu_features import (
     BF16_FLAGS,
@@ -83,62 +85,53 @@ class ExportError(Exception):
     """The checkpoint cannot be exported; the message says why."""
 
 
-def _option(default: Any, help: str, **flag: Any) -> Any:
-    """A field of ExportOptions and its `rerank export` flag (ExportOptions.add_arguments), defined once."""
-    return field(default=default, metadata={"help": help, **flag})
-
-
 @dataclass(frozen=True)
 class ExportOptions:
-    model: str = _option(DEFAULT_MODEL, "hub id or local checkpoint folder")
-    output: Path = _option(Path("model_repository_build"), "model repository folder to write into", required=True)
-    name: str = _option("reranker", "model name in the repository")
-    model_id: str | None = _option(None, "model name reported to callers (default: the hub id or folder name)")
-    tokenizer: str | None = _option(None, "hub id or folder of the tokenizer (default: --model)")
-    device: str = _option("cpu", "instance kind", choices=("cpu", "gpu"))
-    runtime: str | None = _option(
+    model: str = option(DEFAULT_MODEL, "hub id or local checkpoint folder")
+    output: Path = option(Path("model_repository_build"), "model repository folder to write into", required=True)
+    name: str = option("reranker", "model name in the repository")
+    model_id: str | None = option(None, "model name reported to callers (default: the hub id or folder name)")
+    tokenizer: str | None = option(None, "hub id or folder of the tokenizer (default: --model)")
+    device: str = option("cpu", "instance kind", choices=("cpu", "gpu"))
+    runtime: str | None = option(
         None,
         "what runs the model in Triton: onnxruntime (the ONNX graph), torch (transformers' model on padded rows) "
         "or packed (the unpadded ModernBERT engine) (default: onnxruntime on cpu, packed on gpu; torch for bf16; "
         "--precision auto picks it)",
         choices=RUNTIMES,
     )
-    precision: str | None = _option(
+    precision: str | None = option(
         None,
         "cpu: auto (the default: measure the precisions this CPU runs natively and keep the fastest that ranks "
         "like fp32), fp32, bf16 (PyTorch) or int8 (ONNX Runtime dynamic quantization); gpu: fp16 (the default), "
         "bf16 or fp32. A CPU model keeps fp32 weights: a CPU without bf16 or VNNI serves those instead",
         choices=("auto", "fp32", "bf16", "int8", "fp16"),
     )
-    quantize: str | None = _option(None, "same as --precision int8 (kept for older scripts)", choices=QUANTIZATIONS)
-    max_length: int | None = _option(None, "tokens per pair (default: the model's limit)")
-    max_batch_size: int = _option(32, "requests merged per execution")
-    max_batch_tokens: int | None = _option(None, "tokens per model run (default: max(8192, max length))")
-    max_queue_delay_us: int = _option(2000, "dynamic batcher delay")
-    instance_count: int = _option(1, "model instances")
-    intra_op_threads: int = _option(0, "threads per model instance (0: all cores)")
-    long_pair_tokens: int = _option(
+    quantize: str | None = option(None, "same as --precision int8 (kept for older scripts)", choices=QUANTIZATIONS)
+    max_length: int | None = option(None, "tokens per pair (default: the model's limit)")
+    max_batch_size: int = option(32, "requests merged per execution")
+    max_batch_tokens: int | None = option(None, "tokens per model run (default: max(8192, max length))")
+    max_queue_delay_us: int = option(2000, "dynamic batcher delay")
+    instance_count: int = option(1, "model instances")
+    intra_op_threads: int = option(0, "threads per model instance (0: all cores)")
+    long_pair_tokens: int = option(
         LONG_PAIR_TOKENS,
         "cpu, ONNX Runtime: pairs longer than this run on the packed engine over the fp32 checkpoint (saved "
         "beside the graph), whose attention is linear in the local layers and never holds a T x T buffer; "
         "0: every pair on ONNX Runtime",
     )
-    opset: int = _option(18, "ONNX opset")
-    overwrite: bool = _option(False, "replace an existing model of that name")
+    opset: int = option(18, "ONNX opset")
+    overwrite: bool = option(False, "replace an existing model of that name")
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """One --flag per option, typed, with its default shown."""
-        for option in fields(cls):
-            flag, meta = "--" + option.name.replace("_", "-"), dict(option.metadata)
-            help_text = meta.pop("help")
-            if option.type == "bool":
-                parser.add_argument(flag, action="store_true", help=help_text)
-                continue
-            kind = Path if "Path" in option.type else int if "int" in option.type else str
-            if option.default is not None and not meta.get("required"):
-                help_text += " (default: %(default)s)"
-            parser.add_argument(flag, type=kind, default=option.default, help=help_text, **meta)
+        """One --flag per option, with its default shown."""
+        flags.add_arguments(cls, parser)
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace) -> ExportOptions:
+        """The options given as flags, converted to their types; the rest keep their defaults."""
+        return cls(**flags.values(cls, args))
 
     @property
     def resolved_precision(self) -> str:

@@ -10,115 +10,113 @@ import argparse
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from rerank_server import flags
+from rerank_server.flags import option
 
 ENV_PREFIX = "RERANK_"
-
-
-def _setting(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True)
 class Settings:
     # Where the frontend listens.
-    host: str = _setting("0.0.0.0", "address the gRPC frontend binds")
-    port: int = _setting(50051, "port of the gRPC frontend")
+    host: str = option("0.0.0.0", "address the gRPC frontend binds")
+    port: int = option(50051, "port of the gRPC frontend")
     # The HTTP/JSON surfaces (Cohere, Jina, TEI and NIM rerank APIs) beside gRPC, on the same core.
-    http_port: int = _setting(8080, "port of the HTTP/JSON frontend (Cohere, Jina, TEI, NIM APIs; 0: off)")
-    http_timeout_s: float = _setting(
+    http_port: int = option(8080, "port of the HTTP/JSON frontend (Cohere, Jina, TEI, NIM APIs; 0: off)")
+    http_timeout_s: float = option(
         120.0, "deadline of an HTTP call, which has no gRPC deadline to carry one (504 past it)"
     )
     # Which Triton, and which model on it.
-    model_repository: Path | None = _setting(
+    model_repository: Path | None = option(
         None, "Triton model repository made by `rerank export`; read for the tokenizer, and served by a local Triton"
     )
-    triton_url: str | None = _setting(
+    triton_url: str | None = option(
         None, "HOST:PORT of a running Triton's gRPC endpoint; without it `serve` starts a local tritonserver"
     )
-    model_name: str = _setting("reranker", "name of the model in the Triton repository")
-    tokenizer: Path | None = _setting(
+    model_name: str = option("reranker", "name of the model in the Triton repository")
+    tokenizer: Path | None = option(
         None, "folder holding tokenizer.json (default: the one `rerank export` put in the model repository)"
     )
     # Request limits.
-    max_length: int | None = _setting(
+    max_length: int | None = option(
         None, "tokens per (query, document) pair, special tokens included (default: the model's limit)"
     )
-    max_query_tokens: int = _setting(2048, "longest query accepted, in tokens")
-    max_documents: int = _setting(1000, "most documents (Rerank) or pairs (Score) accepted in one request")
-    max_total_tokens: int = _setting(
+    max_query_tokens: int = option(2048, "longest query accepted, in tokens")
+    max_documents: int = option(1000, "most documents (Rerank) or pairs (Score) accepted in one request")
+    max_total_tokens: int = option(
         524288, "most tokens one request may feed the model, over all pairs and windows (RESOURCE_EXHAUSTED past it)"
     )
-    chunk_overlap_tokens: int = _setting(
+    chunk_overlap_tokens: int = option(
         64, "tokens consecutive windows share with CHUNK truncation when a request leaves chunk_overlap unset"
     )
-    stream_max_in_flight: int = _setting(32, "messages of one RerankStream scored at once")
-    max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message accepted or sent, in bytes")
+    stream_max_in_flight: int = option(32, "messages of one RerankStream scored at once")
+    max_message_bytes: int = option(64 * 1024 * 1024, "largest gRPC message accepted or sent, in bytes")
     # How work reaches Triton.
-    triton_request_max_tokens: int = _setting(
+    triton_request_max_tokens: int = option(
         16384, "a rerank request is split into Triton requests of at most this many tokens (length-sorted)"
     )
-    tokenizer_threads: int = _setting(2, "threads that tokenize requests, off the event loop")
-    tokenize_queue_max: int = _setting(
+    tokenizer_threads: int = option(2, "threads that tokenize requests, off the event loop")
+    tokenize_queue_max: int = option(
         256,
         "calls tokenizing or waiting for a tokenizer thread at once; past it calls get RESOURCE_EXHAUSTED at once",
     )
     # Backpressure.
-    max_inflight_tokens: int = _setting(
+    max_inflight_tokens: int = option(
         1048576,
         "tokens admitted to the model at once over all calls; past it calls get RESOURCE_EXHAUSTED at once "
         "(size it to throughput x the latency you accept; at least max_total_tokens)",
     )
     # Security.
-    tls_cert_file: Path | None = _setting(None, "PEM certificate chain: serve TLS (with --tls-key-file)")
-    tls_key_file: Path | None = _setting(None, "PEM private key of --tls-cert-file")
-    tls_client_ca_file: Path | None = _setting(None, "PEM CA bundle: require client certificates it signed (mTLS)")
-    auth_token: str | None = _setting(
+    tls_cert_file: Path | None = option(None, "PEM certificate chain: serve TLS (with --tls-key-file)")
+    tls_key_file: Path | None = option(None, "PEM private key of --tls-cert-file")
+    tls_client_ca_file: Path | None = option(None, "PEM CA bundle: require client certificates it signed (mTLS)")
+    auth_token: str | None = option(
         None,
         "bearer token callers must send (authorization: Bearer ...). A flag's value shows in `ps` to every "
         "user of the host: prefer --auth-token-file or the environment variable, which do not",
         secret=True,
     )
-    auth_token_file: Path | None = _setting(
+    auth_token_file: Path | None = option(
         None, "file holding the bearer token (out of `ps` and of the environment; wins over --auth-token)"
     )
-    health_port: int | None = _setting(
+    health_port: int | None = option(
         None, "extra plaintext port serving only grpc.health.v1, for probes that cannot do TLS or tokens"
     )
     # Observability.
-    metrics_port: int = _setting(9090, "port of the Prometheus /metrics endpoint (0: none)")
-    log_format: str = _setting("json", "json (one object per line, with request ids) or text")
-    otel_exporter: str | None = _setting(
+    metrics_port: int = option(9090, "port of the Prometheus /metrics endpoint (0: none)")
+    log_format: str = option("json", "json (one object per line, with request ids) or text")
+    otel_exporter: str | None = option(
         None, "trace frontend -> Triton with OpenTelemetry: otlp (OTEL_EXPORTER_OTLP_* variables) or console"
     )
     # Connections.
-    max_connection_age_s: float = _setting(
+    max_connection_age_s: float = option(
         300.0, "connections are closed (gracefully) after this age, so clients rebalance across replicas"
     )
     # Local Triton (serve mode without --triton-url).
-    triton_grpc_port: int = _setting(8001, "gRPC port of the local Triton")
-    triton_http_port: int = _setting(8000, "HTTP port of the local Triton")
-    triton_metrics_port: int = _setting(8002, "Prometheus metrics port of the local Triton")
-    triton_log: Path | None = _setting(None, "file the local Triton logs to (default: a temporary file)")
-    triton_restart_backoff_s: str = _setting(
+    triton_grpc_port: int = option(8001, "gRPC port of the local Triton")
+    triton_http_port: int = option(8000, "HTTP port of the local Triton")
+    triton_metrics_port: int = option(8002, "Prometheus metrics port of the local Triton")
+    triton_log: Path | None = option(None, "file the local Triton logs to (default: a temporary file)")
+    triton_restart_backoff_s: str = option(
         "1,2,5,10,30", "delays before restarting a local Triton that died, seconds, comma-separated; the last repeats"
     )
-    triton_healthy_s: float = _setting(
+    triton_healthy_s: float = option(
         30.0, "a local Triton that ran this long before dying is restarted after the first delay again"
     )
-    triton_home: Path | None = _setting(
+    triton_home: Path | None = option(
         None, "folder laid out like the nvidia-pytriton wheel (pytriton/, nvidia_pytriton.libs/) to run instead of it"
     )
-    triton_python_env: Path | None = _setting(
+    triton_python_env: Path | None = option(
         None, "Python environment (venv folder, this Python's version) whose packages the model imports in Triton"
     )
     # Lifecycle.
-    startup_timeout_s: float = _setting(600.0, "how long to wait for Triton and the model to become ready")
-    health_interval_s: float = _setting(1.0, "how often Triton's model readiness is checked for the health service")
-    shutdown_grace_s: float = _setting(10.0, "how long in-flight calls may finish after SIGTERM or Ctrl-C")
-    log_level: str = _setting("INFO", "logging level")
+    startup_timeout_s: float = option(600.0, "how long to wait for Triton and the model to become ready")
+    health_interval_s: float = option(1.0, "how often Triton's model readiness is checked for the health service")
+    shutdown_grace_s: float = option(10.0, "how long in-flight calls may finish after SIGTERM or Ctrl-C")
+    log_level: str = option("INFO", "logging level")
 
     @property
     def bearer_token(self) -> str | None:
@@ -134,28 +132,14 @@ class Settings:
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """One --flag per setting; the default shown is the environment's value when set."""
-        for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            parser.add_argument(
-                flag,
-                dest=f.name,
-                default=None,
-                help=f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}; default {f.default}]",
-            )
+        """One --flag per setting, its help naming its RERANK_* variable and default."""
+        flags.add_arguments(cls, parser, ENV_PREFIX)
 
     @classmethod
     def load(cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Settings:
         """Settings from flags (if parsed), then RERANK_* variables, then defaults; values are type-checked."""
         environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            raw = getattr(args, f.name, None) if args is not None else None
-            if raw is None:
-                raw = environ.get(ENV_PREFIX + f.name.upper())
-            if raw is not None:
-                values[f.name] = _convert(f, raw)
-        return cls(**values).validated()
+        return cls(**flags.values(cls, args, environ, ENV_PREFIX)).validated()
 
     def validated(self) -> Settings:
         for name in (
@@ -206,17 +190,3 @@ class Settings:
             value = getattr(self, f.name)
             lines.append(f"  {f.name} = {'***' if f.metadata.get('secret') and value else value}")
         return "\n".join(lines)
-
-
-def _convert(f: dataclasses.Field[Any], raw: Any) -> Any:
-    kind = str(f.type)
-    try:
-        if "int" in kind:
-            return int(raw)
-        if "float" in kind:
-            return float(raw)
-        if "Path" in kind:
-            return Path(raw)
-    except ValueError:
-        raise ValueError(f"{f.name}: {raw!r} is not a valid {kind}") from None
-    return str(raw)
