@@ -17,7 +17,7 @@ options = st.fixed_dictionaries(
         "truncation": st.integers(0, 6),  # 4..6 are not Truncation values
         "max_length": st.one_of(st.just(0), st.integers(0, 2**32 - 1), st.integers(0, 600)),
     },
-    optional={"chunk_overlap": st.integers(0, 2**32 - 1)},
+    optional={"chunk_overlap": st.integers(0, 2**32 - 1), "model": st.one_of(short_text, st.just("reranker"))},
 )
 rerank_requests = st.builds(
     lambda q, d, top_n, docs_back, opts: rerank_pb2.RerankRequest(
@@ -40,7 +40,7 @@ score_requests = st.builds(
 calls = st.one_of(
     st.tuples(st.just("Rerank"), rerank_requests.map(lambda m: m.SerializeToString())),
     st.tuples(st.just("Score"), score_requests.map(lambda m: m.SerializeToString())),
-    st.tuples(st.sampled_from(["Rerank", "Score", "GetModelInfo"]), st.binary(max_size=120)),
+    st.tuples(st.sampled_from(["Rerank", "Score", "GetModelInfo", "ListModels"]), st.binary(max_size=120)),
 )
 
 
@@ -50,7 +50,7 @@ def fuzz_rerank_service(target: str, examples: int) -> Counter[str]:
     with grpc.insecure_channel(target) as channel:
         methods = {
             name: channel.unary_unary(f"/rerank.v1.RerankService/{name}")
-            for name in ("Rerank", "Score", "GetModelInfo")
+            for name in ("Rerank", "Score", "GetModelInfo", "ListModels")
         }
 
         @settings(

@@ -32,11 +32,16 @@ def _breaking(against: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_contract_is_backward_compatible_with_the_previous_commit() -> None:
-    git_dir = subprocess.run(["git", "rev-parse", "--absolute-git-dir"], cwd=ROOT, capture_output=True, text=True)
-    parent = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "HEAD~1"], cwd=ROOT, capture_output=True)
+    # The common git dir and a commit id, so that a linked worktree (whose own git dir buf cannot read) works too.
+    git_dir = subprocess.run(
+        ["git", "rev-parse", "--path-format=absolute", "--git-common-dir"], cwd=ROOT, capture_output=True, text=True
+    )
+    parent = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", "HEAD~1"], cwd=ROOT, capture_output=True, text=True
+    )
     if git_dir.returncode != 0 or parent.returncode != 0:
         pytest.skip("not a git checkout with a previous commit (a shallow clone): nothing to compare with")
-    done = _breaking(f"{git_dir.stdout.strip()}#subdir=proto,ref=HEAD~1", ROOT / "proto")
+    done = _breaking(f"{git_dir.stdout.strip()}#subdir=proto,ref={parent.stdout.strip()}", ROOT / "proto")
     assert done.returncode == 0, done.stdout + done.stderr
 
 

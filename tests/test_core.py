@@ -155,3 +155,18 @@ async def test_admission_refuses_what_would_pass_the_inflight_budget() -> None:
     assert error.code is ErrorCode.RESOURCE_EXHAUSTED and "capacity" in error.message
     assert len((await first).results) == 4
     assert len((await core.rerank(RerankInput(QUERY, documents))).results) == 4  # the budget was returned
+
+
+async def test_a_request_names_the_served_model_or_none_and_another_name_is_not_found() -> None:
+    core = fake_core()
+    default = await core.rerank(RerankInput(QUERY, ["a", "b"]))
+    named = await core.rerank(RerankInput(QUERY, ["a", "b"], model=MODEL.name))
+    assert named == default
+    assert core.describe(MODEL.name) == core.describe()
+    for work in (
+        core.rerank(RerankInput(QUERY, ["a"], model="other")),
+        core.score(ScoreInput([(QUERY, "a")], model="other")),
+    ):
+        error = await failure(work)
+        assert error.code is ErrorCode.NOT_FOUND
+        assert error.violations == [("model", f"'other' is not served here; the served models are ['{MODEL.name}']")]

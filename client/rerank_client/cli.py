@@ -57,6 +57,7 @@ def _run_query(args: argparse.Namespace) -> int:
             truncation=args.truncation,
             max_length=args.max_length,
             chunk_overlap=args.chunk_overlap,
+            model=args.model,
         )
     if args.json:
         _print_json(response)
@@ -69,7 +70,11 @@ def _run_score(args: argparse.Namespace) -> int:
     pairs = [(text_a, text_b) for text_a, text_b in args.pair]
     with _client(args) as client:
         response = client.score(
-            pairs, truncation=args.truncation, max_length=args.max_length, chunk_overlap=args.chunk_overlap
+            pairs,
+            truncation=args.truncation,
+            max_length=args.max_length,
+            chunk_overlap=args.chunk_overlap,
+            model=args.model,
         )
     if args.json:
         _print_json(response)
@@ -93,7 +98,13 @@ def _run_stream(args: argparse.Namespace) -> int:
 
 def _run_info(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        _print_json(client.model_info())
+        _print_json(client.model_info(model=args.model))
+    return 0
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print_json(client.list_models())
     return 0
 
 
@@ -107,11 +118,16 @@ def _target_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", default=None, help="PEM client private key, for mTLS")
 
 
+def _model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="a served model's name (default: the server's default model)")
+
+
 def _scoring_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truncation", choices=["end", "none", "chunk"], default=None, help="default: end")
     parser.add_argument("--max-length", type=int, default=None, help="tokens per pair (default: the model's limit)")
     parser.add_argument("--chunk-overlap", type=int, default=None, help="tokens windows share with --truncation chunk")
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
+    _model_option(parser)
 
 
 def _add_client_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -134,9 +150,14 @@ def _add_client_commands(subparsers: argparse._SubParsersAction) -> None:
     stream.add_argument("input", help='file of JSON lines {"id": ..., "query": ..., "documents": [...]}, - for stdin')
     stream.set_defaults(func=_run_stream)
 
-    info = subparsers.add_parser("info", help="describe the served model and the service's limits")
+    info = subparsers.add_parser("info", help="describe a served model and the service's limits")
     _target_options(info)
+    _model_option(info)
     info.set_defaults(func=_run_info)
+
+    models = subparsers.add_parser("models", help="list the served models and the default one")
+    _target_options(models)
+    models.set_defaults(func=_run_models)
 
 
 def build_parser() -> argparse.ArgumentParser:

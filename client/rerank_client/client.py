@@ -52,6 +52,7 @@ def build_rerank_request(
     truncation: TruncationArg = None,
     max_length: int | None = None,
     chunk_overlap: int | None = None,
+    model: str | None = None,
 ) -> rerank_pb2.RerankRequest:
     """The RerankRequest for these arguments. Validation of the values is the server's job."""
     if isinstance(documents, str):
@@ -64,6 +65,7 @@ def build_rerank_request(
         return_documents=return_documents,
         truncation=truncation_value(truncation),
         max_length=max_length or 0,
+        model=model or "",
     )
     if chunk_overlap is not None:
         request.chunk_overlap = chunk_overlap
@@ -76,11 +78,13 @@ def build_score_request(
     truncation: TruncationArg = None,
     max_length: int | None = None,
     chunk_overlap: int | None = None,
+    model: str | None = None,
 ) -> rerank_pb2.ScoreRequest:
     request = rerank_pb2.ScoreRequest(
         pairs=[rerank_pb2.TextPair(text_a=a, text_b=b) for a, b in pairs],
         truncation=truncation_value(truncation),
         max_length=max_length or 0,
+        model=model or "",
     )
     if chunk_overlap is not None:
         request.chunk_overlap = chunk_overlap
@@ -94,7 +98,7 @@ def stream_request(id: str, query: str, documents: Sequence[str], **options: Any
 
 # Unary calls are idempotent (scoring has no side effects): retried on UNAVAILABLE, which the server
 # answers while draining or while its model server restarts. Streams are not retried.
-_IDEMPOTENT_METHODS = ("Rerank", "Score", "GetModelInfo")
+_IDEMPOTENT_METHODS = ("Rerank", "Score", "GetModelInfo", "ListModels")
 
 
 def service_config(retries: int) -> str:
@@ -211,9 +215,10 @@ class RerankClient:
         truncation: TruncationArg = None,
         max_length: int | None = None,
         chunk_overlap: int | None = None,
+        model: str | None = None,
         timeout: float | None = None,
     ) -> rerank_pb2.RerankResponse:
-        """Score `documents` against `query`; results come best first."""
+        """Score `documents` against `query` with `model` (None: the server's default); best first."""
         request = build_rerank_request(
             query,
             documents,
@@ -222,6 +227,7 @@ class RerankClient:
             truncation=truncation,
             max_length=max_length,
             chunk_overlap=chunk_overlap,
+            model=model,
         )
         response: rerank_pb2.RerankResponse = self._call(self._stub.Rerank, request, timeout)
         return response
@@ -233,10 +239,13 @@ class RerankClient:
         truncation: TruncationArg = None,
         max_length: int | None = None,
         chunk_overlap: int | None = None,
+        model: str | None = None,
         timeout: float | None = None,
     ) -> rerank_pb2.ScoreResponse:
-        """Score (text_a, text_b) pairs; scores come in request order."""
-        request = build_score_request(pairs, truncation=truncation, max_length=max_length, chunk_overlap=chunk_overlap)
+        """Score (text_a, text_b) pairs with `model` (None: the server's default), in request order."""
+        request = build_score_request(
+            pairs, truncation=truncation, max_length=max_length, chunk_overlap=chunk_overlap, model=model
+        )
         response: rerank_pb2.ScoreResponse = self._call(self._stub.Score, request, timeout)
         return response
 
@@ -255,10 +264,17 @@ class RerankClient:
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
-    def model_info(self, *, timeout: float | None = None) -> rerank_pb2.GetModelInfoResponse:
-        """The served model, its maximum length and the service's limits."""
+    def model_info(self, *, model: str | None = None, timeout: float | None = None) -> rerank_pb2.GetModelInfoResponse:
+        """A served model (None: the default one), its maximum length and the service's limits."""
         response: rerank_pb2.GetModelInfoResponse = self._call(
-            self._stub.GetModelInfo, rerank_pb2.GetModelInfoRequest(), timeout
+            self._stub.GetModelInfo, rerank_pb2.GetModelInfoRequest(model=model or ""), timeout
+        )
+        return response
+
+    def list_models(self, *, timeout: float | None = None) -> rerank_pb2.ListModelsResponse:
+        """Every served model, and the name of the default one."""
+        response: rerank_pb2.ListModelsResponse = self._call(
+            self._stub.ListModels, rerank_pb2.ListModelsRequest(), timeout
         )
         return response
 
@@ -310,9 +326,10 @@ class AsyncRerankClient:
         truncation: TruncationArg = None,
         max_length: int | None = None,
         chunk_overlap: int | None = None,
+        model: str | None = None,
         timeout: float | None = None,
     ) -> rerank_pb2.RerankResponse:
-        """Score `documents` against `query`; results come best first."""
+        """Score `documents` against `query` with `model` (None: the server's default); best first."""
         request = build_rerank_request(
             query,
             documents,
@@ -321,6 +338,7 @@ class AsyncRerankClient:
             truncation=truncation,
             max_length=max_length,
             chunk_overlap=chunk_overlap,
+            model=model,
         )
         response: rerank_pb2.RerankResponse = await self._call(self._stub.Rerank, request, timeout)
         return response
@@ -332,10 +350,13 @@ class AsyncRerankClient:
         truncation: TruncationArg = None,
         max_length: int | None = None,
         chunk_overlap: int | None = None,
+        model: str | None = None,
         timeout: float | None = None,
     ) -> rerank_pb2.ScoreResponse:
-        """Score (text_a, text_b) pairs; scores come in request order."""
-        request = build_score_request(pairs, truncation=truncation, max_length=max_length, chunk_overlap=chunk_overlap)
+        """Score (text_a, text_b) pairs with `model` (None: the server's default), in request order."""
+        request = build_score_request(
+            pairs, truncation=truncation, max_length=max_length, chunk_overlap=chunk_overlap, model=model
+        )
         response: rerank_pb2.ScoreResponse = await self._call(self._stub.Score, request, timeout)
         return response
 
@@ -355,10 +376,19 @@ class AsyncRerankClient:
         finally:
             call.cancel()  # no-op once the stream ended; stops it if the caller stopped reading
 
-    async def model_info(self, *, timeout: float | None = None) -> rerank_pb2.GetModelInfoResponse:
-        """The served model, its maximum length and the service's limits."""
+    async def model_info(
+        self, *, model: str | None = None, timeout: float | None = None
+    ) -> rerank_pb2.GetModelInfoResponse:
+        """A served model (None: the default one), its maximum length and the service's limits."""
         response: rerank_pb2.GetModelInfoResponse = await self._call(
-            self._stub.GetModelInfo, rerank_pb2.GetModelInfoRequest(), timeout
+            self._stub.GetModelInfo, rerank_pb2.GetModelInfoRequest(model=model or ""), timeout
+        )
+        return response
+
+    async def list_models(self, *, timeout: float | None = None) -> rerank_pb2.ListModelsResponse:
+        """Every served model, and the name of the default one."""
+        response: rerank_pb2.ListModelsResponse = await self._call(
+            self._stub.ListModels, rerank_pb2.ListModelsRequest(), timeout
         )
         return response
 

@@ -2,6 +2,7 @@
 
 RerankError
 ├── InvalidRequestError     INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION
+├── ModelNotFoundError      NOT_FOUND (the request names a model the server does not serve)
 ├── ResourceExhaustedError  RESOURCE_EXHAUSTED (a limit or the server's capacity)
 ├── RerankTimeoutError      DEADLINE_EXCEEDED
 ├── UnavailableError        UNAVAILABLE (server down, draining or restarting: safe to retry)
@@ -40,6 +41,10 @@ class InvalidRequestError(RerankError):
     """The request was refused as malformed or outside what the model accepts."""
 
 
+class ModelNotFoundError(RerankError):
+    """The request named a model the server does not serve; the message names the served ones."""
+
+
 class ResourceExhaustedError(RerankError):
     """A configured limit was exceeded or the server is overloaded."""
 
@@ -68,6 +73,7 @@ _BY_CODE: dict[grpc.StatusCode, type[RerankError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
     grpc.StatusCode.OUT_OF_RANGE: InvalidRequestError,
     grpc.StatusCode.FAILED_PRECONDITION: InvalidRequestError,
+    grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: RerankTimeoutError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,

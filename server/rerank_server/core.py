@@ -24,7 +24,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rerank_server.admission import TokenAdmission
-from rerank_server.errors import DeadlineExceededError, InvalidRequestError, LimitExceededError, field_error
+from rerank_server.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    LimitExceededError,
+    ModelNotFoundError,
+    field_error,
+)
 from rerank_server.observability import Metrics
 from rerank_server.ranking import rank, sigmoid
 from rerank_server.settings import Settings
@@ -84,6 +90,7 @@ class RerankInput:
     top_n: int = 0  # 0: every document
     options: ScoreOptions = field(default_factory=ScoreOptions)
     fields: FieldNames = RERANK_FIELDS
+    model: str = ""  # a served model's name; "": the default model
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,7 @@ class ScoreInput:
     pairs: Sequence[tuple[str, str]]
     options: ScoreOptions = field(default_factory=ScoreOptions)
     fields: FieldNames = SCORE_FIELDS
+    model: str = ""  # a served model's name; "": the default model
 
 
 @dataclass(frozen=True)
@@ -183,7 +191,25 @@ class RerankCore:
         self.admission = admission
         self._tokenizing = 0  # calls tokenizing or queued for a tokenizer thread (tokenize_queue_max)
 
-    def describe(self) -> ModelDescription:
+    @property
+    def default_model(self) -> str:
+        return self.model.name
+
+    def model_names(self) -> list[str]:
+        """The served models' names, sorted."""
+        return [self.model.name]
+
+    def _served(self, name: str) -> ModelInfo:
+        """The served model a request names ("": the default one); NOT_FOUND names the served ones."""
+        if name in ("", self.model.name):
+            return self.model
+        raise field_error(
+            ModelNotFoundError, "model", f"{name!r} is not served here; the served models are {self.model_names()}"
+        )
+
+    def describe(self, model: str = "") -> ModelDescription:
+        """The served model `model` names ("": the default one) and the request limits."""
+        self._served(model)
         return ModelDescription(
             model=self.model.source_model,
             max_length=self.tokenizer.max_length,
@@ -205,6 +231,7 @@ class RerankCore:
 
     async def rerank(self, request: RerankInput, deadline: float | None = None) -> RerankOutput:
         """Score every document against the query; results best first (equal scores by index), top_n of them."""
+        self._served(request.model)
         if not request.query.strip():
             raise field_error(InvalidRequestError, request.fields.query(0), "must not be empty")
         if not request.documents:
@@ -221,6 +248,7 @@ class RerankCore:
 
     async def score(self, request: ScoreInput, deadline: float | None = None) -> ScoreOutput:
         """Score each (text_a, text_b) pair, in request order."""
+        self._served(request.model)
         if not request.pairs:
             raise field_error(InvalidRequestError, request.fields.collection, "must hold at least one pair")
         self._check_count(len(request.pairs), request.fields)

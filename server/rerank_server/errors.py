@@ -15,6 +15,7 @@ class ErrorCode(enum.Enum):
     """What went wrong, named as the gRPC status it becomes (the gRPC surface maps by name)."""
 
     INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
     RESOURCE_EXHAUSTED = "resource_exhausted"
     UNAVAILABLE = "unavailable"
     DEADLINE_EXCEEDED = "deadline_exceeded"
@@ -41,6 +42,12 @@ def field_error(cls: type[ServiceError], field: str, description: str) -> Servic
 
 class InvalidRequestError(ServiceError):
     code = ErrorCode.INVALID_ARGUMENT
+
+
+class ModelNotFoundError(ServiceError):
+    """The request names a model the server does not serve."""
+
+    code = ErrorCode.NOT_FOUND
 
 
 class LimitExceededError(ServiceError):

@@ -150,7 +150,23 @@ class RerankService(rerank_pb2_grpc.RerankServiceServicer):
     async def GetModelInfo(  # noqa: N802
         self, request: rerank_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> rerank_pb2.GetModelInfoResponse:
-        info = self.core.describe()
+        return await _unary("GetModelInfo", self._model_info(request.model), context)
+
+    async def ListModels(  # noqa: N802
+        self, request: rerank_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> rerank_pb2.ListModelsResponse:
+        return await _unary("ListModels", self._list_models(), context)
+
+    # -- translation -------------------------------------------------------------------------
+
+    async def _list_models(self) -> rerank_pb2.ListModelsResponse:
+        return rerank_pb2.ListModelsResponse(
+            models=[await self._model_info(name) for name in self.core.model_names()],
+            default_model=self.core.default_model,
+        )
+
+    async def _model_info(self, model: str) -> rerank_pb2.GetModelInfoResponse:
+        info = self.core.describe(model)
         return rerank_pb2.GetModelInfoResponse(
             model=info.model,
             max_length=info.max_length,
@@ -167,12 +183,14 @@ class RerankService(rerank_pb2_grpc.RerankServiceServicer):
             ),
         )
 
-    # -- translation -------------------------------------------------------------------------
-
     async def _rerank(self, request: rerank_pb2.RerankRequest, deadline: float | None) -> rerank_pb2.RerankResponse:
         ranked = await self.core.rerank(
             RerankInput(
-                query=request.query, documents=request.documents, top_n=request.top_n, options=_options(request)
+                query=request.query,
+                documents=request.documents,
+                top_n=request.top_n,
+                options=_options(request),
+                model=request.model,
             ),
             deadline,
         )
@@ -191,7 +209,9 @@ class RerankService(rerank_pb2_grpc.RerankServiceServicer):
 
     async def _score(self, request: rerank_pb2.ScoreRequest, deadline: float | None) -> rerank_pb2.ScoreResponse:
         pairs = [(pair.text_a, pair.text_b) for pair in request.pairs]
-        scored = await self.core.score(ScoreInput(pairs=pairs, options=_options(request)), deadline)
+        scored = await self.core.score(
+            ScoreInput(pairs=pairs, options=_options(request), model=request.model), deadline
+        )
         response = rerank_pb2.ScoreResponse(model=scored.model, usage=_usage(scored.usage))
         for result in scored.scores:
             response.scores.add(

@@ -20,7 +20,7 @@ TRUNCATION_NONE: Truncation
 TRUNCATION_CHUNK: Truncation
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "documents", "top_n", "return_documents", "truncation", "max_length", "chunk_overlap")
+    __slots__ = ("query", "documents", "top_n", "return_documents", "truncation", "max_length", "chunk_overlap", "model")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class RerankRequest(_message.Message):
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CHUNK_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     query: str
     documents: _containers.RepeatedScalarFieldContainer[str]
     top_n: int
@@ -35,7 +36,8 @@ class RerankRequest(_message.Message):
     truncation: Truncation
     max_length: int
     chunk_overlap: int
-    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., max_length: _Optional[int] = ..., chunk_overlap: _Optional[int] = ...) -> None: ...
+    model: str
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., max_length: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class RerankResponse(_message.Message):
     __slots__ = ("results", "model", "usage")
@@ -74,16 +76,18 @@ class Usage(_message.Message):
     def __init__(self, input_tokens: _Optional[int] = ..., truncated_documents: _Optional[int] = ..., model_inputs: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("pairs", "truncation", "max_length", "chunk_overlap")
+    __slots__ = ("pairs", "truncation", "max_length", "chunk_overlap", "model")
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CHUNK_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     pairs: _containers.RepeatedCompositeFieldContainer[TextPair]
     truncation: Truncation
     max_length: int
     chunk_overlap: int
-    def __init__(self, pairs: _Optional[_Iterable[_Union[TextPair, _Mapping]]] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., max_length: _Optional[int] = ..., chunk_overlap: _Optional[int] = ...) -> None: ...
+    model: str
+    def __init__(self, pairs: _Optional[_Iterable[_Union[TextPair, _Mapping]]] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., max_length: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class TextPair(_message.Message):
     __slots__ = ("text_a", "text_b")
@@ -152,8 +156,10 @@ class FieldViolation(_message.Message):
     def __init__(self, field: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
     __slots__ = ("model", "max_length", "precision", "triton_model_name", "triton_model_version", "tokenizer", "limits")
@@ -172,6 +178,18 @@ class GetModelInfoResponse(_message.Message):
     tokenizer: str
     limits: Limits
     def __init__(self, model: _Optional[str] = ..., max_length: _Optional[int] = ..., precision: _Optional[str] = ..., triton_model_name: _Optional[str] = ..., triton_model_version: _Optional[str] = ..., tokenizer: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models", "default_model")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[GetModelInfoResponse]
+    default_model: str
+    def __init__(self, models: _Optional[_Iterable[_Union[GetModelInfoResponse, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_documents", "max_total_tokens", "max_query_tokens", "max_message_bytes", "default_chunk_overlap")

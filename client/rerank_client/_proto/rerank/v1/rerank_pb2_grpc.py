@@ -28,14 +28,17 @@ if _version_not_supported:
 
 class RerankServiceStub:
     """RerankService scores documents against a query with a cross-encoder
-    (Alibaba-NLP/gte-reranker-modernbert-base by default).
+    (Alibaba-NLP/gte-reranker-modernbert-base by default). A server may serve
+    several models: each request names one by its `model` field (ListModels
+    lists them), and an empty name means the server's default model.
 
     Errors: a malformed request or one past a request-shape limit ends with
     INVALID_ARGUMENT, a request past a size limit with RESOURCE_EXHAUSTED; both
     carry a google.rpc.BadRequest with one field violation per problem in the
     grpc-status-details-bin trailer. UNAVAILABLE means the model server is down
     or the service is draining (safe to retry); DEADLINE_EXCEEDED and CANCELLED
-    stop the call's pending work.
+    stop the call's pending work. A request naming a model the server does not
+    serve ends with NOT_FOUND, whose message names the models served.
     """
 
     def __init__(self, channel):
@@ -64,18 +67,26 @@ class RerankServiceStub:
                 request_serializer=rerank_dot_v1_dot_rerank__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=rerank_dot_v1_dot_rerank__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/rerank.v1.RerankService/ListModels',
+                request_serializer=rerank_dot_v1_dot_rerank__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=rerank_dot_v1_dot_rerank__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class RerankServiceServicer:
     """RerankService scores documents against a query with a cross-encoder
-    (Alibaba-NLP/gte-reranker-modernbert-base by default).
+    (Alibaba-NLP/gte-reranker-modernbert-base by default). A server may serve
+    several models: each request names one by its `model` field (ListModels
+    lists them), and an empty name means the server's default model.
 
     Errors: a malformed request or one past a request-shape limit ends with
     INVALID_ARGUMENT, a request past a size limit with RESOURCE_EXHAUSTED; both
     carry a google.rpc.BadRequest with one field violation per problem in the
     grpc-status-details-bin trailer. UNAVAILABLE means the model server is down
     or the service is draining (safe to retry); DEADLINE_EXCEEDED and CANCELLED
-    stop the call's pending work.
+    stop the call's pending work. A request naming a model the server does not
+    serve ends with NOT_FOUND, whose message names the models served.
     """
 
     def Rerank(self, request, context):
@@ -105,7 +116,15 @@ class RerankServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """GetModelInfo describes the served model and the service's limits.
+        """GetModelInfo describes one served model (the default one unless the
+        request names another) and the service's limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """ListModels describes every served model and names the default one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -134,6 +153,11 @@ def add_RerankServiceServicer_to_server(servicer, server):
                     request_deserializer=rerank_dot_v1_dot_rerank__pb2.GetModelInfoRequest.FromString,
                     response_serializer=rerank_dot_v1_dot_rerank__pb2.GetModelInfoResponse.SerializeToString,
             ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=rerank_dot_v1_dot_rerank__pb2.ListModelsRequest.FromString,
+                    response_serializer=rerank_dot_v1_dot_rerank__pb2.ListModelsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'rerank.v1.RerankService', rpc_method_handlers)
@@ -144,14 +168,17 @@ def add_RerankServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class RerankService:
     """RerankService scores documents against a query with a cross-encoder
-    (Alibaba-NLP/gte-reranker-modernbert-base by default).
+    (Alibaba-NLP/gte-reranker-modernbert-base by default). A server may serve
+    several models: each request names one by its `model` field (ListModels
+    lists them), and an empty name means the server's default model.
 
     Errors: a malformed request or one past a request-shape limit ends with
     INVALID_ARGUMENT, a request past a size limit with RESOURCE_EXHAUSTED; both
     carry a google.rpc.BadRequest with one field violation per problem in the
     grpc-status-details-bin trailer. UNAVAILABLE means the model server is down
     or the service is draining (safe to retry); DEADLINE_EXCEEDED and CANCELLED
-    stop the call's pending work.
+    stop the call's pending work. A request naming a model the server does not
+    serve ends with NOT_FOUND, whose message names the models served.
     """
 
     @staticmethod
@@ -252,6 +279,33 @@ class RerankService:
             '/rerank.v1.RerankService/GetModelInfo',
             rerank_dot_v1_dot_rerank__pb2.GetModelInfoRequest.SerializeToString,
             rerank_dot_v1_dot_rerank__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rerank.v1.RerankService/ListModels',
+            rerank_dot_v1_dot_rerank__pb2.ListModelsRequest.SerializeToString,
+            rerank_dot_v1_dot_rerank__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
