@@ -67,6 +67,23 @@ class Metrics:
             "rerank_triton_request_pairs", "Pairs per Triton request", buckets=_SIZE_BUCKETS, registry=r
         )
         self.tokens = Counter("rerank_input_tokens_total", "Tokens sent to the model", registry=r)
+        # The score cache (score_cache.py), by the served model's name.
+        self.cache_hits = Counter(
+            "rerank_score_cache_hits_total", "Model inputs answered from the score cache", ["model"], registry=r
+        )
+        self.cache_misses = Counter(
+            "rerank_score_cache_misses_total", "Model inputs the score cache did not hold", ["model"], registry=r
+        )
+        self.cache_evictions = Counter(
+            "rerank_score_cache_evictions_total",
+            "Entries the score cache forgot to stay under its bound (least recently used first)",
+            ["model"],
+            registry=r,
+        )
+        self.cache_entries = Gauge("rerank_score_cache_entries", "Model inputs held by the score cache", registry=r)
+        self.cache_bytes = Gauge(
+            "rerank_score_cache_bytes", "Memory the score cache holds (at most --score-cache-bytes)", registry=r
+        )
         self.rejected = Counter(
             "rerank_rejected_total", "Calls refused before reaching the model, by reason", ["reason"], registry=r
         )
