@@ -33,7 +33,7 @@ from rerank_server.observability import Metrics
 from rerank_server.service import RerankService
 from rerank_server.settings import Settings
 from rerank_server.tokenization import PairTokenizer
-from rerank_server.triton_backend import ModelInfo, TritonBackend
+from rerank_server.triton_backend import ModelInfo, TritonBackend, TritonServer
 from rerank_server.triton_launcher import LocalTriton, TritonPorts
 
 log = logging.getLogger(__name__)
@@ -240,15 +240,15 @@ async def run(settings: Settings) -> int:
             triton.start()
             stack.callback(triton.stop)
             url = triton.grpc_url
-        backend = TritonBackend(
+        server = TritonServer(
             url,
-            settings.model_name,
             request_max_tokens=settings.triton_request_max_tokens,
             max_message_bytes=settings.max_message_bytes,
             metrics=metrics,
             local=triton is not None,
         )
-        stack.push_async_callback(backend.close)
+        stack.push_async_callback(server.close)
+        backend = server.backend(settings.model_name)
 
         log.info("waiting for model %r on Triton at %s", settings.model_name, url)
         if not await _wait_for_model(backend, triton, settings, stop):

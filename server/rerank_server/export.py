@@ -26,6 +26,7 @@ import shutil
 import string
 import sys
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -421,6 +422,7 @@ def _write_model(
         fp32_weights=variant.fp32_weights,
         long_pair_tokens=long_pairs["long_pair_tokens"] if long_pairs else 0,
         long_weights=long_pairs["weights"] if long_pairs else "",
+        export_id=uuid.uuid4().hex,
     )
     (staging / "config.pbtxt").write_text(render_config(options, parameters))
     provenance = {

@@ -1,8 +1,11 @@
 """The scoring backend: Triton Inference Server, reached through its gRPC API.
 
-A rerank request's pairs are ordered by length and split into Triton requests of at most
-`request_max_tokens` tokens each; Triton's dynamic batcher merges them with other callers' requests
-and the model pads each length-sorted sub-batch under its own token budget.
+`TritonServer` is one Triton (one channel): its readiness and its repository index, which says which
+models are loaded (Triton's explicit model control loads and unloads them while it runs). Each served
+model scores through a `TritonBackend` on that channel. A rerank request's pairs are ordered by length
+and split into Triton requests of at most `request_max_tokens` tokens each; Triton's dynamic batcher
+merges them with other callers' requests and the model pads each length-sorted sub-batch under its own
+token budget.
 """
 
 from __future__ import annotations
@@ -39,6 +42,26 @@ class ModelInfo:
     max_length: int
     precision: str
     tokenizer_dir: str
+    export_id: str = ""  # changes with every export (and so with a re-export under the same name)
+
+
+@dataclass(frozen=True)
+class RepositoryModel:
+    """A model of Triton's repository index, and its state there."""
+
+    name: str
+    version: str
+    state: str  # READY, LOADING, UNLOADING, UNAVAILABLE, or "" when never loaded
+    reason: str
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "READY"
+
+    @property
+    def unloaded(self) -> bool:
+        """Out of service on purpose (never loaded, or unloaded through model control), not failed."""
+        return self.state in ("", "UNLOADING") or (self.state == "UNAVAILABLE" and self.reason == "unloaded")
 
 
 class ScoringBackend(Protocol):
@@ -59,13 +82,13 @@ def _translate(error: InferenceServerException) -> ServiceError:
     return BackendFailureError(f"the model server failed: {message}")
 
 
-class TritonBackend:
-    """Scores ragged batches on a Triton model through tritonclient.grpc.aio."""
+class TritonServer:
+    """One Triton reached through tritonclient.grpc.aio: its readiness, its repository, and the
+    backends of its models, which share this channel."""
 
     def __init__(
         self,
         url: str,
-        model_name: str,
         *,
         request_max_tokens: int,
         max_message_bytes: int,
@@ -74,12 +97,46 @@ class TritonBackend:
     ) -> None:
         self.url = url
         # Triton runs on this machine (started by `rerank serve`): its CPU is ours, so the precision
-        # the model loaded in is the one cpu_features resolves here from the config and these flags.
+        # a model loaded in is the one cpu_features resolves here from the config and these flags.
         self.local = local
-        self.model_name = model_name
         self.request_max_tokens = request_max_tokens
         self.metrics = metrics
-        self._client = triton_grpc.InferenceServerClient(url, channel_args=message_size_options(max_message_bytes))
+        self.client = triton_grpc.InferenceServerClient(url, channel_args=message_size_options(max_message_bytes))
+
+    async def is_ready(self) -> bool:
+        """Triton is up and has loaded what it loads at start (strict readiness)."""
+        try:
+            return bool(await self.client.is_server_ready(client_timeout=2.0))
+        except InferenceServerException:
+            return False
+
+    async def repository(self) -> list[RepositoryModel]:
+        """Every model of Triton's repository with its state, by name; raises
+        BackendUnavailableError when Triton cannot be reached."""
+        try:
+            index = await self.client.get_model_repository_index(as_json=True, client_timeout=2.0)
+        except InferenceServerException as error:
+            raise _translate(error) from None
+        models = [
+            RepositoryModel(entry["name"], entry.get("version", ""), entry.get("state", ""), entry.get("reason", ""))
+            for entry in index.get("models", [])
+        ]
+        return sorted(models, key=lambda model: model.name)
+
+    def backend(self, model_name: str) -> TritonBackend:
+        return TritonBackend(self, model_name)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class TritonBackend:
+    """Scores ragged batches on one model of a TritonServer."""
+
+    def __init__(self, server: TritonServer, model_name: str) -> None:
+        self.server = server
+        self.model_name = model_name
+        self._client = server.client
 
     async def is_ready(self) -> bool:
         try:
@@ -101,13 +158,14 @@ class TritonBackend:
             max_length=params.max_length,
             precision=self._precision_in_use(config, params),
             tokenizer_dir=params.tokenizer_dir,
+            export_id=params.export_id,
         )
 
     def _precision_in_use(self, config: dict[str, Any], params: ModelParameters) -> str:
         """The precision the model computes in: on a local CPU instance, what model.py resolved from
         the same parameters and flags (cpu_features.served_choice); else the exported one."""
         kinds = {group.get("kind", "KIND_CPU") for group in config.get("instance_group", [])}
-        if not self.local or kinds != {"KIND_CPU"}:
+        if not self.server.local or kinds != {"KIND_CPU"}:
             return params.precision
         try:
             return served_choice(params, cpu_flags()).precision
@@ -118,7 +176,7 @@ class TritonBackend:
         """Logits (float32) of every pair, in the order of `pairs`."""
         offsets = pair_offsets(pairs.lengths)
         # Length-sorted runs of at most request_max_tokens real tokens: the model's own packed plan.
-        groups = [batch.pairs for batch in plan_packed_sub_batches(pairs.lengths, self.request_max_tokens)]
+        groups = [batch.pairs for batch in plan_packed_sub_batches(pairs.lengths, self.server.request_max_tokens)]
         logits = np.empty(pairs.lengths.size, dtype=np.float32)
         try:
             async with asyncio.TaskGroup() as group:
@@ -139,8 +197,8 @@ class TritonBackend:
         return logits
 
     async def _infer(self, input_ids: np.ndarray, lengths: np.ndarray, timeout_s: float | None) -> np.ndarray:
-        if self.metrics is not None:
-            self.metrics.triton_request_pairs.observe(lengths.size)
+        if self.server.metrics is not None:
+            self.server.metrics.triton_request_pairs.observe(lengths.size)
         with tracer.start_as_current_span(
             "triton.infer",
             kind=trace.SpanKind.CLIENT,
@@ -169,6 +227,3 @@ class TritonBackend:
                 f"the model answered {None if logits is None else logits.size} logits for {lengths.size} pairs"
             )
         return np.asarray(logits, dtype=np.float32).reshape(-1)
-
-    async def close(self) -> None:
-        await self._client.close()

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,11 @@ class TritonPorts:
 
 
 class LocalTriton:
-    """A tritonserver child process serving one model repository."""
+    """A tritonserver child process serving one model repository.
+
+    Its models are under explicit model control: it loads `models` at start (None: every model of the
+    repository), and Triton's model-control API (`POST /v2/repository/models/<name>/load` or `/unload`)
+    loads, reloads and unloads models while it runs, which the frontend follows."""
 
     def __init__(
         self,
@@ -115,9 +120,11 @@ class LocalTriton:
         *,
         home: Path | None = None,
         python_env: Path | None = None,
+        models: Sequence[str] | None = None,
     ) -> None:
         self.model_repository = model_repository.resolve()
         self.ports = ports
+        self.models = None if models is None else tuple(models)
         self.home, self.python_env = home, python_env
         self._workdir = Path(tempfile.mkdtemp(prefix="rerank-triton-"))
         self.log_path = log_path or self._workdir / "tritonserver.log"
@@ -148,6 +155,8 @@ class LocalTriton:
             "--exit-on-error=true",
             "--strict-readiness=true",
             "--log-verbose=0",
+            "--model-control-mode=explicit",
+            *(f"--load-model={name}" for name in (self.models or ("*",))),
         ]
         log.info("starting tritonserver (log: %s)", self.log_path)
         with open(self.log_path, "ab") as log_file:

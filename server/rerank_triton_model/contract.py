@@ -44,6 +44,9 @@ class ModelParameters:
     long_pair_tokens: int = 0
     long_weights: str = ""
     tokenizer_dir: str = "tokenizer"  # in the version folder
+    # New with every export: the frontend's score cache keys on it, so that a model re-exported under
+    # the same name and version never answers the logits of the one it replaced.
+    export_id: str = ""
 
     @classmethod
     def from_strings(cls, values: Mapping[str, str]) -> ModelParameters:
