@@ -144,16 +144,20 @@ class TritonBackend:
         except InferenceServerException:
             return False
 
-    async def model_info(self) -> ModelInfo:
+    async def model_info(self, version: str | None = None) -> ModelInfo:
+        """The model as its config.pbtxt describes it; `version`: the one Triton serves, when known
+        (from the repository index), else asked for."""
         config = (await self._client.get_model_config(self.model_name, as_json=True))["config"]
-        metadata = await self._client.get_model_metadata(self.model_name, as_json=True)
+        if version is None:
+            metadata = await self._client.get_model_metadata(self.model_name, as_json=True)
+            version = max(metadata.get("versions", ["1"]), key=int)
         try:
             params = ModelParameters.from_model_config(config)
         except ValueError as error:
             raise RuntimeError(f"model {self.model_name!r}: {error}") from None
         return ModelInfo(
             name=self.model_name,
-            version=max(metadata.get("versions", ["1"]), key=int),
+            version=version,
             source_model=params.source_model,
             max_length=params.max_length,
             precision=self._precision_in_use(config, params),
