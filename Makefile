@@ -16,7 +16,7 @@ SERVE_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve export demo test test-fast check pytest bench bench-quick gpu-pack gpu-check protos clean
+.PHONY: install sdk-deps go-deps serve export demo test test-fast check pytest bench bench-quick gpu-pack gpu-check protos clean
 
 install: $(STAMP)
 
@@ -26,6 +26,26 @@ $(STAMP): pyproject.toml client/pyproject.toml requirements/constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ./client -e '.[triton,export,tracing,dev,bench]'
 	touch $@
+
+# The TypeScript and Go SDKs' tools (their tests in tests/test_sdks.py, the stale checks, make protos): the
+# npm package's locked dependencies, and Debian's Go toolchain and gRPC packages (there is no Go module
+# proxy here: the tests build in GOPATH mode against /usr/share/gocode). protobuf 1.5 (the APIv2 shim)
+# is named because apt would otherwise pick 1.3, which cannot encode the generated messages.
+TS_SDK := client/typescript
+GO_DEBS := golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-google-genproto-dev \
+	golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+sdk-deps: $(TS_SDK)/node_modules/.package-lock.json go-deps
+
+$(TS_SDK)/node_modules/.package-lock.json: $(TS_SDK)/package-lock.json
+	@node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)' || { echo "the TypeScript SDK needs Node.js 20 or later (node, npm)"; exit 1; }
+	cd $(TS_SDK) && npm ci --no-audit --no-fund
+	touch $@
+
+go-deps:
+	@test "$$(dpkg-query -W -f='$${db:Status-Abbrev}\n' $(GO_DEBS) 2>/dev/null | grep -c '^ii')" = "$(words $(GO_DEBS))" \
+		|| { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(GO_DEBS); }
 
 $(REPOSITORY)/$(NAME)/config.pbtxt: | $(STAMP)
 	@$(BIN)/python -m rerank_server.first_contact check-model $(MODEL)
@@ -55,13 +75,13 @@ check: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-pytest: install
+pytest: install sdk-deps
 	$(BIN)/python -m pytest
 
 test: check pytest
 
 # The fast tier (no exported model, no Triton; tests/conftest.py marks the rest e2e): about a minute.
-test-fast: install
+test-fast: install sdk-deps
 	$(BIN)/python -m pytest -m "not e2e"
 
 # The throughput benchmark (docs/performance.md): every CPU precision in-process and served (fp32 and
@@ -86,7 +106,8 @@ gpu-pack: install
 gpu-check:
 	$(PYTHON) -m bench.gpu_pack run $(GPU_PACK) $(GPU_RUN_ARGS) -- $(GPU_ARGS)
 
-protos: install
+# Every SDK's generated code from proto/ (proto/buf.gen.yaml: Python, TypeScript, Go).
+protos: install sdk-deps
 	$(BIN)/python tools/generate_protos.py
 
 clean:

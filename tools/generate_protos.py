@@ -1,21 +1,31 @@
-"""Generate the Python gRPC stubs of proto/ into client/rerank_client/_proto/.
+"""Generate the SDKs' code from proto/ with proto/buf.gen.yaml: Python, TypeScript and Go, local plugins only.
 
-The generated code is committed (the client installs without grpcio-tools); tests/test_contract.py
-regenerates it into a temporary folder and fails when the committed copy is stale.
+The generated code is committed (each SDK installs without code generators); tests/test_contract.py
+regenerates it into a temporary folder and fails when a committed copy is stale.
 
-Usage: python tools/generate_protos.py [--out DIR]
+    python tools/generate_protos.py [--out DIR]     every language (DIR: a root standing in for the repository's)
+    python tools/generate_protos.py plugin-python   the Python plugin, as buf runs it (request on stdin)
+
+The Python plugin compiles the requested files from proto/ with grpcio-tools' protoc (the version pinned in
+pyproject.toml), not from buf's image, so the Python stubs do not depend on buf's compiler. The TypeScript
+plugin is the package's own protoc-gen-es (`npm ci` in client/typescript), the Go plugins Debian's
+protoc-gen-go and protoc-gen-go-grpc (`make sdk-deps` installs both).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
-DEFAULT_OUT = ROOT / "client" / "rerank_client" / "_proto"
+TEMPLATE = PROTO_ROOT / "buf.gen.yaml"
 # grpcio-tools writes absolute imports rooted at the proto package ("from rerank.v1 import ...");
 # they are rewritten under this package so that no bare top-level `rerank` module is needed.
 IMPORT_ROOT = "rerank_client._proto"
@@ -26,12 +36,46 @@ def proto_files() -> list[Path]:
     return sorted(PROTO_ROOT.rglob("*.proto"))
 
 
-def generate(out_dir: Path) -> list[Path]:
-    """Run protoc (from grpcio-tools) and return the files written under out_dir."""
+def output_dirs(root: Path = ROOT) -> list[Path]:
+    """The folders buf.gen.yaml writes to, one per language, under `root` in place of the repository's."""
+    import yaml  # dev-only dependency
+
+    template = yaml.safe_load(TEMPLATE.read_text())
+    outs = dict.fromkeys((PROTO_ROOT / plugin["out"]).resolve() for plugin in template["plugins"])
+    return [root / out.relative_to(ROOT) for out in outs]
+
+
+def generate(root: Path = ROOT) -> list[Path]:
+    """Run `buf generate` with proto/buf.gen.yaml, writing under `root` in place of the repository's root;
+    return the files under the output folders."""
+    buf = shutil.which("buf", path=str(Path(sys.executable).parent)) or shutil.which("buf")
+    if buf is None:
+        raise SystemExit("buf is missing: run make install (it is the buf-bin package)")
+    plugin = ROOT / "client" / "typescript" / "node_modules" / ".bin" / "protoc-gen-es"
+    if not plugin.exists():
+        raise SystemExit(f"{plugin} is missing: run make sdk-deps (npm ci in client/typescript)")
+    # The Python plugin runs as `python3` from PATH: this interpreter's, which has grpcio-tools.
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    # Output paths in buf.gen.yaml are relative to proto/; `-o` re-roots them at <root>/proto.
+    args = [buf, "generate", "--template", str(TEMPLATE)]
+    if root != ROOT:
+        args += ["-o", str(root / PROTO_ROOT.relative_to(ROOT))]
+    done = subprocess.run(args, cwd=PROTO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise SystemExit(f"buf generate failed:\n{done.stdout}{done.stderr}")
+    return sorted(p for out in output_dirs(root) for p in out.rglob("*") if p.is_file() and _generated(p))
+
+
+def _generated(path: Path) -> bool:
+    return "__pycache__" not in path.parts
+
+
+def python_stubs(files: list[str], out_dir: Path) -> list[Path]:
+    """Run protoc (from grpcio-tools) on `files` (relative to proto/) and return the files written under
+    out_dir: the stubs, with imports rewritten under IMPORT_ROOT, and an __init__.py per package."""
     from grpc_tools import protoc  # dev-only dependency
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = [str(p.relative_to(PROTO_ROOT)) for p in proto_files()]
     include = str(Path(protoc.__file__).parent / "_proto")
     args = [
         "protoc",
@@ -45,30 +89,49 @@ def generate(out_dir: Path) -> list[Path]:
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     written = []
-    packages = {p.parent for p in proto_files()}
+    packages = {Path(f).parent for f in files}
     for package in packages:
-        rel = package.relative_to(PROTO_ROOT)
         # Every folder on the way down becomes a package.
-        for depth in range(len(rel.parts) + 1):
-            init = out_dir.joinpath(*rel.parts[:depth]) / "__init__.py"
+        for depth in range(len(package.parts) + 1):
+            init = out_dir.joinpath(*package.parts[:depth]) / "__init__.py"
             init.write_text(HEADER)
             written.append(init)
     for path in sorted(out_dir.rglob("*_pb2*.py*")):
         text = path.read_text()
         for package in packages:
-            dotted = ".".join(package.relative_to(PROTO_ROOT).parts)
+            dotted = ".".join(package.parts)
             text = re.sub(rf"^from {re.escape(dotted)} import", f"from {IMPORT_ROOT}.{dotted} import", text, flags=re.M)
         path.write_text(HEADER + text)
         written.append(path)
     return sorted(set(written))
 
 
+def python_plugin() -> int:
+    """buf's local plugin for Python: a CodeGeneratorRequest on stdin, the response on stdout."""
+    from google.protobuf.compiler import plugin_pb2
+
+    request = plugin_pb2.CodeGeneratorRequest.FromString(sys.stdin.buffer.read())
+    response = plugin_pb2.CodeGeneratorResponse(
+        supported_features=plugin_pb2.CodeGeneratorResponse.FEATURE_PROTO3_OPTIONAL
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        out_dir = Path(scratch)
+        for path in python_stubs(list(request.file_to_generate), out_dir):
+            response.file.add(name=path.relative_to(out_dir).as_posix(), content=path.read_text())
+    sys.stdout.buffer.write(response.SerializeToString())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("mode", nargs="?", choices=["all", "plugin-python"], default="all")
+    parser.add_argument("--out", type=Path, default=ROOT, help="a root standing in for the repository's")
     args = parser.parse_args(argv)
-    for path in generate(args.out):
-        print(path.relative_to(args.out))
+    if args.mode == "plugin-python":
+        return python_plugin()
+    root = args.out.resolve()
+    for path in generate(root):
+        print(path.relative_to(root))
     return 0
 
 

@@ -1,0 +1,395 @@
+// Package rerank is the Go SDK of the rerank.v1 gRPC reranking service: a Client over the generated stubs
+// (package rerankv1) with default deadlines, retries on UNAVAILABLE, TLS, bearer tokens and typed errors.
+//
+//	client, err := rerank.New("localhost:50051", rerank.WithTimeout(10*time.Second))
+//	if err != nil { ... }
+//	defer client.Close()
+//	response, err := client.Rerank(ctx, "what is the capital of China?", []string{"Beijing", "rain"}, rerank.TopN(1))
+//
+// Results are the generated rerankv1 messages; every failed call returns an *Error (see ErrInvalidRequest).
+package rerank
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand"
+	"os"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
+
+	rerankv1 "github.com/rerank-service/rerank-service/client/go/gen/rerank/v1"
+)
+
+const (
+	// DefaultTimeout bounds every call whose context has no deadline of its own.
+	DefaultTimeout = 30 * time.Second
+	// DefaultMaxMessageBytes: rerank requests carry whole documents; gRPC's 4 MiB default is too small
+	// for 1,000 long ones.
+	DefaultMaxMessageBytes = 64 * 1024 * 1024
+	// DefaultRetries is how often an idempotent call is retried on UNAVAILABLE.
+	DefaultRetries = 3
+	// gRPC caps a call's attempts at 5; the SDKs keep that cap.
+	maxAttempts    = 5
+	initialBackoff = 100 * time.Millisecond
+	maxBackoff     = 2 * time.Second
+)
+
+// Client calls one rerank service. It is safe for concurrent use; Close it when done.
+type Client struct {
+	conn    *grpc.ClientConn
+	stub    rerankv1.RerankServiceClient
+	timeout time.Duration
+	retries int
+}
+
+type clientConfig struct {
+	timeout         time.Duration
+	tls             *tls.Config
+	token           string
+	retries         int
+	maxMessageBytes int
+	dialOptions     []grpc.DialOption
+}
+
+// ClientOption configures New.
+type ClientOption func(*clientConfig)
+
+// WithTimeout sets the deadline of every call whose context has none (0: no deadline). For RerankStream
+// it bounds the whole stream. Default: DefaultTimeout.
+func WithTimeout(timeout time.Duration) ClientOption {
+	return func(c *clientConfig) { c.timeout = timeout }
+}
+
+// WithTLS turns on TLS (see TLSConfig for a CA and an mTLS client certificate from PEM files).
+func WithTLS(config *tls.Config) ClientOption {
+	return func(c *clientConfig) { c.tls = config }
+}
+
+// WithToken sends `authorization: Bearer <token>` with every call.
+func WithToken(token string) ClientOption {
+	return func(c *clientConfig) { c.token = token }
+}
+
+// WithRetries sets how often Rerank, Score, ModelInfo and ListModels are retried, with backoff, on UNAVAILABLE
+// (the server is down, draining or restarting); at most 4. Streams are not retried. Default: DefaultRetries.
+func WithRetries(retries int) ClientOption {
+	return func(c *clientConfig) { c.retries = retries }
+}
+
+// WithMaxMessageBytes sets the largest message sent or received. Default: DefaultMaxMessageBytes.
+func WithMaxMessageBytes(size int) ClientOption {
+	return func(c *clientConfig) { c.maxMessageBytes = size }
+}
+
+// WithDialOptions adds gRPC dial options (interceptors, a custom dialer, ...) after the SDK's own.
+func WithDialOptions(options ...grpc.DialOption) ClientOption {
+	return func(c *clientConfig) { c.dialOptions = append(c.dialOptions, options...) }
+}
+
+// TLSConfig is the TLS configuration from PEM files: the CA to trust (empty: the system's), and for mTLS
+// the client's certificate chain and key (both empty: no client certificate).
+func TLSConfig(rootCertificates, certificateChain, privateKey string) (*tls.Config, error) {
+	config := &tls.Config{MinVersion: tls.VersionTLS12}
+	if rootCertificates != "" {
+		pem, err := os.ReadFile(rootCertificates)
+		if err != nil {
+			return nil, err
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("rerank: no PEM certificate in %s", rootCertificates)
+		}
+		config.RootCAs = pool
+	}
+	if certificateChain != "" || privateKey != "" {
+		pair, err := tls.LoadX509KeyPair(certificateChain, privateKey)
+		if err != nil {
+			return nil, err
+		}
+		config.Certificates = []tls.Certificate{pair}
+	}
+	return config, nil
+}
+
+type bearerToken string
+
+func (t bearerToken) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	return map[string]string{"authorization": "Bearer " + string(t)}, nil
+}
+
+// The Python SDK sends the token on plaintext channels too (a sidecar or a trusted network); so does this.
+func (bearerToken) RequireTransportSecurity() bool { return false }
+
+// New connects lazily to target: `host:port`, or `dns:///rerank.ns.svc.cluster.local:50051` to spread
+// calls round-robin over every address the name resolves to (a headless Service's pods).
+func New(target string, options ...ClientOption) (*Client, error) {
+	config := clientConfig{timeout: DefaultTimeout, retries: DefaultRetries, maxMessageBytes: DefaultMaxMessageBytes}
+	for _, option := range options {
+		option(&config)
+	}
+	transport := grpc.WithInsecure()
+	if config.tls != nil {
+		transport = grpc.WithTransportCredentials(credentials.NewTLS(config.tls))
+	}
+	dialOptions := []grpc.DialOption{
+		transport,
+		grpc.WithDefaultServiceConfig(`{"loadBalancingConfig": [{"round_robin": {}}]}`),
+		grpc.WithDefaultCallOptions(
+			grpc.MaxCallRecvMsgSize(config.maxMessageBytes), grpc.MaxCallSendMsgSize(config.maxMessageBytes),
+		),
+		// Find dead connections (a replica gone without a FIN) within ~40 s, idle or not.
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{
+			Time: 30 * time.Second, Timeout: 10 * time.Second, PermitWithoutStream: true,
+		}),
+	}
+	if config.token != "" {
+		dialOptions = append(dialOptions, grpc.WithPerRPCCredentials(bearerToken(config.token)))
+	}
+	conn, err := grpc.Dial(target, append(dialOptions, config.dialOptions...)...)
+	if err != nil {
+		return nil, FromError(err)
+	}
+	return &Client{conn: conn, stub: rerankv1.NewRerankServiceClient(conn), timeout: config.timeout, retries: config.retries}, nil
+}
+
+// Close closes the connection; calls in flight fail with CANCELLED.
+func (c *Client) Close() error {
+	return c.conn.Close()
+}
+
+// Stub is the generated client over the same connection, for what the wrapper does not cover.
+func (c *Client) Stub() rerankv1.RerankServiceClient {
+	return c.stub
+}
+
+// Truncation says how a pair longer than the maximum length is handled.
+type Truncation = rerankv1.Truncation
+
+const (
+	// TruncationEnd cuts the document at its end so the pair fits (the server's default).
+	TruncationEnd = rerankv1.Truncation_TRUNCATION_END
+	// TruncationNone refuses a pair that does not fit (INVALID_ARGUMENT).
+	TruncationNone = rerankv1.Truncation_TRUNCATION_NONE
+	// TruncationChunk scores the document in overlapping windows and keeps the best.
+	TruncationChunk = rerankv1.Truncation_TRUNCATION_CHUNK
+)
+
+// Option sets a field of a Rerank or Score request; TopN and ReturnDocuments apply to Rerank only, and
+// ModelInfo reads Model alone.
+type Option func(*requestOptions)
+
+type requestOptions struct {
+	topN            uint32
+	returnDocuments bool
+	truncation      Truncation
+	maxLength       uint32
+	chunkOverlap    *uint32
+	model           string
+}
+
+// TopN returns only the n best results (0: all, best first).
+func TopN(n uint32) Option { return func(o *requestOptions) { o.topN = n } }
+
+// ReturnDocuments echoes each result's document.
+func ReturnDocuments() Option { return func(o *requestOptions) { o.returnDocuments = true } }
+
+// WithTruncation sets how long pairs are handled (TruncationEnd, TruncationNone, TruncationChunk).
+func WithTruncation(truncation Truncation) Option {
+	return func(o *requestOptions) { o.truncation = truncation }
+}
+
+// MaxLength sets the tokens per pair, special tokens included (0: the model's limit).
+func MaxLength(tokens uint32) Option { return func(o *requestOptions) { o.maxLength = tokens } }
+
+// ChunkOverlap sets the tokens shared by consecutive windows with TruncationChunk (unset: the server's).
+func ChunkOverlap(tokens uint32) Option { return func(o *requestOptions) { o.chunkOverlap = &tokens } }
+
+// Model names the served model to use (as ListModels lists it; "": the server's default). ModelInfo takes it too.
+func Model(name string) Option { return func(o *requestOptions) { o.model = name } }
+
+func collect(options []Option) requestOptions {
+	var o requestOptions
+	for _, option := range options {
+		option(&o)
+	}
+	return o
+}
+
+// RerankRequest is the request Rerank sends for these arguments. Validation of the values is the server's job.
+func RerankRequest(query string, documents []string, options ...Option) *rerankv1.RerankRequest {
+	o := collect(options)
+	return &rerankv1.RerankRequest{
+		Query:           query,
+		Documents:       documents,
+		TopN:            o.topN,
+		ReturnDocuments: o.returnDocuments,
+		Truncation:      o.truncation,
+		MaxLength:       o.maxLength,
+		ChunkOverlap:    o.chunkOverlap,
+		Model:           o.model,
+	}
+}
+
+// Pair is one (text_a, text_b) pair for Score: TextA plays the query's part, TextB the document's.
+type Pair struct {
+	TextA, TextB string
+}
+
+// ScoreRequest is the request Score sends for these arguments.
+func ScoreRequest(pairs []Pair, options ...Option) *rerankv1.ScoreRequest {
+	o := collect(options)
+	request := &rerankv1.ScoreRequest{
+		Truncation: o.truncation, MaxLength: o.maxLength, ChunkOverlap: o.chunkOverlap, Model: o.model,
+	}
+	for _, pair := range pairs {
+		request.Pairs = append(request.Pairs, &rerankv1.TextPair{TextA: pair.TextA, TextB: pair.TextB})
+	}
+	return request
+}
+
+// StreamRequest is one RerankStream message: an id of your choice and the arguments of Rerank.
+func StreamRequest(id, query string, documents []string, options ...Option) *rerankv1.RerankStreamRequest {
+	return &rerankv1.RerankStreamRequest{Id: id, Request: RerankRequest(query, documents, options...)}
+}
+
+// Rerank scores documents against query; results come best first.
+func (c *Client) Rerank(ctx context.Context, query string, documents []string, options ...Option) (*rerankv1.RerankResponse, error) {
+	request := RerankRequest(query, documents, options...)
+	return call(ctx, c, func(ctx context.Context) (*rerankv1.RerankResponse, error) { return c.stub.Rerank(ctx, request) })
+}
+
+// Score scores (TextA, TextB) pairs; scores come in request order.
+func (c *Client) Score(ctx context.Context, pairs []Pair, options ...Option) (*rerankv1.ScoreResponse, error) {
+	request := ScoreRequest(pairs, options...)
+	return call(ctx, c, func(ctx context.Context) (*rerankv1.ScoreResponse, error) { return c.stub.Score(ctx, request) })
+}
+
+// ModelInfo describes a served model (the default one unless Model names another), its maximum length
+// and the service's limits.
+func (c *Client) ModelInfo(ctx context.Context, options ...Option) (*rerankv1.GetModelInfoResponse, error) {
+	request := &rerankv1.GetModelInfoRequest{Model: collect(options).model}
+	return call(ctx, c, func(ctx context.Context) (*rerankv1.GetModelInfoResponse, error) {
+		return c.stub.GetModelInfo(ctx, request)
+	})
+}
+
+// ListModels describes every served model and names the default one.
+func (c *Client) ListModels(ctx context.Context) (*rerankv1.ListModelsResponse, error) {
+	return call(ctx, c, func(ctx context.Context) (*rerankv1.ListModelsResponse, error) {
+		return c.stub.ListModels(ctx, &rerankv1.ListModelsRequest{})
+	})
+}
+
+// withDeadline applies the client's default timeout to a context that has no deadline.
+func (c *Client) withDeadline(ctx context.Context) (context.Context, context.CancelFunc) {
+	if _, ok := ctx.Deadline(); ok || c.timeout <= 0 {
+		return context.WithCancel(ctx)
+	}
+	return context.WithTimeout(ctx, c.timeout)
+}
+
+// call runs an idempotent unary call (scoring has no side effects), retrying it on UNAVAILABLE with
+// exponential backoff within the one deadline, and returns the response or an *Error.
+func call[T any](ctx context.Context, c *Client, invoke func(context.Context) (T, error)) (T, error) {
+	ctx, cancel := c.withDeadline(ctx)
+	defer cancel()
+	attempts := c.retries + 1
+	if attempts > maxAttempts {
+		attempts = maxAttempts
+	}
+	for attempt := 1; ; attempt++ {
+		response, err := invoke(ctx)
+		if err == nil {
+			return response, nil
+		}
+		failure := FromError(err)
+		var rerankError *Error
+		if attempt >= attempts || !errors.As(failure, &rerankError) || rerankError.Code != codes.Unavailable {
+			return response, failure
+		}
+		// Reconnect now rather than after the channel's own (longer) reconnect backoff.
+		c.conn.ResetConnectBackoff()
+		pause := Backoff(attempt)
+		if deadline, ok := ctx.Deadline(); ok && time.Until(deadline) <= pause {
+			return response, failure // no time left for another attempt: the server is unavailable
+		}
+		select {
+		case <-ctx.Done():
+			return response, FromError(ctx.Err())
+		case <-time.After(pause):
+		}
+	}
+}
+
+// Backoff is the pause before retry number `retry` (1, 2, ...): a random time between half and all of
+// min(100 ms * 2^(retry-1), 2 s).
+func Backoff(retry int) time.Duration {
+	ceiling := initialBackoff << (retry - 1)
+	if ceiling > maxBackoff || ceiling <= 0 {
+		ceiling = maxBackoff
+	}
+	return ceiling/2 + time.Duration(rand.Int63n(int64(ceiling/2)+1))
+}
+
+// Stream is one RerankStream: Send independent requests (see StreamRequest), CloseSend when done, and Recv
+// the answers as they complete (io.EOF after the last). A failed message is answered with its Error set
+// (FromStreamError turns it into the *Error the unary call would have returned); a failure of the stream
+// itself is returned by Send or Recv as an *Error.
+type Stream struct {
+	stream rerankv1.RerankService_RerankStreamClient
+	cancel context.CancelFunc
+}
+
+// RerankStream opens a stream; the client's timeout (when ctx has no deadline) bounds the whole stream,
+// and cancelling ctx ends it. Streams are not retried.
+func (c *Client) RerankStream(ctx context.Context) (*Stream, error) {
+	ctx, cancel := c.withDeadline(ctx)
+	stream, err := c.stub.RerankStream(ctx)
+	if err != nil {
+		cancel()
+		return nil, FromError(err)
+	}
+	return &Stream{stream: stream, cancel: cancel}, nil
+}
+
+// Send sends one request. io.EOF means the stream has ended: Recv returns why.
+func (s *Stream) Send(request *rerankv1.RerankStreamRequest) error {
+	if err := s.stream.Send(request); err != nil {
+		if err == io.EOF {
+			return err
+		}
+		return FromError(err)
+	}
+	return nil
+}
+
+// CloseSend says no more requests will come; answers to those sent keep coming.
+func (s *Stream) CloseSend() error {
+	return FromError(s.stream.CloseSend())
+}
+
+// Recv returns the next answer, io.EOF once every answer came, or the stream's failure as an *Error.
+func (s *Stream) Recv() (*rerankv1.RerankStreamResponse, error) {
+	response, err := s.stream.Recv()
+	if err != nil {
+		s.cancel()
+		if err == io.EOF {
+			return nil, err
+		}
+		return nil, FromError(err)
+	}
+	return response, nil
+}
+
+// Close ends the stream early (the server stops its pending work); not needed after Recv returned an error.
+func (s *Stream) Close() {
+	s.cancel()
+}

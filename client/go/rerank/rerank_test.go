@@ -1,0 +1,541 @@
+// The SDK against a real `rerank serve`: tests/test_sdks.py starts the stack, sets the environment below,
+// runs this suite (go test) and compares the answers it writes with the Python SDK's.
+//
+//	RERANK_TARGET          a plaintext frontend (host:port)
+//	RERANK_SDK_CASES       the shared requests (JSON); RERANK_SDK_ANSWERS: where this suite writes its answers
+//	RERANK_SECURE_TARGET   a frontend with mTLS, a bearer token and a small max_total_tokens, and
+//	RERANK_TLS_CA, RERANK_TLS_CERT, RERANK_TLS_KEY, RERANK_TOKEN: what its clients need
+package rerank_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	rerankv1 "github.com/rerank-service/rerank-service/client/go/gen/rerank/v1"
+	"github.com/rerank-service/rerank-service/client/go/rerank"
+)
+
+func env(t *testing.T, name string) string {
+	t.Helper()
+	value := os.Getenv(name)
+	if value == "" {
+		t.Fatalf("%s is not set: run this suite through tests/test_sdks.py (it starts the server)", name)
+	}
+	return value
+}
+
+func newClient(t *testing.T, target string, options ...rerank.ClientOption) *rerank.Client {
+	t.Helper()
+	client, err := rerank.New(target, append([]rerank.ClientOption{rerank.WithTimeout(60 * time.Second)}, options...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close() })
+	return client
+}
+
+// -- the shared cases, answered in the shape tests/test_sdks.py compares ----------------------------------
+
+type caseOptions struct {
+	TopN            *uint32 `json:"top_n"`
+	ReturnDocuments bool    `json:"return_documents"`
+	Truncation      string  `json:"truncation"`
+	Model           string  `json:"model"`
+	MaxLength       *uint32 `json:"max_length"`
+	ChunkOverlap    *uint32 `json:"chunk_overlap"`
+}
+
+func (o caseOptions) options(t *testing.T) []rerank.Option {
+	var options []rerank.Option
+	if o.TopN != nil {
+		options = append(options, rerank.TopN(*o.TopN))
+	}
+	if o.ReturnDocuments {
+		options = append(options, rerank.ReturnDocuments())
+	}
+	switch o.Truncation {
+	case "":
+	case "end":
+		options = append(options, rerank.WithTruncation(rerank.TruncationEnd))
+	case "none":
+		options = append(options, rerank.WithTruncation(rerank.TruncationNone))
+	case "chunk":
+		options = append(options, rerank.WithTruncation(rerank.TruncationChunk))
+	default:
+		t.Fatalf("unknown truncation %q", o.Truncation)
+	}
+	if o.MaxLength != nil {
+		options = append(options, rerank.MaxLength(*o.MaxLength))
+	}
+	if o.ChunkOverlap != nil {
+		options = append(options, rerank.ChunkOverlap(*o.ChunkOverlap))
+	}
+	if o.Model != "" {
+		options = append(options, rerank.Model(o.Model))
+	}
+	return options
+}
+
+type cases struct {
+	Rerank []struct {
+		Query     string      `json:"query"`
+		Documents []string    `json:"documents"`
+		Options   caseOptions `json:"options"`
+	} `json:"rerank"`
+	Score []struct {
+		Pairs   [][2]string `json:"pairs"`
+		Options caseOptions `json:"options"`
+	} `json:"score"`
+	Stream []struct {
+		ID        string      `json:"id"`
+		Query     string      `json:"query"`
+		Documents []string    `json:"documents"`
+		Options   caseOptions `json:"options"`
+	} `json:"stream"`
+}
+
+type object = map[string]interface{}
+
+func usage(u *rerankv1.Usage) object {
+	return object{
+		"input_tokens":        u.GetInputTokens(),
+		"truncated_documents": u.GetTruncatedDocuments(),
+		"model_inputs":        u.GetModelInputs(),
+	}
+}
+
+func rerankAnswer(response *rerankv1.RerankResponse) object {
+	results := []object{}
+	for _, r := range response.GetResults() {
+		var document interface{}
+		if r.Document != nil {
+			document = *r.Document
+		}
+		results = append(results, object{
+			"index": r.GetIndex(), "score": r.GetScore(), "logit": r.GetLogit(), "document": document,
+			"windows": r.GetWindows(), "truncated": r.GetTruncated(),
+		})
+	}
+	return object{"model": response.GetModel(), "results": results, "usage": usage(response.GetUsage())}
+}
+
+func modelInfoAnswer(info *rerankv1.GetModelInfoResponse) object {
+	limits := info.GetLimits()
+	return object{
+		"model": info.GetModel(), "max_length": info.GetMaxLength(), "precision": info.GetPrecision(),
+		"triton_model_name": info.GetTritonModelName(), "triton_model_version": info.GetTritonModelVersion(),
+		"tokenizer": info.GetTokenizer(),
+		"limits": object{
+			"max_documents": limits.GetMaxDocuments(), "max_total_tokens": limits.GetMaxTotalTokens(),
+			"max_query_tokens": limits.GetMaxQueryTokens(), "max_message_bytes": limits.GetMaxMessageBytes(),
+			"default_chunk_overlap": limits.GetDefaultChunkOverlap(),
+		},
+	}
+}
+
+func TestSharedCases(t *testing.T) {
+	var shared cases
+	data, err := os.ReadFile(env(t, "RERANK_SDK_CASES"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(data, &shared); err != nil {
+		t.Fatal(err)
+	}
+	client := newClient(t, env(t, "RERANK_TARGET"))
+	ctx := context.Background()
+
+	reranked := []object{}
+	for _, c := range shared.Rerank {
+		response, err := client.Rerank(ctx, c.Query, c.Documents, c.Options.options(t)...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		reranked = append(reranked, rerankAnswer(response))
+	}
+
+	scored := []object{}
+	for _, c := range shared.Score {
+		pairs := make([]rerank.Pair, len(c.Pairs))
+		for i, pair := range c.Pairs {
+			pairs[i] = rerank.Pair{TextA: pair[0], TextB: pair[1]}
+		}
+		response, err := client.Score(ctx, pairs, c.Options.options(t)...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		scores := []object{}
+		for _, s := range response.GetScores() {
+			scores = append(scores, object{
+				"score": s.GetScore(), "logit": s.GetLogit(), "windows": s.GetWindows(), "truncated": s.GetTruncated(),
+			})
+		}
+		scored = append(scored, object{"model": response.GetModel(), "scores": scores, "usage": usage(response.GetUsage())})
+	}
+
+	stream, err := client.RerankStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range shared.Stream {
+		if err := stream.Send(rerank.StreamRequest(c.ID, c.Query, c.Documents, c.Options.options(t)...)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := stream.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	streamed := object{}
+	for {
+		answer, err := stream.Recv()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, seen := streamed[answer.GetId()]; seen {
+			t.Fatalf("answered twice: %s", answer.GetId())
+		}
+		if failed := answer.GetError(); failed != nil {
+			streamError := rerank.FromStreamError(failed)
+			fields := []string{}
+			for _, v := range streamError.FieldViolations {
+				fields = append(fields, v.GetField())
+			}
+			streamed[answer.GetId()] = object{"error": object{"code": streamError.Code, "fields": fields}}
+		} else {
+			streamed[answer.GetId()] = object{"response": rerankAnswer(answer.GetResponse())}
+		}
+	}
+
+	info, err := client.ModelInfo(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	models, err := client.ListModels(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	listed := []object{}
+	for _, model := range models.GetModels() {
+		listed = append(listed, modelInfoAnswer(model))
+	}
+
+	answers, err := json.Marshal(object{
+		"rerank": reranked, "score": scored, "stream": streamed, "model_info": modelInfoAnswer(info),
+		"list_models": object{"default_model": models.GetDefaultModel(), "models": listed},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(env(t, "RERANK_SDK_ANSWERS"), answers, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// -- errors: one kind per code, with the code, the message and the fields at fault ------------------------
+
+func failure(t *testing.T, err error) *rerank.Error {
+	t.Helper()
+	if err == nil {
+		t.Fatal("the call succeeded")
+	}
+	var rerankError *rerank.Error
+	if !errors.As(err, &rerankError) {
+		t.Fatalf("not a *rerank.Error: %T %v", err, err)
+	}
+	return rerankError
+}
+
+func expectKind(t *testing.T, err error, kind error, code codes.Code) *rerank.Error {
+	t.Helper()
+	rerankError := failure(t, err)
+	if !errors.Is(err, kind) || rerankError.Code != code || status.Code(err) != code {
+		t.Fatalf("want %v (%v), got %v: %v", kind, code, rerankError.Code, err)
+	}
+	for _, other := range []error{
+		rerank.ErrInvalidRequest, rerank.ErrModelNotFound, rerank.ErrResourceExhausted, rerank.ErrTimeout, rerank.ErrUnavailable,
+		rerank.ErrAuthentication, rerank.ErrCancelled, rerank.ErrServer,
+	} {
+		if other != kind && errors.Is(err, other) {
+			t.Fatalf("%v is also %v", err, other)
+		}
+	}
+	return rerankError
+}
+
+func TestInvalidArgumentCarriesTheFieldViolations(t *testing.T) {
+	client := newClient(t, env(t, "RERANK_TARGET"))
+	_, err := client.Rerank(context.Background(), "", []string{"a document"})
+	failed := expectKind(t, err, rerank.ErrInvalidRequest, codes.InvalidArgument)
+	if !strings.HasPrefix(err.Error(), "INVALID_ARGUMENT: ") {
+		t.Fatalf("message: %q", err.Error())
+	}
+	if len(failed.FieldViolations) != 1 || failed.FieldViolations[0].GetField() != "query" ||
+		failed.FieldViolations[0].GetDescription() == "" {
+		t.Fatalf("violations: %v", failed.FieldViolations)
+	}
+
+	_, err = client.Score(context.Background(), nil, rerank.MaxLength(100000))
+	failed = expectKind(t, err, rerank.ErrInvalidRequest, codes.InvalidArgument)
+	found := false
+	for _, v := range failed.FieldViolations {
+		found = found || v.GetField() == "pairs"
+	}
+	if !found {
+		t.Fatalf("no violation of pairs: %v", failed.FieldViolations)
+	}
+}
+
+func TestModelNotFoundNamesTheServedModels(t *testing.T) {
+	client := newClient(t, env(t, "RERANK_TARGET"))
+	ctx := context.Background()
+	models, err := client.ListModels(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := models.GetDefaultModel()
+	if info, err := client.ModelInfo(ctx, rerank.Model(served)); err != nil || info.GetTritonModelName() != served {
+		t.Fatalf("ModelInfo(%q): %v, %v", served, info, err)
+	}
+	calls := []func() error{
+		func() error {
+			_, err := client.Rerank(ctx, "q", []string{"d"}, rerank.Model("no-such-model"))
+			return err
+		},
+		func() error {
+			_, err := client.Score(ctx, []rerank.Pair{{TextA: "q", TextB: "d"}}, rerank.Model("no-such-model"))
+			return err
+		},
+		func() error { _, err := client.ModelInfo(ctx, rerank.Model("no-such-model")); return err },
+	}
+	for _, call := range calls {
+		err := call()
+		failed := expectKind(t, err, rerank.ErrModelNotFound, codes.NotFound)
+		if !strings.Contains(failed.Details, served) || len(failed.FieldViolations) != 1 ||
+			failed.FieldViolations[0].GetField() != "model" {
+			t.Fatalf("%v: %v", err, failed.FieldViolations)
+		}
+	}
+}
+
+func TestDeadlineExceeded(t *testing.T) {
+	client := newClient(t, env(t, "RERANK_TARGET"))
+	documents := make([]string, 200)
+	for i := range documents {
+		documents[i] = strings.Repeat(fmt.Sprintf("document %d ", i), 40)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Millisecond)
+	defer cancel()
+	_, err := client.Rerank(ctx, "a query", documents)
+	expectKind(t, err, rerank.ErrTimeout, codes.DeadlineExceeded)
+
+	// The client's default timeout applies to a context without a deadline.
+	short := newClient(t, env(t, "RERANK_TARGET"), rerank.WithTimeout(time.Millisecond))
+	_, err = short.Rerank(context.Background(), "a query", documents)
+	expectKind(t, err, rerank.ErrTimeout, codes.DeadlineExceeded)
+}
+
+func secureTLS(t *testing.T, withClientCertificate bool) rerank.ClientOption {
+	t.Helper()
+	cert, key := "", ""
+	if withClientCertificate {
+		cert, key = env(t, "RERANK_TLS_CERT"), env(t, "RERANK_TLS_KEY")
+	}
+	config, err := rerank.TLSConfig(env(t, "RERANK_TLS_CA"), cert, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rerank.WithTLS(config)
+}
+
+func TestUnauthenticated(t *testing.T) {
+	for _, options := range [][]rerank.ClientOption{{}, {rerank.WithToken("not-the-token")}} {
+		client := newClient(t, env(t, "RERANK_SECURE_TARGET"), append(options, secureTLS(t, true))...)
+		_, err := client.Rerank(context.Background(), "q", []string{"d"})
+		expectKind(t, err, rerank.ErrAuthentication, codes.Unauthenticated)
+	}
+}
+
+func TestResourceExhausted(t *testing.T) {
+	client := newClient(t, env(t, "RERANK_SECURE_TARGET"), secureTLS(t, true), rerank.WithToken(env(t, "RERANK_TOKEN")))
+	info, err := client.ModelInfo(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	limit := int(info.GetLimits().GetMaxTotalTokens())
+	documents := make([]string, 8)
+	for i := range documents {
+		documents[i] = strings.Repeat(fmt.Sprintf("document %d ", i), limit/8+1)
+	}
+	_, err = client.Rerank(context.Background(), "a query", documents)
+	failed := expectKind(t, err, rerank.ErrResourceExhausted, codes.ResourceExhausted)
+	if len(failed.FieldViolations) == 0 {
+		t.Fatal("no field violation")
+	}
+}
+
+func TestMutualTLSWithTheTokenRanksLikePlaintext(t *testing.T) {
+	ctx := context.Background()
+	documents := []string{"Beijing", "The weather is nice today", "Shanghai"}
+	plain, err := newClient(t, env(t, "RERANK_TARGET")).Rerank(ctx, "what is the capital of China?", documents)
+	if err != nil {
+		t.Fatal(err)
+	}
+	secure := newClient(t, env(t, "RERANK_SECURE_TARGET"), secureTLS(t, true), rerank.WithToken(env(t, "RERANK_TOKEN")))
+	overTLS, err := secure.Rerank(ctx, "what is the capital of China?", documents)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range plain.GetResults() {
+		if plain.GetResults()[i].GetIndex() != overTLS.GetResults()[i].GetIndex() {
+			t.Fatalf("rankings differ: %v vs %v", plain.GetResults(), overTLS.GetResults())
+		}
+	}
+	anonymous := newClient(t, env(t, "RERANK_SECURE_TARGET"), secureTLS(t, false),
+		rerank.WithToken(env(t, "RERANK_TOKEN")), rerank.WithRetries(0))
+	_, err = anonymous.Rerank(ctx, "q", []string{"d"})
+	failure(t, err)
+}
+
+// -- UNAVAILABLE and retries ------------------------------------------------------------------------------
+
+// tcpProxy forwards to the server and drops its first `refuse` connections at once (the server unavailable).
+type tcpProxy struct {
+	listener    net.Listener
+	mu          sync.Mutex
+	connections int
+	open        []net.Conn
+}
+
+func startProxy(t *testing.T, upstream string, refuse int) *tcpProxy {
+	t.Helper()
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := &tcpProxy{listener: listener}
+	go func() {
+		for {
+			conn, err := listener.Accept()
+			if err != nil {
+				return
+			}
+			proxy.mu.Lock()
+			proxy.connections++
+			dropped := proxy.connections <= refuse
+			proxy.mu.Unlock()
+			if dropped {
+				conn.Close()
+				continue
+			}
+			server, err := net.Dial("tcp", upstream)
+			if err != nil {
+				conn.Close()
+				continue
+			}
+			proxy.mu.Lock()
+			proxy.open = append(proxy.open, conn, server)
+			proxy.mu.Unlock()
+			go func() { io.Copy(server, conn); server.Close() }()
+			go func() { io.Copy(conn, server); conn.Close() }()
+		}
+	}()
+	t.Cleanup(proxy.close)
+	return proxy
+}
+
+func (p *tcpProxy) target() string { return p.listener.Addr().String() }
+
+func (p *tcpProxy) count() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.connections
+}
+
+// close stops listening and drops every connection: the server is gone.
+func (p *tcpProxy) close() {
+	p.listener.Close()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, conn := range p.open {
+		conn.Close()
+	}
+	p.open = nil
+}
+
+func TestUnavailableOnceTheServerStops(t *testing.T) {
+	proxy := startProxy(t, env(t, "RERANK_TARGET"), 0)
+	client := newClient(t, proxy.target(), rerank.WithRetries(1))
+	ctx := context.Background()
+	if _, err := client.Rerank(ctx, "q", []string{"d"}); err != nil {
+		t.Fatal(err)
+	}
+	proxy.close()
+	_, err := client.Rerank(ctx, "q", []string{"d"})
+	expectKind(t, err, rerank.ErrUnavailable, codes.Unavailable)
+
+	stream, err := client.RerankStream(ctx)
+	if err == nil {
+		if err = stream.Send(rerank.StreamRequest("s", "q", []string{"d"})); err == nil || err == io.EOF {
+			_, err = stream.Recv()
+		}
+	}
+	expectKind(t, err, rerank.ErrUnavailable, codes.Unavailable)
+}
+
+func TestRetriesOnUnavailable(t *testing.T) {
+	ctx := context.Background()
+	recovering := startProxy(t, env(t, "RERANK_TARGET"), 2)
+	response, err := newClient(t, recovering.target(), rerank.WithRetries(3)).Rerank(ctx, "q", []string{"d"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(response.GetResults()) != 1 || recovering.count() != 3 {
+		t.Fatalf("results %d, connections %d", len(response.GetResults()), recovering.count())
+	}
+
+	for retries, attempts := range map[int]int{0: 1, 1: 2} {
+		down := startProxy(t, env(t, "RERANK_TARGET"), 100)
+		_, err := newClient(t, down.target(), rerank.WithRetries(retries)).ModelInfo(ctx)
+		expectKind(t, err, rerank.ErrUnavailable, codes.Unavailable)
+		if down.count() != attempts {
+			t.Fatalf("retries %d: %d connections, want %d", retries, down.count(), attempts)
+		}
+	}
+}
+
+func TestBackoff(t *testing.T) {
+	for retry, ceiling := range map[int]time.Duration{
+		1: 100 * time.Millisecond, 2: 200 * time.Millisecond, 5: 1600 * time.Millisecond, 6: 2 * time.Second, 40: 2 * time.Second,
+	} {
+		for i := 0; i < 50; i++ {
+			if pause := rerank.Backoff(retry); pause < ceiling/2 || pause > ceiling {
+				t.Fatalf("retry %d: %v outside [%v, %v]", retry, pause, ceiling/2, ceiling)
+			}
+		}
+	}
+}
+
+func TestRequestBuilding(t *testing.T) {
+	request := rerank.RerankRequest("q", []string{"a"}, rerank.TopN(1), rerank.ChunkOverlap(0))
+	if request.GetTopN() != 1 || request.ChunkOverlap == nil || *request.ChunkOverlap != 0 {
+		t.Fatalf("%v", request)
+	}
+	if rerank.RerankRequest("q", []string{"a"}).ChunkOverlap != nil {
+		t.Fatal("chunk_overlap set without ChunkOverlap")
+	}
+}

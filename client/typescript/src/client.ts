@@ -1,0 +1,350 @@
+/**
+ * RerankClient: the generated rerank.v1 service over a gRPC (HTTP/2) transport, with a default deadline on
+ * every call, retries on UNAVAILABLE, TLS, a bearer token, and the errors of ./errors.ts instead of
+ * ConnectError. It mirrors the Python SDK's RerankClient (camelCase names, the same error tree).
+ */
+
+import { readFileSync } from "node:fs";
+
+import { create } from "@bufbuild/protobuf";
+import { type CallOptions, type Client, Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
+import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
+
+import {
+  CancelledError,
+  fromConnectError,
+  type RerankError,
+  RerankTimeoutError,
+  UnavailableError,
+} from "./errors.js";
+import {
+  type GetModelInfoResponse,
+  type ListModelsResponse,
+  type RerankRequest,
+  RerankRequestSchema,
+  type RerankResponse,
+  RerankService,
+  type RerankStreamRequest,
+  RerankStreamRequestSchema,
+  type RerankStreamResponse,
+  type ScoreRequest,
+  ScoreRequestSchema,
+  type ScoreResponse,
+  TextPairSchema,
+  Truncation,
+} from "./gen/rerank/v1/rerank_pb.js";
+
+/** Every call's deadline unless the client or the call sets another. */
+export const DEFAULT_TIMEOUT_MS = 30_000;
+/** Rerank requests carry whole documents; gRPC's 4 MiB default is too small for 1,000 long ones. */
+export const DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
+/** How often an idempotent call (every unary one) is retried on UNAVAILABLE. */
+export const DEFAULT_RETRIES = 3;
+// gRPC caps a call's attempts at 5; the SDKs keep that cap.
+const MAX_ATTEMPTS = 5;
+const INITIAL_BACKOFF_MS = 100;
+const MAX_BACKOFF_MS = 2_000;
+
+/** A Truncation value (e.g. Truncation.CHUNK), its name ("end", "none", "chunk") or undefined (the default). */
+export type TruncationArg = Truncation | "end" | "none" | "chunk";
+
+const TRUNCATION_NAMES: Record<string, Truncation> = {
+  end: Truncation.END,
+  none: Truncation.NONE,
+  chunk: Truncation.CHUNK,
+};
+
+/** The enum value for a Truncation value, a name ("end", "none", "chunk") or undefined (the default). */
+export function truncationValue(truncation: TruncationArg | undefined): Truncation {
+  if (truncation === undefined) {
+    return Truncation.UNSPECIFIED;
+  }
+  if (typeof truncation === "string") {
+    const value = TRUNCATION_NAMES[truncation.toLowerCase()];
+    if (value === undefined) {
+      throw new RangeError(`truncation must be one of end, none, chunk; got ${JSON.stringify(truncation)}`);
+    }
+    return value;
+  }
+  return truncation;
+}
+
+/** A call's own deadline (null: none; undefined: the client's) and an AbortSignal that cancels it. */
+export interface CallSettings {
+  timeoutMs?: number | null;
+  signal?: AbortSignal;
+}
+
+/**
+ * What Rerank and Score requests share. The names are the request fields' own, and they pass through to
+ * the request as they are: a field added to both messages is one line here.
+ */
+export interface RequestOptions {
+  /** What to do with pairs longer than maxLength (default: "end"). */
+  truncation?: TruncationArg;
+  /** Tokens per pair, special tokens included; 0 or unset: the model's limit. */
+  maxLength?: number;
+  /** Tokens shared by consecutive windows with "chunk" truncation; unset: the server's default. */
+  chunkOverlap?: number;
+  /** The served model to use (its name, as listModels lists it); unset: the server's default. */
+  model?: string;
+}
+
+export interface RerankOptions extends RequestOptions {
+  /** How many of the best results to return; 0 or unset: all of them, best first. */
+  topN?: number;
+  /** Echo each result's document. */
+  returnDocuments?: boolean;
+}
+
+/** The RerankRequest for these arguments. Validation of the values is the server's job. */
+export function buildRerankRequest(query: string, documents: readonly string[], options: RerankOptions = {}): RerankRequest {
+  if (typeof documents === "string") {
+    // A string is iterable too; a caller without types would rerank its characters.
+    throw new TypeError("documents must be an array of strings, not a single string");
+  }
+  const { truncation, ...fields } = options;
+  return create(RerankRequestSchema, { ...fields, query, documents: [...documents], truncation: truncationValue(truncation) });
+}
+
+/** The ScoreRequest for (textA, textB) pairs. */
+export function buildScoreRequest(pairs: Iterable<readonly [string, string]>, options: RequestOptions = {}): ScoreRequest {
+  const { truncation, ...fields } = options;
+  return create(ScoreRequestSchema, {
+    ...fields,
+    pairs: Array.from(pairs, ([textA, textB]) => create(TextPairSchema, { textA, textB })),
+    truncation: truncationValue(truncation),
+  });
+}
+
+/** One RerankStream message: an id of your choice and the arguments of `rerank`. */
+export function streamRequest(
+  id: string,
+  query: string,
+  documents: readonly string[],
+  options: RerankOptions = {},
+): RerankStreamRequest {
+  return create(RerankStreamRequestSchema, { id, request: buildRerankRequest(query, documents, options) });
+}
+
+/** PEM files for TLS: the CA to trust (default: Node's), and for mTLS the client's chain and key. */
+export interface TlsFiles {
+  rootCertificates?: string;
+  certificateChain?: string;
+  privateKey?: string;
+}
+
+/** TLS credentials, the PEM contents themselves. */
+export interface TlsCredentials {
+  ca?: Buffer;
+  cert?: Buffer;
+  key?: Buffer;
+}
+
+/** TLS credentials from PEM files (see TlsFiles). */
+export function tlsCredentials(files: TlsFiles = {}): TlsCredentials {
+  const read = (path: string | undefined) => (path === undefined ? undefined : readFileSync(path));
+  return { ca: read(files.rootCertificates), cert: read(files.certificateChain), key: read(files.privateKey) };
+}
+
+export interface ClientOptions {
+  /** The default deadline of every call in ms (null: none); for rerankStream, of the whole stream. */
+  timeoutMs?: number | null;
+  /** Turns on TLS (see tlsCredentials). */
+  credentials?: TlsCredentials;
+  /** Sent as `authorization: Bearer <token>` with every call. */
+  token?: string;
+  /** How often rerank, score, modelInfo and listModels are retried, with backoff, on UNAVAILABLE; at most 4. */
+  retries?: number;
+  /** The largest message sent or received. */
+  maxMessageBytes?: number;
+  /** More interceptors (logging, tracing, ...), after the SDK's own. */
+  interceptors?: Interceptor[];
+}
+
+/**
+ * The pause before retry number `retry` (1, 2, ...): a random time between half and all of
+ * min(100 ms * 2^(retry-1), 2 s).
+ */
+export function backoffMs(retry: number): number {
+  const ceiling = Math.min(INITIAL_BACKOFF_MS * 2 ** (retry - 1), MAX_BACKOFF_MS);
+  return ceiling / 2 + Math.random() * (ceiling / 2);
+}
+
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(signal?.reason);
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+async function* fromIterable<T>(items: Iterable<T> | AsyncIterable<T>): AsyncIterable<T> {
+  yield* items;
+}
+
+/**
+ * A client of one rerank service. `target` is `host:port` (or a base URL, `https://host:port`); calls
+ * share one HTTP/2 connection, opened on the first call. Call close() when done.
+ */
+export class RerankClient {
+  readonly target: string;
+  private readonly timeoutMs: number | null;
+  private readonly retries: number;
+  private readonly session: Http2SessionManager;
+  private readonly stub: Client<typeof RerankService>;
+  private closed = false;
+
+  constructor(target: string, options: ClientOptions = {}) {
+    this.target = target;
+    this.timeoutMs = options.timeoutMs === undefined ? DEFAULT_TIMEOUT_MS : options.timeoutMs;
+    this.retries = options.retries ?? DEFAULT_RETRIES;
+    const tls = options.credentials;
+    const baseUrl = target.includes("://") ? target : `${tls ? "https" : "http"}://${target}`;
+    const maxBytes = options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
+    // Keepalive: find dead connections (a replica gone without a FIN) within ~40 s, idle or not.
+    this.session = new Http2SessionManager(
+      baseUrl,
+      { pingIntervalMs: 30_000, pingTimeoutMs: 10_000, pingIdleConnection: true },
+      tls ? { ca: tls.ca, cert: tls.cert, key: tls.key } : {},
+    );
+    const interceptors: Interceptor[] = [];
+    if (options.token) {
+      const authorization = `Bearer ${options.token}`;
+      interceptors.push((next) => (request) => {
+        request.header.set("authorization", authorization);
+        return next(request);
+      });
+    }
+    const transport = createGrpcTransport({
+      baseUrl,
+      sessionManager: this.session,
+      readMaxBytes: maxBytes,
+      writeMaxBytes: maxBytes,
+      interceptors: [...interceptors, ...(options.interceptors ?? [])],
+    });
+    this.stub = createClient(RerankService, transport);
+  }
+
+  /** Score `documents` against `query`; results come best first. */
+  rerank(
+    query: string,
+    documents: readonly string[],
+    options: RerankOptions & CallSettings = {},
+  ): Promise<RerankResponse> {
+    const { timeoutMs, signal, ...fields } = options;
+    const request = buildRerankRequest(query, documents, fields);
+    return this.call((callOptions) => this.stub.rerank(request, callOptions), { timeoutMs, signal });
+  }
+
+  /** Score [textA, textB] pairs; scores come in request order. */
+  score(pairs: Iterable<readonly [string, string]>, options: RequestOptions & CallSettings = {}): Promise<ScoreResponse> {
+    const { timeoutMs, signal, ...fields } = options;
+    const request = buildScoreRequest(pairs, fields);
+    return this.call((callOptions) => this.stub.score(request, callOptions), { timeoutMs, signal });
+  }
+
+  /** A served model (`model` unset: the default one), its maximum length and the service's limits. */
+  modelInfo(options: { model?: string } & CallSettings = {}): Promise<GetModelInfoResponse> {
+    const { model, ...settings } = options;
+    return this.call((callOptions) => this.stub.getModelInfo({ model }, callOptions), settings);
+  }
+
+  /** Every served model, and the name of the default one. */
+  listModels(settings: CallSettings = {}): Promise<ListModelsResponse> {
+    return this.call((callOptions) => this.stub.listModels({}, callOptions), settings);
+  }
+
+  /**
+   * Send independent rerank requests (see streamRequest); answers come as they complete. A failed
+   * message is answered with `outcome.case === "error"` (fromStreamError turns it into the error the
+   * unary call would have thrown); a failure of the stream itself throws. Streams are not retried.
+   */
+  async *rerankStream(
+    requests: Iterable<RerankStreamRequest> | AsyncIterable<RerankStreamRequest>,
+    settings: CallSettings = {},
+  ): AsyncIterable<RerankStreamResponse> {
+    this.checkOpen();
+    try {
+      yield* this.stub.rerankStream(fromIterable(requests), this.callOptions(settings.timeoutMs, settings.signal));
+    } catch (error) {
+      throw this.failure(error, settings.signal);
+    }
+  }
+
+  /** Close the connection; calls in flight fail with CANCELLED. */
+  close(): void {
+    this.closed = true;
+    this.session.abort();
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+
+  private checkOpen(): void {
+    if (this.closed) {
+      throw new CancelledError(Code.Canceled, "the client is closed");
+    }
+  }
+
+  private callOptions(timeoutMs: number | null | undefined, signal: AbortSignal | undefined): CallOptions {
+    const timeout = timeoutMs === undefined ? this.timeoutMs : timeoutMs;
+    // connect reads a timeout <= 0 as "none"; null is this SDK's "none".
+    return { timeoutMs: timeout === null ? 0 : Math.max(timeout, 1), signal };
+  }
+
+  /**
+   * An idempotent unary call (scoring has no side effects), retried on UNAVAILABLE with exponential
+   * backoff within its one deadline.
+   */
+  private async call<T>(invoke: (options: CallOptions) => Promise<T>, settings: CallSettings): Promise<T> {
+    this.checkOpen();
+    const timeout = settings.timeoutMs === undefined ? this.timeoutMs : settings.timeoutMs;
+    const deadline = timeout === null ? null : Date.now() + timeout;
+    const attempts = Math.min(this.retries + 1, MAX_ATTEMPTS);
+    for (let attempt = 1; ; attempt++) {
+      const remaining = deadline === null ? null : deadline - Date.now();
+      if (remaining !== null && remaining <= 0) {
+        throw new RerankTimeoutError(Code.DeadlineExceeded, "the deadline passed between retries");
+      }
+      try {
+        return await invoke(this.callOptions(remaining, settings.signal));
+      } catch (reason) {
+        const error = this.failure(reason, settings.signal);
+        if (attempt >= attempts || !(error instanceof UnavailableError)) {
+          throw error;
+        }
+        const pause = backoffMs(attempt);
+        if (deadline !== null && deadline - Date.now() <= pause) {
+          throw error; // no time left for another attempt: the server is unavailable
+        }
+        try {
+          await sleep(pause, settings.signal);
+        } catch (aborted) {
+          throw fromConnectError(aborted);
+        }
+      }
+    }
+  }
+
+  /**
+   * The RerankError for what a call threw. Node's http2 ends the streams of a connection that went away
+   * (a server stopped, a connection reset) with RST_STREAM CANCEL, which connect reads as CANCELLED; when
+   * neither the caller nor close() cancelled and no status came from the server, the server is unavailable.
+   */
+  private failure(reason: unknown, signal: AbortSignal | undefined): RerankError {
+    const error = fromConnectError(reason);
+    const fromServer = reason instanceof ConnectError && reason.metadata.has("grpc-status");
+    if (error instanceof CancelledError && !signal?.aborted && !this.closed && !fromServer) {
+      return new UnavailableError(Code.Unavailable, error.details, [], { cause: reason });
+    }
+    return error;
+  }
+}

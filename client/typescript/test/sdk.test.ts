@@ -1,0 +1,379 @@
+// The SDK against a real `rerank serve`: tests/test_sdks.py starts the stack, sets the environment below,
+// runs this suite (node --test) and compares the answers it writes with the Python SDK's.
+//
+//   RERANK_TARGET          a plaintext frontend (host:port)
+//   RERANK_SDK_CASES       the shared requests (JSON); RERANK_SDK_ANSWERS: where this suite writes its answers
+//   RERANK_SECURE_TARGET   a frontend with mTLS, a bearer token and a small max_total_tokens, and
+//   RERANK_TLS_CA, RERANK_TLS_CERT, RERANK_TLS_KEY, RERANK_TOKEN: what its clients need
+
+import assert from "node:assert/strict";
+import { readFileSync, writeFileSync } from "node:fs";
+import { createConnection, createServer, type Server, type Socket } from "node:net";
+import { after, describe, test } from "node:test";
+
+import {
+  AuthenticationError,
+  backoffMs,
+  buildRerankRequest,
+  CancelledError,
+  Code,
+  fromStreamError,
+  type GetModelInfoResponse,
+  InvalidRequestError,
+  ModelNotFoundError,
+  RerankClient,
+  RerankError,
+  type RerankOptions,
+  type RerankResponse,
+  RerankTimeoutError,
+  ResourceExhaustedError,
+  type ScoreResponse,
+  streamRequest,
+  tlsCredentials,
+  truncationValue,
+  UnavailableError,
+} from "@rerank-service/client";
+
+function env(name: string): string {
+  const value = process.env[name];
+  if (!value) {
+    throw new Error(`${name} is not set: run this suite through tests/test_sdks.py (it starts the server)`);
+  }
+  return value;
+}
+
+const TARGET = env("RERANK_TARGET");
+const clients: RerankClient[] = [];
+function client(target: string = TARGET, options: ConstructorParameters<typeof RerankClient>[1] = {}): RerankClient {
+  const made = new RerankClient(target, { timeoutMs: 60_000, ...options });
+  clients.push(made);
+  return made;
+}
+after(() => clients.forEach((c) => c.close()));
+
+// -- the shared cases, answered in the shape tests/test_sdks.py compares --------------------------------
+
+type Options = Record<string, unknown>;
+interface Cases {
+  rerank: { query: string; documents: string[]; options: Options }[];
+  score: { pairs: [string, string][]; options: Options }[];
+  stream: { id: string; query: string; documents: string[]; options: Options }[];
+}
+
+function camelCase(options: Options): RerankOptions {
+  return Object.fromEntries(
+    Object.entries(options).map(([key, value]) => [key.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase()), value]),
+  );
+}
+
+const usage = (u: { inputTokens: bigint; truncatedDocuments: number; modelInputs: number } | undefined) => ({
+  input_tokens: Number(u?.inputTokens),
+  truncated_documents: u?.truncatedDocuments,
+  model_inputs: u?.modelInputs,
+});
+
+function rerankAnswer(response: RerankResponse) {
+  return {
+    model: response.model,
+    results: response.results.map((r) => ({
+      index: r.index,
+      score: r.score,
+      logit: r.logit,
+      document: r.document ?? null,
+      windows: r.windows,
+      truncated: r.truncated,
+    })),
+    usage: usage(response.usage),
+  };
+}
+
+function scoreAnswer(response: ScoreResponse) {
+  return {
+    model: response.model,
+    scores: response.scores.map((s) => ({ score: s.score, logit: s.logit, windows: s.windows, truncated: s.truncated })),
+    usage: usage(response.usage),
+  };
+}
+
+function modelInfoAnswer(info: GetModelInfoResponse) {
+  const limits = info.limits;
+  return {
+    model: info.model,
+    max_length: info.maxLength,
+    precision: info.precision,
+    triton_model_name: info.tritonModelName,
+    triton_model_version: info.tritonModelVersion,
+    tokenizer: info.tokenizer,
+    limits: {
+      max_documents: limits?.maxDocuments,
+      max_total_tokens: Number(limits?.maxTotalTokens),
+      max_query_tokens: limits?.maxQueryTokens,
+      max_message_bytes: Number(limits?.maxMessageBytes),
+      default_chunk_overlap: limits?.defaultChunkOverlap,
+    },
+  };
+}
+
+test("answers the shared cases (rerank, score, rerankStream with ids, modelInfo)", async () => {
+  const cases = JSON.parse(readFileSync(env("RERANK_SDK_CASES"), "utf8")) as Cases;
+  const sdk = client();
+  const rerank = [];
+  for (const c of cases.rerank) {
+    rerank.push(rerankAnswer(await sdk.rerank(c.query, c.documents, camelCase(c.options))));
+  }
+  const score = [];
+  for (const c of cases.score) {
+    score.push(scoreAnswer(await sdk.score(c.pairs, camelCase(c.options))));
+  }
+  const stream: Record<string, unknown> = {};
+  const requests = cases.stream.map((c) => streamRequest(c.id, c.query, c.documents, camelCase(c.options)));
+  for await (const answer of sdk.rerankStream(requests)) {
+    assert.ok(!(answer.id in stream), `answered twice: ${answer.id}`);
+    if (answer.outcome.case === "response") {
+      stream[answer.id] = { response: rerankAnswer(answer.outcome.value) };
+    } else if (answer.outcome.case === "error") {
+      const error = fromStreamError(answer.outcome.value);
+      stream[answer.id] = {
+        error: { code: error.code, fields: error.fieldViolations.map((v) => v.field) },
+      };
+    }
+  }
+  const modelInfo = modelInfoAnswer(await sdk.modelInfo());
+  const models = await sdk.listModels();
+  const listModels = { default_model: models.defaultModel, models: models.models.map(modelInfoAnswer) };
+  const answers = { rerank, score, stream, model_info: modelInfo, list_models: listModels };
+  writeFileSync(env("RERANK_SDK_ANSWERS"), JSON.stringify(answers));
+});
+
+// -- errors: one class per kind, with the code, the message and the fields at fault -----------------------
+
+async function failure(call: () => Promise<unknown>): Promise<RerankError> {
+  try {
+    await call();
+  } catch (error) {
+    assert.ok(error instanceof RerankError, `not a RerankError: ${String(error)}`);
+    return error;
+  }
+  assert.fail("the call succeeded");
+}
+
+describe("errors", () => {
+  test("INVALID_ARGUMENT: InvalidRequestError with the field violations", async () => {
+    const error = await failure(() => client().rerank("", ["a document"]));
+    assert.ok(error instanceof InvalidRequestError);
+    assert.equal(error.code, Code.InvalidArgument);
+    assert.equal(error.name, "InvalidRequestError");
+    assert.match(error.message, /^INVALID_ARGUMENT: /);
+    assert.deepEqual(
+      error.fieldViolations.map((v) => v.field),
+      ["query"],
+    );
+    assert.ok(error.fieldViolations[0]?.description);
+
+    const pairs = await failure(() => client().score([], { maxLength: 100_000 }));
+    assert.ok(pairs instanceof InvalidRequestError);
+    assert.ok(pairs.fieldViolations.some((v) => v.field === "pairs"), JSON.stringify(pairs.fieldViolations));
+  });
+
+  test("NOT_FOUND: ModelNotFoundError naming the served models", async () => {
+    const sdk = client();
+    const served = (await sdk.listModels()).defaultModel;
+    assert.equal((await sdk.modelInfo({ model: served })).tritonModelName, served);
+    for (const call of [
+      () => sdk.rerank("q", ["d"], { model: "no-such-model" }),
+      () => sdk.score([["q", "d"]], { model: "no-such-model" }),
+      () => sdk.modelInfo({ model: "no-such-model" }),
+    ]) {
+      const error = await failure(call);
+      assert.ok(error instanceof ModelNotFoundError, String(error));
+      assert.equal(error.code, Code.NotFound);
+      assert.ok(error.details.includes(served), error.details);
+      assert.deepEqual(
+        error.fieldViolations.map((v) => v.field),
+        ["model"],
+      );
+    }
+  });
+
+  test("DEADLINE_EXCEEDED: RerankTimeoutError", async () => {
+    const documents = Array.from({ length: 200 }, (_, i) => `document ${i} `.repeat(40));
+    const error = await failure(() => client().rerank("a query", documents, { timeoutMs: 1 }));
+    assert.ok(error instanceof RerankTimeoutError, String(error));
+    assert.equal(error.code, Code.DeadlineExceeded);
+  });
+
+  test("UNAUTHENTICATED: AuthenticationError without the token or with a wrong one", async () => {
+    const credentials = secureCredentials();
+    for (const token of [undefined, "not-the-token"]) {
+      const error = await failure(() => client(env("RERANK_SECURE_TARGET"), { credentials, token }).rerank("q", ["d"]));
+      assert.ok(error instanceof AuthenticationError, String(error));
+      assert.equal(error.code, Code.Unauthenticated);
+    }
+  });
+
+  test("RESOURCE_EXHAUSTED: ResourceExhaustedError past max_total_tokens", async () => {
+    const secure = client(env("RERANK_SECURE_TARGET"), { credentials: secureCredentials(), token: env("RERANK_TOKEN") });
+    const limit = Number((await secure.modelInfo()).limits?.maxTotalTokens);
+    const documents = Array.from({ length: 8 }, (_, i) => `document ${i} `.repeat(Math.ceil(limit / 8)));
+    const error = await failure(() => secure.rerank("a query", documents));
+    assert.ok(error instanceof ResourceExhaustedError, String(error));
+    assert.equal(error.code, Code.ResourceExhausted);
+    assert.ok(error.fieldViolations.length > 0);
+  });
+
+  test("UNAVAILABLE: UnavailableError once the server stops", async () => {
+    const proxy = await TcpProxy.start(TARGET);
+    const sdk = client(proxy.target, { retries: 1 });
+    assert.equal((await sdk.rerank("q", ["d"])).results.length, 1);
+    await proxy.close();
+    const error = await failure(() => sdk.rerank("q", ["d"]));
+    assert.ok(error instanceof UnavailableError, String(error));
+    assert.equal(error.code, Code.Unavailable);
+    const stream = await failure(async () => {
+      for await (const _ of sdk.rerankStream([streamRequest("s", "q", ["d"])])) {
+        // no answer can come
+      }
+    });
+    assert.ok(stream instanceof UnavailableError, String(stream));
+  });
+});
+
+// -- TLS, mTLS and the token ------------------------------------------------------------------------------
+
+function secureCredentials(withClientCertificate = true) {
+  return tlsCredentials({
+    rootCertificates: env("RERANK_TLS_CA"),
+    ...(withClientCertificate ? { certificateChain: env("RERANK_TLS_CERT"), privateKey: env("RERANK_TLS_KEY") } : {}),
+  });
+}
+
+test("mTLS with the token is served the same ranking as plaintext; no client certificate, no service", async () => {
+  const documents = ["Beijing", "The weather is nice today", "Shanghai"];
+  const secure = client(env("RERANK_SECURE_TARGET"), { credentials: secureCredentials(), token: env("RERANK_TOKEN") });
+  const plain = await client().rerank("what is the capital of China?", documents);
+  const overTls = await secure.rerank("what is the capital of China?", documents);
+  assert.deepEqual(
+    overTls.results.map((r) => r.index),
+    plain.results.map((r) => r.index),
+  );
+  const anonymous = client(env("RERANK_SECURE_TARGET"), {
+    credentials: secureCredentials(false),
+    token: env("RERANK_TOKEN"),
+    retries: 0,
+  });
+  await failure(() => anonymous.rerank("q", ["d"]));
+});
+
+// -- retries: UNAVAILABLE is retried with backoff, within the attempts allowed ----------------------------
+
+/** A TCP proxy to the server that drops its first `refuse` connections at once (the server unavailable). */
+class TcpProxy {
+  connections = 0;
+  private readonly sockets = new Set<Socket>();
+
+  private constructor(
+    private readonly server: Server,
+    readonly target: string,
+  ) {}
+
+  static async start(upstream: string, refuse = 0): Promise<TcpProxy> {
+    const [host, port] = [upstream.slice(0, upstream.lastIndexOf(":")), Number(upstream.slice(upstream.lastIndexOf(":") + 1))];
+    let proxy: TcpProxy | undefined;
+    const server = createServer((socket) => {
+      proxy!.connections += 1;
+      if (proxy!.connections <= refuse) {
+        socket.destroy();
+        return;
+      }
+      const upstreamSocket = createConnection({ host, port });
+      for (const s of [socket, upstreamSocket]) {
+        proxy!.sockets.add(s);
+        s.on("error", () => s.destroy());
+        s.on("close", () => proxy!.sockets.delete(s));
+      }
+      socket.pipe(upstreamSocket).pipe(socket);
+      socket.on("close", () => upstreamSocket.destroy());
+      upstreamSocket.on("close", () => socket.destroy());
+    });
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    const address = server.address();
+    assert.ok(address && typeof address === "object");
+    proxy = new TcpProxy(server, `127.0.0.1:${address.port}`);
+    return proxy;
+  }
+
+  async close(): Promise<void> {
+    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    this.sockets.forEach((s) => s.destroy());
+    await closed;
+  }
+}
+
+describe("retries", () => {
+  test("a call whose first connections are dropped succeeds on a retry", async () => {
+    const proxy = await TcpProxy.start(TARGET, 2);
+    try {
+      const response = await client(proxy.target, { retries: 3 }).rerank("q", ["d"]);
+      assert.equal(response.results.length, 1);
+      assert.equal(proxy.connections, 3);
+    } finally {
+      await proxy.close();
+    }
+  });
+
+  test("retries: 1 makes two attempts, then UnavailableError", async () => {
+    const proxy = await TcpProxy.start(TARGET, 100);
+    try {
+      const error = await failure(() => client(proxy.target, { retries: 1 }).rerank("q", ["d"]));
+      assert.ok(error instanceof UnavailableError);
+      assert.equal(proxy.connections, 2);
+    } finally {
+      await proxy.close();
+    }
+  });
+
+  test("retries: 0 makes one attempt", async () => {
+    const proxy = await TcpProxy.start(TARGET, 100);
+    try {
+      await failure(() => client(proxy.target, { retries: 0 }).modelInfo());
+      assert.equal(proxy.connections, 1);
+    } finally {
+      await proxy.close();
+    }
+  });
+
+  test("the backoff doubles from 100 ms up to 2 s, jittered between half and all of it", () => {
+    for (const [retry, ceiling] of [
+      [1, 100],
+      [2, 200],
+      [5, 1600],
+      [6, 2000],
+      [30, 2000],
+    ] as const) {
+      for (let i = 0; i < 50; i++) {
+        const pause = backoffMs(retry);
+        assert.ok(pause >= ceiling / 2 && pause <= ceiling, `${retry}: ${pause}`);
+      }
+    }
+  });
+});
+
+test("a closed client refuses calls; `using` closes it", async () => {
+  let escaped: RerankClient;
+  {
+    using scoped = new RerankClient(TARGET);
+    assert.equal((await scoped.modelInfo()).maxLength > 0, true);
+    escaped = scoped;
+  }
+  const error = await failure(() => escaped.rerank("q", ["d"]));
+  assert.ok(error instanceof CancelledError && error.code === Code.Canceled, String(error));
+});
+
+test("request building refuses a bare string and an unknown truncation name", () => {
+  assert.throws(() => buildRerankRequest("q", "not an array" as unknown as string[]), TypeError);
+  assert.throws(() => truncationValue("middle" as "end"), RangeError);
+  const request = buildRerankRequest("q", ["a", "b"], { topN: 1, truncation: "chunk", chunkOverlap: 0 });
+  assert.equal(request.topN, 1);
+  assert.equal(request.chunkOverlap, 0); // set, not the server's default
+  assert.equal(buildRerankRequest("q", ["a"]).chunkOverlap, undefined);
+});

@@ -1,0 +1,347 @@
+"""The TypeScript and Go SDKs (client/typescript, client/go) against a real stack.
+
+The session's `stack` serves the tiny `reranker`; one more frontend on its Triton (`secure`) has mTLS, a
+bearer token and a small max_total_tokens. Each SDK's own suite (`node --test`, `go test`) runs the shared
+CASES and writes its answers, which must be the Python SDK's: the same rankings, counts and texts, logits
+and scores within 1e-6. The suites also check each error class (INVALID_ARGUMENT with its field violations,
+DEADLINE_EXCEEDED, UNAUTHENTICATED, UNAVAILABLE, RESOURCE_EXHAUSTED), TLS, the token and the retries. The
+snippets of docs/sdk-typescript.md and docs/sdk-go.md run as written, from a packed copy of the SDK.
+
+What they need (node_modules from `npm ci`, Debian's Go packages) is installed by `make sdk-deps`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rerank_client import RerankClient, from_stream_error, stream_request
+from rerank_client.pb import rerank_pb2
+from tests.certs import Authority
+from tests.conftest import Stack, frontend
+from tests.texts import QUERY, mixed_documents, text
+
+ROOT = Path(__file__).resolve().parent.parent
+TYPESCRIPT = ROOT / "client" / "typescript"
+GO = ROOT / "client" / "go"
+DOCS = ROOT / "docs"
+TOKEN = "sdk-test-token"
+TOLERANCE = 1e-6
+# Small enough that a few long documents pass it (RESOURCE_EXHAUSTED), large enough for every other call.
+SECURE_MAX_TOTAL_TOKENS = 2048
+
+_DOCUMENTS = mixed_documents()
+SERVED_MODEL = "reranker"  # the name `stack` serves its model by (conftest's MODELS)
+# The requests every SDK answers; options use the Python SDK's keyword names (each suite maps them).
+CASES: dict[str, list[dict[str, Any]]] = {
+    "rerank": [
+        {"query": QUERY, "documents": _DOCUMENTS, "options": {}},
+        {
+            "query": QUERY,
+            "documents": [*_DOCUMENTS[:4], _DOCUMENTS[0]],
+            "options": {"top_n": 3, "return_documents": True},
+        },
+        {
+            "query": QUERY,
+            "documents": _DOCUMENTS,
+            "options": {"truncation": "chunk", "max_length": 48, "chunk_overlap": 8},
+        },
+        {"query": QUERY, "documents": _DOCUMENTS[:6], "options": {"truncation": "end", "max_length": 24, "top_n": 0}},
+        {"query": QUERY, "documents": _DOCUMENTS[:5], "options": {"model": SERVED_MODEL}},
+    ],
+    "score": [
+        {"pairs": [[QUERY, d] for d in _DOCUMENTS], "options": {}},
+        {
+            "pairs": [[text(5, seed=i), text(60, seed=i + 50)] for i in range(4)],
+            "options": {"truncation": "chunk", "max_length": 32},
+        },
+    ],
+    "stream": [
+        {
+            "id": f"s{i}",
+            "query": text(6, seed=100 + i),
+            "documents": _DOCUMENTS[i : i + 4],
+            "options": {"return_documents": i % 2 == 0},
+        }
+        for i in range(6)
+    ]
+    + [
+        {"id": "bad", "query": "", "documents": ["a document"], "options": {}},
+        {"id": "unknown-model", "query": QUERY, "documents": ["a document"], "options": {"model": "no-such-model"}},
+    ],
+}
+
+
+def _usage(usage: rerank_pb2.Usage) -> dict[str, int]:
+    return {
+        "input_tokens": usage.input_tokens,
+        "truncated_documents": usage.truncated_documents,
+        "model_inputs": usage.model_inputs,
+    }
+
+
+def _rerank_answer(response: rerank_pb2.RerankResponse) -> dict[str, Any]:
+    results = [
+        {
+            "index": r.index,
+            "score": r.score,
+            "logit": r.logit,
+            "document": r.document if r.HasField("document") else None,
+            "windows": r.windows,
+            "truncated": r.truncated,
+        }
+        for r in response.results
+    ]
+    return {"model": response.model, "results": results, "usage": _usage(response.usage)}
+
+
+def _model_info(info: rerank_pb2.GetModelInfoResponse) -> dict[str, Any]:
+    limits = info.limits
+    return {
+        "model": info.model,
+        "max_length": info.max_length,
+        "precision": info.precision,
+        "triton_model_name": info.triton_model_name,
+        "triton_model_version": info.triton_model_version,
+        "tokenizer": info.tokenizer,
+        "limits": {
+            "max_documents": limits.max_documents,
+            "max_total_tokens": limits.max_total_tokens,
+            "max_query_tokens": limits.max_query_tokens,
+            "max_message_bytes": limits.max_message_bytes,
+            "default_chunk_overlap": limits.default_chunk_overlap,
+        },
+    }
+
+
+def python_answers(target: str) -> dict[str, Any]:
+    """The Python SDK's answers to CASES, in the shape the other SDKs' suites write theirs."""
+    with RerankClient(target, timeout=60) as client:
+        rerank = [_rerank_answer(client.rerank(c["query"], c["documents"], **c["options"])) for c in CASES["rerank"]]
+        score = []
+        for c in CASES["score"]:
+            response = client.score([tuple(p) for p in c["pairs"]], **c["options"])
+            scores = [
+                {"score": s.score, "logit": s.logit, "windows": s.windows, "truncated": s.truncated}
+                for s in response.scores
+            ]
+            score.append({"model": response.model, "scores": scores, "usage": _usage(response.usage)})
+        stream: dict[str, Any] = {}
+        requests = [stream_request(c["id"], c["query"], c["documents"], **c["options"]) for c in CASES["stream"]]
+        for answer in client.rerank_stream(requests):
+            if answer.HasField("error"):
+                error = from_stream_error(answer.error)
+                fields = [v.field for v in error.field_violations]
+                stream[answer.id] = {"error": {"code": error.code.value[0], "fields": fields}}
+            else:
+                stream[answer.id] = {"response": _rerank_answer(answer.response)}
+        info = client.model_info()
+        models = client.list_models()
+    list_models = {"default_model": models.default_model, "models": [_model_info(m) for m in models.models]}
+    answers = {"rerank": rerank, "score": score, "stream": stream}
+    return {**answers, "model_info": _model_info(info), "list_models": list_models}
+
+
+def assert_same(expected: Any, actual: Any, path: str = "answers") -> None:
+    """Equal, floats within TOLERANCE (wherever the expected value is a float), lists in the same order
+    (so a ranking must be the same ranking)."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and set(actual) == set(expected), f"{path}: keys {actual!r} vs {expected!r}"
+        for key in expected:
+            assert_same(expected[key], actual[key], f"{path}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), f"{path}: {actual!r} vs {expected!r}"
+        for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
+            assert_same(e, a, f"{path}[{i}]")
+    elif isinstance(expected, float):
+        assert isinstance(actual, int | float) and not isinstance(actual, bool), f"{path}: {actual!r}"
+        assert math.isclose(actual, expected, rel_tol=0, abs_tol=TOLERANCE), f"{path}: {actual} vs {expected}"
+    else:
+        assert type(actual) is type(expected) and actual == expected, f"{path}: {actual!r} vs {expected!r}"
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 600) -> str:
+    """Run a command; fail with its output when it fails; return its output."""
+    done = subprocess.run(
+        args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-12000:]}"
+    return done.stdout
+
+
+def docs_block(page: str, language: str) -> str:
+    """The one fenced `language` block of the page's section "## Quick start"."""
+    body = (DOCS / page).read_text().split("## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(rf"```{language}\n(.*?)```", body, re.S)
+    return block
+
+
+def printed_best(output: str) -> tuple[int, float, float, int]:
+    """The last line a docs snippet printed: index, score, logit and input tokens of the best result."""
+    index, score, logit, tokens = output.strip().splitlines()[-1].split()
+    return int(index), float(score), float(logit), int(tokens)
+
+
+def assert_best_of_quick_start(output: str, target: str) -> None:
+    """The snippet printed the best result of the call it makes, as the Python SDK gets it."""
+    index, score, logit, tokens = printed_best(output)
+    with RerankClient(target, timeout=60) as client:
+        expected = client.rerank("what is the capital of China?", ["Beijing", "The weather is nice today"], top_n=1)
+    best = expected.results[0]
+    assert index == best.index
+    assert math.isclose(score, best.score, abs_tol=TOLERANCE) and math.isclose(logit, best.logit, abs_tol=TOLERANCE)
+    assert tokens == expected.usage.input_tokens > 0
+
+
+# -- the stack --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    folder = tmp_path_factory.mktemp("sdk-pki")
+    ca = Authority(folder, "ca")
+    return {"ca": ca.issued, "server": ca.issue("server", server=True), "client": ca.issue("client", server=False)}
+
+
+@pytest.fixture(scope="module")
+def secure(stack: Stack, model_repository: Path, pki: dict[str, Any]) -> Iterator[Stack]:
+    from rerank_client import tls_credentials
+
+    args = (
+        f"--tls-cert-file={pki['server'].cert}",
+        f"--tls-key-file={pki['server'].key}",
+        f"--tls-client-ca-file={pki['ca'].cert}",
+        f"--auth-token={TOKEN}",
+        f"--max-total-tokens={SECURE_MAX_TOTAL_TOKENS}",
+    )
+    credentials = tls_credentials(pki["ca"].cert, pki["client"].cert, pki["client"].key)
+    with frontend(stack, model_repository, *args, credentials=credentials) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def sdk_env(
+    stack: Stack, secure: Stack, pki: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    """The environment the SDK suites read (see the head of client/typescript/test/sdk.test.ts)."""
+    cases = tmp_path_factory.mktemp("sdk-cases") / "cases.json"
+    cases.write_text(json.dumps(CASES))
+    return dict(
+        os.environ,
+        RERANK_TARGET=stack.target,
+        RERANK_SDK_CASES=str(cases),
+        # The server certificate names localhost, not 127.0.0.1.
+        RERANK_SECURE_TARGET=f"localhost:{secure.target.rsplit(':', 1)[1]}",
+        RERANK_TLS_CA=str(pki["ca"].cert),
+        RERANK_TLS_CERT=str(pki["client"].cert),
+        RERANK_TLS_KEY=str(pki["client"].key),
+        RERANK_TOKEN=TOKEN,
+    )
+
+
+@pytest.fixture(scope="module")
+def expected(stack: Stack) -> dict[str, Any]:
+    answers = python_answers(stack.target)
+    # The cases reach the error paths.
+    assert answers["stream"]["bad"]["error"]["fields"] == ["query"]
+    assert answers["stream"]["unknown-model"]["error"] == {"code": 5, "fields": ["model"]}
+    return answers
+
+
+# -- TypeScript -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def npm() -> str:
+    found = shutil.which("npm")
+    assert found and (TYPESCRIPT / "node_modules" / ".bin" / "tsc").exists(), "run make sdk-deps (node, npm ci)"
+    return found
+
+
+def test_typescript_sdk_answers_like_the_python_sdk(
+    npm: str, sdk_env: dict[str, str], expected: dict[str, Any], tmp_path: Path
+) -> None:
+    answers = tmp_path / "answers.json"
+    # Build (type-checks the package, its tests and its example), then run the suite on the built package.
+    run([npm, "run", "--silent", "build"], TYPESCRIPT)
+    run([npm, "run", "--silent", "build:test"], TYPESCRIPT)
+    output = run(["node", "--test", "build/test/"], TYPESCRIPT, dict(sdk_env, RERANK_SDK_ANSWERS=str(answers)))
+    assert re.search(r"^# fail 0$", output, re.M) and not re.search(r"^# pass 0$", output, re.M), output
+    assert_same(expected, json.loads(answers.read_text()))
+
+
+def test_typescript_docs_quick_start_runs_as_written(npm: str, stack: Stack, tmp_path: Path) -> None:
+    """docs/sdk-typescript.md's steps: pack the SDK, install the tarball in a new project, compile the
+    snippet with tsc and run it."""
+    packed = run([npm, "pack", "--silent", "--pack-destination", str(tmp_path)], TYPESCRIPT).strip().splitlines()[-1]
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "package.json").write_text(json.dumps({"name": "quick-start", "private": True, "type": "module"}))
+    run([npm, "install", "--prefer-offline", "--no-audit", "--no-fund", str(tmp_path / packed)], project)
+    snippet = docs_block("sdk-typescript.md", "ts").replace("localhost:50051", stack.target)
+    (project / "main.ts").write_text(snippet)
+    # The SDK's own TypeScript and Node types, as a project that has them would use them.
+    tsconfig = {
+        "compilerOptions": {
+            "target": "ES2022",
+            "module": "NodeNext",
+            "moduleResolution": "NodeNext",
+            "strict": True,
+            "typeRoots": [str(TYPESCRIPT / "node_modules" / "@types")],
+            "types": ["node"],
+        },
+        "files": ["main.ts"],
+    }
+    (project / "tsconfig.json").write_text(json.dumps(tsconfig))
+    run([str(TYPESCRIPT / "node_modules" / ".bin" / "tsc"), "-p", "."], project)
+    assert_best_of_quick_start(run(["node", "main.js"], project, timeout=120), stack.target)
+
+
+# -- Go ---------------------------------------------------------------------------------------------------
+
+GO_MODULE = re.search(r"^module (\S+)$", (GO / "go.mod").read_text(), re.M).group(1)  # type: ignore[union-attr]
+# Debian's golang-google-grpc-dev and friends, built in GOPATH mode (there is no module proxy here).
+GO_SYSTEM_PATH = Path("/usr/share/gocode")
+
+
+@pytest.fixture(scope="module")
+def go_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A GOPATH holding this module at its import path, after Debian's packages (GO111MODULE=off)."""
+    go = shutil.which("go")
+    assert go and (GO_SYSTEM_PATH / "src" / "google.golang.org" / "grpc").exists(), "run make sdk-deps (Go packages)"
+    gopath = tmp_path_factory.mktemp("gopath")
+    link = gopath / "src" / GO_MODULE
+    link.parent.mkdir(parents=True)
+    link.symlink_to(GO)
+    return dict(os.environ, GOPATH=f"{gopath}{os.pathsep}{GO_SYSTEM_PATH}", GO111MODULE="off", GOFLAGS="")
+
+
+def test_go_sdk_answers_like_the_python_sdk(
+    go_env: dict[str, str], sdk_env: dict[str, str], expected: dict[str, Any], tmp_path: Path
+) -> None:
+    package_dir = Path(go_env["GOPATH"].split(os.pathsep)[0]) / "src" / GO_MODULE
+    assert run(["gofmt", "-l", "."], GO) == "", "run gofmt -w client/go"
+    run(["go", "vet", "./..."], package_dir, go_env)
+    answers = tmp_path / "answers.json"
+    env = {**sdk_env, **go_env, "RERANK_SDK_ANSWERS": str(answers)}
+    output = run(["go", "test", "-count=1", "-v", "./rerank/"], package_dir, env)
+    assert re.search(r"^ok\s", output, re.M) and "--- PASS: TestSharedCases" in output, output
+    assert_same(expected, json.loads(answers.read_text()))
+
+
+def test_go_docs_quick_start_runs_as_written(go_env: dict[str, str], stack: Stack) -> None:
+    """docs/sdk-go.md's snippet, a main package importing the module, built and run."""
+    snippet = docs_block("sdk-go.md", "go").replace("localhost:50051", stack.target)
+    program = Path(go_env["GOPATH"].split(os.pathsep)[0]) / "src" / "quickstart"
+    program.mkdir()
+    (program / "main.go").write_text(snippet)
+    assert_best_of_quick_start(run(["go", "run", "."], program, go_env, timeout=300), stack.target)
