@@ -16,7 +16,7 @@ SERVE_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install sdk-deps go-deps serve export demo test test-fast check pytest bench bench-quick gpu-pack gpu-check protos clean
+.PHONY: install sdk-deps go-deps prometheus serve export demo test test-fast check pytest bench bench-quick gpu-pack gpu-check protos clean
 
 install: $(STAMP)
 
@@ -47,6 +47,19 @@ go-deps:
 	@test "$$(dpkg-query -W -f='$${db:Status-Abbrev}\n' $(GO_DEBS) 2>/dev/null | grep -c '^ii')" = "$(words $(GO_DEBS))" \
 		|| { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(GO_DEBS); }
 
+# Debian's Prometheus server and promtool, unpacked into the venv (nothing installed system-wide, no service
+# started): tests/test_monitoring.py runs the alerts, the dashboard and the autoscaler's queries on them.
+PROMETHEUS := $(VENV)/prometheus/usr/bin/prometheus
+
+prometheus: $(PROMETHEUS)
+
+$(PROMETHEUS): | $(STAMP)
+	rm -rf $(VENV)/prometheus $(VENV)/prometheus-deb && mkdir -p $(VENV)/prometheus-deb
+	cd $(VENV)/prometheus-deb && (apt-get download prometheus || ($(SUDO) apt-get update -qq && apt-get download prometheus))
+	dpkg -x $(VENV)/prometheus-deb/prometheus_*.deb $(VENV)/prometheus
+	rm -rf $(VENV)/prometheus-deb
+	test -x $@ && touch $@
+
 $(REPOSITORY)/$(NAME)/config.pbtxt: | $(STAMP)
 	@$(BIN)/python -m rerank_server.first_contact check-model $(MODEL)
 	$(BIN)/rerank export --model $(MODEL) --output $(REPOSITORY) --name $(NAME) $(EXPORT_ARGS)
@@ -75,13 +88,13 @@ check: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-pytest: install sdk-deps
+pytest: install sdk-deps $(PROMETHEUS)
 	$(BIN)/python -m pytest
 
 test: check pytest
 
 # The fast tier (no exported model, no Triton; tests/conftest.py marks the rest e2e): about a minute.
-test-fast: install sdk-deps
+test-fast: install sdk-deps $(PROMETHEUS)
 	$(BIN)/python -m pytest -m "not e2e"
 
 # The throughput benchmark (docs/performance.md): every CPU precision in-process and served (fp32 and

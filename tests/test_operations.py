@@ -240,6 +240,10 @@ def test_kill_9_triton_under_load_every_call_ends_in_time_and_service_recovers(m
         assert max(elapsed for _, elapsed in outcomes) < 5 + 1, "a call outlived its deadline"
         assert outcomes[-1][0] == "OK"
         assert served.process.poll() is None, "the frontend died with Triton"
+        # What the restart alert (deploy/k8s/components/monitoring) reads.
+        metrics = scrape(served.metrics_url)
+        assert sample(metrics, "rerank_triton_restarts_total") == 1
+        assert sample(metrics, "rerank_model_unready_total") == 1
     finally:
         assert stop_serve(served) == 0
 

@@ -95,6 +95,7 @@ class Frontend:
     ) -> None:
         self.settings = settings
         self.backend = backend
+        self.metrics = metrics
         self.health = health.aio.HealthServicer()
         self.policy = CallPolicy(metrics, settings.bearer_token)
         self._executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
@@ -152,6 +153,8 @@ class Frontend:
             now = await self.backend.is_ready()
             if now != ready:
                 log.log(logging.INFO if now else logging.WARNING, "model %s", "ready" if now else "NOT ready")
+                if ready and not now:
+                    self.metrics.model_unready.inc()
                 await self._set_health(now)
                 ready = now
             await asyncio.sleep(self.settings.health_interval_s)
@@ -181,6 +184,7 @@ class Frontend:
 async def supervise(
     triton: LocalTriton,
     stop: asyncio.Event,
+    metrics: Metrics,
     backoff: tuple[float, ...],
     healthy_s: float,
 ) -> None:
@@ -208,6 +212,7 @@ async def supervise(
         if not stop.is_set():
             failures += 1
             started = loop.time()
+            metrics.triton_restarts.inc()
             try:
                 triton.start()
             except Exception:  # keep supervising: the next round retries with a longer delay
@@ -260,7 +265,7 @@ async def run(settings: Settings) -> int:
         frontend = Frontend(settings, backend, model, tokenizer, metrics)
         await frontend.start()
         supervisor = (
-            asyncio.create_task(supervise(triton, stop, settings.restart_backoff, settings.triton_healthy_s))
+            asyncio.create_task(supervise(triton, stop, metrics, settings.restart_backoff, settings.triton_healthy_s))
             if triton is not None
             else None
         )

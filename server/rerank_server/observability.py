@@ -21,6 +21,9 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _FAST_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Why calls are refused before the model: the values of rerank_rejected_total's `reason` label. Overload
+# (the alert on refusals, deploy/k8s/components/monitoring) is capacity and tokenize_queue.
+REJECT_REASONS = ("capacity", "tokenize_queue", "draining", "unauthenticated", "body_too_large", "too_many_values")
 
 
 class Metrics:
@@ -86,6 +89,18 @@ class Metrics:
         )
         self.rejected = Counter(
             "rerank_rejected_total", "Calls refused before reaching the model, by reason", ["reason"], registry=r
+        )
+        # Exported at 0 from the start, so that rates and alerts on them have series before the first refusal.
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason=reason)
+        self.triton_restarts = Counter(
+            "rerank_triton_restarts_total", "Restarts of the local Triton by the frontend's supervisor", registry=r
+        )
+        # With --triton-url (Kubernetes restarts Triton's container) this is how a Triton restart shows.
+        self.model_unready = Counter(
+            "rerank_model_unready_total",
+            "Times the model went from ready to not ready (Triton restarting, crashed or unreachable)",
+            registry=r,
         )
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
