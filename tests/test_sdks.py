@@ -169,6 +169,20 @@ def assert_same(expected: Any, actual: Any, path: str = "answers") -> None:
         assert type(actual) is type(expected) and actual == expected, f"{path}: {actual!r} vs {expected!r}"
 
 
+def test_the_comparison_holds_rankings_exactly_and_floats_within_the_tolerance() -> None:
+    answer = {"results": [{"index": 2, "logit": 0.5, "document": None}, {"index": 0, "logit": -1.25, "document": "d"}]}
+    close = {
+        "results": [{"index": 2, "logit": 0.5000004, "document": None}, {"index": 0, "logit": -1.25, "document": "d"}]
+    }
+    assert_same(answer, close)
+    swapped = {"results": list(reversed(answer["results"]))}
+    off = {"results": [{"index": 2, "logit": 0.500002, "document": None}, answer["results"][1]]}
+    missing = {"results": [{"index": 2, "logit": 0.5}, answer["results"][1]]}
+    for wrong in (swapped, off, missing, {"results": answer["results"][:1]}):
+        with pytest.raises(AssertionError):
+            assert_same(answer, wrong)
+
+
 def run(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 600) -> str:
     """Run a command; fail with its output when it fails; return its output."""
     done = subprocess.run(

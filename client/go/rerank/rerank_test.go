@@ -17,9 +17,11 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -497,23 +499,39 @@ func TestUnavailableOnceTheServerStops(t *testing.T) {
 	expectKind(t, err, rerank.ErrUnavailable, codes.Unavailable)
 }
 
+// countedClient counts the attempts the client makes (an interceptor sees each one).
+func countedClient(t *testing.T, target string, retries int) (*rerank.Client, *int32) {
+	t.Helper()
+	var attempts int32
+	count := func(ctx context.Context, method string, req, reply interface{}, cc *grpc.ClientConn,
+		invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		atomic.AddInt32(&attempts, 1)
+		return invoker(ctx, method, req, reply, cc, opts...)
+	}
+	client := newClient(t, target, rerank.WithRetries(retries), rerank.WithDialOptions(grpc.WithUnaryInterceptor(count)))
+	return client, &attempts
+}
+
 func TestRetriesOnUnavailable(t *testing.T) {
 	ctx := context.Background()
 	recovering := startProxy(t, env(t, "RERANK_TARGET"), 2)
-	response, err := newClient(t, recovering.target(), rerank.WithRetries(3)).Rerank(ctx, "q", []string{"d"})
+	client, attempts := countedClient(t, recovering.target(), 3)
+	response, err := client.Rerank(ctx, "q", []string{"d"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(response.GetResults()) != 1 || recovering.count() != 3 {
-		t.Fatalf("results %d, connections %d", len(response.GetResults()), recovering.count())
+	// Two connections dropped, the third served, after at least one retry.
+	if len(response.GetResults()) != 1 || recovering.count() != 3 || atomic.LoadInt32(attempts) < 2 {
+		t.Fatalf("results %d, connections %d, attempts %d", len(response.GetResults()), recovering.count(), *attempts)
 	}
 
-	for retries, attempts := range map[int]int{0: 1, 1: 2} {
-		down := startProxy(t, env(t, "RERANK_TARGET"), 100)
-		_, err := newClient(t, down.target(), rerank.WithRetries(retries)).ModelInfo(ctx)
+	for _, retries := range []int{0, 1, 3} {
+		down := startProxy(t, env(t, "RERANK_TARGET"), 1000)
+		client, attempts := countedClient(t, down.target(), retries)
+		_, err := client.ModelInfo(ctx)
 		expectKind(t, err, rerank.ErrUnavailable, codes.Unavailable)
-		if down.count() != attempts {
-			t.Fatalf("retries %d: %d connections, want %d", retries, down.count(), attempts)
+		if got := atomic.LoadInt32(attempts); got != int32(retries+1) {
+			t.Fatalf("retries %d: %d attempts", retries, got)
 		}
 	}
 }

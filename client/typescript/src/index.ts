@@ -45,4 +45,4 @@ export {
   UnavailableError,
 } from "./errors.js";
 export * from "./gen/rerank/v1/rerank_pb.js";
-export { Code } from "@connectrpc/connect";
+export { Code, type Interceptor } from "@connectrpc/connect";

@@ -19,6 +19,7 @@ import {
   Code,
   fromStreamError,
   type GetModelInfoResponse,
+  type Interceptor,
   InvalidRequestError,
   ModelNotFoundError,
   RerankClient,
@@ -310,37 +311,42 @@ class TcpProxy {
 }
 
 describe("retries", () => {
+  /** Counts the attempts the client makes (an interceptor sees each one). */
+  function counted(target: string, retries: number) {
+    const counter = { attempts: 0 };
+    const interceptor: Interceptor = (next) => (request) => {
+      counter.attempts += 1;
+      return next(request);
+    };
+    return { sdk: client(target, { retries, interceptors: [interceptor] }), counter };
+  }
+
   test("a call whose first connections are dropped succeeds on a retry", async () => {
     const proxy = await TcpProxy.start(TARGET, 2);
     try {
-      const response = await client(proxy.target, { retries: 3 }).rerank("q", ["d"]);
+      const { sdk, counter } = counted(proxy.target, 3);
+      const response = await sdk.rerank("q", ["d"]);
       assert.equal(response.results.length, 1);
-      assert.equal(proxy.connections, 3);
+      assert.equal(proxy.connections, 3); // two dropped, the third served
+      assert.ok(counter.attempts >= 2, `${counter.attempts} attempts`);
     } finally {
       await proxy.close();
     }
   });
 
-  test("retries: 1 makes two attempts, then UnavailableError", async () => {
-    const proxy = await TcpProxy.start(TARGET, 100);
-    try {
-      const error = await failure(() => client(proxy.target, { retries: 1 }).rerank("q", ["d"]));
-      assert.ok(error instanceof UnavailableError);
-      assert.equal(proxy.connections, 2);
-    } finally {
-      await proxy.close();
-    }
-  });
-
-  test("retries: 0 makes one attempt", async () => {
-    const proxy = await TcpProxy.start(TARGET, 100);
-    try {
-      await failure(() => client(proxy.target, { retries: 0 }).modelInfo());
-      assert.equal(proxy.connections, 1);
-    } finally {
-      await proxy.close();
-    }
-  });
+  for (const retries of [0, 1, 3]) {
+    test(`retries: ${retries} makes ${retries + 1} attempts, then UnavailableError`, async () => {
+      const proxy = await TcpProxy.start(TARGET, 100);
+      try {
+        const { sdk, counter } = counted(proxy.target, retries);
+        const error = await failure(() => (retries === 1 ? sdk.modelInfo() : sdk.rerank("q", ["d"])));
+        assert.ok(error instanceof UnavailableError, String(error));
+        assert.equal(counter.attempts, retries + 1);
+      } finally {
+        await proxy.close();
+      }
+    });
+  }
 
   test("the backoff doubles from 100 ms up to 2 s, jittered between half and all of it", () => {
     for (const [retry, ceiling] of [
