@@ -10,7 +10,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,9 +140,15 @@ def _flag(args: list[str], name: str) -> str | None:
     return next((a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")), None)
 
 
-def start_serve(args: list[str], timeout_s: float = 240, credentials: grpc.ChannelCredentials | None = None) -> Stack:
+def start_serve(
+    args: list[str],
+    timeout_s: float = 240,
+    credentials: grpc.ChannelCredentials | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Stack:
     """Start `rerank serve` and wait until its health service says SERVING, as a readiness probe would:
-    on --health-port when given (plaintext), else on the API port, over TLS with `credentials`."""
+    on --health-port when given (plaintext), else on the API port, over TLS with `credentials`.
+    `preexec_fn` runs in the child before `rerank` starts (to set resource limits, say)."""
     if _flag(args, "tls-cert-file") and credentials is None and _flag(args, "health-port") is None:
         raise ValueError("a TLS frontend's readiness needs credentials= or a plaintext --health-port")
     port = free_port()
@@ -154,7 +160,7 @@ def start_serve(args: list[str], timeout_s: float = 240, credentials: grpc.Chann
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     log_path = Path(tempfile.mkstemp(prefix="rerank-serve-", suffix=".log")[1])
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, preexec_fn=preexec_fn)
     host = _flag(args, "host") or "127.0.0.1"
     triton_metrics = _flag(args, "triton-metrics-port")
     stack = Stack(
@@ -204,12 +210,18 @@ def stack(model_repository: Path) -> Iterator[Stack]:
 
 @contextmanager
 def frontend(
-    stack: Stack, model_repository: Path, *args: str, credentials: grpc.ChannelCredentials | None = None
+    stack: Stack,
+    model_repository: Path,
+    *args: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Iterator[Stack]:
-    """Another frontend on the stack's Triton (--triton-url), with its own settings (`credentials`: see
-    start_serve)."""
+    """Another frontend on the stack's Triton (--triton-url), with its own settings (`credentials`,
+    `preexec_fn`: see start_serve)."""
     served = start_serve(
-        [f"--triton-url={stack.triton_url}", f"--model-repository={model_repository}", *args], credentials=credentials
+        [f"--triton-url={stack.triton_url}", f"--model-repository={model_repository}", *args],
+        credentials=credentials,
+        preexec_fn=preexec_fn,
     )
     served.triton_metrics_url = stack.triton_metrics_url
     try:

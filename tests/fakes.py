@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from rerank_server.admission import TokenAdmission
-from rerank_server.core import RerankCore
+from rerank_server.core import RerankCore, build_core
 from rerank_server.observability import Metrics
 from rerank_server.settings import Settings
 from rerank_server.tokenization import PairTokenizer, TokenizedPairs
@@ -64,17 +62,8 @@ class FakeBackend:
 def fake_core(backend: FakeBackend | None = None, **settings: object) -> RerankCore:
     """A RerankCore over FakeBackend and the real ModernBERT tokenizer, with Settings overrides."""
     resolved = Settings(triton_url="fake:0", **settings).validated()  # type: ignore[arg-type]
-    metrics = Metrics()
     tokenizer = PairTokenizer.from_dir(TOKENIZER_DIR, MODEL.max_length)
-    return RerankCore(
-        resolved,
-        tokenizer,
-        backend or FakeBackend(),
-        MODEL,
-        ThreadPoolExecutor(resolved.tokenizer_threads, thread_name_prefix="tokenize"),
-        metrics,
-        TokenAdmission(resolved.max_inflight_tokens, metrics),
-    )
+    return build_core(resolved, tokenizer, backend or FakeBackend(), MODEL, Metrics())
 
 
 def deadline_in(seconds: float) -> float:

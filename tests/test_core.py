@@ -170,3 +170,26 @@ async def test_a_request_names_the_served_model_or_none_and_another_name_is_not_
         error = await failure(work)
         assert error.code is ErrorCode.NOT_FOUND
         assert error.violations == [("model", f"'other' is not served here; the served models are ['{MODEL.name}']")]
+
+
+async def test_text_that_is_no_unicode_is_an_invalid_argument_naming_its_field() -> None:
+    core = fake_core()
+    refused = await failure(core.rerank(RerankInput(QUERY, ["fine", "a\ud800b", "a\ud800b"])))
+    assert refused.code is ErrorCode.INVALID_ARGUMENT
+    assert refused.violations[0][0] == "documents[1]" and "surrogate at character 1" in refused.message
+    refused = await failure(core.rerank(RerankInput("q\udfff", ["fine"])))
+    assert refused.code is ErrorCode.INVALID_ARGUMENT and refused.violations[0][0] == "query"
+    refused = await failure(core.score(ScoreInput([("a", "b"), ("c\ud800", "d")])))
+    assert refused.violations[0][0] == "pairs[1].text_a"
+
+
+async def test_a_full_tokenization_queue_is_overload_not_a_limit() -> None:
+    from rerank_server.errors import OverloadedError
+
+    core = fake_core(tokenize_queue_max=1, tokenizer_threads=1, max_total_tokens=10**8, max_inflight_tokens=10**8)
+    long = text(200_000, seed=1)
+    first = asyncio.ensure_future(core.rerank(RerankInput(QUERY, [long], options=ScoreOptions(Truncation.CHUNK))))
+    await asyncio.sleep(0.05)  # the first call holds the queue's only place
+    with pytest.raises(OverloadedError, match="tokenize_queue_max"):
+        await core.rerank(RerankInput(QUERY, ["short"]))
+    first.cancel()

@@ -5,6 +5,7 @@ Every flood is bounded in count and time."""
 
 from __future__ import annotations
 
+import re
 import statistics
 import subprocess
 import sys
@@ -22,12 +23,20 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from rerank_client import InvalidRequestError, RerankClient, RerankError, message_size_options, stream_request
 from rerank_client.errors import from_rpc_error, from_stream_error
 from rerank_client.pb import SERVICE_NAME, rerank_pb2
+from rerank_server.http_api.registry import ROUTES
 from rerank_server.testing import wait_for_health
 from rerank_server.tokenization import PairTokenizer, StoppedError
 from tests.conftest import RERANK, TOKENIZER_DIR, Stack, frontend, start_local, stop_serve
 from tests.test_operations import sample, scrape
 from tests.texts import QUERY, text
 
+HTTP_ROUTE_LABELS = {route.path for route in ROUTES} | {
+    "other",
+    "/openapi.json",
+    "/docs",
+    "/redoc",
+    "/docs/oauth2-redirect",
+}
 MIB = 1024 * 1024
 TOKEN = "hostile-test-token"
 # ~31 million empty documents after a one-letter query: 60 MiB on the wire.
@@ -412,3 +421,21 @@ def wait_gone(process: psutil.Process, timeout_s: float) -> bool:
     except psutil.TimeoutExpired:
         return False
     return True
+
+
+# -- metrics label values come from a fixed set, whatever callers send (HTTP issue, defect 5) ------------
+
+
+def test_invented_method_names_do_not_grow_the_metrics(guarded: Stack) -> None:
+    names = [f"/rerank.v1.RerankService/Invented{i}" for i in range(200)] + [f"/other.Service/M{i}" for i in range(50)]
+    bearer = (("authorization", f"Bearer {TOKEN}"),)
+    with grpc.insecure_channel(guarded.target) as channel:
+        for name in names:
+            for metadata in ((), bearer):  # unauthenticated, then with the token (UNIMPLEMENTED)
+                with pytest.raises(grpc.RpcError) as refused:
+                    channel.unary_unary(name)(b"", metadata=metadata, timeout=10)
+                assert refused.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED)
+    metrics = scrape(guarded.metrics_url)
+    labels = set(re.findall(r'rpc="([^"]*)"', metrics))
+    assert labels <= {"Rerank", "Score", "RerankStream", "GetModelInfo", "other"} | HTTP_ROUTE_LABELS, labels
+    assert sample(metrics, "rerank_calls_total", surface="grpc", rpc="other", code="UNAUTHENTICATED") >= 200

@@ -6,6 +6,7 @@ the HTTP APIs are translations over the same core, so they must not change a sin
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import subprocess
@@ -77,15 +78,36 @@ def test_cohere_sdk_v2_client(base_url: str, reference: list[Any]) -> None:
     assert len(everything.results) == len(DOCUMENTS)
 
 
+def ranking(ranker: Any) -> tuple[list[tuple[Any, Any]], bool]:
+    """Rank DOCUMENTS for QUERY with a framework's ranker object (or take a Cohere SDK answer's ranking):
+    the (index, score) pairs best first, and whether the scores are logits (NIM's)."""
+    kind = f"{type(ranker).__module__}.{type(ranker).__name__}"
+    if kind.startswith("cohere.") and hasattr(ranker, "results"):  # an answer of the Cohere SDK
+        return [(r.index, r.relevance_score) for r in ranker.results], False
+    if kind.startswith(("langchain_cohere.", "langchain_nvidia_ai_endpoints.")):
+        from langchain_core.documents import Document
+
+        documents = [Document(page_content=d, metadata={"i": i}) for i, d in enumerate(DOCUMENTS)]
+        compressed = ranker.compress_documents(documents, QUERY)
+        return [(d.metadata["i"], d.metadata["relevance_score"]) for d in compressed], "nvidia" in kind
+    if kind.startswith("llama_index."):
+        ranked = ranker.postprocess_nodes(nodes(), query_str=QUERY)
+        return [(int(n.node.node_id), n.score) for n in ranked], "nvidia" in kind
+    if kind.startswith("haystack_integrations."):
+        import haystack
+
+        stored = [haystack.Document(content=d, meta={"i": i}) for i, d in enumerate(DOCUMENTS)]
+        ranked = ranker.run(query=QUERY, documents=stored)["documents"]
+        return [(d.meta["i"], d.score) for d in ranked], bool(getattr(ranker, "raw_scores", False))
+    raise AssertionError(f"no way to rank with a {kind}")
+
+
 def test_langchain_cohere_rerank_compress_documents(base_url: str, reference: list[Any]) -> None:
     from langchain_cohere import CohereRerank
-    from langchain_core.documents import Document
     from pydantic import SecretStr
 
     ranker = CohereRerank(cohere_api_key=SecretStr("unused"), base_url=base_url, model="rerank-v3.5", top_n=TOP_N)
-    documents = [Document(page_content=d, metadata={"i": i}) for i, d in enumerate(DOCUMENTS)]
-    compressed = ranker.compress_documents(documents, QUERY)
-    assert_same([(d.metadata["i"], d.metadata["relevance_score"]) for d in compressed], reference)
+    assert_same(ranking(ranker)[0], reference)
 
 
 def nodes() -> list[Any]:
@@ -98,43 +120,35 @@ def test_llamaindex_cohere_rerank(base_url: str, reference: list[Any]) -> None:
     from llama_index.postprocessor.cohere_rerank import CohereRerank
 
     ranker = CohereRerank(api_key="unused", base_url=base_url, model="rerank-v3.5", top_n=TOP_N)
-    ranked = ranker.postprocess_nodes(nodes(), query_str=QUERY)
-    assert_same([(int(n.node.node_id), n.score) for n in ranked], reference)
+    assert_same(ranking(ranker)[0], reference)
 
 
 def test_llamaindex_tei_rerank(base_url: str, reference: list[Any]) -> None:
     from llama_index.postprocessor.tei_rerank import TextEmbeddingInference
 
     ranker = TextEmbeddingInference(base_url=base_url, top_n=TOP_N)
-    ranked = ranker.postprocess_nodes(nodes(), query_str=QUERY)
-    assert_same([(int(n.node.node_id), n.score) for n in ranked], reference)
+    assert_same(ranking(ranker)[0], reference)
 
 
 def test_haystack_tei_ranker(base_url: str, reference: list[Any]) -> None:
-    from haystack import Document
     from haystack_integrations.components.rankers.huggingface_api import HuggingFaceTEIRanker
 
-    ranker = HuggingFaceTEIRanker(url=base_url, top_k=TOP_N, token=None)
-    documents = [Document(content=d, meta={"i": i}) for i, d in enumerate(DOCUMENTS)]
-    ranked = ranker.run(query=QUERY, documents=documents)["documents"]
-    assert_same([(d.meta["i"], d.score) for d in ranked], reference)
+    assert_same(ranking(HuggingFaceTEIRanker(url=base_url, top_k=TOP_N, token=None))[0], reference)
     # raw_scores: the logits.
     raw = HuggingFaceTEIRanker(url=base_url, top_k=TOP_N, token=None, raw_scores=True)
-    ranked = raw.run(query=QUERY, documents=documents)["documents"]
-    assert_same([(d.meta["i"], d.score) for d in ranked], reference, logits=True)
+    ranked, logits = ranking(raw)
+    assert logits
+    assert_same(ranked, reference, logits=True)
 
 
 def test_langchain_nvidia_rerank(base_url: str, reference: list[Any]) -> None:
-    from langchain_core.documents import Document
     from langchain_nvidia_ai_endpoints import NVIDIARerank
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "model unknown": it is not in NVIDIA's catalogue
         ranker = NVIDIARerank(base_url=f"{base_url}/v1", top_n=TOP_N, truncate="END")
     assert ranker.model  # taken from /v1/models
-    documents = [Document(page_content=d, metadata={"i": i}) for i, d in enumerate(DOCUMENTS)]
-    ranked = ranker.compress_documents(documents, QUERY)
-    assert_same([(d.metadata["i"], d.metadata["relevance_score"]) for d in ranked], reference, logits=True)
+    assert_same(ranking(ranker)[0], reference, logits=True)
 
 
 def test_llamaindex_nvidia_rerank(base_url: str, reference: list[Any]) -> None:
@@ -143,17 +157,23 @@ def test_llamaindex_nvidia_rerank(base_url: str, reference: list[Any]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ranker = NVIDIARerank(base_url=f"{base_url}/v1", top_n=TOP_N, truncate="END")
-    ranked = ranker.postprocess_nodes(nodes(), query_str=QUERY)
-    assert_same([(int(n.node.node_id), n.score) for n in ranked], reference, logits=True)
+    assert_same(ranking(ranker)[0], reference, logits=True)
 
 
-def readme_blocks(language: str) -> list[str]:
-    section = README.read_text().split("## The HTTP APIs", 1)[1].split("\n## ", 1)[0]
-    return re.findall(rf"```{language}\n(.*?)```", section, re.S)
+DOCS_HTTP = README.parent / "docs" / "http.md"
 
 
-def test_readme_curl_commands(base_url: str) -> None:
-    (block,) = readme_blocks("sh")
+def blocks(page: Path, language: str) -> list[str]:
+    """The fenced `language` blocks of the page's HTTP API section (the README's) or of the whole page."""
+    text = page.read_text()
+    if page == README:
+        text = text.split("## The HTTP APIs", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", text, re.S)
+
+
+@pytest.mark.parametrize("page", [README, DOCS_HTTP], ids=["README", "docs/http.md"])
+def test_curl_commands_of_the_docs(base_url: str, page: Path) -> None:
+    (block,) = blocks(page, "sh")
     commands = [c for c in block.replace("\\\n", " ").splitlines() if c.strip().startswith("curl")]
     assert len(commands) == 4
     for command in commands:
@@ -165,8 +185,28 @@ def test_readme_curl_commands(base_url: str) -> None:
         assert isinstance(results, list) and results, answer
 
 
-def test_readme_framework_snippets(base_url: str) -> None:
-    (block,) = readme_blocks("python")
+def snippet_values(block: str, base_url: str) -> list[Any]:
+    """Run a Python snippet as written (q, docs: the query and documents it leaves to the reader), and
+    return the value of each of its top-level expressions: the answers and rankers it makes."""
+    namespace: dict[str, Any] = {"q": QUERY, "docs": DOCUMENTS}
+    values = []
+    for statement in ast.parse(block.replace("http://localhost:8080", base_url)).body:
+        if isinstance(statement, ast.Expr):
+            values.append(eval(compile(ast.Expression(statement.value), "<snippet>", "eval"), namespace))
+        else:
+            exec(compile(ast.Module([statement], []), "<snippet>", "exec"), namespace)
+    return values
+
+
+@pytest.mark.parametrize("page", [README, DOCS_HTTP], ids=["README", "docs/http.md"])
+def test_framework_snippets_of_the_docs_rank_like_grpc(base_url: str, reference: list[Any], page: Path) -> None:
+    (block,) = blocks(page, "python")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        exec(block.replace("http://localhost:8080", base_url), {"q": QUERY, "docs": DOCUMENTS})
+        values = snippet_values(block, base_url)
+        rankings = [ranking(value) for value in values]
+    # Cohere v2 and v1 answers, LangChain's and LlamaIndex's Cohere rankers, LlamaIndex's TEI, Haystack, NIM.
+    assert len(rankings) == 7, values
+    for ranked, logits in rankings:
+        assert len(ranked) == TOP_N
+        assert_same(ranked, reference, logits=logits)

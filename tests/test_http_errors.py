@@ -23,8 +23,12 @@ import psutil
 import pytest
 
 from rerank_client import RerankClient, tls_credentials
+from rerank_server.http_api.registry import OPEN_PATHS, RANKING_PATHS, ROUTES, shape_for
+from rerank_server.http_api.server import create_app
+from rerank_server.settings import Settings
 from tests.certs import Authority
 from tests.conftest import Stack, free_port, frontend, start_serve, stop_serve
+from tests.fakes import fake_core
 from tests.test_operations import sample, scrape
 from tests.texts import QUERY, text
 
@@ -36,7 +40,9 @@ def good_body(path: str, documents: list[str], **extra: Any) -> dict[str, Any]:
         return {"query": QUERY, "texts": documents, **extra}
     if path == NIM:
         return {"model": "any", "query": {"text": QUERY}, "passages": [{"text": d} for d in documents], **extra}
-    return {"model": "any", "query": QUERY, "documents": documents, **extra}
+    if path in (COHERE_V1, COHERE_V2):
+        return {"model": "any", "query": QUERY, "documents": documents, **extra}
+    raise AssertionError(f"no request body known for {path}: add the new API's to good_body")
 
 
 def cutting(path: str) -> dict[str, Any]:
@@ -80,8 +86,33 @@ def base_url(stack: Stack) -> str:
 
 # -- bad input: each API's status and shape ----------------------------------------------------
 
-ALL = (COHERE_V1, COHERE_V2, TEI, NIM)
+# Every route that ranks, as the server declares them: a new API's ranking route gets every test below.
+ALL = RANKING_PATHS
 INVALID = {COHERE_V1: 400, COHERE_V2: 400, TEI: 422, NIM: 422}
+
+
+def test_the_declared_ranking_routes_are_the_ones_these_tests_know() -> None:
+    assert set(ALL) == {COHERE_V1, COHERE_V2, TEI, NIM}
+
+
+def test_every_route_the_app_serves_is_declared_once_with_its_shape() -> None:
+    app = create_app(fake_core(), Settings(triton_url="fake:0"))
+    served = {(method.upper(), path) for path, item in app.openapi()["paths"].items() for method in item}
+    declared = {(route.method, route.path) for route in ROUTES}
+    assert served == declared and len(ROUTES) == len(declared)
+    # Errors on a route, or under it, take its flavour's shape; unknown paths Cohere's.
+    shapes = {route.path: shape_for(route.path).surface for route in ROUTES}
+    assert shapes == {
+        COHERE_V1: "cohere",
+        COHERE_V2: "cohere",
+        TEI: "tei",
+        "/info": "tei",
+        "/health": "tei",
+        NIM: "nim",
+        "/v1/models": "nim",
+    }
+    assert shape_for("/v1/models/other").surface == "nim" and shape_for("/nowhere").surface == "cohere"
+    assert {"/health"} == OPEN_PATHS
 
 
 @pytest.mark.parametrize("path", ALL)
@@ -236,6 +267,11 @@ def test_auth_body_and_token_limits(stack: Stack, model_repository: Path) -> Non
                 assert response.headers["www-authenticate"] == "Bearer"
         assert httpx.get(f"{url}/health").status_code == 200  # probes need no token
         auth = {"authorization": "Bearer s3cret"}
+        # The API description needs the token, like gRPC reflection: only health is open.
+        for page in ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"):
+            assert_shape(COHERE_V2, httpx.get(f"{url}{page}"), 401, "token")
+            assert httpx.get(f"{url}{page}", headers=auth).status_code == 200, page
+        assert httpx.get(f"{url}/info").status_code == 401 and httpx.get(f"{url}/v1/models").status_code == 401
         # 413 from Content-Length, before the body is read ...
         big = good_body(COHERE_V2, ["x" * 70_000])
         assert_shape(COHERE_V2, httpx.post(f"{url}{COHERE_V2}", json=big, headers=auth), 413, "65536")

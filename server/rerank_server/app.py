@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -24,8 +24,8 @@ from grpc_reflection.v1alpha import reflection
 
 from rerank_client import message_size_options
 from rerank_client.pb import SERVICE_NAME
-from rerank_server.admission import TokenAdmission
-from rerank_server.core import RerankCore
+from rerank_server.calls import Calls
+from rerank_server.core import build_core
 from rerank_server.handlers import rerank_service_handler
 from rerank_server.http_api.server import HttpFrontend
 from rerank_server.interceptors import CallPolicy
@@ -97,18 +97,11 @@ class Frontend:
         self.backend = backend
         self.metrics = metrics
         self.health = health.aio.HealthServicer()
-        self.policy = CallPolicy(metrics, settings.bearer_token)
-        self._executor = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
+        # Calls in flight and draining, over gRPC and HTTP alike.
+        self.calls = Calls(metrics)
+        self.policy = CallPolicy(self.calls, settings.bearer_token)
         # One core for every API surface: the gRPC servicer here, the HTTP routes beside it.
-        self.core = RerankCore(
-            settings,
-            tokenizer,
-            backend,
-            model,
-            self._executor,
-            metrics,
-            TokenAdmission(settings.max_inflight_tokens, metrics),
-        )
+        self.core = build_core(settings, tokenizer, backend, model, metrics)
         service = RerankService(self.core, settings)
         self._server = grpc.aio.server(interceptors=[self.policy], options=server_options(settings))
         self._server.add_generic_rpc_handlers((rerank_service_handler(service, settings.max_documents),))
@@ -127,7 +120,7 @@ class Frontend:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
             self._health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
         # The HTTP/JSON APIs on the same loop, core, admission budget, token and TLS files (--http-port 0: off).
-        self.http = HttpFrontend(settings, self.core, metrics) if settings.http_port else None
+        self.http = HttpFrontend(settings, self.core, self.calls) if settings.http_port else None
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -163,22 +156,16 @@ class Frontend:
         """NOT_SERVING, refuse new calls (UNAVAILABLE), let in-flight calls finish, then stop."""
         if self._watcher is not None:
             self._watcher.cancel()
-        self.policy.draining = True
-        loop = asyncio.get_running_loop()
-        draining_since = loop.time()
-        if self.http is not None:
-            self.http.start_draining()
+        self.calls.draining = True
         await self.health.enter_graceful_shutdown()
-        if not await self.policy.wait_idle(grace_s):
-            log.warning("%d calls still in flight after %.0fs; cancelling them", self.policy.inflight, grace_s)
+        if not await self.calls.wait_idle(grace_s):
+            log.warning("%d calls still in flight after %.0fs; ending them", self.calls.inflight, grace_s)
         if self.http is not None:
-            if not await self.http.wait_idle(max(0.0, grace_s - (loop.time() - draining_since))):
-                log.warning("%d HTTP calls still in flight after %.0fs; ending them", self.http.inflight, grace_s)
             await self.http.stop()
         await self._server.stop(0)
         if self._health_server is not None:
             await self._health_server.stop(0)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.core.close()
 
 
 async def supervise(
@@ -219,8 +206,19 @@ async def supervise(
                 log.exception("restarting tritonserver failed")
 
 
+def raise_descriptor_limit() -> None:
+    """Lift the soft limit on open files to the hard one: each connection costs a descriptor, and the
+    soft limit (often 1,024) is what an idle-connection flood reaches first."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("open-file limit raised from %d to %d", soft, hard)
+
+
 async def run(settings: Settings) -> int:
     """Start (or reach) Triton, start the frontend, serve until SIGINT/SIGTERM, drain, stop both."""
+    raise_descriptor_limit()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -18,7 +18,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +29,9 @@ from rerank_server.errors import (
     InvalidRequestError,
     LimitExceededError,
     ModelNotFoundError,
+    OverloadedError,
     field_error,
+    too_many_documents,
 )
 from rerank_server.observability import Metrics
 from rerank_server.ranking import rank, sigmoid
@@ -87,7 +89,7 @@ class ScoreOptions:
 class RerankInput:
     query: str
     documents: Sequence[str]
-    top_n: int = 0  # 0: every document
+    top_n: int = 0  # 0: every document; never negative (uint32 on gRPC, at least 1 where HTTP has it)
     options: ScoreOptions = field(default_factory=ScoreOptions)
     fields: FieldNames = RERANK_FIELDS
     model: str = ""  # a served model's name; "": the default model
@@ -133,11 +135,25 @@ class ScoreOutput:
 
 @dataclass(frozen=True)
 class Limits:
+    """What the core refuses past, and its chunking default (the settings of the same names)."""
+
     max_documents: int
     max_total_tokens: int
     max_query_tokens: int
     max_message_bytes: int
     default_chunk_overlap: int
+    tokenize_queue_max: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(
+            max_documents=settings.max_documents,
+            max_total_tokens=settings.max_total_tokens,
+            max_query_tokens=settings.max_query_tokens,
+            max_message_bytes=settings.max_message_bytes,
+            default_chunk_overlap=settings.chunk_overlap_tokens,
+            tokenize_queue_max=settings.tokenize_queue_max,
+        )
 
 
 @dataclass(frozen=True)
@@ -171,18 +187,33 @@ class _Scored:
         )
 
 
+def build_core(
+    settings: Settings, tokenizer: PairTokenizer, backend: ScoringBackend, model: ModelInfo, metrics: Metrics
+) -> RerankCore:
+    """The core of a served model: its limits, tokenizer threads and admission budget from the settings."""
+    return RerankCore(
+        Limits.from_settings(settings),
+        tokenizer,
+        backend,
+        model,
+        ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize"),
+        metrics,
+        TokenAdmission(settings.max_inflight_tokens, metrics),
+    )
+
+
 class RerankCore:
     def __init__(
         self,
-        settings: Settings,
+        limits: Limits,
         tokenizer: PairTokenizer,
         backend: ScoringBackend,
         model: ModelInfo,
-        tokenize_executor: Executor,
+        tokenize_executor: ThreadPoolExecutor,
         metrics: Metrics,
         admission: TokenAdmission,
     ) -> None:
-        self.settings = settings
+        self.limits = limits
         self.tokenizer = tokenizer
         self.backend = backend
         self.model = model
@@ -217,17 +248,15 @@ class RerankCore:
             triton_model_name=self.model.name,
             triton_model_version=self.model.version,
             tokenizer=self.tokenizer.describe(),
-            limits=Limits(
-                max_documents=self.settings.max_documents,
-                max_total_tokens=self.settings.max_total_tokens,
-                max_query_tokens=self.settings.max_query_tokens,
-                max_message_bytes=self.settings.max_message_bytes,
-                default_chunk_overlap=self.settings.chunk_overlap_tokens,
-            ),
+            limits=self.limits,
         )
 
     async def is_ready(self) -> bool:
         return await self.backend.is_ready()
+
+    def close(self) -> None:
+        """Stop the tokenizer threads; work still queued is dropped."""
+        self.tokenize_executor.shutdown(wait=False, cancel_futures=True)
 
     async def rerank(self, request: RerankInput, deadline: float | None = None) -> RerankOutput:
         """Score every document against the query; results best first (equal scores by index), top_n of them."""
@@ -236,8 +265,6 @@ class RerankCore:
             raise field_error(InvalidRequestError, request.fields.query(0), "must not be empty")
         if not request.documents:
             raise field_error(InvalidRequestError, request.fields.collection, "must hold at least one document")
-        if request.top_n < 0:
-            raise field_error(InvalidRequestError, "top_n", f"must not be negative, got {request.top_n}")
         documents = request.documents
         self._check_count(len(documents), request.fields)
         scored = await self._score(
@@ -260,21 +287,17 @@ class RerankCore:
     # -- one path for every request ----------------------------------------------------------
 
     def _check_count(self, count: int, fields: FieldNames) -> None:
-        if count > self.settings.max_documents:
-            raise field_error(
-                InvalidRequestError,
-                fields.collection,
-                f"{count} exceed the limit of {self.settings.max_documents} per request (max_documents)",
-            )
+        if count > self.limits.max_documents:
+            raise too_many_documents(fields.collection, self.limits.max_documents, count)
 
     def _encode_options(self, options: ScoreOptions) -> EncodeOptions:
         return EncodeOptions(
             max_length=options.max_length or self.tokenizer.max_length,
-            max_query_tokens=self.settings.max_query_tokens,
-            max_total_tokens=self.settings.max_total_tokens,
+            max_query_tokens=self.limits.max_query_tokens,
+            max_total_tokens=self.limits.max_total_tokens,
             truncation=options.truncation,
             chunk_overlap=options.chunk_overlap,
-            default_chunk_overlap=self.settings.chunk_overlap_tokens,
+            default_chunk_overlap=self.limits.default_chunk_overlap,
         )
 
     async def _score(
@@ -329,9 +352,9 @@ class RerankCore:
     ) -> TokenizedPairs:
         """Tokenize on the thread pool; the work stops (within one segment, milliseconds) when the
         deadline passes or the calling task is cancelled, wherever it is: queued or tokenizing."""
-        if self._tokenizing >= self.settings.tokenize_queue_max:
+        if self._tokenizing >= self.limits.tokenize_queue_max:
             self.metrics.rejected.labels(reason="tokenize_queue").inc()
-            raise LimitExceededError(
+            raise OverloadedError(
                 f"{self._tokenizing} calls are already tokenizing or waiting to (tokenize_queue_max); retry later"
             )
         loop = asyncio.get_running_loop()

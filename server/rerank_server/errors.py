@@ -50,6 +50,13 @@ class ModelNotFoundError(ServiceError):
     code = ErrorCode.NOT_FOUND
 
 
+def too_many_documents(field: str, limit: int, count: int | None = None) -> ServiceError:
+    """`field` holds more entries than max_documents allows; `count` when known (a scan of the wire stops
+    just past the limit, so it knows only that there are more)."""
+    counted = str(count) if count is not None else f"more than {limit}"
+    return field_error(InvalidRequestError, field, f"{counted} exceed the limit of {limit} per request (max_documents)")
+
+
 class LimitExceededError(ServiceError):
     code = ErrorCode.RESOURCE_EXHAUSTED
 

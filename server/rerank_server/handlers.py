@@ -23,12 +23,10 @@ from typing import Any
 import grpc
 from google.protobuf import message as protobuf_message
 from google.protobuf import message_factory
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
-from rerank_client._proto.rerank.v1 import rerank_pb2
-
-SERVICE = rerank_pb2.DESCRIPTOR.services_by_name["RerankService"]
+from rerank_client.pb import SERVICE, rerank_pb2
+from rerank_server.errors import ServiceError, too_many_documents
+from rerank_server.service import abort, stream_error
 
 # Field numbers from the generated descriptors, so that the scan follows the contract.
 _RERANK_DOCUMENTS = rerank_pb2.RerankRequest.DESCRIPTOR.fields_by_name["documents"].number
@@ -50,28 +48,13 @@ class MalformedMessage:
 
 @dataclass(frozen=True)
 class RefusedMessage:
-    """A message refused before decoding: too many entries in `field` (the limit is max_documents)."""
+    """A message refused before decoding (too many entries: errors.too_many_documents)."""
 
-    field: str
-    description: str
+    error: ServiceError
     stream_id: str = ""  # RerankStream: the message's id, for its StreamError
 
-    def status(self) -> status_pb2.Status:
-        status = status_pb2.Status(
-            code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=f"{self.field}: {self.description}"
-        )
-        violation = error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.description)
-        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
-        return status
-
     def stream_response(self) -> rerank_pb2.RerankStreamResponse:
-        status = self.status()
-        error = rerank_pb2.StreamError(
-            code=status.code,
-            message=status.message,
-            field_violations=[rerank_pb2.FieldViolation(field=self.field, description=self.description)],
-        )
-        return rerank_pb2.RerankStreamResponse(id=self.stream_id, error=error)
+        return rerank_pb2.RerankStreamResponse(id=self.stream_id, error=stream_error(self.error))
 
 
 class _MalformedError(Exception):
@@ -144,7 +127,7 @@ class _Scan:
 
 
 def _too_many(field: str, limit: int, stream_id: str = "") -> RefusedMessage:
-    return RefusedMessage(field, f"more than {limit}; the limit is {limit} per request (max_documents)", stream_id)
+    return RefusedMessage(too_many_documents(field, limit), stream_id)
 
 
 def _bounded(message_class: Any, max_documents: int) -> Callable[[bytes], Any]:
@@ -204,12 +187,7 @@ def _scan_stream(data: memoryview, limit: int) -> RefusedMessage | None:
 
 async def _refuse(context: grpc.aio.ServicerContext, refused: MalformedMessage | RefusedMessage) -> None:
     if isinstance(refused, RefusedMessage):
-        status = refused.status()
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            status.message,
-            trailing_metadata=((rpc_status.GRPC_DETAILS_METADATA_KEY, status.SerializeToString()),),
-        )
+        await abort(context, refused.error)
     else:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {refused.reason}")
 

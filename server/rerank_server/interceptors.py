@@ -14,41 +14,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
 from opentelemetry import trace
 
+from rerank_client.pb import METHOD_PREFIX, SERVICE, SERVICE_NAME
+from rerank_server import calls
 from rerank_server.auth import check_authorization
-from rerank_server.observability import Metrics, request_id
+from rerank_server.calls import Calls
 from rerank_server.tracing import tracer
 
-log = logging.getLogger(__name__)
+HEALTH_SERVICE_PREFIX = "/" + health_pb2.DESCRIPTOR.services_by_name["Health"].full_name + "/"
+# The RPCs named in metrics; any other method name a caller sends is counted as "other".
+RPCS = frozenset(method.name for method in SERVICE.methods)
 
-RERANK_SERVICE_PREFIX = "/rerank.v1.RerankService/"
-HEALTH_SERVICE_PREFIX = "/grpc.health.v1.Health/"
+
+def rpc_label(method: str) -> str:
+    """The metrics label of a RerankService method path: its RPC name if the service has it, else "other"."""
+    name = method.removeprefix(METHOD_PREFIX)
+    return name if name in RPCS else calls.OTHER
 
 
 class CallPolicy(grpc.aio.ServerInterceptor):
-    def __init__(self, metrics: Metrics, bearer_token: str | None) -> None:
-        self.metrics = metrics
+    def __init__(self, calls: Calls, bearer_token: str | None) -> None:
+        self.calls = calls
         self._token = bearer_token
-        self.draining = False
-        self.inflight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no call is in flight; False if the timeout passed first."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
 
     async def intercept_service(
         self,
@@ -60,15 +54,15 @@ class CallPolicy(grpc.aio.ServerInterceptor):
             return await continuation(details)
         pairs = list(details.invocation_metadata or ())
         metadata = {m.key: m.value for m in pairs}
-        rerank = method.startswith(RERANK_SERVICE_PREFIX)
+        rerank = method.startswith(METHOD_PREFIX)
         if self._token is not None and not check_authorization(
             [m.value for m in pairs if m.key == "authorization"], self._token
         ):
-            return self._unauthenticated(method.removeprefix(RERANK_SERVICE_PREFIX) if rerank else None, metadata)
+            return self._unauthenticated(rpc_label(method) if rerank else None, metadata)
         handler = await continuation(details)
         if handler is None or not rerank:
             return handler
-        rpc = method.removeprefix(RERANK_SERVICE_PREFIX)
+        rpc = rpc_label(method)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(rpc, metadata, handler.unary_unary),
@@ -92,13 +86,13 @@ class CallPolicy(grpc.aio.ServerInterceptor):
         """
 
         async def refuse(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            rid = str(metadata.get("x-request-id") or uuid.uuid4().hex)[:128]
-            request_id.set(rid)
+            started = time.perf_counter()
+            rid = calls.start_request(metadata.get("x-request-id"))
             await context.send_initial_metadata((("x-request-id", rid),))
+            self.calls.unauthenticated()
             if rpc is not None:
-                self.metrics.calls.labels(surface="grpc", rpc=rpc, code=grpc.StatusCode.UNAUTHENTICATED.name).inc()
-            self.metrics.rejected.labels(reason="unauthenticated").inc()
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+                self.calls.finished("grpc", rpc, grpc.StatusCode.UNAUTHENTICATED.name, time.perf_counter() - started)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, calls.UNAUTHENTICATED)
             yield  # unreachable: abort raises; makes this an async generator
 
         return grpc.stream_stream_rpc_method_handler(refuse, request_deserializer=_discard)
@@ -123,10 +117,18 @@ class CallPolicy(grpc.aio.ServerInterceptor):
         self, rpc: str, metadata: dict[str, Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[None]:
         """Admit the call (or abort it), then time, count and log it inside a server span."""
-        started = await self._begin(rpc, metadata, context)
+        started = time.perf_counter()
+        rid = calls.start_request(metadata.get("x-request-id"))
+        await context.send_initial_metadata((("x-request-id", rid),))
+        if self.calls.refuse_if_draining():
+            self.calls.finished("grpc", rpc, grpc.StatusCode.UNAVAILABLE.name, time.perf_counter() - started)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, calls.DRAINING)
         code = grpc.StatusCode.UNKNOWN
         try:
-            with tracer.start_as_current_span(f"rerank.v1.RerankService/{rpc}", kind=trace.SpanKind.SERVER):
+            with (
+                self.calls.running(),
+                tracer.start_as_current_span(f"{SERVICE_NAME}/{rpc}", kind=trace.SpanKind.SERVER),
+            ):
                 yield
             code = grpc.StatusCode.OK
         except asyncio.CancelledError:
@@ -144,31 +146,7 @@ class CallPolicy(grpc.aio.ServerInterceptor):
                 code = _ended_early(context)
             raise
         finally:
-            self._end(rpc, code, started)
-
-    async def _begin(self, rpc: str, metadata: dict[str, Any], context: grpc.aio.ServicerContext) -> float:
-        """Admit the call (authenticated already) or abort it; returns its start time."""
-        rid = str(metadata.get("x-request-id") or uuid.uuid4().hex)[:128]
-        request_id.set(rid)
-        await context.send_initial_metadata((("x-request-id", rid),))
-        if self.draining:
-            self.metrics.calls.labels(surface="grpc", rpc=rpc, code=grpc.StatusCode.UNAVAILABLE.name).inc()
-            self.metrics.rejected.labels(reason="draining").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry elsewhere")
-        self.inflight += 1
-        self._idle.clear()
-        self.metrics.inflight_calls.inc()
-        return time.perf_counter()
-
-    def _end(self, rpc: str, code: grpc.StatusCode, started: float) -> None:
-        elapsed = time.perf_counter() - started
-        self.inflight -= 1
-        if self.inflight == 0:
-            self._idle.set()
-        self.metrics.inflight_calls.dec()
-        self.metrics.calls.labels(surface="grpc", rpc=rpc, code=code.name).inc()
-        self.metrics.latency.labels(surface="grpc", rpc=rpc).observe(elapsed)
-        log.info("call finished", extra={"rpc": rpc, "code": code.name, "duration_ms": round(elapsed * 1000, 2)})
+            self.calls.finished("grpc", rpc, code.name, time.perf_counter() - started)
 
 
 def _discard(data: bytes) -> None:

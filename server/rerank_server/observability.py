@@ -23,7 +23,17 @@ _FAST_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # Why calls are refused before the model: the values of rerank_rejected_total's `reason` label. Overload
 # (the alert on refusals, deploy/k8s/components/monitoring) is capacity and tokenize_queue.
-REJECT_REASONS = ("capacity", "tokenize_queue", "draining", "unauthenticated", "body_too_large", "too_many_values")
+REJECT_REASONS = (
+    "capacity",
+    "tokenize_queue",
+    "draining",
+    "unauthenticated",
+    "body_too_large",
+    "too_many_values",
+    "body_timeout",
+    "header_timeout",
+    "invalid_http",
+)
 
 
 class Metrics:
@@ -100,6 +110,11 @@ class Metrics:
         self.model_unready = Counter(
             "rerank_model_unready_total",
             "Times the model went from ready to not ready (Triton restarting, crashed or unreachable)",
+            registry=r,
+        )
+        self.accept_errors = Counter(
+            "rerank_accept_errors_total",
+            "HTTP connections that could not be accepted: the process ran out of file descriptors (or memory)",
             registry=r,
         )
 

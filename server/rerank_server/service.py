@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -220,13 +220,19 @@ class RerankService(rerank_pb2_grpc.RerankServiceServicer):
         return response
 
 
+async def abort(context: grpc.aio.ServicerContext, error: ServiceError) -> NoReturn:
+    """End the call with the error's status, message and BadRequest details."""
+    details = ((rpc_status.GRPC_DETAILS_METADATA_KEY, status_of(error).SerializeToString()),)
+    await context.abort(grpc_code(error), error.message, trailing_metadata=details)
+    raise AssertionError("unreachable: abort raises")
+
+
 async def _unary(name: str, work: Coroutine[Any, Any, T], context: grpc.aio.ServicerContext) -> T:
     """Run a unary handler; a ServiceError ends the call with its status and BadRequest details."""
     try:
         return await work
     except ServiceError as error:
-        details = ((rpc_status.GRPC_DETAILS_METADATA_KEY, status_of(error).SerializeToString()),)
-        await context.abort(grpc_code(error), error.message, trailing_metadata=details)
+        await abort(context, error)
     except Exception:
         log.exception("%s failed", name)
         await context.abort(grpc.StatusCode.INTERNAL, "internal error")

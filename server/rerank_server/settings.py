@@ -29,6 +29,15 @@ class Settings:
     http_timeout_s: float = option(
         120.0, "deadline of an HTTP call, which has no gRPC deadline to carry one (504 past it)"
     )
+    http_header_timeout_s: float = option(
+        10.0, "time from a request's first byte to the end of its headers (408 and closed past it)"
+    )
+    http_body_timeout_s: float = option(
+        60.0, "time from the end of a request's headers to the end of its body (408 and closed past it)"
+    )
+    http_idle_timeout_s: float = option(
+        30.0, "an HTTP connection that opens, or finishes a response, and sends nothing for this long is closed"
+    )
     # Which Triton, and which model on it.
     model_repository: Path | None = option(
         None, "Triton model repository made by `rerank export`; read for the tokenizer, and served by a local Triton"
@@ -155,8 +164,9 @@ class Settings:
                 raise ValueError(f"{name} must be positive")
         if self.http_port < 0:
             raise ValueError("http_port must be a port number, or 0 for no HTTP frontend")
-        if self.http_timeout_s <= 0:
-            raise ValueError("http_timeout_s must be positive")
+        for name in ("http_timeout_s", "http_header_timeout_s", "http_body_timeout_s", "http_idle_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
         if self.max_length is not None and self.max_length < 4:
             raise ValueError("max_length must be at least 4")
         if self.tokenizer_threads < 1:

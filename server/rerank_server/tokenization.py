@@ -21,6 +21,7 @@ cut may differ from what the whole text gives.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,10 +203,11 @@ class PairTokenizer:
                     want = max(64, (needs[i] + 1 - len(results[i])) * _CHARS_PER_TOKEN) * grown[i]
                     limit = positions[i] + min(want, _SEGMENT_CHARS)
                     cuts.append(len(texts[i]) if len(texts[i]) <= limit else _safe_cut(texts[i], positions[i], limit))
-                encodings = self.tokenizer.encode_batch(
-                    [texts[i][positions[i] : cut] for i, cut in zip(group, cuts, strict=True)],
-                    add_special_tokens=False,
-                )
+                segments = [texts[i][positions[i] : cut] for i, cut in zip(group, cuts, strict=True)]
+                try:
+                    encodings = self.tokenizer.encode_batch(segments, add_special_tokens=False)
+                except TypeError:  # the Rust tokenizer takes only text UTF-8 can encode
+                    raise _not_unicode(texts, group) from None
                 for i, cut, encoding in zip(group, cuts, encodings, strict=True):
                     ids = encoding.ids
                     enough = len(results[i]) + len(ids) > needs[i]
@@ -240,7 +242,12 @@ class PairTokenizer:
         query_limit = min(options.max_query_tokens, options.max_length - specials - 1)
         distinct = list(dict.fromkeys(queries))
         query_ids: dict[str, list[int]] = {}
-        query_prefixes = self.encode_prefixes(distinct, [query_limit] * len(distinct), should_stop)
+        try:
+            query_prefixes = self.encode_prefixes(distinct, [query_limit] * len(distinct), should_stop)
+        except InvalidTextError as error:
+            raise EncodingError(
+                "query", f"the query {error.description}", queries.index(distinct[error.text_index])
+            ) from None
         for query, ids in zip(distinct, query_prefixes, strict=True):
             if len(ids) > query_limit:
                 # Only a prefix was encoded: the exact length of a 20 MB query is not worth its cost.
@@ -259,7 +266,12 @@ class PairTokenizer:
                 )
         # CHUNK needs every token (up to the request's budget); END and NONE only enough to fill the room.
         needs = [options.max_total_tokens] * len(documents) if options.truncation is Truncation.CHUNK else rooms
-        document_ids = self.encode_prefixes(documents, needs, should_stop)
+        try:
+            document_ids = self.encode_prefixes(documents, needs, should_stop)
+        except InvalidTextError as error:
+            raise EncodingError(
+                "document", f"document {error.text_index} {error.description}", error.text_index
+            ) from None
 
         pieces: list[np.ndarray] = []
         lengths: list[int] = []
@@ -311,6 +323,27 @@ class PairTokenizer:
         stride = room - overlap
         last = -(-(tokens - room) // stride)  # windows until one reaches the end
         return [(k * stride, min(k * stride + room, tokens)) for k in range(last + 1)]
+
+
+class InvalidTextError(EncodingError):
+    """A text holds a lone surrogate (JSON's "\\ud800" escape): no Unicode text, so no UTF-8, no tokens.
+
+    `part` is "text" and `index` the position among the texts encoded together: the caller names the field."""
+
+    def __init__(self, index: int, position: int) -> None:
+        super().__init__("text", f"is not valid Unicode: a lone surrogate at character {position}", index)
+        self.text_index = index
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _not_unicode(texts: Sequence[str], group: list[int]) -> InvalidTextError:
+    for i in group:
+        found = _SURROGATE.search(texts[i])
+        if found is not None:
+            return InvalidTextError(i, found.start())
+    raise AssertionError("the tokenizer refused text that holds no surrogate")
 
 
 def _groups(indices: list[int], sizes: list[int]) -> list[list[int]]:

@@ -23,16 +23,20 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from rerank_server.core import RerankInput, RerankOutput, ScoreOptions, Truncation
 from rerank_server.errors import InvalidRequestError, field_error
-from rerank_server.http_api.common import call_core, context, request_id
+from rerank_server.http_api.common import HttpApi, call_core, context, request_id
+from rerank_server.http_api.errors import COHERE, COHERE_JINA
 
-router = APIRouter(tags=["Cohere and Jina"])
+api = HttpApi("Cohere and Jina", COHERE)
 
+# Each document is searched for each rank field: the cap bounds that work (documents x fields) and real
+# requests name a few fields.
+MAX_RANK_FIELDS = 64
 # Cohere bills one search unit per query and up to 100 documents.
 _DOCUMENTS_PER_SEARCH_UNIT = 100
 
@@ -44,7 +48,11 @@ class RerankV1Request(BaseModel):
     documents: list[str | dict[str, Any]] = Field(description="strings, or objects ranked on `text` (or rank_fields)")
     model: str | None = Field(None, description="accepted whatever it is; the served model answers")
     top_n: int | None = Field(None, ge=1, description="results to return (default: all)")
-    rank_fields: list[str] | None = Field(None, description="fields of object documents to rank on, in order")
+    rank_fields: list[str] | None = Field(
+        None,
+        max_length=MAX_RANK_FIELDS,
+        description=f"fields of object documents to rank on, in order, each once (at most {MAX_RANK_FIELDS})",
+    )
     return_documents: bool = False
     max_chunks_per_doc: int | None = Field(None, ge=1, description="set: long documents are scored in windows")
 
@@ -99,6 +107,15 @@ def _document_text(document: str | dict[str, Any], index: int, rank_fields: list
     return "\n".join(values)
 
 
+def _check_rank_fields(rank_fields: list[str] | None) -> None:
+    """A repeated field would copy each document's text once per repeat: memory a multiple of the body's."""
+    seen: set[str] = set()
+    for i, name in enumerate(rank_fields or ()):
+        if name in seen:
+            raise field_error(InvalidRequestError, f"rank_fields[{i}]", "names a field already named; name each once")
+        seen.add(name)
+
+
 async def _rerank(
     request: Request,
     query: str,
@@ -127,13 +144,16 @@ async def _rerank(
     return output, answer
 
 
-@router.post(
+@api.post(
     "/v1/rerank",
+    shape=COHERE_JINA,
+    ranks=True,
     response_model=RerankResponse,
     summary="Cohere v1 and Jina rerank",
     responses={400: {"description": "invalid request: {message, detail}"}},
 )
 async def rerank_v1(body: RerankV1Request, request: Request) -> JSONResponse:
+    _check_rank_fields(body.rank_fields)
     documents = [_document_text(d, i, body.rank_fields) for i, d in enumerate(body.documents)]
     options = ScoreOptions(truncation=Truncation.CHUNK if body.max_chunks_per_doc else Truncation.END)
     output, answer = await _rerank(request, body.query, documents, body.top_n, options, body.return_documents, "1")
@@ -144,8 +164,9 @@ async def rerank_v1(body: RerankV1Request, request: Request) -> JSONResponse:
     return JSONResponse(answer)
 
 
-@router.post(
+@api.post(
     "/v2/rerank",
+    ranks=True,
     response_model=RerankResponse,
     summary="Cohere v2 rerank",
     responses={400: {"description": "invalid request: {message}"}},

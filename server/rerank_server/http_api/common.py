@@ -1,5 +1,6 @@
-"""What the route modules share: the core and settings of the app, and a call to the core under the
-HTTP deadline (--http-timeout-s; HTTP has no gRPC deadline to carry one)."""
+"""What the route modules share: how a flavour declares its routes (HttpApi), the core and settings of
+the app, and a call to the core under the HTTP deadline (--http-timeout-s; HTTP has no gRPC deadline to
+carry one)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,55 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from fastapi import Request
+from fastapi import APIRouter, Request
 
 from rerank_server.core import RerankCore
 from rerank_server.errors import DeadlineExceededError, ErrorCode, ServiceError
+from rerank_server.http_api.errors import ErrorShape
 from rerank_server.settings import Settings
 
 T = TypeVar("T")
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Route:
+    """One declared route: what the gate, the error handlers and the metrics know of it."""
+
+    path: str
+    method: str
+    shape: ErrorShape  # how its errors (and those of paths under it) are written
+    open: bool = False  # no token needed, and answered while draining: probes
+    ranks: bool = False  # ranks documents through the core: every error path applies to it
+
+
+class HttpApi:
+    """One API flavour's routes, declared once: `@api.post(path, ...)` adds the FastAPI route and records
+    it, and registry.py derives the gate's routes, the open paths and the error shapes from the records."""
+
+    def __init__(self, tag: str, shape: ErrorShape) -> None:
+        self.router = APIRouter(tags=[tag])
+        self.shape = shape
+        self.routes: list[Route] = []
+
+    def post(
+        self, path: str, *, shape: ErrorShape | None = None, ranks: bool = False, **fastapi: Any
+    ) -> Callable[[Endpoint], Endpoint]:
+        return self._route("POST", path, shape, False, ranks, fastapi)
+
+    def get(
+        self, path: str, *, shape: ErrorShape | None = None, open: bool = False, **fastapi: Any
+    ) -> Callable[[Endpoint], Endpoint]:
+        return self._route("GET", path, shape, open, False, fastapi)
+
+    def _route(
+        self, method: str, path: str, shape: ErrorShape | None, open: bool, ranks: bool, fastapi: dict[str, Any]
+    ) -> Callable[[Endpoint], Endpoint]:
+        self.routes.append(Route(path, method, shape or self.shape, open, ranks))
+        add = self.router.post if method == "POST" else self.router.get
+        return add(path, **fastapi)
 
 
 @dataclass

@@ -25,6 +25,7 @@ RETRY_AFTER_S = 1
 class Kind(enum.Enum):
     INVALID = "invalid_request"  # malformed JSON, wrong types, values out of range, text that does not fit
     TOO_LARGE = "too_large"  # the body or the request's tokens pass a server limit
+    REQUEST_TIMEOUT = "request_timeout"  # the request's headers or body did not arrive in time
     OVERLOADED = "overloaded"  # the admission budget is spent: retry later
     UNAVAILABLE = "unavailable"  # Triton down, or this server draining
     DEADLINE = "deadline_exceeded"
@@ -38,6 +39,7 @@ class Kind(enum.Enum):
 _STATUS = {
     Kind.INVALID: 400,
     Kind.TOO_LARGE: 413,
+    Kind.REQUEST_TIMEOUT: 408,
     Kind.OVERLOADED: 429,
     Kind.UNAVAILABLE: 503,
     Kind.DEADLINE: 504,
@@ -85,6 +87,11 @@ class ErrorShape:
             headers["retry-after"] = str(RETRY_AFTER_S)
         if kind is Kind.UNAUTHENTICATED:
             headers["www-authenticate"] = "Bearer"
+        if kind in (Kind.TOO_LARGE, Kind.REQUEST_TIMEOUT):
+            # The body may be unread (or unfinished): the connection cannot carry another request.
+            headers["connection"] = "close"
+        # Text from the request (a field name) may hold lone surrogates, which UTF-8 cannot carry.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         return JSONResponse(self.body(status, kind, message), status_code=status, headers=headers)
 
     def error_response(self, error: ServiceError) -> JSONResponse:
@@ -94,6 +101,7 @@ class ErrorShape:
 _TEI_TYPES = {
     Kind.INVALID: "Validation",
     Kind.TOO_LARGE: "Validation",
+    Kind.REQUEST_TIMEOUT: "Timeout",
     Kind.OVERLOADED: "Overloaded",
     Kind.UNAVAILABLE: "Unhealthy",
     Kind.DEADLINE: "Timeout",
@@ -124,16 +132,3 @@ NIM = ErrorShape(
     },
     {Kind.INVALID: 422},
 )
-
-# Which shape answers a path (the longest matching prefix wins; other paths get Cohere's `message`).
-_SHAPES = (("/v2/rerank", COHERE), ("/v1/rerank", COHERE_JINA), ("/v1/ranking", NIM), ("/v1/models", NIM))
-_TEI_PATHS = ("/rerank", "/info", "/health")
-
-
-def shape_for(path: str) -> ErrorShape:
-    for prefix, shape in _SHAPES:
-        if path == prefix or path.startswith(prefix + "/"):
-            return shape
-    if path in _TEI_PATHS:
-        return TEI
-    return COHERE

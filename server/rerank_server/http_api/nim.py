@@ -15,14 +15,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from rerank_server.core import FieldNames, RerankInput, ScoreOptions, Truncation
-from rerank_server.http_api.common import call_core, context
+from rerank_server.http_api.common import HttpApi, call_core, context
+from rerank_server.http_api.errors import NIM
 
-router = APIRouter(tags=["NVIDIA NIM"])
+api = HttpApi("NVIDIA NIM", NIM)
 
 NIM_FIELDS = FieldNames(lambda i: "query.text", lambda i: f"passages[{i}].text", "passages")
 _TRUNCATION = {"NONE": Truncation.NONE, "END": Truncation.END}
@@ -49,7 +50,7 @@ class RankingResponse(BaseModel):
     usage: dict[str, int]
 
 
-@router.post("/v1/ranking", response_model=RankingResponse, summary="NIM ranking")
+@api.post("/v1/ranking", ranks=True, response_model=RankingResponse, summary="NIM ranking")
 async def ranking(body: RankingRequest, request: Request) -> JSONResponse:
     core = context(request).core
     core_input = RerankInput(
@@ -68,7 +69,7 @@ async def ranking(body: RankingRequest, request: Request) -> JSONResponse:
     )
 
 
-@router.get("/v1/models", summary="the served model, OpenAI-style")
+@api.get("/v1/models", summary="the served model, OpenAI-style")
 async def models(request: Request) -> JSONResponse:
     model = context(request).core.describe().model
     return JSONResponse(

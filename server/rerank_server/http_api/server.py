@@ -23,18 +23,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from rerank_server.calls import Calls
 from rerank_server.core import RerankCore
 from rerank_server.errors import ServiceError
-from rerank_server.http_api import cohere, nim, tei
 from rerank_server.http_api.common import HttpContext
-from rerank_server.http_api.errors import Kind, shape_for
+from rerank_server.http_api.connection import GuardedSocket, guarded_protocol, quiet_exception_handler
+from rerank_server.http_api.errors import Kind
 from rerank_server.http_api.gate import Gate
-from rerank_server.observability import Metrics
+from rerank_server.http_api.registry import APIS, shape_for
 from rerank_server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_KIND_OF_STATUS = {404: Kind.NOT_FOUND, 405: Kind.METHOD_NOT_ALLOWED, 413: Kind.TOO_LARGE}
+_KIND_OF_STATUS = {404: Kind.NOT_FOUND, 405: Kind.METHOD_NOT_ALLOWED, 408: Kind.REQUEST_TIMEOUT, 413: Kind.TOO_LARGE}
 
 
 def create_app(core: RerankCore, settings: Settings, draining: Callable[[], bool] = lambda: False) -> FastAPI:
@@ -45,8 +46,8 @@ def create_app(core: RerankCore, settings: Settings, draining: Callable[[], bool
         version="1",
     )
     app.state.context = HttpContext(core, settings, draining)
-    for module in (cohere, tei, nim):
-        app.include_router(module.router)
+    for api in APIS:
+        app.include_router(api.router)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, error: ServiceError) -> JSONResponse:
@@ -101,9 +102,10 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, on_exhausted: Callable[[], None]) -> socket.socket:
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = GuardedSocket(family, socket.SOCK_STREAM)
+    sock.on_exhausted = on_exhausted
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # Accepted connections inherit it. Without it, a response written in two parts (headers, body)
     # waits for the client's delayed ACK: 40 ms per call (measured: 45 ms for GET /v1/models).
@@ -115,12 +117,27 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class HttpFrontend:
-    """The HTTP server: start() binds and serves, drain() refuses new calls, stop() ends it."""
+    """The HTTP server: start() binds and serves, stop() ends it (draining is calls.Calls', shared with gRPC)."""
 
-    def __init__(self, settings: Settings, core: RerankCore, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, core: RerankCore, calls: Calls) -> None:
         self.settings = settings
-        self.app = create_app(core, settings, self._is_draining)
-        self.gate = Gate(self.app, metrics, settings.bearer_token, settings.max_message_bytes, settings.max_documents)
+        self.app = create_app(core, settings, lambda: calls.draining)
+        descriptions = (
+            self.app.openapi_url,
+            self.app.docs_url,
+            self.app.redoc_url,
+            self.app.swagger_ui_oauth2_redirect_url,
+        )
+        self.gate = Gate(
+            self.app,
+            calls,
+            settings.bearer_token,
+            settings.max_message_bytes,
+            settings.max_documents,
+            settings.http_body_timeout_s,
+            other_paths=[path for path in descriptions if path],
+        )
+        self.metrics = calls.metrics
         tls: dict[str, Any] = {}
         if settings.tls_cert_file is not None and settings.tls_key_file is not None:
             tls = {"ssl_certfile": str(settings.tls_cert_file), "ssl_keyfile": str(settings.tls_key_file)}
@@ -128,6 +145,7 @@ class HttpFrontend:
                 tls |= {"ssl_ca_certs": str(settings.tls_client_ca_file), "ssl_cert_reqs": ssl.CERT_REQUIRED}
         config = uvicorn.Config(
             self.gate,
+            http=guarded_protocol(settings.http_header_timeout_s, settings.http_idle_timeout_s, calls.metrics),
             lifespan="off",
             log_config=None,
             access_log=False,  # the gate logs each call once, as JSON with its request id
@@ -140,7 +158,8 @@ class HttpFrontend:
         self.port = 0
 
     async def start(self) -> None:
-        sock = _bind(self.settings.host, self.settings.http_port)
+        quiet_exception_handler(asyncio.get_running_loop())
+        sock = _bind(self.settings.host, self.settings.http_port, self.metrics.accept_errors.inc)
         self.port = sock.getsockname()[1]
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http-frontend")
         while not self._server.started:
@@ -148,19 +167,6 @@ class HttpFrontend:
                 self._task.result()  # raises why it stopped
                 raise RuntimeError("the HTTP frontend stopped during start-up")
             await asyncio.sleep(0.01)
-
-    def _is_draining(self) -> bool:
-        return self.gate.draining
-
-    def start_draining(self) -> None:
-        self.gate.draining = True
-
-    @property
-    def inflight(self) -> int:
-        return self.gate.inflight
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        return await self.gate.wait_idle(timeout_s)
 
     async def stop(self) -> None:
         if self._task is None:

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from rerank_server.core import FieldNames, RerankInput, ScoreOptions, Truncation
 from rerank_server.errors import InvalidRequestError, field_error
-from rerank_server.http_api.common import call_core, context
+from rerank_server.http_api.common import HttpApi, call_core, context
+from rerank_server.http_api.errors import TEI
 
-router = APIRouter(tags=["TEI"])
+api = HttpApi("TEI", TEI)
 
 TEI_FIELDS = FieldNames(lambda i: "query", lambda i: f"texts[{i}]", "texts")
 
@@ -49,8 +50,9 @@ class TeiError(BaseModel):
     error_type: str
 
 
-@router.post(
+@api.post(
     "/rerank",
+    ranks=True,
     response_model=list[TeiRank],
     summary="TEI rerank",
     responses={413: {"model": TeiError}, 422: {"model": TeiError}, 429: {"model": TeiError}},
@@ -73,7 +75,7 @@ async def rerank(body: TeiRerankRequest, request: Request) -> JSONResponse:
     return JSONResponse(ranks)
 
 
-@router.get("/info", summary="TEI model information")
+@api.get("/info", summary="TEI model information")
 async def info(request: Request) -> JSONResponse:
     ctx = context(request)
     description = ctx.core.describe()
@@ -92,7 +94,7 @@ async def info(request: Request) -> JSONResponse:
     )
 
 
-@router.get("/health", summary="200 while the model can answer, 503 otherwise (and while draining)")
+@api.get("/health", open=True, summary="200 while the model can answer, 503 otherwise (and while draining)")
 async def health(request: Request) -> JSONResponse:
     ctx = context(request)
     if ctx.draining():

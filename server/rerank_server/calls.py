@@ -1,0 +1,83 @@
+"""What the gRPC call policy (interceptors.CallPolicy) and the HTTP gate (http_api/gate.Gate) share: the
+calls in flight over both surfaces, draining, the request id, the refusals' wording, and how a finished
+call is counted and logged. One `Calls` serves both, so a drain waits for every surface's calls at once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rerank_server.observability import Metrics, request_id
+
+log = logging.getLogger(__name__)
+
+DRAINING = "the server is shutting down; retry elsewhere"
+UNAUTHENTICATED = "missing or invalid token (authorization: Bearer <token>)"
+# Longest request id kept from a caller's x-request-id.
+REQUEST_ID_MAX = 128
+# The metrics label of a method or path no API declares: label values stay a fixed set.
+OTHER = "other"
+
+
+def start_request(sent: str | bytes | None) -> str:
+    """The call's request id: the caller's x-request-id (cut to REQUEST_ID_MAX), or a new one. It is set
+    for the log lines written while the call runs."""
+    if isinstance(sent, bytes):
+        sent = sent.decode("latin-1")
+    rid = (sent or uuid.uuid4().hex)[:REQUEST_ID_MAX]
+    request_id.set(rid)
+    return rid
+
+
+class Calls:
+    """Calls in flight over every surface, draining, and each finished call's metrics and log line."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.draining = False
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def refuse_if_draining(self) -> bool:
+        """True (and counted) while draining: the caller refuses the call with DRAINING."""
+        if self.draining:
+            self.metrics.rejected.labels(reason="draining").inc()
+        return self.draining
+
+    def unauthenticated(self) -> None:
+        self.metrics.rejected.labels(reason="unauthenticated").inc()
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Count the call in flight (rerank_inflight_calls) while the block runs."""
+        self.inflight += 1
+        self._idle.clear()
+        self.metrics.inflight_calls.inc()
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._idle.set()
+            self.metrics.inflight_calls.dec()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no call is in flight; False if the timeout passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def finished(self, surface: str, rpc: str, code: str | int, elapsed_s: float) -> None:
+        """Count a finished call (refused ones too) by surface, RPC (or route) and status; time and log it."""
+        self.metrics.calls.labels(surface=surface, rpc=rpc, code=str(code)).inc()
+        self.metrics.latency.labels(surface=surface, rpc=rpc).observe(elapsed_s)
+        log.info(
+            "call finished",
+            extra={"surface": surface, "rpc": rpc, "code": code, "duration_ms": round(elapsed_s * 1000, 2)},
+        )

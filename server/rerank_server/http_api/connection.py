@@ -1,0 +1,185 @@
+"""Connection-level defences of the HTTP frontend, below the ASGI app: uvicorn's h11 protocol with
+
+- an idle timeout (--http-idle-timeout-s) from the moment a connection opens, not only between requests:
+  uvicorn arms its keep-alive timer after a response only, so a connection that never sends a byte
+  was held for ever;
+- a header timeout (--http-header-timeout-s) from a request's first byte to the end of its headers: a
+  client that sends headers a byte at a time (slowloris) is answered 408 and closed;
+- protocol errors (a malformed request line or headers) answered in the JSON shape of the API whose path
+  the request line names, instead of uvicorn's text/plain "Invalid HTTP request received.", and counted.
+
+The body's timeout (--http-body-timeout-s) is the gate's (gate.py): the body is read through the ASGI app.
+A listening socket that runs out of file descriptors is guarded here too (GuardedSocket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import re
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from rerank_server.http_api.errors import Kind
+from rerank_server.http_api.registry import shape_for
+from rerank_server.observability import Metrics
+
+log = logging.getLogger(__name__)
+
+# The request line's path, from the first bytes of a request (for the shape of a protocol error).
+_REQUEST_LINE = re.compile(rb"[A-Z]{1,16} (/[^ ?#\r\n]*)")
+# Bytes of a request kept to read its request line from.
+_HEAD_BYTES = 2048
+
+
+def error_bytes(status: int, kind: Kind, message: str, path: str) -> bytes:
+    """A complete HTTP/1.1 error response in the shape of the API at `path`, closing the connection."""
+    shape = shape_for(path)
+    body = json.dumps(shape.body(shape.status(kind), kind, message)).encode()
+    head = (
+        f"HTTP/1.1 {status} {'Request Timeout' if status == 408 else 'Bad Request'}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+class GuardedProtocol(H11Protocol):
+    """uvicorn's h11 protocol with the idle and header timeouts and JSON protocol errors; see the module."""
+
+    header_timeout_s: float = 10.0
+    idle_timeout_s: float = 30.0
+    metrics: Metrics | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.timeout_keep_alive = self.idle_timeout_s  # type: ignore[assignment]  # uvicorn's int; a float works
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._head = b""
+        # The first request must begin within the idle timeout, as any later one must.
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE and len(self._head) < _HEAD_BYTES:
+            self._head = (self._head + data)[:_HEAD_BYTES]
+        super().data_received(data)
+        self._watch_headers()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._head = self.conn.trailing_data[0][:_HEAD_BYTES]  # a pipelined request's first bytes, if any
+        self._watch_headers()
+
+    def _watch_headers(self) -> None:
+        """Time a request whose headers have begun and not ended; stop timing once they have."""
+        waiting = self.conn.their_state is h11.IDLE and bool(self.conn.trailing_data[0])
+        if waiting and self._header_timer is None and not self.transport.is_closing():
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_timed_out)
+        elif not waiting:
+            self._stop_header_timer()
+
+    def _stop_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_timed_out(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        self._count("header_timeout")
+        message = f"the request's headers did not arrive within {self.header_timeout_s:g}s (http_header_timeout_s)"
+        self.transport.write(error_bytes(408, Kind.REQUEST_TIMEOUT, message, self._path()))
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 cannot parse: 400 in the shape of its API (when its request line names a path)."""
+        self._count("invalid_http")
+        message = "the request is not valid HTTP/1.1 (request line or headers malformed, or headers over 16 KiB)"
+        self.transport.write(error_bytes(400, Kind.INVALID, message, self._path()))
+        self.transport.close()
+
+    def _path(self) -> str:
+        found = _REQUEST_LINE.match(self._head)
+        return found.group(1).decode("latin-1") if found else ""
+
+    def _count(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected.labels(reason=reason).inc()
+
+
+def guarded_protocol(header_timeout_s: float, idle_timeout_s: float, metrics: Metrics) -> type[GuardedProtocol]:
+    """The protocol class for uvicorn's Config(http=...), with this server's timeouts and metrics."""
+    attributes = {"header_timeout_s": header_timeout_s, "idle_timeout_s": idle_timeout_s, "metrics": metrics}
+    return type("ServerProtocol", (GuardedProtocol,), attributes)
+
+
+# accept() errors that mean the process (or the system) is out of descriptors or memory for a new socket.
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# After one such error, how long further accepts report "nothing to accept" instead of retrying.
+_QUIET_S = 0.5
+# At most one log line per this many seconds about refused connections.
+_LOG_EVERY_S = 10.0
+
+
+class GuardedSocket(socket.socket):
+    """A listening socket that reports running out of descriptors once per asyncio retry, not per backlog slot.
+
+    asyncio's accept loop, on EMFILE, logs the error (with a traceback), pauses the socket for a second,
+    and then goes on calling accept() up to `backlog` times in the same turn, logging and scheduling a
+    retry for each: thousands of log lines and retries a second. Here the first failure goes to asyncio
+    as it is (which pauses the socket); the next ones, until _QUIET_S later, say "nothing to accept",
+    which ends asyncio's loop. Each failure is counted (rerank_accept_errors_total), and
+    `quiet_exception_handler` keeps asyncio's own report of it to one line per _LOG_EVERY_S.
+    """
+
+    on_exhausted: Callable[[], None] = staticmethod(lambda: None)
+    _quiet_until = 0.0
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if time.monotonic() < self._quiet_until:
+            raise BlockingIOError(errno.EAGAIN, "paused after running out of descriptors")
+        try:
+            return super().accept()
+        except OSError as error:
+            if error.errno in _EXHAUSTED:
+                self._quiet_until = time.monotonic() + _QUIET_S
+                self.on_exhausted()
+            raise
+
+
+def quiet_exception_handler(loop: asyncio.AbstractEventLoop) -> None:
+    """Install a loop exception handler that reports accept()'s resource errors at most once per
+    _LOG_EVERY_S, with how many there were since, and hands every other report to asyncio's default."""
+    last = -_LOG_EVERY_S
+    suppressed = 0
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        nonlocal last, suppressed
+        error = context.get("exception")
+        if not (isinstance(error, OSError) and error.errno in _EXHAUSTED and "accept" in context.get("message", "")):
+            loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now - last < _LOG_EVERY_S:
+            suppressed += 1
+            return
+        log.error(
+            "cannot accept connections: %s (%d more since the last report; rerank_accept_errors_total counts "
+            "them). Raise the descriptor limit (ulimit -n) or cap connections in front of the server",
+            error,
+            suppressed,
+        )
+        last, suppressed = now, 0
+
+    loop.set_exception_handler(handle)

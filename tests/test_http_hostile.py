@@ -1,0 +1,291 @@
+"""Hostile input on the HTTP surfaces, over loopback against a real Triton: no body holds the event loop, no
+field multiplies memory, no text reaches a 500, overload is 429, connections that stall are timed out, the
+descriptor limit is reported in a few lines, and protocol errors come in the API's shape. Every flood is
+bounded in count and time."""
+
+from __future__ import annotations
+
+import json
+import resource
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rerank_client import RerankClient
+from tests.conftest import Stack, frontend
+from tests.test_hostile import CJK, memory, reset_peak
+from tests.test_http_errors import COHERE_V1, COHERE_V2, INVALID, NIM, TEI, assert_shape, good_body, still_serving
+from tests.test_operations import sample, scrape
+from tests.texts import QUERY
+
+MIB = 1 << 20
+# Timeouts short enough for a test to see them pass, long enough for loopback calls on a loaded machine.
+TIMEOUT_S = 2
+
+
+@pytest.fixture(scope="module")
+def served(stack: Stack, model_repository: Path) -> Iterator[Stack]:
+    """A frontend without auth (as an attacker meets it) with short connection timeouts."""
+    timeouts = (f"--http-{kind}-timeout-s={TIMEOUT_S}" for kind in ("header", "body", "idle"))
+    with frontend(stack, model_repository, *timeouts) as running:
+        assert running.http_url is not None
+        yield running
+
+
+def http_address(stack: Stack) -> tuple[str, int]:
+    assert stack.http_url is not None
+    host, port = stack.http_url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+# -- defect 1: no body holds the event loop ------------------------------------------------------
+
+# 1 MiB bodies of the shapes that make a pre-parse scan or a parser slow: unterminated strings of escapes
+# (the quadratic scan took 15 s for 64 KB), long runs no value starts with, deep nesting, a huge number.
+HOSTILE_BODIES = {
+    "escaped quotes": b'"' + b'\\"' * (MIB // 2),
+    "backslashes": b'{"query": "' + b"\\" * MIB,
+    "minus signs": b"-" * MIB,
+    "spaces": b" " * MIB + b"{}",
+    "nesting": b"[" * MIB,
+    "digits": b'{"query": "q", "documents": ["a"], "top_n": ' + b"9" * MIB + b"}",
+    "one long string": b'{"query": "q", "documents": ["' + b"x" * MIB + b'"]}',
+}
+
+
+def test_no_body_of_a_megabyte_holds_other_callers(served: Stack) -> None:
+    with RerankClient(served.target, timeout=30) as client:
+        client.rerank(QUERY, ["warm up"])
+        alone = max(timed_call(lambda: client.rerank(QUERY, ["a"])) for _ in range(10))
+        worst = 0.0
+        for name, body in HOSTILE_BODIES.items():
+            stop = threading.Event()
+            latencies: list[float] = []
+            caller = threading.Thread(target=victim, args=(client, stop, latencies))
+            caller.start()
+            try:
+                started = time.perf_counter()
+                response = httpx.post(
+                    f"{served.http_url}{COHERE_V2}",
+                    content=body,
+                    headers={"content-type": "application/json"},
+                    timeout=30,
+                )
+                took = time.perf_counter() - started
+            finally:
+                stop.set()
+                caller.join()
+            assert response.status_code in (200, 400, 413), (name, response.status_code, response.text[:200])
+            assert took < 5, f"{name}: answered after {took:.1f} s"
+            worst = max(worst, *latencies)
+    print(f"\nvictim alone: worst {alone * 1000:.0f} ms; beside hostile bodies: worst {worst * 1000:.0f} ms")
+    # Generous for a loaded 2-core machine; the quadratic scan stalled callers for minutes on these.
+    assert worst < alone + 1.0, f"a caller waited {worst:.2f} s beside a hostile body (alone: {alone:.2f} s)"
+    still_serving(str(served.http_url))
+
+
+def timed_call(call: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+def victim(client: RerankClient, stop: threading.Event, latencies: list[float]) -> None:
+    """Small calls, one after another, until `stop`: their latencies."""
+    while not stop.is_set():
+        latencies.append(timed_call(lambda: client.rerank(QUERY, ["a"])))
+
+
+# -- defect 2: no field multiplies memory ----------------------------------------------------------
+
+
+def test_repeated_rank_fields_are_refused_and_cost_a_small_multiple_of_the_body(served: Stack) -> None:
+    url = f"{served.http_url}{COHERE_V1}"
+    document = {"text": "x " * 25_000}  # 50 KB
+    pid = served.process.pid
+    for rank_fields in (["text"] * 15_000, ["text"] * 64, ["text", "title", "text"]):
+        body = json.dumps(
+            {"query": "q", "documents": [document], "rank_fields": rank_fields, "return_documents": True}
+        ).encode()
+        reset_peak(pid)
+        before = memory(pid, "VmRSS")
+        response = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=60)
+        grown = memory(pid, "VmHWM") - before
+        assert_shape(COHERE_V1, response, 400, "rank_fields")
+        # Repeats copied the document once each: +1.4 GiB for this 166 KB body.
+        assert grown < 20 * len(body) + 8 * MIB, (
+            f"{len(rank_fields)} rank fields grew the frontend {grown / MIB:.0f} MiB"
+        )
+    # Distinct fields, each once: accepted, one line each.
+    fields = good_body(COHERE_V1, [{"title": "quick sort", "body": "python"}], rank_fields=["title", "body"])  # type: ignore[list-item]
+    fields["return_documents"] = True
+    answer = httpx.post(url, json=fields, timeout=60).json()
+    assert answer["results"][0]["document"]["text"] == "title: quick sort\nbody: python"
+
+
+# -- defect 3: text that is no Unicode is a 400, never a 500 -------------------------------------------
+
+
+def test_lone_surrogates_are_refused_in_each_apis_shape(served: Stack) -> None:
+    url = str(served.http_url)
+    for path in (COHERE_V1, COHERE_V2, TEI, NIM):
+        field = {TEI: "texts", NIM: "passages"}.get(path, "documents")
+        in_query = good_body(path, ["a"])
+        in_query["query"] = {"text": "a\ud800"} if path == NIM else "a\ud800"
+        in_document = good_body(path, ["fine", "b\udfffc"])
+        for body, names in ((in_query, "query"), (in_document, f"{field}[1]")):
+            # json.dumps escapes the surrogate as "\ud800", which JSON parsers decode to a lone surrogate.
+            response = httpx.post(
+                f"{url}{path}", content=json.dumps(body).encode(), headers={"content-type": "application/json"}
+            )
+            assert_shape(path, response, INVALID[path], names, "surrogate")
+    # A rank field's name, as a field of the document and as a field whose value is not a string.
+    for document in ({"\ud800": "x"}, {"\ud800": 5}):
+        body = {"query": "q", "documents": [document], "rank_fields": ["\ud800"]}
+        response = httpx.post(
+            f"{url}{COHERE_V1}", content=json.dumps(body).encode(), headers={"content-type": "application/json"}
+        )
+        assert_shape(COHERE_V1, response, 400, "documents[0]")
+    still_serving(url)
+
+
+# -- defect 4: a full tokenization queue is overload (429), not a limit (413) -----------------------------
+
+
+def test_a_full_tokenization_queue_is_429_with_retry_after(stack: Stack, model_repository: Path) -> None:
+    args = (
+        "--tokenizer-threads=1",
+        "--tokenize-queue-max=1",
+        "--max-total-tokens=100000000",
+        "--max-inflight-tokens=100000000",
+        "--http-timeout-s=3",  # the call that tokenizes need not be scored whole
+    )
+    with frontend(stack, model_repository, *args) as queued:
+        long = good_body(COHERE_V1, [CJK[:1_500_000]], max_chunks_per_doc=10, top_n=1)  # a second of tokenizing
+        with ThreadPoolExecutor(4) as pool:
+            calls = [pool.submit(httpx.post, f"{queued.http_url}{COHERE_V1}", json=long, timeout=300) for _ in range(4)]
+            responses = [call.result() for call in calls]
+        statuses = sorted(r.status_code for r in responses)
+        assert 429 in statuses and 413 not in statuses, statuses
+        for response in responses:
+            if response.status_code == 429:
+                assert_shape(COHERE_V1, response, 429, "tokenize_queue_max")
+                assert response.headers["retry-after"] == "1"
+
+
+# -- defect 7: connections that stall are timed out ---------------------------------------------------
+
+
+def read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
+    """Everything the server sends until it closes the connection (or the timeout passes: then b"?")."""
+    sock.settimeout(timeout_s)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except TimeoutError:
+        return received + b"?"
+    return received
+
+
+def response_json(raw: bytes) -> tuple[int, dict[str, object]]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), raw[:300]
+    return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+def test_stalled_headers_bodies_and_idle_connections_are_closed(served: Stack) -> None:
+    address = http_address(served)
+    # A body shorter than its Content-Length, and a chunked body that never ends: 408 in the API's shape.
+    partial_bodies = {
+        TEI: b"POST /rerank HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{",
+        COHERE_V2: b"POST /v2/rerank HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b'transfer-encoding: chunked\r\n\r\n5\r\n{"que\r\n',
+    }
+    for path, request in partial_bodies.items():
+        with socket.create_connection(address) as sock:
+            sock.sendall(request)
+            started = time.monotonic()
+            status, body = response_json(read_until_closed(sock, 30))
+            assert status == 408 and "http_body_timeout_s" in json.dumps(body), body
+            assert ("error" in body) if path == TEI else ("message" in body), body
+            assert time.monotonic() - started < TIMEOUT_S + 10
+    # Headers that never end: 408 (in TEI's shape: the request line names /rerank), then closed.
+    with socket.create_connection(address) as sock:
+        sock.sendall(b"POST /rerank HTTP/1.1\r\nhost: x\r\n")
+        status, body = response_json(read_until_closed(sock, 30))
+        assert status == 408 and "http_header_timeout_s" in str(body["error"]), body
+    # A connection that never sends a byte, and one idle after its answer: closed.
+    with socket.create_connection(address) as sock:
+        assert read_until_closed(sock, 30) == b""
+    with socket.create_connection(address) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert read_until_closed(sock, 30).startswith(b"HTTP/1.1 200")
+    # None of them is left counted in flight.
+    metrics = scrape(served.metrics_url)
+    assert sample(metrics, "rerank_inflight_calls") == 0
+    assert sample(metrics, "rerank_rejected_total", reason="body_timeout") >= 2
+    assert sample(metrics, "rerank_rejected_total", reason="header_timeout") >= 1
+    still_serving(str(served.http_url))
+
+
+# -- defect 9: protocol errors in the API's shape -----------------------------------------------------
+
+
+def test_requests_that_are_not_http_get_a_json_400(served: Stack) -> None:
+    address = http_address(served)
+    for request, keys in (
+        (b"GARBAGE\r\n\r\n", {"message"}),  # no path: Cohere's shape, the default
+        (b"POST /rerank HTTP/1.1\r\nno colon here\r\n\r\n", {"error", "error_type"}),  # TEI's path
+        (b"POST /v1/ranking HTTP/1.1\r\nhost: x\r\ncontent-length: many\r\n\r\n", {"status", "detail"}),  # NIM's
+    ):
+        with socket.create_connection(address) as sock:
+            sock.sendall(request)
+            status, body = response_json(read_until_closed(sock, 30))
+        assert status == 400 and keys <= set(body), body
+    assert sample(scrape(served.metrics_url), "rerank_rejected_total", reason="invalid_http") >= 3
+    still_serving(str(served.http_url))
+
+
+# -- defect 8: running out of descriptors is reported in a few lines -------------------------------------
+
+DESCRIPTORS = 256
+
+
+def few_descriptors() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (DESCRIPTORS, DESCRIPTORS))
+
+
+def test_running_out_of_descriptors_logs_a_few_lines_and_recovers(stack: Stack, model_repository: Path) -> None:
+    with frontend(stack, model_repository, preexec_fn=few_descriptors) as limited:
+        address = http_address(limited)
+        lines_before = len(limited.output)
+        held: list[socket.socket] = []
+        try:
+            for _ in range(DESCRIPTORS + 100):  # more than the frontend can hold
+                held.append(socket.create_connection(address, timeout=10))
+            time.sleep(5)  # asyncio retries the listening socket every second meanwhile
+        finally:
+            for sock in held:
+                sock.close()
+        lines = limited.output[lines_before:]
+        # Before: asyncio logged a traceback per backlog slot per retry, 10,000 lines a second.
+        reports = [line for line in lines if "accept" in line]
+        assert 1 <= len(reports) <= 3, "".join(lines[-50:])
+        assert sample(scrape(limited.metrics_url), "rerank_accept_errors_total") >= 1
+        # The closed connections free their descriptors: it serves again.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{limited.http_url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        still_serving(str(limited.http_url))
