@@ -140,7 +140,7 @@ def test_model_info_describes_the_model_and_limits(client: RerankClient) -> None
     assert info.tokenizer == "BPE, 50368 ids"
     assert info.limits.max_documents == 1000
     assert info.limits.max_query_tokens == 2048
-    assert info.limits.max_total_tokens > 0 and info.limits.max_message_bytes == 64 * 1024 * 1024
+    assert info.limits.max_total_tokens > 0 and info.limits.max_message_bytes == 16 * 1024 * 1024
 
 
 # -- limits and errors -----------------------------------------------------------------------

@@ -96,7 +96,8 @@ def timed(call: Callable[[], object]) -> float:
 @pytest.fixture(scope="module")
 def guarded(stack: Stack, model_repository: Path):
     """A frontend with a bearer token and its own process, so that its memory can be watched."""
-    with frontend(stack, model_repository, f"--auth-token={TOKEN}") as served:
+    # 64 MiB: these tests send 60 MiB messages past gRPC's own size check, to the frontend's scans.
+    with frontend(stack, model_repository, f"--auth-token={TOKEN}", f"--max-message-bytes={64 * MIB}") as served:
         yield served
 
 
@@ -341,6 +342,7 @@ def test_tokenization_stops_at_the_deadline_or_cancellation_and_its_queue_is_bou
         "--tokenize-queue-max=2",
         "--max-total-tokens=100000000",
         "--max-inflight-tokens=100000000",
+        f"--max-message-bytes={64 * MIB}",  # CJK is 20 MB
     )
     with frontend(stack, model_repository, *args) as served, RerankClient(served.target, retries=0) as client:
         client.rerank(QUERY, ["warm up"], timeout=30)

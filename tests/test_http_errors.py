@@ -295,10 +295,10 @@ def test_auth_body_and_token_limits(stack: Stack, model_repository: Path) -> Non
 
 
 def test_a_body_of_millions_of_tiny_values_is_refused_from_a_scan(stack: Stack) -> None:
-    # The HTTP twin of issue 13's first defect: 40 MiB of `"",` would be parsed into 13 million strings (GBs)
-    # before max_documents could refuse them; the gate counts JSON values first and stops at its bound.
+    # 15 MB of `"",` would be parsed into 5 million strings (GBs) before max_documents could refuse them;
+    # the gate counts JSON values first and stops at its bound.
     assert stack.http_url is not None
-    body = b'{"model": "m", "query": "q", "documents": [' + b'"",' * 13_000_000 + b'""]}'
+    body = b'{"model": "m", "query": "q", "documents": [' + b'"",' * 5_000_000 + b'""]}'
     frontend_process = psutil.Process(stack.process.pid)
     before = frontend_process.memory_info().rss
     peak = before
@@ -319,7 +319,7 @@ def test_a_body_of_millions_of_tiny_values_is_refused_from_a_scan(stack: Stack) 
         done.set()
         sampler.join()
     assert_shape(COHERE_V2, response, 413, "max_documents")
-    # The body itself is held (about 40 MiB, plus its join); never the gigabytes of a parse.
+    # The body itself is held (about 15 MB, plus its join); never the gigabytes of a parse.
     assert peak - before < 4 * len(body), f"frontend grew {(peak - before) / 2**20:.0f} MiB"
     still_serving(stack.http_url)
 

@@ -62,7 +62,11 @@ class Settings:
         64, "tokens consecutive windows share with CHUNK truncation when a request leaves chunk_overlap unset"
     )
     stream_max_in_flight: int = option(32, "messages of one RerankStream scored at once")
-    max_message_bytes: int = option(64 * 1024 * 1024, "largest gRPC message accepted or sent, in bytes")
+    # 16 MiB: the token budget's text is about 2.5 MB, and four refused messages of this size delay other
+    # callers by about 100 ms where 60 MiB ones take 275 ms (docs/security.md, python -m bench.messages).
+    max_message_bytes: int = option(
+        16 * 1024 * 1024, "largest gRPC message or HTTP body accepted (and gRPC message sent), in bytes"
+    )
     # How work reaches Triton.
     triton_request_max_tokens: int = option(
         16384, "a rerank request is split into Triton requests of at most this many tokens (length-sorted)"
