@@ -147,7 +147,8 @@ def test_the_overload_reasons_are_every_reason_the_frontend_refuses_for() -> Non
     """rerank_rejected_total's reasons are exported at 0 from the start; the code may refuse for no other."""
     used = set()
     for path in (ROOT / "server" / "rerank_server").rglob("*.py"):
-        used |= set(re.findall(r'rejected\.labels\(reason="(\w+)"\)', path.read_text()))
+        # Counted directly, or through a connection's one-line helper (`_count("reason")`).
+        used |= set(re.findall(r'(?:rejected\.labels\(reason=|self\._count\()"(\w+)"\)', path.read_text()))
     assert used == set(REJECT_REASONS)
     (overload,) = {
         rule["expr"] for rule in rules("record") if rule["record"] == "rerank:overload_refusals:ratio_rate5m"
