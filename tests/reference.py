@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer, ModernBertForSequenceClassification
+
+from tests.texts import text
 
 
 class EagerReranker:
@@ -55,3 +59,46 @@ class EagerReranker:
 @cache
 def eager(checkpoint: Path, attention: str = "eager") -> EagerReranker:
     return EagerReranker(checkpoint, attention)
+
+
+@dataclass(frozen=True)
+class CloseCandidates:
+    """A query and 200 documents whose fp32 logits lie within about ±1 of each other around 2.5, on a
+    checkpoint rescaled so: fp32 keeps them all distinct, bf16's resolution there (steps of 1/128 to
+    1/64) would merge most of them. What the distinct-logit tests count on."""
+
+    checkpoint: Path
+    query: str
+    documents: list[str]
+    expected: np.ndarray  # eager fp32, one pair at a time
+
+    def ragged(self) -> tuple[np.ndarray, np.ndarray]:
+        """The pairs' ids end to end, and their lengths."""
+        encoded = [eager(self.checkpoint).encode(self.query, d) for d in self.documents]
+        return np.concatenate(encoded).astype(np.int64), np.array([len(e) for e in encoded], dtype=np.int64)
+
+
+def distinct(logits: np.ndarray) -> int:
+    return len(set(np.asarray(logits, dtype=np.float32).tolist()))
+
+
+def close_candidates(source: Path, folder: Path, count: int = 200) -> CloseCandidates:
+    """`source`'s encoder with its classifier rescaled (logits: standard deviation 0.3 around 2.5), saved
+    to `folder` with the tokenizer, and `count` documents of 20-120 words against one query."""
+    query = "how to implement quick sort in python?"
+    documents = [text(20 + (i * 37) % 100, seed=1000 + i) for i in range(count)]
+    before = EagerReranker(source).logits(query, documents)
+    shutil.copytree(source, folder)
+    model = ModernBertForSequenceClassification.from_pretrained(source).eval()
+    scale = 0.3 / float(before.std())
+    with torch.no_grad():
+        model.classifier.weight.mul_(scale)
+        bias = model.classifier.bias
+        if bias is None:
+            raise ValueError("the source's classifier has no bias to centre the logits with")
+        bias.copy_((bias - float(before.mean())) * scale + 2.5)
+    model.save_pretrained(folder)
+    expected = eager(folder).logits(query, documents)
+    if distinct(expected) != count or distinct(torch.tensor(expected).bfloat16().float().numpy()) > 0.8 * count:
+        raise AssertionError("the candidates are not close enough, or fp32 itself ties some")
+    return CloseCandidates(folder, query, documents, expected)

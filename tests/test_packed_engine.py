@@ -29,6 +29,9 @@ from rerank_triton_model.modernbert_packed import (
     flash_forward_arguments,
     select_attention_backend,
 )
+from rerank_triton_model.reranker_engine import PackedReranker
+from rerank_triton_model.runtimes import CPU, RUNTIMES, Runtime
+from tests.reference import CloseCandidates, close_candidates, distinct
 
 TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "modernbert-tokenizer"
 VOCAB = 50_000  # below every checkpoint's vocab_size (ModernBertConfig's default, 50368)
@@ -182,35 +185,39 @@ def test_a_pair_of_thousands_of_tokens_packed_with_short_ones(tmp_path: Path) ->
     np.testing.assert_allclose(logits.numpy(), expected, rtol=0, atol=FP32_TOLERANCE)
 
 
-def test_score_splits_by_the_token_budget_and_keeps_the_order(
+def test_the_engine_splits_packed_runs_by_the_token_budget_and_keeps_the_order(
     checkpoint_dirs: dict[str, Path], references: dict[str, tuple[list[torch.Tensor], np.ndarray]]
 ) -> None:
+    """The served engine (reranker_engine.PackedReranker over the packed runner): runs of at most the
+    budget's real tokens (a longer pair alone), logits back in request order."""
     name = "w30-every3-mean-thetas"
-    engine = PackedModernBert.from_pretrained(str(checkpoint_dirs[name]))
+    budget = 200
+    engine = PackedReranker.from_pretrained(
+        str(checkpoint_dirs[name]), pad_token_id=0, max_batch_tokens=budget, packed=True
+    )
+    model = engine.runner.model  # type: ignore[union-attr]
     pairs, expected = references[name]
     calls: list[int] = []
-    forward = engine.forward_packed
+    forward = model.forward_packed
 
     def counting(input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         calls.append(int(input_ids.numel()))
         assert int(cu_seqlens[-1]) == input_ids.numel()
         return forward(input_ids, cu_seqlens)
 
-    engine.forward_packed = counting  # type: ignore[method-assign]
+    model.forward_packed = counting
     lengths = np.array([p.numel() for p in pairs])
     ids = torch.cat(pairs).numpy()
-    budget = 200
-    logits = engine.score(ids, lengths, max_batch_tokens=budget)
+    logits = engine.score(ids, lengths)
     assert logits.dtype == np.float32
     np.testing.assert_allclose(logits, expected, rtol=0, atol=FP32_TOLERANCE)
     assert sum(calls) == lengths.sum() and len(calls) > 1
     # Over the budget only alone: the 1000-token pair.
     assert all(n <= budget or n in lengths[lengths > budget] for n in calls), calls
     calls.clear()
-    np.testing.assert_allclose(engine.score(ids, lengths, max_batch_tokens=100_000), logits, rtol=0, atol=1e-5)
+    engine.max_batch_tokens = 100_000
+    np.testing.assert_allclose(engine.score(ids, lengths), logits, rtol=0, atol=1e-5)
     assert calls == [lengths.sum()]
-    with pytest.raises(ValueError, match="sum to the number"):
-        engine.score(ids[:-1], lengths, max_batch_tokens=budget)
     with pytest.raises(ValueError, match="cu_seqlens"):
         forward(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 2, 3], dtype=torch.int32))
 
@@ -298,7 +305,7 @@ for name, cu in (("one", [0, 8192]), ("two", [0, 4000, 8192])):
     logits = engine.forward_packed(ids, torch.tensor(cu, dtype=torch.int32))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result[name] = {"growth": peak - max(before, peak_before), "logits": logits.tolist()}
-engine.release_memory()
+engine.release_memory(8192)
 result["after"] = psutil.Process().memory_info().rss - before
 print(json.dumps(result))
 """
@@ -442,3 +449,24 @@ def test_cuda_path_glue_with_the_kernels_stood_in_for(
     np.testing.assert_allclose(logits.numpy(), expected, rtol=0, atol=FP32_TOLERANCE)
     w = CONFIGS[name]["local_attention"] // 2
     assert windows == [(-1, -1) if i % 2 == 0 else (w, w) for i in range(CONFIGS[name]["num_hidden_layers"])]
+
+
+# -- full-resolution logits in reduced precision -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def candidates(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> CloseCandidates:
+    return close_candidates(checkpoints["reranker_mean"], tmp_path_factory.mktemp("close") / "checkpoint")
+
+
+@pytest.mark.parametrize("served", [r for r in RUNTIMES.values() if r.offers(CPU, "bf16")], ids=lambda r: r.name)
+def test_bf16_logits_are_as_distinct_as_fp32s(served: Runtime, candidates: CloseCandidates) -> None:
+    """Close candidates (fp32 logits within about ±1, most of which bf16's resolution would merge): the
+    bf16 engines compute the final norm, pooling and head in fp32 and return as many distinct logits."""
+    ids, lengths = candidates.ragged()
+    engine = served.build(
+        str(candidates.checkpoint), device="cpu", precision="bf16", pad_token_id=0, max_batch_tokens=4096
+    )
+    logits = engine.score(ids, lengths)
+    assert distinct(logits) == distinct(candidates.expected) == len(candidates.documents)
+    assert np.abs(logits - candidates.expected).max() < 0.05

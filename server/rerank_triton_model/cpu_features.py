@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .contract import ModelParameters
+from .runtimes import CPU, FP32, default_runtime, long_pairs, runtime
 
 # The flags that decide which precisions are native, as /proc/cpuinfo names them.
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -92,24 +93,30 @@ def resolve_precision(
 
 @dataclass(frozen=True)
 class Choice:
-    """What a model instance runs: the precision, the runtime and weights file computing it, and why."""
+    """What a model instance runs: the precision, the runtime and weights file computing it, and why; and
+    the precision of the packed engine that computes its pairs over long_pair_tokens (None: no routing)."""
 
     precision: str
     runtime: str
     weights: str
     requested: str
     reason: str
+    long_precision: str | None = None
 
 
 def served_choice(parameters: ModelParameters, flags: frozenset[str] | set[str], on_gpu: bool = False) -> Choice:
-    """The choice for a model's config.pbtxt parameters (precision, runtime, weights, and the fp32
-    fallback's fp32_runtime and fp32_weights) on a CPU with these flags. GPUs run as exported."""
-    requested, runtime, weights = parameters.precision, parameters.runtime, parameters.weights
+    """The choice for a model's config.pbtxt parameters (precision, runtime, weights, the fp32 fallback's
+    fp32_runtime and fp32_weights, the long-pair routing) on a CPU with these flags. GPUs run as exported.
+    Raises ValueError for a runtime the registry does not know."""
+    requested, served, weights = parameters.precision, parameters.runtime, parameters.weights
+    runtime(served)
     if on_gpu:
-        return Choice(requested, runtime, weights, requested, "GPU instance: as exported")
-    held = {requested: (runtime, weights)}
+        return Choice(requested, served, weights, requested, "GPU instance: as exported")
+    held = {requested: (served, weights)}
     if parameters.fp32_weights:
-        held.setdefault("fp32", (parameters.fp32_runtime or "onnxruntime", parameters.fp32_weights))
+        held.setdefault(FP32, (parameters.fp32_runtime or default_runtime(CPU, FP32).name, parameters.fp32_weights))
     precision, reason = resolve_precision(requested, flags, list(held))
-    runtime, weights = held[precision]
-    return Choice(precision, runtime, weights, requested, reason)
+    served, weights = held[precision]
+    routed = parameters.long_pair_tokens > 0 and bool(parameters.long_weights)
+    long_precision = long_pairs(runtime(served), precision, CPU) if routed else None
+    return Choice(precision, served, weights, requested, reason, long_precision)

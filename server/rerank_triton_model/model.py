@@ -23,6 +23,7 @@ import triton_python_backend_utils as pb_utils
 from .contract import INPUT_IDS, LOGITS, SEQUENCE_LENGTHS, ModelParameters
 from .cpu_features import cpu_flags, served_choice
 from .reranker_engine import PackedReranker, RoutedReranker, check_ragged_batch
+from .runtimes import PACKED, runtime
 
 # Read once: the output path depends on it, and numpy does not change under a running stub.
 _NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
@@ -122,51 +123,36 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(str(error)) from None
         log = pb_utils.Logger.log_info if choice.precision == choice.requested else pb_utils.Logger.log_warn
         log(f"{args['model_name']}: precision {choice.precision} ({choice.runtime}, {choice.weights}): {choice.reason}")
-        runtime, weights = choice.runtime, os.path.join(version_dir, choice.weights)
+        served = runtime(choice.runtime)
         common = {
             "pad_token_id": parameters.pad_token_id,
             "max_batch_tokens": parameters.max_batch_tokens,
             "intra_op_threads": parameters.intra_op_threads,
         }
-        self.engine: PackedReranker | RoutedReranker
-        if runtime in ("torch", "packed"):
-            # torch: transformers' model on padded sub-batches; packed: modernbert_packed's unpadded engine.
-            self.engine = PackedReranker.from_pretrained(
-                weights,
-                device=f"cuda:{device_id}" if on_gpu else "cpu",
-                precision=choice.precision,
-                packed=runtime == "packed",
+        device = f"cuda:{device_id}" if on_gpu else "cpu"
+        self.engine: PackedReranker | RoutedReranker = served.build(
+            os.path.join(version_dir, choice.weights), device=device, precision=choice.precision, **common
+        )
+        if choice.long_precision is not None:
+            # The others' attention is dense T x T in every layer; pairs over the threshold go to the packed
+            # engine (no T x T buffer, windowed local layers), loaded now so a bad checkpoint fails here.
+            long = PACKED.build(
+                os.path.join(version_dir, parameters.long_weights),
+                device=device,
+                precision=choice.long_precision,
                 **common,
             )
-            self.output = _torch_output
-        elif runtime == "onnxruntime":
-            providers: list[str | tuple[str, dict[str, object]]] = ["CPUExecutionProvider"]
-            if on_gpu:
-                providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-            # Refuses to load when the CUDA provider cannot start (no silent fall-back to the CPU).
-            self.engine = PackedReranker.from_file(weights, providers=providers, **common)
-            self.output = _numpy_output
+            self.engine = RoutedReranker(self.engine, long, parameters.long_pair_tokens)
+            pb_utils.Logger.log_info(
+                f"{args['model_name']}: pairs over {parameters.long_pair_tokens} tokens run on the packed "
+                f"engine ({choice.long_precision}, {parameters.long_weights}), the others on {served.name}"
+            )
+        # Outputs through a torch capsule wherever torch is loaded (see _torch_output), else numpy's.
+        self.output = _numpy_output if served.graph and choice.long_precision is None else _torch_output
+        if self.output is _numpy_output:
             _ignore_consumed_numpy_capsules()
-            if not on_gpu and parameters.long_pair_tokens > 0 and parameters.long_weights:
-                # The graph computes dense T x T attention in every layer; long pairs go to the packed
-                # engine (no T x T buffer, windowed local layers), loaded now so a bad checkpoint fails here.
-                long = PackedReranker.from_pretrained(
-                    os.path.join(version_dir, parameters.long_weights),
-                    device="cpu",
-                    precision="fp32",
-                    packed=True,
-                    **common,
-                )
-                self.engine = RoutedReranker(self.engine, long, parameters.long_pair_tokens)
-                self.output = _torch_output
-                pb_utils.Logger.log_info(
-                    f"{args['model_name']}: pairs over {parameters.long_pair_tokens} tokens run on the packed "
-                    f"engine (fp32, {parameters.long_weights}), the others on ONNX Runtime"
-                )
-        else:
-            raise pb_utils.TritonModelException(f"unknown runtime {runtime!r}: expected onnxruntime, torch or packed")
         self.vocab_size = parameters.vocab_size
-        pb_utils.Logger.log_info(f"{args['model_name']}: {runtime} runtime, numpy {np.__version__}")
+        pb_utils.Logger.log_info(f"{args['model_name']}: {served.name} runtime, numpy {np.__version__}")
         self.metrics = _Metrics(args["model_name"])
         if isinstance(self.engine, RoutedReranker):
             self.engine.on_long = self.metrics.count_long

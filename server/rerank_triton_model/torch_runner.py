@@ -10,8 +10,7 @@ local window, no padding) is the GPU default; on CPUs it serves long documents w
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +32,30 @@ def _device(device: str, precision: str, cpu_threads: int) -> torch.device:
     return resolved
 
 
+class _InFloat32(torch.nn.Module):
+    """A module run in fp32 on its input cast to fp32."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.inner(x.float())
+        return out
+
+
+def full_resolution_head(model: Any) -> Any:
+    """transformers' sequence classifier with its final norm, pooling and scoring head in fp32 whatever
+    the encoder's precision (modernbert_packed does the same): a negligible share of the work, and the
+    logit keeps fp32's resolution instead of the encoder's (bf16 rounds logits between 4 and 8 to steps
+    of 0.03, fp16 to 0.004, so close candidates would tie)."""
+    if next(model.parameters()).dtype != torch.float32:
+        model.model.final_norm = _InFloat32(model.model.final_norm)
+        model.head.float()
+        model.classifier.float()
+    return model
+
+
 class TorchRunner:
     """A reranker_engine.Runner over a transformers checkpoint folder, on one device ("cpu" or "cuda:N")."""
 
@@ -42,7 +65,7 @@ class TorchRunner:
         model = AutoModelForSequenceClassification.from_pretrained(
             model_dir, dtype=DTYPES[precision], attn_implementation="sdpa"
         )
-        self.model = model.to(self.device).eval()
+        self.model = full_resolution_head(model).to(self.device).eval()
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -50,12 +73,6 @@ class TorchRunner:
             mask = torch.from_numpy(attention_mask).to(self.device, non_blocking=True)
             logits = self.model(input_ids=ids, attention_mask=mask).logits
             return logits[:, 0].float().cpu().numpy()
-
-
-# On CPUs, after a run of at least this many tokens, glibc's freed heap goes back to the system
-# (malloc_trim, a few ms), so one long document does not leave the process holding its peak. GPUs keep
-# CUDA's caching allocator: a card serves one model, and re-allocating each run would cost more.
-RELEASE_AFTER_TOKENS = 4096
 
 
 class PackedTorchRunner:
@@ -72,18 +89,5 @@ class PackedTorchRunner:
             ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(self.device)
             cu = torch.from_numpy(np.ascontiguousarray(cu_seqlens, dtype=np.int32)).to(self.device)
             logits = self.model.forward_packed(ids, cu).float().cpu().numpy()
-        if self.device.type == "cpu" and input_ids.size >= RELEASE_AFTER_TOKENS and _LIBC is not None:
-            _LIBC.malloc_trim(0)
+        self.model.release_memory(int(input_ids.size))
         return logits
-
-
-def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None  # glibc only
-
-
-_LIBC = _libc()
