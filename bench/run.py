@@ -208,7 +208,7 @@ def prepare_models(args: argparse.Namespace, workdir: Path, progress: Progress) 
     sources: list[str | Path] = [
         *sorted(rerank_triton_model.PACKAGE_DIR.glob("*.py")),
         rerank_triton_model.CONFIG_TEMPLATE,
-        exporter.__file__,
+        *sorted(Path(exporter.__file__).parent.glob("*.py")),
     ]
     spec["sources"] = hashlib.sha256(b"".join(Path(p).read_bytes() for p in sources)).hexdigest()
     spec["export_args"] = args.export_args
@@ -460,7 +460,7 @@ def gemm_check(workdir: Path) -> dict[str, Any]:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from rerank_server.export import quantize_int8
+    from rerank_server.export.weights import quantize_int8
 
     m, k, n = 1024, 768, 2304
     rng = np.random.default_rng(0)

@@ -18,7 +18,8 @@ import pytest
 
 from rerank_client import RerankClient
 from rerank_server.testing import exported_parameters, free_port, save_random_checkpoint
-from rerank_triton_model.reranker_engine import LONG_PAIR_TOKENS, PackedReranker, RoutedReranker
+from rerank_triton_model.reranker_engine import PackedReranker, RoutedReranker
+from rerank_triton_model.runtimes import LONG_PAIR_TOKENS
 from tests.conftest import TOKENIZER_DIR, Stack, run_rerank, start_serve, stop_serve
 from tests.reference import eager
 from tests.texts import QUERY, text

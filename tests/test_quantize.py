@@ -12,6 +12,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from rerank_triton_model.reranker_engine import PackedReranker
+from rerank_triton_model.runtimes import ONNXRUNTIME
 from tests.conftest import run_rerank
 
 PAD = 50283
@@ -24,7 +25,7 @@ def int8_repository(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[
         "export", "--model", str(checkpoints["reranker"]), "--output", str(repository), "--quantize", "int8"
     )
     assert done.returncode == 0, done.stderr
-    assert "[5/6] Quantizing to int8" in done.stderr and "[6/6]" in done.stderr
+    assert "[4/6] Quantizing to int8" in done.stderr and "[6/6]" in done.stderr
     return repository
 
 
@@ -39,11 +40,12 @@ def test_config_and_provenance_say_int8(int8_repository: Path) -> None:
     verification = provenance["verification"]
     assert verification["verified"] is True
     assert 0 < verification["max_abs_diff"] <= verification["tolerance"]  # int8 is close, not exact
-    assert verification["fp32"]["verified"] is True and verification["fp32"]["max_abs_diff"] < 1e-4
+    fp32 = verification["variants"][f"{ONNXRUNTIME.name}-fp32"]
+    assert fp32["verified"] is True and fp32["max_abs_diff"] < 1e-4
     # The fp32 graph stays: a CPU without VNNI loads it instead (cpu_features.py).
     assert (int8_repository / "reranker" / "1" / "model.fp32.onnx").is_file()
     assert 'key: "fp32_weights" value: { string_value: "model.fp32.onnx" }' in config
-    assert provenance["fp32_fallback"] == {"runtime": "onnxruntime", "weights": "model.fp32.onnx"}
+    assert provenance["fp32_fallback"] == {"runtime": ONNXRUNTIME.name, "weights": "model.fp32.onnx"}
 
 
 def test_graph_runs_its_weight_matmuls_in_int8(int8_repository: Path, model_repository: Path) -> None:

@@ -16,8 +16,8 @@ runs alone. On CPUs a sub-batch also ends where padding the next pair's length o
 more than `padding_slack` of its real tokens: there a padding token costs as much as a real one,
 while another model run costs nothing measurable (GPUs keep the token budget alone).
 
-`RoutedReranker` puts two engines behind the same interface: on CPU models ONNX Runtime serves, pairs
-longer than `long_pair_tokens` run on the packed engine (no T x T attention), the others on the graph.
+`RoutedReranker` puts two engines behind the same interface: on CPU models served by an engine with dense
+attention, pairs longer than `long_pair_tokens` run on the packed engine (no T x T attention).
 """
 
 from __future__ import annotations
@@ -58,11 +58,6 @@ PADDING_SLACK = 0.05
 PADDING_ALLOWANCE = 64
 # GPUs: per-run launch costs favour large batches; the token budget alone bounds them.
 GPU_PADDING_SLACK = float("inf")
-
-# CPU exports ONNX Runtime serves: pairs longer than this run on the packed engine (RoutedReranker). One pair,
-# ModernBERT-base, fp32, 2 Zen 5 cores, ORT vs packed (s): 512 0.43/0.35, 768 0.74/0.66, 1024 1.13/0.83,
-# 2048 4.2/2.0, 4096 11.8/4.9; up to 768 the packed engine lost under other processes' load (OpenMP), from 1024 never.
-LONG_PAIR_TOKENS = 1024
 
 
 def plan_sub_batches(

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 
 CPU, GPU = "cpu", "gpu"
 FP32 = "fp32"
+# CPU models whose runtime is not the packed engine: pairs longer than this run on the packed engine
+# (RoutedReranker) unless the export measured or was given another threshold. One pair, ModernBERT-base,
+# fp32, 2 Zen 5 cores, ONNX Runtime vs packed (s): 512 0.43/0.35, 768 0.74/0.66, 1024 1.13/0.83, 2048
+# 4.2/2.0, 4096 11.8/4.9; up to 768 the packed engine lost under other processes' load (OpenMP), from 1024 never.
+LONG_PAIR_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -30,14 +35,14 @@ class Runtime:
 
     name: str  # the `runtime` config parameter and `rerank export --runtime`
     weights: str  # what it loads in the version folder: an ONNX graph file or a checkpoint folder
-    graph: bool  # weights are an ONNX graph (else a transformers checkpoint folder)
+    # Weights are an ONNX graph in the served precision; else the fp32 transformers checkpoint, cast to the
+    # served precision when the model loads (one folder serves a reduced precision, its fp32 fallback and
+    # the long-pair engine).
+    graph: bool
     precisions: Mapping[str, tuple[str, ...]]  # by device kind (CPU, GPU), the export's default first
     # No padding and no T x T attention buffer: it serves pairs of any length itself. The others hand pairs
     # over a model's long_pair_tokens to the packed engine on CPUs (dense attention costs O(length²)).
     packed: bool
-    # Precisions in which its CPU weights are the fp32 checkpoint, cast when the model loads (one folder
-    # serves the reduced precision, its fp32 fallback and the long-pair engine).
-    cast_at_load: bool
     summary: str
 
     def offers(self, device: str, precision: str) -> bool:
@@ -86,7 +91,6 @@ ONNXRUNTIME = Runtime(
     graph=True,
     precisions={CPU: (FP32, "int8"), GPU: ("fp16", FP32)},
     packed=False,
-    cast_at_load=False,
     summary="ONNX Runtime on the exported graph, padded sub-batches",
 )
 TORCH = Runtime(
@@ -95,7 +99,6 @@ TORCH = Runtime(
     graph=False,
     precisions={CPU: (FP32, "bf16"), GPU: ("fp16", "bf16", FP32)},
     packed=False,
-    cast_at_load=True,
     summary="transformers' PyTorch model (sdpa) on padded sub-batches",
 )
 PACKED = Runtime(
@@ -104,7 +107,6 @@ PACKED = Runtime(
     graph=False,
     precisions={CPU: (FP32, "bf16"), GPU: ("fp16", "bf16", FP32)},
     packed=True,
-    cast_at_load=True,
     summary="the packed ModernBERT engine: no padding, windowed local attention, no T x T buffer",
 )
 RUNTIMES: dict[str, Runtime] = {r.name: r for r in (ONNXRUNTIME, TORCH, PACKED)}
