@@ -192,7 +192,7 @@ def test_auto_measures_each_native_precision_and_keeps_one_that_ranks_like_fp32(
     assert parameters.fp32_runtime == ONNXRUNTIME.name and (version / "model").is_dir()
     threshold = selection["threshold"]
     if selection["runtime"] == PACKED.name:
-        routed = LONG_PAIR_TOKENS < parameters.max_length
+        routed = parameters.max_length > LONG_PAIR_TOKENS
         assert threshold is None and parameters.long_pair_tokens == (LONG_PAIR_TOKENS if routed else 0)
     else:
         assert parameters.long_pair_tokens == threshold["tokens"] and threshold["ladder"][0]["tokens"] == 256
