@@ -14,7 +14,7 @@ imports the engine, and torch or ONNX Runtime, when it runs.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -101,11 +101,10 @@ TORCH = Runtime(
     packed=False,
     summary="transformers' PyTorch model (sdpa) on padded sub-batches",
 )
-PACKED = Runtime(
+# The same checkpoint and precisions as TORCH, computed without padding.
+PACKED = replace(
+    TORCH,
     name="packed",
-    weights="model",
-    graph=False,
-    precisions={CPU: (FP32, "bf16"), GPU: ("fp16", "bf16", FP32)},
     packed=True,
     summary="the packed ModernBERT engine: no padding, windowed local attention, no T x T buffer",
 )
