@@ -57,6 +57,7 @@ from bench.run import (
 )
 from bench.workloads import Request, Workload
 from rerank_triton_model.contract import ModelParameters
+from rerank_triton_model.runtimes import PACKED, TORCH
 
 EAGER_BATCH = 32  # sentence-transformers' default batch size
 # In-process "large batches of (a)'s shape": this many (a) pairs per call, under this token budget.
@@ -250,7 +251,7 @@ class _Export:
 
     @property
     def runtime(self) -> str:
-        return str(self.exported.get("runtime", "packed"))
+        return str(self.exported.get("runtime", PACKED.name))
 
 
 def _export(run: _Session, workdir: Path) -> _Export | None:
@@ -267,7 +268,9 @@ def _export(run: _Session, workdir: Path) -> _Export | None:
     run.log(f"saved a random {'tiny' if args.quick else 'ModernBERT-base size'} checkpoint")
     repository = workdir / "repository"
     export = [RERANK, "export", "--model", str(checkpoint), "--output", str(repository)]
-    export += ["--device", "gpu"] if run.on_gpu else ["--device", "cpu", "--runtime", "packed", "--precision", "fp32"]
+    export += (
+        ["--device", "gpu"] if run.on_gpu else ["--device", "cpu", "--runtime", PACKED.name, "--precision", "fp32"]
+    )
     done = subprocess.run([*export, *args.export_args.split()], capture_output=True, text=True)
     if done.returncode != 0:
         print(done.stdout[-2000:], done.stderr[-3000:], file=sys.stderr)
@@ -290,17 +293,15 @@ def _measure_engines(run: _Session, model: _Export, a1: Workload, b: Workload, c
     for Triton; the packed one on large batches of (a)'s shape too. Returns each one's (b) logits."""
     import torch
 
-    from rerank_triton_model.reranker_engine import PackedReranker
-
     engine_logits: dict[str, np.ndarray] = {}
-    for system, packed in (("packed-engine", True), ("padded-engine", False)):
-        engine = PackedReranker.from_pretrained(
-            str(model.version / "model"),
-            pad_token_id=model.parameters.pad_token_id,
-            max_batch_tokens=model.parameters.max_batch_tokens,
+    for system, built in (("packed-engine", PACKED), ("padded-engine", TORCH)):
+        packed = built.packed
+        engine = built.build(
+            str(model.version / built.weights),
             device=run.args.device,
             precision=model.precision,
-            packed=packed,
+            pad_token_id=model.parameters.pad_token_id,
+            max_batch_tokens=model.parameters.max_batch_tokens,
         )
         if run.on_gpu:
             torch.cuda.reset_peak_memory_stats()

@@ -36,6 +36,7 @@ from bench import report, workloads
 from bench.workloads import Request, Workload
 from rerank_server.testing import TINY_CONFIG, exported_parameters
 from rerank_triton_model.contract import ModelParameters
+from rerank_triton_model.runtimes import ONNXRUNTIME, PACKED, TORCH
 
 if TYPE_CHECKING:
     from rerank_triton_model.reranker_engine import PackedReranker
@@ -74,12 +75,12 @@ FULL_PLAN = Plan(2, 1, 1, 1, 2, 1, 1, 1, 1, 1)
 QUICK_PLAN = Plan(3, 3, 2, 2, 3, 2, 1, 2, 2, 3, 2, 2, 2)
 # In-process systems by the (runtime, precision) they compute in; a system's name is its label key.
 SYSTEMS = {
-    ("onnxruntime", "fp32"): "onnxruntime",
-    ("onnxruntime", "int8"): "onnxruntime-int8",
-    ("torch", "fp32"): "torch",
-    ("torch", "bf16"): "torch-bf16",
-    ("packed", "fp32"): "packed",
-    ("packed", "bf16"): "packed-bf16",
+    (ONNXRUNTIME.name, "fp32"): "onnxruntime",
+    (ONNXRUNTIME.name, "int8"): "onnxruntime-int8",
+    (TORCH.name, "fp32"): "torch",
+    (TORCH.name, "bf16"): "torch-bf16",
+    (PACKED.name, "fp32"): "packed",
+    (PACKED.name, "bf16"): "packed-bf16",
 }
 
 
@@ -725,26 +726,20 @@ class _Session:
     profile: dict[str, Any] = field(default_factory=dict)
     failures: list[dict[str, str]] = field(default_factory=list)
 
-    def engine(self, runtime: str, precision: str) -> PackedReranker:
-        """The in-process engine as the served model builds it (model.py): same weights, token budget
-        and threads."""
-        from rerank_triton_model.reranker_engine import PackedReranker
+    def engine(self, name: str, precision: str) -> PackedReranker:
+        """The in-process engine as the served model builds it (model.py, through the runtime registry):
+        same weights, token budget and threads."""
+        from rerank_triton_model.runtimes import runtime
 
-        served = self.models.parameters()
-        if runtime == "onnxruntime":
-            return PackedReranker.from_file(
-                str(self.models.model_dir(int8=precision == "int8") / "1" / "model.onnx"),
-                pad_token_id=served.pad_token_id,
-                max_batch_tokens=served.max_batch_tokens,
-                intra_op_threads=served.intra_op_threads,
-            )
-        return PackedReranker.from_pretrained(
-            str(self.models.checkpoint),
+        served, chosen = self.models.parameters(), runtime(name)
+        graph = self.models.model_dir(int8=precision == "int8") / "1" / chosen.weights
+        return chosen.build(
+            str(graph if chosen.graph else self.models.checkpoint),
+            device="cpu",
+            precision=precision,
             pad_token_id=served.pad_token_id,
             max_batch_tokens=served.max_batch_tokens,
-            precision=precision,
             intra_op_threads=served.intra_op_threads,
-            packed=runtime == "packed",
         )
 
     def inprocess(self, system: str, engine: PackedReranker, workload: Workload, repeats: int) -> np.ndarray:
@@ -817,7 +812,7 @@ def _measure(
 
 def _measure_fp32(run: _Session, a1: Workload, b: Workload, c: Workload) -> np.ndarray:
     """In-process ONNX Runtime fp32, the reference of every agreement; returns its (b) logits."""
-    fp32 = run.engine("onnxruntime", "fp32")
+    fp32 = run.engine(ONNXRUNTIME.name, "fp32")
     run.warm_up("onnxruntime", fp32)
     run.inprocess("onnxruntime", fp32, a1, run.plan.ort_a)
     fp32_b = run.inprocess("onnxruntime", fp32, b, run.plan.ort_b)
@@ -832,12 +827,12 @@ def _variants(args: argparse.Namespace, models: Models, auto: dict[str, Any] | N
     """The in-process (runtime, precision) pairs other than ONNX Runtime fp32 that this run measures."""
     variants: list[tuple[str, str]] = []
     if models.int8_repository is not None:
-        variants.append(("onnxruntime", "int8"))
+        variants.append((ONNXRUNTIME.name, "int8"))
     if not args.skip_torch:
-        variants += [("torch", "fp32"), ("torch", "bf16")]
+        variants += [(TORCH.name, "fp32"), (TORCH.name, "bf16")]
         if _has_packed():
-            variants += [("packed", "fp32"), ("packed", "bf16")]
-    if auto is not None and (auto["runtime"], auto["precision"]) not in [*variants, ("onnxruntime", "fp32")]:
+            variants += [(PACKED.name, "fp32"), (PACKED.name, "bf16")]
+    if auto is not None and (auto["runtime"], auto["precision"]) not in [*variants, (ONNXRUNTIME.name, "fp32")]:
         variants.append((auto["runtime"], auto["precision"]))
     return variants
 
