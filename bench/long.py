@@ -5,9 +5,9 @@ through `rerank serve`, per runtime, side by side on the machine it runs on.
     python -m bench.long --quick         # the tests' tiny long model (a smoke test)
 
 For each system — the baseline, ONNX Runtime fp32 with routing off (`--long-pair-tokens 0`: the padded graph,
-dense T x T attention in every layer); the default CPU export, ONNX Runtime fp32 with pairs over
-LONG_PAIR_TOKENS routed to the packed engine inside the same model; the packed engine alone in fp32 and in
-bf16 (`modernbert_packed.py`: no padding, no T x T buffer, blocked window attention on local layers) — it
+dense T x T attention in every layer); the default export (`--precision auto`, whatever it picks on this CPU);
+and each CPU choice a user can name (ONNX Runtime fp32 and int8, transformers' padded model in bf16, the packed
+engine in bf16), all of which run pairs over their long-pair threshold on the packed engine —it
 exports the same checkpoint, serves it, warms it up with a short call, and then times one call of one
 8,192-token pair while sampling the Triton side's RSS (tritonserver and its Python-backend stub). It reports
 the time, the peak RSS, the RSS 2 s after the call against the idle level, each logit against the baseline's
@@ -30,19 +30,26 @@ from typing import Any
 
 from bench.served import RERANK, Sampler, ServedStack, process_rss
 from rerank_client import AsyncRerankClient
-from rerank_server.testing import TINY_CONFIG, save_random_checkpoint
+from rerank_server.testing import TINY_CONFIG, exported_parameters, save_random_checkpoint
+from rerank_triton_model.runtimes import PACKED, TORCH
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "modernbert-tokenizer"
-# name, export arguments; the first is the baseline the others are compared with.
+# name, export arguments; the first is the baseline the others are compared with. Every CPU choice serves
+# its long pairs on the packed engine (runtimes.long_pairs): in bf16 for bf16, else fp32.
 BASELINE = "onnxruntime fp32, routing off"
-DEFAULT = "onnxruntime fp32, long pairs packed (default)"
+DEFAULT = "default export (--precision auto)"
+ROUTED = "onnxruntime fp32, long pairs packed"
 SYSTEMS = (
     (BASELINE, ("--precision", "fp32", "--long-pair-tokens", "0")),
-    (DEFAULT, ("--precision", "fp32")),
-    ("packed fp32", ("--runtime", "packed", "--precision", "fp32")),
-    ("packed bf16", ("--runtime", "packed", "--precision", "bf16")),
+    (DEFAULT, ()),
+    (ROUTED, ("--precision", "fp32")),
+    ("onnxruntime int8", ("--precision", "int8")),
+    ("torch bf16", ("--precision", "bf16", "--runtime", TORCH.name)),
+    ("packed bf16", ("--precision", "bf16", "--runtime", PACKED.name)),
 )
+# --quick: auto's measurement stops after its minimum rounds (the tiny model's timings decide nothing).
+QUICK_AUTO = ("--auto-seconds", "0")
 LONG_PAIRS = "rerank_model_long_pairs_total"
 QUICK_CONFIG = {**TINY_CONFIG, "max_position_embeddings": 8192, "local_attention": 64}
 GIB = 2**30
@@ -104,22 +111,30 @@ def main(argv: list[str] | None = None) -> int:
         for index, (name, export_args) in enumerate(SYSTEMS):
             repository = work / f"repository-{index}"
             export = [RERANK, "export", "--model", str(work / "checkpoint"), "--output", str(repository)]
-            done = subprocess.run([*export, *export_args], capture_output=True, text=True)
+            extra = QUICK_AUTO if args.quick and name == DEFAULT else ()
+            done = subprocess.run([*export, *export_args, *extra], capture_output=True, text=True)
             if done.returncode != 0:
                 print(done.stderr[-3000:], file=sys.stderr)
                 return 1
             print(f"{name}: exported; serving one 8192-token pair", file=sys.stderr, flush=True)
-            results["systems"][name] = measure(repository, work / f"serve-{index}.log", query, document)
+            parameters = exported_parameters(repository / "reranker")
+            results["systems"][name] = {
+                "runtime": parameters.runtime,
+                "precision": parameters.precision,
+                "long_pair_tokens": parameters.long_pair_tokens,
+                **measure(repository, work / f"serve-{index}.log", query, document),
+            }
             print(f"{name}: {results['systems'][name]}", file=sys.stderr, flush=True)
     reference = results["systems"][BASELINE]
     lines = [
-        "| served, one 8,192-token pair | seconds | x baseline time | Triton peak RSS GiB | after - idle GiB "
-        "| logit - baseline's | pairs routed to the packed engine |",
-        "|---|--:|--:|--:|--:|--:|--:|",
+        "| served, one 8,192-token pair | exported as | seconds | x baseline time | Triton peak RSS GiB "
+        "| after - idle GiB | logit - baseline's | pairs routed to the packed engine |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
     ]
     for name, figures in results["systems"].items():
         lines.append(
-            f"| {name} | {figures['seconds']:.1f} | {figures['seconds'] / reference['seconds']:.2f} "
+            f"| {name} | {figures['precision']} ({figures['runtime']}) "
+            f"| {figures['seconds']:.1f} | {figures['seconds'] / reference['seconds']:.2f} "
             f"| {figures['peak_rss_gib']:.2f} | {figures['after_rss_gib'] - figures['idle_rss_gib']:+.2f} "
             f"| {figures['logit'] - reference['logit']:+.1e} | {figures['long_pairs_packed']:.0f} |"
         )

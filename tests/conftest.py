@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 from rerank_server.testing import TINY_CONFIG, free_port, save_random_checkpoint, wait_until_serving
+from rerank_triton_model.runtimes import PACKED, TORCH
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER_DIR = FIXTURES / "modernbert-tokenizer"
@@ -67,11 +68,11 @@ MODELS = {
     # on any CPU, which the tests of drain, overload, deadlines and connection age need a call to take.
     "reranker_long_dense": ModelSpec(LONG_CONFIG, 2, ("--max-batch-tokens", "16384", "--long-pair-tokens", "0")),
     # reranker_mean's weights (same shape and seed) run by PyTorch inside Triton instead of ONNX Runtime.
-    "reranker_torch": ModelSpec(MEAN_POOLING_CONFIG, 1, ("--runtime", "torch")),
+    "reranker_torch": ModelSpec(MEAN_POOLING_CONFIG, 1, ("--runtime", TORCH.name)),
     # The packed (unpadded) engine, with a small token budget so that requests run as several packed runs.
-    "reranker_packed": ModelSpec(PACKED_CONFIG, 3, ("--runtime", "packed", "--max-batch-tokens", "600")),
+    "reranker_packed": ModelSpec(PACKED_CONFIG, 3, ("--runtime", PACKED.name, "--max-batch-tokens", "600")),
     # reranker_long's weights in the packed engine: one 8192-token pair per run.
-    "reranker_long_packed": ModelSpec(LONG_CONFIG, 2, ("--runtime", "packed", "--max-batch-tokens", "8192")),
+    "reranker_long_packed": ModelSpec(LONG_CONFIG, 2, ("--runtime", PACKED.name, "--max-batch-tokens", "8192")),
 }
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from bench import long as bench_long
 from bench import workloads
+from rerank_triton_model.runtimes import PACKED, runtime
 from tests.conftest import TOKENIZER_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,7 +203,7 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path) -> None:
     for name, found in results["agreement_with_fp32_eager"].items():
         assert found["max_abs_diff"] < 1e-3 and found["top10_overlap"] == 1.0, (name, found)
     assert results["instance_kind"] == "KIND_CPU" and results["precision"] == "fp32"
-    assert results["runtime"] == "packed"
+    assert results["runtime"] == PACKED.name
     assert "packed-engine/padded-engine (b)" in results["ratios"]
     assert "| served | c |" in (output / "gpu-results.md").read_text()
     assert (output / "gpu-results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -219,12 +221,18 @@ def test_long_document_check_runs_end_to_end(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((tmp_path / "long.json").read_text())
     systems = results["systems"]
-    baseline, default = "onnxruntime fp32, routing off", "onnxruntime fp32, long pairs packed (default)"
-    assert set(systems) == {baseline, default, "packed fp32", "packed bf16"}
+    baseline, routed = bench_long.BASELINE, bench_long.ROUTED
+    assert set(systems) == {name for name, _ in bench_long.SYSTEMS}
     # The packed engine computes what the exported graph computes, unpadded and windowed.
-    assert abs(systems["packed fp32"]["logit"] - systems[baseline]["logit"]) < 1e-3
-    assert abs(systems[default]["logit"] - systems[baseline]["logit"]) < 1e-3
-    # The default export routed its 8192-token pair to the packed engine; routing off kept it on the graph.
-    assert systems[default]["long_pairs_packed"] == 1 and systems[baseline]["long_pairs_packed"] == 0
+    assert abs(systems[routed]["logit"] - systems[baseline]["logit"]) < 1e-3
+    # Every CPU choice ran its 8192-token pair on the packed engine: the dense runtimes routed it there
+    # (in fp32 for int8, in bf16 for bf16), the packed engine computed it itself; routing off kept it on the graph.
+    assert systems[baseline]["long_pairs_packed"] == 0
+    for name, figures in systems.items():
+        served_by_packed = runtime(figures["runtime"]).packed
+        if name != baseline:
+            assert figures["long_pairs_packed"] == (0 if served_by_packed else 1), (name, figures)
+            assert served_by_packed or 0 < figures["long_pair_tokens"] < 8192, (name, figures)
+    assert (systems["onnxruntime int8"]["precision"], systems["torch bf16"]["precision"]) == ("int8", "bf16")
     assert all(figures["peak_rss_gib"] >= figures["idle_rss_gib"] > 0 for figures in systems.values())
-    assert "| packed bf16 |" in done.stdout
+    assert "| packed bf16 | bf16 (packed) |" in done.stdout

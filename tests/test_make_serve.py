@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from rerank_server.testing import exported_parameters, wait_until_serving
+from rerank_triton_model.runtimes import ONNXRUNTIME
 from tests.conftest import RERANK, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,5 +53,5 @@ def test_make_serve_exports_a_local_checkpoint_once_and_answers_the_cli(
     parameters = exported_parameters(repository / "reranker")
     assert parameters.precision_reason.startswith("auto: ")
     assert parameters.source_model == checkpoints["reranker_long"].name
-    assert parameters.fp32_runtime == "onnxruntime"  # every CPU can fall back to it, so it routes long pairs
+    assert parameters.fp32_runtime == ONNXRUNTIME.name  # every CPU can fall back to it, so it routes long pairs
     assert parameters.long_pair_tokens > 0 and (repository / "reranker" / "1" / parameters.long_weights).is_dir()
