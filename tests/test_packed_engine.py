@@ -30,7 +30,7 @@ from rerank_triton_model.modernbert_packed import (
     select_attention_backend,
 )
 from rerank_triton_model.reranker_engine import PackedReranker
-from rerank_triton_model.runtimes import CPU, RUNTIMES, Runtime
+from rerank_triton_model.runtimes import CPU, FP32, GPU, RUNTIMES, Runtime
 from tests.reference import CloseCandidates, close_candidates, distinct
 
 TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "modernbert-tokenizer"
@@ -459,13 +459,25 @@ def candidates(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFa
     return close_candidates(checkpoints["reranker_mean"], tmp_path_factory.mktemp("close") / "checkpoint")
 
 
-@pytest.mark.parametrize("served", [r for r in RUNTIMES.values() if r.offers(CPU, "bf16")], ids=lambda r: r.name)
-def test_bf16_logits_are_as_distinct_as_fp32s(served: Runtime, candidates: CloseCandidates) -> None:
+# Every PyTorch runtime in every reduced precision it offers on a device: the GPU's fp16 too, computed by the
+# same code on the CPU (torch has CPU fp16 kernels), so that its fp32 head is checked without a GPU.
+REDUCED = [
+    (served, precision)
+    for served in RUNTIMES.values()
+    if not served.graph
+    for precision in sorted({*served.precisions[CPU], *served.precisions[GPU]} - {FP32})
+]
+
+
+@pytest.mark.parametrize(("served", "precision"), REDUCED, ids=lambda v: getattr(v, "name", v))
+def test_reduced_precision_logits_are_as_distinct_as_fp32s(
+    served: Runtime, precision: str, candidates: CloseCandidates
+) -> None:
     """Close candidates (fp32 logits within about ±1, most of which bf16's resolution would merge): the
-    bf16 engines compute the final norm, pooling and head in fp32 and return as many distinct logits."""
+    engines compute the final norm, pooling and head in fp32 and return as many distinct logits."""
     ids, lengths = candidates.ragged()
     engine = served.build(
-        str(candidates.checkpoint), device="cpu", precision="bf16", pad_token_id=0, max_batch_tokens=4096
+        str(candidates.checkpoint), device="cpu", precision=precision, pad_token_id=0, max_batch_tokens=4096
     )
     logits = engine.score(ids, lengths)
     assert distinct(logits) == distinct(candidates.expected) == len(candidates.documents)
