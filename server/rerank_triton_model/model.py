@@ -89,7 +89,7 @@ class _Metrics:
         )
         self.long_family = pb_utils.MetricFamily(
             name="rerank_model_long_pairs_total",
-            description="pairs over the model's long_pair_tokens, computed on the packed engine (CPU, ONNX Runtime)",
+            description="pairs over the model's long_pair_tokens, computed on the packed engine (CPU, dense runtimes)",
             kind=pb_utils.MetricFamily.COUNTER,
         )
         self.computed = self.pairs_family.Metric(labels={"model": model, "outcome": "computed"})

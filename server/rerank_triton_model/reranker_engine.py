@@ -287,8 +287,9 @@ def _collect(sub_batches: Iterator[tuple[SubBatch, np.ndarray]], pairs: int) -> 
 class RoutedReranker:
     """Pairs longer than `long_pair_tokens` on `long` (the packed engine), the others on `short`.
 
-    For CPU models ONNX Runtime serves: its graph computes dense T x T attention in every layer (an
-    8,192-token pair on ModernBERT-base: 52 s and 17 GiB held), the packed engine O(T * window) in local
+    For CPU models served by a dense runtime (ONNX Runtime, transformers' padded model): they compute dense
+    T x T attention in every layer (an 8,192-token pair on ModernBERT-base, ONNX Runtime fp32: 52 s and
+    17 GiB held), the packed engine O(T * window) in local
     layers and no T x T buffer anywhere. Each engine plans its own sub-batches under its token budget;
     `active` is asked before each of them, and sub-batches come back with indices into the whole batch.
     `on_long(pairs)`, when set, is called after each long sub-batch has run (a model metric).

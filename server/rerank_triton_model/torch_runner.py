@@ -1,8 +1,8 @@
 """The PyTorch runtimes: padded sub-batches through transformers' sequence classifier (TorchRunner),
 or packed ones through modernbert_packed.PackedModernBert (PackedTorchRunner).
 
-`rerank export --runtime torch` saves the checkpoint (in the served precision) next to this file,
-`--runtime packed` saves it in fp32 and the runner casts it to the served precision at load;
+`rerank export` saves the fp32 checkpoint (`model/` in the version folder) for either runtime; the runner
+casts it to the served precision at load (the final norm, pooling and head stay fp32: full_resolution_head);
 reranker_engine.PackedReranker.from_pretrained builds a runner over it. On GPUs these run fp16/bf16
 where the ONNX graph would need onnxruntime-gpu; the packed engine (varlen flash attention with the
 local window, no padding) is the GPU default; on CPUs it serves long documents without a T x T buffer.
