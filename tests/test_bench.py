@@ -205,6 +205,7 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path) -> None:
     assert results["instance_kind"] == "KIND_CPU" and results["precision"] == "fp32"
     assert results["runtime"] == PACKED.name
     assert "packed-engine/padded-engine (b)" in results["ratios"]
+    assert results["ratios"]["fp16 distinct logits / fp32's"] == 1.0  # fp32 here: as distinct as eager
     assert "| served | c |" in (output / "gpu-results.md").read_text()
     assert (output / "gpu-results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
