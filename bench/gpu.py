@@ -46,16 +46,9 @@ from typing import Any
 import numpy as np
 
 from bench import workloads
-from bench.run import (
-    QUICK_CONFIG,
-    RERANK,
-    TOKENIZER_DIR,
-    Progress,
-    machine_info,
-    run_batched,
-    run_inprocess,
-    run_served,
-)
+from bench.common import RERANK, TOKENIZER_DIR, Progress, machine_info
+from bench.measure import run_batched, run_inprocess, run_served
+from bench.models import QUICK_CONFIG
 from bench.workloads import Request, Workload
 from rerank_server.export.agreement import SPEARMAN_BOUND, TOP10_OVERLAP_BOUND, agreement
 from rerank_triton_model.contract import ModelParameters
@@ -65,7 +58,7 @@ EAGER_BATCH = 32  # sentence-transformers' default batch size
 # In-process "large batches of (a)'s shape": this many (a) pairs per call, under this token budget.
 LARGE_PAIRS = 512
 LARGE_BUDGET = 65536
-# The issue's targets (H200), each a ratio of two measurements of this run.
+# The targets on an H200, each a ratio of two measurements of this run.
 TARGETS = {
     "served/packed-engine (a) c16": 0.9,
     "served/packed-engine (c)": 0.9,
@@ -392,7 +385,7 @@ def _rate(
 
 
 def _ratios(run: _Session, top: int, c: Workload) -> dict[str, float]:
-    """The issue's ratios (TARGETS names most), and the fp16 served model's agreement with fp32 eager."""
+    """The target ratios (TARGETS names most), and the fp16 served model's agreement with fp32 eager."""
     rate = partial(_rate, run.measurements)
     served = run.agreements["served"]
     return {

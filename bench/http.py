@@ -30,15 +30,13 @@ from typing import Any
 import aiohttp
 
 from bench import workloads
+from bench.common import RERANK, ROOT, TOKENIZER_DIR
 from bench.served import ServedStack
 from bench.workloads import Request, Workload
 from rerank_client import AsyncRerankClient
 from rerank_server.first_contact import DEMO_CONFIG
 from rerank_server.testing import TINY_CONFIG, save_random_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "modernbert-tokenizer"
-RERANK = str(Path(sys.executable).parent / "rerank")
 TARGET_RATIO = 0.95
 # Random checkpoints: ModernBERT-base's sizes (transformers' defaults, initializer 0.02), make demo's, the tests'.
 SIZES: dict[str, dict[str, Any]] = {"base": {"initializer_range": 0.02}, "demo": DEMO_CONFIG, "tiny": TINY_CONFIG}

@@ -12,8 +12,8 @@ exports the same checkpoint, serves it, warms it up with a short call, and then 
 8,192-token pair while sampling the Triton side's RSS (tritonserver and its Python-backend stub). It reports
 the time, the peak RSS, the RSS 2 s after the call against the idle level, each logit against the baseline's
 (the export checks that graph against eager) and the pairs the model counted on its packed engine
-(rerank_model_long_pairs_total). Writes <output>/long.json and prints a Markdown table with the ratios of the
-issue's targets.
+(rerank_model_long_pairs_total). Writes <output>/long.json and prints a Markdown table with the ratios to the
+baseline.
 """
 
 from __future__ import annotations
@@ -28,13 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.served import RERANK, Sampler, ServedStack, process_rss
+from bench.common import RERANK, ROOT, TOKENIZER_DIR
+from bench.served import Sampler, ServedStack, process_rss
 from rerank_client import AsyncRerankClient
 from rerank_server.testing import TINY_CONFIG, exported_parameters, save_random_checkpoint
 from rerank_triton_model.runtimes import PACKED, TORCH
 
-ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "modernbert-tokenizer"
 # name, export arguments; the first is the baseline the others are compared with. Every CPU choice serves
 # its long pairs on the packed engine (runtimes.long_pairs): in bf16 for bf16, else fp32.
 BASELINE = "onnxruntime fp32, routing off"
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the tests' tiny 8192-token model")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
-    from bench.run import machine_info
+    from bench.common import machine_info
 
     query = "how to implement quick sort in python?"
     document = long_document()

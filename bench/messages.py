@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.served import RERANK, ServedStack
+from bench.common import RERANK, TOKENIZER_DIR
+from bench.served import ServedStack
 from rerank_client import RerankClient
 from rerank_server.testing import TINY_CONFIG, save_random_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "modernbert-tokenizer"
 MIB = 1 << 20
 
 # Four calls at once of a message of SIZE bytes, from their own process (so that building and sending

@@ -17,7 +17,7 @@ SYSTEM_LABELS = {
     "served": "served (gRPC frontend + Triton)",
     "served-auto": "served, --precision auto",
 }
-# The issue's bounds on a reduced precision's ranking against fp32, on (b).
+# A reduced precision ranks like fp32 on (b) when it meets these bounds.
 AUTO_TOP10, AUTO_SPEARMAN = 0.95, 0.99
 
 
@@ -55,7 +55,7 @@ RATIOS = (
         ("served", "a", "mid"),
         ORT_A,
         0.95,
-        "pairs/s (informative: no target in the issue)",
+        "pairs/s (informative: no target of its own)",
     ),
     Ratio("served / in-process ORT, (a) concurrency {concurrency}", ("served", "a", "high"), ORT_A, 0.95),
     Ratio("served / CrossEncoder, (b)", ("served", "b", "low"), ("crossencoder", "b", "low"), 3.0),
@@ -76,7 +76,8 @@ RATIOS = (
     ),
     Ratio("int8 / fp32 in-process ORT, (b)", ("onnxruntime-int8", "b", "low"), ORT_B, 2.0),
 )
-# Issue 11: served auto against served fp32, and against the same precision in-process.
+# `--precision auto` served against served fp32 (what choosing buys), and against the same precision
+# in-process (what serving it costs).
 AUTO_RATIOS = (
     Ratio("served auto ({auto}) / served fp32, (a) concurrency 1", ("served-auto", "a", "low"), SERVED_A, 1.7),
     Ratio("served auto ({auto}) / served fp32, (b)", ("served-auto", "b", "low"), ("served", "b", "low"), 1.7),
@@ -138,7 +139,7 @@ def _ratio(measurements: list[dict[str, Any]], ratio: Ratio, names: dict[str, st
 def ratios(
     measurements: list[dict[str, Any]], agreement: dict[str, Any], auto: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    """The issues' targets, each as value / target / met; a ratio whose runs were skipped is left out."""
+    """The targets, each as value / target / met; a ratio whose runs were skipped is left out."""
     found = [_ratio(measurements, r, {}) for r in RATIOS]
     if auto is not None:
         names = {"auto": f"{auto['precision']}, {auto['runtime']}", "same": auto["system"]}

@@ -8,7 +8,6 @@ import os
 import re
 import resource
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -19,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from bench.common import RERANK
 from bench.workloads import Request, Workload
 from rerank_client import AsyncRerankClient
 from rerank_server.testing import free_port, wait_until_serving
 from rerank_server.triton_launcher import tail
 
-RERANK = str(Path(sys.executable).parent / "rerank")
 TRITON_NAMES = ("tritonserver", "triton_python_backend_stub")
 _METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN)$")
 
@@ -131,8 +130,10 @@ class ServedStack:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         target = f"127.0.0.1:{port}"
         if not wait_until_serving(target, process, timeout_s):
+            code = process.poll()
             process.kill()
-            raise RuntimeError(f"rerank serve did not start within {timeout_s:.0f}s:\n{tail(log_path)}")
+            why = f"exited with {code}" if code is not None else f"did not start within {timeout_s:.0f}s"
+            raise RuntimeError(f"rerank serve {why}:\n{tail(log_path)}")
         frontend = psutil.Process(process.pid)
         triton = [p for p in frontend.children(recursive=True) if p.name() in TRITON_NAMES]
         if not any(p.name() == "tritonserver" for p in triton):

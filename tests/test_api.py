@@ -92,7 +92,7 @@ def test_none_truncation_refuses_a_pair_that_does_not_fit(client: RerankClient, 
     assert len(reference.tokenizer([QUERY], [documents[1]])["input_ids"][0]) > 64
     with pytest.raises(InvalidRequestError) as caught:
         client.rerank(QUERY, documents, truncation="none", max_length=64)
-    # The document is tokenized only as far as the answer needs, so the length is a bound (issue 13).
+    # The document is tokenized only as far as the answer needs, so the length is a bound.
     assert "document 1 does not fit: with the query it is more than 64 tokens long and max_length is 64" in str(
         caught.value
     )

@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from tokenizers import Tokenizer
 
 from bench import long as bench_long
@@ -114,11 +115,18 @@ def test_quick_mode_runs_end_to_end(tmp_path: Path) -> None:
         assert m["pairs_per_s"] > 0 and m["tokens_per_s"] > m["pairs_per_s"]
         assert 0 < m["latency_ms"]["p50"] <= m["latency_ms"]["p99"] <= m["latency_ms"]["max"] * 1.0001
         assert m["padding_waste"] >= 1.0
+    cores = results["machine"]["cores"]
     for m in served:
-        assert 0 <= m["frontend_cpu_share"] < 1  # psutil counts CPU in 10 ms ticks: a quick run may use none
-        assert m["frontend_cpu_s"] >= 0 and m["triton_cpu_s"] > 0
+        frontend_s, triton_s = m["frontend_cpu_s"], m["triton_cpu_s"]
+        assert triton_s > 0
+        assert m["frontend_cpu_share"] == pytest.approx(frontend_s / (frontend_s + triton_s))
+        assert m["cpu_utilisation"] == pytest.approx((frontend_s + triton_s) / (m["wall_s"] * cores))
+        # The server's processes cannot use more CPU than the cores give in the run's time (10 ms ticks).
+        assert frontend_s + triton_s <= m["wall_s"] * cores + 0.05, m
         assert m["frontend_peak_rss_mib"] > 20 and m["triton_peak_rss_mib"] > 20
         assert m["triton"]["executions"] >= 1 and m["triton"]["compute_s"] > 0
+    # psutil counts CPU in 10 ms ticks, so one short run may show none; every served run together cannot.
+    assert sum(m["frontend_cpu_s"] for m in served) > 0
     fixed = [m for m in measurements if m["workload"] == "a"]
     assert all(m["padding_waste"] == 1.0 for m in fixed), "equal lengths need no padding"
 

@@ -1,4 +1,4 @@
-"""Hostile and heavy input on loopback against a real Triton (issue 13): what a refused message costs
+"""Hostile and heavy input on loopback against a real Triton: what a refused message costs
 before the limits and before auth, work that stops when the caller does, a bounded tokenization
 queue, malformed stream messages, deadline accounting, auth details, and steady Triton recovery.
 Every flood is bounded in count and time."""
@@ -425,7 +425,7 @@ def wait_gone(process: psutil.Process, timeout_s: float) -> bool:
     return True
 
 
-# -- metrics label values come from a fixed set, whatever callers send (HTTP issue, defect 5) ------------
+# -- metrics label values come from a fixed set, whatever callers send -----------------------------
 
 
 def test_invented_method_names_do_not_grow_the_metrics(guarded: Stack) -> None:

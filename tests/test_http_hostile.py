@@ -275,7 +275,7 @@ def test_running_out_of_descriptors_logs_a_few_lines_and_recovers(stack: Stack, 
             for sock in held:
                 sock.close()
         lines = limited.output[lines_before:]
-        # Before: asyncio logged a traceback per backlog slot per retry, 10,000 lines a second.
+        # Unlimited, asyncio logs a traceback per backlog slot per retry: 10,000 lines a second.
         reports = [line for line in lines if "accept" in line]
         assert 1 <= len(reports) <= 3, "".join(lines[-50:])
         assert sample(scrape(limited.metrics_url), "rerank_accept_errors_total") >= 1
