@@ -195,22 +195,3 @@ def run_served(
             "compute_s": delta.get("nv_inference_compute_infer_duration_us", 0.0) / 1e6,
         },
     )
-
-
-def agreement(reference: np.ndarray, other: np.ndarray, top: int = 10) -> dict[str, float]:
-    """How far `other` ranks like `reference`: top-k overlap, Spearman, and the error against the spread."""
-    from scipy.stats import spearmanr
-
-    top_reference = set(np.argsort(-reference, kind="stable")[:top].tolist())
-    top_other = set(np.argsort(-other, kind="stable")[:top].tolist())
-    error = other.astype(np.float64) - reference
-    spread = float(np.std(reference))
-    return {
-        "documents": int(reference.size),
-        "top10_overlap": len(top_reference & top_other) / top,
-        "spearman": float(spearmanr(reference, other).statistic),
-        "max_abs_diff": float(np.abs(error).max()),
-        "rms_diff": float(np.sqrt(np.mean(error**2))),
-        "fp32_logit_std": spread,
-        "noise_to_spread": float(np.sqrt(np.mean(error**2)) / spread) if spread else float("inf"),
-    }

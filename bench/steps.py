@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bench.common import Progress, Quiet
-from bench.measure import agreement, pair_inputs, run_crossencoder, run_inprocess, run_served
+from bench.measure import pair_inputs, run_crossencoder, run_inprocess, run_served
 from bench.models import SYSTEMS, Models, auto_choice
 from bench.profiles import gemm_check, op_profile
 from bench.workloads import Request, Workload
+from rerank_server.export.agreement import agreement
 from rerank_triton_model.runtimes import ONNXRUNTIME, PACKED, TORCH
 
 if TYPE_CHECKING:
@@ -212,7 +213,9 @@ def _measure_variants(run: _Session, a1: Workload, b: Workload, c: Workload, fp3
             run.warm_up(system, variant)
             run.inprocess(system, variant, a1, run.plan.variant_a)
             repeats_b = run.plan.int8_b if system == "onnxruntime-int8" else run.plan.variant_b
-            run.agreements[f"{system}_vs_fp32"] = agreement(fp32_b, run.inprocess(system, variant, b, repeats_b))
+            run.agreements[f"{system}_vs_fp32"] = agreement(
+                fp32_b, run.inprocess(system, variant, b, repeats_b)
+            ).as_dict()
             if auto is not None and system == auto["system"]:
                 run.inprocess(system, variant, c, run.plan.inprocess_c)
             if system == "onnxruntime-int8" and not run.args.skip_profile:
@@ -265,7 +268,7 @@ def _measure_served(
                 run.failed(system, workload.name, error)
         (request,) = b.requests
         logits, precision = asyncio.run(served_logits(stack.target, request))
-        run.agreements[f"{system}_vs_fp32"] = {**agreement(fp32_b, logits), "precision": precision}
+        run.agreements[f"{system}_vs_fp32"] = {**agreement(fp32_b, logits).as_dict(), "precision": precision}
     finally:
         sampler.stop()
         code = stack.stop()

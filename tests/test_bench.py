@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -14,6 +15,7 @@ from tokenizers import Tokenizer
 
 from bench import long as bench_long
 from bench import workloads
+from rerank_server.export.agreement import SPEARMAN_BOUND, TOP10_OVERLAP_BOUND
 from rerank_triton_model.runtimes import PACKED, runtime
 from tests.conftest import TOKENIZER_DIR
 
@@ -134,7 +136,14 @@ def test_quick_mode_runs_end_to_end(tmp_path: Path) -> None:
     int8 = agreement["int8_vs_fp32"]
     assert 0 <= int8["top10_overlap"] <= 1 and -1 <= int8["spearman"] <= 1 and int8["documents"] == 16
     for system in SYSTEMS - {"onnxruntime", "crossencoder"}:
-        assert agreement[f"{system}_vs_fp32"]["documents"] == 16, system
+        found = agreement[f"{system}_vs_fp32"]
+        assert found["documents"] == 16, system
+        # Judged by the bounds the export's auto choice uses (rerank_server.export.agreement).
+        assert found["agrees"] == (
+            found["top10_overlap"] >= TOP10_OVERLAP_BOUND and found["spearman"] >= SPEARMAN_BOUND
+        )
+    served_auto_bounds = [r["target"] for r in results["ratios"] if re.match(r"served auto \(.*\) vs fp32", r["name"])]
+    assert sorted(served_auto_bounds) == [TOP10_OVERLAP_BOUND, SPEARMAN_BOUND]
     # fp32 everywhere computes the same logits; served, the model's precision is the one reported.
     for system in ("torch", "packed", "served"):
         assert agreement[f"{system}_vs_fp32"]["max_abs_diff"] < 1e-3, system
