@@ -33,6 +33,11 @@ from tests.test_operations import sample, scrape
 from tests.texts import QUERY, text
 
 COHERE_V1, COHERE_V2, TEI, NIM = "/v1/rerank", "/v2/rerank", "/rerank", "/v1/ranking"
+VLLM_SCORE, VLLM_SCORE_V1 = "/score", "/v1/score"
+VLLM = (VLLM_SCORE, VLLM_SCORE_V1)
+# Each ranking route's query and document-list fields.
+QUERY_FIELD = dict.fromkeys(VLLM, "text_1")
+DOCUMENTS_FIELD = {TEI: "texts", NIM: "passages", **dict.fromkeys(VLLM, "text_2")}
 
 
 def good_body(path: str, documents: list[str], **extra: Any) -> dict[str, Any]:
@@ -42,11 +47,15 @@ def good_body(path: str, documents: list[str], **extra: Any) -> dict[str, Any]:
         return {"model": "any", "query": {"text": QUERY}, "passages": [{"text": d} for d in documents], **extra}
     if path in (COHERE_V1, COHERE_V2):
         return {"model": "any", "query": QUERY, "documents": documents, **extra}
+    if path in VLLM:
+        return {"model": "any", "text_1": QUERY, "text_2": documents, **extra}
     raise AssertionError(f"no request body known for {path}: add the new API's to good_body")
 
 
 def cutting(path: str) -> dict[str, Any]:
-    """The field that turns END truncation on where it is not the default (NIM)."""
+    """The field that turns END truncation on where it is not the default (NIM, vLLM)."""
+    if path in VLLM:
+        return {"truncate_prompt_tokens": -1}
     return {"truncate": "END"} if path == NIM else {}
 
 
@@ -60,6 +69,10 @@ def assert_shape(path: str, response: httpx.Response, status: int, *fragments: s
     elif path == NIM:
         assert {"status", "title", "detail"} <= set(body) and body["status"] == status, body
         message = body["detail"]
+    elif path in VLLM:
+        assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+        assert body["error"]["code"] == status and body["error"]["type"].endswith("Error"), body
+        message = body["error"]["message"]
     elif path == COHERE_V1:  # Cohere v1 reads `message`, Jina `detail`
         assert body["message"] == body["detail"], body
         message = body["message"]
@@ -88,11 +101,13 @@ def base_url(stack: Stack) -> str:
 
 # Every route that ranks, as the server declares them: a new API's ranking route gets every test below.
 ALL = RANKING_PATHS
-INVALID = {COHERE_V1: 400, COHERE_V2: 400, TEI: 422, NIM: 422}
+INVALID = {COHERE_V1: 400, COHERE_V2: 400, TEI: 422, NIM: 422, VLLM_SCORE: 400, VLLM_SCORE_V1: 400}
+# Bad input by a size limit (too many documents, a text too long with truncation off): TEI says 413.
+OVER_LIMIT = {**INVALID, TEI: 413}
 
 
 def test_the_declared_ranking_routes_are_the_ones_these_tests_know() -> None:
-    assert set(ALL) == {COHERE_V1, COHERE_V2, TEI, NIM}
+    assert set(ALL) == {COHERE_V1, COHERE_V2, TEI, NIM, VLLM_SCORE, VLLM_SCORE_V1}
 
 
 def test_every_route_the_app_serves_is_declared_once_with_its_shape() -> None:
@@ -110,9 +125,13 @@ def test_every_route_the_app_serves_is_declared_once_with_its_shape() -> None:
         "/health": "tei",
         NIM: "nim",
         "/v1/models": "nim",
+        "/v1/health/live": "nim",
+        "/v1/health/ready": "nim",
+        VLLM_SCORE: "vllm",
+        VLLM_SCORE_V1: "vllm",
     }
     assert shape_for("/v1/models/other").surface == "nim" and shape_for("/nowhere").surface == "cohere"
-    assert {"/health"} == OPEN_PATHS
+    assert {"/health", "/v1/health/live", "/v1/health/ready"} == OPEN_PATHS
 
 
 @pytest.mark.parametrize("path", ALL)
@@ -126,10 +145,12 @@ def test_malformed_json_empty_body_and_wrong_types_are_refused_in_the_apis_shape
     assert_shape(path, httpx.post(url, json=[1, 2, 3]), status)
     form = httpx.post(url, content=json.dumps(good_body(path, ["a"])).encode())  # no content-type
     assert_shape(path, form, status, "content-type: application/json")
-    wrong_query = {**good_body(path, ["a"]), "query": 5 if path != NIM else {"text": 5}}
-    assert_shape(path, httpx.post(url, json=wrong_query), status, "query")
-    documents_field = {TEI: "texts", NIM: "passages"}.get(path, "documents")
-    wrong_documents = {**good_body(path, ["a"]), documents_field: "not a list"}
+    query_field = QUERY_FIELD.get(path, "query")
+    wrong_query = {**good_body(path, ["a"]), query_field: 5 if path != NIM else {"text": 5}}
+    assert_shape(path, httpx.post(url, json=wrong_query), status, query_field)
+    documents_field = DOCUMENTS_FIELD.get(path, "documents")
+    # vLLM's text_2 may be one string.
+    wrong_documents = {**good_body(path, ["a"]), documents_field: 5 if path in VLLM else "not a list"}
     assert_shape(path, httpx.post(url, json=wrong_documents), status, documents_field)
     wrong_item = {**good_body(path, ["a"]), documents_field: ["a", None]}
     assert_shape(path, httpx.post(url, json=wrong_item), status, f"{documents_field}[1]")
@@ -140,13 +161,14 @@ def test_malformed_json_empty_body_and_wrong_types_are_refused_in_the_apis_shape
 def test_empty_query_no_documents_and_too_many_documents_are_refused(base_url: str, path: str) -> None:
     status = INVALID[path]
     url = f"{base_url}{path}"
-    documents_field = {TEI: "texts", NIM: "passages"}.get(path, "documents")
+    documents_field = DOCUMENTS_FIELD.get(path, "documents")
+    query_field = QUERY_FIELD.get(path, "query")
     empty_query = good_body(path, ["a"])
-    empty_query["query"] = {"text": "  "} if path == NIM else "  "
-    assert_shape(path, httpx.post(url, json=empty_query), status, "query", "must not be empty")
+    empty_query[query_field] = {"text": "  "} if path == NIM else "  "
+    assert_shape(path, httpx.post(url, json=empty_query), status, query_field, "must not be empty")
     assert_shape(path, httpx.post(url, json=good_body(path, [])), status, documents_field)
     many = httpx.post(url, json=good_body(path, ["a"] * 1001), timeout=60)
-    assert_shape(path, many, status, documents_field, "max_documents")
+    assert_shape(path, many, OVER_LIMIT[path], documents_field, "max_documents")
     still_serving(base_url)
 
 
@@ -177,11 +199,11 @@ def test_truncation_knobs_map_onto_the_core(stack: Stack, base_url: str) -> None
     long = [text(700, seed=3), "short"]  # 700 words pass the tiny model's 512 tokens
     # TEI: truncate false refuses (NONE); absent or true cuts (END); Left is refused.
     refused = httpx.post(f"{base_url}{TEI}", json=good_body(TEI, long, truncate=False))
-    assert_shape(TEI, refused, 422, "texts[0]", "does not fit")
+    assert_shape(TEI, refused, 413, "texts[0]", "does not fit")
     assert httpx.post(f"{base_url}{TEI}", json=good_body(TEI, long)).status_code == 200
     assert httpx.post(f"{base_url}{TEI}", json=good_body(TEI, long, truncate=True)).status_code == 200
-    left = httpx.post(f"{base_url}{TEI}", json=good_body(TEI, long, truncate=True, truncation_direction="Left"))
-    assert_shape(TEI, left, 422, "truncation_direction")
+    odd = httpx.post(f"{base_url}{TEI}", json=good_body(TEI, long, truncation_direction="Middle"))
+    assert_shape(TEI, odd, 422, "truncation_direction")
     # NIM: NONE is the default and refuses; END cuts.
     assert_shape(NIM, httpx.post(f"{base_url}{NIM}", json=good_body(NIM, long)), 422, "passages[0]", "does not fit")
     cut = httpx.post(f"{base_url}{NIM}", json=good_body(NIM, long, truncate="END"))
@@ -380,6 +402,8 @@ def test_overload_is_429_with_retry_after_and_sigterm_drains(stack: Stack, model
         assert_shape(COHERE_V2, late, 503, "shutting down")
         assert late.headers["retry-after"] == "1"
         assert httpx.get(f"{url}/health").status_code == 503
+        assert httpx.get(f"{url}/v1/health/ready").status_code == 503
+        assert httpx.get(f"{url}/v1/health/live").status_code == 200
         first.join(300)
         assert [r.status_code for r in results] == [200]
         assert served.process.wait(60) == 0

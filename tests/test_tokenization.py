@@ -142,3 +142,50 @@ def test_ten_megabytes_of_whitespace_cost_only_the_prefix_they_need() -> None:
     pairs = tokenizer.encode([QUERY, QUERY], [huge, "after"], options(8192))
     assert time.process_time() - started < 30  # a bound on runaway work, not a performance target
     assert pairs.lengths[0] == 8192 and pairs.truncated.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("max_length", [13, 64, 512, 8192])
+def test_start_truncation_equals_transformers_left_truncation(hf_tokenizer, max_length: int) -> None:
+    """START keeps each document's last tokens: transformers' truncation_side="left" on the second text.
+    The longest documents span several backward segments at 8192."""
+    tokenizer = PairTokenizer.from_dir(TOKENIZER_DIR, 8192)
+    documents = [*DOCUMENTS, text(12000, seed=7), "word " * 30000 + "the end"]
+    pairs = tokenizer.encode([QUERY] * len(documents), documents, options(max_length, truncation=Truncation.START))
+    hf_tokenizer.truncation_side = "left"
+    try:
+        expected = hf_tokenizer([QUERY] * len(documents), documents, truncation="only_second", max_length=max_length)
+    finally:
+        hf_tokenizer.truncation_side = "right"
+    for i, ids in enumerate(expected["input_ids"]):
+        assert split(pairs, i) == ids, repr(documents[i][:40])
+    full = hf_tokenizer([QUERY] * len(documents), documents)["input_ids"]
+    assert pairs.truncated.tolist() == [len(f) > max_length for f in full]
+    assert pairs.windows.tolist() == [1] * len(documents)
+
+
+def test_start_truncation_of_ten_megabytes_costs_only_the_suffix_it_needs(hf_tokenizer) -> None:
+    tokenizer = PairTokenizer.from_dir(TOKENIZER_DIR, 8192)
+    huge = "lorem ipsum dolor " * 600_000 + "sit amet at the very end"  # 10 MB
+    started = time.process_time()
+    pairs = tokenizer.encode([QUERY], [huge], options(64, truncation=Truncation.START))
+    assert time.process_time() - started < 30  # a bound on runaway work, not a performance target
+    tail = hf_tokenizer(huge[-2000:], add_special_tokens=False)["input_ids"]
+    assert split(pairs, 0)[-6:-1] == tail[-5:] and pairs.truncated.tolist() == [True]
+
+
+def test_max_windows_keeps_a_documents_first_windows(hf_tokenizer) -> None:
+    tokenizer = PairTokenizer.from_dir(TOKENIZER_DIR, 8192)
+    document = text(300, seed=3)
+    chunk = options(64, truncation=Truncation.CHUNK, chunk_overlap=10)
+    every = tokenizer.encode([QUERY, QUERY], ["short", document], chunk)
+    capped = tokenizer.encode(
+        [QUERY, QUERY], ["short", document], options(64, truncation=Truncation.CHUNK, chunk_overlap=10, max_windows=2)
+    )
+    assert every.windows[1] > 2 and capped.windows.tolist() == [1, 2]
+    assert [split(capped, i) for i in range(3)] == [split(every, i) for i in range(3)]
+    assert capped.truncated.tolist() == [False, True] and not every.truncated.any()
+    # A cap the document does not reach changes nothing.
+    roomy = tokenizer.encode(
+        [QUERY], [document], options(64, truncation=Truncation.CHUNK, chunk_overlap=10, max_windows=1000)
+    )
+    assert roomy.windows[0] == every.windows[1] and not roomy.truncated.any()

@@ -26,6 +26,7 @@ import numpy as np
 from rerank_server.admission import TokenAdmission
 from rerank_server.errors import (
     DeadlineExceededError,
+    InputLimitError,
     InvalidRequestError,
     LimitExceededError,
     ModelNotFoundError,
@@ -40,6 +41,8 @@ from rerank_server.tokenization import (
     EncodeOptions,
     EncodingError,
     PairTokenizer,
+    PairTooLongError,
+    QueryTooLongError,
     StoppedError,
     TokenizedPairs,
     Truncation,
@@ -83,6 +86,7 @@ class ScoreOptions:
     truncation: Truncation = Truncation.END
     max_length: int | None = None  # None: the model's limit
     chunk_overlap: int | None = None  # None: the server's default (--chunk-overlap-tokens)
+    max_chunks: int | None = None  # CHUNK: windows scored per document, its first ones; None: all
 
 
 @dataclass(frozen=True)
@@ -298,6 +302,7 @@ class RerankCore:
             truncation=options.truncation,
             chunk_overlap=options.chunk_overlap,
             default_chunk_overlap=self.limits.default_chunk_overlap,
+            max_windows=options.max_chunks,
         )
 
     async def _score(
@@ -398,4 +403,5 @@ def _field_error(error: EncodingError, fields: FieldNames, original_index: np.nd
     else:
         name = error.part
     description = error.description.replace(f"document {error.index} ", f"document {index} ", 1)
-    return field_error(InvalidRequestError, name, description)
+    limit = isinstance(error, (QueryTooLongError, PairTooLongError))
+    return field_error(InputLimitError if limit else InvalidRequestError, name, description)

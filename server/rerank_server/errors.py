@@ -50,11 +50,17 @@ class ModelNotFoundError(ServiceError):
     code = ErrorCode.NOT_FOUND
 
 
+class InputLimitError(InvalidRequestError):
+    """The request's input passes a size limit: too many documents, a query past max_query_tokens, a text
+    that does not fit with truncation off. Invalid like any bad input (gRPC INVALID_ARGUMENT); TEI says
+    413 for these where it says 422 for other bad input."""
+
+
 def too_many_documents(field: str, limit: int, count: int | None = None) -> ServiceError:
     """`field` holds more entries than max_documents allows; `count` when known (a scan of the wire stops
     just past the limit, so it knows only that there are more)."""
     counted = str(count) if count is not None else f"more than {limit}"
-    return field_error(InvalidRequestError, field, f"{counted} exceed the limit of {limit} per request (max_documents)")
+    return field_error(InputLimitError, field, f"{counted} exceed the limit of {limit} per request (max_documents)")
 
 
 class LimitExceededError(ServiceError):

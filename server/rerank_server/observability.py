@@ -42,7 +42,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        # surface: the API a call came through (grpc, cohere, tei, nim); code: the gRPC status name, or
+        # surface: the API a call came through (grpc, cohere, tei, nim, vllm); code: the gRPC status name, or
         # the HTTP status for HTTP surfaces.
         self.calls = Counter(
             "rerank_calls_total",

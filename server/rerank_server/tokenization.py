@@ -4,13 +4,14 @@ Queries and documents are encoded without special tokens, then laid out with the
 pair template, so an input equals transformers' batched
 `tokenizer([query], [document], truncation="only_second")`, the call sentence-transformers'
 CrossEncoder makes (an empty document keeps its [SEP]: `[CLS] query [SEP] [SEP]`). The query is
-kept whole; the document is cut (END), refused (NONE) or split into overlapping windows (CHUNK)
-when the pair is longer than max_length.
+kept whole; the document is cut at its end (END) or its start (START), refused (NONE) or split into
+overlapping windows (CHUNK, at most max_windows of them) when the pair is longer than max_length.
 
 Only as much text is tokenized as the answer needs, in segments: a document is encoded a segment
 at a time (at most _SEGMENT_CHARS characters, cut just before a whitespace, where byte-level BPE's
 pre-tokenizer splits anyway, so the tokens are the same as the full text's) until it has the
-tokens the answer needs, which keeps a 10 MB document from costing seconds. Between segments the
+tokens the answer needs, which keeps a 10 MB document from costing seconds. START encodes the same
+way from the text's end backwards, so keeping a long text's last tokens costs what its first cost. Between segments the
 caller's `should_stop` is checked, so a call whose deadline passed or that was cancelled stops
 within one segment's time (milliseconds). A run of more than _SEGMENT_CHARS characters without
 whitespace (CJK or Thai text, a base64 blob: one pre-token for byte-level BPE, whose merges cost
@@ -39,7 +40,8 @@ _BATCH_CHARS = 262144
 
 
 class Truncation(enum.Enum):
-    END = "end"
+    END = "end"  # keep the document's first tokens
+    START = "start"  # keep its last tokens (TEI's truncation_direction Left)
     NONE = "none"
     CHUNK = "chunk"
 
@@ -52,6 +54,7 @@ class EncodeOptions:
     truncation: Truncation = Truncation.END
     chunk_overlap: int | None = None  # None: default_chunk_overlap, capped at half a window
     default_chunk_overlap: int = 64
+    max_windows: int | None = None  # CHUNK: the document's first max_windows windows; None: all
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class TokenizedPairs:
     lengths: np.ndarray  # int32 [inputs]
     owners: np.ndarray  # int32 [inputs]
     windows: np.ndarray  # int32 [pairs]: inputs per pair (1 unless CHUNK)
-    truncated: np.ndarray  # bool [pairs]: the document was cut (END)
+    truncated: np.ndarray  # bool [pairs]: the document was cut (END, START, or CHUNK past max_windows)
 
     @property
     def total_tokens(self) -> int:
@@ -141,15 +144,25 @@ class PairTemplate:
         return cls(tuple(ids[: first[0]]), tuple(ids[first[-1] + 1 : second[0]]), tuple(ids[second[-1] + 1 :]))
 
 
-def _safe_cut(text: str, start: int, limit: int) -> int:
-    """A cut in (start, limit] that falls just before a whitespace following a non-whitespace.
+def _is_safe(text: str, cut: int) -> bool:
+    """Byte-level BPE pre-tokenizes just before a whitespace that follows a non-whitespace, so the
+    tokens of text[:cut] followed by those of text[cut:] are the text's at such a cut."""
+    return text[cut].isspace() and not text[cut - 1].isspace()
 
-    Byte-level BPE pre-tokenizes at such points, so the tokens of text[start:cut] followed by those
-    of text[cut:] are the text's. Without such a point in the upper half (a whitespace run, one huge
-    word), cut at `limit`.
-    """
+
+def _safe_cut(text: str, start: int, limit: int) -> int:
+    """A safe cut in (start, limit], the nearest to `limit`; without one in the upper half (a whitespace
+    run, one huge word), `limit`."""
     for cut in range(limit, start + (limit - start) // 2, -1):
-        if text[cut].isspace() and not text[cut - 1].isspace():
+        if _is_safe(text, cut):
+            return cut
+    return limit
+
+
+def _safe_cut_back(text: str, limit: int, end: int) -> int:
+    """A safe cut in [limit, end), the nearest to `limit`; without one in the lower half, `limit`."""
+    for cut in range(limit, end - (end - limit) // 2):
+        if _is_safe(text, cut):
             return cut
     return limit
 
@@ -181,43 +194,62 @@ class PairTokenizer:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def encode_prefixes(
-        self, texts: Sequence[str], needs: Sequence[int], should_stop: Callable[[], bool] | None = None
+        self,
+        texts: Sequence[str],
+        needs: Sequence[int],
+        should_stop: Callable[[], bool] | None = None,
+        from_end: bool = False,
     ) -> list[list[int]]:
-        """Token ids of each text, or at least its first needs[i] + 1 (exact) when it has more.
+        """Token ids of each text, or at least its first needs[i] + 1 (exact) when it has more; with
+        `from_end`, at least its last needs[i] + 1.
 
         Texts are encoded in segments (see the module's docstring); `should_stop` is checked before
         each encode_batch call, and StoppedError raised when it returns True.
         """
         results: list[list[int]] = [[] for _ in texts]
-        positions = [0] * len(texts)
+        # The text still to encode: texts[i][positions[i]:], or with from_end texts[i][:positions[i]].
+        positions = [len(text) for text in texts] if from_end else [0] * len(texts)
         grown = [1] * len(texts)  # how many times a segment without a safe cut was retried longer
+
+        def left(i: int) -> int:
+            return positions[i] if from_end else len(texts[i]) - positions[i]
+
         pending = list(range(len(texts)))
         while pending:
             still = []
-            for group in _groups(pending, [min(len(texts[i]) - positions[i], _SEGMENT_CHARS) for i in pending]):
+            for group in _groups(pending, [min(left(i), _SEGMENT_CHARS) for i in pending]):
                 if should_stop is not None and should_stop():
                     raise StoppedError
                 cuts = []
                 for i in group:
                     # Enough characters for the tokens still needed (a guess), within one segment.
-                    want = max(64, (needs[i] + 1 - len(results[i])) * _CHARS_PER_TOKEN) * grown[i]
-                    limit = positions[i] + min(want, _SEGMENT_CHARS)
-                    cuts.append(len(texts[i]) if len(texts[i]) <= limit else _safe_cut(texts[i], positions[i], limit))
-                segments = [texts[i][positions[i] : cut] for i, cut in zip(group, cuts, strict=True)]
+                    want = min(max(64, (needs[i] + 1 - len(results[i])) * _CHARS_PER_TOKEN) * grown[i], _SEGMENT_CHARS)
+                    text, position = texts[i], positions[i]
+                    if from_end:
+                        cuts.append(0 if position <= want else _safe_cut_back(text, position - want, position))
+                    else:
+                        cuts.append(len(text) if left(i) <= want else _safe_cut(text, position, position + want))
+                segments = [
+                    texts[i][cut : positions[i]] if from_end else texts[i][positions[i] : cut]
+                    for i, cut in zip(group, cuts, strict=True)
+                ]
                 try:
                     encodings = self.tokenizer.encode_batch(segments, add_special_tokens=False)
                 except TypeError:  # the Rust tokenizer takes only text UTF-8 can encode
                     raise _not_unicode(texts, group) from None
-                for i, cut, encoding in zip(group, cuts, encodings, strict=True):
+                for i, cut, segment, encoding in zip(group, cuts, segments, encodings, strict=True):
                     ids = encoding.ids
                     enough = len(results[i]) + len(ids) > needs[i]
-                    ends = cut == len(texts[i])
-                    hard = not ends and not (texts[i][cut].isspace() and not texts[i][cut - 1].isspace())
-                    if hard and not enough and cut - positions[i] < _SEGMENT_CHARS:
-                        grown[i] *= _GROWTH  # a cut inside a word: retry the segment longer
+                    ends = cut == (0 if from_end else len(texts[i]))
+                    hard = not ends and not _is_safe(texts[i], cut)
+                    # A cut inside a word (or a whitespace run): retry the segment longer. From the end, even
+                    # when it has enough: the tokens kept are the segment's last, and a pre-token's tokens
+                    # depend on where it starts.
+                    if hard and (from_end or not enough) and len(segment) < _SEGMENT_CHARS:
+                        grown[i] *= _GROWTH
                         still.append(i)
                         continue
-                    results[i] += ids
+                    results[i] = ids + results[i] if from_end else results[i] + ids
                     positions[i] = cut
                     grown[i] = 1
                     if not ends and not enough:
@@ -264,10 +296,13 @@ class PairTokenizer:
                     "chunk_overlap",
                     f"chunk_overlap {options.chunk_overlap} must be smaller than a window's {smallest} document tokens",
                 )
-        # CHUNK needs every token (up to the request's budget); END and NONE only enough to fill the room.
-        needs = [options.max_total_tokens] * len(documents) if options.truncation is Truncation.CHUNK else rooms
+        # CHUNK needs every token its windows cover (up to the request's budget); the others only enough to
+        # fill the room, START from the document's end.
+        needs = rooms
+        if options.truncation is Truncation.CHUNK:
+            needs = [self._chunk_need(room, options) for room in rooms]
         try:
-            document_ids = self.encode_prefixes(documents, needs, should_stop)
+            document_ids = self.encode_prefixes(documents, needs, should_stop, options.truncation is Truncation.START)
         except InvalidTextError as error:
             raise EncodingError(
                 "document", f"document {error.text_index} {error.description}", error.text_index
@@ -289,7 +324,7 @@ class PairTokenizer:
                 # Only room + 1 tokens were encoded: enough to refuse, and to say by how much at least.
                 raise PairTooLongError(index, f"more than {options.max_length}", options.max_length)
             spans = self._spans(len(doc_ids), room, options)
-            truncated[index] = options.truncation is Truncation.END and len(doc_ids) > room
+            truncated[index] = spans[-1][1] < len(doc_ids) or spans[0][0] > 0
             windows[index] = len(spans)
             head = heads[query]
             for start, end in spans:
@@ -313,16 +348,33 @@ class PairTokenizer:
             return [(0, tokens)]
         if options.truncation is Truncation.END:
             return [(0, room)]
+        if options.truncation is Truncation.START:
+            return [(tokens - room, tokens)]
+        stride = room - self._overlap(room, options)
+        last = -(-(tokens - room) // stride)  # windows until one reaches the end
+        if options.max_windows is not None:
+            last = min(last, options.max_windows - 1)
+        return [(k * stride, min(k * stride + room, tokens)) for k in range(last + 1)]
+
+    @staticmethod
+    def _overlap(room: int, options: EncodeOptions) -> int:
+        """Tokens shared by consecutive CHUNK windows of `room` document tokens."""
         overlap = options.chunk_overlap
         if overlap is None:
-            overlap = min(options.default_chunk_overlap, room // 2)
-        elif overlap >= room:
+            return min(options.default_chunk_overlap, room // 2)
+        if overlap >= room:
             raise EncodingError(
                 "chunk_overlap", f"chunk_overlap {overlap} must be smaller than a window's {room} document tokens"
             )
-        stride = room - overlap
-        last = -(-(tokens - room) // stride)  # windows until one reaches the end
-        return [(k * stride, min(k * stride + room, tokens)) for k in range(last + 1)]
+        return overlap
+
+    def _chunk_need(self, room: int, options: EncodeOptions) -> int:
+        """The document tokens CHUNK windows of `room` tokens can cover: all of the request's budget, or
+        max_windows windows' worth."""
+        if options.max_windows is None:
+            return options.max_total_tokens
+        stride = room - self._overlap(room, options)
+        return min(options.max_total_tokens, room + (options.max_windows - 1) * stride)
 
 
 class InvalidTextError(EncodingError):

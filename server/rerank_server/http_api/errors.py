@@ -3,7 +3,8 @@
 The core decides what went wrong (errors.ErrorCode); an API surface only decides how to say it. Every
 failure becomes a Kind, each shape maps a Kind to its API's status (Cohere says 400 where TEI and NIM
 say 422) and writes its body: Cohere `{"message"}`, Jina `{"detail"}` (same path as Cohere v1, so that
-body carries both keys), TEI `{"error", "error_type"}`, NIM `{"status", "title", "detail", "type"}`.
+body carries both keys), TEI `{"error", "error_type"}`, NIM `{"status", "title", "detail", "type"}`, vLLM
+OpenAI's `{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from rerank_server.errors import ErrorCode, OverloadedError, ServiceError
+from rerank_server.errors import ErrorCode, InputLimitError, OverloadedError, ServiceError
 
 # Seconds a client is told to wait before retrying an overloaded or unavailable server (Retry-After).
 RETRY_AFTER_S = 1
 
 
 class Kind(enum.Enum):
-    INVALID = "invalid_request"  # malformed JSON, wrong types, values out of range, text that does not fit
+    INVALID = "invalid_request"  # malformed JSON, wrong types, values out of range, text the tokenizer refuses
+    OVER_LIMIT = "over_limit"  # invalid by a size limit: too many documents, a text or query too long
     TOO_LARGE = "too_large"  # the body or the request's tokens pass a server limit
     REQUEST_TIMEOUT = "request_timeout"  # the request's headers or body did not arrive in time
     OVERLOADED = "overloaded"  # the admission budget is spent: retry later
@@ -38,6 +40,7 @@ class Kind(enum.Enum):
 
 _STATUS = {
     Kind.INVALID: 400,
+    Kind.OVER_LIMIT: 400,
     Kind.TOO_LARGE: 413,
     Kind.REQUEST_TIMEOUT: 408,
     Kind.OVERLOADED: 429,
@@ -66,6 +69,8 @@ def kind_of(error: ServiceError) -> Kind:
     """The core's error as a Kind: at capacity (retry later) is told apart from too large (do not retry)."""
     if isinstance(error, OverloadedError):
         return Kind.OVERLOADED
+    if isinstance(error, InputLimitError):
+        return Kind.OVER_LIMIT
     return _KIND[error.code]
 
 
@@ -100,6 +105,7 @@ class ErrorShape:
 
 _TEI_TYPES = {
     Kind.INVALID: "Validation",
+    Kind.OVER_LIMIT: "Validation",
     Kind.TOO_LARGE: "Validation",
     Kind.REQUEST_TIMEOUT: "Timeout",
     Kind.OVERLOADED: "Overloaded",
@@ -115,20 +121,39 @@ _TEI_TYPES = {
 COHERE = ErrorShape("cohere", lambda status, kind, message: {"message": message})
 # POST /v1/rerank answers Cohere v1 and Jina clients alike: Cohere's SDK reads `message`, Jina's `detail`.
 COHERE_JINA = ErrorShape("cohere", lambda status, kind, message: {"message": message, "detail": message})
-# TEI: 422 for validation and tokenizer errors, 424 for a failing backend (its own statuses).
+# TEI: 413 for its validation errors (input past a limit), 422 for a body it cannot read or a tokenizer
+# error, 424 for a failing backend (its own statuses).
 TEI = ErrorShape(
     "tei",
     lambda status, kind, message: {"error": message, "error_type": _TEI_TYPES[kind]},
-    {Kind.INVALID: 422, Kind.INTERNAL: 424},
+    {Kind.INVALID: 422, Kind.OVER_LIMIT: 413, Kind.INTERNAL: 424},
 )
+
+
+def _phrase(status: int, kind: Kind) -> str:
+    return HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else kind.value
+
+
 # NIM (FastAPI-based): 422 for validation; langchain-nvidia-ai-endpoints prints status, title and detail.
 NIM = ErrorShape(
     "nim",
     lambda status, kind, message: {
         "status": status,
-        "title": HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else kind.value,
+        "title": _phrase(status, kind),
         "detail": message,
         "type": kind.value,
     },
-    {Kind.INVALID: 422},
+    {Kind.INVALID: 422, Kind.OVER_LIMIT: 422},
+)
+# vLLM (OpenAI's error object): 400 for validation, its type named after the status (BadRequestError).
+VLLM = ErrorShape(
+    "vllm",
+    lambda status, kind, message: {
+        "error": {
+            "message": message,
+            "type": _phrase(status, kind).title().replace(" ", "").replace("-", "") + "Error",
+            "param": None,
+            "code": status,
+        }
+    },
 )

@@ -1,4 +1,5 @@
-"""NVIDIA NIM's reranking API (NeMo Retriever): POST /v1/ranking, GET /v1/models.
+"""NVIDIA NIM's reranking API (NeMo Retriever): POST /v1/ranking, GET /v1/models, and its probes
+GET /v1/health/live and /v1/health/ready (the NIM Operator's liveness and readiness probes).
 
 Clients: langchain-nvidia-ai-endpoints' NVIDIARerank and LlamaIndex's NVIDIARerank with base_url=
 (".../v1"); LlamaIndex lists /v1/models when it is constructed, LangChain when no model is named.
@@ -75,3 +76,22 @@ async def models(request: Request) -> JSONResponse:
     return JSONResponse(
         {"object": "list", "data": [{"id": model, "object": "model", "owned_by": "rerank-service", "root": model}]}
     )
+
+
+def _health(message: str, status: int = 200) -> JSONResponse:
+    return JSONResponse({"object": "health.response", "message": message}, status_code=status)
+
+
+@api.get("/v1/health/live", open=True, summary="200 while the process serves HTTP")
+async def live() -> JSONResponse:
+    return _health("Service is live.")
+
+
+@api.get("/v1/health/ready", open=True, summary="200 while the model can answer, 503 otherwise (and while draining)")
+async def ready(request: Request) -> JSONResponse:
+    ctx = context(request)
+    if ctx.draining():
+        return _health("the server is shutting down", 503)
+    if not await ctx.core.is_ready():
+        return _health("the model is not ready", 503)
+    return _health("Service is ready.")

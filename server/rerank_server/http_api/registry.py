@@ -7,11 +7,11 @@ labels, which paths are open) and its errors take its shape.
 
 from __future__ import annotations
 
-from rerank_server.http_api import cohere, nim, tei
+from rerank_server.http_api import cohere, nim, tei, vllm
 from rerank_server.http_api.common import HttpApi, Route
 from rerank_server.http_api.errors import COHERE, ErrorShape
 
-APIS: tuple[HttpApi, ...] = (cohere.api, tei.api, nim.api)
+APIS: tuple[HttpApi, ...] = (cohere.api, tei.api, nim.api, vllm.api)
 # Errors on a path no flavour declares (a 404, say) take Cohere's shape, the most common client's.
 DEFAULT_SHAPE = COHERE
 

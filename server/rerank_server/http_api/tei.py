@@ -1,4 +1,5 @@
-"""Hugging Face text-embeddings-inference's rerank API: POST /rerank, GET /info, GET /health.
+"""Hugging Face text-embeddings-inference's rerank API: POST /rerank, GET /info, GET /health. POST /rerank
+also takes vLLM's rerank body (`documents` instead of `texts`) and answers it in vLLM's shape (vllm.py).
 
 Clients: LlamaIndex's TextEmbeddingInference postprocessor, Haystack's HuggingFaceTEIRanker.
 
@@ -7,8 +8,11 @@ How the knobs map onto the core:
 - Every text gets an entry, best first (LlamaIndex asserts one entry per text).
 - `truncate`: absent or true → END (the text is cut to fit, like TEI with --auto-truncate); false → NONE
   (a text that does not fit is refused with 422, like TEI without it).
-- `truncation_direction`: "Right" is END; "Left" (keep the end of the text) is refused with 422: the
-  core cuts documents at their end only, and silently cutting the other end would change scores.
+- `truncation_direction`: "Right" (default) cuts a text's end (END); "Left" its start (START: the text's
+  last tokens are kept).
+- Statuses are TEI's: 413 for its validation errors (too many texts, a text too long with truncate false,
+  a query past max_query_tokens, a request past max_total_tokens), 422 for a body that does not parse or
+  a text the tokenizer cannot take.
 - `model` is not part of TEI's request; /info names the served model.
 """
 
@@ -16,12 +20,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import Request
+from fastapi import Body, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from rerank_server.core import FieldNames, RerankInput, ScoreOptions, Truncation
-from rerank_server.errors import InvalidRequestError, field_error
+from rerank_server.http_api import vllm
 from rerank_server.http_api.common import HttpApi, call_core, context
 from rerank_server.http_api.errors import TEI
 
@@ -34,7 +39,9 @@ class TeiRerankRequest(BaseModel):
     query: str
     texts: list[str]
     truncate: bool | None = Field(None, description="absent or true: cut texts to fit; false: refuse them (422)")
-    truncation_direction: Literal["Left", "Right"] = Field("Right", description='"Left" is refused (422)')
+    truncation_direction: Literal["Left", "Right"] = Field(
+        "Right", description="which end of a text is cut: Right keeps its first tokens, Left its last"
+    )
     raw_scores: bool = Field(False, description="answer logits instead of sigmoid scores")
     return_text: bool = False
 
@@ -50,19 +57,35 @@ class TeiError(BaseModel):
     error_type: str
 
 
+_TRUNCATION = {"Right": Truncation.END, "Left": Truncation.START}
+_BODIES = {
+    "anyOf": [
+        TeiRerankRequest.model_json_schema(),
+        vllm.VllmRerankRequest.model_json_schema(),
+    ]
+}
+
+
+def _validated(model: type[BaseModel], body: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors()) from None
+
+
 @api.post(
     "/rerank",
     ranks=True,
     response_model=list[TeiRank],
-    summary="TEI rerank",
+    summary="TEI rerank (and vLLM's rerank body: `documents` instead of `texts`)",
     responses={413: {"model": TeiError}, 422: {"model": TeiError}, 429: {"model": TeiError}},
+    openapi_extra={"requestBody": {"content": {"application/json": {"schema": _BODIES}}, "required": True}},
 )
-async def rerank(body: TeiRerankRequest, request: Request) -> JSONResponse:
-    if body.truncation_direction == "Left":
-        raise field_error(
-            InvalidRequestError, "truncation_direction", "Left is not supported: texts are cut at their end (Right)"
-        )
-    truncation = Truncation.NONE if body.truncate is False else Truncation.END
+async def rerank(request: Request, raw: dict[str, Any] = Body(...)) -> JSONResponse:  # noqa: B008
+    if "documents" in raw and "texts" not in raw:
+        return await vllm.rerank(_validated(vllm.VllmRerankRequest, raw), request)
+    body: TeiRerankRequest = _validated(TeiRerankRequest, raw)
+    truncation = Truncation.NONE if body.truncate is False else _TRUNCATION[body.truncation_direction]
     core = context(request).core
     core_input = RerankInput(body.query, body.texts, options=ScoreOptions(truncation=truncation), fields=TEI_FIELDS)
     output = await call_core(request, lambda deadline: core.rerank(core_input, deadline))
@@ -88,8 +111,15 @@ async def info(request: Request) -> JSONResponse:
             "max_input_length": description.max_length,
             "max_client_batch_size": description.limits.max_documents,
             "max_batch_tokens": description.limits.max_total_tokens,
+            # Calls tokenizing or waiting to; past it a call gets 429, as past TEI's limit.
+            "max_concurrent_requests": description.limits.tokenize_queue_max,
+            # Triton's dynamic batcher batches by tokens, not by requests: no request count bounds a batch.
+            "max_batch_requests": None,
+            "auto_truncate": True,  # `truncate` absent cuts texts to fit
             "tokenization_workers": ctx.settings.tokenizer_threads,
             "version": "rerank-service",
+            "sha": None,
+            "docker_label": None,
         }
     )
 

@@ -1,0 +1,151 @@
+"""vLLM's score and rerank APIs: POST /score, /v1/score; vLLM's rerank body on /rerank (shared with TEI,
+see tei.py) and /v1/rerank (shared with Cohere v1 and Jina, see cohere.py).
+
+Clients: plain HTTP (vLLM ships no client library): LangChain and LlamaIndex vLLM rerankers, Ray Serve
+and gateways (LiteLLM, Envoy AI Gateway) that route /score and /rerank to a vLLM server.
+
+How the knobs map onto the core:
+- `text_1` plays the query, `text_2` the document. Both a string: one pair; `text_1` a string (or a list
+  of one) and `text_2` a list: that text against each (1:N, a rerank); two lists of one length: pair by
+  pair (N:N). `data` answers each pair in request order with its `score`, sigmoid(logit) (vLLM's default
+  activation for a one-label cross-encoder); `activation: false` (`use_activation` in newer vLLM)
+  answers the logit.
+- `truncate_prompt_tokens`: absent → NONE (a pair past the model's length is refused, as vLLM does);
+  k → END at k tokens per (text_1, text_2) input, special tokens included, the text_2 side cut; -1 → END
+  at the model's limit; past the model's limit → refused.
+- `model`: any name is accepted and the served model answers (the answer's `model` says which).
+- `priority` is accepted and does not reorder calls.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, BeforeValidator, Field
+
+from rerank_server.core import FieldNames, RerankInput, ScoreInput, ScoreOptions, Truncation
+from rerank_server.errors import InvalidRequestError, field_error
+from rerank_server.http_api.common import HttpApi, call_core, context, request_id
+from rerank_server.http_api.errors import VLLM
+
+api = HttpApi("vLLM", VLLM)
+
+_SCORE_1N = FieldNames(lambda i: "text_1", lambda i: f"text_2[{i}]", "text_2")
+_SCORE_NN = FieldNames(lambda i: f"text_1[{i}]", lambda i: f"text_2[{i}]", "text_2")
+
+
+class VllmOptions(BaseModel):
+    """The knobs vLLM's score and rerank requests share."""
+
+    model: str | None = Field(None, description="accepted whatever it is; the served model answers")
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=-1, description="absent: refuse inputs past the model's length; k: cut to k tokens; -1: the model's"
+    )
+    priority: int = Field(0, description="accepted; calls are not reordered")
+
+
+# One string is a list of one (the pairing rules treat them alike); errors then name text_2[i] alone.
+Texts = Annotated[list[str], BeforeValidator(lambda value: [value] if isinstance(value, str) else value)]
+
+
+class ScoreRequest(VllmOptions):
+    text_1: Texts = Field(description="a string or a list: the query side")
+    text_2: Texts = Field(description="a string or a list: the document side")
+    activation: bool | None = Field(None, description="false: answer logits (default: sigmoid scores)")
+    use_activation: bool | None = Field(None, description="the newer name of `activation`")
+
+
+class VllmRerankRequest(VllmOptions):
+    """vLLM's rerank body (Jina's and Cohere's fields, plus vLLM's)."""
+
+    query: str
+    documents: list[str]
+    top_n: int = Field(0, ge=0, description="results to return; 0: all")
+    return_documents: bool = True
+
+
+def options(request: Request, body: VllmOptions) -> ScoreOptions:
+    """truncate_prompt_tokens as the core's truncation and max_length."""
+    k = body.truncate_prompt_tokens
+    if k is None:
+        return ScoreOptions(truncation=Truncation.NONE)
+    limit = context(request).core.describe().max_length
+    if k > limit:
+        raise field_error(
+            InvalidRequestError, "truncate_prompt_tokens", f"{k} is greater than the model's max length {limit}"
+        )
+    return ScoreOptions(truncation=Truncation.END, max_length=None if k == -1 else k)
+
+
+def _pairs(body: ScoreRequest) -> tuple[list[str], list[str]]:
+    first, second = body.text_1, body.text_2
+    if not first:
+        raise field_error(InvalidRequestError, "text_1", "must hold at least one text")
+    if len(first) > 1 and len(first) != len(second):
+        raise field_error(
+            InvalidRequestError,
+            "text_2",
+            f"holds {len(second)} texts for text_1's {len(first)}: the lengths must be 1:1, 1:N or N:N",
+        )
+    return first, second
+
+
+async def _score(body: ScoreRequest, request: Request) -> JSONResponse:
+    first, second = _pairs(body)
+    score_options = options(request, body)
+    core = context(request).core
+    if len(first) == 1:
+        # 1:N is a rerank: the query is tokenized once and checked like every API's query.
+        rerank_input = RerankInput(first[0], second, options=score_options, fields=_SCORE_1N)
+        ranked = await call_core(request, lambda deadline: core.rerank(rerank_input, deadline))
+        model, usage, results = ranked.model, ranked.usage, sorted(ranked.results, key=lambda r: r.index)
+    else:
+        score_input = ScoreInput(list(zip(first, second, strict=True)), options=score_options, fields=_SCORE_NN)
+        scored = await call_core(request, lambda deadline: core.score(score_input, deadline))
+        model, usage, results = scored.model, scored.usage, scored.scores
+    logits = body.activation is False or body.use_activation is False
+    tokens = usage.input_tokens
+    return JSONResponse(
+        {
+            "id": f"score-{request_id(request)}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": model,
+            "data": [{"index": r.index, "object": "score", "score": r.logit if logits else r.score} for r in results],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
+        }
+    )
+
+
+@api.post("/score", ranks=True, summary="vLLM score")
+async def score(body: ScoreRequest, request: Request) -> JSONResponse:
+    return await _score(body, request)
+
+
+@api.post("/v1/score", ranks=True, summary="vLLM score")
+async def score_v1(body: ScoreRequest, request: Request) -> JSONResponse:
+    return await _score(body, request)
+
+
+async def rerank(body: VllmRerankRequest, request: Request) -> JSONResponse:
+    """vLLM's rerank answer: results best first (top_n of them, 0: all), each with its document."""
+    core = context(request).core
+    core_input = RerankInput(body.query, body.documents, top_n=body.top_n, options=options(request, body))
+    output = await call_core(request, lambda deadline: core.rerank(core_input, deadline))
+    results: list[dict[str, Any]] = []
+    for result in output.results:
+        item: dict[str, Any] = {"index": result.index, "relevance_score": result.score}
+        if body.return_documents:
+            item["document"] = {"text": body.documents[result.index]}
+        results.append(item)
+    return JSONResponse(
+        {
+            "id": f"rerank-{request_id(request)}",
+            "model": output.model,
+            "usage": {"total_tokens": output.usage.input_tokens},
+            "results": results,
+        }
+    )

@@ -1,0 +1,153 @@
+"""The vendors' request shapes on the real server where their APIs differ from each other: vLLM's score
+and rerank bodies, TEI's truncation_direction, /info and statuses, NIM's probes. Every score is checked
+against the gRPC API's answer on the same input (one core, so not a single score may differ)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from tokenizers import Tokenizer
+
+from rerank_client import RerankClient
+from tests.conftest import TOKENIZER_DIR, Stack
+from tests.test_http_errors import TEI, VLLM, assert_shape, good_body
+from tests.texts import QUERY, text
+
+DOCUMENTS = ["beijing is the capital of china", "quick sort in python", "rain", text(700, seed=3)]
+
+
+@pytest.fixture(scope="module")
+def base_url(stack: Stack) -> str:
+    assert stack.http_url is not None
+    return stack.http_url
+
+
+@pytest.fixture(scope="module")
+def grpc(stack: Stack):
+    with RerankClient(stack.target, timeout=60) as client:
+        yield client
+
+
+def scores_by_index(results: list[Any]) -> dict[int, float]:
+    return {r.index: r.score for r in results}
+
+
+# -- vLLM ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", VLLM)
+def test_vllm_score_one_to_n_and_n_to_n(base_url: str, grpc: RerankClient, path: str) -> None:
+    url = f"{base_url}{path}"
+    short = DOCUMENTS[:3]
+    expected = scores_by_index(grpc.rerank(QUERY, short).results)
+    for text_1 in (QUERY, [QUERY]):  # 1:N, the query as a string or a list of one
+        answer = httpx.post(url, json={"model": "BAAI/bge-reranker-v2-m3", "text_1": text_1, "text_2": short})
+        body = answer.json()
+        assert answer.status_code == 200, body
+        assert body["object"] == "list" and body["id"].startswith("score-") and body["created"] > 0
+        assert body["model"] and body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+        assert [d["index"] for d in body["data"]] == [0, 1, 2]  # request order, not ranked
+        assert all(d["object"] == "score" for d in body["data"])
+        assert [d["score"] for d in body["data"]] == pytest.approx([expected[i] for i in range(3)], abs=1e-6)
+    # 1:1 with two strings.
+    one = httpx.post(url, json={"text_1": QUERY, "text_2": short[1]}).json()
+    assert [d["score"] for d in one["data"]] == pytest.approx([expected[1]], abs=1e-6)
+    # N:N: pair by pair, the gRPC Score call's answer.
+    pairs = [("what is the capital of china", short[0]), (QUERY, short[1]), ("weather", short[2])]
+    want = [s.score for s in grpc.score(pairs).scores]
+    answer = httpx.post(url, json={"text_1": [a for a, _ in pairs], "text_2": [b for _, b in pairs]}).json()
+    assert [d["score"] for d in answer["data"]] == pytest.approx(want, abs=1e-6)
+    # activation false (use_activation in newer vLLM): logits.
+    logits = {r.index: r.logit for r in grpc.rerank(QUERY, short).results}
+    for flag in ("activation", "use_activation"):
+        raw = httpx.post(url, json={"text_1": QUERY, "text_2": short, flag: False}).json()
+        assert [d["score"] for d in raw["data"]] == pytest.approx([logits[i] for i in range(3)], abs=1e-5)
+
+
+@pytest.mark.parametrize("path", VLLM)
+def test_vllm_score_lengths_and_truncate_prompt_tokens(base_url: str, grpc: RerankClient, path: str) -> None:
+    url = f"{base_url}{path}"
+    mismatched = httpx.post(url, json={"text_1": ["a", "b"], "text_2": ["a", "b", "c"]})
+    assert_shape(path, mismatched, 400, "text_2", "1:1, 1:N or N:N")
+    assert_shape(path, httpx.post(url, json={"text_1": [], "text_2": ["a"]}), 400, "text_1")
+    # Absent: an input past the model's length is refused, as vLLM does; -1 cuts at the model's; k at k.
+    long = DOCUMENTS[3]
+    assert_shape(path, httpx.post(url, json={"text_1": QUERY, "text_2": [long]}), 400, "text_2[0]", "does not fit")
+    full = grpc.rerank(QUERY, [long]).results[0].score
+    capped = grpc.rerank(QUERY, [long], max_length=48).results[0].score
+    assert capped != pytest.approx(full, abs=1e-6)
+    for k, want in ((-1, full), (48, capped)):
+        answer = httpx.post(url, json={"text_1": QUERY, "text_2": [long], "truncate_prompt_tokens": k}).json()
+        assert answer["data"][0]["score"] == pytest.approx(want, abs=1e-6)
+    too_many = httpx.post(url, json={"text_1": QUERY, "text_2": [long], "truncate_prompt_tokens": 100000})
+    assert_shape(path, too_many, 400, "truncate_prompt_tokens", "512")
+    assert_shape(path, httpx.post(url, json={"text_1": QUERY, "text_2": "a", "truncate_prompt_tokens": -2}), 400)
+
+
+def test_vllm_rerank_body_on_the_tei_path(base_url: str, grpc: RerankClient) -> None:
+    """POST /rerank with `documents` is vLLM's rerank: its answer shape, best first, documents echoed."""
+    expected = grpc.rerank(QUERY, DOCUMENTS[:3]).results
+    body = {"model": "BAAI/bge-reranker-v2-m3", "query": QUERY, "documents": DOCUMENTS[:3], "top_n": 2}
+    answer = httpx.post(f"{base_url}{TEI}", json=body)
+    got = answer.json()
+    assert answer.status_code == 200, got
+    assert got["id"].startswith("rerank-") and got["model"] and got["usage"]["total_tokens"] > 0
+    assert [r["index"] for r in got["results"]] == [r.index for r in expected[:2]]
+    assert [r["relevance_score"] for r in got["results"]] == pytest.approx([r.score for r in expected[:2]], abs=1e-6)
+    assert [r["document"]["text"] for r in got["results"]] == [DOCUMENTS[r.index] for r in expected[:2]]
+    every = httpx.post(f"{base_url}{TEI}", json={**body, "top_n": 0, "return_documents": False}).json()
+    assert len(every["results"]) == 3 and all("document" not in r for r in every["results"])
+    # The TEI body on the same path keeps TEI's answer.
+    tei = httpx.post(f"{base_url}{TEI}", json=good_body(TEI, DOCUMENTS[:3])).json()
+    assert isinstance(tei, list) and {"index", "score"} == set(tei[0])
+    # A vLLM body's errors take the path's (TEI's) shape.
+    assert_shape(TEI, httpx.post(f"{base_url}{TEI}", json={**body, "top_n": -1}), 422, "top_n")
+
+
+# -- TEI ----------------------------------------------------------------------------------------
+
+
+def test_tei_left_truncation_keeps_the_texts_last_tokens(base_url: str, grpc: RerankClient) -> None:
+    tail = text(600, seed=9)
+    documents = ["alpha " * 400 + tail, "omega " * 400 + tail]  # different starts, the same last tokens
+    url = f"{base_url}{TEI}"
+    left = httpx.post(url, json=good_body(TEI, documents, truncation_direction="Left", raw_scores=True)).json()
+    right = httpx.post(url, json=good_body(TEI, documents, truncation_direction="Right", raw_scores=True)).json()
+    left_scores = {r["index"]: r["score"] for r in left}
+    right_scores = {r["index"]: r["score"] for r in right}
+    assert left_scores[0] == pytest.approx(left_scores[1], abs=1e-6)
+    assert right_scores[0] != pytest.approx(right_scores[1], abs=1e-3)
+    # Exactly the pair [CLS] query [SEP] <the last tokens that fit> [SEP], scored through gRPC.
+    tokenizer = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
+    room = 512 - 3 - len(tokenizer.encode(QUERY, add_special_tokens=False).ids)
+    ids = tokenizer.encode(documents[0], add_special_tokens=False).ids
+    suffix = tokenizer.decode(ids[-room:])
+    assert tokenizer.encode(suffix, add_special_tokens=False).ids == ids[-room:]
+    assert left_scores[0] == pytest.approx(grpc.rerank(QUERY, [suffix], truncation="none").results[0].logit, abs=1e-5)
+
+
+def test_tei_info_fields_and_statuses(base_url: str) -> None:
+    info = httpx.get(f"{base_url}/info").json()
+    for field in ("max_concurrent_requests", "max_batch_requests", "auto_truncate", "sha", "docker_label"):
+        assert field in info, field
+    assert info["auto_truncate"] is True and info["max_concurrent_requests"] > 0
+    url = f"{base_url}{TEI}"
+    # 413: TEI's validation errors. 422: a body it cannot read, a text the tokenizer cannot take.
+    assert_shape(TEI, httpx.post(url, json=good_body(TEI, ["a"] * 1001)), 413, "max_documents")
+    assert_shape(TEI, httpx.post(url, json=good_body(TEI, [DOCUMENTS[3]], truncate=False)), 413, "does not fit")
+    surrogate = b'{"query": "q", "texts": ["ok", "bad \\ud800 text"]}'
+    response = httpx.post(url, content=surrogate, headers={"content-type": "application/json"})
+    assert_shape(TEI, response, 422, "texts[1]", "lone surrogate")
+    assert_shape(TEI, httpx.post(url, json={"query": "q"}), 422, "texts")
+
+
+# -- NIM ----------------------------------------------------------------------------------------
+
+
+def test_nim_health_routes(stack: Stack) -> None:
+    assert stack.http_url is not None
+    for path, message in (("/v1/health/live", "Service is live."), ("/v1/health/ready", "Service is ready.")):
+        response = httpx.get(f"{stack.http_url}{path}")
+        assert response.status_code == 200 and response.json() == {"object": "health.response", "message": message}
