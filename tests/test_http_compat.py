@@ -4,6 +4,7 @@ against the gRPC API's answer on the same input (one core, so not a single score
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import httpx
@@ -30,7 +31,7 @@ def grpc(stack: Stack):
         yield client
 
 
-def scores_by_index(results: list[Any]) -> dict[int, float]:
+def scores_by_index(results: Iterable[Any]) -> dict[int, float]:
     return {r.index: r.score for r in results}
 
 
