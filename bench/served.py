@@ -103,6 +103,7 @@ class ServedStack:
     frontend: psutil.Process
     triton: list[psutil.Process] = field(default_factory=list)
     http_url: str = ""
+    frontend_metrics_url: str = ""
 
     @classmethod
     def start(
@@ -140,7 +141,8 @@ class ServedStack:
             raise RuntimeError("no tritonserver process under rerank serve")
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         http_url = f"http://127.0.0.1:{frontend_http_port}"
-        return cls(process, target, metrics_url, log_path, frontend, triton, http_url)
+        frontend_metrics_url = f"http://127.0.0.1:{frontend_metrics_port}/metrics"
+        return cls(process, target, metrics_url, log_path, frontend, triton, http_url, frontend_metrics_url)
 
     def stop(self, timeout_s: float = 60.0) -> int:
         self.process.terminate()
@@ -152,21 +154,11 @@ class ServedStack:
 
     def metrics(self) -> dict[str, float]:
         """Triton's Prometheus metrics of the model, summed over label sets that differ only by version."""
-        try:
-            with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
-                text = response.read().decode()
-        except OSError:
-            return {}
-        values: dict[str, float] = {}
-        for line in text.splitlines():
-            match = _METRIC.match(line.strip())
-            if not match or match.group(3) == "NaN":
-                continue
-            name, labels = match.group(1), match.group(2) or ""
-            kind = re.search(r'kind="([^"]+)"', labels)
-            key = f"{name}:{kind.group(1)}" if kind else name
-            values[key] = values.get(key, 0.0) + float(match.group(3))
-        return values
+        return scrape(self.metrics_url)
+
+    def frontend_metrics(self) -> dict[str, float]:
+        """The frontend's Prometheus metrics, summed over models (and other labels but `kind`)."""
+        return scrape(self.frontend_metrics_url)
 
     def snapshot(self) -> Snapshot:
         return Snapshot(
@@ -176,6 +168,25 @@ class ServedStack:
             self_cpu(),
             self.metrics(),
         )
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Prometheus metrics by name (name:kind where a `kind` label is set), summed over other labels."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        match = _METRIC.match(line.strip())
+        if not match or match.group(3) == "NaN":
+            continue
+        name, labels = match.group(1), match.group(2) or ""
+        kind = re.search(r'kind="([^"]+)"', labels)
+        key = f"{name}:{kind.group(1)}" if kind else name
+        values[key] = values.get(key, 0.0) + float(match.group(3))
+    return values
 
 
 @dataclass

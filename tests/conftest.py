@@ -202,7 +202,8 @@ def stop_serve(stack: Stack, timeout_s: float = 60) -> int:
 
 @pytest.fixture(scope="session")
 def stack(model_repository: Path) -> Iterator[Stack]:
-    """`rerank serve` with a local Triton serving both tiny models; the frontend fronts `reranker`."""
+    """`rerank serve` with a local Triton, serving every model of the repository; `reranker` (first by name) is
+    the default."""
     served = start_local(model_repository)
     yield served
     code = stop_serve(served)

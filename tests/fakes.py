@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from rerank_server.core import RerankCore, build_core
+from rerank_server.models import ServedModel, ServedModels
 from rerank_server.observability import Metrics
 from rerank_server.settings import Settings
 from rerank_server.tokenization import PairTokenizer, TokenizedPairs
@@ -44,6 +46,7 @@ class FakeBackend:
     delay_s: float = 0.0
     ready: bool = True
     calls: list[TokenizedPairs] = field(default_factory=list)
+    offset: float = 0.0  # added to every logit: another "model" on the same ids
 
     async def score(self, pairs: TokenizedPairs, timeout_s: float | None = None) -> np.ndarray:
         self.calls.append(pairs)
@@ -51,7 +54,7 @@ class FakeBackend:
             await asyncio.sleep(self.delay_s)
         offsets = np.concatenate(([0], np.cumsum(pairs.lengths)))
         return np.array(
-            [fake_logit(pairs.input_ids[offsets[i] : offsets[i + 1]]) for i in range(pairs.lengths.size)],
+            [fake_logit(pairs.input_ids[offsets[i] : offsets[i + 1]]) + self.offset for i in range(pairs.lengths.size)],
             dtype=np.float32,
         )
 
@@ -59,11 +62,20 @@ class FakeBackend:
         return self.ready
 
 
-def fake_core(backend: FakeBackend | None = None, **settings: object) -> RerankCore:
-    """A RerankCore over FakeBackend and the real ModernBERT tokenizer, with Settings overrides."""
+def fake_core(
+    backend: FakeBackend | None = None, models: Sequence[ServedModel] | None = None, **settings: object
+) -> RerankCore:
+    """A RerankCore over FakeBackend and the real ModernBERT tokenizer, with Settings overrides; `models`
+    (the first is the default) instead of MODEL on `backend`."""
     resolved = Settings(triton_url="fake:0", **settings).validated()  # type: ignore[arg-type]
-    tokenizer = PairTokenizer.from_dir(TOKENIZER_DIR, MODEL.max_length)
-    return build_core(resolved, tokenizer, backend or FakeBackend(), MODEL, Metrics())
+    if models is None:
+        models = [fake_model(MODEL, backend or FakeBackend())]
+    return build_core(resolved, ServedModels(models, models[0].name), Metrics())
+
+
+def fake_model(info: ModelInfo, backend: FakeBackend | None = None) -> ServedModel:
+    """A served model on the real tokenizer, cut at info.max_length, scored by `backend`."""
+    return ServedModel(info, PairTokenizer.from_dir(TOKENIZER_DIR, info.max_length), backend or FakeBackend())
 
 
 def deadline_in(seconds: float) -> float:

@@ -396,7 +396,7 @@ def test_an_http_caller_that_disconnects_stops_its_pending_work(long_stack: Stac
 
     assert long_stack.http_url is not None
     before = model_counters(long_stack, "reranker_long")
-    body = {"model": "m", "query": QUERY, "documents": LARGE}
+    body = {"model": "reranker_long", "query": QUERY, "documents": LARGE}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{long_stack.http_url}/v2/rerank", json=body, timeout=httpx.Timeout(60, read=1.5))
     # One instance runs one execution at a time: this call is answered once the abandoned one has ended,

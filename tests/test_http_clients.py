@@ -11,13 +11,14 @@ import json
 import re
 import subprocess
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from rerank_client import RerankClient
-from tests.conftest import Stack
+from tests.conftest import Stack, frontend
 from tests.texts import QUERY, text
 
 # Lengths from a few tokens to past the tiny model's 512 (END truncation cuts the last one).
@@ -27,9 +28,12 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture(scope="module")
-def base_url(stack: Stack) -> str:
-    assert stack.http_url is not None
-    return stack.http_url
+def base_url(stack: Stack, model_repository: Path) -> Iterator[str]:
+    """A frontend serving `reranker` alone: the clients send their own vendor's model names (Cohere's
+    "rerank-v3.5", the docs' "rerank"), which a server of one model answers with it."""
+    with frontend(stack, model_repository, "--model-name=reranker") as served:
+        assert served.http_url is not None
+        yield served.http_url
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +80,17 @@ def test_cohere_sdk_v2_client(base_url: str, reference: list[Any]) -> None:
     everything = client.rerank(model="rerank-v3.5", query=QUERY, documents=DOCUMENTS)
     assert_same([(r.index, r.relevance_score) for r in everything.results], reference)
     assert len(everything.results) == len(DOCUMENTS)
+
+
+def test_a_vendor_model_name_is_a_404_naming_the_served_models_when_several_are_served(stack: Stack) -> None:
+    import cohere
+
+    client = cohere.ClientV2(api_key="unused", base_url=stack.http_url)
+    with pytest.raises(cohere.errors.NotFoundError) as raised:
+        client.rerank(model="rerank-v3.5", query=QUERY, documents=DOCUMENTS)
+    assert "'rerank-v3.5' is not served here" in str(raised.value.body) and "reranker_mean" in str(raised.value.body)
+    answer = client.rerank(model="reranker_mean", query=QUERY, documents=DOCUMENTS[:2])
+    assert len(answer.results) == 2
 
 
 def ranking(ranker: Any) -> tuple[list[tuple[Any, Any]], bool]:

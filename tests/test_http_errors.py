@@ -44,11 +44,11 @@ def good_body(path: str, documents: list[str], **extra: Any) -> dict[str, Any]:
     if path == TEI:
         return {"query": QUERY, "texts": documents, **extra}
     if path == NIM:
-        return {"model": "any", "query": {"text": QUERY}, "passages": [{"text": d} for d in documents], **extra}
+        return {"query": {"text": QUERY}, "passages": [{"text": d} for d in documents], **extra}
     if path in (COHERE_V1, COHERE_V2):
-        return {"model": "any", "query": QUERY, "documents": documents, **extra}
+        return {"query": QUERY, "documents": documents, **extra}
     if path in VLLM:
-        return {"model": "any", "text_1": QUERY, "text_2": documents, **extra}
+        return {"text_1": QUERY, "text_2": documents, **extra}
     raise AssertionError(f"no request body known for {path}: add the new API's to good_body")
 
 
@@ -268,7 +268,9 @@ def test_openapi_info_health_and_models(base_url: str) -> None:
     assert info["max_input_length"] == 512 and info["max_client_batch_size"] == 1000
     assert httpx.get(f"{base_url}/health").status_code == 200
     models = httpx.get(f"{base_url}/v1/models").json()
-    assert models["object"] == "list" and models["data"][0]["id"] == info["model_id"]
+    # The default model first (TEI's /info describes it), named as requests name it.
+    assert models["object"] == "list" and models["data"][0]["id"] == "reranker"
+    assert models["data"][0]["root"] == info["model_id"]
 
 
 # -- limits, auth, TLS --------------------------------------------------------------------------

@@ -62,13 +62,8 @@ async def load(model: ModelInfo) -> ServedModel:
     return ServedModel(model, TOKENIZER, FakeBackend())
 
 
-def sync(triton: FakeTriton, names: tuple[str, ...] | None = None, retired: list[str] | None = None) -> ModelSync:
-    return ModelSync(
-        triton,  # type: ignore[arg-type]
-        load,
-        names,
-        retired=lambda model: retired.append(model.cache_key.export_id) if retired is not None else None,
-    )
+def sync(triton: FakeTriton, names: tuple[str, ...] | None = None) -> ModelSync:
+    return ModelSync(triton, load, names)  # type: ignore[arg-type]
 
 
 def test_a_request_gets_its_model_or_the_default_and_another_name_is_not_found() -> None:
@@ -103,21 +98,22 @@ async def test_discovery_waits_for_triton_then_serves_every_ready_model() -> Non
 async def test_refresh_follows_loads_reloads_unloads_and_outages() -> None:
     triton = FakeTriton()
     triton.state("alpha", "READY")
-    retired: list[str] = []
-    follower = sync(triton, retired=retired)
+    follower = sync(triton)
     models = ServedModels(await follower.discover(), default="alpha")
 
     triton.state("beta", "READY")  # loaded through model control while serving
-    await follower.refresh(models)
+    assert await follower.refresh(models) == []
     assert models.names() == ["alpha", "beta"] and models.all_ready()
 
+    old_alpha = models.get("alpha")
     triton.state("alpha", "READY", export_id="e2")  # re-exported and loaded again
-    await follower.refresh(models)
-    assert models.get("alpha").info.export_id == "e2" and retired == ["e1"]
+    assert await follower.refresh(models) == [old_alpha]
+    assert models.get("alpha").info.export_id == "e2"
 
+    beta = models.get("beta")
     triton.state("beta", "UNAVAILABLE", "unloaded")
-    await follower.refresh(models)
-    assert models.names() == ["alpha"] and retired == ["e1", "e1"]
+    assert await follower.refresh(models) == [beta]
+    assert models.names() == ["alpha"]
 
     triton.state("alpha", "UNAVAILABLE", "the stub process died")  # failed, not unloaded: served, not ready
     await follower.refresh(models)
@@ -142,3 +138,24 @@ async def test_named_models_are_never_dropped_only_not_ready() -> None:
     assert models.names() == ["alpha"] and not models.all_ready()
     await follower.refresh(models)
     assert "beta" not in models.names()
+
+
+async def test_a_model_whose_tokenizer_cannot_be_read_is_not_served_until_it_can() -> None:
+    triton = FakeTriton()
+    triton.state("alpha", "READY")
+    follower = sync(triton)
+    models = ServedModels(await follower.discover(), default="alpha")
+    broken = {"beta"}
+
+    async def loader(model: ModelInfo) -> ServedModel:
+        if model.name in broken:
+            raise FileNotFoundError("tokenizer.json")
+        return await load(model)
+
+    follower.loader = loader
+    triton.state("beta", "READY")
+    await follower.refresh(models)
+    assert models.names() == ["alpha"]
+    broken.clear()
+    await follower.refresh(models)
+    assert models.names() == ["alpha", "beta"]

@@ -29,22 +29,28 @@ from rerank_server.core import build_core
 from rerank_server.handlers import rerank_service_handler
 from rerank_server.http_api.server import HttpFrontend
 from rerank_server.interceptors import CallPolicy
+from rerank_server.models import Loader, ModelSync, ServedModel, ServedModels
 from rerank_server.observability import Metrics
 from rerank_server.service import RerankService
 from rerank_server.settings import Settings
 from rerank_server.tokenization import PairTokenizer
-from rerank_server.triton_backend import ModelInfo, TritonBackend, TritonServer
+from rerank_server.triton_backend import ModelInfo, TritonServer
 from rerank_server.triton_launcher import LocalTriton, TritonPorts
 
 log = logging.getLogger(__name__)
 
 RERANK_SERVICE = SERVICE_NAME
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-# "" is the server as a whole, RERANK_SERVICE the API: both SERVING only while the model is ready.
+# "" is the server as a whole, RERANK_SERVICE the API: both SERVING only while every served model is ready.
 HEALTH_SERVICES = ("", RERANK_SERVICE)
 # For liveness probes: SERVING while the process runs (until it drains), whatever Triton's state, so
 # that a Triton outage makes pods unready without getting healthy frontends restarted.
 LIVENESS_SERVICE = "liveness"
+
+
+def model_health_service(name: str) -> str:
+    """The health service name of one served model: SERVING while it is served and ready."""
+    return f"{RERANK_SERVICE}/{name}"
 
 
 def tokenizer_folder(settings: Settings, model: ModelInfo) -> Path:
@@ -82,26 +88,39 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def model_loader(settings: Settings, server: TritonServer) -> Loader:
+    """How a model Triton has made ready becomes a ServedModel: its tokenizer read, its length capped."""
+
+    async def load(info: ModelInfo) -> ServedModel:
+        max_length = min(settings.max_length or info.max_length, info.max_length)
+        folder = tokenizer_folder(settings, info)
+        tokenizer = await asyncio.to_thread(PairTokenizer.from_dir, folder, max_length)
+        return ServedModel(info, tokenizer, server.backend(info.name))
+
+    return load
+
+
 class Frontend:
-    """The grpc.aio server with RerankService, grpc.health.v1 and reflection, over one backend."""
+    """The grpc.aio server with RerankService, grpc.health.v1 and reflection, over the served models;
+    `sync` (None: a fixed set) keeps them in step with Triton."""
 
     def __init__(
         self,
         settings: Settings,
-        backend: TritonBackend,
-        model: ModelInfo,
-        tokenizer: PairTokenizer,
+        models: ServedModels,
         metrics: Metrics,
+        sync: ModelSync | None = None,
     ) -> None:
         self.settings = settings
-        self.backend = backend
+        self.models = models
+        self.sync = sync
         self.metrics = metrics
         self.health = health.aio.HealthServicer()
         # Calls in flight and draining, over gRPC and HTTP alike.
         self.calls = Calls(metrics)
         self.policy = CallPolicy(self.calls, settings.bearer_token)
-        # One core for every API surface: the gRPC servicer here, the HTTP routes beside it.
-        self.core = build_core(settings, tokenizer, backend, model, metrics)
+        # One core for every API surface and model: the gRPC servicer here, the HTTP routes beside it.
+        self.core = build_core(settings, models, metrics)
         service = RerankService(self.core, settings)
         self._server = grpc.aio.server(interceptors=[self.policy], options=server_options(settings))
         self._server.add_generic_rpc_handlers((rerank_service_handler(service, settings.max_documents),))
@@ -122,6 +141,7 @@ class Frontend:
         # The HTTP/JSON APIs on the same loop, core, admission budget, token and TLS files (--http-port 0: off).
         self.http = HttpFrontend(settings, self.core, self.calls) if settings.http_port else None
         self._watcher: asyncio.Task[None] | None = None
+        self._health_names: set[str] = set()  # every model ever served, for its own health service
 
     async def start(self) -> None:
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -131,25 +151,45 @@ class Frontend:
         if self._health_server is not None:
             await self._health_server.start()
         # Ready only once every surface listens: a probe's SERVING must not precede the HTTP port.
-        await self._set_health(await self.backend.is_ready())
-        self._watcher = asyncio.create_task(self._watch_backend(), name="health-watcher")
+        await self._follow_triton()
+        await self._set_health()
+        self._watcher = asyncio.create_task(self._watch_models(), name="health-watcher")
 
-    async def _set_health(self, ready: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+    async def _set_health(self) -> None:
         for service in HEALTH_SERVICES:
-            await self.health.set(service, status)
+            await self.health.set(service, _status(self.models.all_ready()))
+        self._health_names.update(self.models.names())
+        for name in sorted(self._health_names):
+            await self.health.set(model_health_service(name), _status(self.models.is_ready(name)))
 
-    async def _watch_backend(self) -> None:
-        """Health follows Triton's model readiness: SERVING only while the model can answer."""
-        ready = None
+    async def _follow_triton(self) -> None:
+        if self.sync is None:
+            return
+        try:
+            retired = await self.sync.refresh(self.models)
+        except Exception:  # the watcher must outlive any one look at Triton
+            log.exception("following Triton's models failed; trying again")
+            return
+        for model in retired:
+            self.core.cache.forget(model.cache_key)
+
+    async def _watch_models(self) -> None:
+        """Health follows Triton: SERVING only while every served model can answer; the served set
+        follows its model control."""
+        state = None
         while True:
-            now = await self.backend.is_ready()
-            if now != ready:
-                log.log(logging.INFO if now else logging.WARNING, "model %s", "ready" if now else "NOT ready")
-                if ready and not now:
-                    self.metrics.model_unready.inc()
-                await self._set_health(now)
-                ready = now
+            await self._follow_triton()
+            now = (self.models.all_ready(), tuple(self.models.names()))
+            if now != state:
+                waiting = [name for name in now[1] if not self.models.is_ready(name)]
+                if now[0]:
+                    log.info("models ready: %s", ", ".join(now[1]))
+                else:
+                    log.warning("models NOT ready: %s", ", ".join(waiting) or "none served")
+                    if state is not None and state[0]:
+                        self.metrics.model_unready.inc()
+                state = now
+            await self._set_health()
             await asyncio.sleep(self.settings.health_interval_s)
 
     async def drain(self, grace_s: float) -> None:
@@ -239,6 +279,7 @@ async def run(settings: Settings) -> int:
                 settings.triton_log,
                 home=settings.triton_home,
                 python_env=settings.triton_python_env,
+                models=settings.model_names,
             )
             triton.start()
             stack.callback(triton.stop)
@@ -251,25 +292,34 @@ async def run(settings: Settings) -> int:
             local=triton is not None,
         )
         stack.push_async_callback(server.close)
-        backend = server.backend(settings.model_name)
+        sync = ModelSync(server, model_loader(settings, server), settings.model_names)
 
-        log.info("waiting for model %r on Triton at %s", settings.model_name, url)
-        if not await _wait_for_model(backend, triton, settings, stop):
+        wanted = ", ".join(settings.model_names) if settings.model_names else "every model it loads"
+        log.info("waiting for %s on Triton at %s", wanted, url)
+        found = await _wait_for_models(sync, triton, settings, stop)
+        if not found:
             return 0 if stop.is_set() else 1
-        model = await backend.model_info()
-        max_length = min(settings.max_length or model.max_length, model.max_length)
-        tokenizer = PairTokenizer.from_dir(tokenizer_folder(settings, model), max_length)
+        names = sorted(model.name for model in found)
+        default = settings.default_model or (settings.model_names or names)[0]
+        if default not in names:
+            log.error("the default model %r is not among the models Triton has loaded: %s", default, names)
+            return 1
+        models = ServedModels(found, default)
 
-        frontend = Frontend(settings, backend, model, tokenizer, metrics)
+        frontend = Frontend(settings, models, metrics, sync)
         await frontend.start()
         supervisor = (
             asyncio.create_task(supervise(triton, stop, metrics, settings.restart_backoff, settings.triton_healthy_s))
             if triton is not None
             else None
         )
+        served = ", ".join(
+            f"{m.name} ({'default; ' if m.name == default else ''}{m.info.source_model}, {m.info.precision}, "
+            f"max {m.tokenizer.max_length} tokens)"
+            for m in (models.get(name) for name in names)
+        )
         print(
-            f"rerank: serving {model.source_model} ({model.precision}, max {max_length} tokens) "
-            f"on {settings.host}:{frontend.port}"
+            f"rerank: serving {served} on {settings.host}:{frontend.port}"
             + (f"; HTTP on {settings.host}:{frontend.http.port}" if frontend.http is not None else "")
             + f"; Triton at {url}",
             flush=True,
@@ -283,21 +333,27 @@ async def run(settings: Settings) -> int:
     return 0
 
 
-async def _wait_for_model(
-    backend: TritonBackend, triton: LocalTriton | None, settings: Settings, stop: asyncio.Event
-) -> bool:
+async def _wait_for_models(
+    sync: ModelSync, triton: LocalTriton | None, settings: Settings, stop: asyncio.Event
+) -> list[ServedModel]:
+    """The models to serve, once Triton has them ready; [] when stopped, Triton died or time ran out."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.startup_timeout_s
-    while not await backend.is_ready():
+    while not (found := await sync.discover()):
         if stop.is_set():
-            return False
+            return []
         if triton is not None and triton.exit_code() is not None:
             log.error("tritonserver exited with %s during start-up:\n%s", triton.exit_code(), triton.log_tail())
-            return False
+            return []
         if loop.time() > deadline:
-            log.error("model %r not ready after %.0fs", settings.model_name, settings.startup_timeout_s)
+            wanted = settings.model_names or "any model"
+            log.error("%s not ready after %.0fs", wanted, settings.startup_timeout_s)
             if triton is not None:
                 log.error("tritonserver log:\n%s", triton.log_tail())
-            return False
+            return []
         await asyncio.sleep(0.5)
-    return True
+    return found
+
+
+def _status(ready: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    return health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING

@@ -29,13 +29,14 @@ from rerank_server.errors import (
     InputLimitError,
     InvalidRequestError,
     LimitExceededError,
-    ModelNotFoundError,
     OverloadedError,
     field_error,
     too_many_documents,
 )
+from rerank_server.models import ServedModel, ServedModels
 from rerank_server.observability import Metrics
 from rerank_server.ranking import rank, sigmoid
+from rerank_server.score_cache import ScoreCache
 from rerank_server.settings import Settings
 from rerank_server.tokenization import (
     EncodeOptions,
@@ -48,7 +49,6 @@ from rerank_server.tokenization import (
     Truncation,
 )
 from rerank_server.tracing import tracer
-from rerank_server.triton_backend import ModelInfo, ScoringBackend
 
 __all__ = [
     "RERANK_FIELDS",
@@ -191,72 +191,56 @@ class _Scored:
         )
 
 
-def build_core(
-    settings: Settings, tokenizer: PairTokenizer, backend: ScoringBackend, model: ModelInfo, metrics: Metrics
-) -> RerankCore:
-    """The core of a served model: its limits, tokenizer threads and admission budget from the settings."""
+def build_core(settings: Settings, models: ServedModels, metrics: Metrics) -> RerankCore:
+    """The core over the served models: its limits, tokenizer threads, admission budget and score cache
+    from the settings."""
     return RerankCore(
         Limits.from_settings(settings),
-        tokenizer,
-        backend,
-        model,
+        models,
         ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize"),
         metrics,
         TokenAdmission(settings.max_inflight_tokens, metrics),
+        ScoreCache(settings.score_cache_bytes, metrics),
     )
 
 
 class RerankCore:
+    """One core over every served model: one tokenizer pool, one admission budget, one score cache."""
+
     def __init__(
         self,
         limits: Limits,
-        tokenizer: PairTokenizer,
-        backend: ScoringBackend,
-        model: ModelInfo,
+        models: ServedModels,
         tokenize_executor: ThreadPoolExecutor,
         metrics: Metrics,
         admission: TokenAdmission,
+        cache: ScoreCache,
     ) -> None:
         self.limits = limits
-        self.tokenizer = tokenizer
-        self.backend = backend
-        self.model = model
+        self.models = models
         self.tokenize_executor = tokenize_executor
         self.metrics = metrics
         self.admission = admission
+        self.cache = cache
         self._tokenizing = 0  # calls tokenizing or queued for a tokenizer thread (tokenize_queue_max)
-
-    @property
-    def default_model(self) -> str:
-        return self.model.name
-
-    def model_names(self) -> list[str]:
-        """The served models' names, sorted."""
-        return [self.model.name]
-
-    def _served(self, name: str) -> ModelInfo:
-        """The served model a request names ("": the default one); NOT_FOUND names the served ones."""
-        if name in ("", self.model.name):
-            return self.model
-        raise field_error(
-            ModelNotFoundError, "model", f"{name!r} is not served here; the served models are {self.model_names()}"
-        )
 
     def describe(self, model: str = "") -> ModelDescription:
         """The served model `model` names ("": the default one) and the request limits."""
-        self._served(model)
+        served = self.models.get(model)
         return ModelDescription(
-            model=self.model.source_model,
-            max_length=self.tokenizer.max_length,
-            precision=self.model.precision,
-            triton_model_name=self.model.name,
-            triton_model_version=self.model.version,
-            tokenizer=self.tokenizer.describe(),
+            model=served.info.source_model,
+            max_length=served.tokenizer.max_length,
+            precision=served.info.precision,
+            triton_model_name=served.name,
+            triton_model_version=served.info.version,
+            tokenizer=served.tokenizer.describe(),
             limits=self.limits,
         )
 
     async def is_ready(self) -> bool:
-        return await self.backend.is_ready()
+        """Every served model can answer now."""
+        served = [self.models.get(name) for name in self.models.names()]
+        return bool(served) and all(await asyncio.gather(*(model.backend.is_ready() for model in served)))
 
     def close(self) -> None:
         """Stop the tokenizer threads; work still queued is dropped."""
@@ -264,7 +248,7 @@ class RerankCore:
 
     async def rerank(self, request: RerankInput, deadline: float | None = None) -> RerankOutput:
         """Score every document against the query; results best first (equal scores by index), top_n of them."""
-        self._served(request.model)
+        served = self.models.get(request.model)
         if not request.query.strip():
             raise field_error(InvalidRequestError, request.fields.query(0), "must not be empty")
         if not request.documents:
@@ -272,21 +256,21 @@ class RerankCore:
         documents = request.documents
         self._check_count(len(documents), request.fields)
         scored = await self._score(
-            [request.query] * len(documents), documents, request.options, request.fields, deadline
+            served, [request.query] * len(documents), documents, request.options, request.fields, deadline
         )
         results = [scored.result(int(i)) for i in rank(scored.scores, request.top_n)]
-        return RerankOutput(model=self.model.source_model, results=results, usage=scored.usage)
+        return RerankOutput(model=served.info.source_model, results=results, usage=scored.usage)
 
     async def score(self, request: ScoreInput, deadline: float | None = None) -> ScoreOutput:
         """Score each (text_a, text_b) pair, in request order."""
-        self._served(request.model)
+        served = self.models.get(request.model)
         if not request.pairs:
             raise field_error(InvalidRequestError, request.fields.collection, "must hold at least one pair")
         self._check_count(len(request.pairs), request.fields)
         queries, documents = [a for a, _ in request.pairs], [b for _, b in request.pairs]
-        scored = await self._score(queries, documents, request.options, request.fields, deadline)
+        scored = await self._score(served, queries, documents, request.options, request.fields, deadline)
         scores = [scored.result(i) for i in range(len(request.pairs))]
-        return ScoreOutput(model=self.model.source_model, scores=scores, usage=scored.usage)
+        return ScoreOutput(model=served.info.source_model, scores=scores, usage=scored.usage)
 
     # -- one path for every request ----------------------------------------------------------
 
@@ -294,9 +278,9 @@ class RerankCore:
         if count > self.limits.max_documents:
             raise too_many_documents(fields.collection, self.limits.max_documents, count)
 
-    def _encode_options(self, options: ScoreOptions) -> EncodeOptions:
+    def _encode_options(self, served: ServedModel, options: ScoreOptions) -> EncodeOptions:
         return EncodeOptions(
-            max_length=options.max_length or self.tokenizer.max_length,
+            max_length=options.max_length or served.tokenizer.max_length,
             max_query_tokens=self.limits.max_query_tokens,
             max_total_tokens=self.limits.max_total_tokens,
             truncation=options.truncation,
@@ -307,14 +291,16 @@ class RerankCore:
 
     async def _score(
         self,
+        served: ServedModel,
         queries: Sequence[str],
         documents: Sequence[str],
         options: ScoreOptions,
         fields: FieldNames,
         deadline: float | None,
     ) -> _Scored:
-        """Score (queries[i], documents[i]) under the options' truncation, max_length and chunk_overlap."""
-        encode_options = self._encode_options(options)
+        """Score (queries[i], documents[i]) with the served model under the options' truncation, max_length
+        and chunk_overlap; model inputs the score cache holds are not computed again."""
+        encode_options = self._encode_options(served, options)
         # Identical pairs are tokenized and scored once; `slot` maps each pair to its first copy.
         distinct: dict[tuple[str, str], int] = {}
         slot = np.array([distinct.setdefault(pair, len(distinct)) for pair in zip(queries, documents, strict=True)])
@@ -322,16 +308,25 @@ class RerankCore:
         unique_queries = [queries[i] for i in first]
         unique_documents = [documents[i] for i in first]
 
-        pairs = await self._tokenize(unique_queries, unique_documents, encode_options, fields, first, deadline)
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            raise DeadlineExceededError("the deadline passed before scoring began")
-        with self.admission.admit(pairs.total_tokens):
-            started = time.perf_counter()
-            model_logits = await self.backend.score(pairs, timeout_s=remaining)
-            self.metrics.triton.observe(time.perf_counter() - started)
-        self.metrics.pairs.observe(pairs.lengths.size)
-        self.metrics.tokens.inc(pairs.total_tokens)
+        pairs = await self._tokenize(
+            served.tokenizer, unique_queries, unique_documents, encode_options, fields, first, deadline
+        )
+        self.metrics.pairs.labels(model=served.name).observe(pairs.lengths.size)
+        cached = self.cache.lookup(served.cache_key, pairs)
+        model_logits = cached.logits
+        if cached.missing.size:
+            todo = pairs if cached.missing.size == pairs.lengths.size else pairs.select(cached.missing)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceededError("the deadline passed before scoring began")
+            # Only what the model computes takes a share of the budget: answers from the cache cost it nothing.
+            with self.admission.admit(todo.total_tokens):
+                started = time.perf_counter()
+                computed = await served.backend.score(todo, timeout_s=remaining)
+                self.metrics.triton.labels(model=served.name).observe(time.perf_counter() - started)
+            self.metrics.tokens.labels(model=served.name).inc(todo.total_tokens)
+            self.cache.store(cached, computed)
+            model_logits[cached.missing] = computed
         logits = pairs.best_per_pair(model_logits)
         truncated = pairs.truncated[slot]
         return _Scored(
@@ -348,6 +343,7 @@ class RerankCore:
 
     async def _tokenize(
         self,
+        tokenizer: PairTokenizer,
         queries: list[str],
         documents: list[str],
         options: EncodeOptions,
@@ -372,7 +368,7 @@ class RerankCore:
             started = time.perf_counter()
             self.metrics.queue_wait.observe(started - submitted)
             try:
-                return self.tokenizer.encode(queries, documents, options, stop.is_set)
+                return tokenizer.encode(queries, documents, options, stop.is_set)
             finally:
                 self.metrics.tokenize.observe(time.perf_counter() - started)
 

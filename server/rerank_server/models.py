@@ -64,6 +64,15 @@ class ServedModels:
             description = f"the default model {self.default!r} is not loaded; name one of {self.names()}"
         raise field_error(ModelNotFoundError, "model", description)
 
+    def for_client(self, name: str) -> str:
+        """The name to serve an HTTP request naming `name` with: `name` itself, or "" (the default) when it is
+        not served and exactly one model is. The vendors' clients insist on a model name and send their own
+        vendor's (LangChain's Cohere ranker: "rerank-v3.5"); with one model there is no other they could
+        mean, so moving to this service stays a base-URL change. With several, an unknown name is NOT_FOUND."""
+        if name and name not in self._models and len(self._models) == 1:
+            return ""
+        return name
+
     def find(self, name: str) -> ServedModel | None:
         return self._models.get(name)
 
@@ -106,12 +115,10 @@ class ModelSync:
         server: TritonServer,
         loader: Loader,
         names: Sequence[str] | None = None,
-        retired: Callable[[ServedModel], None] = lambda model: None,
     ) -> None:
         self.server = server
         self.loader = loader
         self.names = None if names is None else tuple(names)  # None: whatever Triton has loaded
-        self.retired = retired  # told of every model replaced or no longer served (the cache forgets it)
 
     async def discover(self) -> list[ServedModel]:
         """The models to serve now: the named ones once all are ready, else every ready one once Triton
@@ -128,13 +135,15 @@ class ModelSync:
             return []
         return [await self._load(ready[name].name, ready[name].version) for name in wanted]
 
-    async def refresh(self, models: ServedModels) -> None:
-        """One look at Triton's repository: serve what became ready or changed, drop what was unloaded."""
+    async def refresh(self, models: ServedModels) -> list[ServedModel]:
+        """One look at Triton's repository: serve what became ready or changed, drop what was unloaded.
+        Returns the models replaced or dropped (the score cache forgets them)."""
+        retired: list[ServedModel] = []
         try:
             index = {entry.name: entry for entry in await self.server.repository()}
         except BackendUnavailableError:
             models.set_all_ready(False)
-            return
+            return retired
         names = self.names if self.names is not None else tuple(sorted(set(index) | set(models.names())))
         for name in names:
             entry = index.get(name)
@@ -149,19 +158,25 @@ class ModelSync:
                 if current is not None and current.info == info:
                     models.set_ready(name, True)
                     continue
-                model = await self.loader(info)
+                try:
+                    model = await self.loader(info)
+                except Exception:  # its tokenizer cannot be read: not served in this form; try again next time
+                    log.exception("model %r is ready in Triton but cannot be served", name)
+                    models.set_ready(name, False)
+                    continue
                 replaced = models.put(model)
                 log.info(
                     "model %s %s (%s, %s)", name, "reloaded" if replaced else "served", info.precision, info.version
                 )
                 if replaced is not None:
-                    self.retired(replaced)
+                    retired.append(replaced)
             elif current is not None and self.names is None and (entry is None or entry.unloaded):
                 models.remove(name)
                 log.info("model %s unloaded: no longer served", name)
-                self.retired(current)
+                retired.append(current)
             else:
                 models.set_ready(name, False)
+        return retired
 
     async def _load(self, name: str, version: str) -> ServedModel:
         return await self.loader(await self.server.backend(name).model_info(version))

@@ -67,19 +67,34 @@ class Metrics:
         self.tokenize = Histogram(
             "rerank_tokenize_duration_seconds", "Tokenization time per request", buckets=_FAST_BUCKETS, registry=r
         )
+        # By model: the served model's name (only served names: the label's values are bounded).
         self.triton = Histogram(
             "rerank_triton_duration_seconds",
-            "Time from the first Triton request of a call to its last answer (queue and compute)",
+            "Time from the first Triton request of a call to its last answer (queue and compute), by model",
+            ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.pairs = Histogram(
-            "rerank_request_pairs", "Model inputs (pairs and windows) per request", buckets=_SIZE_BUCKETS, registry=r
+            "rerank_request_pairs",
+            "Model inputs (pairs and windows) per request, by model (its count: requests scored by the model)",
+            ["model"],
+            buckets=_SIZE_BUCKETS,
+            registry=r,
         )
         self.triton_request_pairs = Histogram(
-            "rerank_triton_request_pairs", "Pairs per Triton request", buckets=_SIZE_BUCKETS, registry=r
+            "rerank_triton_request_pairs",
+            "Pairs per Triton request, by model",
+            ["model"],
+            buckets=_SIZE_BUCKETS,
+            registry=r,
         )
-        self.tokens = Counter("rerank_input_tokens_total", "Tokens sent to the model", registry=r)
+        self.tokens = Counter(
+            "rerank_input_tokens_total",
+            "Tokens sent to the model (cache hits not included), by model",
+            ["model"],
+            registry=r,
+        )
         # The score cache (score_cache.py), by the served model's name.
         self.cache_hits = Counter(
             "rerank_score_cache_hits_total", "Model inputs answered from the score cache", ["model"], registry=r
@@ -109,7 +124,7 @@ class Metrics:
         # With --triton-url (Kubernetes restarts Triton's container) this is how a Triton restart shows.
         self.model_unready = Counter(
             "rerank_model_unready_total",
-            "Times the model went from ready to not ready (Triton restarting, crashed or unreachable)",
+            "Times the served models went from all ready to not (Triton restarting, crashed or unreachable)",
             registry=r,
         )
         self.accept_errors = Counter(

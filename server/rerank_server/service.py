@@ -161,8 +161,8 @@ class RerankService(rerank_pb2_grpc.RerankServiceServicer):
 
     async def _list_models(self) -> rerank_pb2.ListModelsResponse:
         return rerank_pb2.ListModelsResponse(
-            models=[await self._model_info(name) for name in self.core.model_names()],
-            default_model=self.core.default_model,
+            models=[await self._model_info(name) for name in self.core.models.names()],
+            default_model=self.core.models.default,
         )
 
     async def _model_info(self, model: str) -> rerank_pb2.GetModelInfoResponse:

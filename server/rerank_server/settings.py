@@ -45,7 +45,14 @@ class Settings:
     triton_url: str | None = option(
         None, "HOST:PORT of a running Triton's gRPC endpoint; without it `serve` starts a local tritonserver"
     )
-    model_name: str = option("reranker", "name of the model in the Triton repository")
+    model_name: str | None = option(
+        None,
+        "models to serve, comma-separated names in the Triton repository (default: every model Triton has "
+        "loaded, following the loads and unloads of its model control)",
+    )
+    default_model: str | None = option(
+        None, "the model that answers requests naming none (default: the first of --model-name, else the first by name)"
+    )
     tokenizer: Path | None = option(
         None, "folder holding tokenizer.json (default: the one `rerank export` put in the model repository)"
     )
@@ -81,6 +88,12 @@ class Settings:
         1048576,
         "tokens admitted to the model at once over all calls; past it calls get RESOURCE_EXHAUSTED at once "
         "(size it to throughput x the latency you accept; at least max_total_tokens)",
+    )
+    # Repeated work.
+    score_cache_bytes: int = option(
+        0,
+        "memory of the score cache, which answers model inputs (pairs, CHUNK windows) already computed without "
+        "the model, least recently used forgotten first (about 240 bytes an input); 0: off",
     )
     # Security.
     tls_cert_file: Path | None = option(None, "PEM certificate chain: serve TLS (with --tls-key-file)")
@@ -154,6 +167,14 @@ class Settings:
         environ = os.environ if environ is None else environ
         return cls(**flags.values(cls, args, environ, ENV_PREFIX)).validated()
 
+    @property
+    def model_names(self) -> tuple[str, ...] | None:
+        """--model-name as names; None: every model Triton has loaded."""
+        if self.model_name is None:
+            return None
+        names = tuple(dict.fromkeys(name.strip() for name in self.model_name.split(",") if name.strip()))
+        return names or None
+
     def validated(self) -> Settings:
         for name in (
             "port",
@@ -166,6 +187,11 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.score_cache_bytes < 0:
+            raise ValueError("score_cache_bytes must be a number of bytes, or 0 for no score cache")
+        names = self.model_names
+        if self.default_model is not None and names is not None and self.default_model not in names:
+            raise ValueError(f"default_model {self.default_model!r} is not among model_name's {list(names)}")
         if self.http_port < 0:
             raise ValueError("http_port must be a port number, or 0 for no HTTP frontend")
         for name in ("http_timeout_s", "http_header_timeout_s", "http_body_timeout_s", "http_idle_timeout_s"):

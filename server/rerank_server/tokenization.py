@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from rerank_triton_model.reranker_engine import gather_pairs, pair_offsets
+
 # First guess of characters per token when cutting a prefix; the cut grows when it was too short.
 _CHARS_PER_TOKEN = 8
 _GROWTH = 4
@@ -74,6 +76,19 @@ class TokenizedPairs:
     @property
     def total_tokens(self) -> int:
         return int(self.input_ids.size)
+
+    def select(self, inputs: np.ndarray) -> TokenizedPairs:
+        """The model inputs at `inputs` (indices, ascending) alone, each its own pair: what is left to
+        compute when the others' logits are known."""
+        count = inputs.size
+        offsets = pair_offsets(self.lengths)
+        return TokenizedPairs(
+            input_ids=gather_pairs(self.input_ids, offsets, self.lengths, inputs) if count else self.input_ids[:0],
+            lengths=self.lengths[inputs],
+            owners=np.arange(count, dtype=np.int32),
+            windows=np.ones(count, dtype=np.int32),
+            truncated=np.zeros(count, dtype=bool),
+        )
 
     def best_per_pair(self, logits: np.ndarray) -> np.ndarray:
         """The highest logit of each pair's inputs (its windows), in pair order."""

@@ -202,7 +202,7 @@ class TritonBackend:
 
     async def _infer(self, input_ids: np.ndarray, lengths: np.ndarray, timeout_s: float | None) -> np.ndarray:
         if self.server.metrics is not None:
-            self.server.metrics.triton_request_pairs.observe(lengths.size)
+            self.server.metrics.triton_request_pairs.labels(model=self.model_name).observe(lengths.size)
         with tracer.start_as_current_span(
             "triton.infer",
             kind=trace.SpanKind.CLIENT,

@@ -7,8 +7,10 @@ jina-haystack) through /v1/rerank. The /v1/rerank answer carries both APIs' fiel
 
 How the knobs map onto the core:
 - relevance_score is the core's score, sigmoid(logit), in [0, 1]; results come best first, top_n of them.
-- `model`: any name is accepted and the served model answers (Jina's `model` field says which). Clients
-  require a model name; refusing other names would make moving to this service more than a URL change.
+- `model`: a served model's name chooses the model (GET /v1/models lists them; absent: the default model);
+  another name is refused with 404 naming the served ones, unless one model is served: then it answers
+  whatever name the client sends (see ServedModels.for_client). Jina's `model` answer field names the
+  checkpoint that scored.
 - v2 `max_tokens_per_doc` caps the tokens of each (query, document) input, query and special tokens
   included (the core's max_length), clamped to the model's limit: a cap on the document alone would need
   the query's length, which only the tokenizer knows. Cohere's default (4096) is the model's limit here.
@@ -29,7 +31,7 @@ from pydantic import BaseModel, Field
 
 from rerank_server.core import RerankInput, RerankOutput, ScoreOptions, Truncation
 from rerank_server.errors import InvalidRequestError, field_error
-from rerank_server.http_api.common import HttpApi, call_core, context, request_id
+from rerank_server.http_api.common import MODEL_FIELD, HttpApi, call_core, context, request_id, requested_model
 from rerank_server.http_api.errors import COHERE, COHERE_JINA
 
 api = HttpApi("Cohere and Jina", COHERE)
@@ -46,7 +48,7 @@ class RerankV1Request(BaseModel):
 
     query: str
     documents: list[str | dict[str, Any]] = Field(description="strings, or objects ranked on `text` (or rank_fields)")
-    model: str | None = Field(None, description="accepted whatever it is; the served model answers")
+    model: str | None = Field(None, description=MODEL_FIELD)
     top_n: int | None = Field(None, ge=1, description="results to return (default: all)")
     rank_fields: list[str] | None = Field(
         None,
@@ -62,7 +64,7 @@ class RerankV2Request(BaseModel):
 
     query: str
     documents: list[str]
-    model: str | None = Field(None, description="accepted whatever it is; the served model answers")
+    model: str | None = Field(None, description=MODEL_FIELD)
     top_n: int | None = Field(None, ge=1, description="results to return (default: all)")
     max_tokens_per_doc: int | None = Field(
         None, ge=1, description="tokens per (query, document) input, clamped to the model's limit"
@@ -124,9 +126,10 @@ async def _rerank(
     options: ScoreOptions,
     return_documents: bool,
     version: str,
+    model: str,
 ) -> tuple[RerankOutput, dict[str, Any]]:
     """Both routes' body: rank through the core, answer in Cohere's shape for API `version`."""
-    core_input = RerankInput(query, documents, top_n=top_n or 0, options=options)
+    core_input = RerankInput(query, documents, top_n=top_n or 0, options=options, model=model)
     core = context(request).core
     output = await call_core(request, lambda deadline: core.rerank(core_input, deadline))
     results: list[dict[str, Any]] = []
@@ -156,7 +159,16 @@ async def rerank_v1(body: RerankV1Request, request: Request) -> JSONResponse:
     _check_rank_fields(body.rank_fields)
     documents = [_document_text(d, i, body.rank_fields) for i, d in enumerate(body.documents)]
     options = ScoreOptions(truncation=Truncation.CHUNK if body.max_chunks_per_doc else Truncation.END)
-    output, answer = await _rerank(request, body.query, documents, body.top_n, options, body.return_documents, "1")
+    output, answer = await _rerank(
+        request,
+        body.query,
+        documents,
+        body.top_n,
+        options,
+        body.return_documents,
+        "1",
+        requested_model(request, body.model),
+    )
     # Jina's fields beside Cohere's.
     tokens = output.usage.input_tokens
     answer["model"] = output.model
@@ -172,9 +184,12 @@ async def rerank_v1(body: RerankV1Request, request: Request) -> JSONResponse:
     responses={400: {"description": "invalid request: {message}"}},
 )
 async def rerank_v2(body: RerankV2Request, request: Request) -> JSONResponse:
+    model = requested_model(request, body.model)
     max_length = None
     if body.max_tokens_per_doc is not None:
-        max_length = min(body.max_tokens_per_doc, context(request).core.describe().max_length)
+        max_length = min(body.max_tokens_per_doc, context(request).core.describe(model).max_length)
     options = ScoreOptions(max_length=max_length)
-    _, answer = await _rerank(request, body.query, body.documents, body.top_n, options, body.return_documents, "2")
+    _, answer = await _rerank(
+        request, body.query, body.documents, body.top_n, options, body.return_documents, "2", model
+    )
     return JSONResponse(answer)

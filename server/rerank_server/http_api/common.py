@@ -73,6 +73,18 @@ def context(request: Request) -> HttpContext:
     return ctx
 
 
+# The `model` request field, as each flavour's OpenAPI description states it.
+MODEL_FIELD = (
+    "a served model's name (GET /v1/models lists them); absent: the default model; another name: 404, "
+    "unless the server serves one model: then that model answers"
+)
+
+
+def requested_model(request: Request, name: str | None) -> str:
+    """The served model's name a request's `model` field chooses ("": the default); see ServedModels.for_client."""
+    return context(request).core.models.for_client(name or "")
+
+
 async def call_core(request: Request, work: Callable[[float], Awaitable[T]]) -> T:
     """Run `work(deadline)` (a core call); past --http-timeout-s it is cancelled and the call gets 504.
 

@@ -9,7 +9,9 @@ How the knobs map onto the core:
   probability the other APIs answer).
 - `truncate`: "END" → END; "NONE" or absent (NIM's default) → NONE: a passage that does not fit is
   refused with 422.
-- `model`: any name is accepted and the served model answers; /v1/models lists the served one.
+- `model`: a served model's name chooses the model (absent: the default model); another name is refused
+  with 404 naming the served ones, unless one model is served: then it answers. /v1/models lists the
+  served models, the default one first.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from rerank_server.core import FieldNames, RerankInput, ScoreOptions, Truncation
-from rerank_server.http_api.common import HttpApi, call_core, context
+from rerank_server.http_api.common import MODEL_FIELD, HttpApi, call_core, context, requested_model
 from rerank_server.http_api.errors import NIM
 
 api = HttpApi("NVIDIA NIM", NIM)
@@ -37,7 +39,7 @@ class Text(BaseModel):
 class RankingRequest(BaseModel):
     query: Text
     passages: list[Text]
-    model: str | None = Field(None, description="accepted whatever it is; the served model answers")
+    model: str | None = Field(None, description=MODEL_FIELD)
     truncate: Literal["NONE", "END"] = Field("NONE", description="NONE (default): refuse passages that do not fit")
 
 
@@ -59,6 +61,7 @@ async def ranking(body: RankingRequest, request: Request) -> JSONResponse:
         [passage.text for passage in body.passages],
         options=ScoreOptions(truncation=_TRUNCATION[body.truncate]),
         fields=NIM_FIELDS,
+        model=requested_model(request, body.model),
     )
     output = await call_core(request, lambda deadline: core.rerank(core_input, deadline))
     tokens = output.usage.input_tokens
@@ -70,12 +73,15 @@ async def ranking(body: RankingRequest, request: Request) -> JSONResponse:
     )
 
 
-@api.get("/v1/models", summary="the served model, OpenAI-style")
+@api.get("/v1/models", summary="the served models, OpenAI-style, the default one first")
 async def models(request: Request) -> JSONResponse:
-    model = context(request).core.describe().model
-    return JSONResponse(
-        {"object": "list", "data": [{"id": model, "object": "model", "owned_by": "rerank-service", "root": model}]}
-    )
+    served = context(request).core.models
+    names = sorted(served.names(), key=lambda name: name != served.default)
+    data = [
+        {"id": name, "object": "model", "owned_by": "rerank-service", "root": served.get(name).info.source_model}
+        for name in names
+    ]
+    return JSONResponse({"object": "list", "data": data})
 
 
 def _health(message: str, status: int = 200) -> JSONResponse:

@@ -13,7 +13,7 @@ How the knobs map onto the core:
 - Statuses are TEI's: 413 for its validation errors (too many texts, a text too long with truncate false,
   a query past max_query_tokens, a request past max_total_tokens), 422 for a body that does not parse or
   a text the tokenizer cannot take.
-- `model` is not part of TEI's request; /info names the served model.
+- `model` is not part of TEI's request: the default model answers, and /info describes it.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ How the knobs map onto the core:
 - `truncate_prompt_tokens`: absent → NONE (a pair past the model's length is refused, as vLLM does);
   k → END at k tokens per (text_1, text_2) input, special tokens included, the text_2 side cut; -1 → END
   at the model's limit; past the model's limit → refused.
-- `model`: any name is accepted and the served model answers (the answer's `model` says which).
+- `model`: a served model's name chooses the model (absent: the default model); another name is refused
+  with 404 naming the served ones, unless one model is served: then it answers (the answer's `model`
+  names the checkpoint that scored).
 - `priority` is accepted and does not reorder calls.
 """
 
@@ -28,7 +30,7 @@ from pydantic import BaseModel, BeforeValidator, Field
 
 from rerank_server.core import FieldNames, RerankInput, ScoreInput, ScoreOptions, Truncation
 from rerank_server.errors import InvalidRequestError, field_error
-from rerank_server.http_api.common import HttpApi, call_core, context, request_id
+from rerank_server.http_api.common import MODEL_FIELD, HttpApi, call_core, context, request_id, requested_model
 from rerank_server.http_api.errors import VLLM
 
 api = HttpApi("vLLM", VLLM)
@@ -40,7 +42,7 @@ _SCORE_NN = FieldNames(lambda i: f"text_1[{i}]", lambda i: f"text_2[{i}]", "text
 class VllmOptions(BaseModel):
     """The knobs vLLM's score and rerank requests share."""
 
-    model: str | None = Field(None, description="accepted whatever it is; the served model answers")
+    model: str | None = Field(None, description=MODEL_FIELD)
     truncate_prompt_tokens: int | None = Field(
         None, ge=-1, description="absent: refuse inputs past the model's length; k: cut to k tokens; -1: the model's"
     )
@@ -67,12 +69,12 @@ class VllmRerankRequest(VllmOptions):
     return_documents: bool = True
 
 
-def options(request: Request, body: VllmOptions) -> ScoreOptions:
-    """truncate_prompt_tokens as the core's truncation and max_length."""
+def options(request: Request, body: VllmOptions, model: str) -> ScoreOptions:
+    """truncate_prompt_tokens as the core's truncation and max_length (`model`'s limit)."""
     k = body.truncate_prompt_tokens
     if k is None:
         return ScoreOptions(truncation=Truncation.NONE)
-    limit = context(request).core.describe().max_length
+    limit = context(request).core.describe(model).max_length
     if k > limit:
         raise field_error(
             InvalidRequestError, "truncate_prompt_tokens", f"{k} is greater than the model's max length {limit}"
@@ -95,17 +97,20 @@ def _pairs(body: ScoreRequest) -> tuple[list[str], list[str]]:
 
 async def _score(body: ScoreRequest, request: Request) -> JSONResponse:
     first, second = _pairs(body)
-    score_options = options(request, body)
+    model = requested_model(request, body.model)
+    score_options = options(request, body, model)
     core = context(request).core
     if len(first) == 1:
         # 1:N is a rerank: the query is tokenized once and checked like every API's query.
-        rerank_input = RerankInput(first[0], second, options=score_options, fields=_SCORE_1N)
+        rerank_input = RerankInput(first[0], second, options=score_options, fields=_SCORE_1N, model=model)
         ranked = await call_core(request, lambda deadline: core.rerank(rerank_input, deadline))
-        model, usage, results = ranked.model, ranked.usage, sorted(ranked.results, key=lambda r: r.index)
+        answered, usage, results = ranked.model, ranked.usage, sorted(ranked.results, key=lambda r: r.index)
     else:
-        score_input = ScoreInput(list(zip(first, second, strict=True)), options=score_options, fields=_SCORE_NN)
+        score_input = ScoreInput(
+            list(zip(first, second, strict=True)), options=score_options, fields=_SCORE_NN, model=model
+        )
         scored = await call_core(request, lambda deadline: core.score(score_input, deadline))
-        model, usage, results = scored.model, scored.usage, scored.scores
+        answered, usage, results = scored.model, scored.usage, scored.scores
     logits = body.activation is False or body.use_activation is False
     tokens = usage.input_tokens
     return JSONResponse(
@@ -113,7 +118,7 @@ async def _score(body: ScoreRequest, request: Request) -> JSONResponse:
             "id": f"score-{request_id(request)}",
             "object": "list",
             "created": int(time.time()),
-            "model": model,
+            "model": answered,
             "data": [{"index": r.index, "object": "score", "score": r.logit if logits else r.score} for r in results],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
         }
@@ -133,7 +138,10 @@ async def score_v1(body: ScoreRequest, request: Request) -> JSONResponse:
 async def rerank(body: VllmRerankRequest, request: Request) -> JSONResponse:
     """vLLM's rerank answer: results best first (top_n of them, 0: all), each with its document."""
     core = context(request).core
-    core_input = RerankInput(body.query, body.documents, top_n=body.top_n, options=options(request, body))
+    model = requested_model(request, body.model)
+    core_input = RerankInput(
+        body.query, body.documents, top_n=body.top_n, options=options(request, body, model), model=model
+    )
     output = await call_core(request, lambda deadline: core.rerank(core_input, deadline))
     results: list[dict[str, Any]] = []
     for result in output.results:

@@ -1,0 +1,119 @@
+"""Several models and the score cache in the core (fast tier, over FakeBackend): each request scored by
+the model it names with that model's tokenizer and length, one admission budget for all of them, and
+cached logits identical to computed ones, never crossing models. tests/test_models.py runs the same
+through gRPC and HTTP on a real Triton."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pytest
+
+from rerank_server.core import RerankInput, ScoreInput, ScoreOptions, Truncation
+from rerank_server.errors import ErrorCode, ServiceError
+from tests.fakes import MODEL, FakeBackend, fake_core, fake_logit, fake_model
+from tests.texts import QUERY, text
+
+ALPHA = dataclasses.replace(MODEL, name="alpha", source_model="checkpoint-alpha", max_length=512, export_id="a")
+BETA = dataclasses.replace(MODEL, name="beta", source_model="checkpoint-beta", max_length=64, export_id="b")
+CACHE = 1 << 20
+
+
+def two_models(delay_s: float = 0.0, **settings: Any):
+    alpha, beta = FakeBackend(delay_s=delay_s), FakeBackend(offset=100.0)
+    core = fake_core(models=[fake_model(ALPHA, alpha), fake_model(BETA, beta)], **settings)
+    return core, alpha, beta
+
+
+async def failure(work) -> ServiceError:
+    with pytest.raises(ServiceError) as caught:
+        await work
+    return caught.value
+
+
+async def test_each_request_is_scored_by_the_model_it_names_with_its_own_length() -> None:
+    core, alpha, beta = two_models()
+    long_document = text(200, seed=1)
+    by_alpha = await core.rerank(RerankInput(QUERY, [long_document]))  # the default: the first model
+    by_beta = await core.rerank(RerankInput(QUERY, [long_document], model="beta"))
+    assert (by_alpha.model, by_beta.model) == ("checkpoint-alpha", "checkpoint-beta")
+    assert len(alpha.calls) == len(beta.calls) == 1
+    # beta's tokenizer cuts at its own 64 tokens; alpha's fits the whole pair.
+    assert beta.calls[0].lengths.tolist() == [64] and alpha.calls[0].lengths[0] > 64
+    assert by_beta.results[0].truncated and not by_alpha.results[0].truncated
+    assert by_beta.results[0].logit == pytest.approx(fake_logit(beta.calls[0].input_ids) + 100.0)
+    assert core.describe("beta").max_length == 64 and core.describe().triton_model_name == "alpha"
+    error = await failure(core.score(ScoreInput([(QUERY, "d")], ScoreOptions(max_length=100), model="beta")))
+    assert error.code is ErrorCode.INVALID_ARGUMENT and "exceeds the model's 64" in error.message
+    error = await failure(core.rerank(RerankInput(QUERY, ["d"], model="gamma")))
+    assert error.code is ErrorCode.NOT_FOUND and "['alpha', 'beta']" in error.message
+
+
+async def test_one_admission_budget_across_models() -> None:
+    core, _, _ = two_models(delay_s=0.5, max_total_tokens=300, max_inflight_tokens=300)
+    documents = [text(30, seed=i) for i in range(4)]  # about 190 tokens with the query
+    first = asyncio.create_task(core.rerank(RerankInput(QUERY, documents, model="alpha")))
+    await asyncio.sleep(0.2)
+    error = await failure(core.rerank(RerankInput(QUERY, documents, model="beta")))
+    assert error.code is ErrorCode.RESOURCE_EXHAUSTED and "capacity" in error.message
+    await first
+
+
+async def test_a_repeated_request_is_answered_from_the_cache_identically() -> None:
+    core, alpha, _ = two_models(score_cache_bytes=CACHE)
+    documents = [text(20 + i, seed=i) for i in range(6)]
+    first = await core.rerank(RerankInput(QUERY, documents))
+    again = await core.rerank(RerankInput(QUERY, documents))
+    assert again == first and len(alpha.calls) == 1
+    page = await core.rerank(RerankInput(QUERY, documents, top_n=2))
+    assert page.results == first.results[:2] and len(alpha.calls) == 1
+    # Half new documents: only those are computed, and the old ones' answers are unchanged.
+    mixed = await core.rerank(RerankInput(QUERY, [*documents[:3], "new one", "new two"]))
+    assert alpha.calls[-1].lengths.size == 2
+    old = {r.index: r.logit for r in first.results}
+    assert all(r.logit == old[r.index] for r in mixed.results if r.index < 3)
+    metrics = core.metrics.registry
+    assert metrics.get_sample_value("rerank_score_cache_hits_total", {"model": "alpha"}) == 6 + 6 + 3
+
+
+async def test_the_cache_never_answers_one_model_with_anothers_logit() -> None:
+    core, _alpha, beta = two_models(score_cache_bytes=CACHE)
+    documents = ["same ids", "for both models"]
+    by_alpha = await core.score(ScoreInput([(QUERY, d) for d in documents]))
+    by_beta = await core.score(ScoreInput([(QUERY, d) for d in documents], model="beta"))
+    assert len(beta.calls) == 1
+    assert [s.logit for s in by_beta.scores] == pytest.approx([s.logit + 100.0 for s in by_alpha.scores])
+
+
+async def test_a_chunk_window_is_cached_on_its_own() -> None:
+    core, alpha, _ = two_models(score_cache_bytes=CACHE)
+    document = text(300, seed=3)
+    chunked = await core.rerank(RerankInput(QUERY, [document], options=ScoreOptions(Truncation.CHUNK, 64, 16)))
+    assert chunked.results[0].windows > 3 and len(alpha.calls) == 1
+    # END at the same max_length keeps the document's first window: the same ids, answered from the cache.
+    cut = await core.rerank(RerankInput(QUERY, [document], options=ScoreOptions(Truncation.END, 64)))
+    assert len(alpha.calls) == 1
+    first_window = alpha.calls[0].input_ids[: alpha.calls[0].lengths[0]]
+    assert cut.results[0].logit == np.float32(fake_logit(first_window))
+
+
+async def test_with_the_cache_off_every_request_is_computed() -> None:
+    core, alpha, _ = two_models()
+    for _ in range(2):
+        await core.rerank(RerankInput(QUERY, ["a", "b"]))
+    assert len(alpha.calls) == 2 and core.cache.entries == 0
+
+
+async def test_only_computed_tokens_take_admission_and_a_hit_needs_no_budget() -> None:
+    core, alpha, _ = two_models(delay_s=0.5, score_cache_bytes=CACHE, max_total_tokens=300, max_inflight_tokens=300)
+    documents = [text(30, seed=i) for i in range(4)]
+    await core.rerank(RerankInput(QUERY, documents))
+    busy = asyncio.create_task(core.rerank(RerankInput(QUERY, [text(30, seed=9 + i) for i in range(4)])))
+    await asyncio.sleep(0.2)
+    # The budget is taken by `busy`, yet a request the cache holds is answered.
+    assert len((await core.rerank(RerankInput(QUERY, documents))).results) == 4
+    await busy
+    assert np.sum([c.lengths.size for c in alpha.calls]) == 8
