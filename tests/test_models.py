@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2
 
 from rerank_client import InvalidRequestError, ModelNotFoundError, RerankClient, from_stream_error, stream_request
 from rerank_client.pb import SERVICE_NAME
-from rerank_server.export import VERIFY_TOLERANCE
+from rerank_server.export.verify import ABSOLUTE_TOLERANCE
 from rerank_server.testing import health_status, save_random_checkpoint
 from tests.conftest import TOKENIZER_DIR, Stack, run_rerank, start_local, stop_serve
 from tests.reference import eager
@@ -31,7 +31,7 @@ from tests.test_api import model_counters
 from tests.test_operations import sample, scrape
 from tests.texts import QUERY, mixed_documents, text
 
-ATOL = VERIFY_TOLERANCE["fp32"]  # what `rerank export` holds an fp32 export to against eager
+ATOL = ABSOLUTE_TOLERANCE["fp32"]  # what `rerank export` holds an fp32 export to against eager
 CACHE_BYTES = 16 * 2**20
 SERVING = health_pb2.HealthCheckResponse.SERVING
 # Shapes no other test serves: alpha CLS-pooled, 2 layers; beta wider, mean-pooled, 3 layers, 256 tokens.
