@@ -227,15 +227,15 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path) -> None:
     assert (output / "gpu-results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def run_quick(module: str, output: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m bench.<module> --quick --output <output>`, as a user runs it."""
+    command = [sys.executable, "-m", f"bench.{module}", "--quick", "--output", str(output)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
 def test_long_document_check_runs_end_to_end(tmp_path: Path) -> None:
     # `python -m bench.long --quick`, as the README shows it: one 8192-token pair served per runtime.
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.long", "--quick", "--output", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    done = run_quick("long", tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((tmp_path / "long.json").read_text())
     systems = results["systems"]

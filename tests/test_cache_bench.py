@@ -6,24 +6,17 @@ time in a test."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.test_bench import run_quick
+
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cache_benchmark_runs_and_reports_hits_and_memory(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.cache", "--quick", "--output", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    done = run_quick("cache", tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "cache.json").read_text())
     first, retry, page, reformulated, half = result["repeated"]
