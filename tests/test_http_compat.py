@@ -44,7 +44,7 @@ def test_vllm_score_one_to_n_and_n_to_n(base_url: str, grpc: RerankClient, path:
     short = DOCUMENTS[:3]
     expected = scores_by_index(grpc.rerank(QUERY, short).results)
     for text_1 in (QUERY, [QUERY]):  # 1:N, the query as a string or a list of one
-        answer = httpx.post(url, json={"model": "BAAI/bge-reranker-v2-m3", "text_1": text_1, "text_2": short})
+        answer = httpx.post(url, json={"model": "reranker", "text_1": text_1, "text_2": short})
         body = answer.json()
         assert answer.status_code == 200, body
         assert body["object"] == "list" and body["id"].startswith("score-") and body["created"] > 0
@@ -90,7 +90,7 @@ def test_vllm_score_lengths_and_truncate_prompt_tokens(base_url: str, grpc: Rera
 def test_vllm_rerank_body_on_the_tei_path(base_url: str, grpc: RerankClient) -> None:
     """POST /rerank with `documents` is vLLM's rerank: its answer shape, best first, documents echoed."""
     expected = grpc.rerank(QUERY, DOCUMENTS[:3]).results
-    body = {"model": "BAAI/bge-reranker-v2-m3", "query": QUERY, "documents": DOCUMENTS[:3], "top_n": 2}
+    body = {"model": "reranker", "query": QUERY, "documents": DOCUMENTS[:3], "top_n": 2}
     answer = httpx.post(f"{base_url}{TEI}", json=body)
     got = answer.json()
     assert answer.status_code == 200, got
