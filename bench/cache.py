@@ -36,13 +36,12 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import ROOT, TOKENIZER_DIR, machine_info
 from bench.served import RERANK, ServedStack, process_rss
 from bench.workloads import FULL, QUICK, Request, Shape, TextMaker, document_lengths
 from rerank_client import RerankClient
 from rerank_server.testing import TINY_CONFIG, save_random_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "modernbert-tokenizer"
 MIB = 2**20
 HITS = "rerank_score_cache_hits_total"
 MISSES = "rerank_score_cache_misses_total"
@@ -146,8 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from bench.run import machine_info
-
     plan = QUICK_PLAN if args.quick else FULL_PLAN
     maker = TextMaker(TOKENIZER_DIR)
     results: dict[str, Any] = {"machine": machine_info(), "quick": args.quick, "cache_bytes": plan.cache_bytes}
