@@ -5,8 +5,8 @@ what callers send, and above how many tokens the packed engine takes a pair over
   packed engine in bf16 where it has bf16 (cpu_features). Each is timed as it would be served: the token
   budget, the threads, and pairs over the long-pair threshold on the packed engine (in bf16 for bf16, else
   fp32).
-- **Shapes**: what callers send. Short pairs (8 of 256 tokens: the benchmark's (a)), a rerank of mixed
-  lengths (16 documents of (b)'s log-normal lengths), and one long pair (2,048 tokens).
+- **Shapes**: what callers send. Short pairs (4 of 256 tokens: the benchmark's (a)), a rerank of mixed
+  lengths (8 documents of (b)'s log-normal lengths), and one long pair (2,048 tokens).
 - **Rounds**: every candidate scores every shape once per round, candidates taking turns so that a change
   in the machine's load falls on all alike; a candidate's figure in a round is the geometric mean over the
   shapes of its speed against the reference's in that same round. Rounds repeat (at least MIN_ROUNDS)
@@ -41,6 +41,10 @@ MAX_ROUNDS = 12
 # Two candidates separate when their figures differ by more than this many times the sum of their spreads:
 # over 3 to 12 rounds one standard deviation is itself an unsteady estimate, and chance must not decide.
 SEPARATION = 2.0
+# The timed shapes' sizes: each a fraction of a second to a few seconds on ModernBERT-base and 2 cores, large
+# enough for the clock and small enough that a round of every candidate stays short on a loaded machine.
+SHORT_PAIRS = 4
+MIXED_DOCUMENTS = 8
 LONG_SHAPE_TOKENS = 2048
 # Pair lengths tried for the threshold, up to where dense attention's T x T buffers (O(length²)) make the
 # packed engine the only sound choice whatever the speed.
@@ -118,8 +122,8 @@ def caller_shapes(config: Any, tokenizer: Any, max_length: int, seed: int = 0) -
     pairs = Pairs(config, tokenizer, seed)
     query = query_tokens(max_length)
     shapes = [
-        pairs.shape("short", query, [min(256, max_length)] * 8),
-        pairs.shape("mixed", query, pairs.mixed_lengths(16, query, max_length)),
+        pairs.shape("short", query, [min(256, max_length)] * SHORT_PAIRS),
+        pairs.shape("mixed", query, pairs.mixed_lengths(MIXED_DOCUMENTS, query, max_length)),
         pairs.shape("long", query, [min(LONG_SHAPE_TOKENS, max_length)]),
     ]
     ranked = pairs.shape("agreement", query, pairs.mixed_lengths(AGREEMENT_DOCUMENTS, query, max_length))
