@@ -16,7 +16,7 @@ SERVE_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install sdk-deps go-deps prometheus serve export demo test test-fast check pytest bench bench-quick gpu-pack gpu-check protos clean
+.PHONY: install sdk-deps go-deps prometheus serve export demo test test-fast test-e2e check bench bench-quick gpu-pack gpu-check protos clean
 
 install: $(STAMP)
 
@@ -88,14 +88,15 @@ check: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-pytest: install sdk-deps $(PROMETHEUS)
-	$(BIN)/python -m pytest
+# Two tiers, each test run once: the fast tier (no exported model, no Triton: about a minute), then the
+# end-to-end tier (modules and tests marked e2e; tests/conftest.py refuses a fast test that needs Triton).
+test: check test-fast test-e2e
 
-test: check pytest
-
-# The fast tier (no exported model, no Triton; tests/conftest.py marks the rest e2e): about a minute.
 test-fast: install sdk-deps $(PROMETHEUS)
 	$(BIN)/python -m pytest -m "not e2e"
+
+test-e2e: install sdk-deps $(PROMETHEUS)
+	$(BIN)/python -m pytest -m e2e
 
 # The throughput benchmark (docs/performance.md): every CPU precision in-process and served (fp32 and
 # --precision auto); full size takes 10-30 minutes on 2 cores. Without --workdir it works in a temporary folder.

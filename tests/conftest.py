@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import grpc
 import pytest
@@ -81,7 +82,23 @@ def run_rerank(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[
     return subprocess.run([*RERANK, *args], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="session")
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Fixtures that export models or start Triton; only tests marked e2e may use them (checked at collection).
+E2E_FIXTURES: set[str] = set()
+
+
+def e2e_fixture(**kwargs: Any) -> Callable[[F], F]:
+    """pytest.fixture for the end-to-end tier: records the fixture's name in E2E_FIXTURES."""
+
+    def register(function: F) -> F:
+        E2E_FIXTURES.add(function.__name__)
+        return cast(F, pytest.fixture(**kwargs)(function))
+
+    return register
+
+
+@e2e_fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
     return {
@@ -90,7 +107,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="session")
+@e2e_fixture(scope="session")
 def model_repository(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> Path:
     repository = tmp_path_factory.mktemp("model_repository")
     for name, checkpoint in checkpoints.items():
@@ -200,7 +217,7 @@ def stop_serve(stack: Stack, timeout_s: float = 60) -> int:
         raise
 
 
-@pytest.fixture(scope="session")
+@e2e_fixture(scope="session")
 def stack(model_repository: Path) -> Iterator[Stack]:
     """`rerank serve` with a local Triton, serving every model of the repository; `reranker` (first by name) is
     the default."""
@@ -232,28 +249,28 @@ def frontend(
         assert stop_serve(served) == 0, "".join(served.output[-30:])
 
 
-@pytest.fixture(scope="session")
+@e2e_fixture(scope="session")
 def mean_stack(stack: Stack, model_repository: Path) -> Iterator[Stack]:
     """A second frontend fronting `reranker_mean`: another model shape, through --triton-url."""
     with frontend(stack, model_repository, "--model-name=reranker_mean") as served:
         yield served
 
 
-@pytest.fixture(scope="session")
+@e2e_fixture(scope="session")
 def torch_stack(stack: Stack, model_repository: Path) -> Iterator[Stack]:
     """A frontend fronting `reranker_torch`: the model computed by PyTorch inside Triton."""
     with frontend(stack, model_repository, "--model-name=reranker_torch") as served:
         yield served
 
 
-@pytest.fixture(scope="session")
+@e2e_fixture(scope="session")
 def packed_stack(stack: Stack, model_repository: Path) -> Iterator[Stack]:
     """A frontend fronting `reranker_packed`: the packed engine inside Triton."""
     with frontend(stack, model_repository, "--model-name=reranker_packed") as served:
         yield served
 
 
-@pytest.fixture(scope="session")
+@e2e_fixture(scope="session")
 def numpy2_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Python environment (a venv's layout) in which numpy>=2 shadows this venv's numpy 1, this venv's
     packages coming after it. Triton's backend stub ignores PYTHONPATH (it embeds Python with the
@@ -276,7 +293,7 @@ def numpy2_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
+@e2e_fixture(scope="session")
 def numpy2_repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One model per runtime (onnxruntime, torch, packed), for a Triton running them under numpy 2."""
     repository = tmp_path_factory.mktemp("numpy2-repository")
@@ -285,7 +302,7 @@ def numpy2_repository(model_repository: Path, tmp_path_factory: pytest.TempPathF
     return repository
 
 
-@pytest.fixture(scope="session")
+@e2e_fixture(scope="session")
 def numpy2_stack(numpy2_env: Path, numpy2_repository: Path) -> Iterator[Stack]:
     """`rerank serve` whose Triton runs numpy2_repository's models under numpy 2, fronting `reranker`;
     its Triton log is stack.triton_log."""
@@ -298,28 +315,27 @@ def numpy2_stack(numpy2_env: Path, numpy2_repository: Path) -> Iterator[Stack]:
     assert code == 0, "".join(served.output[-30:])
 
 
-@pytest.fixture(scope="session")
+@e2e_fixture(scope="session")
 def long_stack(stack: Stack, model_repository: Path) -> Iterator[Stack]:
     """A frontend fronting `reranker_long` (8192-token inputs, 16384-token budget per model run)."""
     with frontend(stack, model_repository, "--model-name=reranker_long") as served:
         yield served
 
 
-# The end-to-end tier: tests using a fixture that exports models or starts Triton, and the modules that run
-# `rerank export`, `rerank serve`, `make` or the benchmark themselves. The rest is the fast tier.
-E2E_FIXTURES = frozenset(
-    {"checkpoints", "model_repository", "stack", "mean_stack", "torch_stack", "long_stack", "routed_stack"}
-)
-E2E_MODULES = frozenset({"test_bench", "test_export", "test_http_first_contact", "test_client_package", "test_tiers"})
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark the end-to-end tier (`-m e2e`); `make test-fast` runs the rest (`-m "not e2e"`)."""
-    for item in items:
-        module = item.path.stem
-        if (
-            E2E_FIXTURES & set(getattr(item, "fixturenames", ()))
-            or module in E2E_MODULES
-            or item.get_closest_marker("e2e")
-        ):
-            item.add_marker(pytest.mark.e2e)
+    """Each test declares its tier: `pytestmark = pytest.mark.e2e` in an end-to-end module, or
+    `@pytest.mark.e2e` on one test; `make test-fast` runs the rest (`-m "not e2e"`). A test that declares
+    the fast tier but needs an exported model or Triton (an `e2e_fixture`, directly or through another
+    fixture) is a collection error, so a tier cannot be wrong silently."""
+    misplaced = [
+        f"{item.nodeid} (uses {', '.join(sorted(E2E_FIXTURES & set(item.fixturenames)))})"
+        for item in items
+        if isinstance(item, pytest.Function)
+        and not item.get_closest_marker("e2e")
+        and E2E_FIXTURES & set(item.fixturenames)
+    ]
+    if misplaced:
+        raise pytest.UsageError(
+            "tests that need an exported model or Triton must be marked e2e (pytestmark = pytest.mark.e2e, or"
+            " @pytest.mark.e2e):\n  " + "\n  ".join(misplaced)
+        )

@@ -19,6 +19,8 @@ from rerank_server.export.agreement import SPEARMAN_BOUND, TOP10_OVERLAP_BOUND
 from rerank_triton_model.runtimes import PACKED, runtime
 from tests.conftest import TOKENIZER_DIR
 
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 # Every CPU precision in-process (ONNX Runtime fp32/int8, PyTorch padded fp32/bf16, the packed engine),
 # and served: the fp32 export and the `--precision auto` one.

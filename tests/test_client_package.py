@@ -12,6 +12,8 @@ import pytest
 from rerank_client import RerankClient, UnavailableError, build_rerank_request
 from tests.conftest import free_port
 
+pytestmark = pytest.mark.e2e
+
 HEAVY = ("torch", "onnxruntime", "tritonclient", "transformers", "tokenizers", "numpy", "onnx")
 
 

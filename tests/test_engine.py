@@ -68,6 +68,7 @@ def test_sessions_use_the_available_cores_without_spinning() -> None:
     assert session_options(3).intra_op_num_threads == 3
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("budget", [16, 200, 8192])
 def test_scores_match_eager_whatever_the_budget(model_repository: Path, checkpoints, budget: int) -> None:
     reference = eager(checkpoints["reranker"])
@@ -81,6 +82,7 @@ def test_scores_match_eager_whatever_the_budget(model_repository: Path, checkpoi
     np.testing.assert_allclose(logits, reference.logits(QUERY, documents), atol=1e-4)
 
 
+@pytest.mark.e2e
 def test_a_gpu_session_never_falls_back_to_the_cpu_silently(model_repository: Path) -> None:
     onnx_path = str(model_repository / "reranker" / "1" / "model.onnx")
     assert create_session(onnx_path).get_providers()[0] == "CPUExecutionProvider"
@@ -104,6 +106,7 @@ def test_packed_sub_batches_cover_every_pair_once_within_the_token_budget(budget
         assert first.padded_tokens + int(lengths[second.pairs[0]]) > budget
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("budget", [40, 300, 8192])
 def test_packed_engine_matches_eager_whatever_the_budget(model_repository: Path, checkpoints, budget: int) -> None:
     reference = eager(checkpoints["reranker_packed"])
@@ -126,6 +129,7 @@ def test_packed_engine_matches_eager_whatever_the_budget(model_repository: Path,
     assert np.isnan(logits[dropped]).all() and not np.isnan(logits[~dropped]).any()
 
 
+@pytest.mark.e2e
 def test_torch_runtime_agrees_with_onnx_runtime(model_repository: Path) -> None:
     # The same weights (reranker_torch is the mean-pooling checkpoint), two runtimes, one ragged batch.
     version = model_repository / "reranker_torch" / "1"

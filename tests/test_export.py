@@ -14,6 +14,8 @@ from rerank_server.testing import TINY_CONFIG, save_random_checkpoint
 from rerank_triton_model.runtimes import LONG_PAIR_TOKENS, PACKED, TORCH
 from tests.conftest import TOKENIZER_DIR, run_rerank
 
+pytestmark = pytest.mark.e2e
+
 
 def test_repository_layout_and_config(model_repository: Path) -> None:
     model_dir = model_repository / "reranker"

@@ -14,6 +14,8 @@ from rerank_server.testing import health_status, wait_for_health
 from rerank_server.triton_launcher import LocalTriton, TritonPorts
 from tests.conftest import free_port, start_serve, stop_serve
 
+pytestmark = pytest.mark.e2e
+
 
 def wait_for_api_health(target: str, serving: bool, timeout_s: float = 60) -> None:
     assert wait_for_health(target, timeout_s, serving=serving, service=SERVICE_NAME), (

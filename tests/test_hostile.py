@@ -104,6 +104,7 @@ def guarded(stack: Stack, model_repository: Path):
 # -- defect 1: memory before the limits and before auth ------------------------------------------
 
 
+@pytest.mark.e2e
 def test_a_60_mib_refused_message_costs_a_small_multiple_of_its_size_and_stalls_no_one(guarded: Stack) -> None:
     pid = guarded.process.pid
     bearer = (("authorization", f"Bearer {TOKEN}"),)
@@ -148,6 +149,7 @@ def test_a_60_mib_refused_message_costs_a_small_multiple_of_its_size_and_stalls_
     assert max(during) < 1.5, f"a small call took {max(during):.2f} s"
 
 
+@pytest.mark.e2e
 def test_an_unauthenticated_60_mib_message_is_never_decoded(guarded: Stack) -> None:
     pid = guarded.process.pid
     raw_call(guarded.target, "Rerank", b"", (("authorization", "Bearer nope"),))  # warm the path up
@@ -162,6 +164,7 @@ def test_an_unauthenticated_60_mib_message_is_never_decoded(guarded: Stack) -> N
     assert growth < len(HUGE_RERANK) / 2, f"unauthenticated calls grew the frontend by {growth / MIB:.0f} MiB"
 
 
+@pytest.mark.e2e
 def test_score_pairs_and_stream_documents_are_counted_before_decoding(guarded: Stack) -> None:
     pid = guarded.process.pid
     bearer = (("authorization", f"Bearer {TOKEN}"),)
@@ -206,6 +209,7 @@ def test_score_pairs_and_stream_documents_are_counted_before_decoding(guarded: S
 # -- defect 4: a malformed message inside a RerankStream -------------------------------------------
 
 
+@pytest.mark.e2e
 def test_a_malformed_stream_message_ends_the_stream_cleanly_after_answering_the_ones_before(guarded: Stack) -> None:
     valid = stream_request("first", QUERY, [text(30), "b"]).SerializeToString()
     before = scrape(guarded.metrics_url)
@@ -235,6 +239,7 @@ def test_a_malformed_stream_message_ends_the_stream_cleanly_after_answering_the_
 # -- defect 5: deadline expiry counted as such ----------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_deadline_expiry_is_counted_deadline_exceeded_and_cancellation_cancelled(guarded: Stack) -> None:
     documents = [text(150, seed=i) for i in range(1000)]  # seconds of work on this machine
     before = scrape(guarded.metrics_url)
@@ -267,6 +272,7 @@ def test_deadline_expiry_is_counted_deadline_exceeded_and_cancellation_cancelled
 # -- defect 6: auth details -------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_auth_scheme_is_case_insensitive_two_headers_are_refused_and_reflection_needs_the_token(
     guarded: Stack,
 ) -> None:
@@ -310,6 +316,7 @@ def test_auth_scheme_is_case_insensitive_two_headers_are_refused_and_reflection_
 # -- defect 7: chunk_overlap checked against the window, whatever the documents ---------------------
 
 
+@pytest.mark.e2e
 def test_chunk_overlap_not_below_the_window_is_refused_even_for_short_documents(stack: Stack) -> None:
     with RerankClient(stack.target, timeout=30) as client:
         for documents in (["short"], [text(100)]):
@@ -334,6 +341,7 @@ def test_segmented_tokenization_equals_the_whole_texts_and_stops_when_asked() ->
         tokenizer.encode_prefixes([long], [10**7], should_stop=lambda: next(calls) >= 1)
 
 
+@pytest.mark.e2e
 def test_tokenization_stops_at_the_deadline_or_cancellation_and_its_queue_is_bounded(
     stack: Stack, model_repository: Path
 ) -> None:
@@ -387,6 +395,7 @@ def test_tokenization_stops_at_the_deadline_or_cancellation_and_its_queue_is_bou
 # -- defect 3: Triton restart backoff returns to its first step after a healthy period --------------
 
 
+@pytest.mark.e2e
 def test_triton_killed_again_and_again_recovers_within_the_first_steps(model_repository: Path, tmp_path: Path) -> None:
     repository = tmp_path / "repository"  # one tiny model: Triton restarts in seconds
     repository.mkdir()
@@ -428,6 +437,7 @@ def wait_gone(process: psutil.Process, timeout_s: float) -> bool:
 # -- metrics label values come from a fixed set, whatever callers send -----------------------------
 
 
+@pytest.mark.e2e
 def test_invented_method_names_do_not_grow_the_metrics(guarded: Stack) -> None:
     names = [f"/rerank.v1.RerankService/Invented{i}" for i in range(200)] + [f"/other.Service/M{i}" for i in range(50)]
     bearer = (("authorization", f"Bearer {TOKEN}"),)

@@ -21,6 +21,8 @@ from rerank_client import RerankClient
 from tests.conftest import Stack, frontend
 from tests.texts import QUERY, text
 
+pytestmark = pytest.mark.e2e
+
 # Lengths from a few tokens to past the tiny model's 512 (END truncation cuts the last one).
 DOCUMENTS = [text(n, seed=100 + i) for i, n in enumerate((40, 3, 7, 300, 12, 25, 90, 700))]
 TOP_N = 3

@@ -16,6 +16,8 @@ from tests.conftest import TOKENIZER_DIR, Stack
 from tests.test_http_errors import TEI, VLLM, assert_shape, good_body
 from tests.texts import QUERY, text
 
+pytestmark = pytest.mark.e2e
+
 DOCUMENTS = ["beijing is the capital of china", "quick sort in python", "rain", text(700, seed=3)]
 
 

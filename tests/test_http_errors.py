@@ -134,6 +134,7 @@ def test_every_route_the_app_serves_is_declared_once_with_its_shape() -> None:
     assert {"/health", "/v1/health/live", "/v1/health/ready"} == OPEN_PATHS
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("path", ALL)
 def test_malformed_json_empty_body_and_wrong_types_are_refused_in_the_apis_shape(base_url: str, path: str) -> None:
     status = INVALID[path]
@@ -157,6 +158,7 @@ def test_malformed_json_empty_body_and_wrong_types_are_refused_in_the_apis_shape
     still_serving(base_url)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("path", ALL)
 def test_empty_query_no_documents_and_too_many_documents_are_refused(base_url: str, path: str) -> None:
     status = INVALID[path]
@@ -172,6 +174,7 @@ def test_empty_query_no_documents_and_too_many_documents_are_refused(base_url: s
     still_serving(base_url)
 
 
+@pytest.mark.e2e
 def test_top_n_and_cohere_object_documents_are_checked(base_url: str) -> None:
     for top_n in (0, -1, "three"):
         body = good_body(COHERE_V2, ["a", "b"], top_n=top_n)
@@ -185,6 +188,7 @@ def test_top_n_and_cohere_object_documents_are_checked(base_url: str) -> None:
     assert answer["results"][0]["document"]["text"] == "title: quick sort\nbody: python"
 
 
+@pytest.mark.e2e
 def test_unknown_routes_and_methods_are_404_and_405_not_500(base_url: str) -> None:
     assert_shape(COHERE_V2, httpx.get(f"{base_url}{COHERE_V2}"), 405)
     assert_shape(TEI, httpx.get(f"{base_url}{TEI}"), 405)
@@ -195,6 +199,7 @@ def test_unknown_routes_and_methods_are_404_and_405_not_500(base_url: str) -> No
 # -- the knobs mapped onto the core -----------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_truncation_knobs_map_onto_the_core(stack: Stack, base_url: str) -> None:
     long = [text(700, seed=3), "short"]  # 700 words pass the tiny model's 512 tokens
     # TEI: truncate false refuses (NONE); absent or true cuts (END); Left is refused.
@@ -224,6 +229,7 @@ def test_truncation_knobs_map_onto_the_core(stack: Stack, base_url: str) -> None
     assert {r["index"]: r["relevance_score"] for r in answer["results"]} == pytest.approx(chunked, abs=1e-6)
 
 
+@pytest.mark.e2e
 def test_jina_answer_on_the_cohere_v1_path(base_url: str) -> None:
     documents = ["beijing", "quick sort in python", "rain"]
     answer = httpx.post(f"{base_url}{COHERE_V1}", json=good_body(COHERE_V1, documents, top_n=2, return_documents=True))
@@ -238,6 +244,7 @@ def test_jina_answer_on_the_cohere_v1_path(base_url: str) -> None:
 # -- operations: ids, logs, metrics, descriptions ----------------------------------------------
 
 
+@pytest.mark.e2e
 def test_request_ids_json_logs_and_metrics_by_surface(stack: Stack, base_url: str) -> None:
     response = httpx.post(f"{base_url}{COHERE_V2}", json=good_body(COHERE_V2, ["a"]), headers={"x-request-id": "h-77"})
     assert response.headers["x-request-id"] == "h-77" and response.json()["id"] == "h-77"
@@ -259,6 +266,7 @@ def test_request_ids_json_logs_and_metrics_by_surface(stack: Stack, base_url: st
     assert sample(metrics, "rerank_call_duration_seconds_count", surface="tei", rpc=TEI) >= 1
 
 
+@pytest.mark.e2e
 def test_openapi_info_health_and_models(base_url: str) -> None:
     spec = httpx.get(f"{base_url}/openapi.json").json()
     assert {COHERE_V1, COHERE_V2, TEI, NIM, "/info", "/health", "/v1/models"} <= set(spec["paths"])
@@ -276,6 +284,7 @@ def test_openapi_info_health_and_models(base_url: str) -> None:
 # -- limits, auth, TLS --------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_auth_body_and_token_limits(stack: Stack, model_repository: Path) -> None:
     args = ("--auth-token=s3cret", "--max-message-bytes=65536", "--max-total-tokens=2048")
     with frontend(stack, model_repository, *args) as served:
@@ -318,6 +327,7 @@ def test_auth_body_and_token_limits(stack: Stack, model_repository: Path) -> Non
         still_serving(url, **auth)
 
 
+@pytest.mark.e2e
 def test_a_body_of_millions_of_tiny_values_is_refused_from_a_scan(stack: Stack) -> None:
     # 15 MB of `"",` would be parsed into 5 million strings (GBs) before max_documents could refuse them;
     # the gate counts JSON values first and stops at its bound.
@@ -348,6 +358,7 @@ def test_a_body_of_millions_of_tiny_values_is_refused_from_a_scan(stack: Stack) 
     still_serving(stack.http_url)
 
 
+@pytest.mark.e2e
 def test_tls_with_the_same_files_as_grpc(stack: Stack, model_repository: Path, tmp_path: Path) -> None:
     ca = Authority(tmp_path, "ca")
     server = ca.issue("server", server=True)
@@ -374,6 +385,7 @@ def sigterm_once_in_flight(served: Stack) -> None:
     served.process.send_signal(signal.SIGTERM)
 
 
+@pytest.mark.e2e
 def test_overload_is_429_with_retry_after_and_sigterm_drains(stack: Stack, model_repository: Path) -> None:
     args = ("--model-name=reranker_long_dense", "--max-inflight-tokens=10000", "--max-total-tokens=10000")
     with frontend(stack, model_repository, *args, "--shutdown-grace-s=300") as served:
@@ -411,6 +423,7 @@ def test_overload_is_429_with_retry_after_and_sigterm_drains(stack: Stack, model
         assert served.process.wait(60) == 0
 
 
+@pytest.mark.e2e
 def test_deadline_is_504(stack: Stack, model_repository: Path) -> None:
     args = ("--model-name=reranker_long_dense", "--http-timeout-s=0.3")
     with frontend(stack, model_repository, *args) as served:
@@ -479,6 +492,7 @@ class Proxy:
             s.close()
 
 
+@pytest.mark.e2e
 def test_triton_down_is_503_with_retry_after(stack: Stack, model_repository: Path) -> None:
     proxy = Proxy(stack.triton_url.replace("localhost", "127.0.0.1"))
     served = start_serve(
@@ -540,6 +554,7 @@ def random_json(rng: random.Random, depth: int = 0) -> Any:
     return {rng.choice(keys): random_json(rng, depth + 1) for _ in range(rng.randrange(6))}
 
 
+@pytest.mark.e2e
 def test_random_bodies_never_get_a_500(base_url: str) -> None:
     rng = random.Random(7)
     statuses: dict[int, int] = {}
@@ -572,6 +587,7 @@ def test_random_bodies_never_get_a_500(base_url: str) -> None:
     still_serving(base_url)
 
 
+@pytest.mark.e2e
 def test_a_call_outliving_the_shutdown_grace_gets_503_not_500(stack: Stack, model_repository: Path) -> None:
     with frontend(stack, model_repository, "--model-name=reranker_long_dense", "--shutdown-grace-s=1") as served:
         url = served.http_url

@@ -12,11 +12,14 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from rerank_client import RerankClient
 from rerank_server.first_contact import DEMO_MODEL_ID
 from rerank_server.testing import wait_until_serving
 from tests.conftest import RERANK, free_port
+
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 # The suite runs inside the installed venv (`make test` installs first); -o keeps a stamp older than a

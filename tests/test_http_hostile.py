@@ -24,6 +24,8 @@ from tests.test_http_errors import COHERE_V1, COHERE_V2, INVALID, NIM, TEI, asse
 from tests.test_operations import sample, scrape
 from tests.texts import QUERY
 
+pytestmark = pytest.mark.e2e
+
 MIB = 1 << 20
 # Timeouts short enough for a test to see them pass, long enough for loopback calls on a loaded machine.
 TIMEOUT_S = 2

@@ -20,7 +20,7 @@ from rerank_client import RerankClient
 from rerank_server.testing import exported_parameters, free_port, save_random_checkpoint
 from rerank_triton_model.reranker_engine import PackedReranker, RoutedReranker
 from rerank_triton_model.runtimes import LONG_PAIR_TOKENS
-from tests.conftest import TOKENIZER_DIR, Stack, run_rerank, start_serve, stop_serve
+from tests.conftest import TOKENIZER_DIR, Stack, e2e_fixture, run_rerank, start_serve, stop_serve
 from tests.reference import eager
 from tests.texts import QUERY, text
 
@@ -188,6 +188,7 @@ def test_routed_scores_equal_each_engine_alone_and_eager(routed_checkpoint: Path
     np.testing.assert_allclose(logits, expected, atol=FP32_TOLERANCE, rtol=0)
 
 
+@pytest.mark.e2e
 def test_an_exported_model_routes_its_graph_and_checkpoint(model_repository: Path, checkpoints) -> None:
     """reranker_long as `rerank export` wrote it by default (ONNX graph, fp32 checkpoint, long_pair_tokens):
     ONNX Runtime and the packed engine behind one RoutedReranker, against each alone and eager (sdpa: 8192
@@ -223,7 +224,7 @@ def test_an_exported_model_routes_its_graph_and_checkpoint(model_repository: Pat
 # -- served ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@e2e_fixture(scope="module")
 def routed_stack(routed_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`rerank serve` of routed_checkpoint exported for ONNX Runtime fp32 with long pairs over ROUTED_TOKENS
     on the packed engine; its Triton log is stack.triton_log."""
@@ -268,6 +269,7 @@ def long_pairs_counted(stack: Stack) -> float:
     return float(found.group(1))
 
 
+@pytest.mark.e2e
 def test_served_long_pairs_run_on_the_packed_engine_and_agree_with_eager(
     routed_stack: Stack, routed_checkpoint: Path
 ) -> None:

@@ -10,9 +10,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from rerank_server.testing import exported_parameters, wait_until_serving
 from rerank_triton_model.runtimes import ONNXRUNTIME
 from tests.conftest import RERANK, free_port
+
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 MAKE = ["make", "--no-print-directory", "-o", ".venv/.installed"]

@@ -75,6 +75,8 @@ CHECKPOINTS: dict[str, tuple[dict[str, object], int]] = {
     ),
 }
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def pair_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

@@ -241,12 +241,14 @@ def traffic(stack: Stack) -> None:
     assert answer.status_code == 200, answer.text
 
 
+@pytest.mark.e2e
 def test_prometheus_scrapes_the_frontend_and_triton(prometheus: Prometheus) -> None:
     targets = prometheus.get("/api/v1/targets")["activeTargets"]
     assert len(targets) == 2 and all(t["health"] == "up" for t in targets), targets
     assert {t["labels"]["job"] for t in targets} == {JOB}
 
 
+@pytest.mark.e2e
 def test_every_rule_dashboard_and_autoscaler_expression_returns_series(stack: Stack, prometheus: Prometheus) -> None:
     """No expression names a metric or label the service and its Triton do not export: each returns series.
 
@@ -283,6 +285,7 @@ def test_every_rule_dashboard_and_autoscaler_expression_returns_series(stack: St
     assert float(errors["value"][1]) == 0
 
 
+@pytest.mark.e2e
 def test_a_misspelt_metric_returns_no_series(prometheus: Prometheus) -> None:
     """The check above can fail: a name the service does not export finds nothing."""
     assert prometheus.series("rerank_inflight_calls")

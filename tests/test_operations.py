@@ -34,6 +34,8 @@ from tests.conftest import Stack, free_port, frontend, start_local, start_serve,
 from tests.reference import eager
 from tests.texts import QUERY, text
 
+pytestmark = pytest.mark.e2e
+
 
 def scrape(url: str | None) -> str:
     assert url is not None

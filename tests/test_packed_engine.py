@@ -469,6 +469,7 @@ REDUCED = [
 ]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("served", "precision"), REDUCED, ids=lambda v: getattr(v, "name", v))
 def test_reduced_precision_logits_are_as_distinct_as_fp32s(
     served: Runtime, precision: str, candidates: CloseCandidates

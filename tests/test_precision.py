@@ -127,6 +127,7 @@ def test_served_choice_loads_the_fp32_weights_named_in_the_config(monkeypatch: p
 # ------------------------------------------------------------------------------------------ export
 
 
+@pytest.mark.e2e
 def test_auto_on_a_cpu_without_bf16_or_vnni_keeps_fp32_and_measures_only_the_threshold(
     tmp_path: Path, checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -149,6 +150,7 @@ def test_auto_on_a_cpu_without_bf16_or_vnni_keeps_fp32_and_measures_only_the_thr
     assert sorted(p.name for p in (model_dir / "1").glob("model*")) == ["model", "model.onnx", "model.py"]
 
 
+@pytest.mark.e2e
 def test_auto_measures_each_native_precision_and_keeps_one_that_ranks_like_fp32(
     tmp_path: Path, checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -201,6 +203,7 @@ def test_auto_measures_each_native_precision_and_keeps_one_that_ranks_like_fp32(
     assert not (version / "model.int8.onnx").exists()
 
 
+@pytest.mark.e2e
 def test_refuses_combinations_no_runtime_computes(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
     model = str(checkpoints["reranker"])
     for precision, runtime, able in (("bf16", ONNXRUNTIME, "torch or packed"), ("int8", TORCH, "onnxruntime")):
@@ -294,6 +297,7 @@ def _tolerance(precision: str, expected: np.ndarray) -> float:
     return 1e-4 if precision == "fp32" else tolerance(precision, expected)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_each_precision_served_matches_eager(
     repositories: dict[str, Path], checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch, variant: str
@@ -310,6 +314,7 @@ def test_each_precision_served_matches_eager(
     assert f"reranker: precision {in_use} (" in served.triton_log, served.triton_log[-3000:]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_a_cpu_without_native_support_serves_the_fp32_weights_and_says_so(
     repositories: dict[str, Path], checkpoints: dict[str, Path], precision: str
@@ -323,6 +328,7 @@ def test_a_cpu_without_native_support_serves_the_fp32_weights_and_says_so(
     assert f"exported as {precision}, but the CPU has none of" in served.triton_log
 
 
+@pytest.mark.e2e
 def test_forced_bf16_runs_emulated_and_matches_eager_within_bf16_tolerance(
     repositories: dict[str, Path], checkpoints: dict[str, Path]
 ) -> None:
@@ -335,6 +341,7 @@ def test_forced_bf16_runs_emulated_and_matches_eager_within_bf16_tolerance(
     assert "forced by RERANK_FORCE_PRECISION" in served.triton_log and "emulated" in served.triton_log
 
 
+@pytest.mark.e2e
 def test_a_served_bf16_model_returns_as_many_distinct_logits_as_fp32(
     checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

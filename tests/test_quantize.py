@@ -29,6 +29,7 @@ def int8_repository(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[
     return repository
 
 
+@pytest.mark.e2e
 def test_config_and_provenance_say_int8(int8_repository: Path) -> None:
     config = (int8_repository / "reranker" / "config.pbtxt").read_text()
     assert 'key: "precision" value: { string_value: "int8" }' in config
@@ -48,6 +49,7 @@ def test_config_and_provenance_say_int8(int8_repository: Path) -> None:
     assert provenance["fp32_fallback"] == {"runtime": ONNXRUNTIME.name, "weights": "model.fp32.onnx"}
 
 
+@pytest.mark.e2e
 def test_graph_runs_its_weight_matmuls_in_int8(int8_repository: Path, model_repository: Path) -> None:
     graph = onnx.load(str(int8_repository / "reranker" / "1" / "model.onnx")).graph
     ops = [n.op_type for n in graph.node]
@@ -70,6 +72,7 @@ def _random_pairs(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(0, PAD, int(lengths.sum())).astype(np.int32), lengths
 
 
+@pytest.mark.e2e
 def test_int8_scores_rank_like_fp32(int8_repository: Path, model_repository: Path) -> None:
     def engine(repository: Path) -> PackedReranker:
         path = repository / "reranker" / "1" / "model.onnx"
@@ -85,6 +88,7 @@ def test_int8_scores_rank_like_fp32(int8_repository: Path, model_repository: Pat
     assert len(top_fp32 & top_int8) >= 9
 
 
+@pytest.mark.e2e
 def test_refuses_int8_on_gpu(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
     done = run_rerank(
         "export",
@@ -102,6 +106,7 @@ def test_refuses_int8_on_gpu(tmp_path: Path, checkpoints: dict[str, Path]) -> No
     assert not (tmp_path / "reranker").exists()
 
 
+@pytest.mark.e2e
 def test_refuses_an_unknown_quantization(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
     done = run_rerank(
         "export", "--model", str(checkpoints["reranker"]), "--output", str(tmp_path), "--quantize", "int4"

@@ -10,8 +10,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from rerank_client import RerankClient
 from tests.conftest import Stack
+
+pytestmark = pytest.mark.e2e
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

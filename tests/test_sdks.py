@@ -281,6 +281,7 @@ def npm() -> str:
     return found
 
 
+@pytest.mark.e2e
 def test_typescript_sdk_answers_like_the_python_sdk(
     npm: str, sdk_env: dict[str, str], expected: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -293,6 +294,7 @@ def test_typescript_sdk_answers_like_the_python_sdk(
     assert_same(expected, json.loads(answers.read_text()))
 
 
+@pytest.mark.e2e
 def test_typescript_docs_quick_start_runs_as_written(npm: str, stack: Stack, tmp_path: Path) -> None:
     """docs/sdk-typescript.md's steps: pack the SDK, install the tarball in a new project, compile the
     snippet with tsc and run it."""
@@ -339,6 +341,7 @@ def go_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return dict(os.environ, GOPATH=f"{gopath}{os.pathsep}{GO_SYSTEM_PATH}", GO111MODULE="off", GOFLAGS="")
 
 
+@pytest.mark.e2e
 def test_go_sdk_answers_like_the_python_sdk(
     go_env: dict[str, str], sdk_env: dict[str, str], expected: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -352,6 +355,7 @@ def test_go_sdk_answers_like_the_python_sdk(
     assert_same(expected, json.loads(answers.read_text()))
 
 
+@pytest.mark.e2e
 def test_go_docs_quick_start_runs_as_written(go_env: dict[str, str], stack: Stack) -> None:
     """docs/sdk-go.md's snippet, a main package importing the module, built and run."""
     snippet = docs_block("sdk-go.md", "go").replace("localhost:50051", stack.target)

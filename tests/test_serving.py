@@ -22,6 +22,8 @@ from tests.conftest import Stack, frontend, run_rerank
 from tests.reference import eager
 from tests.texts import QUERY, mixed_documents, text
 
+pytestmark = pytest.mark.e2e
+
 ATOL = 1e-4
 
 
