@@ -202,6 +202,14 @@ def start_serve(
     return stack
 
 
+def one_model_repository(model_repository: Path, folder: Path, name: str = "reranker") -> Path:
+    """A repository of one of model_repository's models (linked, not copied): a Triton serving it starts and
+    restarts in seconds."""
+    folder.mkdir()
+    (folder / name).symlink_to(model_repository / name, target_is_directory=True)
+    return folder
+
+
 def start_local(repository: Path, *args: str) -> Stack:
     """`rerank serve` starting its own Triton on free ports, serving `repository`."""
     ports = (f"--triton-{kind}-port={free_port()}" for kind in ("grpc", "http", "metrics"))

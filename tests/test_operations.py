@@ -30,7 +30,7 @@ from rerank_client import (
 from rerank_client.pb import SERVICE_NAME, rerank_pb2, rerank_pb2_grpc
 from rerank_server.testing import health_status
 from tests.certs import Authority
-from tests.conftest import Stack, free_port, frontend, start_local, start_serve, stop_serve
+from tests.conftest import Stack, free_port, frontend, one_model_repository, start_local, start_serve, stop_serve
 from tests.reference import eager
 from tests.texts import QUERY, text
 
@@ -205,8 +205,10 @@ def test_sigterm_under_load_lets_in_flight_calls_finish_and_exits_0(stack: Stack
 # -- Triton supervision ----------------------------------------------------------------------
 
 
-def test_kill_9_triton_under_load_every_call_ends_in_time_and_service_recovers(model_repository: Path) -> None:
-    served = start_local(model_repository, "--health-interval-s=0.2")
+def test_kill_9_triton_under_load_every_call_ends_in_time_and_service_recovers(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    served = start_local(one_model_repository(model_repository, tmp_path / "repository"), "--health-interval-s=0.2")
     try:
         triton = next(p for p in psutil.Process(served.process.pid).children() if p.name() == "tritonserver")
         outcomes: list[tuple[str, float]] = []
