@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from rerank_client import RerankClient, RerankError
-from rerank_server.observability import REJECT_REASONS
+from rerank_server.observability import REJECT_REASONS, Metrics
 from rerank_server.testing import free_port
 from tests.conftest import Stack
 from tests.texts import QUERY, text
@@ -290,3 +290,13 @@ def test_a_misspelt_metric_returns_no_series(prometheus: Prometheus) -> None:
     """The check above can fail: a name the service does not export finds nothing."""
     assert prometheus.series("rerank_inflight_calls")
     assert not prometheus.series("rerank_inflight_call")
+
+
+def test_every_frontend_metric_is_documented_in_the_operations_page() -> None:
+    """An operator reads docs/operations.md for what /metrics holds: each family the frontend exports is named there."""
+    page = (ROOT / "docs" / "operations.md").read_text()
+    families = {family.name for family in Metrics().registry.collect()}
+    assert len(families) >= 15
+    # prometheus_client reports a counter's family without its _total suffix.
+    missing = sorted(name for name in families if f"`{name}" not in page)
+    assert not missing, f"metrics exported but not in docs/operations.md: {missing}"
