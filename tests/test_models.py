@@ -179,6 +179,19 @@ def test_each_model_answers_with_its_own_logits_over_http(pair_stack: Stack, pai
         ).json()
         logits = {r["index"]: r["logit"] for r in nim["rankings"]}
         np.testing.assert_allclose([logits[i] for i in range(4)], expected[name], atol=ATOL)
+        # vLLM's truncate_prompt_tokens -1 is the chosen model's own limit (beta's 256).
+        vllm = httpx.post(
+            f"{url}/v1/score",
+            json={
+                "model": name,
+                "text_1": QUERY,
+                "text_2": documents,
+                "activation": False,
+                "truncate_prompt_tokens": -1,
+            },
+        ).json()
+        assert vllm["model"] == pair_checkpoints[name].name
+        np.testing.assert_allclose([r["score"] for r in vllm["data"]], expected[name], atol=ATOL)
     # TEI has no model field: the default model answers, and /info describes it.
     tei = httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": documents, "raw_scores": True}).json()
     np.testing.assert_allclose(
@@ -209,6 +222,8 @@ def test_a_model_not_served_is_not_found_naming_the_served_ones(client: RerankCl
     )
     assert nim.status_code == 404
     assert nim.json()["status"] == 404 and "'delta' is not served here" in nim.json()["detail"]
+    vllm = httpx.post(f"{url}/score", json={"model": "delta", "text_1": QUERY, "text_2": ["a"]})
+    assert vllm.status_code == 404 and "['alpha', 'beta']" in vllm.text
     done = run_rerank("query", "--target", pair_stack.target, "--model", "delta", QUERY, "a", timeout=60)
     assert done.returncode == 1 and "NOT_FOUND" in done.stderr and "['alpha', 'beta']" in done.stderr
 
