@@ -14,6 +14,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from bench import long as bench_long
+from bench import warmup as bench_warmup
 from bench import workloads
 from rerank_server.export.agreement import SPEARMAN_BOUND, TOP10_OVERLAP_BOUND
 from rerank_triton_model.runtimes import PACKED, runtime
@@ -256,3 +257,32 @@ def test_long_document_check_runs_end_to_end(tmp_path: Path) -> None:
     assert (systems["onnxruntime int8"]["precision"], systems["torch bf16"]["precision"]) == ("int8", "bf16")
     assert all(figures["peak_rss_gib"] >= figures["idle_rss_gib"] > 0 for figures in systems.values())
     assert "| packed bf16 | bf16 (packed) |" in done.stdout
+
+
+def test_first_call_check_runs_end_to_end(tmp_path: Path) -> None:
+    # `python -m bench.warmup --quick`, as docs/performance.md shows it (fewer calls): the export served with
+    # its warm-up and without it.
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.warmup", "--quick", "--rounds", "1", "--calls", "2", "--output", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((tmp_path / "warmup.json").read_text())
+    assert set(results["runs"]) == {bench_warmup.WARM, bench_warmup.COLD}
+    for (run,) in results["runs"].values():
+        assert run["ready_s"] > 0 and run["first_s"] > 0 and run["steady_s"] > 0
+        assert run["first_over_steady"] == pytest.approx(run["first_s"] / run["steady_s"])
+    assert "| no warm-up |" in done.stdout and "| warm-up (as exported) |" in done.stdout
+
+
+def test_the_cold_copy_has_no_warmup_and_keeps_the_rest(tmp_path: Path) -> None:
+    model = tmp_path / "warm" / "reranker"
+    model.mkdir(parents=True)
+    config = 'name: "reranker"\nparameters [\n  { key: "a" value: { string_value: "b" } }\n]\n'
+    warmup = 'model_warmup [\n  {\n    name: "budget"\n    inputs { key: "x" value: { dims: [ 2 ] } }\n  }\n]\n'
+    (model / "config.pbtxt").write_text(config + "# the warm-up\n" + warmup)
+    cold = bench_warmup.without_warmup(tmp_path / "warm", tmp_path / "cold")
+    assert (cold / "reranker" / "config.pbtxt").read_text() == config + "# the warm-up\n"

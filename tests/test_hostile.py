@@ -101,7 +101,7 @@ def guarded(stack: Stack, model_repository: Path):
         yield served
 
 
-# -- defect 1: memory before the limits and before auth ------------------------------------------
+# -- memory before the limits and before auth ----------------------------------------------------
 
 
 @pytest.mark.e2e
@@ -206,7 +206,7 @@ def test_score_pairs_and_stream_documents_are_counted_before_decoding(guarded: S
     )
 
 
-# -- defect 4: a malformed message inside a RerankStream -------------------------------------------
+# -- a malformed message inside a RerankStream -----------------------------------------------------
 
 
 @pytest.mark.e2e
@@ -236,7 +236,7 @@ def test_a_malformed_stream_message_ends_the_stream_cleanly_after_answering_the_
     assert "Traceback" not in logged and '"level": "ERROR"' not in logged and "ExceptionGroup" not in logged
 
 
-# -- defect 5: deadline expiry counted as such ----------------------------------------------------
+# -- deadline expiry counted as such --------------------------------------------------------------
 
 
 @pytest.mark.e2e
@@ -269,7 +269,7 @@ def test_deadline_expiry_is_counted_deadline_exceeded_and_cancellation_cancelled
     assert counted("UNKNOWN") == 0
 
 
-# -- defect 6: auth details -------------------------------------------------------------------
+# -- auth details -----------------------------------------------------------------------------
 
 
 @pytest.mark.e2e
@@ -313,7 +313,7 @@ def test_auth_scheme_is_case_insensitive_two_headers_are_refused_and_reflection_
     assert "shows in `ps`" in help_text
 
 
-# -- defect 7: chunk_overlap checked against the window, whatever the documents ---------------------
+# -- chunk_overlap checked against the window, whatever the documents -------------------------------
 
 
 @pytest.mark.e2e
@@ -327,7 +327,7 @@ def test_chunk_overlap_not_below_the_window_is_refused_even_for_short_documents(
         assert client.rerank(QUERY, ["short"], truncation="chunk", max_length=32, chunk_overlap=5).results
 
 
-# -- defect 2: work stops with the caller; the tokenization queue is bounded ------------------------
+# -- work stops with the caller; the tokenization queue is bounded ----------------------------------
 
 
 def test_segmented_tokenization_equals_the_whole_texts_and_stops_when_asked() -> None:
@@ -392,7 +392,7 @@ def test_tokenization_stops_at_the_deadline_or_cancellation_and_its_queue_is_bou
         assert took < 1.0, f"refusing a 20 MB document with NONE took {took:.2f} s"
 
 
-# -- defect 3: Triton restart backoff returns to its first step after a healthy period --------------
+# -- Triton restart backoff returns to its first step after a healthy period ------------------------
 
 
 @pytest.mark.e2e

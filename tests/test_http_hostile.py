@@ -46,7 +46,7 @@ def http_address(stack: Stack) -> tuple[str, int]:
     return host, int(port)
 
 
-# -- defect 1: no body holds the event loop ------------------------------------------------------
+# -- no body holds the event loop ----------------------------------------------------------------
 
 # 1 MiB bodies of the shapes that make a pre-parse scan or a parser slow: unterminated strings of escapes
 # (the quadratic scan took 15 s for 64 KB), long runs no value starts with, deep nesting, a huge number.
@@ -104,7 +104,7 @@ def victim(client: RerankClient, stop: threading.Event, latencies: list[float]) 
         latencies.append(timed_call(lambda: client.rerank(QUERY, ["a"])))
 
 
-# -- defect 2: no field multiplies memory ----------------------------------------------------------
+# -- no field multiplies memory --------------------------------------------------------------------
 
 
 def test_repeated_rank_fields_are_refused_and_cost_a_small_multiple_of_the_body(served: Stack) -> None:
@@ -131,7 +131,7 @@ def test_repeated_rank_fields_are_refused_and_cost_a_small_multiple_of_the_body(
     assert answer["results"][0]["document"]["text"] == "title: quick sort\nbody: python"
 
 
-# -- defect 3: text that is no Unicode is a 400, never a 500 -------------------------------------------
+# -- text that is no Unicode is a 400, never a 500 -----------------------------------------------------
 
 
 def test_lone_surrogates_are_refused_in_each_apis_shape(served: Stack) -> None:
@@ -157,7 +157,7 @@ def test_lone_surrogates_are_refused_in_each_apis_shape(served: Stack) -> None:
     still_serving(url)
 
 
-# -- defect 4: a full tokenization queue is overload (429), not a limit (413) -----------------------------
+# -- a full tokenization queue is overload (429), not a limit (413) ---------------------------------------
 
 
 def test_a_full_tokenization_queue_is_429_with_retry_after(stack: Stack, model_repository: Path) -> None:
@@ -181,7 +181,7 @@ def test_a_full_tokenization_queue_is_429_with_retry_after(stack: Stack, model_r
                 assert response.headers["retry-after"] == "1"
 
 
-# -- defect 7: connections that stall are timed out ---------------------------------------------------
+# -- connections that stall are timed out -------------------------------------------------------------
 
 
 def read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
@@ -237,7 +237,7 @@ def test_stalled_headers_bodies_and_idle_connections_are_closed(served: Stack) -
     still_serving(str(served.http_url))
 
 
-# -- defect 9: protocol errors in the API's shape -----------------------------------------------------
+# -- protocol errors in the API's shape ---------------------------------------------------------------
 
 
 def test_requests_that_are_not_http_get_a_json_400(served: Stack) -> None:
@@ -255,7 +255,7 @@ def test_requests_that_are_not_http_get_a_json_400(served: Stack) -> None:
     still_serving(str(served.http_url))
 
 
-# -- defect 8: running out of descriptors is reported in a few lines -------------------------------------
+# -- running out of descriptors is reported in a few lines -----------------------------------------------
 
 DESCRIPTORS = 256
 

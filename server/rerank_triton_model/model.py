@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -108,6 +109,26 @@ class _Metrics:
         self.padded_tokens.increment(padded_tokens)
 
 
+class _Warmup:
+    """The warm-up requests (config.pbtxt's model_warmup: each sample's batch_size requests, count times), which
+    Triton runs through the instance before it reports the model ready: kept out of the traffic metrics, and
+    logged once all have run."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        samples = config.get("model_warmup", [])
+        self.left = sum(max(1, int(s.get("batch_size", 1))) * max(1, int(s.get("count", 1))) for s in samples)
+        self.requests, self.pairs, self.tokens, self.seconds = 0, 0, 0, 0.0
+
+    def ran(self, requests: int, lengths: np.ndarray, seconds: float) -> bool:
+        """Count one execution of warm-up requests; True once the last has run."""
+        self.left -= requests
+        self.requests += requests
+        self.pairs += int(lengths.size)
+        self.tokens += int(lengths.sum())
+        self.seconds += seconds
+        return self.left <= 0
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -153,12 +174,19 @@ class TritonPythonModel:
             _ignore_consumed_numpy_capsules()
         self.vocab_size = parameters.vocab_size
         pb_utils.Logger.log_info(f"{args['model_name']}: {served.name} runtime, numpy {np.__version__}")
-        self.metrics = _Metrics(args["model_name"])
+        self.model_name = args["model_name"]
+        self.metrics = _Metrics(self.model_name)
+        self.warmup = _Warmup(config)
+        if self.warmup.left == 0:
+            self._count_long_pairs()
+
+    def _count_long_pairs(self) -> None:
         if isinstance(self.engine, RoutedReranker):
             self.engine.on_long = self.metrics.count_long
 
     def execute(self, requests: list[Any]) -> list[Any]:
         # Pool the pairs of every well-formed request into one ragged batch, score it once, split it back.
+        started = time.perf_counter()
         responses: list[Any] = [None] * len(requests)
         pooled: list[tuple[int, np.ndarray, np.ndarray]] = []
         for position, request in enumerate(requests):
@@ -195,7 +223,16 @@ class TritonPythonModel:
                 responses[position] = pb_utils.InferenceResponse(error=failure)
             return responses
         computed = ~np.isnan(logits)
-        self.metrics.count(lengths_all, computed, padded_tokens)
+        if self.warmup.left > 0:
+            if self.warmup.ran(len(requests), lengths_all, time.perf_counter() - started):
+                warmup = self.warmup
+                pb_utils.Logger.log_info(
+                    f"{self.model_name}: warmed up before ready: {warmup.requests} requests, {warmup.pairs} pairs, "
+                    f"{warmup.tokens} tokens in {warmup.seconds:.2f} s"
+                )
+                self._count_long_pairs()
+        else:
+            self.metrics.count(lengths_all, computed, padded_tokens)
         bounds = np.cumsum([lengths.size for _, _, lengths in pooled])[:-1]
         for owner, ((position, _, _), chunk) in enumerate(zip(pooled, np.split(logits, bounds), strict=True)):
             if cancelled[owner]:

@@ -68,6 +68,11 @@ class ExportOptions:
         "cpu, --precision auto: measure candidates for at most about this long once 3 rounds are done, unless one "
         "leads beyond the run-to-run spread sooner",
     )
+    warmup: bool = option(
+        True,
+        "run requests of the shapes the engine plans through each model instance before Triton reports the model "
+        "ready (config.pbtxt model_warmup), so that the first calls after ready are as fast as the later ones",
+    )
     opset: int = option(18, "ONNX opset")
     overwrite: bool = option(False, "replace an existing model of that name")
 

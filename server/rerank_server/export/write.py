@@ -14,6 +14,7 @@ from typing import Any
 import rerank_triton_model
 from rerank_server.export.options import ExportOptions
 from rerank_server.export.source import Source
+from rerank_server.export.warmup import write_warmup
 from rerank_triton_model.contract import INPUT_IDS, LOGITS, SEQUENCE_LENGTHS, ModelParameters
 from rerank_triton_model.runtimes import GPU
 
@@ -75,7 +76,8 @@ def write_model(
         long_weights=long_pairs.weights if long_pairs else "",
         export_id=uuid.uuid4().hex,
     )
-    (staging / "config.pbtxt").write_text(render_config(options, parameters))
+    warmup = write_warmup(staging, parameters) if options.warmup else ""
+    (staging / "config.pbtxt").write_text(render_config(options, parameters, warmup))
     provenance = {
         "options": {k: str(v) for k, v in asdict(options).items()},
         "precision": variant.precision,
@@ -100,7 +102,7 @@ def write_model(
     return parameters
 
 
-def render_config(options: ExportOptions, parameters: ModelParameters) -> str:
+def render_config(options: ExportOptions, parameters: ModelParameters, model_warmup: str = "") -> str:
     """config.pbtxt from the template; string values are escaped for protobuf text format."""
 
     def quoted(value: str) -> str:
@@ -120,6 +122,7 @@ def render_config(options: ExportOptions, parameters: ModelParameters) -> str:
         instance_kind="KIND_GPU" if options.device == GPU else "KIND_CPU",
         instance_count=options.instance_count,
         parameters=",\n".join(lines),
+        model_warmup=model_warmup,
     )
 
 

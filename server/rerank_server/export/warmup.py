@@ -1,0 +1,86 @@
+"""The exported model's warm-up: Triton's model_warmup in config.pbtxt, requests Triton runs through each model
+instance before it reports the model ready, so that SERVING means warm. Without it the first callers pay the
+first runs: ONNX Runtime growing its memory arena to each larger sub-batch, PyTorch's first kernels, the packed
+engine's rotary tables, CUDA's lazily loaded kernels and the Python backend's first shared-memory transfers.
+
+The requests follow the shapes the engine plans (reranker_engine.py): one request that fills the token budget
+in one sub-batch (the largest activations any call allocates), one of pairs from 16 tokens up to the longest
+pair the main engine runs (a sub-batch per width class), and, where long pairs go to the packed engine, one
+pair just over the threshold. Their inputs lie under <model>/warmup/ as raw little-endian int32, which is the
+form Triton reads an input_data_file in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rerank_triton_model.contract import INPUT_IDS, SEQUENCE_LENGTHS, ModelParameters
+
+WARMUP_DIR = "warmup"
+# The budget request's pair length: (a)-sized pairs, so that the budget holds many rows (the padded engines'
+# batch dimension) as a full rerank call's sub-batch does.
+BUDGET_PAIR_TOKENS = 256
+SHORTEST = 16
+# The mixed request stops here even when the main engine runs longer pairs: on a CPU, a pair of thousands of
+# tokens takes seconds, and a long pair's first run costs no more than a short one's.
+LONGEST_MIXED = 1024
+
+
+@dataclass(frozen=True)
+class WarmupRequest:
+    name: str
+    lengths: tuple[int, ...]  # one per pair, special tokens included
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths)
+
+
+def warmup_requests(parameters: ModelParameters) -> list[WarmupRequest]:
+    """The requests the model runs before it is ready, from the parameters the export writes."""
+    longest = parameters.max_length
+    routed = parameters.long_pair_tokens > 0 and bool(parameters.long_weights)
+    main_longest = min(longest, parameters.long_pair_tokens) if routed else longest
+    width = min(BUDGET_PAIR_TOKENS, main_longest)
+    requests = [WarmupRequest("budget", (width,) * max(1, parameters.max_batch_tokens // width))]
+    mixed, length = [], min(SHORTEST, main_longest)
+    while length < min(main_longest, LONGEST_MIXED):
+        mixed.append(length)
+        length *= 2
+    mixed.append(min(main_longest, LONGEST_MIXED))
+    requests.append(WarmupRequest("mixed", tuple(mixed)))
+    if routed and parameters.long_pair_tokens < longest:
+        requests.append(WarmupRequest("long", (parameters.long_pair_tokens + 1,)))
+    return requests
+
+
+def token_ids(tokens: int, vocab_size: int) -> np.ndarray:
+    """Ids spread over the vocabulary (any valid ids will do: the run's cost depends on the shape alone)."""
+    return ((np.arange(tokens, dtype=np.int64) * 7919 + 1000) % vocab_size).astype("<i4")
+
+
+def write_warmup(model_dir: Path, parameters: ModelParameters) -> str:
+    """Each request's inputs under model_dir/warmup/, and the model_warmup block that names them."""
+    folder = model_dir / WARMUP_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for request in warmup_requests(parameters):
+        files = {
+            INPUT_IDS: (token_ids(request.tokens, parameters.vocab_size), request.tokens),
+            SEQUENCE_LENGTHS: (np.asarray(request.lengths, dtype="<i4"), len(request.lengths)),
+        }
+        inputs = []
+        for tensor, (values, size) in files.items():
+            file_name = f"{request.name}_{tensor}"
+            (folder / file_name).write_bytes(values.tobytes())
+            inputs.append(
+                f'    inputs {{ key: "{tensor}" value: {{ data_type: TYPE_INT32 dims: [ {size} ] '
+                f'input_data_file: "{file_name}" }} }}'
+            )
+        entries.append(
+            "  {\n" + f'    name: "{request.name}"\n    batch_size: 1\n    count: 1\n' + "\n".join(inputs) + "\n  }"
+        )
+    return "model_warmup [\n" + ",\n".join(entries) + "\n]\n"
