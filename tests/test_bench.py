@@ -230,9 +230,9 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path) -> None:
     assert (output / "gpu-results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def run_quick(module: str, output: Path) -> subprocess.CompletedProcess[str]:
-    """`python -m bench.<module> --quick --output <output>`, as a user runs it."""
-    command = [sys.executable, "-m", f"bench.{module}", "--quick", "--output", str(output)]
+def run_quick(module: str, output: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m bench.<module> --quick --output <output> [args]`, as a user runs it."""
+    command = [sys.executable, "-m", f"bench.{module}", "--quick", "--output", str(output), *args]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
@@ -262,13 +262,7 @@ def test_long_document_check_runs_end_to_end(tmp_path: Path) -> None:
 def test_first_call_check_runs_end_to_end(tmp_path: Path) -> None:
     # `python -m bench.warmup --quick`, as docs/performance.md shows it (fewer calls): the export served with
     # its warm-up and without it.
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.warmup", "--quick", "--rounds", "1", "--calls", "2", "--output", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    done = run_quick("warmup", tmp_path, "--rounds", "1", "--calls", "2")
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((tmp_path / "warmup.json").read_text())
     assert set(results["runs"]) == {bench_warmup.WARM, bench_warmup.COLD}

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
@@ -18,6 +19,8 @@ from rerank_triton_model.contract import INPUT_IDS, SEQUENCE_LENGTHS
 from tests.conftest import run_rerank, start_local, stop_serve
 from tests.test_operations import sample, scrape
 from tests.texts import QUERY, text
+
+pytestmark = pytest.mark.e2e
 
 
 def model_config(model_dir: Path) -> model_config_pb2.ModelConfig:
