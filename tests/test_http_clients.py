@@ -47,6 +47,13 @@ def reference(stack: Stack) -> list[Any]:
     return results
 
 
+@pytest.fixture(scope="module")
+def chunked_reference(stack: Stack) -> list[Any]:
+    """The gRPC answer with CHUNK truncation: Cohere v1's default (the long document has fewer than 10 windows)."""
+    with RerankClient(stack.target, timeout=60) as client:
+        return list(client.rerank(QUERY, DOCUMENTS, truncation="chunk").results)
+
+
 def assert_same(ranked: list[tuple[Any, Any]], reference: list[Any], *, logits: bool = False) -> None:
     """`ranked` (index, score) pairs, best first, equal the reference's first len(ranked) results."""
     assert len(ranked) > 0
@@ -56,20 +63,28 @@ def assert_same(ranked: list[tuple[Any, Any]], reference: list[Any], *, logits: 
         assert got == pytest.approx(want, abs=1e-6)
 
 
-def test_cohere_sdk_v1_client(base_url: str, reference: list[Any]) -> None:
+def test_cohere_sdk_v1_client(base_url: str, chunked_reference: list[Any]) -> None:
+    """The SDK's call is told from Jina's by its header: Cohere's defaults (long documents chunked, no
+    documents returned unless asked)."""
     import cohere
 
     client = cohere.Client(api_key="unused", base_url=base_url)
     response = client.rerank(query=QUERY, documents=DOCUMENTS, top_n=TOP_N, return_documents=True)
-    assert_same([(r.index, r.relevance_score) for r in response.results], reference)
+    assert_same([(r.index, r.relevance_score) for r in response.results], chunked_reference)
     assert [r.document.text if r.document else None for r in response.results] == [
         DOCUMENTS[r.index] for r in response.results
     ]
     assert response.meta is not None and response.meta.api_version is not None
     assert response.meta.api_version.version == "1"
-    # Object documents are ranked on their `text`: the same answer.
-    objects = client.rerank(query=QUERY, documents=[{"text": d, "id": str(i)} for i, d in enumerate(DOCUMENTS)])
-    assert_same([(r.index, r.relevance_score) for r in objects.results], reference)
+    # Object documents are ranked on their `text`: the same answer; no documents unless asked.
+    sent = [{"text": d, "id": str(i)} for i, d in enumerate(DOCUMENTS)]
+    objects = client.rerank(query=QUERY, documents=sent)
+    assert_same([(r.index, r.relevance_score) for r in objects.results], chunked_reference)
+    assert all(r.document is None for r in objects.results)
+    # Asked: each comes back as it was sent, every field kept.
+    echoed = client.rerank(query=QUERY, documents=sent, top_n=TOP_N, return_documents=True)
+    for result in echoed.results:
+        assert result.document is not None and result.document.dict() == sent[result.index]
 
 
 def test_cohere_sdk_v2_client(base_url: str, reference: list[Any]) -> None:
@@ -158,6 +173,24 @@ def test_haystack_tei_ranker(base_url: str, reference: list[Any]) -> None:
     assert_same(ranked, reference, logits=True)
 
 
+def test_llamaindex_jina_rerank(base_url: str, reference: list[Any]) -> None:
+    """Jina's clients on the shared /v1/rerank route: Jina's defaults (END truncation, documents returned)."""
+    from llama_index.postprocessor.jinaai_rerank import JinaRerank
+
+    ranker = JinaRerank(
+        base_url=f"{base_url}/v1", api_key="unused", model="jina-reranker-v2-base-multilingual", top_n=3
+    )
+    assert_same(ranking(ranker)[0], reference)
+
+
+def test_haystack_jina_ranker(base_url: str, reference: list[Any]) -> None:
+    from haystack.utils import Secret
+    from haystack_integrations.components.rankers.jina import JinaRanker
+
+    ranker = JinaRanker(api_key=Secret.from_token("unused"), top_k=TOP_N, base_url=f"{base_url}/v1/rerank")
+    assert_same(ranking(ranker)[0], reference)
+
+
 def test_langchain_nvidia_rerank(base_url: str, reference: list[Any]) -> None:
     from langchain_nvidia_ai_endpoints import NVIDIARerank
 
@@ -192,13 +225,15 @@ def blocks(page: Path, language: str) -> list[str]:
 def test_curl_commands_of_the_docs(base_url: str, page: Path) -> None:
     (block,) = blocks(page, "sh")
     commands = [c for c in block.replace("\\\n", " ").splitlines() if c.strip().startswith("curl")]
-    assert len(commands) == 4
+    assert len(commands) >= 4
     for command in commands:
         command = command.replace("localhost:8080", base_url.removeprefix("http://"))
         done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         answer = json.loads(done.stdout)
-        results = answer if isinstance(answer, list) else answer.get("results", answer.get("rankings"))
+        results = (
+            answer if isinstance(answer, list) else answer.get("results", answer.get("rankings", answer.get("data")))
+        )
         assert isinstance(results, list) and results, answer
 
 
@@ -216,14 +251,19 @@ def snippet_values(block: str, base_url: str) -> list[Any]:
 
 
 @pytest.mark.parametrize("page", [README, DOCS_HTTP], ids=["README", "docs/http.md"])
-def test_framework_snippets_of_the_docs_rank_like_grpc(base_url: str, reference: list[Any], page: Path) -> None:
+def test_framework_snippets_of_the_docs_rank_like_grpc(
+    base_url: str, reference: list[Any], chunked_reference: list[Any], page: Path
+) -> None:
     (block,) = blocks(page, "python")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         values = snippet_values(block, base_url)
         rankings = [ranking(value) for value in values]
-    # Cohere v2 and v1 answers, LangChain's and LlamaIndex's Cohere rankers, LlamaIndex's TEI, Haystack, NIM.
-    assert len(rankings) == 7, values
-    for ranked, logits in rankings:
+    # Cohere v2 and v1 answers, LangChain's and LlamaIndex's Cohere rankers, LlamaIndex's TEI, Haystack, NIM, and
+    # on docs/http.md Jina's rankers.
+    assert len(rankings) >= 7, values
+    for value, (ranked, logits) in zip(values, rankings, strict=True):
         assert len(ranked) == TOP_N
-        assert_same(ranked, reference, logits=logits)
+        # The Cohere v1 SDK's call gets Cohere v1's default: long documents chunked.
+        cohere_v1 = type(value).__module__ == "cohere.types.rerank_response"
+        assert_same(ranked, chunked_reference if cohere_v1 else reference, logits=logits)

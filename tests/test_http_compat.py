@@ -154,3 +154,76 @@ def test_nim_health_routes(stack: Stack) -> None:
     for path, message in (("/v1/health/live", "Service is live."), ("/v1/health/ready", "Service is ready.")):
         response = httpx.get(f"{stack.http_url}{path}")
         assert response.status_code == 200 and response.json() == {"object": "health.response", "message": message}
+
+
+# -- Cohere v1 and Jina on /v1/rerank, Cohere v2 -------------------------------------------------
+
+COHERE_SDK = {"x-fern-sdk-name": "cohere"}  # what every Cohere SDK sends
+
+
+def v1(base_url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
+    response = httpx.post(f"{base_url}/v1/rerank", json={"model": "reranker", **body}, headers=headers)
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def test_cohere_object_documents_are_echoed_and_non_strings_written_as_json(base_url: str, grpc: RerankClient) -> None:
+    sent = {"title": "x", "text": "violet", "year": 2020, "draft": False, "tags": ["a", "b"], "extra": {"k": 1}}
+    body = {"query": QUERY, "documents": [sent], "rank_fields": ["title", "year", "draft", "tags", "text"]}
+    answer = v1(base_url, {**body, "return_documents": True})
+    assert answer["results"][0]["document"] == sent
+    ranked_on = 'title: x\nyear: 2020\ndraft: false\ntags: ["a", "b"]\ntext: violet'
+    want = grpc.rerank(QUERY, [ranked_on]).results[0].score
+    assert answer["results"][0]["relevance_score"] == pytest.approx(want, abs=1e-6)
+    # Without rank_fields the `text` field is ranked, a number written as JSON too.
+    number = v1(base_url, {"query": QUERY, "documents": [{"text": 42}]}, COHERE_SDK)
+    assert number["results"][0]["relevance_score"] == pytest.approx(grpc.rerank(QUERY, ["42"]).results[0].score)
+
+
+def test_max_chunks_per_doc_is_a_cap_with_coheres_default_and_limit(base_url: str, grpc: RerankClient) -> None:
+    long = text(3000, seed=11)  # about 3,000 tokens: several 512-token windows
+    end = grpc.rerank(QUERY, [long]).results[0].score
+    chunked = grpc.rerank(QUERY, [long], truncation="chunk").results[0]
+    assert 2 < chunked.windows <= 10
+    # A cap of one window scores the document's first window: END's score.
+    one = v1(base_url, {"query": QUERY, "documents": [long], "max_chunks_per_doc": 1})
+    assert one["results"][0]["relevance_score"] == pytest.approx(end, abs=1e-6)
+    # A Cohere call without it: Cohere's default (10 windows), here every window.
+    default = v1(base_url, {"query": QUERY, "documents": [long]}, COHERE_SDK)
+    assert default["results"][0]["relevance_score"] == pytest.approx(chunked.score, abs=1e-6)
+    assert "document" not in default["results"][0]
+    # documents x chunks past 10,000 is refused, as Cohere does; at it, served.
+    many = {"query": QUERY, "documents": ["a"] * 101, "max_chunks_per_doc": 100}
+    refused = httpx.post(f"{base_url}/v1/rerank", json=many)
+    assert refused.status_code == 400 and "max_chunks_per_doc" in refused.json()["message"]
+    assert len(v1(base_url, {**many, "documents": ["a"] * 100})["results"]) == 100
+    assert len(v1(base_url, {"query": QUERY, "documents": ["a"] * 1000}, COHERE_SDK)["results"]) == 1000
+
+
+def test_a_jina_call_gets_jinas_defaults(base_url: str, grpc: RerankClient) -> None:
+    """No Cohere SDK header, no Cohere-only field: documents returned, long documents cut at their end."""
+    answer = v1(base_url, {"model": "reranker", "query": QUERY, "documents": DOCUMENTS})
+    expected = grpc.rerank(QUERY, DOCUMENTS).results
+    assert [r["index"] for r in answer["results"]] == [r.index for r in expected]
+    assert [r["relevance_score"] for r in answer["results"]] == pytest.approx([r.score for r in expected], abs=1e-6)
+    assert [r["document"]["text"] for r in answer["results"]] == [DOCUMENTS[r.index] for r in expected]
+    assert answer["model"] and answer["usage"]["total_tokens"] > 0
+    hidden = v1(base_url, {"query": QUERY, "documents": DOCUMENTS, "return_documents": False})
+    assert all("document" not in r for r in hidden["results"])
+
+
+def test_vllm_rerank_body_on_the_v1_path(base_url: str, grpc: RerankClient) -> None:
+    body = {"query": QUERY, "documents": DOCUMENTS, "top_n": 2, "truncate_prompt_tokens": 48, "priority": 3}
+    answer = v1(base_url, body)
+    expected = grpc.rerank(QUERY, DOCUMENTS, max_length=48).results[:2]
+    assert [r["relevance_score"] for r in answer["results"]] == pytest.approx([r.score for r in expected], abs=1e-6)
+    assert [r["document"]["text"] for r in answer["results"]] == [DOCUMENTS[r.index] for r in expected]
+    assert answer["model"] and answer["usage"]["total_tokens"] > 0
+
+
+def test_cohere_v2_priority_is_accepted(base_url: str) -> None:
+    body = {"model": "reranker", "query": QUERY, "documents": DOCUMENTS[:2], "priority": 5}
+    assert httpx.post(f"{base_url}/v2/rerank", json=body).status_code == 200
+    refused = httpx.post(f"{base_url}/v2/rerank", json={**body, "priority": -1})
+    assert refused.status_code == 400 and "priority" in refused.json()["message"]

@@ -181,11 +181,13 @@ def test_top_n_and_cohere_object_documents_are_checked(base_url: str) -> None:
         assert_shape(COHERE_V2, httpx.post(f"{base_url}{COHERE_V2}", json=body), 400, "top_n")
     no_text = good_body(COHERE_V1, [{"title": "t"}])  # type: ignore[list-item]
     assert_shape(COHERE_V1, httpx.post(f"{base_url}{COHERE_V1}", json=no_text), 400, "documents[0]")
-    # rank_fields: one `name: value` line per field, in order.
+    # rank_fields: ranked on one `name: value` line per field, in order; the document comes back as sent.
     fields = good_body(COHERE_V1, [{"title": "quick sort", "body": "python"}], rank_fields=["title", "body"])  # type: ignore[list-item]
     fields["return_documents"] = True
     answer = httpx.post(f"{base_url}{COHERE_V1}", json=fields).json()
-    assert answer["results"][0]["document"]["text"] == "title: quick sort\nbody: python"
+    assert answer["results"][0]["document"] == {"title": "quick sort", "body": "python"}
+    lines = httpx.post(f"{base_url}{COHERE_V1}", json=good_body(COHERE_V1, ["title: quick sort\nbody: python"])).json()
+    assert answer["results"][0]["relevance_score"] == pytest.approx(lines["results"][0]["relevance_score"], abs=1e-6)
 
 
 @pytest.mark.e2e

@@ -69,9 +69,8 @@ class VllmRerankRequest(VllmOptions):
     return_documents: bool = True
 
 
-def options(request: Request, body: VllmOptions, model: str) -> ScoreOptions:
-    """truncate_prompt_tokens as the core's truncation and max_length (`model`'s limit)."""
-    k = body.truncate_prompt_tokens
+def options(request: Request, k: int | None, model: str) -> ScoreOptions:
+    """truncate_prompt_tokens `k` as the core's truncation and max_length (`model`'s limit)."""
     if k is None:
         return ScoreOptions(truncation=Truncation.NONE)
     limit = context(request).core.describe(model).max_length
@@ -98,7 +97,7 @@ def _pairs(body: ScoreRequest) -> tuple[list[str], list[str]]:
 async def _score(body: ScoreRequest, request: Request) -> JSONResponse:
     first, second = _pairs(body)
     model = requested_model(request, body.model)
-    score_options = options(request, body, model)
+    score_options = options(request, body.truncate_prompt_tokens, model)
     core = context(request).core
     if len(first) == 1:
         # 1:N is a rerank: the query is tokenized once and checked like every API's query.
@@ -140,7 +139,11 @@ async def rerank(body: VllmRerankRequest, request: Request) -> JSONResponse:
     core = context(request).core
     model = requested_model(request, body.model)
     core_input = RerankInput(
-        body.query, body.documents, top_n=body.top_n, options=options(request, body, model), model=model
+        body.query,
+        body.documents,
+        top_n=body.top_n,
+        options=options(request, body.truncate_prompt_tokens, model),
+        model=model,
     )
     output = await call_core(request, lambda deadline: core.rerank(core_input, deadline))
     results: list[dict[str, Any]] = []
