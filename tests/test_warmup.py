@@ -45,9 +45,9 @@ def test_the_export_writes_a_warmup_of_the_planned_shapes(model_repository: Path
         parameters = exported_parameters(model_dir)
         assert (parameters.long_pair_tokens > 0) == routed
         config = model_config(model_dir)
-        planned = warmup_requests(parameters)
+        planned = warmup_requests(parameters, on_gpu=False)
         assert [s.name for s in config.model_warmup] == [r.name for r in planned]
-        assert [r.name for r in planned] == ["budget", "mixed", "long"][: 3 if routed else 2]
+        assert [r.name for r in planned] == ["mixed", "long"][: 2 if routed else 1]
         for warmup, request in zip(config.model_warmup, planned, strict=True):
             assert warmup.batch_size == 1 and warmup.count == 1
             ids_input, lengths_input = warmup.inputs[INPUT_IDS], warmup.inputs[SEQUENCE_LENGTHS]
@@ -57,14 +57,26 @@ def test_the_export_writes_a_warmup_of_the_planned_shapes(model_repository: Path
             assert tuple(lengths) == request.lengths and int(lengths.sum()) == ids.size
             assert ids.min() >= 0 and ids.max() < parameters.vocab_size
             assert lengths.min() >= 1 and lengths.max() <= parameters.max_length
-        budget, mixed = planned[0].lengths, planned[1].lengths
-        # One sub-batch at the token budget: the largest activations a call allocates.
-        assert sum(budget) <= parameters.max_batch_tokens < sum(budget) + budget[0] and len(set(budget)) == 1
+        mixed = planned[0].lengths
         # Widths from 16 tokens up to the longest pair the main engine runs (here under the 1024-token cap).
         main_longest = min(parameters.max_length, parameters.long_pair_tokens or parameters.max_length)
         assert mixed[0] == 16 and max(mixed) == min(main_longest, 1024) and list(mixed) == sorted(set(mixed))
         if routed:  # just over the threshold: the packed engine's first run
-            assert planned[2].lengths == (parameters.long_pair_tokens + 1,)
+            assert planned[1].lengths == (parameters.long_pair_tokens + 1,)
+        # On a GPU, first one sub-batch at the token budget: the largest activations a call allocates.
+        budget, *rest = warmup_requests(parameters, on_gpu=True)
+        assert budget.name == "budget" and rest == planned
+        width = budget.lengths[0]
+        assert sum(budget.lengths) <= parameters.max_batch_tokens < sum(budget.lengths) + width
+        assert set(budget.lengths) == {width}
+
+
+def test_a_gpu_export_warms_up_at_the_token_budget(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
+    done = run_rerank("export", "--model", str(checkpoints["reranker"]), "--output", str(tmp_path), "--device", "gpu")
+    assert done.returncode == 0, done.stderr
+    config = model_config(tmp_path / "reranker")
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert [s.name for s in config.model_warmup] == ["budget", "mixed"]
 
 
 def test_no_warmup_exports_none(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
@@ -85,7 +97,7 @@ def test_serving_means_warm_and_the_warmup_is_not_traffic(model_repository: Path
     triton_log = tmp_path / "triton.log"
     served = start_local(repository, "--model-name=reranker_long", f"--triton-log={triton_log}")
     try:
-        planned = warmup_requests(exported_parameters(repository / "reranker_long"))
+        planned = warmup_requests(exported_parameters(repository / "reranker_long"), on_gpu=False)
         pairs = sum(len(r.lengths) for r in planned)
         tokens = sum(r.tokens for r in planned)
         warmed = logged(triton_log, "warmed up before ready")

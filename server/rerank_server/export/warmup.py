@@ -1,13 +1,16 @@
 """The exported model's warm-up: Triton's model_warmup in config.pbtxt, requests Triton runs through each model
 instance before it reports the model ready, so that SERVING means warm. Without it the first callers pay the
-first runs: ONNX Runtime growing its memory arena to each larger sub-batch, PyTorch's first kernels, the packed
-engine's rotary tables, CUDA's lazily loaded kernels and the Python backend's first shared-memory transfers.
+first runs: ONNX Runtime's and PyTorch's first run of each shape, the packed engine's rotary tables, CUDA's
+lazily loaded kernels and caching allocator, and the Python backend's first shared-memory transfers.
 
-The requests follow the shapes the engine plans (reranker_engine.py): one request that fills the token budget
-in one sub-batch (the largest activations any call allocates), one of pairs from 16 tokens up to the longest
-pair the main engine runs (a sub-batch per width class), and, where long pairs go to the packed engine, one
-pair just over the threshold. Their inputs lie under <model>/warmup/ as raw little-endian int32, which is the
-form Triton reads an input_data_file in.
+The requests follow the shapes the engine plans (reranker_engine.py): one of pairs from 16 tokens up to the
+longest pair the main engine runs (a sub-batch per width class), where long pairs go to the packed engine one
+pair just over the threshold, and on GPUs one request that fills the token budget in one sub-batch (the
+largest activations a call allocates: the caching allocator's pool and the kernels chosen for that shape).
+On CPUs that last one would be most of the warm-up's work for no measured gain: ModernBERT-base on 2 cores
+answered its first call as fast as the later ones without any warm-up (docs/performance.md), while a
+budget-sized run is seconds of start-up. Their inputs lie under <model>/warmup/ as raw little-endian int32,
+the form Triton reads an input_data_file in.
 """
 
 from __future__ import annotations
@@ -39,13 +42,15 @@ class WarmupRequest:
         return sum(self.lengths)
 
 
-def warmup_requests(parameters: ModelParameters) -> list[WarmupRequest]:
+def warmup_requests(parameters: ModelParameters, on_gpu: bool) -> list[WarmupRequest]:
     """The requests the model runs before it is ready, from the parameters the export writes."""
     longest = parameters.max_length
     routed = parameters.long_pair_tokens > 0 and bool(parameters.long_weights)
     main_longest = min(longest, parameters.long_pair_tokens) if routed else longest
-    width = min(BUDGET_PAIR_TOKENS, main_longest)
-    requests = [WarmupRequest("budget", (width,) * max(1, parameters.max_batch_tokens // width))]
+    requests = []
+    if on_gpu:
+        width = min(BUDGET_PAIR_TOKENS, main_longest)
+        requests.append(WarmupRequest("budget", (width,) * max(1, parameters.max_batch_tokens // width)))
     mixed, length = [], min(SHORTEST, main_longest)
     while length < min(main_longest, LONGEST_MIXED):
         mixed.append(length)
@@ -62,12 +67,12 @@ def token_ids(tokens: int, vocab_size: int) -> np.ndarray:
     return ((np.arange(tokens, dtype=np.int64) * 7919 + 1000) % vocab_size).astype("<i4")
 
 
-def write_warmup(model_dir: Path, parameters: ModelParameters) -> str:
+def write_warmup(model_dir: Path, parameters: ModelParameters, on_gpu: bool) -> str:
     """Each request's inputs under model_dir/warmup/, and the model_warmup block that names them."""
     folder = model_dir / WARMUP_DIR
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
-    for request in warmup_requests(parameters):
+    for request in warmup_requests(parameters, on_gpu):
         files = {
             INPUT_IDS: (token_ids(request.tokens, parameters.vocab_size), request.tokens),
             SEQUENCE_LENGTHS: (np.asarray(request.lengths, dtype="<i4"), len(request.lengths)),
