@@ -281,6 +281,7 @@ def test_openapi_info_health_and_models(base_url: str) -> None:
     # The default model first (TEI's /info describes it), named as requests name it.
     assert models["object"] == "list" and models["data"][0]["id"] == "reranker"
     assert models["data"][0]["root"] == info["model_id"]
+    assert models["data"][0]["precision"] == info["model_dtype"] == "fp32"
 
 
 # -- limits, auth, TLS --------------------------------------------------------------------------

@@ -14,12 +14,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from rerank_client import RerankClient
 from rerank_server.export.agreement import SPEARMAN_BOUND, TOP10_OVERLAP_BOUND
@@ -30,7 +33,7 @@ from rerank_triton_model import cpu_features
 from rerank_triton_model.contract import ModelParameters
 from rerank_triton_model.cpu_features import cpu_flags, native_precisions, resolve_precision, served_choice
 from rerank_triton_model.runtimes import LONG_PAIR_TOKENS, ONNXRUNTIME, PACKED, TORCH
-from tests.conftest import RERANK, free_port, run_rerank, start_serve, stop_serve
+from tests.conftest import RERANK, Stack, free_port, run_rerank, start_serve, stop_serve
 from tests.reference import close_candidates, distinct, eager
 from tests.texts import QUERY, mixed_documents
 
@@ -255,6 +258,27 @@ class Served:
     logits: np.ndarray
     expected: np.ndarray  # eager fp32's
     triton_log: str
+    reported: dict[str, str]  # the precision as each other surface reports it
+
+
+def _reported(stack: Stack) -> dict[str, str]:
+    """The served model's precision in TEI /info, NIM /v1/models, the metrics and the serve banner."""
+    assert stack.http_url is not None and stack.metrics_url is not None
+
+    def get(url: str) -> str:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return str(response.read().decode())
+
+    families = {f.name: f for f in text_string_to_metric_families(get(stack.metrics_url))}
+    (sample,) = families["rerank_model_info"].samples
+    banner = re.search(r"rerank: serving reranker \(default; [^,]+, (\w+),", stack.printed("rerank: serving"))
+    assert banner is not None and sample.labels["model"] == "reranker"
+    return {
+        "tei": json.loads(get(f"{stack.http_url}/info"))["model_dtype"],
+        "nim": json.loads(get(f"{stack.http_url}/v1/models"))["data"][0]["precision"],
+        "metrics": sample.labels["precision"],
+        "banner": banner.group(1),
+    }
 
 
 def _serve_and_score(repository: Path, checkpoint: Path, **env: str) -> Served:
@@ -284,13 +308,14 @@ def _serve_and_score(repository: Path, checkpoint: Path, **env: str) -> Served:
         with RerankClient(stack.target, timeout=120) as c:
             info = c.model_info()
             response = c.rerank(QUERY, documents)
+        reported = _reported(stack)
     finally:
         assert stop_serve(stack) == 0, "".join(stack.output[-30:])
     logits = np.full(len(documents), np.nan)
     for result in response.results:
         logits[result.index] = result.logit
     expected = eager(checkpoint).logits(QUERY, documents)
-    return Served(info.precision, logits, expected, triton_log.read_text(errors="replace"))
+    return Served(info.precision, logits, expected, triton_log.read_text(errors="replace"), reported)
 
 
 def _tolerance(precision: str, expected: np.ndarray) -> float:
@@ -308,6 +333,8 @@ def test_each_precision_served_matches_eager(
     in_use = resolve_precision(variant.split("-")[0], cpu_flags())[0]
     served = _serve_and_score(repositories[variant], checkpoints["reranker_mean"])
     assert served.precision == in_use
+    # Every surface reports the precision the model computes in, as GetModelInfo does.
+    assert served.reported == dict.fromkeys(("tei", "nim", "metrics", "banner"), in_use)
     np.testing.assert_allclose(served.logits, served.expected, atol=_tolerance(in_use, served.expected))
     if in_use != "fp32":
         assert not np.allclose(served.logits, served.expected, atol=1e-5), "reduced precision, other logits"
@@ -323,6 +350,7 @@ def test_a_cpu_without_native_support_serves_the_fp32_weights_and_says_so(
         repositories[precision], checkpoints["reranker_mean"], **{cpu_features.FLAGS_ENV: PLAIN_CPU}
     )
     assert served.precision == "fp32"
+    assert set(served.reported.values()) == {"fp32"}  # exported as a reduced precision, reported as served
     np.testing.assert_allclose(served.logits, served.expected, atol=1e-4)  # ONNX Runtime fp32: exact
     assert f"reranker: precision fp32 ({ONNXRUNTIME.name}, model" in served.triton_log, served.triton_log[-3000:]
     assert f"exported as {precision}, but the CPU has none of" in served.triton_log
@@ -336,6 +364,7 @@ def test_forced_bf16_runs_emulated_and_matches_eager_within_bf16_tolerance(
     env = {cpu_features.FLAGS_ENV: PLAIN_CPU, cpu_features.FORCE_ENV: "bf16", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}
     served = _serve_and_score(repositories["bf16"], checkpoints["reranker_mean"], **env)
     assert served.precision == "bf16"
+    assert set(served.reported.values()) == {"bf16"}
     np.testing.assert_allclose(served.logits, served.expected, atol=_tolerance("bf16", served.expected))
     assert not np.allclose(served.logits, served.expected, atol=1e-5)
     assert "forced by RERANK_FORCE_PRECISION" in served.triton_log and "emulated" in served.triton_log

@@ -115,6 +115,7 @@ class Frontend:
         self.models = models
         self.sync = sync
         self.metrics = metrics
+        metrics.served_models = lambda: [(name, models.get(name).info.precision) for name in models.names()]
         self.health = health.aio.HealthServicer()
         # Calls in flight and draining, over gRPC and HTTP alike.
         self.calls = Calls(metrics)

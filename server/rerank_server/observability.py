@@ -12,9 +12,12 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -132,9 +135,30 @@ class Metrics:
             "HTTP connections that could not be accepted: the process ran out of file descriptors (or memory)",
             registry=r,
         )
+        # (model, precision) of each served model, read when scraped: the set follows Triton's (models.py).
+        self.served_models: Callable[[], Iterable[tuple[str, str]]] = lambda: ()
+        r.register(_ModelInfo(lambda: self.served_models()))
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         start_http_server(port, addr=host, registry=self.registry)
+
+
+class _ModelInfo(Collector):
+    """rerank_model_info{model, precision} 1 for each served model: the precision it computes in, as
+    GetModelInfo, TEI /info, NIM /v1/models and the serve banner report it."""
+
+    def __init__(self, served: Callable[[], Iterable[tuple[str, str]]]) -> None:
+        self.served = served
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "rerank_model_info",
+            "Each served model (1), by name and the precision it computes in",
+            labels=["model", "precision"],
+        )
+        for model, precision in self.served():
+            family.add_metric([model, precision], 1)
+        yield family
 
 
 class JsonFormatter(logging.Formatter):

@@ -78,7 +78,13 @@ async def models(request: Request) -> JSONResponse:
     served = context(request).core.models
     names = sorted(served.names(), key=lambda name: name != served.default)
     data = [
-        {"id": name, "object": "model", "owned_by": "rerank-service", "root": served.get(name).info.source_model}
+        {
+            "id": name,
+            "object": "model",
+            "owned_by": "rerank-service",
+            "root": served.get(name).info.source_model,
+            "precision": served.get(name).info.precision,  # as GetModelInfo and TEI /info report it
+        }
         for name in names
     ]
     return JSONResponse({"object": "list", "data": data})
