@@ -285,10 +285,12 @@ def test_a_repeated_request_is_answered_from_the_cache_with_the_same_answer(clie
 # -- loading and unloading through Triton's model control ------------------------------------------
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
+def wait_until(
+    condition: Callable[[], bool], what: str, timeout_s: float = 120, explain: Callable[[], str] = str
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout_s:.0f}s: {what}"
+        assert time.monotonic() < deadline, f"not within {timeout_s:.0f}s: {what}\n{explain()}"
         time.sleep(0.5)
 
 
@@ -303,12 +305,18 @@ def test_models_load_reload_and_unload_while_serving(
     try:
         with RerankClient(served.target, timeout=120) as client:
             names = lambda: [m.triton_model_name for m in client.list_models().models]  # noqa: E731
+
+            # On a timeout: what the frontend served, what Triton's index said, and the serve log.
+            def explain() -> str:
+                index = triton.get_model_repository_index(as_json=True)
+                return "\n".join([f"served: {names()}", f"triton: {index}", *served.output[-40:]])
+
             old_alpha = client.rerank(QUERY, documents, model="alpha")  # now in the cache
 
             # A third model exported into the live repository and loaded: served, no restart.
             export(pair_checkpoints["gamma"], repository, "gamma")
             triton.load_model("gamma")
-            wait_until(lambda: names() == ["alpha", "beta", "gamma"], "gamma served")
+            wait_until(lambda: names() == ["alpha", "beta", "gamma"], "gamma served", explain=explain)
             np.testing.assert_allclose(
                 logits_by_index(client.rerank(QUERY, documents, model="gamma")),
                 eager(pair_checkpoints["gamma"]).logits(QUERY, documents),
@@ -320,7 +328,9 @@ def test_models_load_reload_and_unload_while_serving(
             export(pair_checkpoints["gamma"], repository, "alpha", "--overwrite")
             triton.load_model("alpha")
             wait_until(
-                lambda: client.model_info(model="alpha").model == pair_checkpoints["gamma"].name, "alpha reloaded"
+                lambda: client.model_info(model="alpha").model == pair_checkpoints["gamma"].name,
+                "alpha reloaded",
+                explain=explain,
             )
             new_alpha = client.rerank(QUERY, documents, model="alpha")
             expected = eager(pair_checkpoints["gamma"]).logits(QUERY, documents)
@@ -329,7 +339,7 @@ def test_models_load_reload_and_unload_while_serving(
 
             # beta unloaded: not served (NOT_FOUND, its health NOT_SERVING), the others still are.
             triton.unload_model("beta")
-            wait_until(lambda: names() == ["alpha", "gamma"], "beta no longer served")
+            wait_until(lambda: names() == ["alpha", "gamma"], "beta no longer served", explain=explain)
             with pytest.raises(ModelNotFoundError, match="the served models are \\['alpha', 'gamma'\\]"):
                 client.rerank(QUERY, documents, model="beta")
             assert health_status(served.target, f"{SERVICE_NAME}/beta") == health_pb2.HealthCheckResponse.NOT_SERVING

@@ -46,6 +46,8 @@ HEALTH_SERVICES = ("", RERANK_SERVICE)
 # For liveness probes: SERVING while the process runs (until it drains), whatever Triton's state, so
 # that a Triton outage makes pods unready without getting healthy frontends restarted.
 LIVENESS_SERVICE = "liveness"
+# Longest one look at Triton's models may take (each Triton call in it is bounded at 10 s; tokenizers load).
+REFRESH_TIMEOUT_S = 60.0
 
 
 def model_health_service(name: str) -> str:
@@ -167,7 +169,8 @@ class Frontend:
         if self.sync is None:
             return
         try:
-            retired = await self.sync.refresh(self.models)
+            # Bounded: one look that hangs (a tokenizer read, a Triton call) must not freeze the served set.
+            retired = await asyncio.wait_for(self.sync.refresh(self.models), timeout=REFRESH_TIMEOUT_S)
         except Exception:  # the watcher must outlive any one look at Triton
             log.exception("following Triton's models failed; trying again")
             return

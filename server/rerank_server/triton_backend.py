@@ -147,9 +147,10 @@ class TritonBackend:
     async def model_info(self, version: str | None = None) -> ModelInfo:
         """The model as its config.pbtxt describes it; `version`: the one Triton serves, when known
         (from the repository index), else asked for."""
-        config = (await self._client.get_model_config(self.model_name, as_json=True))["config"]
+        # Bounded like every control-plane call here: the model watcher must never wait on Triton forever.
+        config = (await self._client.get_model_config(self.model_name, as_json=True, client_timeout=10.0))["config"]
         if version is None:
-            metadata = await self._client.get_model_metadata(self.model_name, as_json=True)
+            metadata = await self._client.get_model_metadata(self.model_name, as_json=True, client_timeout=10.0)
             version = max(metadata.get("versions", ["1"]), key=int)
         try:
             params = ModelParameters.from_model_config(config)
