@@ -7,13 +7,13 @@ through `rerank serve`, per runtime, side by side on the machine it runs on.
 For each system — the baseline, ONNX Runtime fp32 with routing off (`--long-pair-tokens 0`: the padded graph,
 dense T x T attention in every layer); the default export (`--precision auto`, whatever it picks on this CPU);
 and each CPU choice a user can name (ONNX Runtime fp32 and int8, transformers' padded model in bf16, the packed
-engine in bf16), all of which run pairs over their long-pair threshold on the packed engine —it
-exports the same checkpoint, serves it, warms it up with a short call, and then times one call of one
-8,192-token pair while sampling the Triton side's RSS (tritonserver and its Python-backend stub). It reports
-the time, the peak RSS, the RSS 2 s after the call against the idle level, each logit against the baseline's
-(the export checks that graph against eager) and the pairs the model counted on its packed engine
-(rerank_model_long_pairs_total). Writes <output>/long.json and prints a Markdown table with the ratios to the
-baseline.
+engine in bf16), all of which run pairs over their long-pair threshold on the packed engine — it exports
+the same checkpoint (three at a time with --quick), then serves each in turn, warms it up with a short
+call, and times one call of one 8,192-token pair while sampling the Triton side's RSS (tritonserver and its
+Python-backend stub). It reports the time, the peak RSS, the RSS 2 s after the call (0.5 s with --quick)
+against the idle level, each logit against the baseline's (the export checks that graph against eager) and
+the pairs the model counted on its packed engine (rerank_model_long_pairs_total). Writes <output>/long.json
+and prints a Markdown table with the ratios to the baseline.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ SYSTEMS = (
 # --quick: auto's measurement stops after its minimum rounds (the tiny model's timings decide nothing).
 QUICK_AUTO = ("--auto-seconds", "0")
 LONG_PAIRS = "rerank_model_long_pairs_total"
+EXPORT = [RERANK, "export"]
 QUICK_CONFIG = {**TINY_CONFIG, "max_position_embeddings": 8192, "local_attention": 64}
 GIB = 2**30
 
@@ -68,17 +70,18 @@ async def one_call(target: str, query: str, document: str) -> tuple[float, float
         return time.perf_counter() - started, float(response.results[0].logit)
 
 
-def measure(repository: Path, log_path: Path, query: str, document: str) -> dict[str, Any]:
+def measure(repository: Path, log_path: Path, query: str, document: str, settle_s: float) -> dict[str, Any]:
+    """One long call on a fresh stack; `settle_s`: the wait before the idle RSS and after the call."""
     stack = ServedStack.start(repository, log_path)
     try:
         asyncio.run(one_call(stack.target, query, "a short warm-up document"))
-        time.sleep(1.0)
+        time.sleep(settle_s)
         idle = process_rss(stack.triton)
         sampler = Sampler(stack.frontend, stack.triton, interval_s=0.1)
         sampler.start()
         long_before = stack.metrics().get(LONG_PAIRS, 0.0)
         seconds, logit = asyncio.run(one_call(stack.target, query, document))
-        time.sleep(2.0)
+        time.sleep(2 * settle_s)
         after = process_rss(stack.triton)
         sampler.stop()
         return {
@@ -107,21 +110,27 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(folder)
         config = QUICK_CONFIG if args.quick else {"initializer_range": 0.02}
         save_random_checkpoint(work / "checkpoint", TOKENIZER_DIR, seed=0, **config)
+        exports = []
         for index, (name, export_args) in enumerate(SYSTEMS):
-            repository = work / f"repository-{index}"
-            export = [RERANK, "export", "--model", str(work / "checkpoint"), "--output", str(repository)]
             extra = QUICK_AUTO if args.quick and name == DEFAULT else ()
-            done = subprocess.run([*export, *export_args, *extra], capture_output=True, text=True)
-            if done.returncode != 0:
-                print(done.stderr[-3000:], file=sys.stderr)
-                return 1
+            output = ["--output", str(work / f"repository-{index}")]
+            exports.append([*EXPORT, "--model", str(work / "checkpoint"), *output, *export_args, *extra])
+        # Full size: one at a time, since auto times its candidates; --quick: its timings decide nothing.
+        with ThreadPoolExecutor(max_workers=3 if args.quick else 1) as pool:
+            done = list(pool.map(lambda command: subprocess.run(command, capture_output=True, text=True), exports))
+        failed = [d for d in done if d.returncode != 0]
+        if failed:
+            print(failed[0].stderr[-3000:], file=sys.stderr)
+            return 1
+        for index, (name, _) in enumerate(SYSTEMS):
             print(f"{name}: exported; serving one 8192-token pair", file=sys.stderr, flush=True)
+            repository = work / f"repository-{index}"
             parameters = exported_parameters(repository / "reranker")
             results["systems"][name] = {
                 "runtime": parameters.runtime,
                 "precision": parameters.precision,
                 "long_pair_tokens": parameters.long_pair_tokens,
-                **measure(repository, work / f"serve-{index}.log", query, document),
+                **measure(repository, work / f"serve-{index}.log", query, document, 0.25 if args.quick else 1.0),
             }
             print(f"{name}: {results['systems'][name]}", file=sys.stderr, flush=True)
     reference = results["systems"][BASELINE]

@@ -11,6 +11,7 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,14 @@ def run_rerank(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[
     return subprocess.run([*RERANK, *args], capture_output=True, text=True, timeout=timeout)
 
 
+def export_all(exports: list[list[str]], at_once: int = 3) -> None:
+    """`rerank export` with each argument list, `at_once` at a time: most of an export is loading
+    libraries, so a few overlap well even on 2 cores. Asserts that each succeeded."""
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
+        for args, done in zip(exports, pool.map(lambda a: run_rerank("export", *a), exports), strict=True):
+            assert done.returncode == 0, f"rerank export {' '.join(args)}:\n{done.stderr}"
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Fixtures that export models or start Triton; only tests marked e2e may use them (checked at collection).
@@ -110,15 +119,14 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @e2e_fixture(scope="session")
 def model_repository(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> Path:
     repository = tmp_path_factory.mktemp("model_repository")
+    exports = []
     for name, checkpoint in checkpoints.items():
         # fp32: the tests hold the served logits to eager's at fp32 tolerances; the CPU-dependent
         # choice of the default (auto) has its own tests (test_precision.py).
         args = MODELS[name].export_args
         precision = () if "--runtime" in args or "--precision" in args else ("--precision", "fp32")
-        done = run_rerank(
-            "export", "--model", str(checkpoint), "--output", str(repository), "--name", name, *args, *precision
-        )
-        assert done.returncode == 0, done.stderr
+        exports.append(["--model", str(checkpoint), "--output", str(repository), "--name", name, *args, *precision])
+    export_all(exports)
     return repository
 
 

@@ -12,7 +12,7 @@ from rerank_client import RerankClient, UnavailableError
 from rerank_client.pb import SERVICE_NAME
 from rerank_server.testing import health_status, wait_for_health
 from rerank_server.triton_launcher import LocalTriton, TritonPorts
-from tests.conftest import free_port, start_serve, stop_serve
+from tests.conftest import free_port, one_model_repository, start_serve, stop_serve
 
 pytestmark = pytest.mark.e2e
 
@@ -29,12 +29,15 @@ def start_triton(repository: Path, ports: TritonPorts) -> LocalTriton:
     return triton
 
 
-def test_health_tracks_triton_and_calls_recover_without_restarting_the_frontend(model_repository: Path) -> None:
+def test_health_tracks_triton_and_calls_recover_without_restarting_the_frontend(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    repository = one_model_repository(model_repository, tmp_path / "repository")  # Triton starts twice
     ports = TritonPorts(free_port(), free_port(), free_port())
-    triton = start_triton(model_repository, ports)
+    triton = start_triton(repository, ports)
     frontend = None
     try:
-        frontend = start_serve([f"--triton-url=localhost:{ports.grpc}", f"--model-repository={model_repository}"])
+        frontend = start_serve([f"--triton-url=localhost:{ports.grpc}", f"--model-repository={repository}"])
         with RerankClient(frontend.target, timeout=30) as client:
             wait_for_api_health(frontend.target, serving=True)
             assert len(client.rerank("query", ["a", "b"]).results) == 2
@@ -48,7 +51,7 @@ def test_health_tracks_triton_and_calls_recover_without_restarting_the_frontend(
                 client.rerank("query", ["a", "b"])
             assert time.monotonic() - started < 10, "a call with Triton down did not fail fast"
 
-            triton = start_triton(model_repository, ports)
+            triton = start_triton(repository, ports)
             wait_for_api_health(frontend.target, serving=True, timeout_s=120)
             assert len(client.rerank("query", ["a", "b"]).results) == 2
     finally:

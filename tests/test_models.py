@@ -25,7 +25,7 @@ from rerank_client import InvalidRequestError, ModelNotFoundError, RerankClient,
 from rerank_client.pb import SERVICE_NAME
 from rerank_server.export.verify import ABSOLUTE_TOLERANCE
 from rerank_server.testing import health_status, save_random_checkpoint
-from tests.conftest import TOKENIZER_DIR, Stack, run_rerank, start_local, stop_serve
+from tests.conftest import TOKENIZER_DIR, Stack, export_all, run_rerank, start_local, stop_serve
 from tests.reference import eager
 from tests.test_api import model_counters
 from tests.test_operations import sample, scrape
@@ -87,18 +87,18 @@ def pair_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     }
 
 
+def export_args(checkpoint: Path, repository: Path, name: str, *extra: str) -> list[str]:
+    return ["--model", str(checkpoint), "--output", str(repository), "--name", name, "--precision", "fp32", *extra]
+
+
 def export(checkpoint: Path, repository: Path, name: str, *extra: str) -> None:
-    done = run_rerank(
-        "export", "--model", str(checkpoint), "--output", str(repository), "--name", name, "--precision", "fp32", *extra
-    )
-    assert done.returncode == 0, done.stderr
+    export_all([export_args(checkpoint, repository, name, *extra)])
 
 
 @pytest.fixture(scope="module")
 def pair_repository(tmp_path_factory: pytest.TempPathFactory, pair_checkpoints: dict[str, Path]) -> Path:
     repository = tmp_path_factory.mktemp("pair-repository")
-    for name in ("alpha", "beta"):
-        export(pair_checkpoints[name], repository, name)
+    export_all([export_args(pair_checkpoints[name], repository, name) for name in ("alpha", "beta")])
     return repository
 
 

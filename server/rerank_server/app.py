@@ -182,18 +182,21 @@ class Frontend:
         follows its model control."""
         state = None
         while True:
-            await self._follow_triton()
-            now = (self.models.all_ready(), tuple(self.models.names()))
-            if now != state:
-                waiting = [name for name in now[1] if not self.models.is_ready(name)]
-                if now[0]:
-                    log.info("models ready: %s", ", ".join(now[1]))
-                else:
-                    log.warning("models NOT ready: %s", ", ".join(waiting) or "none served")
-                    if state is not None and state[0]:
-                        self.metrics.model_unready.inc()
-                state = now
-            await self._set_health()
+            try:
+                await self._follow_triton()
+                now = (self.models.all_ready(), tuple(self.models.names()))
+                if now != state:
+                    waiting = [name for name in now[1] if not self.models.is_ready(name)]
+                    if now[0]:
+                        log.info("models ready: %s", ", ".join(now[1]))
+                    else:
+                        log.warning("models NOT ready: %s", ", ".join(waiting) or "none served")
+                        if state is not None and state[0]:
+                            self.metrics.model_unready.inc()
+                    state = now
+                await self._set_health()
+            except Exception:  # a watcher that died would freeze health and the served set for good
+                log.exception("the model watcher's round failed; going on")
             await asyncio.sleep(self.settings.health_interval_s)
 
     async def drain(self, grace_s: float) -> None:
