@@ -2,18 +2,19 @@
 through `rerank serve`, per runtime, side by side on the machine it runs on.
 
     python -m bench.long                 # ModernBERT-base size, random weights (a few minutes; ORT needs ~17 GiB)
-    python -m bench.long --quick         # the tests' tiny long model (a smoke test)
+    python -m bench.long --quick         # the tests' tiny long model and a ~2,000-token pair (a smoke test)
 
 For each system — the baseline, ONNX Runtime fp32 with routing off (`--long-pair-tokens 0`: the padded graph,
 dense T x T attention in every layer); the default export (`--precision auto`, whatever it picks on this CPU);
 and each CPU choice a user can name (ONNX Runtime fp32 and int8, transformers' padded model in bf16, the packed
 engine in bf16), all of which run pairs over their long-pair threshold on the packed engine — it exports
-the same checkpoint (three at a time with --quick), then serves each in turn, warms it up with a short
-call, and times one call of one 8,192-token pair while sampling the Triton side's RSS (tritonserver and its
-Python-backend stub). It reports the time, the peak RSS, the RSS 2 s after the call (0.5 s with --quick)
-against the idle level, each logit against the baseline's (the export checks that graph against eager) and
-the pairs the model counted on its packed engine (rerank_model_long_pairs_total). Writes <output>/long.json
-and prints a Markdown table with the ratios to the baseline.
+the same checkpoint, serves each system on its own stack in turn (with --quick: all six models exported three
+at a time and served by one stack), warms it up with a short call, and times one call of one 8,192-token pair
+(about 2,000 with --quick) while sampling the Triton side's RSS (tritonserver and the system's Python-backend
+stub). It reports the time, the peak RSS, the RSS 2 s after the call (0.5 s with --quick) against the idle level,
+each logit against the baseline's (the export checks that graph against eager) and the pairs the model counted
+on its packed engine (rerank_model_long_pairs_total). Writes <output>/long.json and prints a Markdown table
+with the ratios to the baseline.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,8 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from bench.common import RERANK, ROOT, TOKENIZER_DIR
-from bench.served import Sampler, ServedStack, process_rss
+from bench.served import Sampler, ServedStack, process_rss, scrape
 from rerank_client import AsyncRerankClient
 from rerank_server.testing import TINY_CONFIG, exported_parameters, save_random_checkpoint
 from rerank_triton_model.runtimes import PACKED, TORCH
@@ -62,38 +66,59 @@ def long_document(words: int = 9000) -> str:
     return " ".join(vocabulary[(7 * i) % len(vocabulary)] for i in range(words))
 
 
-async def one_call(target: str, query: str, document: str) -> tuple[float, float]:
-    """Seconds of one Rerank call of one pair, and its logit."""
+async def one_call(target: str, query: str, document: str, model: str) -> tuple[float, float, int]:
+    """Seconds of one Rerank call of one pair, its logit and its tokens."""
     async with AsyncRerankClient(target, timeout=3600) as client:
         started = time.perf_counter()
-        response = await client.rerank(query, [document])
-        return time.perf_counter() - started, float(response.results[0].logit)
+        response = await client.rerank(query, [document], model=model)
+        seconds = time.perf_counter() - started
+        return seconds, float(response.results[0].logit), int(response.usage.input_tokens)
 
 
-def measure(repository: Path, log_path: Path, query: str, document: str, settle_s: float) -> dict[str, Any]:
-    """One long call on a fresh stack; `settle_s`: the wait before the idle RSS and after the call."""
-    stack = ServedStack.start(repository, log_path)
-    try:
-        asyncio.run(one_call(stack.target, query, "a short warm-up document"))
-        time.sleep(settle_s)
-        idle = process_rss(stack.triton)
-        sampler = Sampler(stack.frontend, stack.triton, interval_s=0.1)
-        sampler.start()
-        long_before = stack.metrics().get(LONG_PAIRS, 0.0)
-        seconds, logit = asyncio.run(one_call(stack.target, query, document))
-        time.sleep(2 * settle_s)
-        after = process_rss(stack.triton)
-        sampler.stop()
-        return {
-            "seconds": seconds,
-            "logit": logit,
-            "long_pairs_packed": stack.metrics().get(LONG_PAIRS, 0.0) - long_before,
-            "idle_rss_gib": idle / GIB,
-            "peak_rss_gib": sampler.peak_triton / GIB,
-            "after_rss_gib": after / GIB,
-        }
-    finally:
-        stack.stop()
+def model_processes(stack: ServedStack, model: str) -> list[psutil.Process]:
+    """tritonserver and the Python-backend stub of `model` (one stub per model instance, started with
+    its model.py path)."""
+    marker = f"{os.sep}{model}{os.sep}"
+    return [
+        p for p in stack.triton if p.name() == "tritonserver" or any(marker in argument for argument in p.cmdline())
+    ]
+
+
+def measure(stack: ServedStack, model: str, query: str, document: str, settle_s: float) -> dict[str, Any]:
+    """One long call of `model` on a running stack; `settle_s`: the wait before the idle RSS and after
+    the call. The Triton side's RSS: tritonserver and this model's stub."""
+    triton = model_processes(stack, model)
+    asyncio.run(one_call(stack.target, query, "a short warm-up document", model))
+    time.sleep(settle_s)
+    idle = process_rss(triton)
+    sampler = Sampler(stack.frontend, triton, interval_s=0.1)
+    sampler.start()
+    long_before = long_pairs(stack, model)
+    seconds, logit, tokens = asyncio.run(one_call(stack.target, query, document, model))
+    time.sleep(2 * settle_s)
+    after = process_rss(triton)
+    sampler.stop()
+    return {
+        "seconds": seconds,
+        "logit": logit,
+        "tokens": tokens,
+        "long_pairs_packed": long_pairs(stack, model) - long_before,
+        "idle_rss_gib": idle / GIB,
+        "peak_rss_gib": sampler.peak_triton / GIB,
+        "after_rss_gib": after / GIB,
+    }
+
+
+def long_pairs(stack: ServedStack, model: str) -> float:
+    return scrape(stack.metrics_url, {"model": model}).get(LONG_PAIRS, 0.0)
+
+
+def repository_of(work: Path, index: int, shared: bool) -> Path:
+    return work / ("repository" if shared else f"repository-{index}")
+
+
+def model_of(index: int) -> str:
+    return f"system-{index}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,39 +129,54 @@ def main(argv: list[str] | None = None) -> int:
     from bench.common import machine_info
 
     query = "how to implement quick sort in python?"
-    document = long_document()
+    # --quick: a pair of about 2,000 tokens, over the routing threshold but 16x cheaper for the dense baseline.
+    document = long_document(2000 if args.quick else 9000)
     results: dict[str, Any] = {"machine": machine_info(), "quick": args.quick, "systems": {}}
     with tempfile.TemporaryDirectory(prefix="bench-long-") as folder:
         work = Path(folder)
         config = QUICK_CONFIG if args.quick else {"initializer_range": 0.02}
         save_random_checkpoint(work / "checkpoint", TOKENIZER_DIR, seed=0, **config)
+        # Full size: one repository and one stack per system, exported one at a time (auto times its
+        # candidates) and served alone (memory is measured); --quick: one repository of all six, exported
+        # three at a time and served by one stack (the tiny model's timings and memory decide nothing).
         exports = []
         for index, (name, export_args) in enumerate(SYSTEMS):
             extra = QUICK_AUTO if args.quick and name == DEFAULT else ()
-            output = ["--output", str(work / f"repository-{index}")]
+            output = ["--output", str(repository_of(work, index, args.quick)), "--name", model_of(index)]
             exports.append([*EXPORT, "--model", str(work / "checkpoint"), *output, *export_args, *extra])
-        # Full size: one at a time, since auto times its candidates; --quick: its timings decide nothing.
         with ThreadPoolExecutor(max_workers=3 if args.quick else 1) as pool:
             done = list(pool.map(lambda command: subprocess.run(command, capture_output=True, text=True), exports))
         failed = [d for d in done if d.returncode != 0]
         if failed:
             print(failed[0].stderr[-3000:], file=sys.stderr)
             return 1
-        for index, (name, _) in enumerate(SYSTEMS):
-            print(f"{name}: exported; serving one 8192-token pair", file=sys.stderr, flush=True)
-            repository = work / f"repository-{index}"
-            parameters = exported_parameters(repository / "reranker")
-            results["systems"][name] = {
-                "runtime": parameters.runtime,
-                "precision": parameters.precision,
-                "long_pair_tokens": parameters.long_pair_tokens,
-                **measure(repository, work / f"serve-{index}.log", query, document, 0.25 if args.quick else 1.0),
-            }
-            print(f"{name}: {results['systems'][name]}", file=sys.stderr, flush=True)
+        settle_s = 0.25 if args.quick else 1.0
+        shared = ServedStack.start(repository_of(work, 0, True), work / "serve.log") if args.quick else None
+        try:
+            for index, (name, _) in enumerate(SYSTEMS):
+                print(f"{name}: exported; serving one long pair", file=sys.stderr, flush=True)
+                repository = repository_of(work, index, args.quick)
+                parameters = exported_parameters(repository / model_of(index))
+                stack = shared or ServedStack.start(repository, work / f"serve-{index}.log")
+                try:
+                    figures = measure(stack, model_of(index), query, document, settle_s)
+                finally:
+                    if stack is not shared:
+                        stack.stop()
+                results["systems"][name] = {
+                    "runtime": parameters.runtime,
+                    "precision": parameters.precision,
+                    "long_pair_tokens": parameters.long_pair_tokens,
+                    **figures,
+                }
+                print(f"{name}: {results['systems'][name]}", file=sys.stderr, flush=True)
+        finally:
+            if shared is not None:
+                shared.stop()
     reference = results["systems"][BASELINE]
     lines = [
-        "| served, one 8,192-token pair | exported as | seconds | x baseline time | Triton peak RSS GiB "
-        "| after - idle GiB | logit - baseline's | pairs routed to the packed engine |",
+        f"| served, one {reference['tokens']:,}-token pair | exported as | seconds | x baseline time "
+        "| Triton peak RSS GiB | after - idle GiB | logit - baseline's | pairs routed to the packed engine |",
         "|---|---|--:|--:|--:|--:|--:|--:|",
     ]
     for name, figures in results["systems"].items():

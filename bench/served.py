@@ -170,8 +170,9 @@ class ServedStack:
         )
 
 
-def scrape(url: str) -> dict[str, float]:
-    """Prometheus metrics by name (name:kind where a `kind` label is set), summed over other labels."""
+def scrape(url: str, where: dict[str, str] | None = None) -> dict[str, float]:
+    """Prometheus metrics by name (name:kind where a `kind` label is set), summed over other labels;
+    `where`: only the series with these label values."""
     try:
         with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()
@@ -183,6 +184,8 @@ def scrape(url: str) -> dict[str, float]:
         if not match or match.group(3) == "NaN":
             continue
         name, labels = match.group(1), match.group(2) or ""
+        if where and not all(f'{key}="{value}"' in labels for key, value in where.items()):
+            continue
         kind = re.search(r'kind="([^"]+)"', labels)
         key = f"{name}:{kind.group(1)}" if kind else name
         values[key] = values.get(key, 0.0) + float(match.group(3))
