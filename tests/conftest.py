@@ -162,6 +162,18 @@ class Stack:
             time.sleep(0.1)
 
 
+# The logs of every `rerank serve` (and its Triton) the tests start: removed when the session passes,
+# kept (and named) when it fails.
+LOG_DIR = Path(tempfile.mkdtemp(prefix="rerank-tests-"))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if exitstatus == 0:
+        shutil.rmtree(LOG_DIR, ignore_errors=True)
+    else:
+        print(f"\nrerank serve and Triton logs: {LOG_DIR}")
+
+
 def _flag(args: list[str], name: str) -> str | None:
     return next((a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")), None)
 
@@ -184,7 +196,7 @@ def start_serve(
         args = [*args, f"--http-port={free_port()}"]
     command = [*RERANK, "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    log_path = Path(tempfile.mkstemp(prefix="rerank-serve-", suffix=".log")[1])
+    log_path = Path(tempfile.mkstemp(prefix="rerank-serve-", suffix=".log", dir=LOG_DIR)[1])
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, preexec_fn=preexec_fn)
     host = _flag(args, "host") or "127.0.0.1"
@@ -220,7 +232,9 @@ def one_model_repository(model_repository: Path, folder: Path, name: str = "rera
 
 def start_local(repository: Path, *args: str) -> Stack:
     """`rerank serve` starting its own Triton on free ports, serving `repository`."""
-    ports = (f"--triton-{kind}-port={free_port()}" for kind in ("grpc", "http", "metrics"))
+    ports = [f"--triton-{kind}-port={free_port()}" for kind in ("grpc", "http", "metrics")]
+    if _flag(list(args), "triton-log") is None:
+        ports.append(f"--triton-log={tempfile.mkstemp(prefix='triton-', suffix='.log', dir=LOG_DIR)[1]}")
     return start_serve([f"--model-repository={repository}", *ports, *args])
 
 

@@ -192,7 +192,10 @@ class LocalTriton:
             # Stubs of a Triton that died (killed, crashed) outlive it in its process group.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
+        # The work folder goes unless it holds the log (kept for a post-mortem).
         shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+        if self.log_path.parent != self._workdir:
+            shutil.rmtree(self._workdir, ignore_errors=True)
         return None if process is None else process.returncode
 
 
