@@ -26,7 +26,7 @@ import yaml
 from rerank_client import RerankClient, RerankError
 from rerank_server.observability import REJECT_REASONS, Metrics
 from rerank_server.testing import free_port
-from tests.conftest import Stack
+from tests.conftest import Stack, frontend
 from tests.texts import QUERY, text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,11 +178,20 @@ class Prometheus:
 
 
 @pytest.fixture(scope="module")
-def prometheus(stack: Stack) -> Iterator[Prometheus]:
-    """Prometheus scraping the stack's frontend and Triton every second, with the PrometheusRule's rules."""
+def cached(stack: Stack, model_repository: Path) -> Iterator[Stack]:
+    """A second frontend on the stack's Triton with the score cache on, so that its panels have series."""
+    with frontend(stack, model_repository, "--score-cache-bytes=1000000") as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def prometheus(stack: Stack, cached: Stack) -> Iterator[Prometheus]:
+    """Prometheus scraping the stack's frontend and Triton, and the cached frontend, every second, with the
+    PrometheusRule's rules."""
     folder = Path(tempfile.mkdtemp(prefix="rerank-prometheus-"))
-    targets = [urllib.parse.urlparse(url).netloc for url in (stack.metrics_url, stack.triton_metrics_url) if url]
-    assert len(targets) == 2, "the stack exposes both metrics ports"
+    urls = (stack.metrics_url, stack.triton_metrics_url, cached.metrics_url)
+    targets = [urllib.parse.urlparse(url).netloc for url in urls if url]
+    assert len(targets) == 3, "each frontend and Triton expose a metrics port"
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(rules_file(folder))],
@@ -216,8 +225,12 @@ def prometheus(stack: Stack) -> Iterator[Prometheus]:
             time.sleep(0.3)
         # A labelled counter's series starts at its first scraped value: calls made now create the series
         # (and Triton's), so that the calls a test makes after this scrape show as a rise.
-        traffic(stack)
-        while not (server.series("rerank_calls_total") and server.series("nv_inference_request_success")):
+        traffic(stack, cached)
+        while not (
+            server.series("rerank_calls_total")
+            and server.series("nv_inference_request_success")
+            and all(t["health"] == "up" for t in server.get("/api/v1/targets")["activeTargets"])
+        ):
             assert time.monotonic() < deadline + 60, "no scrape:\n" + (folder / "prometheus.log").read_text()
             time.sleep(0.3)
         yield server
@@ -228,8 +241,9 @@ def prometheus(stack: Stack) -> Iterator[Prometheus]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def traffic(stack: Stack) -> None:
-    """Calls of every kind the rules look at: gRPC and HTTP, successes and a client error."""
+def traffic(stack: Stack, cached: Stack) -> None:
+    """Calls of every kind the rules and panels look at: gRPC and HTTP, successes and a client error, and the
+    same call twice on the cached frontend (a miss, then a hit)."""
     with RerankClient(stack.target, timeout=60) as client:
         for i in range(3):
             client.rerank(QUERY, [text(20, seed=i), text(40, seed=i + 10)])
@@ -239,17 +253,22 @@ def traffic(stack: Stack) -> None:
     assert stack.http_url is not None
     answer = httpx.post(f"{stack.http_url}/v1/rerank", json={"query": QUERY, "documents": ["a", "b"]}, timeout=60)
     assert answer.status_code == 200, answer.text
+    with RerankClient(cached.target, timeout=60) as client:
+        first, again = (client.rerank(QUERY, [text(20, seed=90), text(30, seed=91)]) for _ in range(2))
+    assert [r.logit for r in first.results] == [r.logit for r in again.results]
 
 
 @pytest.mark.e2e
 def test_prometheus_scrapes_the_frontend_and_triton(prometheus: Prometheus) -> None:
     targets = prometheus.get("/api/v1/targets")["activeTargets"]
-    assert len(targets) == 2 and all(t["health"] == "up" for t in targets), targets
+    assert len(targets) == 3 and all(t["health"] == "up" for t in targets), targets
     assert {t["labels"]["job"] for t in targets} == {JOB}
 
 
 @pytest.mark.e2e
-def test_every_rule_dashboard_and_autoscaler_expression_returns_series(stack: Stack, prometheus: Prometheus) -> None:
+def test_every_rule_dashboard_and_autoscaler_expression_returns_series(
+    stack: Stack, cached: Stack, prometheus: Prometheus
+) -> None:
     """No expression names a metric or label the service and its Triton do not export: each returns series.
 
     Alerts are evaluated with their comparison made `bool` (0 or 1 per series), so that a quiet alert still
@@ -266,7 +285,7 @@ def test_every_rule_dashboard_and_autoscaler_expression_returns_series(stack: St
     def calls_per_second() -> float:
         return sum(float(s["value"][1]) for s in prometheus.series("rerank:calls:rate5m"))
 
-    traffic(stack)
+    traffic(stack, cached)
     empty: dict[str, str] = {}
     deadline = time.monotonic() + 90  # rates need two scrapes, recorded series an evaluation after them
     while True:
