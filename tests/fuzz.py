@@ -14,7 +14,7 @@ short_text = st.text(max_size=40)
 documents = st.lists(short_text, max_size=6)
 options = st.fixed_dictionaries(
     {
-        "truncation": st.integers(0, 6),  # 4..6 are not Truncation values
+        "truncation": st.integers(0, 6),  # 5 and 6 are not Truncation values
         "max_length": st.one_of(st.just(0), st.integers(0, 2**32 - 1), st.integers(0, 600)),
     },
     optional={"chunk_overlap": st.integers(0, 2**32 - 1), "model": st.one_of(short_text, st.just("reranker"))},

@@ -112,7 +112,7 @@ def test_vllm_rerank_body_on_the_tei_path(base_url: str, grpc: RerankClient) -> 
 # -- TEI ----------------------------------------------------------------------------------------
 
 
-def test_tei_left_truncation_keeps_the_texts_last_tokens(base_url: str, grpc: RerankClient) -> None:
+def test_tei_left_and_grpc_start_truncation_keep_the_texts_last_tokens(base_url: str, grpc: RerankClient) -> None:
     tail = text(600, seed=9)
     documents = ["alpha " * 400 + tail, "omega " * 400 + tail]  # different starts, the same last tokens
     url = f"{base_url}{TEI}"
@@ -129,6 +129,9 @@ def test_tei_left_truncation_keeps_the_texts_last_tokens(base_url: str, grpc: Re
     suffix = tokenizer.decode(ids[-room:])
     assert tokenizer.encode(suffix, add_special_tokens=False).ids == ids[-room:]
     assert left_scores[0] == pytest.approx(grpc.rerank(QUERY, [suffix], truncation="none").results[0].logit, abs=1e-5)
+    # gRPC's TRUNCATION_START is the same cut.
+    start = {r.index: r.logit for r in grpc.rerank(QUERY, documents, truncation="start").results}
+    assert start == pytest.approx(left_scores, abs=1e-6)
 
 
 def test_tei_info_fields_and_statuses(base_url: str) -> None:

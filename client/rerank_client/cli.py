@@ -123,7 +123,7 @@ def _model_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _scoring_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--truncation", choices=["end", "none", "chunk"], default=None, help="default: end")
+    parser.add_argument("--truncation", choices=["end", "start", "none", "chunk"], default=None, help="default: end")
     parser.add_argument("--max-length", type=int, default=None, help="tokens per pair (default: the model's limit)")
     parser.add_argument("--chunk-overlap", type=int, default=None, help="tokens windows share with --truncation chunk")
     parser.add_argument("--json", action="store_true", help="print the response as JSON")

@@ -22,17 +22,18 @@ DEFAULT_TIMEOUT_S = 30.0
 # Rerank requests carry whole documents; gRPC's 4 MiB default is too small for 1,000 long ones.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
-# A Truncation value (e.g. rerank_pb2.TRUNCATION_CHUNK), its name ("end", "none", "chunk") or None.
+# A Truncation value (e.g. rerank_pb2.TRUNCATION_CHUNK), its name ("end", "start", "none", "chunk") or None.
 TruncationArg: TypeAlias = "rerank_pb2.Truncation | str | None"
 _TRUNCATION_NAMES = {
     "end": rerank_pb2.TRUNCATION_END,
     "none": rerank_pb2.TRUNCATION_NONE,
     "chunk": rerank_pb2.TRUNCATION_CHUNK,
+    "start": rerank_pb2.TRUNCATION_START,
 }
 
 
 def truncation_value(truncation: TruncationArg) -> rerank_pb2.Truncation:
-    """The enum value for a Truncation value, a name ("end", "none", "chunk") or None (the default)."""
+    """The enum value for a Truncation value, a name ("end", "start", "none", "chunk") or None (the default)."""
     if truncation is None:
         return rerank_pb2.TRUNCATION_UNSPECIFIED
     if isinstance(truncation, str):

@@ -38,6 +38,7 @@ _TRUNCATION = {
     rerank_pb2.TRUNCATION_END: Truncation.END,
     rerank_pb2.TRUNCATION_NONE: Truncation.NONE,
     rerank_pb2.TRUNCATION_CHUNK: Truncation.CHUNK,
+    rerank_pb2.TRUNCATION_START: Truncation.START,
 }
 
 

@@ -180,6 +180,8 @@ const (
 	TruncationNone = rerankv1.Truncation_TRUNCATION_NONE
 	// TruncationChunk scores the document in overlapping windows and keeps the best.
 	TruncationChunk = rerankv1.Truncation_TRUNCATION_CHUNK
+	// TruncationStart cuts the document at its start so the pair fits (its last tokens are kept).
+	TruncationStart = rerankv1.Truncation_TRUNCATION_START
 )
 
 // Option sets a field of a Rerank or Score request; TopN and ReturnDocuments apply to Rerank only, and
@@ -201,7 +203,7 @@ func TopN(n uint32) Option { return func(o *requestOptions) { o.topN = n } }
 // ReturnDocuments echoes each result's document.
 func ReturnDocuments() Option { return func(o *requestOptions) { o.returnDocuments = true } }
 
-// WithTruncation sets how long pairs are handled (TruncationEnd, TruncationNone, TruncationChunk).
+// WithTruncation sets how long pairs are handled (TruncationEnd, TruncationStart, TruncationNone, TruncationChunk).
 func WithTruncation(truncation Truncation) Option {
 	return func(o *requestOptions) { o.truncation = truncation }
 }

@@ -45,16 +45,17 @@ const MAX_ATTEMPTS = 5;
 const INITIAL_BACKOFF_MS = 100;
 const MAX_BACKOFF_MS = 2_000;
 
-/** A Truncation value (e.g. Truncation.CHUNK), its name ("end", "none", "chunk") or undefined (the default). */
-export type TruncationArg = Truncation | "end" | "none" | "chunk";
+/** A Truncation value (e.g. Truncation.CHUNK), its name ("end", "start", "none", "chunk") or undefined (the default). */
+export type TruncationArg = Truncation | "end" | "start" | "none" | "chunk";
 
 const TRUNCATION_NAMES: Record<string, Truncation> = {
   end: Truncation.END,
   none: Truncation.NONE,
   chunk: Truncation.CHUNK,
+  start: Truncation.START,
 };
 
-/** The enum value for a Truncation value, a name ("end", "none", "chunk") or undefined (the default). */
+/** The enum value for a Truncation value, a name ("end", "start", "none", "chunk") or undefined (the default). */
 export function truncationValue(truncation: TruncationArg | undefined): Truncation {
   if (truncation === undefined) {
     return Truncation.UNSPECIFIED;
@@ -62,7 +63,7 @@ export function truncationValue(truncation: TruncationArg | undefined): Truncati
   if (typeof truncation === "string") {
     const value = TRUNCATION_NAMES[truncation.toLowerCase()];
     if (value === undefined) {
-      throw new RangeError(`truncation must be one of end, none, chunk; got ${JSON.stringify(truncation)}`);
+      throw new RangeError(`truncation must be one of end, start, none, chunk; got ${JSON.stringify(truncation)}`);
     }
     return value;
   }

@@ -14,10 +14,12 @@ class Truncation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRUNCATION_END: _ClassVar[Truncation]
     TRUNCATION_NONE: _ClassVar[Truncation]
     TRUNCATION_CHUNK: _ClassVar[Truncation]
+    TRUNCATION_START: _ClassVar[Truncation]
 TRUNCATION_UNSPECIFIED: Truncation
 TRUNCATION_END: Truncation
 TRUNCATION_NONE: Truncation
 TRUNCATION_CHUNK: Truncation
+TRUNCATION_START: Truncation
 
 class RerankRequest(_message.Message):
     __slots__ = ("query", "documents", "top_n", "return_documents", "truncation", "max_length", "chunk_overlap", "model")
