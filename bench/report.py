@@ -239,7 +239,32 @@ def markdown(results: dict[str, Any]) -> str:
             f"One GEMM ({kernel['shape']}), one thread: fp32 {kernel['fp32_gflops']:.1f} GFLOP/s, "
             f"int8 (dynamic, {kernel['int8_op']}) {kernel['int8_gops']:.1f} GOP/s.",
         ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + served_profile(results)) + "\n"
+
+
+def served_profile(results: dict[str, Any]) -> list[str]:
+    """The "Where the served time goes" lines: per served system and sampled workload, the shares of the
+    Python-backend stub's py-spy samples (engine forward, the rest of execute, idle) and the frontend's busy share."""
+    served = results.get("profile", {}).get("served", {})
+    if not served:
+        return []
+    lines = [
+        "",
+        "Where the served time goes (py-spy samples of Triton's Python-backend stub: engine forward, the rest "
+        "of the model's execute, idle waiting for work; frontend busy: its busy Python samples against wall time):",
+        "",
+    ]
+    for system, by_workload in served.items():
+        for name, p in by_workload.items():
+            workload = results.get("workloads", {}).get(name, {})
+            title = f"{workload.get('title', name)}, concurrency {workload.get('clients', '?')}"
+            stub = p["stub"]
+            lines.append(
+                f"- {SYSTEM_LABELS.get(system, system)}, {title}: engine {100 * stub['engine']:.1f}%, "
+                f"execute other {100 * stub['execute_other']:.1f}%, idle {100 * stub['idle']:.1f}%; "
+                f"frontend busy {100 * p['frontend_busy']:.1f}% ({p['samples']} stub samples)"
+            )
+    return lines
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

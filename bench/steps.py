@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +22,7 @@ from rerank_server.export.agreement import agreement
 from rerank_triton_model.runtimes import ONNXRUNTIME, PACKED, TORCH
 
 if TYPE_CHECKING:
+    from bench.served import ServedStack
     from rerank_triton_model.reranker_engine import PackedReranker
 
 
@@ -122,6 +125,26 @@ class _Session:
         ids = np.asarray(pair_inputs(self.tokenizer, first)[0][: 4 * first.pair_lengths[0]]).reshape(4, -1)
         model = self.models.model_dir(int8=int8) / "1" / "model.onnx"
         self.profile[name] = op_profile(model, ids, self.models.parameters().intra_op_threads, self.workdir)
+
+    @contextlib.contextmanager
+    def sampled(self, stack: ServedStack, system: str, workload: Workload) -> Iterator[None]:
+        """py-spy samples of the Python-backend stub and the frontend while the block runs, summarized into
+        profile["served"][system][workload] (bench.stub_profile); a failure to sample is reported and the
+        block still runs."""
+        from bench.stub_profile import sampled
+
+        stubs = [p for p in stack.triton if p.name() == "triton_python_backend_stub"]
+        if not stubs:
+            self.failed(system, f"{workload.name} py-spy", RuntimeError("no triton_python_backend_stub process"))
+            yield
+            return
+        stem = self.args.output / "py-spy" / f"{system}-{workload.name}"
+        with sampled(stubs[0].pid, stack.frontend.pid, stem) as sampling:
+            yield
+        if sampling.summary is None:
+            self.failed(system, f"{workload.name} py-spy", RuntimeError(sampling.error))
+        else:
+            self.profile.setdefault("served", {}).setdefault(system, {})[workload.name] = sampling.summary
 
     def failed(self, system: str, workload: str, error: Exception) -> None:
         """One failed system or run is reported; the others still run."""
@@ -251,8 +274,11 @@ def _measure_served(
     fp32_b: np.ndarray,
 ) -> None:
     """`rerank serve` on the repository: each run measured, and (b)'s served logits against in-process
-    fp32's."""
+    fp32's. Unless --skip-profile, py-spy samples the (a) runs at the lowest and highest concurrency."""
     from bench.served import Sampler, ServedStack, served_logits
+
+    fixed = sorted((w for w, _ in runs if w.kind == "a"), key=lambda w: w.concurrency)
+    profiled = set() if run.args.skip_profile or not fixed else {fixed[0].name, fixed[-1].name}
 
     run.progress.stage(f"starting rerank serve ({system})")
     log_path = run.args.output / f"{system}.log"
@@ -263,7 +289,9 @@ def _measure_served(
         run_served(stack, run.warm, 1, sampler, Quiet(run.progress), system)
         for workload, repeats in runs:
             try:
-                run.measurements.append(run_served(stack, workload, repeats, sampler, run.progress, system))
+                with run.sampled(stack, system, workload) if workload.name in profiled else contextlib.nullcontext():
+                    measured = run_served(stack, workload, repeats, sampler, run.progress, system)
+                run.measurements.append(measured)
             except Exception as error:  # noqa: BLE001 - one failed run is reported, the others still run
                 run.failed(system, workload.name, error)
         (request,) = b.requests

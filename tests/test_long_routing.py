@@ -20,7 +20,7 @@ from rerank_client import RerankClient
 from rerank_server.testing import exported_parameters, free_port, save_random_checkpoint
 from rerank_triton_model.reranker_engine import PackedReranker, RoutedReranker
 from rerank_triton_model.runtimes import LONG_PAIR_TOKENS
-from tests.conftest import TOKENIZER_DIR, Stack, e2e_fixture, run_rerank, start_serve, stop_serve
+from tests.conftest import TOKENIZER_DIR, Stack, e2e_fixture, run_rerank, start_serve, stop_serve_later
 from tests.reference import eager
 from tests.texts import QUERY, text
 
@@ -255,7 +255,7 @@ def routed_stack(routed_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
     )
     served.triton_log = triton_log
     yield served
-    assert stop_serve(served) == 0, "".join(served.output[-30:])
+    stop_serve_later(served)
 
 
 ROUTED_TOKENS = 64

@@ -30,7 +30,16 @@ from rerank_client import (
 from rerank_client.pb import SERVICE_NAME, rerank_pb2, rerank_pb2_grpc
 from rerank_server.testing import health_status
 from tests.certs import Authority
-from tests.conftest import Stack, free_port, frontend, one_model_repository, start_local, start_serve, stop_serve
+from tests.conftest import (
+    Stack,
+    free_port,
+    frontend,
+    one_model_repository,
+    start_local,
+    start_serve,
+    stop_serve,
+    stop_serve_later,
+)
 from tests.reference import eager
 from tests.texts import QUERY, text
 
@@ -249,7 +258,7 @@ def test_kill_9_triton_under_load_every_call_ends_in_time_and_service_recovers(
         assert sample(metrics, "rerank_triton_restarts_total") == 1
         assert sample(metrics, "rerank_model_unready_total") == 1
     finally:
-        assert stop_serve(served) == 0
+        stop_serve_later(served)
 
 
 def wait_until(condition, timeout_s: float, after: float = 0) -> bool:

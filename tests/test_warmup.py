@@ -16,7 +16,7 @@ from rerank_client import RerankClient
 from rerank_server.export.warmup import WARMUP_DIR, warmup_requests
 from rerank_server.testing import exported_parameters
 from rerank_triton_model.contract import INPUT_IDS, SEQUENCE_LENGTHS
-from tests.conftest import run_rerank, start_local, stop_serve
+from tests.conftest import run_rerank, start_local, stop_serve_later
 from tests.test_operations import sample, scrape
 from tests.texts import QUERY, text
 
@@ -115,4 +115,4 @@ def test_serving_means_warm_and_the_warmup_is_not_traffic(model_repository: Path
         assert sample(after, "rerank_model_pairs_total", model="reranker_long", outcome="computed") == 3
         assert sample(after, "rerank_model_long_pairs_total", model="reranker_long") == 1
     finally:
-        assert stop_serve(served) == 0, "".join(served.output[-30:])
+        stop_serve_later(served)
