@@ -159,6 +159,19 @@ def test_quick_mode_runs_end_to_end(tmp_path: Path) -> None:
     assert sum(name.startswith("served auto") for name in names) == 7
     assert {p["op"] for p in results["profile"]["int8"]["by_op"]} & {"MatMulInteger", "DynamicQuantizeMatMul"}
     assert results["profile"]["gemm"]["fp32_gflops"] > 0
+    # py-spy on the stub and the frontend over (a) at concurrency 1 and the highest: shares of the stub's samples.
+    sampled = results["profile"]["served"]
+    assert {system: sorted(by_workload) for system, by_workload in sampled.items()} == {
+        "served": ["a1", "a4"],
+        "served-auto": ["a1", "a4"],
+    }
+    runs = [p for by_workload in sampled.values() for p in by_workload.values()]
+    for p in runs:
+        assert p["samples"] > 0 and p["frontend_busy"] >= 0
+        assert sum(p["stub"].values()) == pytest.approx(1.0), p
+    # A quick run lasts under a tenth of a second, a handful of samples each; together they see the engine.
+    assert sum(p["stub"]["engine"] * p["samples"] for p in runs) > 0
+    assert "Where the served time goes" in (output / "results.md").read_text()
 
     table = (output / "results.md").read_text()
     assert "| system | workload |" in table and "| ratio | value | target | met |" in table
