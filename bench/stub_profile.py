@@ -88,14 +88,19 @@ def py_spy() -> str | None:
     return str(beside) if beside.exists() else shutil.which("py-spy")
 
 
-def _start(pid: int, path: Path, idle: bool, rate: int, timeout_s: float = 30.0) -> subprocess.Popen[str]:
-    """A `py-spy record` of the process, returned once it samples (it says so on stdout)."""
+def _launch(pid: int, path: Path, idle: bool, rate: int) -> subprocess.Popen[str]:
+    """A `py-spy record` of the process (raw output to `path`), not yet known to be sampling."""
     binary = py_spy()
     if binary is None:
         raise RuntimeError("py-spy not found (pip install py-spy)")
     command = [binary, "record", "--pid", str(pid), "--format", "raw", "--rate", str(rate), "--nonblocking"]
     command += [*(["--idle"] if idle else []), "-o", str(path)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _until_sampling(process: subprocess.Popen[str], timeout_s: float = 30.0) -> None:
+    """Returns once py-spy says on stdout that it samples; raises with what it said if it exits first
+    (no such process, no ptrace permission) or stays silent."""
     assert process.stdout is not None
     said: list[str] = []
     deadline = time.monotonic() + timeout_s
@@ -104,17 +109,14 @@ def _start(pid: int, path: Path, idle: bool, rate: int, timeout_s: float = 30.0)
         line = process.stdout.readline() if ready else ""
         said.append(line)
         if "Sampling process" in line:
-            return process
-        if ready and not line:  # it exited: no such process, no ptrace permission, ...
+            return
+        if ready and not line:
             break
-    process.kill()
-    process.wait()
-    raise RuntimeError(f"py-spy on pid {pid} did not start: {''.join(said).strip()[:300]}")
+    raise RuntimeError(f"py-spy did not start: {''.join(said).strip()[:300]}")
 
 
-def _stop(process: subprocess.Popen[str], path: Path, timeout_s: float = 30.0) -> str:
-    """SIGINT a recording; returns its raw output once py-spy has written it."""
-    process.send_signal(signal.SIGINT)
+def _collect(process: subprocess.Popen[str], path: Path, timeout_s: float = 30.0) -> str:
+    """The raw output of a recording already sent SIGINT, once py-spy has written it."""
     try:
         output, _ = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -145,8 +147,11 @@ def sampled(stub_pid: int, frontend_pid: int, stem: Path, rate: int = RATE) -> I
     started = time.perf_counter()
     try:
         stem.parent.mkdir(parents=True, exist_ok=True)
+        # Both launched before either is waited for, so that each recording spans the block and little more.
         for pid, path, idle in ((stub_pid, sampling.files[0], True), (frontend_pid, sampling.files[1], False)):
-            recordings.append(_start(pid, path, idle, rate))
+            recordings.append(_launch(pid, path, idle, rate))
+        for process in recordings:
+            _until_sampling(process)
         started = time.perf_counter()
     except Exception as error:  # noqa: BLE001 - no profile, but the run still goes on
         sampling.error = str(error)
@@ -154,10 +159,13 @@ def sampled(stub_pid: int, frontend_pid: int, stem: Path, rate: int = RATE) -> I
         yield sampling
     finally:
         duration = time.perf_counter() - started
+        for process in recordings:
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
         raws: list[str] = []
         for process, path in zip(recordings, sampling.files, strict=False):
             try:
-                raws.append(_stop(process, path))
+                raws.append(_collect(process, path))
             except Exception as error:  # noqa: BLE001 - as above
                 sampling.error = sampling.error or str(error)
         if sampling.error is None:
