@@ -274,11 +274,12 @@ def _measure_served(
     fp32_b: np.ndarray,
 ) -> None:
     """`rerank serve` on the repository: each run measured, and (b)'s served logits against in-process
-    fp32's. Unless --skip-profile, py-spy samples the (a) runs at the lowest and highest concurrency."""
+    fp32's. Unless --skip-profile, py-spy then samples one more, untimed pass of (a) at the lowest and the
+    highest concurrency (the sampler's own CPU never counts in a measured run)."""
     from bench.served import Sampler, ServedStack, served_logits
 
     fixed = sorted((w for w, _ in runs if w.kind == "a"), key=lambda w: w.concurrency)
-    profiled = set() if run.args.skip_profile or not fixed else {fixed[0].name, fixed[-1].name}
+    profiled = [] if run.args.skip_profile or not fixed else [fixed[0], fixed[-1]]
 
     run.progress.stage(f"starting rerank serve ({system})")
     log_path = run.args.output / f"{system}.log"
@@ -289,11 +290,15 @@ def _measure_served(
         run_served(stack, run.warm, 1, sampler, Quiet(run.progress), system)
         for workload, repeats in runs:
             try:
-                with run.sampled(stack, system, workload) if workload.name in profiled else contextlib.nullcontext():
-                    measured = run_served(stack, workload, repeats, sampler, run.progress, system)
-                run.measurements.append(measured)
+                run.measurements.append(run_served(stack, workload, repeats, sampler, run.progress, system))
             except Exception as error:  # noqa: BLE001 - one failed run is reported, the others still run
                 run.failed(system, workload.name, error)
+        for workload in profiled:
+            try:
+                with run.sampled(stack, system, workload):
+                    run_served(stack, workload, 1, sampler, Quiet(run.progress), system)
+            except Exception as error:  # noqa: BLE001 - a failed profile is reported, the run goes on
+                run.failed(system, f"{workload.name} py-spy", error)
         (request,) = b.requests
         logits, precision = asyncio.run(served_logits(stack.target, request))
         run.agreements[f"{system}_vs_fp32"] = {**agreement(fp32_b, logits).as_dict(), "precision": precision}
