@@ -22,6 +22,7 @@ import pytest
 
 from rerank_server.testing import TINY_CONFIG, free_port, save_random_checkpoint, wait_until_serving
 from rerank_triton_model.runtimes import PACKED, TORCH
+from tests import served_logs
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER_DIR = FIXTURES / "modernbert-tokenizer"
@@ -162,16 +163,16 @@ class Stack:
             time.sleep(0.1)
 
 
-# The logs of every `rerank serve` (and its Triton) the tests start: removed when the session passes,
-# kept (and named) when it fails.
-LOG_DIR = Path(tempfile.mkdtemp(prefix="rerank-tests-"))
-
-
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The logs of every `rerank serve` (and its Triton) the tests started: removed when the session
+    passes, kept (and named) when it fails."""
+    folder = served_logs.made()
+    if folder is None:
+        return
     if exitstatus == 0:
-        shutil.rmtree(LOG_DIR, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
     else:
-        print(f"\nrerank serve and Triton logs: {LOG_DIR}")
+        print(f"\nrerank serve and Triton logs: {folder}")
 
 
 def _flag(args: list[str], name: str) -> str | None:
@@ -196,7 +197,7 @@ def start_serve(
         args = [*args, f"--http-port={free_port()}"]
     command = [*RERANK, "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    log_path = Path(tempfile.mkstemp(prefix="rerank-serve-", suffix=".log", dir=LOG_DIR)[1])
+    log_path = Path(tempfile.mkstemp(prefix="rerank-serve-", suffix=".log", dir=served_logs.log_dir())[1])
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, preexec_fn=preexec_fn)
     host = _flag(args, "host") or "127.0.0.1"
@@ -234,19 +235,15 @@ def start_local(repository: Path, *args: str) -> Stack:
     """`rerank serve` starting its own Triton on free ports, serving `repository`."""
     ports = [f"--triton-{kind}-port={free_port()}" for kind in ("grpc", "http", "metrics")]
     if _flag(list(args), "triton-log") is None:
-        ports.append(f"--triton-log={tempfile.mkstemp(prefix='triton-', suffix='.log', dir=LOG_DIR)[1]}")
+        ports.append(f"--triton-log={tempfile.mkstemp(prefix='triton-', suffix='.log', dir=served_logs.log_dir())[1]}")
     return start_serve([f"--model-repository={repository}", *ports, *args])
-
-
-# Stacks told to stop whose exit the session checks at its end (stop_serve_later).
-_STOPPING: list[Stack] = []
 
 
 def stop_serve_later(stack: Stack) -> None:
     """SIGTERM now; its exit code (0: a clean shutdown) is asserted when the session ends. A local Triton
     takes seconds to unload its models, which the next test need not wait for."""
     stack.process.terminate()
-    _STOPPING.append(stack)
+    served_logs.STOPPING.append(stack)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -254,7 +251,7 @@ def stopped_cleanly() -> Iterator[None]:
     """Every stack stopped with stop_serve_later exited 0."""
     yield
     failures = []
-    for stack in _STOPPING:
+    for stack in served_logs.STOPPING:
         try:
             code = stack.process.wait(60)
         except subprocess.TimeoutExpired:
