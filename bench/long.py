@@ -22,18 +22,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from bench.common import RERANK, ROOT, TOKENIZER_DIR
+from bench.common import ROOT, TOKENIZER_DIR, Progress
+from bench.models import run_exports
 from bench.served import Sampler, ServedStack, process_rss, scrape
 from rerank_client import AsyncRerankClient
 from rerank_server.testing import TINY_CONFIG, exported_parameters, save_random_checkpoint
@@ -55,7 +51,6 @@ SYSTEMS = (
 # --quick: auto's measurement stops after its minimum rounds (the tiny model's timings decide nothing).
 QUICK_AUTO = ("--auto-seconds", "0")
 LONG_PAIRS = "rerank_model_long_pairs_total"
-EXPORT = [RERANK, "export"]
 QUICK_CONFIG = {**TINY_CONFIG, "max_position_embeddings": 8192, "local_attention": 64}
 GIB = 2**30
 
@@ -75,19 +70,10 @@ async def one_call(target: str, query: str, document: str, model: str) -> tuple[
         return seconds, float(response.results[0].logit), int(response.usage.input_tokens)
 
 
-def model_processes(stack: ServedStack, model: str) -> list[psutil.Process]:
-    """tritonserver and the Python-backend stub of `model` (one stub per model instance, started with
-    its model.py path)."""
-    marker = f"{os.sep}{model}{os.sep}"
-    return [
-        p for p in stack.triton if p.name() == "tritonserver" or any(marker in argument for argument in p.cmdline())
-    ]
-
-
 def measure(stack: ServedStack, model: str, query: str, document: str, settle_s: float) -> dict[str, Any]:
     """One long call of `model` on a running stack; `settle_s`: the wait before the idle RSS and after
     the call. The Triton side's RSS: tritonserver and this model's stub."""
-    triton = model_processes(stack, model)
+    triton = [*stack.servers(), *stack.stubs(model)]
     asyncio.run(one_call(stack.target, query, "a short warm-up document", model))
     time.sleep(settle_s)
     idle = process_rss(triton)
@@ -143,12 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         for index, (name, export_args) in enumerate(SYSTEMS):
             extra = QUICK_AUTO if args.quick and name == DEFAULT else ()
             output = ["--output", str(repository_of(work, index, args.quick)), "--name", model_of(index)]
-            exports.append([*EXPORT, "--model", str(work / "checkpoint"), *output, *export_args, *extra])
-        with ThreadPoolExecutor(max_workers=3 if args.quick else 1) as pool:
-            done = list(pool.map(lambda command: subprocess.run(command, capture_output=True, text=True), exports))
-        failed = [d for d in done if d.returncode != 0]
-        if failed:
-            print(failed[0].stderr[-3000:], file=sys.stderr)
+            exports.append(["--model", str(work / "checkpoint"), *output, *export_args, *extra])
+        progress = Progress(0, enabled=False)
+        try:
+            run_exports(exports, progress, at_once=3 if args.quick else 1)
+        except RuntimeError as error:
+            print(error, file=sys.stderr)
             return 1
         settle_s = 0.25 if args.quick else 1.0
         shared = ServedStack.start(repository_of(work, 0, True), work / "serve.log") if args.quick else None

@@ -55,19 +55,22 @@ class Models:
         return exported_parameters(self.model_dir(int8, auto))
 
 
-def _run_exports(exports: list[list[str]], progress: Progress) -> None:
-    """`rerank export` with each argument list, all at once (most of an export is loading libraries)."""
-    running = []
-    for args in exports:
-        progress.log(f"$ rerank export {' '.join(args)}")
-        running.append(subprocess.Popen([RERANK, "export", *args], stderr=subprocess.PIPE, text=True))
-    for process in running:
-        _, stderr = process.communicate()
-        for line in stderr.splitlines():
-            if line.startswith(("Exported", "Precision")):
-                progress.log(f"  {line}")
-        if process.returncode != 0:
-            raise RuntimeError(f"rerank export failed ({process.returncode}):\n{stderr[-3000:]}")
+def run_exports(exports: list[list[str]], progress: Progress, at_once: int | None = None) -> None:
+    """`rerank export` with each argument list, `at_once` at a time (None: all at once; most of an export
+    is loading libraries); raises RuntimeError with the first failure's output."""
+    step = at_once or len(exports) or 1
+    for first in range(0, len(exports), step):
+        running = []
+        for args in exports[first : first + step]:
+            progress.log(f"$ rerank export {' '.join(args)}")
+            running.append(subprocess.Popen([RERANK, "export", *args], stderr=subprocess.PIPE, text=True))
+        for process in running:
+            _, stderr = process.communicate()
+            for line in stderr.splitlines():
+                if line.startswith(("Exported", "Precision")):
+                    progress.log(f"  {line}")
+            if process.returncode != 0:
+                raise RuntimeError(f"rerank export failed ({process.returncode}):\n{stderr[-3000:]}")
 
 
 def prepare_models(args: argparse.Namespace, workdir: Path, progress: Progress) -> Models:
@@ -124,10 +127,10 @@ def prepare_models(args: argparse.Namespace, workdir: Path, progress: Progress) 
         if int8_repository is not None:
             exports.append([*common, "--output", str(int8_repository), "--precision", "int8"])
         progress.stage("export")
-        _run_exports(exports, progress)
+        run_exports(exports, progress)
         if auto_repository is not None:
             # Alone: auto times the candidates, which other exports running beside it would slow.
-            _run_exports([[*common, "--output", str(auto_repository), "--precision", "auto"]], progress)
+            run_exports([[*common, "--output", str(auto_repository), "--precision", "auto"]], progress)
         stamp.write_text(json.dumps(spec))
     config = json.loads((checkpoint / "config.json").read_text())
     return Models(checkpoint, description, config, fp32_repository, int8_repository, auto_repository)

@@ -144,6 +144,20 @@ class ServedStack:
         frontend_metrics_url = f"http://127.0.0.1:{frontend_metrics_port}/metrics"
         return cls(process, target, metrics_url, log_path, frontend, triton, http_url, frontend_metrics_url)
 
+    def servers(self) -> list[psutil.Process]:
+        """The tritonserver process."""
+        return [p for p in self.triton if p.name() == "tritonserver"]
+
+    def stubs(self, model: str | None = None) -> list[psutil.Process]:
+        """The Python-backend stubs (one per model instance), of `model` only when named: a stub is started
+        with its model's path."""
+        marker = None if model is None else f"{os.sep}{model}{os.sep}"
+        return [
+            p
+            for p in self.triton
+            if p.name() == "triton_python_backend_stub" and (marker is None or any(marker in a for a in p.cmdline()))
+        ]
+
     def stop(self, timeout_s: float = 60.0) -> int:
         self.process.terminate()
         try:

@@ -133,7 +133,7 @@ class _Session:
         block still runs."""
         from bench.stub_profile import sampled
 
-        stubs = [p for p in stack.triton if p.name() == "triton_python_backend_stub"]
+        stubs = stack.stubs()
         if not stubs:
             self.failed(system, f"{workload.name} py-spy", RuntimeError("no triton_python_backend_stub process"))
             yield

@@ -21,22 +21,32 @@ from pathlib import Path
 from typing import Any
 
 RATE = 100  # samples per second
-# Frames of the engine's forward pass: the packed engine's sub-batch loop and forward, and the runners
-# (ONNX Runtime's Session.run, the PyTorch runners) it calls.
-ENGINE_FUNCTIONS = frozenset({"iter_sub_batches", "forward_packed", "run_packed"})
-ENGINE_QUALNAMES = frozenset({"OnnxRunner.__call__", "TorchRunner.__call__"})
-EXECUTE = "execute"  # TritonPythonModel.execute
+# Files of the engine's forward pass (the packed engine, its sub-batch loop, the runners and ONNX Runtime),
+# and of the Triton model around it (execute: decoding, the cancellation check, metrics, the answer).
+ENGINE_FILES = (
+    "rerank_triton_model/reranker_engine.py",
+    "rerank_triton_model/modernbert_packed.py",
+    "rerank_triton_model/torch_runner.py",
+)
+MODEL_FILE = "rerank_triton_model/model.py"
 
 
-def _frame(frame: str) -> tuple[str, str]:
-    """A raw frame "Qual.name (file.py:12)" as (qualified name, file)."""
-    name, _, where = frame.partition(" (")
-    return name.strip(), where.rsplit(":", 1)[0]
+def _frame_file(frame: str) -> str:
+    """The file of a raw frame "Qual.name (path/file.py:12)"."""
+    return frame.partition(" (")[2].rsplit(":", 1)[0]
 
 
-def _is_engine(name: str, file: str) -> bool:
-    short = name.rsplit(".", 1)[-1]
-    return short in ENGINE_FUNCTIONS or name in ENGINE_QUALNAMES or (short == "run" and "onnxruntime" in file)
+def _kind(frames: list[str]) -> str:
+    """A sample's kind by its innermost frame of the engine or of the model: the model's own code called
+    from inside the engine (the cancellation check between sub-batches) counts as `execute_other`;
+    a stack with neither is `idle`."""
+    for frame in reversed(frames):
+        file = _frame_file(frame)
+        if file.endswith(ENGINE_FILES) or "onnxruntime" in file:
+            return "engine"
+        if file.endswith(MODEL_FILE):
+            return "execute_other"
+    return "idle"
 
 
 def parse_raw(raw: str) -> list[tuple[list[str], int]]:
@@ -56,13 +66,7 @@ def stub_shares(raw: str) -> tuple[dict[str, float], int]:
     number of samples. Shares are 0 when there are no samples."""
     counts = {"engine": 0, "execute_other": 0, "idle": 0}
     for frames, count in parse_raw(raw):
-        parsed = [_frame(f) for f in frames]
-        if any(_is_engine(name, file) for name, file in parsed):
-            counts["engine"] += count
-        elif any(name.rsplit(".", 1)[-1] == EXECUTE for name, _ in parsed):
-            counts["execute_other"] += count
-        else:
-            counts["idle"] += count
+        counts[_kind(frames)] += count
     total = sum(counts.values())
     return {k: v / total if total else 0.0 for k, v in counts.items()}, total
 

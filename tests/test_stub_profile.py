@@ -42,6 +42,10 @@ def test_stub_samples_split_into_engine_execute_and_idle() -> None:
     assert samples == 100
     assert shares == pytest.approx({"engine": 0.70, "execute_other": 0.10, "idle": 0.20})
     assert stub_shares("") == ({"engine": 0.0, "execute_other": 0.0, "idle": 0.0}, 0)
+    # The model's own code called from inside the engine (the cancellation check between sub-batches) is
+    # the model's time, not the engine's.
+    check = f"{SUB_BATCHES};execute.<locals>.active (rerank_triton_model/model.py:203);is_cancelled (<stub>:0) 4"
+    assert stub_shares(check) == ({"engine": 0.0, "execute_other": 1.0, "idle": 0.0}, 4)
 
 
 def test_summary_counts_the_frontends_samples_against_the_duration() -> None:
