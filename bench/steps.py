@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,8 @@ class Plan:
 
 FULL_PLAN = Plan(2, 1, 1, 1, 2, 1, 1, 1, 1, 1)
 QUICK_PLAN = Plan(3, 3, 2, 2, 3, 2, 1, 2, 2, 3, 2, 2, 2)
+# The shortest py-spy recording of a served run: at 100 samples/s, enough for its shares to mean something.
+MIN_SAMPLED_S = 1.0
 
 
 def planned_pairs(args: argparse.Namespace, plan: Plan, built: dict[str, Workload]) -> int:
@@ -296,7 +299,12 @@ def _measure_served(
         for workload in profiled:
             try:
                 with run.sampled(stack, system, workload):
-                    run_served(stack, workload, 1, sampler, Quiet(run.progress), system)
+                    # At least MIN_SAMPLED_S of samples: a quick run is over in a few of py-spy's intervals.
+                    started = time.monotonic()
+                    while True:
+                        run_served(stack, workload, 1, sampler, Quiet(run.progress), system)
+                        if time.monotonic() - started >= MIN_SAMPLED_S:
+                            break
             except Exception as error:  # noqa: BLE001 - a failed profile is reported, the run goes on
                 run.failed(system, f"{workload.name} py-spy", error)
         (request,) = b.requests
