@@ -7,6 +7,7 @@ import argparse
 import json
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,21 +57,24 @@ class Models:
 
 
 def run_exports(exports: list[list[str]], progress: Progress, at_once: int | None = None) -> None:
-    """`rerank export` with each argument list, `at_once` at a time (None: all at once; most of an export
-    is loading libraries); raises RuntimeError with the first failure's output."""
-    step = at_once or len(exports) or 1
-    for first in range(0, len(exports), step):
-        running = []
-        for args in exports[first : first + step]:
-            progress.log(f"$ rerank export {' '.join(args)}")
-            running.append(subprocess.Popen([RERANK, "export", *args], stderr=subprocess.PIPE, text=True))
-        for process in running:
-            _, stderr = process.communicate()
-            for line in stderr.splitlines():
-                if line.startswith(("Exported", "Precision")):
-                    progress.log(f"  {line}")
-            if process.returncode != 0:
-                raise RuntimeError(f"rerank export failed ({process.returncode}):\n{stderr[-3000:]}")
+    """`rerank export` with each argument list, at most `at_once` running at a time (None: all at once;
+    most of an export is loading libraries, so a few overlap well even on 2 cores); raises RuntimeError
+    with the first failure's output once all have ended."""
+
+    def export(args: list[str]) -> subprocess.CompletedProcess[str]:
+        progress.log(f"$ rerank export {' '.join(args)}")
+        return subprocess.run([RERANK, "export", *args], stderr=subprocess.PIPE, text=True)
+
+    with ThreadPoolExecutor(max_workers=at_once or max(1, len(exports))) as pool:
+        done = list(pool.map(export, exports))
+    for args, process in zip(exports, done, strict=True):
+        for line in process.stderr.splitlines():
+            if line.startswith(("Exported", "Precision")):
+                progress.log(f"  {line}")
+        if process.returncode != 0:
+            raise RuntimeError(
+                f"rerank export {' '.join(args)} failed ({process.returncode}):\n{process.stderr[-3000:]}"
+            )
 
 
 def prepare_models(args: argparse.Namespace, workdir: Path, progress: Progress) -> Models:

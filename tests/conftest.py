@@ -11,7 +11,6 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any, TypeVar, cast
 import grpc
 import pytest
 
+from bench.common import Progress
+from bench.models import run_exports
 from rerank_server.testing import TINY_CONFIG, free_port, save_random_checkpoint, wait_until_serving
 from rerank_triton_model.runtimes import PACKED, TORCH
 from tests import served_logs
@@ -85,11 +86,9 @@ def run_rerank(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[
 
 
 def export_all(exports: list[list[str]], at_once: int = 3) -> None:
-    """`rerank export` with each argument list, `at_once` at a time: most of an export is loading
-    libraries, so a few overlap well even on 2 cores. Asserts that each succeeded."""
-    with ThreadPoolExecutor(max_workers=at_once) as pool:
-        for args, done in zip(exports, pool.map(lambda a: run_rerank("export", *a), exports), strict=True):
-            assert done.returncode == 0, f"rerank export {' '.join(args)}:\n{done.stderr}"
+    """`rerank export` with each argument list, `at_once` at a time, as the benchmarks run them
+    (bench.models.run_exports), without their progress lines; raises with a failure's output."""
+    run_exports(exports, Progress(0, enabled=False), at_once)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
