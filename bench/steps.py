@@ -277,8 +277,8 @@ def _measure_served(
     fp32_b: np.ndarray,
 ) -> None:
     """`rerank serve` on the repository: each run measured, and (b)'s served logits against in-process
-    fp32's. Unless --skip-profile, py-spy then samples one more, untimed pass of (a) at the lowest and the
-    highest concurrency (the sampler's own CPU never counts in a measured run)."""
+    fp32's. Unless --skip-profile, py-spy then samples more untimed passes of (a) at the lowest and the
+    highest concurrency, for at least MIN_SAMPLED_S each (the sampler's own CPU never counts in a measured run)."""
     from bench.served import Sampler, ServedStack, served_logits
 
     fixed = sorted((w for w, _ in runs if w.kind == "a"), key=lambda w: w.concurrency)

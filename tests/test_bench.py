@@ -169,7 +169,7 @@ def test_quick_mode_runs_end_to_end(tmp_path: Path) -> None:
     for p in runs:
         assert p["samples"] > 0 and p["frontend_busy"] >= 0
         assert sum(p["stub"].values()) == pytest.approx(1.0), p
-    # A quick run lasts under a tenth of a second, a handful of samples each; together they see the engine.
+    # Each sampled pass repeats its run for at least bench.steps.MIN_SAMPLED_S; together they see the engine.
     assert sum(p["stub"]["engine"] * p["samples"] for p in runs) > 0
     assert "Where the served time goes" in (output / "results.md").read_text()
 
