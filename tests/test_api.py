@@ -338,8 +338,8 @@ def model_counters(stack: Stack, model: str) -> dict[str, float]:
         for _name, labels, value in re.findall(r"^(rerank_model_\w+)\{([^}]*)\} (\S+)$", text_, re.M):
             if f'model="{model}"' in labels:
                 key = re.search(r'(?:outcome|kind)="(\w+)"', labels)
-                if key:
-                    values[key.group(1)] = float(value)
+                if key:  # summed over the instances' stubs (the pid label)
+                    values[key.group(1)] += float(value)
         return values
 
     previous, current = None, read()

@@ -264,9 +264,9 @@ ROUTED_TOKENS = 64
 def long_pairs_counted(stack: Stack) -> float:
     assert stack.triton_metrics_url is not None
     metrics = urllib.request.urlopen(stack.triton_metrics_url, timeout=10).read().decode()
-    found = re.search(r'^rerank_model_long_pairs_total\{model="reranker"\} (\S+)$', metrics, re.M)
+    found = re.findall(r'^rerank_model_long_pairs_total\{model="reranker",pid="\d+"\} (\S+)$', metrics, re.M)
     assert found, "the model exports no long-pairs counter"
-    return float(found.group(1))
+    return sum(float(value) for value in found)
 
 
 @pytest.mark.e2e

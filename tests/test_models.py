@@ -336,6 +336,14 @@ def test_models_load_reload_and_unload_while_serving(
             expected = eager(pair_checkpoints["gamma"]).logits(QUERY, documents)
             np.testing.assert_allclose(logits_by_index(new_alpha), expected, atol=ATOL)
             assert np.max(np.abs(np.array(logits_by_index(old_alpha)) - expected)) > 0.1
+            # Once the old alpha is unloaded, Triton's counters hold the new alpha's 5 pairs: the old stub's
+            # unload neither removes them nor leaves its own (were the two stubs' series one shared counter,
+            # the first unload would free it under the other, and Triton die of heap corruption).
+            wait_until(
+                lambda: model_counters(served, "alpha")["computed"] == len(documents),
+                "the reloaded alpha's own counters",
+                explain=explain,
+            )
 
             # beta unloaded: not served (NOT_FOUND, its health NOT_SERVING), the others still are.
             triton.unload_model("beta")

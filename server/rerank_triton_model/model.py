@@ -75,9 +75,16 @@ def _torch_output(name: str, values: np.ndarray) -> Any:
 
 
 class _Metrics:
-    """Custom counters on Triton's metrics endpoint: pairs computed or dropped, real and padded tokens."""
+    """Custom counters on Triton's metrics endpoint: pairs computed or dropped, real and padded tokens.
+
+    Every series carries `pid`, the instance's stub process. Triton 2.51 shares one Prometheus counter
+    between stubs that add the same family and labels (a reloaded model's new and old instances, or
+    several instances of one model), but counts references per stub: the first stub to unload frees the
+    counter the others still write to, and the server dies of heap corruption (seen on a reload). A
+    label unique to each live stub keeps every counter owned by one stub; sum over `pid`."""
 
     def __init__(self, model: str) -> None:
+        series = {"model": model, "pid": str(os.getpid())}
         self.pairs_family = pb_utils.MetricFamily(
             name="rerank_model_pairs_total",
             description="(query, document) inputs that reached the model, by outcome (computed, dropped)",
@@ -93,11 +100,11 @@ class _Metrics:
             description="pairs over the model's long_pair_tokens, computed on the packed engine (CPU, dense runtimes)",
             kind=pb_utils.MetricFamily.COUNTER,
         )
-        self.computed = self.pairs_family.Metric(labels={"model": model, "outcome": "computed"})
-        self.dropped = self.pairs_family.Metric(labels={"model": model, "outcome": "dropped"})
-        self.real_tokens = self.tokens_family.Metric(labels={"model": model, "kind": "real"})
-        self.padded_tokens = self.tokens_family.Metric(labels={"model": model, "kind": "padded"})
-        self.long_pairs = self.long_family.Metric(labels={"model": model})
+        self.computed = self.pairs_family.Metric(labels={**series, "outcome": "computed"})
+        self.dropped = self.pairs_family.Metric(labels={**series, "outcome": "dropped"})
+        self.real_tokens = self.tokens_family.Metric(labels={**series, "kind": "real"})
+        self.padded_tokens = self.tokens_family.Metric(labels={**series, "kind": "padded"})
+        self.long_pairs = self.long_family.Metric(labels=series)
 
     def count_long(self, pairs: int) -> None:
         self.long_pairs.increment(pairs)
