@@ -5,6 +5,7 @@ Every flood is bounded in count and time."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import statistics
 import subprocess
@@ -422,6 +423,35 @@ def test_triton_killed_again_and_again_recovers_within_the_first_steps(model_rep
         # With it each is the first step (1 s) plus noticing (0.5 s) plus Triton's start, a few seconds on
         # 2 busy cores.
         assert max(outages) < 7.5, outages
+    finally:
+        stop_serve_later(served)
+
+
+@pytest.mark.e2e
+def test_a_triton_that_stops_answering_is_killed_and_restarted(model_repository: Path, tmp_path: Path) -> None:
+    served = start_local(
+        one_model_repository(model_repository, tmp_path / "repository"),
+        "--health-interval-s=0.2",
+        "--triton-restart-backoff-s=1",
+        "--triton-hung-s=3",
+    )
+    try:
+        with RerankClient(served.target, timeout=30) as client:
+            assert len(client.rerank(QUERY, ["a", "b"]).results) == 2
+            triton = next(p for p in psutil.Process(served.process.pid).children() if p.name() == "tritonserver")
+            triton.suspend()  # alive and answering nothing, as a deadlocked or half-crashed Triton is
+            try:
+                assert wait_for_health(served.target, 20, serving=False, service=SERVICE_NAME), (
+                    "health stayed SERVING over a Triton that does not answer"
+                )
+                assert wait_gone(triton, 30), "the Triton that stopped answering was not killed"
+            finally:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    triton.resume()
+            assert wait_for_health(served.target, 60, service=SERVICE_NAME), "".join(served.output[-20:])
+            assert len(client.rerank(QUERY, ["a", "b"]).results) == 2
+        assert sample(scrape(served.metrics_url), "rerank_triton_restarts_total") == 1
+        assert any("tritonserver has not answered" in line for line in served.output)
     finally:
         stop_serve_later(served)
 

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import resource
 import signal
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -221,22 +222,44 @@ async def supervise(
     metrics: Metrics,
     backoff: tuple[float, ...],
     healthy_s: float,
+    live: Callable[[], Awaitable[bool]] | None = None,
+    hung_s: float = 0.0,
 ) -> None:
     """Restart the local Triton whenever it exits, with backoff, until the frontend stops.
 
     `backoff` (--triton-restart-backoff-s) are the delays, the last one repeating. The delay grows with
     consecutive failures only: a Triton that ran `healthy_s` (--triton-healthy-s) or longer before dying
     is restarted after the first delay again (a crash now and then is not a crash loop).
+
+    A Triton that answered `live()` since it started, then has not for `hung_s` (--triton-hung-s; 0: never),
+    is killed, and so restarted: a process that is alive but stuck (a deadlock, a crash whose signal
+    handler never returned) would otherwise fail every call until someone restarts the pod. Before its
+    first answer it is loading its models, which may take long; --startup-timeout-s bounds the first start.
     """
     loop = asyncio.get_running_loop()
     failures = 0
     started = loop.time()  # when the running Triton was (re)started
+    answered: float | None = None  # when the running Triton last answered its liveness check
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=0.5)
         code = triton.exit_code()
-        if stop.is_set() or code is None:
+        if stop.is_set():
             continue
+        if code is None:
+            if live is not None and hung_s > 0:
+                if await live():
+                    answered = loop.time()
+                elif answered is not None and loop.time() - answered >= hung_s:
+                    log.error(
+                        "tritonserver has not answered for %.0fs; killing it. Log tail:\n%s",
+                        loop.time() - answered,
+                        triton.log_tail(),
+                    )
+                    triton.kill()
+                    answered = None
+            continue
+        answered = None
         if loop.time() - started >= healthy_s:
             failures = 0
         delay = backoff[min(failures, len(backoff) - 1)]
@@ -316,7 +339,17 @@ async def run(settings: Settings) -> int:
         frontend = Frontend(settings, models, metrics, sync)
         await frontend.start()
         supervisor = (
-            asyncio.create_task(supervise(triton, stop, metrics, settings.restart_backoff, settings.triton_healthy_s))
+            asyncio.create_task(
+                supervise(
+                    triton,
+                    stop,
+                    metrics,
+                    settings.restart_backoff,
+                    settings.triton_healthy_s,
+                    server.is_live,
+                    settings.triton_hung_s,
+                )
+            )
             if triton is not None
             else None
         )

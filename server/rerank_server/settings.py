@@ -132,6 +132,11 @@ class Settings:
     triton_healthy_s: float = option(
         30.0, "a local Triton that ran this long before dying is restarted after the first delay again"
     )
+    triton_hung_s: float = option(
+        60.0,
+        "a local Triton that answered, then has not answered its liveness check for this long, is killed "
+        "and restarted (0: never)",
+    )
     triton_home: Path | None = option(
         None, "folder laid out like the nvidia-pytriton wheel (pytriton/, nvidia_pytriton.libs/) to run instead of it"
     )
@@ -207,8 +212,10 @@ class Settings:
             backoff = self.restart_backoff
         except ValueError:
             raise ValueError("triton_restart_backoff_s must be comma-separated seconds, e.g. 1,2,5") from None
-        if not backoff or min(backoff) < 0 or self.triton_healthy_s < 0:
-            raise ValueError("triton_restart_backoff_s needs at least one delay; delays and triton_healthy_s >= 0")
+        if not backoff or min(backoff) < 0 or self.triton_healthy_s < 0 or self.triton_hung_s < 0:
+            raise ValueError(
+                "triton_restart_backoff_s needs at least one delay; delays, triton_healthy_s and triton_hung_s >= 0"
+            )
         if self.triton_url is None and self.model_repository is None:
             raise ValueError("give --model-repository (to start a local Triton) or --triton-url")
         if self.max_inflight_tokens < self.max_total_tokens:

@@ -110,12 +110,22 @@ class TritonServer:
         except InferenceServerException:
             return False
 
+    async def is_live(self) -> bool:
+        """Triton answers at all (its models aside)."""
+        try:
+            return bool(await self.client.is_server_live(client_timeout=2.0))
+        except InferenceServerException:
+            return False
+
     async def repository(self) -> list[RepositoryModel]:
         """Every model of Triton's repository with its state, by name; raises
         BackendUnavailableError when Triton cannot be reached."""
         try:
             index = await self.client.get_model_repository_index(as_json=True, client_timeout=2.0)
         except InferenceServerException as error:
+            if "DEADLINE_EXCEEDED" in (error.status() or ""):
+                # Our own 2 s bound, not a caller's deadline: a Triton that does not answer is unavailable.
+                raise BackendUnavailableError("the model server did not answer within 2 s") from None
             raise _translate(error) from None
         models = [
             RepositoryModel(entry["name"], entry.get("version", ""), entry.get("state", ""), entry.get("reason", ""))

@@ -173,6 +173,12 @@ class LocalTriton:
     def exit_code(self) -> int | None:
         return None if self._process is None else self._process.poll()
 
+    def kill(self) -> None:
+        """SIGKILL Triton and its stubs (its process group): for a Triton that no longer answers."""
+        if self._process is not None and self._process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGKILL)
+
     def log_tail(self, lines: int = 40) -> str:
         return tail(self.log_path, lines)
 
