@@ -296,3 +296,17 @@ def test_the_cold_copy_has_no_warmup_and_keeps_the_rest(tmp_path: Path) -> None:
     (model / "config.pbtxt").write_text(config + "# the warm-up\n" + warmup)
     cold = bench_warmup.without_warmup(tmp_path / "warm", tmp_path / "cold")
     assert (cold / "reranker" / "config.pbtxt").read_text() == config + "# the warm-up\n"
+
+
+def test_message_size_check_runs_end_to_end() -> None:
+    # `python -m bench.messages`, as docs/security.md shows it, at one small size: floods of refused and of
+    # accepted messages, each answered as the limits say, while small calls are timed beside them.
+    command = [sys.executable, "-m", "bench.messages", "--sizes", "1", "--rounds", "1"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = {row.split("|")[2].strip(): row for row in done.stdout.splitlines() if row.startswith("| 1 MiB |")}
+    assert set(rows) == {"refused", "accepted"}, done.stdout
+    assert rows["refused"].rstrip(" |").endswith("| INVALID_ARGUMENT"), rows["refused"]
+    assert rows["accepted"].rstrip(" |").endswith("| OK"), rows["accepted"]
+    alone = re.search(r"small calls alone: p99 (\d+) ms, worst (\d+) ms", done.stdout)
+    assert alone and 0 < int(alone.group(1)) <= int(alone.group(2)), done.stdout
