@@ -29,7 +29,7 @@ from rerank_triton_model.modernbert_packed import (
     flash_forward_arguments,
     select_attention_backend,
 )
-from rerank_triton_model.reranker_engine import PackedReranker
+from rerank_triton_model.reranker_engine import PACKED_CPU_RUN_TOKENS, PackedReranker
 from rerank_triton_model.runtimes import CPU, FP32, GPU, RUNTIMES, Runtime
 from tests.reference import CloseCandidates, close_candidates, distinct
 
@@ -220,6 +220,24 @@ def test_the_engine_splits_packed_runs_by_the_token_budget_and_keeps_the_order(
     assert calls == [lengths.sum()]
     with pytest.raises(ValueError, match="cu_seqlens"):
         forward(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 2, 3], dtype=torch.int32))
+
+
+def test_on_cpus_the_packed_engine_runs_at_most_its_cpu_run_size_whatever_the_budget(
+    checkpoint_dirs: dict[str, Path],
+) -> None:
+    checkpoint = str(checkpoint_dirs["w30-every3-mean-thetas"])
+    packed = PackedReranker.from_pretrained(checkpoint, pad_token_id=0, max_batch_tokens=8192, packed=True)
+    assert packed.max_batch_tokens == PACKED_CPU_RUN_TOKENS < 8192
+    runs = packed.plan(np.array([1000] * 4 + [3 * PACKED_CPU_RUN_TOKENS, 5, 7]))
+    # Length order, runs of at most 2,048 real tokens; a longer pair still runs alone.
+    assert [run.packed_tokens for run in runs] == [5 + 7 + 1000 + 1000, 2000, 3 * PACKED_CPU_RUN_TOKENS]
+    # A smaller budget stands; the padded engine keeps the budget it was given.
+    assert (
+        PackedReranker.from_pretrained(checkpoint, pad_token_id=0, max_batch_tokens=512, packed=True).max_batch_tokens
+        == 512
+    )
+    padded = PackedReranker.from_pretrained(checkpoint, pad_token_id=0, max_batch_tokens=8192)
+    assert padded.max_batch_tokens == 8192
 
 
 def count_gemm_attention(engine: PackedModernBert) -> list[int]:
