@@ -53,7 +53,9 @@ class ExportOptions:
     quantize: str | None = option(None, "an alias of --precision int8", choices=QUANTIZATIONS)
     max_length: int | None = option(None, "tokens per pair (default: the model's limit)")
     max_batch_size: int = option(32, "requests merged per execution")
-    max_batch_tokens: int | None = option(None, "tokens per model run (default: max(8192, max length))")
+    max_batch_tokens: int | None = option(
+        None, "tokens per model run (default: max(8192, max length)); the packed engine on CPUs runs at most 2,048"
+    )
     max_queue_delay_us: int = option(2000, "dynamic batcher delay")
     instance_count: int = option(1, "model instances")
     intra_op_threads: int = option(0, "threads per model instance (0: all cores)")
