@@ -310,3 +310,14 @@ def test_message_size_check_runs_end_to_end() -> None:
     assert rows["accepted"].rstrip(" |").endswith("| OK"), rows["accepted"]
     alone = re.search(r"small calls alone: p99 (\d+) ms, worst (\d+) ms", done.stdout)
     assert alone and 0 < int(alone.group(1)) <= int(alone.group(2)), done.stdout
+
+
+def test_run_size_check_runs_end_to_end() -> None:
+    # `python -m bench.run_size --quick`, as docs/performance.md shows it: every size timed on every workload
+    # in each round, in the packed engine past its CPU cap.
+    command = [sys.executable, "-m", "bench.run_size", "--quick", "--sizes", "64,8192", "--rounds", "2"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [row.strip(" |").split(" | ") for row in done.stdout.splitlines() if re.match(r"^\| \d+ \| \d+ \|", row)]
+    assert [(r[0], r[1]) for r in rows] == [("1", "64"), ("1", "8192"), ("2", "64"), ("2", "8192")], done.stdout
+    assert all(len(r) == 5 and all(float(rate) > 0 for rate in r[2:]) for r in rows), done.stdout

@@ -396,10 +396,21 @@ def test_tokenization_stops_at_the_deadline_or_cancellation_and_its_queue_is_bou
 # -- Triton restart backoff returns to its first step after a healthy period ------------------------
 
 
+def start_supervised(model_repository: Path, tmp_path: Path, *args: str) -> Stack:
+    """`rerank serve` supervising its own Triton, on a one-model repository (Triton restarts in seconds)."""
+    return start_local(one_model_repository(model_repository, tmp_path / "repository"), *args)
+
+
+def triton_of(served: Stack) -> psutil.Process:
+    """The tritonserver process `rerank serve` started."""
+    return next(p for p in psutil.Process(served.process.pid).children() if p.name() == "tritonserver")
+
+
 @pytest.mark.e2e
 def test_triton_killed_again_and_again_recovers_within_the_first_steps(model_repository: Path, tmp_path: Path) -> None:
-    served = start_local(
-        one_model_repository(model_repository, tmp_path / "repository"),
+    served = start_supervised(
+        model_repository,
+        tmp_path,
         "--health-interval-s=0.1",
         "--triton-restart-backoff-s=1,4,8,16",
         "--triton-healthy-s=2",
@@ -409,7 +420,7 @@ def test_triton_killed_again_and_again_recovers_within_the_first_steps(model_rep
         for _ in range(4):  # without the reset the third and fourth outages would wait 8 and 16 s
             assert wait_for_health(served.target, 60, service=SERVICE_NAME)
             time.sleep(2.5)  # a healthy period
-            triton = next(p for p in psutil.Process(served.process.pid).children() if p.name() == "tritonserver")
+            triton = triton_of(served)
             killed = time.monotonic()
             triton.kill()
             assert wait_gone(triton, 10)
@@ -429,8 +440,9 @@ def test_triton_killed_again_and_again_recovers_within_the_first_steps(model_rep
 
 @pytest.mark.e2e
 def test_a_triton_that_stops_answering_is_killed_and_restarted(model_repository: Path, tmp_path: Path) -> None:
-    served = start_local(
-        one_model_repository(model_repository, tmp_path / "repository"),
+    served = start_supervised(
+        model_repository,
+        tmp_path,
         "--health-interval-s=0.2",
         "--triton-restart-backoff-s=1",
         "--triton-hung-s=3",
@@ -438,7 +450,7 @@ def test_a_triton_that_stops_answering_is_killed_and_restarted(model_repository:
     try:
         with RerankClient(served.target, timeout=30) as client:
             assert len(client.rerank(QUERY, ["a", "b"]).results) == 2
-            triton = next(p for p in psutil.Process(served.process.pid).children() if p.name() == "tritonserver")
+            triton = triton_of(served)
             triton.suspend()  # alive and answering nothing, as a deadlocked or half-crashed Triton is
             try:
                 assert wait_for_health(served.target, 20, serving=False, service=SERVICE_NAME), (

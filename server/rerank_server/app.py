@@ -240,6 +240,7 @@ async def supervise(
     failures = 0
     started = loop.time()  # when the running Triton was (re)started
     answered: float | None = None  # when the running Triton last answered its liveness check
+    probe = live if hung_s > 0 else None  # None: a running Triton is never judged hung
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=0.5)
@@ -247,17 +248,14 @@ async def supervise(
         if stop.is_set():
             continue
         if code is None:
-            if live is not None and hung_s > 0:
-                if await live():
-                    answered = loop.time()
-                elif answered is not None and loop.time() - answered >= hung_s:
-                    log.error(
-                        "tritonserver has not answered for %.0fs; killing it. Log tail:\n%s",
-                        loop.time() - answered,
-                        triton.log_tail(),
-                    )
-                    triton.kill()
-                    answered = None
+            if probe is not None and await probe():
+                answered = loop.time()
+            elif answered is not None and loop.time() - answered >= hung_s:
+                silent_s, answered = loop.time() - answered, None
+                log.error(
+                    "tritonserver has not answered for %.0fs; killing it. Log tail:\n%s", silent_s, triton.log_tail()
+                )
+                triton.kill()  # the next round sees it exited and restarts it
             continue
         answered = None
         if loop.time() - started >= healthy_s:

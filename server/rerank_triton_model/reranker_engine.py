@@ -58,11 +58,11 @@ PADDING_SLACK = 0.05
 PADDING_ALLOWANCE = 64
 # GPUs: per-run launch costs favour large batches; the token budget alone bounds them.
 GPU_PADDING_SLACK = float("inf")
-# The packed engine on CPUs runs at most this many tokens at once, whatever the token budget: smaller runs
-# keep a run's activations in cache. ModernBERT-base in bf16, in process on 2 AMD EPYC Zen 4 cores, two rounds
-# each: 64 pairs of 256 tokens 4.59-4.93 pairs/s in runs of 2,048 against 4.25-4.62 in runs of 8,192; the 64
-# rerank candidates of log-normal lengths 3.92-3.97 against 3.58-3.70; 16 clients' 128 pairs merged 3.83-3.99
-# against 3.42-3.85; runs of 4,096 were slower than both, and of 1,024 slower than 2,048.
+# The packed engine on CPUs runs at most this many tokens at once, whatever the token budget. From
+# `python -m bench.run_size` (ModernBERT-base, bf16, 2 AMD EPYC Zen 4 cores, two rounds): runs of 8,192 were the
+# slowest on the mixed-length rerank (3.37-3.39 pairs/s, 2,048: 3.74-3.84) and on 16 clients' merged pairs
+# (3.35-3.61, 2,048: 3.79-4.03); 1,024 and 4,096 fell within 2,048's spread, and 16 x 256-token pairs showed
+# no order (4.07-4.81 at every size).
 PACKED_CPU_RUN_TOKENS = 2048
 
 
