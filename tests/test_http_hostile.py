@@ -168,19 +168,29 @@ def test_a_full_tokenization_queue_is_429_with_retry_after(stack: Stack, model_r
         "--tokenize-queue-max=1",
         "--max-total-tokens=100000000",
         "--max-inflight-tokens=100000000",
-        "--http-timeout-s=3",  # the call that tokenizes need not be scored whole
+        "--http-timeout-s=5",  # the call that holds the queue need not be scored whole
     )
     with frontend(stack, model_repository, *args) as queued:
-        long = good_body(COHERE_V1, [CJK[:1_500_000]], max_chunks_per_doc=10, top_n=1)  # a second of tokenizing
-        with ThreadPoolExecutor(4) as pool:
-            calls = [pool.submit(httpx.post, f"{queued.http_url}{COHERE_V1}", json=long, timeout=300) for _ in range(4)]
-            responses = [call.result() for call in calls]
-        statuses = sorted(r.status_code for r in responses)
-        assert 429 in statuses and 413 not in statuses, statuses
-        for response in responses:
-            if response.status_code == 429:
-                assert_shape(COHERE_V1, response, 429, "tokenize_queue_max")
-                assert response.headers["retry-after"] == "1"
+        url = f"{queued.http_url}{COHERE_V1}"
+        # One document whose every window is needed: seconds of tokenizing on one thread (CJK, no whitespace).
+        holder = good_body(COHERE_V1, [CJK[:1_500_000]], max_chunks_per_doc=10_000, top_n=1)
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(httpx.post, url, json=holder, timeout=300)
+            # The queue is full once that call is tokenizing (its wait for the thread is observed when it starts).
+            deadline = time.monotonic() + 60
+            while sample(scrape(queued.metrics_url), "rerank_queue_wait_seconds_count") < 1:
+                assert time.monotonic() < deadline and not held.done(), "the long call never started tokenizing"
+                time.sleep(0.01)
+            refused = httpx.post(url, json=good_body(COHERE_V1, ["a", "b"]), timeout=60)
+            still_tokenizing = sample(scrape(queued.metrics_url), "rerank_tokenize_duration_seconds_count") == 0
+            held.result()
+        assert still_tokenizing, "the long call finished tokenizing before the second call came: make it longer"
+        assert_shape(COHERE_V1, refused, 429, "tokenize_queue_max")
+        assert refused.headers["retry-after"] == "1"
+        metrics = scrape(queued.metrics_url)
+        assert sample(metrics, "rerank_rejected_total", reason="tokenize_queue") == 1
+        # The slot is given back: the same small call is now answered.
+        assert httpx.post(url, json=good_body(COHERE_V1, ["a", "b"]), timeout=60).status_code == 200
 
 
 # -- connections that stall are timed out -------------------------------------------------------------
