@@ -231,15 +231,18 @@ async def supervise(
     consecutive failures only: a Triton that ran `healthy_s` (--triton-healthy-s) or longer before dying
     is restarted after the first delay again (a crash now and then is not a crash loop).
 
-    A Triton that answered `live()` since it started, then has not for `hung_s` (--triton-hung-s; 0: never),
-    is killed, and so restarted: a process that is alive but stuck (a deadlock, a crash whose signal
-    handler never returned) would otherwise fail every call until someone restarts the pod. Before its
-    first answer it is loading its models, which may take long; --startup-timeout-s bounds the first start.
+    A Triton that answered since it started (the first one has: supervision starts once its models are
+    ready), then has not for `hung_s` (--triton-hung-s; 0: never), is killed, and so restarted: a process
+    that is alive but stuck (a deadlock, a crash whose signal handler never returned) would otherwise fail
+    every call until someone restarts the pod. A restarted one is loading its models until it first
+    answers, which may take long; --startup-timeout-s bounds the first start.
     """
     loop = asyncio.get_running_loop()
     failures = 0
     started = loop.time()  # when the running Triton was (re)started
-    answered: float | None = None  # when the running Triton last answered its liveness check
+    # When the running Triton last answered: supervision starts once it has served its models' readiness,
+    # so it has answered now; a restarted one has not until its first live() answer.
+    answered: float | None = loop.time()
     probe = live if hung_s > 0 else None  # None: a running Triton is never judged hung
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
@@ -389,7 +392,7 @@ async def _wait_for_models(
             if triton is not None:
                 log.error("tritonserver log:\n%s", triton.log_tail())
             return []
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.1)  # a repository index: cheap, and start-up ends sooner
     return found
 
 

@@ -123,7 +123,12 @@ def wait_until_serving(
     return wait_for_health(target, timeout_s, credentials=credentials, process=process)
 
 
+# gRPC waits out an exponential reconnect backoff (1 s, then 1.6x per failure) after each refused
+# connection, so a poller started before the server listens sees it up to seconds late: poll every 100 ms.
+_POLL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 100)]
+
+
 def _channel(target: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
     if credentials is None:
-        return grpc.insecure_channel(target)
-    return grpc.secure_channel(target, credentials)
+        return grpc.insecure_channel(target, options=_POLL_OPTIONS)
+    return grpc.secure_channel(target, credentials, options=_POLL_OPTIONS)

@@ -32,6 +32,12 @@ from rerank_triton_model.reranker_engine import gather_pairs, pair_offsets, plan
 log = logging.getLogger(__name__)
 
 
+# gRPC's default reconnect backoff starts at 1 s and grows 1.6x per failed attempt up to 120 s: a Triton
+# that starts (or restarts after a crash) while the channel is backing off is seen seconds late, and
+# every call meanwhile fails fast. Connecting to Triton is cheap: retry every 100 ms, at most 500 ms apart.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What the frontend needs to know of the served model, read from its config.pbtxt parameters."""
@@ -101,7 +107,9 @@ class TritonServer:
         self.local = local
         self.request_max_tokens = request_max_tokens
         self.metrics = metrics
-        self.client = triton_grpc.InferenceServerClient(url, channel_args=message_size_options(max_message_bytes))
+        self.client = triton_grpc.InferenceServerClient(
+            url, channel_args=[*message_size_options(max_message_bytes), *RECONNECT_OPTIONS]
+        )
 
     async def is_ready(self) -> bool:
         """Triton is up and has loaded what it loads at start (strict readiness)."""
