@@ -90,7 +90,11 @@ check: install
 
 # Two tiers, each test run once: the fast tier (no exported model, no Triton: about a minute), then the
 # end-to-end tier (modules and tests marked e2e; tests/conftest.py refuses a fast test that needs Triton).
-test: check test-fast test-e2e
+# The checks and the fast tier are one process each, so they run side by side on two cores (each one's
+# output printed whole when it ends); the end-to-end tier, whose tests time servers, runs alone after them.
+test: install sdk-deps $(PROMETHEUS)
+	$(MAKE) --no-print-directory -j2 --output-sync=target check test-fast
+	$(MAKE) --no-print-directory test-e2e
 
 test-fast: install sdk-deps $(PROMETHEUS)
 	$(BIN)/python -m pytest -m "not e2e"
