@@ -123,8 +123,8 @@ def wait_until_serving(
     return wait_for_health(target, timeout_s, credentials=credentials, process=process)
 
 
-# gRPC waits out an exponential reconnect backoff (1 s, then 1.6x per failure) after each refused
-# connection, so a poller started before the server listens sees it up to seconds late: poll every 100 ms.
+# gRPC's reconnect backoff (triton_backend.RECONNECT_OPTIONS says why it matters) would let a poller started
+# before the server listens see it seconds late; a poller lives only until it sees it: retry every 100 ms.
 _POLL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 100)]
 
 
