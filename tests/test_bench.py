@@ -7,6 +7,9 @@ import re
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +45,79 @@ SYSTEMS = {
 MAKE = ["make", "--no-print-directory", "-o", ".venv/.installed"]
 
 
+@dataclass
+class Run:
+    """Benchmark commands run one after another in the background (a later one only if the earlier
+    passed), in their own folder."""
+
+    folder: Path
+    future: Future[list[subprocess.CompletedProcess[str]]]
+
+    def wait(self) -> list[subprocess.CompletedProcess[str]]:
+        return self.future.result()
+
+
+def run_all(commands: Sequence[Sequence[str]]) -> list[subprocess.CompletedProcess[str]]:
+    done: list[subprocess.CompletedProcess[str]] = []
+    for command in commands:
+        done.append(subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900))
+        if done[-1].returncode != 0:
+            break
+    return done
+
+
+def quick(module: str, output: Path, *args: str) -> list[str]:
+    """`python -m bench.<module> --quick --output <output> [args]`, as a user runs it."""
+    return [sys.executable, "-m", f"bench.{module}", "--quick", "--output", str(output), *args]
+
+
+def gpu_check(folder: Path) -> list[list[str]]:
+    """What `make gpu-check` does on a GPU machine, on the CPU: pack (Triton's subset, the project), unpack
+    into a fresh folder, and run bench.gpu there with the carried Triton, on a tiny model. The README's two
+    commands, with no wheels or compression to keep CI short."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    pack = folder / "pack"
+    pack_args = f"--python 3.12 --python {version} --no-wheels --xz-preset 0"
+    gpu_args = ["--quick", "--device", "cpu", "--seconds", "0.2", "--output", str(folder / "results")]
+    return [
+        [*MAKE, "gpu-pack", f"GPU_PACK={pack}", f"GPU_PACK_ARGS={pack_args}"],
+        [
+            *MAKE,
+            "gpu-check",
+            f"PYTHON={sys.executable}",
+            f"GPU_PACK={pack}",
+            f"GPU_RUN_ARGS=--workdir {folder / 'work'}",
+            f"GPU_ARGS={' '.join(gpu_args)}",
+        ],
+    ]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
+    """Every benchmark command this module checks, started at once and run two at a time, longest first:
+    their figures are not asserted, so sharing the 2 cores costs them nothing that is checked, and the
+    module takes about a third less time than one command after another."""
+    names = ("long", "quick", "gpu", "warmup", "messages", "run_size")
+    folders = {name: tmp_path_factory.mktemp(f"bench-{name}") for name in names}
+    commands: dict[str, list[list[str]]] = {
+        # One long pair (about 2,000 tokens) served per runtime, all six exports in one stack.
+        "long": [quick("long", folders["long"])],
+        # As the README runs it (`make bench`): no --workdir, the exports in a temporary folder that is
+        # gone by the time the results are written.
+        "quick": [[*MAKE, "bench-quick", f"BENCH_ARGS=--output {folders['quick'] / 'results'}"]],
+        "gpu": gpu_check(folders["gpu"]),
+        # As docs/performance.md shows it (fewer calls): the export served with its warm-up and without it.
+        "warmup": [quick("warmup", folders["warmup"], "--rounds", "1", "--calls", "2")],
+        # As docs/security.md shows it, at one small size.
+        "messages": [[sys.executable, "-m", "bench.messages", "--sizes", "1", "--rounds", "1"]],
+        # As docs/performance.md shows it: every size timed on every workload in each round.
+        "run_size": [[sys.executable, "-m", "bench.run_size", "--quick", "--sizes", "64,8192", "--rounds", "2"]],
+    }
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {name: Run(folders[name], pool.submit(run_all, command)) for name, command in commands.items()}
+        pool.shutdown(cancel_futures=True)
+
+
 def test_workloads_have_the_planned_shapes_and_exact_token_counts() -> None:
     built = workloads.build(TOKENIZER_DIR, seed=3)
     assert sorted(built) == ["a1", "a16", "a4", "b", "c"]
@@ -72,17 +148,9 @@ def test_workloads_are_seeded() -> None:
     assert first["b"].requests != other["b"].requests
 
 
-def test_quick_mode_runs_end_to_end(tmp_path: Path) -> None:
-    # As the README runs it (`make bench`): no --workdir, the exports in a temporary folder that is
-    # gone by the time the results are written.
-    output = tmp_path / "results"
-    done = subprocess.run(
-        [*MAKE, "bench-quick", f"BENCH_ARGS=--output {output}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def test_quick_mode_runs_end_to_end(runs: dict[str, Run]) -> None:
+    (done,) = runs["quick"].wait()
+    output = runs["quick"].folder / "results"
     assert done.returncode == 0, done.stderr[-4000:]
     assert "100%" in done.stderr  # the progress bar reached the end
     results = json.loads((output / "results.json").read_text())
@@ -165,12 +233,12 @@ def test_quick_mode_runs_end_to_end(tmp_path: Path) -> None:
         "served": ["a1", "a4"],
         "served-auto": ["a1", "a4"],
     }
-    runs = [p for by_workload in sampled.values() for p in by_workload.values()]
-    for p in runs:
+    passes = [p for by_workload in sampled.values() for p in by_workload.values()]
+    for p in passes:
         assert p["samples"] > 0 and p["frontend_busy"] >= 0
         assert sum(p["stub"].values()) == pytest.approx(1.0), p
     # Each sampled pass repeats its run for at least bench.steps.MIN_SAMPLED_S; together they see the engine.
-    assert sum(p["stub"]["engine"] * p["samples"] for p in runs) > 0
+    assert sum(p["stub"]["engine"] * p["samples"] for p in passes) > 0
     assert "Where the served time goes" in (output / "results.md").read_text()
 
     table = (output / "results.md").read_text()
@@ -181,24 +249,13 @@ def test_quick_mode_runs_end_to_end(tmp_path: Path) -> None:
     assert "| system | workload |" in done.stdout  # the table is printed too
 
 
-def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path) -> None:
-    # What `make gpu-check` does on a GPU machine, on the CPU: pack (Triton's subset, the project), unpack
-    # into a fresh folder, and run bench.gpu there with the carried Triton, on a tiny model.
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    pack = tmp_path / "pack"
-    # The README's two commands, with a tiny model and no wheels or compression to keep CI short.
-    pack_args = f"--python 3.12 --python {version} --no-wheels --xz-preset 0"
-    done = subprocess.run(
-        [*MAKE, "gpu-pack", f"GPU_PACK={pack}", f"GPU_PACK_ARGS={pack_args}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    manifest = json.loads((pack / "manifest.json").read_text())
+def test_gpu_check_dry_run_on_the_cpu(runs: dict[str, Run]) -> None:
+    folder = runs["gpu"].folder
+    packed, *checked = runs["gpu"].wait()
+    assert packed.returncode == 0, packed.stderr[-3000:]
+    manifest = json.loads((folder / "pack" / "manifest.json").read_text())
     assert manifest["bytes"] < 64 * 2**20
-    with tarfile.open(pack / "triton.tar.xz") as archive:
+    with tarfile.open(folder / "pack" / "triton.tar.xz") as archive:
         names = set(archive.getnames())
     assert {
         "pytriton/tritonserver/bin/tritonserver",
@@ -208,18 +265,9 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path) -> None:
     assert any(n.startswith("nvidia_pytriton.libs/libtritonserver") for n in names)
     assert not any("libpython3" in n for n in names), "the stubs use the machine's own libpython"
 
-    output, workdir = tmp_path / "results", tmp_path / "work"
-    gpu_args = ["--quick", "--device", "cpu", "--seconds", "0.2", "--output", str(output)]
-    running = [
-        *MAKE,
-        "gpu-check",
-        f"PYTHON={sys.executable}",
-        f"GPU_PACK={pack}",
-        f"GPU_RUN_ARGS=--workdir {workdir}",
-        f"GPU_ARGS={' '.join(gpu_args)}",
-    ]
-    done = subprocess.run(running, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    (done,) = checked
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    output, workdir = folder / "results", folder / "work"
     results = json.loads((output / "gpu-results.json").read_text())
     # The served model ran on the unpacked Triton, not the wheel's.
     assert results["triton_binary"].startswith(str(workdir / "triton")), results["triton_binary"]
@@ -243,18 +291,10 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path) -> None:
     assert (output / "gpu-results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def run_quick(module: str, output: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m bench.<module> --quick --output <output> [args]`, as a user runs it."""
-    command = [sys.executable, "-m", f"bench.{module}", "--quick", "--output", str(output), *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-
-
-def test_long_document_check_runs_end_to_end(tmp_path: Path) -> None:
-    # `python -m bench.long --quick`, as the README shows it: one long pair (about 2,000 tokens) served per
-    # runtime, all six exports in one stack.
-    done = run_quick("long", tmp_path)
+def test_long_document_check_runs_end_to_end(runs: dict[str, Run]) -> None:
+    (done,) = runs["long"].wait()
     assert done.returncode == 0, done.stderr[-4000:]
-    results = json.loads((tmp_path / "long.json").read_text())
+    results = json.loads((runs["long"].folder / "long.json").read_text())
     systems = results["systems"]
     baseline, routed = bench_long.BASELINE, bench_long.ROUTED
     assert set(systems) == {name for name, _ in bench_long.SYSTEMS}
@@ -275,12 +315,10 @@ def test_long_document_check_runs_end_to_end(tmp_path: Path) -> None:
     assert "| packed bf16 | bf16 (packed) |" in done.stdout
 
 
-def test_first_call_check_runs_end_to_end(tmp_path: Path) -> None:
-    # `python -m bench.warmup --quick`, as docs/performance.md shows it (fewer calls): the export served with
-    # its warm-up and without it.
-    done = run_quick("warmup", tmp_path, "--rounds", "1", "--calls", "2")
+def test_first_call_check_runs_end_to_end(runs: dict[str, Run]) -> None:
+    (done,) = runs["warmup"].wait()
     assert done.returncode == 0, done.stderr[-4000:]
-    results = json.loads((tmp_path / "warmup.json").read_text())
+    results = json.loads((runs["warmup"].folder / "warmup.json").read_text())
     assert set(results["runs"]) == {bench_warmup.WARM, bench_warmup.COLD}
     for (run,) in results["runs"].values():
         assert run["ready_s"] > 0 and run["first_s"] > 0 and run["steady_s"] > 0
@@ -298,11 +336,10 @@ def test_the_cold_copy_has_no_warmup_and_keeps_the_rest(tmp_path: Path) -> None:
     assert (cold / "reranker" / "config.pbtxt").read_text() == config + "# the warm-up\n"
 
 
-def test_message_size_check_runs_end_to_end() -> None:
-    # `python -m bench.messages`, as docs/security.md shows it, at one small size: floods of refused and of
-    # accepted messages, each answered as the limits say, while small calls are timed beside them.
-    command = [sys.executable, "-m", "bench.messages", "--sizes", "1", "--rounds", "1"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+def test_message_size_check_runs_end_to_end(runs: dict[str, Run]) -> None:
+    # Floods of refused and of accepted messages, each answered as the limits say, while small calls are
+    # timed beside them.
+    (done,) = runs["messages"].wait()
     assert done.returncode == 0, done.stderr[-4000:]
     rows = {row.split("|")[2].strip(): row for row in done.stdout.splitlines() if row.startswith("| 1 MiB |")}
     assert set(rows) == {"refused", "accepted"}, done.stdout
@@ -312,11 +349,9 @@ def test_message_size_check_runs_end_to_end() -> None:
     assert alone and 0 < int(alone.group(1)) <= int(alone.group(2)), done.stdout
 
 
-def test_run_size_check_runs_end_to_end() -> None:
-    # `python -m bench.run_size --quick`, as docs/performance.md shows it: every size timed on every workload
-    # in each round, in the packed engine past its CPU cap.
-    command = [sys.executable, "-m", "bench.run_size", "--quick", "--sizes", "64,8192", "--rounds", "2"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+def test_run_size_check_runs_end_to_end(runs: dict[str, Run]) -> None:
+    # In the packed engine past its CPU cap.
+    (done,) = runs["run_size"].wait()
     assert done.returncode == 0, done.stderr[-4000:]
     rows = [row.strip(" |").split(" | ") for row in done.stdout.splitlines() if re.match(r"^\| \d+ \| \d+ \|", row)]
     assert [(r[0], r[1]) for r in rows] == [("1", "64"), ("1", "8192"), ("2", "64"), ("2", "8192")], done.stdout
