@@ -65,11 +65,22 @@ def exported_parameters(model_dir: Path) -> ModelParameters:
     return ModelParameters.from_strings({json.loads(k): json.loads(v) for k, v in _PARAMETER.findall(text)})
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free on the loopback interface now (tests and benchmarks start servers on such ports)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on the loopback interface now (tests and benchmarks start servers on such ports), and
+    not one this process was given before: a port picked for one server and not yet bound is free again to
+    the kernel, and two gRPC servers given the same port share it silently (SO_REUSEPORT), so a client
+    would reach either."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            break
+    _HANDED_OUT.add(port)
+    return port
 
 
 def health_status(
