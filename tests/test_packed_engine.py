@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from transformers import ModernBertForSequenceClassification
 
@@ -501,3 +502,76 @@ def test_reduced_precision_logits_are_as_distinct_as_fp32s(
     logits = engine.score(ids, lengths)
     assert distinct(logits) == distinct(candidates.expected) == len(candidates.documents)
     assert np.abs(logits - candidates.expected).max() < 0.05
+
+
+def engine_tensors(engine: PackedModernBert) -> list[torch.Tensor]:
+    found = [engine.embeddings, *engine.emb_norm, *engine.final_norm, *engine.head_dense, *engine.head_norm]
+    found += [*engine.classifier, *[t for inv, _ in engine.inv_freq.values() for t in (inv,)]]
+    for layer in engine.layers:
+        for weights in (layer.attn_norm, layer.wqkv, layer.wo, layer.mlp_norm, layer.wi, layer.mlp_wo):
+            found += list(weights or ())
+    return [t for t in found if t is not None]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_the_checkpoint_read_without_transformers_is_the_model_transformers_loads(
+    name: str, checkpoint_dirs: dict[str, Path]
+) -> None:
+    # Stubs read config.json and model.safetensors themselves (no transformers model code to import); the
+    # engine they build holds exactly the tensors and settings of one built from transformers' model.
+    checkpoint = checkpoint_dirs[name]
+    model = ModernBertForSequenceClassification.from_pretrained(checkpoint, attn_implementation="eager").eval()
+    read = modernbert_packed.read_checkpoint(checkpoint)
+    assert read is not None
+    ours, theirs = PackedModernBert(read), PackedModernBert(model)
+    assert (ours.pooling, ours.half_window, ours.eps) == (theirs.pooling, theirs.half_window, theirs.eps)
+    assert [layer.half_window for layer in ours.layers] == [layer.half_window for layer in theirs.layers]
+    assert [layer.attn_norm is None for layer in ours.layers] == [layer.attn_norm is None for layer in theirs.layers]
+    pairs = engine_tensors(ours), engine_tensors(theirs)
+    assert len(pairs[0]) == len(pairs[1])
+    for mine, reference in zip(*pairs, strict=True):
+        assert torch.equal(mine, reference)
+    ids, cu = pack(random_pairs([5, 40, 3], seed=7))
+    assert torch.equal(ours.forward_packed(ids, cu), theirs.forward_packed(ids, cu))
+
+
+def test_checkpoints_only_transformers_can_read_are_left_to_it(
+    checkpoint_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    source = checkpoint_dirs["w16-every3-cls"]
+
+    def variant(name: str, edit: Callable[[dict[str, Any]], None]) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        config = json.loads((source / "config.json").read_text())
+        edit(config)
+        (folder / "config.json").write_text(json.dumps(config))
+        (folder / "model.safetensors").symlink_to(source / "model.safetensors")
+        return folder
+
+    def scaled(config: dict[str, Any]) -> None:
+        config["rope_parameters"]["full_attention"].update(rope_type="linear", factor=2.0)
+
+    assert modernbert_packed.read_checkpoint(variant("scaled-rope", scaled)) is None
+    assert modernbert_packed.read_checkpoint(variant("no-layer-types", lambda c: c.pop("layer_types"))) is None
+    assert modernbert_packed.read_checkpoint(variant("another-model", lambda c: c.update(model_type="bert"))) is None
+    # A tensor the forward does not use (say another head) means another model.
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "config.json").write_text((source / "config.json").read_text())
+    tensors = safetensors.torch.load_file(str(source / "model.safetensors"))
+    safetensors.torch.save_file({**tensors, "decoder.weight": torch.zeros(2, 2)}, str(extra / "model.safetensors"))
+    assert modernbert_packed.read_checkpoint(extra) is None
+    # What is left to transformers still loads, and a scaled variant takes transformers' frequencies.
+    engine = PackedModernBert.from_pretrained(str(variant("scaled-rope-load", scaled)))
+    model = ModernBertForSequenceClassification.from_pretrained(tmp_path / "scaled-rope-load").eval()
+    inv = model.model.rotary_emb.full_attention_inv_freq
+    assert torch.equal(engine.inv_freq["full_attention"][0], inv.float())
+
+
+def test_activations_outside_the_table_come_from_transformers() -> None:
+    from transformers.activations import ACT2FN
+
+    x = torch.linspace(-4, 4, 101)
+    for name in ("gelu", "gelu_pytorch_tanh", "relu", "silu", "swish", "gelu_new"):
+        assert torch.equal(modernbert_packed._activation(name)(x), ACT2FN[name](x)), name

@@ -17,7 +17,8 @@ Attention, by device:
   through oneDNN and a pair of GEMM_ATTENTION_MIN tokens or more attends through chunked oneDNN GEMMs
   (_gemm_attention): torch's fp32 F.linear runs MKL's AVX2 code on AMD CPUs, at half oneDNN's rate.
 
-The weights are the checkpoint's own, loaded through transformers; the forward is this file's.
+The weights are the checkpoint's own, read from its config.json and model.safetensors (through transformers
+where only it can read them: read_checkpoint); the forward is this file's.
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ import ctypes
 import ctypes.util
 import functools
 import inspect
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -253,6 +257,101 @@ def _cpu_fp32_linear() -> Callable[[torch.Tensor, tuple[torch.Tensor, torch.Tens
     return _onednn_linear if _onednn_linear_agrees(torch.float32) else _linear
 
 
+# Activations by the names transformers' ACT2FN gives them, where it computes exactly these (other names are
+# looked up in ACT2FN itself).
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+# The config keys the forward reads; a config.json written by transformers' save_pretrained has them all.
+CONFIG_KEYS = frozenset(
+    {
+        "hidden_size",
+        "num_attention_heads",
+        "num_hidden_layers",
+        "norm_eps",
+        "hidden_activation",
+        "classifier_activation",
+        "classifier_pooling",
+        "local_attention",
+        "layer_types",
+        "rope_parameters",
+    }
+)
+
+
+def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name in ACTIVATIONS:
+        return ACTIVATIONS[name]
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+def _weights(tensors: dict[str, torch.Tensor], prefix: str) -> SimpleNamespace:
+    """A module's weight and bias (None when it has none), as `lin` reads them."""
+    return SimpleNamespace(weight=tensors.pop(f"{prefix}.weight"), bias=tensors.pop(f"{prefix}.bias", None))
+
+
+def read_checkpoint(model_dir: str | Path) -> SimpleNamespace | None:
+    """A saved ModernBertForSequenceClassification's config and weights, shaped as PackedModernBert reads a
+    transformers model, straight from config.json and model.safetensors: without importing transformers'
+    model code, which is most of a stub's start (about 2 s of CPU). None where transformers must read it:
+    sharded or .bin weights, scaled rotary embeddings, a config without the keys the forward reads, or
+    weights other than the ones it names."""
+    folder = Path(model_dir)
+    if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+        return None
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("model_type") != "modernbert" or not config.keys() >= CONFIG_KEYS:
+        return None
+    rope, layer_types = config["rope_parameters"], config["layer_types"]
+    if not (isinstance(rope, dict) and isinstance(layer_types, list) and set(layer_types) <= rope.keys()):
+        return None
+    if any(not isinstance(p, dict) or p.get("rope_type", "default") != "default" for p in rope.values()):
+        return None
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    try:
+        layers = [
+            SimpleNamespace(
+                # Layer 0 has no attention norm (transformers' nn.Identity).
+                attn_norm=torch.nn.Identity() if i == 0 else _weights(tensors, f"model.layers.{i}.attn_norm"),
+                attn=SimpleNamespace(
+                    Wqkv=_weights(tensors, f"model.layers.{i}.attn.Wqkv"),
+                    Wo=_weights(tensors, f"model.layers.{i}.attn.Wo"),
+                ),
+                mlp_norm=_weights(tensors, f"model.layers.{i}.mlp_norm"),
+                mlp=SimpleNamespace(
+                    Wi=_weights(tensors, f"model.layers.{i}.mlp.Wi"), Wo=_weights(tensors, f"model.layers.{i}.mlp.Wo")
+                ),
+            )
+            for i in range(int(config["num_hidden_layers"]))
+        ]
+        model = SimpleNamespace(
+            config=SimpleNamespace(**config),
+            model=SimpleNamespace(
+                embeddings=SimpleNamespace(
+                    tok_embeddings=_weights(tensors, "model.embeddings.tok_embeddings"),
+                    norm=_weights(tensors, "model.embeddings.norm"),
+                ),
+                layers=layers,
+                final_norm=_weights(tensors, "model.final_norm"),
+            ),
+            head=SimpleNamespace(dense=_weights(tensors, "head.dense"), norm=_weights(tensors, "head.norm")),
+            classifier=_weights(tensors, "classifier"),
+        )
+    except KeyError:
+        return None
+    # Every tensor is one the forward uses: anything left (a decoder, another head) means another model.
+    return None if tensors else model
+
+
 class PackedModernBert:
     """ModernBERT's sequence classifier over packed pairs (first logit per pair)."""
 
@@ -260,9 +359,8 @@ class PackedModernBert:
     dtype: torch.dtype
 
     def __init__(self, model: Any, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        """From a loaded transformers ModernBertForSequenceClassification (its weights only)."""
-        from transformers.activations import ACT2FN
-
+        """From a loaded transformers ModernBertForSequenceClassification, or read_checkpoint's stand-in for one
+        (its config and weights only)."""
         config = model.config
         self.config = config
         self.device = torch.device(device)
@@ -274,8 +372,8 @@ class PackedModernBert:
         self.head_dim = self.hidden // self.heads
         self.scale = self.head_dim**-0.5
         self.eps = float(getattr(config, "norm_eps", 1e-5))
-        self.act = ACT2FN[getattr(config, "hidden_activation", "gelu")]
-        self.head_act = ACT2FN[getattr(config, "classifier_activation", "gelu")]
+        self.act = _activation(getattr(config, "hidden_activation", "gelu"))
+        self.head_act = _activation(getattr(config, "classifier_activation", "gelu"))
         self.pooling = getattr(config, "classifier_pooling", "cls")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"classifier_pooling {self.pooling!r} is not supported (cls, mean)")
@@ -345,13 +443,15 @@ class PackedModernBert:
         cls, model_dir: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32
     ) -> PackedModernBert:
         """Load a saved transformers ModernBertForSequenceClassification checkpoint folder."""
-        import transformers
-        from transformers import ModernBertForSequenceClassification
+        model = read_checkpoint(model_dir)
+        if model is None:
+            import transformers
+            from transformers import ModernBertForSequenceClassification
 
-        transformers.utils.logging.disable_progress_bar()
-        model = ModernBertForSequenceClassification.from_pretrained(
-            model_dir, dtype=torch.float32, attn_implementation="eager"
-        ).eval()
+            transformers.utils.logging.disable_progress_bar()
+            model = ModernBertForSequenceClassification.from_pretrained(
+                model_dir, dtype=torch.float32, attn_implementation="eager"
+            ).eval()
         engine = cls(model, device=device, dtype=dtype)
         del model
         return engine
