@@ -1,9 +1,11 @@
 """The two tiers: `make test` runs the fast tier (`make test-fast`, as the README's developer notes write it)
-and then the end-to-end tier, so each test runs once; together they are the whole suite."""
+and then the end-to-end tier (two processes at once), so each test runs once; together they are the whole
+suite."""
 
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +46,13 @@ def test_a_fast_test_that_needs_triton_is_a_collection_error(tmp_path: Path) -> 
     assert "must be marked e2e" in done.stdout + done.stderr and "test_probe (uses " in done.stderr
 
 
-def test_make_test_runs_each_tier_once() -> None:
+def collected(args: list[str]) -> set[str]:
+    done = subprocess.run([*PYTEST_COLLECT, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return {line for line in done.stdout.splitlines() if "::" in line}
+
+
+def test_make_test_runs_each_test_once() -> None:
     done = subprocess.run(
         ["make", "--no-print-directory", "-n", "-o", ".venv/.installed", "test"],
         cwd=ROOT,
@@ -53,5 +61,13 @@ def test_make_test_runs_each_tier_once() -> None:
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    runs = [line for line in done.stdout.splitlines() if "-m pytest" in line]
-    assert len(runs) == 2 and '-m "not e2e"' in runs[0] and "-m e2e" in runs[1], runs
+    runs = [shlex.split(line.split("-m pytest", 1)[1]) for line in done.stdout.splitlines() if "-m pytest" in line]
+    assert len(runs) == 3 and runs[0] == ["-m", "not e2e"], runs
+    # The end-to-end tier's two processes split it: the second runs the modules the first leaves out, each
+    # with end-to-end tests, and the first keeps some.
+    timed, untimed = runs[1:]
+    assert timed[:2] == ["-m", "e2e"] and untimed[:4] == ["-p", "no:cacheprovider", "-m", "e2e"], runs
+    ignored = [a.removeprefix("--ignore=") for a in timed[2:]]
+    assert all(a.startswith("--ignore=") for a in timed[2:]) and ignored == untimed[4:] and ignored, runs
+    modules = {test.split("::")[0] for test in collected(["-m", "e2e"])}
+    assert set(ignored) < modules, set(ignored) - modules
