@@ -16,7 +16,7 @@ SERVE_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install sdk-deps go-deps prometheus serve export demo test test-fast test-e2e test-e2e-timed test-e2e-untimed check bench bench-quick gpu-pack gpu-check protos clean
+.PHONY: install sdk-deps go-deps prometheus serve export demo test test-fast test-e2e test-e2e-timed test-e2e-untimed test-e2e-after-check test-e2e-after-fast check bench bench-quick gpu-pack gpu-check protos clean
 
 install: $(STAMP)
 
@@ -97,31 +97,39 @@ check: install
 	$(BIN)/mypy
 
 # Two tiers, each test run once: the fast tier (no exported model, no Triton: about a minute), then the
-# end-to-end tier (modules and tests marked e2e; tests/conftest.py refuses a fast test that needs Triton).
-# The checks and the fast tier are one process each, so they run side by side on two cores (each one's
-# output printed whole when it ends); the end-to-end tier runs after them.
+# end-to-end tier (modules and tests marked e2e; tests/conftest.py refuses a fast test that needs Triton),
+# as two processes at once: the modules that time real servers (deadlines, restarts, overload, drains, slow
+# clients) in one; in the other those that time nothing (the benchmark commands, exports, the precision
+# choice, warm-up, long-pair routing, model control, the make targets), none of which uses the first's shared
+# stack. Each test runs in exactly one process (tests/test_tiers.py).
+E2E_UNTIMED := tests/test_bench.py tests/test_precision.py tests/test_models.py tests/test_http_first_contact.py \
+	tests/test_make_serve.py tests/test_export.py tests/test_warmup.py tests/test_quantize.py tests/test_long_routing.py
+E2E_TIMED_RUN = $(BIN)/python -m pytest -m e2e $(addprefix --ignore=,$(E2E_UNTIMED))
+E2E_UNTIMED_RUN = $(BIN)/python -m pytest -p no:cacheprovider -m e2e $(E2E_UNTIMED)
+
+# On two cores, each process printed whole when it ends: the checks beside the fast tier; the untimed
+# end-to-end process once the checks pass (beside the rest of the fast tier), the timed one once the fast
+# tier passes too.
 test: install sdk-deps $(PROMETHEUS)
-	$(MAKE) --no-print-directory -j2 --output-sync=target check test-fast
-	$(MAKE) --no-print-directory test-e2e
+	$(MAKE) --no-print-directory -j3 --output-sync=target check test-fast test-e2e-after-check test-e2e-after-fast
+
+test-e2e-after-check: check
+	$(E2E_UNTIMED_RUN)
+
+test-e2e-after-fast: check test-fast
+	$(E2E_TIMED_RUN)
 
 test-fast: install sdk-deps $(PROMETHEUS)
 	$(BIN)/python -m pytest -m "not e2e"
-
-# The end-to-end tier as two processes at once, on two cores: the modules that time real servers (deadlines,
-# restarts, overload, drains, slow clients) in one; in the other those that time nothing (the benchmark
-# commands, exports, the precision choice, warm-up, long-pair routing, model control, the make targets), none
-# of which uses the first's shared stack. Each test runs in exactly one (tests/test_tiers.py).
-E2E_UNTIMED := tests/test_bench.py tests/test_precision.py tests/test_models.py tests/test_http_first_contact.py \
-	tests/test_make_serve.py tests/test_export.py tests/test_warmup.py tests/test_quantize.py tests/test_long_routing.py
 
 test-e2e: install sdk-deps $(PROMETHEUS)
 	$(MAKE) --no-print-directory -j2 --output-sync=target test-e2e-timed test-e2e-untimed
 
 test-e2e-timed:
-	$(BIN)/python -m pytest -m e2e $(addprefix --ignore=,$(E2E_UNTIMED))
+	$(E2E_TIMED_RUN)
 
 test-e2e-untimed:
-	$(BIN)/python -m pytest -p no:cacheprovider -m e2e $(E2E_UNTIMED)
+	$(E2E_UNTIMED_RUN)
 
 # The throughput benchmark (docs/performance.md): every CPU precision in-process and served (fp32 and
 # --precision auto); full size takes 10-30 minutes on 2 cores. Without --workdir it works in a temporary folder.
