@@ -506,7 +506,7 @@ def test_reduced_precision_logits_are_as_distinct_as_fp32s(
 
 def engine_tensors(engine: PackedModernBert) -> list[torch.Tensor]:
     found = [engine.embeddings, *engine.emb_norm, *engine.final_norm, *engine.head_dense, *engine.head_norm]
-    found += [*engine.classifier, *[t for inv, _ in engine.inv_freq.values() for t in (inv,)]]
+    found += [*engine.classifier, *(inv for inv, _ in engine.inv_freq.values())]
     for layer in engine.layers:
         for weights in (layer.attn_norm, layer.wqkv, layer.wo, layer.mlp_norm, layer.wi, layer.mlp_wo):
             found += list(weights or ())
