@@ -101,17 +101,22 @@ check: install
 # as two processes at once: the modules that time real servers (deadlines, restarts, overload, drains, slow
 # clients) in one; in the other those that time nothing (the benchmark commands, exports, the precision
 # choice, warm-up, long-pair routing, model control, the make targets), none of which uses the first's shared
-# stack. Each test runs in exactly one process (tests/test_tiers.py).
-E2E_UNTIMED := tests/test_bench.py tests/test_precision.py tests/test_models.py tests/test_http_first_contact.py \
-	tests/test_make_serve.py tests/test_export.py tests/test_warmup.py tests/test_quantize.py tests/test_long_routing.py
+# stack. Each test runs in exactly one process (tests/test_tiers.py). test_export.py goes first: it exports the
+# session's models while the fast tier runs, and the timed process, which starts later, finds them ready.
+E2E_UNTIMED := tests/test_export.py tests/test_bench.py tests/test_precision.py tests/test_models.py \
+	tests/test_http_first_contact.py tests/test_make_serve.py tests/test_warmup.py tests/test_quantize.py tests/test_long_routing.py
 E2E_TIMED_RUN = $(BIN)/python -m pytest -m e2e $(addprefix --ignore=,$(E2E_UNTIMED))
 E2E_UNTIMED_RUN = $(BIN)/python -m pytest -p no:cacheprovider -m e2e $(E2E_UNTIMED)
+
+# The end-to-end processes of one run export the session's models once, in a folder of the run's own
+# (tests/conftest.py, built_once), removed when the run ends.
+SHARED = export RERANK_TEST_SHARE="$$(mktemp -d)" && trap 'rm -rf "$$RERANK_TEST_SHARE"' EXIT &&
 
 # On two cores, each process printed whole when it ends: the checks beside the fast tier; the untimed
 # end-to-end process once the checks pass (beside the rest of the fast tier), the timed one once the fast
 # tier passes too.
 test: install sdk-deps $(PROMETHEUS)
-	$(MAKE) --no-print-directory -j3 --output-sync=target check test-fast test-e2e-after-check test-e2e-after-fast
+	$(SHARED) $(MAKE) --no-print-directory -j3 --output-sync=target check test-fast test-e2e-after-check test-e2e-after-fast
 
 test-e2e-after-check: check
 	$(E2E_UNTIMED_RUN)
@@ -123,7 +128,7 @@ test-fast: install sdk-deps $(PROMETHEUS)
 	$(BIN)/python -m pytest -m "not e2e"
 
 test-e2e: install sdk-deps $(PROMETHEUS)
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-e2e-timed test-e2e-untimed
+	$(SHARED) $(MAKE) --no-print-directory -j2 --output-sync=target test-e2e-timed test-e2e-untimed
 
 test-e2e-timed:
 	$(E2E_TIMED_RUN)

@@ -3,6 +3,7 @@ export` itself, and a real stack (tritonserver + frontend) started by `rerank se
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -107,27 +108,55 @@ def e2e_fixture(**kwargs: Any) -> Callable[[F], F]:
     return register
 
 
+# Set by `make test` and `make test-e2e` to a folder of their own (removed when they end): their pytest
+# processes build the session's checkpoints and model repository there once, and read them after that.
+SHARE_ENV = "RERANK_TEST_SHARE"
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder `build` fills, which tests only read. Under SHARE_ENV the first pytest process to need it
+    builds it while the others wait on a lock, and then they all read the same one (the end-to-end
+    processes of one `make test` export the session's models once instead of once each); without it, a
+    folder of this session's own."""
+    share = os.environ.get(SHARE_ENV)
+    if not share:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    folder, built = Path(share) / name, Path(share) / f"{name}.built"
+    with open(Path(share) / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if not built.exists():  # first, or the one before failed part way
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            built.touch()
+    return folder
+
+
 @e2e_fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("checkpoints")
-    return {
-        name: save_random_checkpoint(root / name, TOKENIZER_DIR, seed=model.seed, **model.config)
-        for name, model in MODELS.items()
-    }
+    def build(root: Path) -> None:
+        for name, model in MODELS.items():
+            save_random_checkpoint(root / name, TOKENIZER_DIR, seed=model.seed, **model.config)
+
+    root = built_once(tmp_path_factory, "checkpoints", build)
+    return {name: root / name for name in MODELS}
 
 
 @e2e_fixture(scope="session")
 def model_repository(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> Path:
-    repository = tmp_path_factory.mktemp("model_repository")
-    exports = []
-    for name, checkpoint in checkpoints.items():
-        # fp32: the tests hold the served logits to eager's at fp32 tolerances; the CPU-dependent
-        # choice of the default (auto) has its own tests (test_precision.py).
-        args = MODELS[name].export_args
-        precision = () if "--runtime" in args or "--precision" in args else ("--precision", "fp32")
-        exports.append(["--model", str(checkpoint), "--output", str(repository), "--name", name, *args, *precision])
-    export_all(exports)
-    return repository
+    def build(repository: Path) -> None:
+        exports = []
+        for name, checkpoint in checkpoints.items():
+            # fp32: the tests hold the served logits to eager's at fp32 tolerances; the CPU-dependent
+            # choice of the default (auto) has its own tests (test_precision.py).
+            args = MODELS[name].export_args
+            precision = () if "--runtime" in args or "--precision" in args else ("--precision", "fp32")
+            exports.append(["--model", str(checkpoint), "--output", str(repository), "--name", name, *args, *precision])
+        export_all(exports)
+
+    return built_once(tmp_path_factory, "model_repository", build)
 
 
 @dataclass
@@ -372,6 +401,17 @@ def long_stack(stack: Stack, model_repository: Path) -> Iterator[Stack]:
     """A frontend fronting `reranker_long` (8192-token inputs, 16384-token budget per model run)."""
     with frontend(stack, model_repository, "--model-name=reranker_long") as served:
         yield served
+
+
+# tests/test_tiers.py: a file that pytest_collection_finish writes each collected test into, with its tier.
+LIST_TIERS_ENV = "RERANK_LIST_TIERS"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    listing = os.environ.get(LIST_TIERS_ENV)
+    if listing:
+        tiers = [f"{'e2e' if item.get_closest_marker('e2e') else 'fast'} {item.nodeid}\n" for item in session.items]
+        Path(listing).write_text("".join(tiers))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -4,32 +4,46 @@ suite."""
 
 from __future__ import annotations
 
-import re
+import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.conftest import LIST_TIERS_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTEST_COLLECT = (sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider")
 
 
-def test_the_fast_tier_is_the_suite_without_the_end_to_end_modules() -> None:
+@pytest.fixture(scope="module")
+def tiers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
+    """The whole suite's tests by tier ("e2e", "fast"), from one collection: the tier each test declares
+    (tests/conftest.py writes them to LIST_TIERS_ENV's file), checked against what pytest lists."""
+    listing = tmp_path_factory.mktemp("tiers") / "tiers.txt"
     done = subprocess.run(
-        [*PYTEST_COLLECT, "-m", "not e2e"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+        PYTEST_COLLECT, cwd=ROOT, env={**os.environ, LIST_TIERS_ENV: str(listing)}, capture_output=True, text=True,
         timeout=300,
-    )
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    fast = [line for line in done.stdout.splitlines() if "::" in line]
-    (summary,) = re.findall(r"(\d+)/(\d+) tests collected \((\d+) deselected\)", done.stdout)
-    selected, total, deselected = map(int, summary)
-    assert selected == len(fast) and selected + deselected == total
-    assert selected >= 100 and deselected >= 100  # the core, tokenization, engines, contract, settings, files
+    by_tier: dict[str, set[str]] = {"e2e": set(), "fast": set()}
+    for line in listing.read_text().splitlines():
+        tier, test = line.split(" ", 1)
+        by_tier[tier].add(test)
+    assert by_tier["e2e"] | by_tier["fast"] == {line for line in done.stdout.splitlines() if "::" in line}
+    return by_tier
+
+
+def test_the_fast_tier_is_the_suite_without_the_end_to_end_modules(tiers: dict[str, set[str]]) -> None:
+    assert not tiers["e2e"] & tiers["fast"]
+    # The core, tokenization, engines, contract, settings, files; and the servers.
+    assert len(tiers["fast"]) >= 100 and len(tiers["e2e"]) >= 100
     # Modules that only run against Triton stay out (conftest refuses a fast test that needs it).
-    assert not [test for test in fast if test.startswith(("tests/test_serving.py", "tests/test_operations.py"))]
+    assert not [
+        test for test in tiers["fast"] if test.startswith(("tests/test_serving.py", "tests/test_operations.py"))
+    ]
 
 
 def test_a_fast_test_that_needs_triton_is_a_collection_error(tmp_path: Path) -> None:
@@ -46,13 +60,7 @@ def test_a_fast_test_that_needs_triton_is_a_collection_error(tmp_path: Path) -> 
     assert "must be marked e2e" in done.stdout + done.stderr and "test_probe (uses " in done.stderr
 
 
-def collected(args: list[str]) -> set[str]:
-    done = subprocess.run([*PYTEST_COLLECT, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return {line for line in done.stdout.splitlines() if "::" in line}
-
-
-def test_make_test_runs_each_test_once() -> None:
+def test_make_test_runs_each_test_once(tiers: dict[str, set[str]]) -> None:
     done = subprocess.run(
         ["make", "--no-print-directory", "-n", "-o", ".venv/.installed", "test"],
         cwd=ROOT,
@@ -70,5 +78,5 @@ def test_make_test_runs_each_test_once() -> None:
     assert timed[:2] == ["-m", "e2e"] and untimed[:4] == ["-p", "no:cacheprovider", "-m", "e2e"], runs
     ignored = [a.removeprefix("--ignore=") for a in timed[2:]]
     assert all(a.startswith("--ignore=") for a in timed[2:]) and ignored == untimed[4:] and ignored, runs
-    modules = {test.split("::")[0] for test in collected(["-m", "e2e"])}
+    modules = {test.split("::")[0] for test in tiers["e2e"]}
     assert set(ignored) < modules, set(ignored) - modules
