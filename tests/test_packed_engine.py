@@ -311,8 +311,9 @@ def test_cpu_fp32_linear_is_onednn_where_it_agrees_else_torch(monkeypatch: pytes
 
 MEMORY_PROBE = """
 import json, resource, sys, psutil, torch
-from rerank_triton_model.modernbert_packed import PackedModernBert
+from rerank_triton_model.modernbert_packed import PackedModernBert, hold_freed_memory
 torch.set_num_threads(2)
+assert hold_freed_memory()  # as the served runners set glibc: what a long run frees is still given back
 engine = PackedModernBert.from_pretrained(sys.argv[1])
 ids = torch.randint(0, 50000, (8192,), generator=torch.Generator().manual_seed(0))
 engine.forward_packed(ids[:300], torch.tensor([0, 300], dtype=torch.int32))  # warm the allocators
@@ -349,6 +350,39 @@ def test_a_long_pair_allocates_no_t_by_t_buffer(checkpoint_dirs: dict[str, Path]
     assert len(result["two"]["logits"]) == 2
     assert result["two"]["growth"] < t_by_t / 8, result  # the larger of both (ru_maxrss only grows)
     assert result["after"] < 32 * 2**20, result
+
+
+FAULTS_PROBE = """
+import resource, sys
+import numpy as np
+if sys.argv[1] == "runner":
+    from rerank_triton_model.torch_runner import _device
+    _device("cpu", "fp32", 0)
+def run():
+    blocks = [np.ones(1 << 17) for _ in range(64)]  # 64 blocks of 1 MiB, as a run's activations
+    del blocks
+run()
+run()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    run()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(modernbert_packed._glibc() is None, reason="glibc's malloc settings")
+def test_a_cpu_runner_keeps_what_a_run_frees_for_the_next_run() -> None:
+    """glibc's default thresholds hand a run's freed blocks back to the system, and the next run faults
+    them in again; a CPU runner's process keeps them (each probe in a fresh process)."""
+
+    def faults(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", FAULTS_PROBE, mode], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout.split()[-1])
+
+    default, held = faults("default"), faults("runner")
+    assert default > 5 * 64 * 2**20 // 4096 // 2, default  # at least half of every run's pages again
+    assert held < default / 20, (held, default)
 
 
 # -- attention backend selection and the CUDA path's glue (no GPU here: kernels stood in for) -----

@@ -27,8 +27,12 @@ def _device(device: str, precision: str, cpu_threads: int) -> torch.device:
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} asked for, but PyTorch sees no CUDA device")
-    if resolved.type == "cpu" and cpu_threads > 0:
-        torch.set_num_threads(cpu_threads)
+    if resolved.type == "cpu":
+        if cpu_threads > 0:
+            torch.set_num_threads(cpu_threads)
+        from .modernbert_packed import hold_freed_memory  # beside release_memory, glibc's other setting
+
+        hold_freed_memory()
     return resolved
 
 
