@@ -23,14 +23,16 @@ install: $(STAMP)
 # Re-install when a dependency list changes. torch is pinned (constraints) to the CPU build.
 # uv installs the same pinned set as pip in a third of the time (cold cache, 2 cores: about 37 s against
 # 80-110 s). It does not read pip's configuration, so the find-links pip is configured with (where these
-# machines keep the CPU build of torch) are passed on; pip does the install if uv fails.
+# machines keep the CPU build of torch) are passed on; pip does the install if uv fails. Bytecode is compiled
+# at install, as pip does: where PYTHONDONTWRITEBYTECODE is set no process writes it later, and every one that
+# imports torch and transformers would compile them again (4.6 s of CPU each, dozens of processes in make test).
 EXTRAS := triton,export,tracing,dev,bench
 FIND_LINKS = $(sort $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null) $(PIP_FIND_LINKS))
 
 $(STAMP): pyproject.toml client/pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade -c requirements/constraints.txt pip uv
-	$(BIN)/uv pip install --quiet --python $(BIN)/python $(foreach l,$(FIND_LINKS),--find-links $(l)) \
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python $(foreach l,$(FIND_LINKS),--find-links $(l)) \
 		-c requirements/constraints.txt -e ./client -e '.[$(EXTRAS)]' \
 	|| $(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ./client -e '.[$(EXTRAS)]'
 	touch $@
