@@ -60,16 +60,21 @@ def test_a_fast_test_that_needs_triton_is_a_collection_error(tmp_path: Path) -> 
     assert "must be marked e2e" in done.stdout + done.stderr and "test_probe (uses " in done.stderr
 
 
-def test_make_test_runs_each_test_once(tiers: dict[str, set[str]]) -> None:
+def pytest_runs(target: str) -> list[list[str]]:
+    """The pytest arguments of each pytest command `make <target>` runs (make -n, the install taken as done)."""
     done = subprocess.run(
-        ["make", "--no-print-directory", "-n", "-o", ".venv/.installed", "test"],
+        ["make", "--no-print-directory", "-n", "-o", ".venv/.installed", target],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    runs = [shlex.split(line.split("-m pytest", 1)[1]) for line in done.stdout.splitlines() if "-m pytest" in line]
+    return [shlex.split(line.split("-m pytest", 1)[1]) for line in done.stdout.splitlines() if "-m pytest" in line]
+
+
+def test_make_test_runs_each_test_once(tiers: dict[str, set[str]]) -> None:
+    runs = pytest_runs("test")
     assert len(runs) == 3 and ["-m", "not e2e"] in runs, runs
     # The end-to-end tier's two processes split it: the second runs the modules the first leaves out, each
     # with end-to-end tests, and the first keeps some.
@@ -80,3 +85,5 @@ def test_make_test_runs_each_test_once(tiers: dict[str, set[str]]) -> None:
     assert all(a.startswith("--ignore=") for a in timed[2:]) and ignored == untimed[4:] and ignored, runs
     modules = {test.split("::")[0] for test in tiers["e2e"]}
     assert set(ignored) < modules, set(ignored) - modules
+    # `make test-e2e` (docs/architecture.md) runs the same two processes, without the fast tier.
+    assert sorted(pytest_runs("test-e2e")) == sorted([timed, untimed])
