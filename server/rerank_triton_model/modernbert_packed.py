@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch.nn import functional as F  # noqa: N812 (the usual alias)
@@ -124,12 +124,6 @@ def _glibc() -> Any:
     except (OSError, AttributeError):
         return None
     return libc
-
-
-def _libc_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None (another C library)."""
-    libc = _glibc()
-    return None if libc is None else cast(Callable[[int], int], libc.malloc_trim)
 
 
 # glibc's mallopt parameters (malloc.h), and the values hold_freed_memory sets.
@@ -786,6 +780,6 @@ class PackedModernBert:
         CUDA's caching allocator: a card serves one model, and re-allocating each run would cost more."""
         if self.device.type != "cpu" or tokens < RELEASE_AFTER_TOKENS:
             return
-        trim = _libc_malloc_trim()
-        if trim is not None:
-            trim(0)
+        libc = _glibc()
+        if libc is not None:
+            libc.malloc_trim(0)
