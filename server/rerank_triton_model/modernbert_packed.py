@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F  # noqa: N812 (the usual alias)
 
+from .reranker_engine import RELEASE_AFTER_TOKENS
+
 # Names of the attention kernels forward_packed may use (see select_attention_backend).
 VARLEN_ATTN = "varlen_attn"
 FLASH_FORWARD = "aten_flash_forward"
@@ -213,8 +215,6 @@ class _Plan:
     blocks: _Blocks | None  # local layers: the longer pairs
 
 
-# CPU: after a run of at least this many tokens, freed memory goes back to the system (release_memory).
-RELEASE_AFTER_TOKENS = 4096
 
 # CPU fp32: single pairs at least this long attend through chunked GEMMs (_gemm_attention) rather than
 # SDPA's fused kernel; chunks of queries sized so a chunk's scores take GEMM_SCORES_BYTES.
