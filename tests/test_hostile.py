@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import re
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -16,6 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -493,3 +498,75 @@ def test_invented_method_names_do_not_grow_the_metrics(guarded: Stack) -> None:
     labels = set(re.findall(r'rpc="([^"]*)"', metrics))
     assert labels <= {"Rerank", "Score", "RerankStream", "GetModelInfo", "other"} | HTTP_ROUTE_LABELS, labels
     assert sample(metrics, "rerank_calls_total", surface="grpc", rpc="other", code="UNAUTHENTICATED") >= 200
+
+
+def h2_call(target: str, path: str, headers: list[tuple[bytes, bytes]], message: bytes) -> dict[bytes, bytes]:
+    """One gRPC call in raw HTTP/2 frames (h2), for what gRPC's own clients refuse to send: the answer's
+    :status, grpc-status and grpc-message, and the x-request-id it echoed."""
+    host, port = target.rsplit(":", 1)
+    config = h2.config.H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False)
+    connection = h2.connection.H2Connection(config)
+    answer: dict[bytes, bytes] = {}
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        connection.initiate_connection()
+        stream = connection.get_next_available_stream_id()
+        request = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path.encode()), (b":authority", b"x")]
+        request += [(b"content-type", b"application/grpc"), (b"te", b"trailers"), *headers]
+        connection.send_headers(stream, request)
+        connection.send_data(stream, b"\x00" + struct.pack(">I", len(message)) + message, end_stream=True)
+        sock.sendall(connection.data_to_send())
+        ended = False
+        while not ended:
+            data = sock.recv(65536)
+            assert data, "the server closed the connection without answering"
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    answer.update(event.headers)
+                ended = ended or isinstance(event, h2.events.StreamEnded | h2.events.StreamReset)
+            sock.sendall(connection.data_to_send())
+    return answer
+
+
+@pytest.mark.e2e
+def test_what_grpc_clients_cannot_send_gets_a_clear_status_and_no_traceback(guarded: Stack) -> None:
+    """An x-request-id outside printable ASCII is replaced, not echoed (gRPC cannot send it back: the call
+    failed INTERNAL); a malformed health request (no token needed) is INVALID_ARGUMENT. Neither logs a
+    traceback."""
+    logged = len(guarded.output)
+    bearer = (b"authorization", f"Bearer {TOKEN}".encode())
+    request = rerank_pb2.RerankRequest(query=QUERY, documents=["a"]).SerializeToString()
+    ok = str(grpc.StatusCode.OK.value[0]).encode()
+    for sent in ("café".encode(), b"a\tb", b"a\x7fb"):
+        for headers in ([bearer], []):  # the echo comes before authentication
+            answer = h2_call(
+                guarded.target, "/rerank.v1.RerankService/Rerank", [*headers, (b"x-request-id", sent)], request
+            )
+            want = ok if headers else str(grpc.StatusCode.UNAUTHENTICATED.value[0]).encode()
+            assert answer[b"grpc-status"] == want, (sent, answer)
+            assert re.fullmatch(rb"[0-9a-f]{32}", answer[b"x-request-id"]), answer  # a new one
+    kept = h2_call(guarded.target, "/rerank.v1.RerankService/Rerank", [bearer, (b"x-request-id", b"r-1 ok")], request)
+    assert kept[b"x-request-id"] == b"r-1 ok"
+
+    invalid = str(grpc.StatusCode.INVALID_ARGUMENT.value[0]).encode()
+    for path in ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"):
+        answer = h2_call(guarded.target, path, [], b"\xff")
+        assert answer[b"grpc-status"] == invalid, (path, answer)
+        assert answer[b"grpc-message"].startswith(b"malformed request message"), answer
+    with grpc.insecure_channel(guarded.target) as channel:  # a well-formed one still works
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    time.sleep(0.5)  # the log lines of the calls above
+    assert not [line for line in guarded.output[logged:] if "Traceback" in line or "ERROR" in line]
+
+
+@pytest.mark.e2e
+def test_an_unknown_model_name_is_not_found_whatever_its_length(guarded: Stack) -> None:
+    """The refusal repeats at most SHOWN_NAME_CHARACTERS of the name: a name of megabytes made an answer
+    the caller's channel refused (RESOURCE_EXHAUSTED: metadata over its limit) and grew the frontend."""
+    with RerankClient(guarded.target, token=TOKEN, timeout=30) as client:
+        for name in ("nope", "é" * 10_000, "x" * 1_000_000):
+            with pytest.raises(RerankError) as refused:
+                client.rerank(QUERY, ["a"], model=name)
+            assert refused.value.code == grpc.StatusCode.NOT_FOUND, name[:10]
+            assert len(refused.value.details) < 1000 and "is not served here" in refused.value.details
+        assert client.rerank(QUERY, ["a"]).results

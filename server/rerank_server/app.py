@@ -20,14 +20,14 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from rerank_client import message_size_options
 from rerank_client.pb import SERVICE_NAME
 from rerank_server.calls import Calls
 from rerank_server.core import build_core
-from rerank_server.handlers import rerank_service_handler
+from rerank_server.handlers import health_service_handler, rerank_service_handler
 from rerank_server.http_api.server import HttpFrontend
 from rerank_server.interceptors import CallPolicy
 from rerank_server.models import Loader, ModelSync, ServedModel, ServedModels
@@ -128,7 +128,7 @@ class Frontend:
         service = RerankService(self.core, settings)
         self._server = grpc.aio.server(interceptors=[self.policy], options=server_options(settings))
         self._server.add_generic_rpc_handlers((rerank_service_handler(service, settings.max_documents),))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        self._server.add_generic_rpc_handlers((health_service_handler(self.health),))
         reflection.enable_server_reflection((RERANK_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server)
         address = f"{settings.host}:{settings.port}"
         credentials = server_credentials(settings)
@@ -140,7 +140,7 @@ class Frontend:
         self._health_server: grpc.aio.Server | None = None
         if settings.health_port:
             self._health_server = grpc.aio.server()
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            self._health_server.add_generic_rpc_handlers((health_service_handler(self.health),))
             self._health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
         # The HTTP/JSON APIs on the same loop, core, admission budget, token and TLS files (--http-port 0: off).
         self.http = HttpFrontend(settings, self.core, self.calls) if settings.http_port else None

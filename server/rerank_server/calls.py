@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,16 +19,20 @@ DRAINING = "the server is shutting down; retry elsewhere"
 UNAUTHENTICATED = "missing or invalid token (authorization: Bearer <token>)"
 # Longest request id kept from a caller's x-request-id.
 REQUEST_ID_MAX = 128
+_PRINTABLE = re.compile(r"[\x20-\x7e]+")
 # The metrics label of a method or path no API declares: label values stay a fixed set.
 OTHER = "other"
 
 
 def start_request(sent: str | bytes | None) -> str:
-    """The call's request id: the caller's x-request-id (cut to REQUEST_ID_MAX), or a new one. It is set
-    for the log lines written while the call runs."""
+    """The call's request id: the caller's x-request-id (cut to REQUEST_ID_MAX) where it is printable
+    ASCII, or a new one. It is set for the log lines written while the call runs. gRPC refuses to send a
+    metadata value outside 0x20-0x7E (the echo failed as INTERNAL), and a log line is no place for control
+    characters."""
     if isinstance(sent, bytes):
         sent = sent.decode("latin-1")
-    rid = (sent or uuid.uuid4().hex)[:REQUEST_ID_MAX]
+    sent = (sent or "")[:REQUEST_ID_MAX]
+    rid = sent if _PRINTABLE.fullmatch(sent) else uuid.uuid4().hex
     request_id.set(rid)
     return rid
 

@@ -23,10 +23,13 @@ from typing import Any
 import grpc
 from google.protobuf import message as protobuf_message
 from google.protobuf import message_factory
+from grpc_health.v1 import health_pb2
 
 from rerank_client.pb import SERVICE, rerank_pb2
 from rerank_server.errors import ServiceError, too_many_documents
 from rerank_server.service import abort, stream_error
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
 
 # Field numbers from the generated descriptors, so that the scan follows the contract.
 _RERANK_DOCUMENTS = rerank_pb2.RerankRequest.DESCRIPTOR.fields_by_name["documents"].number
@@ -140,6 +143,15 @@ def _bounded(message_class: Any, max_documents: int) -> Callable[[bytes], Any]:
         scan = functools.partial(_scan_flat, repeated=_SCORE_PAIRS, field="pairs", limit=max_documents)
     elif name == rerank_pb2.RerankStreamRequest.DESCRIPTOR.full_name:
         scan = functools.partial(_scan_stream, limit=max_documents)
+    return _lenient(message_class, scan)
+
+
+def _lenient(
+    message_class: Any, scan: Callable[[memoryview], RefusedMessage | None] | None = None
+) -> Callable[[bytes], Any]:
+    """A deserializer that never raises: a message it cannot decode becomes a MalformedMessage, which the
+    method's wrapper refuses with INVALID_ARGUMENT (gRPC answers a deserializer's exception with UNKNOWN and
+    logs its traceback, for anyone who can reach the port)."""
 
     def decode(data: bytes) -> Any:
         try:
@@ -262,6 +274,25 @@ def _streaming(behavior: Any) -> Any:
             await _refuse(context, malformed[0])
 
     return streaming
+
+
+def health_service_handler(servicer: Any) -> grpc.GenericRpcHandler:
+    """grpc.health.v1 over `servicer`, as grpc_health's add_HealthServicer_to_server registers it, but
+    decoding leniently: health needs no token, so a malformed request must cost neither a traceback nor
+    an UNKNOWN."""
+    handlers = {}
+    for method in HEALTH_SERVICE.methods:
+        behavior = getattr(servicer, method.name, None)
+        if behavior is None:  # a method this grpc_health release does not implement (List)
+            continue
+        codec = {
+            "request_deserializer": _lenient(message_factory.GetMessageClass(method.input_type)),
+            "response_serializer": message_factory.GetMessageClass(method.output_type).SerializeToString,
+        }
+        # Watch streams through context.write, so both kinds take the unary wrapper.
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(_unary(behavior), **codec)
+    return grpc.method_handlers_generic_handler(HEALTH_SERVICE.full_name, handlers)
 
 
 def rerank_service_handler(servicer: Any, max_documents: int) -> grpc.GenericRpcHandler:

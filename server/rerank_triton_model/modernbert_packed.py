@@ -215,7 +215,6 @@ class _Plan:
     blocks: _Blocks | None  # local layers: the longer pairs
 
 
-
 # CPU fp32: single pairs at least this long attend through chunked GEMMs (_gemm_attention) rather than
 # SDPA's fused kernel; chunks of queries sized so a chunk's scores take GEMM_SCORES_BYTES.
 GEMM_ATTENTION_MIN = 1024
