@@ -5,6 +5,7 @@ bounded in count and time."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import socket
@@ -15,12 +16,25 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from rerank_client import RerankClient
+from rerank_server.http_api.cohere import MAX_DOCUMENT_DEPTH
+from rerank_server.http_api.connection import MAX_BODY_CHUNKS
 from tests.conftest import Stack, frontend
 from tests.test_hostile import CJK, memory, reset_peak
-from tests.test_http_errors import COHERE_V1, COHERE_V2, INVALID, NIM, TEI, assert_shape, good_body, still_serving
+from tests.test_http_errors import (
+    COHERE_V1,
+    COHERE_V2,
+    INVALID,
+    NIM,
+    TEI,
+    VLLM_SCORE,
+    assert_shape,
+    good_body,
+    still_serving,
+)
 from tests.test_operations import sample, scrape
 from tests.texts import QUERY
 
@@ -157,6 +171,112 @@ def test_lone_surrogates_are_refused_in_each_apis_shape(served: Stack) -> None:
         )
         assert_shape(COHERE_V1, response, 400, "documents[0]")
     still_serving(url)
+
+
+# -- what JSON cannot write back is refused before the model runs ---------------------------------------
+
+
+def post_json(url: str, body: bytes) -> httpx.Response:
+    return httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=60)
+
+
+def nested(depth: int) -> bytes:
+    """An object document whose `x` is `depth` - 1 nested lists (json.dumps would recurse on it)."""
+    return b'{"text": "a", "x": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+
+def test_json_that_cannot_be_written_back_is_refused_before_the_model_runs(served: Stack) -> None:
+    url = str(served.http_url)
+    metrics = scrape(served.metrics_url)
+    tokenized = sample(metrics, "rerank_tokenize_duration_seconds_count")
+    lines = len(served.output)
+    # Python's parser takes NaN, Infinity and numbers past a double (inf); standard JSON has none of them.
+    # Each in a field no API reads, and in an echoed object document (a 500 after the model ran).
+    for constant, fragment in (
+        (b"NaN", "NaN is not standard JSON"),
+        (b"Infinity", "Infinity is not standard JSON"),
+        (b"-Infinity", "-Infinity is not standard JSON"),
+        (b"1e400", "the number 1e400 is out of range"),
+        (b"-" + b"9" * 400 + b".5", "out of range"),
+    ):
+        echoed = b'{"query": "q", "documents": [{"text": "a", "x": %s}], "return_documents": true}' % constant
+        assert_shape(COHERE_V1, post_json(f"{url}{COHERE_V1}", echoed), 400, "not valid JSON", fragment)
+        for path in (COHERE_V1, COHERE_V2, TEI, NIM, VLLM_SCORE):
+            body = json.dumps({**good_body(path, ["a"]), "x": "@"}).encode().replace(b'"@"', constant)
+            assert_shape(path, post_json(f"{url}{path}", body), INVALID[path], "not valid JSON", fragment)
+    # Object documents UTF-8 or json.dumps cannot write: a lone surrogate in a field no rank reads, in a
+    # name, or nesting that passes Python's recursion limit when written (not when parsed).
+    for document, fragment in (
+        (b'{"text": "a", "x": ["\\ud800"]}', "lone surrogate"),
+        (b'{"text": "a", "\\udfff": 1}', "lone surrogate"),
+        (nested(955), f"nests deeper than {MAX_DOCUMENT_DEPTH} levels"),
+        (nested(MAX_DOCUMENT_DEPTH + 1), f"nests deeper than {MAX_DOCUMENT_DEPTH} levels"),
+    ):
+        for cohere in (b"true", b"false"):  # echoed (Jina) or ranked on a field (Cohere)
+            body = b'{"query": "q", "documents": ["fine", %s], "return_documents": %s}' % (document, cohere)
+            assert_shape(COHERE_V1, post_json(f"{url}{COHERE_V1}", body), 400, "documents[1]", fragment)
+    metrics = scrape(served.metrics_url)
+    assert sample(metrics, "rerank_tokenize_duration_seconds_count") == tokenized, "a refused call reached the model"
+    assert not [line for line in served.output[lines:] if "ERROR" in line or "Traceback" in line]
+    # As deep as allowed, and numbers a double holds: accepted, and echoed as sent.
+    body = b'{"query": "q", "documents": [%s, {"text": "b", "y": -1.5e308}]}' % nested(MAX_DOCUMENT_DEPTH)
+    response = post_json(f"{url}{COHERE_V1}", body)
+    assert response.status_code == 200, response.text
+    assert {tuple(r["document"]) for r in response.json()["results"]} == {("text", "x"), ("text", "y")}
+    assert sample(scrape(served.metrics_url), "rerank_tokenize_duration_seconds_count") == tokenized + 1
+
+
+# -- a body in tiny chunks is refused before it costs the loop ------------------------------------------
+
+
+def chunked(request_line: bytes, body: bytes, chunks: int) -> bytes:
+    """A request whose body comes in `chunks` chunks (1 byte each but the last)."""
+    pieces = [body[i : i + 1] for i in range(chunks - 1)] + [body[chunks - 1 :]]
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces)
+    head = b"host: x\r\ncontent-type: application/json\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n"
+    return request_line + b"\r\n" + head + framed + b"0\r\n\r\n"
+
+
+def test_a_body_in_too_many_chunks_is_refused_in_the_apis_shape(served: Stack) -> None:
+    address = http_address(served)
+    body = json.dumps({**good_body(COHERE_V2, ["a"]), "pad": " " * MAX_BODY_CHUNKS}).encode()
+    # As many chunks as allowed: answered.
+    with socket.create_connection(address) as sock:
+        sock.sendall(chunked(b"POST /v2/rerank HTTP/1.1", body, MAX_BODY_CHUNKS))
+        assert read_until_closed(sock, 30).startswith(b"HTTP/1.1 200"), "a body in the most chunks allowed"
+    # One more: 413 in the API's shape, closed; GET /health too (it needs no token, and takes a body).
+    refused = sample(scrape(served.metrics_url), "rerank_rejected_total", reason="too_many_chunks")
+    for request_line, keys in (
+        (b"POST /v2/rerank HTTP/1.1", {"message"}),
+        (b"GET /health HTTP/1.1", {"error", "error_type"}),
+    ):
+        with socket.create_connection(address) as sock:
+            # Without the final chunk: the server reads everything sent, so its close is a FIN, not a reset.
+            sock.sendall(chunked(request_line, body, MAX_BODY_CHUNKS + 1).removesuffix(b"0\r\n\r\n"))
+            status, answer = response_json(read_until_closed(sock, 30))
+        assert status == 413 and keys <= set(answer) and f"more than {MAX_BODY_CHUNKS} chunks" in json.dumps(answer)
+    assert sample(scrape(served.metrics_url), "rerank_rejected_total", reason="too_many_chunks") == refused + 2
+    # The refused call ends (its app task hears the disconnect) instead of staying counted in flight.
+    deadline = time.monotonic() + 10
+    while sample(scrape(served.metrics_url), "rerank_inflight_calls") != 0:
+        assert time.monotonic() < deadline, "the refused call is still in flight"
+        time.sleep(0.05)
+    still_serving(str(served.http_url))
+
+
+def test_a_megabyte_of_one_byte_chunks_costs_the_server_little(served: Stack) -> None:
+    """h11 and uvicorn spend about 5 us on each chunk: a megabyte of 1-byte chunks was seconds of the loop."""
+    body = b'{"query": "q", "documents": ["a"], "pad": "' + b" " * MIB + b'"}'
+    server = psutil.Process(served.process.pid)
+    cpu = server.cpu_times()
+    with socket.create_connection(http_address(served)) as sock, contextlib.suppress(OSError):
+        sock.sendall(chunked(b"POST /v2/rerank HTTP/1.1", body, len(body)))  # reset once refused
+        read_until_closed(sock, 15)
+    spent = sum(server.cpu_times()[:2]) - sum(cpu[:2])
+    print(f"\n1 MiB of 1-byte chunks: {spent * 1000:.0f} ms of the server's CPU")
+    # CPU time, not wall time: about 50 ms here, counting the connection's; seconds before the bound.
+    assert spent < 0.5, f"1 MiB of 1-byte chunks cost the server {spent:.2f} s of CPU"
+    still_serving(str(served.http_url))
 
 
 # -- a full tokenization queue is overload (429), not a limit (413) ---------------------------------------

@@ -36,6 +36,7 @@ REJECT_REASONS = (
     "body_timeout",
     "header_timeout",
     "invalid_http",
+    "too_many_chunks",
 )
 
 

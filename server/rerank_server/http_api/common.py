@@ -1,16 +1,19 @@
-"""What the route modules share: how a flavour declares its routes (HttpApi), the core and settings of
-the app, and a call to the core under the HTTP deadline (--http-timeout-s; HTTP has no gRPC deadline to
-carry one)."""
+"""What the route modules share: how a flavour declares its routes (HttpApi), how their JSON bodies are
+parsed (standard JSON only: StandardJsonRoute), the core and settings of the app, and a call to the core under
+the HTTP deadline (--http-timeout-s; HTTP has no gRPC deadline to carry one)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
+from fastapi.routing import APIRoute
 
 from rerank_server.core import RerankCore
 from rerank_server.errors import DeadlineExceededError, ErrorCode, ServiceError
@@ -32,12 +35,57 @@ class Route:
     ranks: bool = False  # ranks documents through the core: every error path applies to it
 
 
+# The most of a number's text a refusal quotes (a number may be a megabyte of digits).
+_QUOTED_DIGITS = 32
+
+
+def _no_constant(name: str) -> float:
+    raise json.JSONDecodeError(f"{name} is not standard JSON, which has no NaN, Infinity or -Infinity", "", 0)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        quoted = text if len(text) <= _QUOTED_DIGITS else text[:_QUOTED_DIGITS] + "..."
+        raise json.JSONDecodeError(f"the number {quoted} is out of range (a JSON number must be finite)", "", 0)
+    return value
+
+
+def loads_standard(body: bytes) -> Any:
+    """`json.loads`, refusing what standard JSON does not have and Python's parser accepts: NaN, Infinity and
+    -Infinity, and numbers past a double's range (1e400 would be inf). No route can use them, and an echoed
+    object document holding one could not be written back as JSON (a 500 after the model ran).
+
+    The JSONDecodeError becomes FastAPI's json_invalid, answered 400 (422: TEI, NIM) before any route runs."""
+    return json.loads(body, parse_constant=_no_constant, parse_float=_finite)
+
+
+class StandardJsonRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = loads_standard(await self.body())
+        return self._json
+
+
+class StandardJsonRoute(APIRoute):
+    """A route whose JSON body FastAPI parses with loads_standard (FastAPI's documented way to change how a
+    request is read: a custom Request class)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            return await handler(StandardJsonRequest(request.scope, request.receive))
+
+        return route
+
+
 class HttpApi:
     """One API flavour's routes, declared once: `@api.post(path, ...)` adds the FastAPI route and records
     it, and registry.py derives the gate's routes, the open paths and the error shapes from the records."""
 
     def __init__(self, tag: str, shape: ErrorShape) -> None:
-        self.router = APIRouter(tags=[tag])
+        self.router = APIRouter(tags=[tag], route_class=StandardJsonRoute)
         self.shape = shape
         self.routes: list[Route] = []
 
