@@ -63,6 +63,30 @@ def test_end_truncation_equals_transformers_batched_pair_encoding(hf_tokenizer, 
     assert pairs.input_ids.dtype == np.int32 and pairs.total_tokens == int(pairs.lengths.sum())
 
 
+# Runs of repeated punctuation after a few words: byte-level BPE merges a cut run differently from the
+# whole run, not only at the cut (176 underscores: tokens of 33, 32, 32... characters; cut to 64: 33, 16, 8...).
+RUNS = [
+    *(f"one two three {c * n}" for c in "-_.=~*#" for n in (37, 141, 300)),
+    *(f"hello {c * n} world" for c in "-_.=" for n in (176, 700)),
+    "x" * 40 + " " + "_" * 4200,
+]
+
+
+@pytest.mark.parametrize("max_length", [8, 10, 16, 24, 40, 128, 256])
+@pytest.mark.parametrize("truncation", [Truncation.END, Truncation.START])
+def test_truncation_inside_a_long_run_equals_transformers(hf_tokenizer, max_length: int, truncation) -> None:
+    tokenizer = PairTokenizer.from_dir(TOKENIZER_DIR, 8192)
+    query = "cat"
+    pairs = tokenizer.encode([query] * len(RUNS), RUNS, options(max_length, truncation=truncation))
+    hf_tokenizer.truncation_side = "left" if truncation is Truncation.START else "right"
+    try:
+        expected = hf_tokenizer([query] * len(RUNS), RUNS, truncation="only_second", max_length=max_length)
+    finally:
+        hf_tokenizer.truncation_side = "right"
+    for i, ids in enumerate(expected["input_ids"]):
+        assert split(pairs, i) == ids, repr(RUNS[i][:60])
+
+
 def test_chunk_windows_overlap_and_cover_the_document(hf_tokenizer) -> None:
     tokenizer = PairTokenizer.from_dir(TOKENIZER_DIR, 8192)
     document = text(300, seed=3)

@@ -10,7 +10,9 @@ overlapping windows (CHUNK, at most max_windows of them) when the pair is longer
 Only as much text is tokenized as the answer needs, in segments: a document is encoded a segment
 at a time (at most _SEGMENT_CHARS characters, cut just before a whitespace, where byte-level BPE's
 pre-tokenizer splits anyway, so the tokens are the same as the full text's) until it has the
-tokens the answer needs, which keeps a 10 MB document from costing seconds. START encodes the same
+tokens the answer needs, which keeps a 10 MB document from costing seconds. A segment that had to be cut
+inside a word contributes only the tokens before its last safe cut: BPE merges a cut run of repeated
+characters differently from the whole run, from its first tokens on. START encodes the same
 way from the text's end backwards, so keeping a long text's last tokens costs what its first cost. Between segments the
 caller's `should_stop` is checked, so a call whose deadline passed or that was cancelled stops
 within one segment's time (milliseconds). A run of more than _SEGMENT_CHARS characters without
@@ -174,6 +176,24 @@ def _safe_cut(text: str, start: int, limit: int) -> int:
     return limit
 
 
+def _last_safe_cut(text: str, start: int, end: int) -> int:
+    """The last safe cut in (start, end), or `start` when there is none."""
+    for cut in range(end - 1, start, -1):
+        if _is_safe(text, cut):
+            return cut
+    return start
+
+
+def _tokens_before(offsets: Sequence[tuple[int, int]], limit: int) -> int:
+    """How many leading tokens end at or before character `limit` (offsets: each token's span)."""
+    count = 0
+    for _, end in offsets:
+        if end > limit:
+            break
+        count += 1
+    return count
+
+
 def _safe_cut_back(text: str, limit: int, end: int) -> int:
     """A safe cut in [limit, end), the nearest to `limit`; without one in the lower half, `limit`."""
     for cut in range(limit, end - (end - limit) // 2):
@@ -257,6 +277,17 @@ class PairTokenizer:
                     enough = len(results[i]) + len(ids) > needs[i]
                     ends = cut == (0 if from_end else len(texts[i]))
                     hard = not ends and not _is_safe(texts[i], cut)
+                    if hard and not from_end and enough and len(segment) < _SEGMENT_CHARS:
+                        # Forward, a cut inside a pre-token changes that pre-token's first tokens too (BPE
+                        # merges a cut run of repeated characters differently from the whole run): only the
+                        # tokens before the segment's last safe cut are the text's own. Enough of them: keep
+                        # those; too few: retry the segment longer, as below.
+                        safe = _last_safe_cut(texts[i], positions[i], cut)
+                        kept = _tokens_before(encoding.offsets, safe - positions[i])
+                        if len(results[i]) + kept > needs[i]:
+                            ids, cut, hard = ids[:kept], safe, False
+                        else:
+                            enough = False
                     # A cut inside a word (or a whitespace run): retry the segment longer. From the end, even
                     # when it has enough: the tokens kept are the segment's last, and a pre-token's tokens
                     # depend on where it starts.
