@@ -223,6 +223,8 @@ def test_vllm_rerank_body_on_the_v1_path(base_url: str, grpc: RerankClient) -> N
     assert [r["relevance_score"] for r in answer["results"]] == pytest.approx([r.score for r in expected], abs=1e-6)
     assert [r["document"]["text"] for r in answer["results"]] == [DOCUMENTS[r.index] for r in expected]
     assert answer["model"] and answer["usage"]["total_tokens"] > 0
+    every = v1(base_url, {**body, "top_n": 0})  # vLLM's default: all of them
+    assert len(every["results"]) == len(DOCUMENTS)
 
 
 def test_cohere_v2_priority_is_accepted(base_url: str) -> None:

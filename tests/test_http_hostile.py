@@ -383,6 +383,7 @@ def test_requests_that_are_not_http_get_a_json_400(served: Stack) -> None:
             sock.sendall(request)
             status, body = response_json(read_until_closed(sock, 30))
         assert status == 400 and keys <= set(body), body
+        assert body.get("status", 400) == 400, body  # NIM's body repeats the status it is sent with
     assert sample(scrape(served.metrics_url), "rerank_rejected_total", reason="invalid_http") >= 3
     still_serving(str(served.http_url))
 

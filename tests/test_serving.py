@@ -194,6 +194,8 @@ def test_cli_query_reports_errors_with_a_status(stack: Stack) -> None:
 def test_serve_printed_where_it_listens(stack: Stack, model_repository: Path) -> None:
     line = stack.printed("rerank: serving")
     assert stack.target.split(":")[1] in line and "Triton at" in line
+    metrics_port = str(stack.metrics_url).rsplit(":", 1)[1].split("/")[0]
+    assert f"metrics on 127.0.0.1:{metrics_port}" in line, line
 
 
 def equal_length_documents(reference, count: int, tokens: int) -> list[str]:

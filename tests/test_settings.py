@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import socket
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 from rerank_server import flags
 from rerank_server.flags import option
 from rerank_server.settings import Settings
+from tests.conftest import RERANK
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -109,3 +112,21 @@ def test_export_options_use_the_same_conversion() -> None:
     assert plain.overwrite is False and plain.max_length is None
     with pytest.raises(SystemExit):  # --output is required
         parser.parse_args([])
+
+
+def test_serve_refuses_to_start_a_triton_on_ports_in_use(tmp_path: Path) -> None:
+    """Another server on Triton's gRPC port: the Triton this server starts would exit, and the frontend would
+    serve through the other one at localhost. It stops at once, naming the port and the way out."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [*RERANK, "serve", "--model-repository", str(tmp_path), f"--triton-grpc-port={port}", "--metrics-port=0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1, done.stderr
+    assert f"--triton-grpc-port {port}" in done.stderr and "--triton-url" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

@@ -36,7 +36,7 @@ from rerank_server.service import RerankService
 from rerank_server.settings import Settings
 from rerank_server.tokenization import PairTokenizer
 from rerank_server.triton_backend import ModelInfo, TritonServer
-from rerank_server.triton_launcher import LocalTriton, TritonPorts
+from rerank_server.triton_launcher import LocalTriton, TritonPorts, ports_in_use
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +295,22 @@ async def run(settings: Settings) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     metrics = Metrics()
+    if settings.triton_url is None:
+        taken = ports_in_use(
+            {
+                "--triton-grpc-port": settings.triton_grpc_port,
+                "--triton-http-port": settings.triton_http_port,
+                "--triton-metrics-port": settings.triton_metrics_port,
+            }
+        )
+        if taken:
+            log.error(
+                "the ports of the Triton this server starts are in use on this host (%s): another `rerank serve` or "
+                "Triton runs here. Give this one ports of its own (those flags, and --port, --http-port and "
+                "--metrics-port), or serve through that Triton with --triton-url",
+                ", ".join(taken),
+            )
+            return 1
     if settings.metrics_port:
         metrics.serve(settings.metrics_port, settings.host)
 
@@ -362,6 +378,7 @@ async def run(settings: Settings) -> int:
         print(
             f"rerank: serving {served} on {settings.host}:{frontend.port}"
             + (f"; HTTP on {settings.host}:{frontend.http.port}" if frontend.http is not None else "")
+            + (f"; metrics on {settings.host}:{settings.metrics_port}" if settings.metrics_port else "")
             + f"; Triton at {url}",
             flush=True,
         )

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -103,6 +104,23 @@ class TritonPorts:
     grpc: int = 8001
     http: int = 8000
     metrics: int = 8002
+
+
+def ports_in_use(ports: dict[str, int]) -> list[str]:
+    """Which of the named ports something on this host already listens on (each as "NAME PORT").
+
+    tritonserver binds every interface; a port another server holds makes it exit at start, while the
+    frontend, reaching "its" Triton at localhost, would find and serve through the other one."""
+    taken = []
+    for name, port in ports.items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # SO_REUSEADDR: a port whose last server left connections in TIME_WAIT is free; a listener is not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError:
+                taken.append(f"{name} {port}")
+    return taken
 
 
 class LocalTriton:

@@ -73,7 +73,7 @@ class RerankV1Request(BaseModel):
     query: str
     documents: list[str | dict[str, Any]] = Field(description="strings, or objects ranked on `text` (or rank_fields)")
     model: str | None = Field(None, description=MODEL_FIELD)
-    top_n: int | None = Field(None, ge=1, description="results to return (default: all)")
+    top_n: int | None = Field(None, ge=0, description="results to return (default, or 0 as vLLM sends it: all)")
     rank_fields: list[str] | None = Field(
         None,
         max_length=MAX_RANK_FIELDS,

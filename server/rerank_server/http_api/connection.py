@@ -56,7 +56,7 @@ _Event: TypeAlias = h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]
 def error_bytes(status: int, kind: Kind, message: str, path: str) -> bytes:
     """A complete HTTP/1.1 error response in the shape of the API at `path`, closing the connection."""
     shape = shape_for(path)
-    body = json.dumps(shape.body(shape.status(kind), kind, message)).encode()
+    body = json.dumps(shape.body(status, kind, message)).encode()  # the status it is sent with
     head = (
         f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
         f"content-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
