@@ -19,6 +19,7 @@ import (
 	"math/rand"
 	"os"
 	"time"
+	"unicode/utf8"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -264,12 +265,27 @@ func StreamRequest(id, query string, documents []string, options ...Option) *rer
 
 // Rerank scores documents against query; results come best first.
 func (c *Client) Rerank(ctx context.Context, query string, documents []string, options ...Option) (*rerankv1.RerankResponse, error) {
+	if err := checkText("query", query); err != nil {
+		return nil, err
+	}
+	for i, document := range documents {
+		if err := checkText(fmt.Sprintf("documents[%d]", i), document); err != nil {
+			return nil, err
+		}
+	}
 	request := RerankRequest(query, documents, options...)
 	return call(ctx, c, func(ctx context.Context) (*rerankv1.RerankResponse, error) { return c.stub.Rerank(ctx, request) })
 }
 
 // Score scores (TextA, TextB) pairs; scores come in request order.
 func (c *Client) Score(ctx context.Context, pairs []Pair, options ...Option) (*rerankv1.ScoreResponse, error) {
+	for i, pair := range pairs {
+		for field, text := range map[string]string{"text_a": pair.TextA, "text_b": pair.TextB} {
+			if err := checkText(fmt.Sprintf("pairs[%d].%s", i, field), text); err != nil {
+				return nil, err
+			}
+		}
+	}
 	request := ScoreRequest(pairs, options...)
 	return call(ctx, c, func(ctx context.Context) (*rerankv1.ScoreResponse, error) { return c.stub.Score(ctx, request) })
 }
@@ -288,6 +304,16 @@ func (c *Client) ListModels(ctx context.Context) (*rerankv1.ListModelsResponse, 
 	return call(ctx, c, func(ctx context.Context) (*rerankv1.ListModelsResponse, error) {
 		return c.stub.ListModels(ctx, &rerankv1.ListModelsRequest{})
 	})
+}
+
+// checkText refuses text protobuf cannot carry (a string must be valid UTF-8) as the caller's invalid
+// request, before sending: grpc-go's marshaling failure would read as an INTERNAL server fault.
+func checkText(field, text string) error {
+	if utf8.ValidString(text) {
+		return nil
+	}
+	violation := &rerankv1.FieldViolation{Field: field, Description: "is not valid UTF-8"}
+	return &Error{Code: codes.InvalidArgument, Details: field + ": is not valid UTF-8", FieldViolations: []*rerankv1.FieldViolation{violation}}
 }
 
 // withDeadline applies the client's default timeout to a context that has no deadline.

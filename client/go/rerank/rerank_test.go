@@ -302,6 +302,21 @@ func TestInvalidArgumentCarriesTheFieldViolations(t *testing.T) {
 	}
 }
 
+func TestTextThatIsNotUTF8IsTheCallersInvalidRequest(t *testing.T) {
+	// Refused before sending: no server listens at this target, and no attempt is made.
+	client := newClient(t, "127.0.0.1:1", rerank.WithRetries(0))
+	_, err := client.Rerank(context.Background(), "q", []string{"fine", "bad \xff byte"})
+	failed := expectKind(t, err, rerank.ErrInvalidRequest, codes.InvalidArgument)
+	if len(failed.FieldViolations) != 1 || failed.FieldViolations[0].GetField() != "documents[1]" {
+		t.Fatalf("violations: %v", failed.FieldViolations)
+	}
+	_, err = client.Score(context.Background(), []rerank.Pair{{TextA: "q", TextB: "\xed\xa0\x80"}})
+	failed = expectKind(t, err, rerank.ErrInvalidRequest, codes.InvalidArgument)
+	if failed.FieldViolations[0].GetField() != "pairs[0].text_b" {
+		t.Fatalf("violations: %v", failed.FieldViolations)
+	}
+}
+
 func TestModelNotFoundNamesTheServedModels(t *testing.T) {
 	client := newClient(t, env(t, "RERANK_TARGET"))
 	ctx := context.Background()

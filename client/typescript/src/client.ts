@@ -98,12 +98,27 @@ export interface RerankOptions extends RequestOptions {
   returnDocuments?: boolean;
 }
 
+// A UTF-16 surrogate that is not half of a pair (with the u flag, pairs match as one code point).
+const LONE_SURROGATE = /\p{Surrogate}/u;
+
+/**
+ * Refuse text that UTF-8 cannot carry: protobuf would send a lone surrogate as U+FFFD, and the server
+ * would score (and echo) another text than the caller's.
+ */
+function checkText(field: string, text: string): void {
+  if (LONE_SURROGATE.test(text)) {
+    throw new TypeError(`${field} is not well-formed Unicode: it holds a lone surrogate, which UTF-8 cannot carry`);
+  }
+}
+
 /** The RerankRequest for these arguments. Validation of the values is the server's job. */
 export function buildRerankRequest(query: string, documents: readonly string[], options: RerankOptions = {}): RerankRequest {
   if (typeof documents === "string") {
     // A string is iterable too; a caller without types would rerank its characters.
     throw new TypeError("documents must be an array of strings, not a single string");
   }
+  checkText("query", query);
+  documents.forEach((document, i) => checkText(`documents[${i}]`, document));
   const { truncation, ...fields } = options;
   return create(RerankRequestSchema, { ...fields, query, documents: [...documents], truncation: truncationValue(truncation) });
 }
@@ -113,7 +128,11 @@ export function buildScoreRequest(pairs: Iterable<readonly [string, string]>, op
   const { truncation, ...fields } = options;
   return create(ScoreRequestSchema, {
     ...fields,
-    pairs: Array.from(pairs, ([textA, textB]) => create(TextPairSchema, { textA, textB })),
+    pairs: Array.from(pairs, ([textA, textB], i) => {
+      checkText(`pairs[${i}].textA`, textA);
+      checkText(`pairs[${i}].textB`, textB);
+      return create(TextPairSchema, { textA, textB });
+    }),
     truncation: truncationValue(truncation),
   });
 }
@@ -172,18 +191,34 @@ export function backoffMs(retry: number): number {
   return ceiling / 2 + Math.random() * (ceiling / 2);
 }
 
-function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+/** Wait `ms`, or reject with the reason of the first of `signals` to abort. */
+function sleep(ms: number, ...signals: (AbortSignal | undefined)[]): Promise<void> {
+  const watched = signals.filter((signal): signal is AbortSignal => signal !== undefined);
   return new Promise((resolve, reject) => {
-    const onAbort = () => {
+    const aborted = watched.find((signal) => signal.aborted);
+    if (aborted !== undefined) {
+      reject(aborted.reason);
+      return;
+    }
+    const stop = () => watched.forEach((signal) => signal.removeEventListener("abort", onAbort));
+    const onAbort = (event: Event) => {
       clearTimeout(timer);
-      reject(signal?.reason);
+      stop();
+      reject((event.target as AbortSignal).reason);
     };
     const timer = setTimeout(() => {
-      signal?.removeEventListener("abort", onAbort);
+      stop();
       resolve();
     }, ms);
-    signal?.addEventListener("abort", onAbort, { once: true });
+    watched.forEach((signal) => signal.addEventListener("abort", onAbort, { once: true }));
   });
+}
+
+/** The `code` of the Node error (ECONNRESET, ERR_SSL_..., UNABLE_TO_VERIFY_LEAF_SIGNATURE) behind a failure. */
+function nodeErrorCode(reason: unknown): string | undefined {
+  const cause = reason instanceof ConnectError ? reason.cause : reason;
+  const code = (cause as { code?: unknown } | null | undefined)?.code;
+  return typeof code === "string" ? code : undefined;
 }
 
 async function* fromIterable<T>(items: Iterable<T> | AsyncIterable<T>): AsyncIterable<T> {
@@ -201,6 +236,8 @@ export class RerankClient {
   private readonly session: Http2SessionManager;
   private readonly stub: Client<typeof RerankService>;
   private closed = false;
+  // Aborted by close(): ends a pause between retries at once.
+  private readonly closing = new AbortController();
 
   constructor(target: string, options: ClientOptions = {}) {
     this.target = target;
@@ -282,6 +319,7 @@ export class RerankClient {
   /** Close the connection; calls in flight fail with CANCELLED. */
   close(): void {
     this.closed = true;
+    this.closing.abort();
     this.session.abort();
   }
 
@@ -313,7 +351,8 @@ export class RerankClient {
     for (let attempt = 1; ; attempt++) {
       const remaining = deadline === null ? null : deadline - Date.now();
       if (remaining !== null && remaining <= 0) {
-        throw new RerankTimeoutError(Code.DeadlineExceeded, "the deadline passed between retries");
+        const when = attempt === 1 ? "before the call" : "between retries";
+        throw new RerankTimeoutError(Code.DeadlineExceeded, `the deadline passed ${when}`);
       }
       try {
         return await invoke(this.callOptions(remaining, settings.signal));
@@ -327,9 +366,11 @@ export class RerankClient {
           throw error; // no time left for another attempt: the server is unavailable
         }
         try {
-          await sleep(pause, settings.signal);
+          await sleep(pause, settings.signal, this.closing.signal);
         } catch (aborted) {
-          throw fromConnectError(aborted);
+          // The caller's signal (whatever its reason) or close(): cancelled, as during an attempt.
+          const message = this.closed ? "the client is closed" : "the call was cancelled";
+          throw new CancelledError(Code.Canceled, message, [], { cause: aborted });
         }
       }
     }
@@ -344,6 +385,11 @@ export class RerankClient {
     const error = fromConnectError(reason);
     const fromServer = reason instanceof ConnectError && reason.metadata.has("grpc-status");
     if (error instanceof CancelledError && !signal?.aborted && !this.closed && !fromServer) {
+      return new UnavailableError(Code.Unavailable, error.details, [], { cause: reason });
+    }
+    // A connection that failed before any answer (a TLS handshake refused, say) is Node's error, which
+    // connect reads as INTERNAL; the other SDKs, and retries, see the server as unavailable.
+    if (error.code === Code.Internal && !fromServer && nodeErrorCode(reason) !== undefined) {
       return new UnavailableError(Code.Unavailable, error.details, [], { cause: reason });
     }
     return error;

@@ -15,6 +15,7 @@ import {
   AuthenticationError,
   backoffMs,
   buildRerankRequest,
+  buildScoreRequest,
   CancelledError,
   Code,
   fromStreamError,
@@ -263,6 +264,15 @@ test("mTLS with the token is served the same ranking as plaintext; no client cer
     retries: 0,
   });
   await failure(() => anonymous.rerank("q", ["d"]));
+  // A handshake that fails (a CA that does not sign the server's certificate; TLS to a plaintext port) is
+  // the server unavailable, as in the other SDKs, not a server fault.
+  for (const [target, credentials] of [
+    [env("RERANK_SECURE_TARGET"), {}],
+    [TARGET, secureCredentials()],
+  ] as const) {
+    const refused = await failure(() => client(target, { credentials, retries: 0 }).rerank("q", ["d"]));
+    assert.ok(refused instanceof UnavailableError, String(refused));
+  }
 });
 
 // -- retries: UNAVAILABLE is retried with backoff, within the attempts allowed ----------------------------
@@ -348,6 +358,23 @@ describe("retries", () => {
     });
   }
 
+  test("close() or the caller's signal, with any reason, ends a pause between retries: CancelledError", async () => {
+    const proxy = await TcpProxy.start(TARGET, 100);
+    try {
+      for (const stop of ["close", "abort"] as const) {
+        const aborter = new AbortController();
+        const sdk = client(proxy.target, { retries: 4 });
+        const started = Date.now();
+        setTimeout(() => (stop === "close" ? sdk.close() : aborter.abort(new Error("stop"))), 150);
+        const error = await failure(() => sdk.rerank("q", ["d"], { signal: aborter.signal }));
+        assert.ok(error instanceof CancelledError && error.code === Code.Canceled, `${stop}: ${String(error)}`);
+        assert.ok(Date.now() - started < 1000, `${stop}: ${Date.now() - started} ms`); // not after every attempt
+      }
+    } finally {
+      await proxy.close();
+    }
+  });
+
   test("the backoff doubles from 100 ms up to 2 s, jittered between half and all of it", () => {
     for (const [retry, ceiling] of [
       [1, 100],
@@ -378,6 +405,11 @@ test("a closed client refuses calls; `using` closes it", async () => {
 test("request building refuses a bare string and an unknown truncation name", () => {
   assert.throws(() => buildRerankRequest("q", "not an array" as unknown as string[]), TypeError);
   assert.throws(() => truncationValue("middle" as "end"), RangeError);
+  // A lone surrogate would travel as U+FFFD: another text than the caller's.
+  assert.throws(() => buildRerankRequest("q", ["fine", "lone \ud800"]), /documents\[1\] is not well-formed/);
+  assert.throws(() => buildRerankRequest("\udc00", ["a"]), /query is not well-formed/);
+  assert.throws(() => buildScoreRequest([["q", "\ud800"]]), /pairs\[0\]\.textB is not well-formed/);
+  assert.equal(buildRerankRequest("q", ["emoji 🚀 paired"]).documents[0], "emoji 🚀 paired");
   const request = buildRerankRequest("q", ["a", "b"], { topN: 1, truncation: "chunk", chunkOverlap: 0 });
   assert.equal(request.topN, 1);
   assert.equal(request.chunkOverlap, 0); // set, not the server's default
