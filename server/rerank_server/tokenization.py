@@ -117,8 +117,10 @@ class StoppedError(Exception):
 
 
 class QueryTooLongError(EncodingError):
-    def __init__(self, index: int, tokens: str, limit: int) -> None:
-        super().__init__("query", f"the query is {tokens} tokens long; the limit is {limit} (max_query_tokens)", index)
+    def __init__(self, index: int, tokens: str, limit: int, by_max_length: bool = False) -> None:
+        # Named by what set the limit: max_query_tokens, or max_length, which must leave the document a token.
+        cause = "max_length, less the special tokens and one document token" if by_max_length else "max_query_tokens"
+        super().__init__("query", f"the query is {tokens} tokens long; the limit is {limit} ({cause})", index)
 
 
 class PairTooLongError(EncodingError):
@@ -329,7 +331,8 @@ class PairTokenizer:
         for query, ids in zip(distinct, query_prefixes, strict=True):
             if len(ids) > query_limit:
                 # Only a prefix was encoded: the exact length of a 20 MB query is not worth its cost.
-                raise QueryTooLongError(queries.index(query), f"more than {query_limit}", query_limit)
+                by_max_length = query_limit < options.max_query_tokens
+                raise QueryTooLongError(queries.index(query), f"more than {query_limit}", query_limit, by_max_length)
             query_ids[query] = ids
 
         rooms = [options.max_length - specials - len(query_ids[q]) for q in queries]
