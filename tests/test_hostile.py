@@ -555,7 +555,12 @@ def test_what_grpc_clients_cannot_send_gets_a_clear_status_and_no_traceback(guar
     with grpc.insecure_channel(guarded.target) as channel:  # a well-formed one still works
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
-    time.sleep(0.5)  # the log lines of the calls above
+    # A last call, logged after whatever the calls above logged: its line marks the end of theirs.
+    h2_call(guarded.target, "/rerank.v1.RerankService/Rerank", [bearer, (b"x-request-id", b"end-of-probes")], request)
+    deadline = time.monotonic() + 10
+    while not any("end-of-probes" in line for line in guarded.output[logged:]):
+        assert time.monotonic() < deadline, "no log line of the last call"
+        time.sleep(0.05)
     assert not [line for line in guarded.output[logged:] if "Traceback" in line or "ERROR" in line]
 
 

@@ -198,6 +198,7 @@ def test_json_that_cannot_be_written_back_is_refused_before_the_model_runs(serve
         (b"-Infinity", "-Infinity is not standard JSON"),
         (b"1e400", "the number 1e400 is out of range"),
         (b"-" + b"9" * 400 + b".5", "out of range"),
+        (b"9" * 5000, "has too many digits"),  # past Python's limit on an int's digits
     ):
         echoed = b'{"query": "q", "documents": [{"text": "a", "x": %s}], "return_documents": true}' % constant
         assert_shape(COHERE_V1, post_json(f"{url}{COHERE_V1}", echoed), 400, "not valid JSON", fragment)

@@ -14,6 +14,7 @@ nvidia_pytriton.libs/), e.g. what `python -m bench.gpu_pack` carries to a machin
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import logging
 import os
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,21 +108,36 @@ class TritonPorts:
     metrics: int = 8002
 
 
-def ports_in_use(ports: dict[str, int]) -> list[str]:
-    """Which of the named ports something on this host already listens on (each as "NAME PORT").
+def ports_in_use(ports: dict[str, int], attempts: int = 3, pause_s: float = 1.0) -> list[str]:
+    """Which of the named ports something on this host already listens on (each as "NAME PORT"), on IPv4 or
+    IPv6. A port is reported only when it stays taken over `attempts` probes `pause_s` apart: a client
+    connection can hold a port of the ephemeral range for a moment.
 
     tritonserver binds every interface; a port another server holds makes it exit at start, while the
     frontend, reaching "its" Triton at localhost, would find and serve through the other one."""
-    taken = []
-    for name, port in ports.items():
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            # SO_REUSEADDR: a port whose last server left connections in TIME_WAIT is free; a listener is not.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(("0.0.0.0", port))
-            except OSError:
-                taken.append(f"{name} {port}")
-    return taken
+    for attempt in range(attempts):
+        taken = [f"{name} {port}" for name, port in ports.items() if _taken(port)]
+        if not taken or attempt == attempts - 1:
+            return taken
+        time.sleep(pause_s)
+    return []
+
+
+def _taken(port: int) -> bool:
+    """Whether binding `port` on every IPv4 (and, where the host has it, IPv6) interface fails as in use.
+    Other failures (no such family, a port the user may not bind) are left for tritonserver to report."""
+    for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                # SO_REUSEADDR: a port whose last server left connections in TIME_WAIT is free; a listener is not.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind((address, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return True
+    return False
 
 
 class LocalTriton:

@@ -280,10 +280,11 @@ func (c *Client) Rerank(ctx context.Context, query string, documents []string, o
 // Score scores (TextA, TextB) pairs; scores come in request order.
 func (c *Client) Score(ctx context.Context, pairs []Pair, options ...Option) (*rerankv1.ScoreResponse, error) {
 	for i, pair := range pairs {
-		for field, text := range map[string]string{"text_a": pair.TextA, "text_b": pair.TextB} {
-			if err := checkText(fmt.Sprintf("pairs[%d].%s", i, field), text); err != nil {
-				return nil, err
-			}
+		if err := checkText(fmt.Sprintf("pairs[%d].text_a", i), pair.TextA); err != nil {
+			return nil, err
+		}
+		if err := checkText(fmt.Sprintf("pairs[%d].text_b", i), pair.TextB); err != nil {
+			return nil, err
 		}
 	}
 	request := ScoreRequest(pairs, options...)

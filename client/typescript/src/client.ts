@@ -4,6 +4,7 @@
  * ConnectError. It mirrors the Python SDK's RerankClient (camelCase names, the same error tree).
  */
 
+import { setMaxListeners } from "node:events";
 import { readFileSync } from "node:fs";
 
 import { create } from "@bufbuild/protobuf";
@@ -214,6 +215,10 @@ function sleep(ms: number, ...signals: (AbortSignal | undefined)[]): Promise<voi
   });
 }
 
+// Node's codes for a connection that failed under the call: TLS and certificate verification, resets.
+const CONNECTION_FAILURE =
+  /^(ERR_SSL_|ERR_TLS_|UNABLE_TO_|CERT_|DEPTH_ZERO_SELF_SIGNED_CERT$|SELF_SIGNED_CERT_IN_CHAIN$|ECONNRESET$|EPIPE$)/;
+
 /** The `code` of the Node error (ECONNRESET, ERR_SSL_..., UNABLE_TO_VERIFY_LEAF_SIGNATURE) behind a failure. */
 function nodeErrorCode(reason: unknown): string | undefined {
   const cause = reason instanceof ConnectError ? reason.cause : reason;
@@ -243,6 +248,8 @@ export class RerankClient {
     this.target = target;
     this.timeoutMs = options.timeoutMs === undefined ? DEFAULT_TIMEOUT_MS : options.timeoutMs;
     this.retries = options.retries ?? DEFAULT_RETRIES;
+    // Every call pausing between retries listens to it: no cap on listeners (each is removed after its pause).
+    setMaxListeners(0, this.closing.signal);
     const tls = options.credentials;
     const baseUrl = target.includes("://") ? target : `${tls ? "https" : "http"}://${target}`;
     const maxBytes = options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
@@ -387,9 +394,10 @@ export class RerankClient {
     if (error instanceof CancelledError && !signal?.aborted && !this.closed && !fromServer) {
       return new UnavailableError(Code.Unavailable, error.details, [], { cause: reason });
     }
-    // A connection that failed before any answer (a TLS handshake refused, say) is Node's error, which
-    // connect reads as INTERNAL; the other SDKs, and retries, see the server as unavailable.
-    if (error.code === Code.Internal && !fromServer && nodeErrorCode(reason) !== undefined) {
+    // A TLS handshake that failed, or a connection reset before any answer, is Node's error, which connect
+    // reads as INTERNAL or ABORTED; the other SDKs, and retries, see the server as unavailable.
+    const transport = CONNECTION_FAILURE.test(nodeErrorCode(reason) ?? "");
+    if (transport && !fromServer && !signal?.aborted && !this.closed) {
       return new UnavailableError(Code.Unavailable, error.details, [], { cause: reason });
     }
     return error;

@@ -51,13 +51,21 @@ def _finite(text: str) -> float:
     return value
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # past Python's limit on an integer's digits (sys.get_int_max_str_digits)
+        quoted = text[:_QUOTED_DIGITS] + "..."
+        raise json.JSONDecodeError(f"the integer {quoted} has too many digits ({len(text):,})", "", 0) from None
+
+
 def loads_standard(body: bytes) -> Any:
     """`json.loads`, refusing what standard JSON does not have and Python's parser accepts: NaN, Infinity and
     -Infinity, and numbers past a double's range (1e400 would be inf). No route can use them, and an echoed
     object document holding one could not be written back as JSON (a 500 after the model ran).
 
     The JSONDecodeError becomes FastAPI's json_invalid, answered 400 (422: TEI, NIM) before any route runs."""
-    return json.loads(body, parse_constant=_no_constant, parse_float=_finite)
+    return json.loads(body, parse_constant=_no_constant, parse_float=_finite, parse_int=_integer)
 
 
 class StandardJsonRequest(Request):
