@@ -44,6 +44,17 @@ def hf_tokenizer():
     return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
+def transformers_ids(hf_tokenizer, query: str, documents: list[str], max_length: int, side: str) -> list[list[int]]:
+    """transformers' pair encoding of (query, document) with the document cut from `side` ("right": END)."""
+    hf_tokenizer.truncation_side = side
+    try:
+        return hf_tokenizer([query] * len(documents), documents, truncation="only_second", max_length=max_length)[
+            "input_ids"
+        ]
+    finally:
+        hf_tokenizer.truncation_side = "right"
+
+
 def split(pairs, i: int) -> list[int]:
     offsets = np.concatenate(([0], np.cumsum(pairs.lengths)))
     return pairs.input_ids[offsets[i] : offsets[i + 1]].tolist()
@@ -78,12 +89,8 @@ def test_truncation_inside_a_long_run_equals_transformers(hf_tokenizer, max_leng
     tokenizer = PairTokenizer.from_dir(TOKENIZER_DIR, 8192)
     query = "cat"
     pairs = tokenizer.encode([query] * len(RUNS), RUNS, options(max_length, truncation=truncation))
-    hf_tokenizer.truncation_side = "left" if truncation is Truncation.START else "right"
-    try:
-        expected = hf_tokenizer([query] * len(RUNS), RUNS, truncation="only_second", max_length=max_length)
-    finally:
-        hf_tokenizer.truncation_side = "right"
-    for i, ids in enumerate(expected["input_ids"]):
+    side = "left" if truncation is Truncation.START else "right"
+    for i, ids in enumerate(transformers_ids(hf_tokenizer, query, RUNS, max_length, side)):
         assert split(pairs, i) == ids, repr(RUNS[i][:60])
 
 
@@ -176,12 +183,7 @@ def test_start_truncation_equals_transformers_left_truncation(hf_tokenizer, max_
     tokenizer = PairTokenizer.from_dir(TOKENIZER_DIR, 8192)
     documents = [*DOCUMENTS, text(12000, seed=7), "word " * 30000 + "the end"]
     pairs = tokenizer.encode([QUERY] * len(documents), documents, options(max_length, truncation=Truncation.START))
-    hf_tokenizer.truncation_side = "left"
-    try:
-        expected = hf_tokenizer([QUERY] * len(documents), documents, truncation="only_second", max_length=max_length)
-    finally:
-        hf_tokenizer.truncation_side = "right"
-    for i, ids in enumerate(expected["input_ids"]):
+    for i, ids in enumerate(transformers_ids(hf_tokenizer, QUERY, documents, max_length, "left")):
         assert split(pairs, i) == ids, repr(documents[i][:40])
     full = hf_tokenizer([QUERY] * len(documents), documents)["input_ids"]
     assert pairs.truncated.tolist() == [len(f) > max_length for f in full]

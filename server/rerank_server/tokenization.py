@@ -439,11 +439,17 @@ class InvalidTextError(EncodingError):
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def lone_surrogate(text: str) -> int | None:
+    """Where `text` holds a lone surrogate (no Unicode, so no UTF-8), or None."""
+    found = _SURROGATE.search(text)
+    return None if found is None else found.start()
+
+
 def _not_unicode(texts: Sequence[str], group: list[int]) -> InvalidTextError:
     for i in group:
-        found = _SURROGATE.search(texts[i])
-        if found is not None:
-            return InvalidTextError(i, found.start())
+        position = lone_surrogate(texts[i])
+        if position is not None:
+            return InvalidTextError(i, position)
     raise AssertionError("the tokenizer refused text that holds no surrogate")
 
 

@@ -48,6 +48,7 @@ from rerank_server.errors import InvalidRequestError, field_error
 from rerank_server.http_api import vllm
 from rerank_server.http_api.common import MODEL_FIELD, HttpApi, call_core, context, request_id, requested_model
 from rerank_server.http_api.errors import COHERE, COHERE_JINA
+from rerank_server.tokenization import lone_surrogate
 
 api = HttpApi("Cohere and Jina", COHERE)
 
@@ -132,7 +133,7 @@ def _check_object(document: dict[str, Any], index: int) -> None:
     while pending:
         value, depth = pending.pop()
         if isinstance(value, str):
-            if not value.isascii() and not _is_unicode(value):
+            if not value.isascii() and lone_surrogate(value) is not None:
                 raise field_error(
                     InvalidRequestError,
                     f"documents[{index}]",
@@ -147,14 +148,6 @@ def _check_object(document: dict[str, Any], index: int) -> None:
             )
         items = [*value, *value.values()] if isinstance(value, dict) else value
         pending.extend((item, depth + 1) for item in items)
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _document_text(document: str | dict[str, Any], index: int, rank_fields: list[str] | None) -> str:
