@@ -192,3 +192,21 @@ def test_refuses_a_negative_long_pair_threshold(tmp_path: Path, checkpoints: dic
         "export", "--model", str(checkpoints["reranker"]), "--output", str(tmp_path), "--long-pair-tokens", "-1"
     )
     assert done.returncode == 2 and "--long-pair-tokens must be 0 (off) or positive" in done.stderr
+
+
+def test_the_bf16_bound_ignores_the_heads_bias(tmp_path: Path) -> None:
+    """A bias shifts every logit alike and adds no rounding error (the head runs in fp32): the bound stays
+    relative to the logits' distance from it, so a checkpoint with offset logits is held as tightly as any."""
+    from transformers import ModernBertForSequenceClassification
+
+    checkpoint = save_random_checkpoint(tmp_path / "ckpt", TOKENIZER_DIR, **TINY_CONFIG)
+    model = ModernBertForSequenceClassification.from_pretrained(checkpoint)
+    with torch.no_grad():
+        model.classifier.bias.fill_(1000.0)
+    model.save_pretrained(checkpoint)
+    done = run_rerank("export", "--model", str(checkpoint), "--output", str(tmp_path / "out"), "--precision", "bf16")
+    assert done.returncode == 0, done.stderr
+    verification = json.loads((tmp_path / "out" / "reranker" / "1" / "export.json").read_text())["verification"]
+    # 5% of the largest |logit - 1000| (these logits reach about ±30), where 5% of the largest |logit| is 50.
+    assert 0.05 <= verification["tolerance"] < 2.5 and verification["max_abs_diff"] < verification["tolerance"]
+    assert verification["ranking"]["agrees"], verification["ranking"]

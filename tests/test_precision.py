@@ -252,6 +252,37 @@ def repositories(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str
     return {variant: root / variant for variant in VARIANTS}
 
 
+def _ranking(model_dir: Path) -> tuple[dict[str, object] | None, str]:
+    """An export's ranking check (export.json) and the precision reason it serves."""
+    provenance = json.loads((model_dir / "1" / "export.json").read_text())
+    return provenance["verification"].get("ranking"), exported_parameters(model_dir).precision_reason
+
+
+@pytest.mark.e2e
+def test_a_fixed_reduced_precision_is_checked_for_ranking_like_fp32(
+    tmp_path: Path, checkpoints: dict[str, Path], repositories: dict[str, Path]
+) -> None:
+    """The per-logit bound catches wrong weights; ranking is checked too, on auto's 32 sample documents
+    against eager fp32. transformers' padded model in bf16 rounds its residual stream at every layer: on
+    `reranker` (CLS pooling) that reorders the documents, and the export keeps the choice but says so."""
+    done = run_rerank(
+        "export", "--model", str(checkpoints["reranker"]), "--output", str(tmp_path), *VARIANTS["bf16-torch"]
+    )
+    assert done.returncode == 0, done.stderr
+    ranking, reason = _ranking(tmp_path / "reranker")
+    assert ranking is not None and ranking["documents"] == 32 and not ranking["agrees"], ranking
+    assert reason.startswith("--precision bf16; ranks unlike fp32 on 32 sample documents (top-10 overlap ")
+    assert "serve --precision fp32 where ranking matters" in reason
+    assert "Warning: bf16 ranks unlike fp32" in done.stderr
+    # Where the precision ranks like fp32 the reason is the choice alone; fp32 is the reference, unchecked.
+    for variant in ("bf16", "bf16-torch", "int8"):
+        ranking, reason = _ranking(repositories[variant] / "reranker")
+        assert ranking is not None and ("ranks unlike fp32" in reason) != ranking["agrees"], (variant, ranking)
+    ranking, reason = _ranking(repositories["bf16"] / "reranker")
+    assert ranking is not None and ranking["agrees"] and reason == "--precision bf16", ranking
+    assert _ranking(repositories["fp32"] / "reranker")[0] is None
+
+
 @dataclass
 class Served:
     precision: str  # GetModelInfo's

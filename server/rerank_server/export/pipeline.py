@@ -76,9 +76,14 @@ class Plan:
         return len(self.candidates) > 1 or self.measure_threshold
 
     @property
+    def ranks_checked(self) -> bool:
+        """A fixed reduced precision on the CPU is checked for ranking like fp32 (auto checks its candidates)."""
+        return self.options.device == CPU and not self.measuring and self.candidates[0][1] != FP32
+
+    @property
     def steps(self) -> int:
         """Check, load, verify, write, and what this export adds."""
-        return 4 + self.graph + self.fp16_graph + self.int8 + self.checkpoint + self.measuring
+        return 4 + self.graph + self.fp16_graph + self.int8 + self.checkpoint + self.measuring + self.ranks_checked
 
 
 def export(options: ExportOptions, progress: Progress = print) -> Path:
@@ -118,7 +123,7 @@ def _export_weights(source: Source, plan: Plan, version_dir: Path, steps: Steps)
     """Write what the plan needs, verify every runtime that may serve it, choose (auto), and leave the chosen
     weights, the fp32 fallback and the long-pair checkpoint in the version folder."""
     from rerank_server.export import weights as written
-    from rerank_server.export.verify import eager_reference, verify
+    from rerank_server.export.verify import eager_reference, ranking, verify
 
     options, model = plan.options, source.model
     graph, int8_graph, checkpoint = version_dir / ONNXRUNTIME.weights, version_dir / INT8_GRAPH, version_dir / "model"
@@ -169,6 +174,18 @@ def _export_weights(source: Source, plan: Plan, version_dir: Path, steps: Steps)
     else:
         runtime, chosen = plan.candidates[0]
         reason = _fixed_reason(plan, chosen)
+    if plan.ranks_checked:
+        with steps.step(f"Checking that {chosen} ranks like fp32"):
+            ranks = ranking(runtime, weights_of(runtime, chosen), chosen, source)
+        verification[f"{runtime.name}-{chosen}"]["ranking"] = ranks
+        if not ranks["agrees"]:
+            # An explicit choice is kept, but said plainly: the export log, export.json and GetModelInfo.
+            reason += (
+                f"; ranks unlike fp32 on {ranks['documents']} sample documents (top-10 overlap "
+                f"{ranks['top10_overlap']:.2f}, Spearman {ranks['spearman']:.4f}): serve --precision fp32 "
+                "where ranking matters"
+            )
+            steps.progress(f"Warning: {chosen} {reason.split('; ', 1)[1]}")
 
     if chosen == INT8:
         graph.rename(version_dir / FP32_GRAPH_BESIDE_INT8)

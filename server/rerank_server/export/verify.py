@@ -18,22 +18,30 @@ if TYPE_CHECKING:
 
 # Absolute bounds: fp32 agrees to ~1e-6 in practice (summation order); fp16 keeps 11 significant bits.
 ABSOLUTE_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
-# Relative to the largest |logit| of the sample pairs (at least 1), since the error grows with the
-# activations. bf16 keeps 8 significant bits (relative rounding 2^-9 per operation): over a few layers the
-# logit error stays within a few % of the logits' scale (0.023 on a random ModernBERT-base whose logits
-# reach ~3). int8: about 1% on ModernBERT-base for a sound quantization, about 10% for a broken graph or the
-# int16 saturation of u8s8 kernels on CPUs without VNNI. 5% fails wrong weights or a wrong mask, which move
-# logits by their whole scale.
+# Relative to the largest |logit - the head's bias| of the sample pairs (at least 1), since the error grows
+# with the activations; a bias only shifts every logit alike. bf16 keeps 8 significant bits (relative
+# rounding 2^-9 per operation): over a few layers the logit error stays within a few % of the logits' scale
+# (0.023 on a random ModernBERT-base whose logits reach ~3). int8: about 1% on ModernBERT-base for a sound
+# quantization, about 10% for a broken graph or the int16 saturation of u8s8 kernels on CPUs without VNNI.
+# 5% fails wrong weights or a wrong mask, which move logits by their whole scale; ranking() judges whether
+# the precision is fine enough for this checkpoint's spread of scores.
 RELATIVE_TOLERANCE = {"bf16": 0.05, "int8": 0.05}
 
 
-def tolerance(precision: str, expected: np.ndarray) -> float:
-    """How far a logit in `precision` may lie from eager fp32's, given eager's logits of the same pairs."""
+def tolerance(precision: str, expected: np.ndarray, bias: float = 0.0) -> float:
+    """How far a logit in `precision` may lie from eager fp32's, given eager's logits of the same pairs and
+    the scoring head's bias."""
     import numpy as np
 
     if precision in ABSOLUTE_TOLERANCE:
         return ABSOLUTE_TOLERANCE[precision]
-    return RELATIVE_TOLERANCE[precision] * max(1.0, float(np.max(np.abs(expected))))
+    return RELATIVE_TOLERANCE[precision] * max(1.0, float(np.max(np.abs(expected - bias))))
+
+
+def head_bias(model: Any) -> float:
+    """The bias of a single-logit linear scoring head (transformers' `classifier`), else 0."""
+    bias = getattr(getattr(model, "classifier", None), "bias", None)
+    return float(bias.reshape(-1)[0]) if bias is not None and bias.numel() == 1 else 0.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,7 @@ class Reference:
     lengths: list[int]
     ids: np.ndarray  # the pairs end to end
     expected: np.ndarray
+    bias: float  # the scoring head's
 
 
 def sample_lengths(config: Any, max_length: int) -> list[int]:
@@ -52,16 +61,28 @@ def sample_lengths(config: Any, max_length: int) -> list[int]:
     return sorted({min(max(2, n), max_length) for n in candidates})
 
 
-def eager_reference(source: Source) -> Reference:
+def eager(source: Source, ids: np.ndarray, lengths: Any) -> np.ndarray:
+    """transformers eager fp32's logit of each pair (ids end to end), one pair at a time, unpadded."""
     import numpy as np
     import torch
 
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    with torch.no_grad():
+        return np.array(
+            [
+                source.model(input_ids=torch.from_numpy(ids[s : s + n])[None]).logits[0, 0].item()
+                for s, n in zip(starts, lengths, strict=True)
+            ]
+        )
+
+
+def eager_reference(source: Source) -> Reference:
+    import numpy as np
+
     lengths = sample_lengths(source.config, source.max_length)
     rng = np.random.default_rng(1)
-    pairs = [rng.integers(0, source.config.vocab_size, n) for n in lengths]
-    with torch.no_grad():
-        expected = np.array([source.model(input_ids=torch.from_numpy(p)[None]).logits[0, 0].item() for p in pairs])
-    return Reference(lengths, np.concatenate(pairs).astype(np.int64), expected)
+    ids = np.concatenate([rng.integers(0, source.config.vocab_size, n) for n in lengths]).astype(np.int64)
+    return Reference(lengths, ids, eager(source, ids, lengths), head_bias(source.model))
 
 
 def verify(
@@ -87,7 +108,7 @@ def verify(
             # ONNX Runtime's CPU provider lacks some fp16 kernels; the GPU runs it.
             return {"verified": False, "reason": f"not runnable on the CPU provider: {str(error)[:200]}"}
         raise ExportError(f"the {runtime.name} runtime cannot run the exported weights ({checked}): {error}") from None
-    bound = tolerance(precision, reference.expected)
+    bound = tolerance(precision, reference.expected, reference.bias)
     difference = float(np.max(np.abs(got - reference.expected)))
     if difference > bound:
         raise ExportError(
@@ -103,3 +124,22 @@ def verify(
         "device": where,
         "checked_in": checked,
     }
+
+
+def ranking(runtime: Runtime, weights: Path, precision: str, source: Source) -> dict[str, Any]:
+    """How `runtime` in `precision` on the CPU ranks one query's documents (auto's agreement sample: mixed
+    lengths) against eager fp32 (agreement.py): the per-logit bound above catches wrong weights, not a
+    precision too coarse for this checkpoint's spread of scores."""
+    from rerank_server.export import auto
+    from rerank_server.export.agreement import agreement
+
+    ranked = auto.caller_shapes(source.config, source.tokenizer, source.max_length)[1]
+    engine = runtime.build(
+        str(weights),
+        device="cpu",
+        precision=precision,
+        pad_token_id=source.pad_token_id,
+        max_batch_tokens=max(int(ranked.lengths.max()), min(ranked.tokens, 8192)),
+    )
+    got = engine.score(ranked.ids, ranked.lengths)
+    return agreement(eager(source, ranked.ids, ranked.lengths), got).as_dict()
