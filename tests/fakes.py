@@ -48,8 +48,11 @@ class FakeBackend:
     calls: list[TokenizedPairs] = field(default_factory=list)
     offset: float = 0.0  # added to every logit: another "model" on the same ids
 
-    async def score(self, pairs: TokenizedPairs, timeout_s: float | None = None) -> np.ndarray:
+    priorities: list[int] = field(default_factory=list)
+
+    async def score(self, pairs: TokenizedPairs, timeout_s: float | None = None, priority: int = 0) -> np.ndarray:
         self.calls.append(pairs)
+        self.priorities.append(priority)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         offsets = np.concatenate(([0], np.cumsum(pairs.lengths)))

@@ -193,3 +193,34 @@ async def test_a_full_tokenization_queue_is_overload_not_a_limit() -> None:
     with pytest.raises(OverloadedError, match="tokenize_queue_max"):
         await core.rerank(RerankInput(QUERY, ["short"]))
     first.cancel()
+
+
+def test_each_apis_priority_reaches_the_backend_and_maps_onto_two_triton_levels() -> None:
+    """Cohere v2 and v1 (vLLM's rerank body), vLLM's score and TEI's shared /rerank (vLLM's body) pass the
+    caller's priority to the backend; the Triton backend runs 0 and below first, anything later after."""
+    import httpx
+
+    from rerank_server.http_api.server import create_app
+    from rerank_server.settings import Settings
+    from rerank_server.triton_backend import DEFERRED_LEVEL, FIRST_LEVEL, priority_level
+
+    backend = FakeBackend()
+    app = create_app(fake_core(backend), Settings(triton_url="fake:0"))
+    calls = [
+        ("/v2/rerank", {"query": QUERY, "documents": ["a"], "priority": 3}),
+        ("/v2/rerank", {"query": QUERY, "documents": ["b"]}),
+        ("/v1/score", {"text_1": QUERY, "text_2": ["c"], "priority": -2}),
+        ("/v1/rerank", {"query": QUERY, "documents": ["d"], "priority": 5, "truncate_prompt_tokens": -1}),
+        ("/v1/rerank", {"query": QUERY, "documents": ["e"], "priority": 6}),
+        ("/rerank", {"query": QUERY, "documents": ["f"], "priority": 7}),
+    ]
+
+    async def send() -> list[int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://rerank") as client:
+            return [(await client.post(path, json=body)).status_code for path, body in calls]
+
+    assert asyncio.run(send()) == [200] * len(calls)
+    assert backend.priorities == [3, 0, -2, 5, 6, 7]
+    assert [priority_level(p) for p in (-2, 0, 1, 999)] == [FIRST_LEVEL, FIRST_LEVEL, DEFERRED_LEVEL, DEFERRED_LEVEL]
+    assert FIRST_LEVEL < DEFERRED_LEVEL  # Triton serves the lower level first

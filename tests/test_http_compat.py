@@ -4,15 +4,19 @@ against the gRPC API's answer on the same input (one core, so not a single score
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from tokenizers import Tokenizer
 
 from rerank_client import RerankClient
-from tests.conftest import TOKENIZER_DIR, Stack
+from tests.conftest import TOKENIZER_DIR, Stack, one_model_repository, start_local, stop_serve_later
 from tests.test_http_errors import TEI, VLLM, assert_shape, good_body
 from tests.texts import QUERY, text
 
@@ -232,3 +236,76 @@ def test_cohere_v2_priority_is_accepted(base_url: str) -> None:
     assert httpx.post(f"{base_url}/v2/rerank", json=body).status_code == 200
     refused = httpx.post(f"{base_url}/v2/rerank", json={**body, "priority": -1})
     assert refused.status_code == 400 and "priority" in refused.json()["message"]
+
+
+# -- priority (Cohere v2, vLLM) ---------------------------------------------------------------------------
+
+
+def _pending(stack: Stack) -> int:
+    """Requests waiting in Triton's queue for the model (Triton's own gauge)."""
+    assert stack.triton_metrics_url is not None
+    text_format = httpx.get(stack.triton_metrics_url, timeout=10).text
+    lines = [line for line in text_format.splitlines() if line.startswith("nv_inference_pending_request_count{")]
+    assert lines, "Triton exports nv_inference_pending_request_count"
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in lines)
+
+
+DOCUMENTS_QUEUED = 300
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        time.sleep(0.02)
+
+
+def _jump_the_queue(stack: Stack, background_priority: int) -> tuple[int, bool]:
+    """A Cohere v2 call of DOCUMENTS_QUEUED documents at `background_priority`, each its own Triton request,
+    queued while the model's stub is stopped (SIGSTOP: Triton keeps queueing, nothing runs); then a
+    one-document call at the default priority joins the queue, and the stub resumes. Returns how many
+    requests still waited in Triton's queue when the small call was answered, and whether the large call
+    had been answered by then."""
+    url = f"{stack.http_url}/v2/rerank"
+    documents = [text(60, seed=background_priority * 10_000 + i) for i in range(DOCUMENTS_QUEUED)]
+    body = {"query": QUERY, "documents": documents, "priority": background_priority}
+    tritonserver = next(p for p in psutil.Process(stack.process.pid).children() if p.name() == "tritonserver")
+    (stub,) = [p for p in tritonserver.children() if "stub" in p.name()]
+    stub.suspend()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            background = pool.submit(httpx.post, url, json=body, timeout=600)
+            # All but the batch handed to the stopped stub wait in the queue.
+            _wait_for(lambda: _pending(stack) >= DOCUMENTS_QUEUED - 32, "the large call's requests queued")
+            queued = _pending(stack)
+            first = pool.submit(httpx.post, url, json={"query": QUERY, "documents": ["beijing"]}, timeout=600)
+            _wait_for(lambda: _pending(stack) > queued, "the small call's request queued")
+            stub.resume()
+            answered = first.result()
+            left, done = _pending(stack), background.done()
+            answer = background.result()
+    finally:
+        stub.resume()
+    assert answered.status_code == 200 and len(answered.json()["results"]) == 1, answered.text
+    assert answer.status_code == 200 and len(answer.json()["results"]) == DOCUMENTS_QUEUED, answer.text[:500]
+    return left, done
+
+
+def test_cohere_v2_priority_orders_tritons_queue(model_repository: Path, tmp_path: Path) -> None:
+    """Priority 0 (the default) runs before later priorities waiting in Triton's queue; among calls of one
+    priority the queue keeps arrival order. Each document is its own Triton request here (at most 512
+    tokens each), and the score cache is off, so both runs compute every pair."""
+    stack = start_local(
+        one_model_repository(model_repository, tmp_path / "repository"),
+        "--triton-request-max-tokens=64",
+        "--score-cache-bytes=0",
+    )
+    try:
+        # Same priority: the small call waits behind every request queued before it.
+        left, done = _jump_the_queue(stack, background_priority=0)
+        assert left < 32, left
+        # A later priority: the small call goes into the next batch Triton forms, ahead of the large call.
+        left, done = _jump_the_queue(stack, background_priority=1)
+        assert left >= DOCUMENTS_QUEUED // 2 and not done, (left, done)
+    finally:
+        stop_serve_later(stack)

@@ -87,6 +87,9 @@ class ScoreOptions:
     max_length: int | None = None  # None: the model's limit
     chunk_overlap: int | None = None  # None: the server's default (--chunk-overlap-tokens)
     max_chunks: int | None = None  # CHUNK: windows scored per document, its first ones; None: all
+    # Cohere's and vLLM's: lower is handled first, 0 (every call that does not say) first of all. Above 0 a
+    # call's model inputs wait in Triton's queue behind every call at 0 (triton_backend.priority_level).
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -322,7 +325,7 @@ class RerankCore:
             # Only what the model computes takes a share of the budget: answers from the cache cost it nothing.
             with self.admission.admit(todo.total_tokens):
                 started = time.perf_counter()
-                computed = await served.backend.score(todo, timeout_s=remaining)
+                computed = await served.backend.score(todo, timeout_s=remaining, priority=options.priority)
                 self.metrics.triton.labels(model=served.name).observe(time.perf_counter() - started)
             self.metrics.tokens.labels(model=served.name).inc(todo.total_tokens)
             self.cache.store(cached, computed)

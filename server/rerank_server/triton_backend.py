@@ -73,7 +73,7 @@ class RepositoryModel:
 class ScoringBackend(Protocol):
     """What the service needs of a model executor."""
 
-    async def score(self, pairs: TokenizedPairs, timeout_s: float | None = None) -> np.ndarray: ...
+    async def score(self, pairs: TokenizedPairs, timeout_s: float | None = None, priority: int = 0) -> np.ndarray: ...
 
     async def is_ready(self) -> bool: ...
 
@@ -148,6 +148,19 @@ class TritonServer:
         await self.client.close()
 
 
+# Triton's priority levels (config.pbtxt's dynamic_batching: priority_levels 2, default 1; 1 is served first).
+# A call's priority 0 (the default) runs at FIRST_LEVEL; any later priority at DEFERRED_LEVEL, behind every
+# FIRST_LEVEL request waiting, in arrival order among themselves. A model exported without priority levels
+# reads either as its default: calls are not reordered.
+FIRST_LEVEL = 1
+DEFERRED_LEVEL = 2
+
+
+def priority_level(priority: int) -> int:
+    """The Triton priority level of a call's priority (lower first; 0 and below: the first level)."""
+    return FIRST_LEVEL if priority <= 0 else DEFERRED_LEVEL
+
+
 class TritonBackend:
     """Scores ragged batches on one model of a TritonServer."""
 
@@ -195,8 +208,9 @@ class TritonBackend:
         except ValueError:
             return params.precision  # the model refused to load; is_ready says so
 
-    async def score(self, pairs: TokenizedPairs, timeout_s: float | None = None) -> np.ndarray:
-        """Logits (float32) of every pair, in the order of `pairs`."""
+    async def score(self, pairs: TokenizedPairs, timeout_s: float | None = None, priority: int = 0) -> np.ndarray:
+        """Logits (float32) of every pair, in the order of `pairs`; `priority` as in core.ScoreOptions."""
+        level = priority_level(priority)
         offsets = pair_offsets(pairs.lengths)
         # Length-sorted runs of at most request_max_tokens real tokens: the model's own packed plan.
         groups = [batch.pairs for batch in plan_packed_sub_batches(pairs.lengths, self.server.request_max_tokens)]
@@ -206,7 +220,7 @@ class TritonBackend:
                 tasks = [
                     group.create_task(
                         self._infer(
-                            gather_pairs(pairs.input_ids, offsets, pairs.lengths, g), pairs.lengths[g], timeout_s
+                            gather_pairs(pairs.input_ids, offsets, pairs.lengths, g), pairs.lengths[g], timeout_s, level
                         )
                     )
                     for g in groups
@@ -219,7 +233,9 @@ class TritonBackend:
             logits[g] = task.result()
         return logits
 
-    async def _infer(self, input_ids: np.ndarray, lengths: np.ndarray, timeout_s: float | None) -> np.ndarray:
+    async def _infer(
+        self, input_ids: np.ndarray, lengths: np.ndarray, timeout_s: float | None, level: int
+    ) -> np.ndarray:
         if self.server.metrics is not None:
             self.server.metrics.triton_request_pairs.labels(model=self.model_name).observe(lengths.size)
         with tracer.start_as_current_span(
@@ -227,9 +243,11 @@ class TritonBackend:
             kind=trace.SpanKind.CLIENT,
             attributes={"pairs": int(lengths.size), "tokens": int(input_ids.size)},
         ):
-            return await self._infer_traced(input_ids, lengths, timeout_s)
+            return await self._infer_traced(input_ids, lengths, timeout_s, level)
 
-    async def _infer_traced(self, input_ids: np.ndarray, lengths: np.ndarray, timeout_s: float | None) -> np.ndarray:
+    async def _infer_traced(
+        self, input_ids: np.ndarray, lengths: np.ndarray, timeout_s: float | None, level: int
+    ) -> np.ndarray:
         ids_input = triton_grpc.InferInput(INPUT_IDS, [1, input_ids.size], "INT32")
         ids_input.set_data_from_numpy(input_ids.reshape(1, -1))
         lengths_input = triton_grpc.InferInput(SEQUENCE_LENGTHS, [1, lengths.size], "INT32")
@@ -242,6 +260,7 @@ class TritonBackend:
             # Triton, and the model drops its uncomputed pairs) and as the queue timeout (microseconds).
             client_timeout=timeout_s,
             timeout=None if timeout_s is None else max(1, int(timeout_s * 1e6)),
+            priority=level,
             headers=propagation_headers() or None,
         )
         logits = result.as_numpy(LOGITS)

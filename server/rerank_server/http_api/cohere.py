@@ -23,7 +23,8 @@ How the knobs map onto the core:
   each document as it was sent, every field kept. An object document must be one JSON can write back, or
   it is refused before the model runs: no lone surrogate in a name or value, at most
   MAX_DOCUMENT_DEPTH levels of nesting (NaN and Infinity are refused with the body: common.loads_standard).
-- v2 `priority` is accepted (0 = first, Cohere's default) and does not reorder calls.
+- v2 `priority`: lower first, 0 (Cohere's default) first of all; a call above 0 waits in Triton's queue
+  behind every call at 0 (core.ScoreOptions.priority).
 
 Cohere v1 or Jina: the two share POST /v1/rerank and differ in defaults. A call is Cohere's when it carries
 a Cohere SDK's `X-Fern-SDK-Name` header (every Cohere SDK sends it) or a Cohere-only field (`rank_fields`,
@@ -89,7 +90,7 @@ class RerankV1Request(BaseModel):
     truncate_prompt_tokens: int | None = Field(
         None, ge=-1, description="vLLM's rerank body: tokens per (query, document) input; -1: the model's limit"
     )
-    priority: int = Field(0, description="vLLM's rerank body: accepted; calls are not reordered")
+    priority: int = Field(0, description="vLLM's rerank body: lower is handled first; 0 (the default) first of all")
 
 
 class RerankV2Request(BaseModel):
@@ -103,7 +104,7 @@ class RerankV2Request(BaseModel):
         None, ge=1, description="tokens per (query, document) input, clamped to the model's limit"
     )
     return_documents: bool = False
-    priority: int = Field(0, ge=0, description="accepted (0 = first, the default); calls are not reordered")
+    priority: int = Field(0, ge=0, description="lower is handled first; 0 (the default) first of all")
 
 
 class Document(BaseModel):
@@ -187,9 +188,9 @@ def is_cohere_call(request: Request, body: RerankV1Request) -> bool:
 
 def _v1_options(request: Request, body: RerankV1Request, cohere: bool, model: str) -> ScoreOptions:
     if body.truncate_prompt_tokens is not None:
-        return vllm.options(request, body.truncate_prompt_tokens, model)
+        return vllm.options(request, body.truncate_prompt_tokens, model, body.priority)
     if not cohere:
-        return ScoreOptions(truncation=Truncation.END)
+        return ScoreOptions(truncation=Truncation.END, priority=body.priority)
     chunks = body.max_chunks_per_doc or DEFAULT_MAX_CHUNKS
     if len(body.documents) * chunks > MAX_TOTAL_CHUNKS:
         raise field_error(
@@ -197,7 +198,7 @@ def _v1_options(request: Request, body: RerankV1Request, cohere: bool, model: st
             "max_chunks_per_doc",
             f"{len(body.documents)} documents x {chunks} chunks pass the limit of {MAX_TOTAL_CHUNKS}",
         )
-    return ScoreOptions(truncation=Truncation.CHUNK, max_chunks=chunks)
+    return ScoreOptions(truncation=Truncation.CHUNK, max_chunks=chunks, priority=body.priority)
 
 
 async def _rerank(
@@ -267,7 +268,7 @@ async def rerank_v2(body: RerankV2Request, request: Request) -> JSONResponse:
     max_length = None
     if body.max_tokens_per_doc is not None:
         max_length = min(body.max_tokens_per_doc, context(request).core.describe(model).max_length)
-    options = ScoreOptions(max_length=max_length)
+    options = ScoreOptions(max_length=max_length, priority=body.priority)
     echoed: list[str | dict[str, Any]] | None = list(body.documents) if body.return_documents else None
     _, answer = await _rerank(request, body.query, body.documents, body.top_n, options, echoed, "2", model)
     return JSONResponse(answer)

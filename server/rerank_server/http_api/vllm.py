@@ -16,7 +16,8 @@ How the knobs map onto the core:
 - `model`: a served model's name chooses the model (absent: the default model); another name is refused
   with 404 naming the served ones, unless one model is served: then it answers (the answer's `model`
   names the checkpoint that scored).
-- `priority` is accepted and does not reorder calls.
+- `priority`: lower first, as vLLM's scheduler; 0 (the default) and below run first, a call above 0 waits in
+  Triton's queue behind them (core.ScoreOptions.priority).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class VllmOptions(BaseModel):
     truncate_prompt_tokens: int | None = Field(
         None, ge=-1, description="absent: refuse inputs past the model's length; k: cut to k tokens; -1: the model's"
     )
-    priority: int = Field(0, description="accepted; calls are not reordered")
+    priority: int = Field(0, description="lower is handled first; 0 (the default) and below first of all")
 
 
 # One string is a list of one (the pairing rules treat them alike); errors then name text_2[i] alone.
@@ -69,16 +70,16 @@ class VllmRerankRequest(VllmOptions):
     return_documents: bool = True
 
 
-def options(request: Request, k: int | None, model: str) -> ScoreOptions:
+def options(request: Request, k: int | None, model: str, priority: int = 0) -> ScoreOptions:
     """truncate_prompt_tokens `k` as the core's truncation and max_length (`model`'s limit)."""
     if k is None:
-        return ScoreOptions(truncation=Truncation.NONE)
+        return ScoreOptions(truncation=Truncation.NONE, priority=priority)
     limit = context(request).core.describe(model).max_length
     if k > limit:
         raise field_error(
             InvalidRequestError, "truncate_prompt_tokens", f"{k} is greater than the model's max length {limit}"
         )
-    return ScoreOptions(truncation=Truncation.END, max_length=None if k == -1 else k)
+    return ScoreOptions(truncation=Truncation.END, max_length=None if k == -1 else k, priority=priority)
 
 
 def _pairs(body: ScoreRequest) -> tuple[list[str], list[str]]:
@@ -97,7 +98,7 @@ def _pairs(body: ScoreRequest) -> tuple[list[str], list[str]]:
 async def _score(body: ScoreRequest, request: Request) -> JSONResponse:
     first, second = _pairs(body)
     model = requested_model(request, body.model)
-    score_options = options(request, body.truncate_prompt_tokens, model)
+    score_options = options(request, body.truncate_prompt_tokens, model, body.priority)
     core = context(request).core
     if len(first) == 1:
         # 1:N is a rerank: the query is tokenized once and checked like every API's query.
@@ -142,7 +143,7 @@ async def rerank(body: VllmRerankRequest, request: Request) -> JSONResponse:
         body.query,
         body.documents,
         top_n=body.top_n,
-        options=options(request, body.truncate_prompt_tokens, model),
+        options=options(request, body.truncate_prompt_tokens, model, body.priority),
         model=model,
     )
     output = await call_core(request, lambda deadline: core.rerank(core_input, deadline))
