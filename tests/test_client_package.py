@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Iterator
 from importlib.metadata import requires
 
 import grpc
 import pytest
 
-from rerank_client import RerankClient, UnavailableError, build_rerank_request
-from tests.conftest import free_port
+from rerank_client import (
+    AsyncRerankClient,
+    InvalidRequestError,
+    RerankClient,
+    UnavailableError,
+    build_rerank_request,
+    build_score_request,
+    stream_request,
+)
+from rerank_client.cli import main
+from rerank_client.pb import rerank_pb2
+from tests.conftest import Stack, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -35,6 +46,7 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 import rerank_client
 from rerank_client.cli import main
+from rerank_client.pb import rerank_pb2
 try:
     main(["query", "--target", "127.0.0.1:{free_port()}", "--timeout", "2", "q", "d"])
 except SystemExit:
@@ -59,3 +71,81 @@ def test_a_single_string_is_not_taken_for_a_list_of_documents() -> None:
         build_rerank_request("q", "one document")
     request = build_rerank_request("q", ("a", "b"), top_n=None, return_documents=True)
     assert list(request.documents) == ["a", "b"] and request.top_n == 0 and request.return_documents
+
+
+def refused_field(caught: pytest.ExceptionInfo[InvalidRequestError]) -> str:
+    """The one field an InvalidRequestError the SDK raised before sending names."""
+    error = caught.value
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and len(error.field_violations) == 1
+    field = error.field_violations[0].field
+    assert str(error) == f"INVALID_ARGUMENT: {field}: holds a lone surrogate, which UTF-8 cannot carry"
+    return field
+
+
+async def test_text_utf8_cannot_carry_is_an_invalid_request_naming_the_field_before_sending(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A lone surrogate (a command line's undecodable byte, a JSON escape) in any string sent: protobuf
+    would raise a UnicodeEncodeError naming nothing. Nothing listens at the target: refused before sending."""
+    refused = {
+        "query": lambda: build_rerank_request("\ud800", ["x"]),
+        "documents[1]": lambda: build_rerank_request("q", ["fine", "lone \udc00"]),
+        "model": lambda: build_rerank_request("q", ["x"], model="m\udcff"),
+        "pairs[0].text_b": lambda: build_score_request([("q", "\ud800")]),
+        "pairs[1].text_a": lambda: build_score_request([("q", "d"), ("\ud800", "d")]),
+        "id": lambda: stream_request("\ud800", "q", ["x"]),
+    }
+    for field, build in refused.items():
+        with pytest.raises(InvalidRequestError) as caught:
+            build()
+        assert refused_field(caught) == field
+    assert build_rerank_request("q", ["emoji \U0001f680"]).documents[0] == "emoji \U0001f680"
+
+    target = f"127.0.0.1:{free_port()}"
+    with RerankClient(target, timeout=5, retries=0) as client:
+        for field, call in {
+            "query": lambda: client.rerank("\ud800", ["x"]),
+            "pairs[0].text_a": lambda: client.score([("\ud800", "x")]),
+            "model": lambda: client.model_info(model="\udc00"),
+        }.items():
+            with pytest.raises(InvalidRequestError) as caught:
+                call()
+            assert refused_field(caught) == field
+    async with AsyncRerankClient(target, timeout=5, retries=0) as aio:
+        with pytest.raises(InvalidRequestError) as caught:
+            await aio.rerank("q", ["\ud800"])
+        assert refused_field(caught) == "documents[0]"
+        with pytest.raises(InvalidRequestError) as caught:
+            await aio.model_info(model="\ud800")
+        assert refused_field(caught) == "model"
+
+    # The command line: an argument with a byte that is not UTF-8 (a surrogate escape) is refused, no traceback.
+    assert main(["query", "--target", target, "--timeout", "5", "q", "bad \udcff"]) == 1
+    assert "documents[0]: holds a lone surrogate" in capsys.readouterr().err
+
+
+async def test_a_stream_whose_requests_raise_raises_their_error(stack: Stack) -> None:
+    """stream_request refusing a message inside the caller's generator: that InvalidRequestError, not the
+    call's failure gRPC makes of it (UNKNOWN when blocking, a cancellation in asyncio)."""
+
+    def requests() -> Iterator[rerank_pb2.RerankStreamRequest]:
+        yield stream_request("a", "q", ["d"])
+        yield stream_request("b", "\ud800", ["d"])
+
+    with RerankClient(stack.target) as client, pytest.raises(InvalidRequestError) as caught:
+        for _ in client.rerank_stream(requests()):
+            pass
+    assert refused_field(caught) == "query"
+
+    async def arequests() -> AsyncIterator[rerank_pb2.RerankStreamRequest]:
+        for request in requests():
+            yield request
+
+    async with AsyncRerankClient(stack.target) as aio:
+        for source in (requests(), arequests()):
+            with pytest.raises(InvalidRequestError) as caught:
+                async for _ in aio.rerank_stream(source):
+                    pass
+            assert refused_field(caught) == "query"
+        # The client goes on.
+        assert len((await aio.rerank("q", ["d"])).results) == 1

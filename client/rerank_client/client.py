@@ -6,16 +6,18 @@ every call, and raise the exceptions of rerank_client.errors instead of grpc.Rpc
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import grpc
 import grpc.aio
 
-from rerank_client.errors import from_rpc_error
+from rerank_client.errors import InvalidRequestError, from_rpc_error
 from rerank_client.pb import SERVICE_NAME, rerank_pb2, rerank_pb2_grpc
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -44,6 +46,20 @@ def truncation_value(truncation: TruncationArg) -> rerank_pb2.Truncation:
     return truncation
 
 
+# A surrogate code point: alone in a str (Python pairs none), and UTF-8 cannot carry it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(field: str, text: str | None) -> None:
+    """Refuse text UTF-8 cannot carry (a lone surrogate, e.g. from a command line's undecodable bytes) as
+    the caller's InvalidRequestError naming `field`, before anything is sent; protobuf would raise a
+    UnicodeEncodeError that names nothing."""
+    if isinstance(text, str) and _SURROGATE.search(text):
+        description = "holds a lone surrogate, which UTF-8 cannot carry"
+        violation = rerank_pb2.FieldViolation(field=field, description=description)
+        raise InvalidRequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {description}", [violation])
+
+
 def build_rerank_request(
     query: str,
     documents: Sequence[str],
@@ -59,9 +75,14 @@ def build_rerank_request(
     if isinstance(documents, str):
         # A bare string is a Sequence[str] too; iterating it would rerank its characters.
         raise TypeError("documents must be a sequence of strings, not a single string")
+    documents = list(documents)
+    _check_text("query", query)
+    for i, document in enumerate(documents):
+        _check_text(f"documents[{i}]", document)
+    _check_text("model", model)
     request = rerank_pb2.RerankRequest(
         query=query,
-        documents=list(documents),
+        documents=documents,
         top_n=top_n or 0,
         return_documents=return_documents,
         truncation=truncation_value(truncation),
@@ -81,6 +102,11 @@ def build_score_request(
     chunk_overlap: int | None = None,
     model: str | None = None,
 ) -> rerank_pb2.ScoreRequest:
+    pairs = list(pairs)
+    for i, (text_a, text_b) in enumerate(pairs):
+        _check_text(f"pairs[{i}].text_a", text_a)
+        _check_text(f"pairs[{i}].text_b", text_b)
+    _check_text("model", model)
     request = rerank_pb2.ScoreRequest(
         pairs=[rerank_pb2.TextPair(text_a=a, text_b=b) for a, b in pairs],
         truncation=truncation_value(truncation),
@@ -94,7 +120,44 @@ def build_score_request(
 
 def stream_request(id: str, query: str, documents: Sequence[str], **options: Any) -> rerank_pb2.RerankStreamRequest:
     """One RerankStream message: an id of your choice and the arguments of `rerank`."""
+    _check_text("id", id)
     return rerank_pb2.RerankStreamRequest(id=id, request=build_rerank_request(query, documents, **options))
+
+
+def _model_info_request(model: str | None) -> rerank_pb2.GetModelInfoRequest:
+    _check_text("model", model)
+    return rerank_pb2.GetModelInfoRequest(model=model or "")
+
+
+class _Requests:
+    """A stream's requests as the call reads them. An exception they raise (stream_request refusing a
+    message included) fails the call, which gRPC reports as UNKNOWN (blocking) or as a local cancellation
+    (asyncio); it is kept here, for the SDK to raise in the call's place."""
+
+    def __init__(
+        self, requests: Iterable[rerank_pb2.RerankStreamRequest] | AsyncIterable[rerank_pb2.RerankStreamRequest]
+    ) -> None:
+        self._requests = requests
+        self.error: Exception | None = None
+
+    def iterate(self) -> Iterator[rerank_pb2.RerankStreamRequest]:
+        try:
+            yield from cast(Iterable[rerank_pb2.RerankStreamRequest], self._requests)
+        except Exception as error:
+            self.error = error
+            raise
+
+    async def aiterate(self) -> AsyncIterator[rerank_pb2.RerankStreamRequest]:
+        try:
+            if isinstance(self._requests, AsyncIterable):
+                async for request in self._requests:
+                    yield request
+            else:
+                for request in self._requests:
+                    yield request
+        except Exception as error:
+            self.error = error
+            raise
 
 
 # Unary calls are idempotent (scoring has no side effects): retried on UNAVAILABLE, which the server
@@ -256,19 +319,21 @@ class RerankClient:
         """Send independent rerank requests (see `stream_request`); answers come as they complete.
 
         A failed message is answered with `error` set (rerank_client.errors.from_stream_error turns it
-        into the exception the unary call would have raised); a failure of the stream itself raises.
+        into the exception the unary call would have raised); a failure of the stream itself raises, and
+        so does an exception `requests` raise (stream_request's InvalidRequestError included), as itself.
         """
+        source = _Requests(requests)
         try:
             yield from self._stub.RerankStream(
-                iter(requests), timeout=self._config.deadline(timeout), metadata=self._config.metadata
+                source.iterate(), timeout=self._config.deadline(timeout), metadata=self._config.metadata
             )
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            raise (source.error or from_rpc_error(error)) from None
 
     def model_info(self, *, model: str | None = None, timeout: float | None = None) -> rerank_pb2.GetModelInfoResponse:
         """A served model (None: the default one), its maximum length and the service's limits."""
         response: rerank_pb2.GetModelInfoResponse = self._call(
-            self._stub.GetModelInfo, rerank_pb2.GetModelInfoRequest(model=model or ""), timeout
+            self._stub.GetModelInfo, _model_info_request(model), timeout
         )
         return response
 
@@ -368,12 +433,20 @@ class AsyncRerankClient:
         timeout: float | None = None,
     ) -> AsyncIterator[rerank_pb2.RerankStreamResponse]:
         """Send independent rerank requests (see `stream_request`); answers come as they complete."""
-        call = self._stub.RerankStream(requests, timeout=self._config.deadline(timeout), metadata=self._config.metadata)
+        source = _Requests(requests)
+        call = self._stub.RerankStream(
+            source.aiterate(), timeout=self._config.deadline(timeout), metadata=self._config.metadata
+        )
         try:
             async for response in call:
                 yield response
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            raise (source.error or from_rpc_error(error)) from None
+        except asyncio.CancelledError:
+            # gRPC cancels the call when the requests raise; a cancellation of the caller's task stays one.
+            if source.error is None:
+                raise
+            raise source.error from None
         finally:
             call.cancel()  # no-op once the stream ended; stops it if the caller stopped reading
 
@@ -382,7 +455,7 @@ class AsyncRerankClient:
     ) -> rerank_pb2.GetModelInfoResponse:
         """A served model (None: the default one), its maximum length and the service's limits."""
         response: rerank_pb2.GetModelInfoResponse = await self._call(
-            self._stub.GetModelInfo, rerank_pb2.GetModelInfoRequest(model=model or ""), timeout
+            self._stub.GetModelInfo, _model_info_request(model), timeout
         )
         return response
 

@@ -265,15 +265,10 @@ func StreamRequest(id, query string, documents []string, options ...Option) *rer
 
 // Rerank scores documents against query; results come best first.
 func (c *Client) Rerank(ctx context.Context, query string, documents []string, options ...Option) (*rerankv1.RerankResponse, error) {
-	if err := checkText("query", query); err != nil {
+	request := RerankRequest(query, documents, options...)
+	if err := checkRerankRequest("", request); err != nil {
 		return nil, err
 	}
-	for i, document := range documents {
-		if err := checkText(fmt.Sprintf("documents[%d]", i), document); err != nil {
-			return nil, err
-		}
-	}
-	request := RerankRequest(query, documents, options...)
 	return call(ctx, c, func(ctx context.Context) (*rerankv1.RerankResponse, error) { return c.stub.Rerank(ctx, request) })
 }
 
@@ -288,6 +283,9 @@ func (c *Client) Score(ctx context.Context, pairs []Pair, options ...Option) (*r
 		}
 	}
 	request := ScoreRequest(pairs, options...)
+	if err := checkText("model", request.Model); err != nil {
+		return nil, err
+	}
 	return call(ctx, c, func(ctx context.Context) (*rerankv1.ScoreResponse, error) { return c.stub.Score(ctx, request) })
 }
 
@@ -295,6 +293,9 @@ func (c *Client) Score(ctx context.Context, pairs []Pair, options ...Option) (*r
 // and the service's limits.
 func (c *Client) ModelInfo(ctx context.Context, options ...Option) (*rerankv1.GetModelInfoResponse, error) {
 	request := &rerankv1.GetModelInfoRequest{Model: collect(options).model}
+	if err := checkText("model", request.Model); err != nil {
+		return nil, err
+	}
 	return call(ctx, c, func(ctx context.Context) (*rerankv1.GetModelInfoResponse, error) {
 		return c.stub.GetModelInfo(ctx, request)
 	})
@@ -315,6 +316,19 @@ func checkText(field, text string) error {
 	}
 	violation := &rerankv1.FieldViolation{Field: field, Description: "is not valid UTF-8"}
 	return &Error{Code: codes.InvalidArgument, Details: field + ": is not valid UTF-8", FieldViolations: []*rerankv1.FieldViolation{violation}}
+}
+
+// checkRerankRequest is checkText on every string of request; prefix leads each field's name.
+func checkRerankRequest(prefix string, request *rerankv1.RerankRequest) error {
+	if err := checkText(prefix+"query", request.GetQuery()); err != nil {
+		return err
+	}
+	for i, document := range request.GetDocuments() {
+		if err := checkText(fmt.Sprintf("%sdocuments[%d]", prefix, i), document); err != nil {
+			return err
+		}
+	}
+	return checkText(prefix+"model", request.GetModel())
 }
 
 // withDeadline applies the client's default timeout to a context that has no deadline.
@@ -389,8 +403,16 @@ func (c *Client) RerankStream(ctx context.Context) (*Stream, error) {
 	return &Stream{stream: stream, cancel: cancel}, nil
 }
 
-// Send sends one request. io.EOF means the stream has ended: Recv returns why.
+// Send sends one request. io.EOF means the stream has ended: Recv returns why. A request with text that is
+// not valid UTF-8 is not sent: Send returns an ErrInvalidRequest naming the field ("request.documents[1]"),
+// and the stream goes on.
 func (s *Stream) Send(request *rerankv1.RerankStreamRequest) error {
+	if err := checkText("id", request.GetId()); err != nil {
+		return err
+	}
+	if err := checkRerankRequest("request.", request.GetRequest()); err != nil {
+		return err
+	}
 	if err := s.stream.Send(request); err != nil {
 		if err == io.EOF {
 			return err

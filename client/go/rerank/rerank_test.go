@@ -196,18 +196,8 @@ func TestSharedCases(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := stream.CloseSend(); err != nil {
-		t.Fatal(err)
-	}
 	streamed := object{}
-	for {
-		answer, err := stream.Recv()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
+	for _, answer := range closeAndReceive(t, stream) {
 		if _, seen := streamed[answer.GetId()]; seen {
 			t.Fatalf("answered twice: %s", answer.GetId())
 		}
@@ -245,6 +235,25 @@ func TestSharedCases(t *testing.T) {
 	}
 	if err := os.WriteFile(env(t, "RERANK_SDK_ANSWERS"), answers, 0o644); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// closeAndReceive closes the sending side of stream and returns every answer, until io.EOF.
+func closeAndReceive(t *testing.T, stream *rerank.Stream) []*rerankv1.RerankStreamResponse {
+	t.Helper()
+	if err := stream.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	answers := []*rerankv1.RerankStreamResponse{}
+	for {
+		answer, err := stream.Recv()
+		if err == io.EOF {
+			return answers
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		answers = append(answers, answer)
 	}
 }
 
@@ -302,18 +311,70 @@ func TestInvalidArgumentCarriesTheFieldViolations(t *testing.T) {
 	}
 }
 
+// refusedField is the one field an ErrInvalidRequest names.
+func refusedField(t *testing.T, err error) string {
+	t.Helper()
+	failed := expectKind(t, err, rerank.ErrInvalidRequest, codes.InvalidArgument)
+	if len(failed.FieldViolations) != 1 {
+		t.Fatalf("violations: %v", failed.FieldViolations)
+	}
+	return failed.FieldViolations[0].GetField()
+}
+
 func TestTextThatIsNotUTF8IsTheCallersInvalidRequest(t *testing.T) {
 	// Refused before sending: no server listens at this target, and no attempt is made.
 	client := newClient(t, "127.0.0.1:1", rerank.WithRetries(0))
-	_, err := client.Rerank(context.Background(), "q", []string{"fine", "bad \xff byte"})
-	failed := expectKind(t, err, rerank.ErrInvalidRequest, codes.InvalidArgument)
-	if len(failed.FieldViolations) != 1 || failed.FieldViolations[0].GetField() != "documents[1]" {
-		t.Fatalf("violations: %v", failed.FieldViolations)
+	ctx := context.Background()
+	for _, refused := range []struct {
+		field string
+		err   error
+	}{
+		{"documents[1]", second(client.Rerank(ctx, "q", []string{"fine", "bad \xff byte"}))},
+		{"pairs[0].text_b", second(client.Score(ctx, []rerank.Pair{{TextA: "q", TextB: "\xed\xa0\x80"}}))},
+		{"model", second(client.Rerank(ctx, "q", []string{"d"}, rerank.Model("m\xff")))},
+		{"model", second(client.Score(ctx, []rerank.Pair{{TextA: "q", TextB: "d"}}, rerank.Model("\xc3")))},
+		{"model", second(client.ModelInfo(ctx, rerank.Model("\xff")))},
+	} {
+		if field := refusedField(t, refused.err); field != refused.field {
+			t.Fatalf("want %s, got %s", refused.field, field)
+		}
 	}
-	_, err = client.Score(context.Background(), []rerank.Pair{{TextA: "q", TextB: "\xed\xa0\x80"}})
-	failed = expectKind(t, err, rerank.ErrInvalidRequest, codes.InvalidArgument)
-	if failed.FieldViolations[0].GetField() != "pairs[0].text_b" {
-		t.Fatalf("violations: %v", failed.FieldViolations)
+}
+
+func second[T any](_ T, err error) error { return err }
+
+func TestStreamSendRefusesTextThatIsNotUTF8AndTheStreamGoesOn(t *testing.T) {
+	client := newClient(t, env(t, "RERANK_TARGET"))
+	stream, err := client.RerankStream(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stream.Close()
+	if err := stream.Send(rerank.StreamRequest("a", "q", []string{"d"})); err != nil {
+		t.Fatal(err)
+	}
+	for field, bad := range map[string]*rerankv1.RerankStreamRequest{
+		"request.documents[1]": rerank.StreamRequest("b", "q", []string{"fine", "bad \xff"}),
+		"request.query":        rerank.StreamRequest("b", "\xed\xa0\x80", []string{"d"}),
+		"request.model":        rerank.StreamRequest("b", "q", []string{"d"}, rerank.Model("\xff")),
+		"id":                   rerank.StreamRequest("b\xff", "q", []string{"d"}),
+	} {
+		if got := refusedField(t, stream.Send(bad)); got != field {
+			t.Fatalf("want %s, got %s", field, got)
+		}
+	}
+	if err := stream.Send(rerank.StreamRequest("c", "q", []string{"d"})); err != nil {
+		t.Fatal(err)
+	}
+	answered := map[string]bool{}
+	for _, answer := range closeAndReceive(t, stream) {
+		if answer.GetError() != nil {
+			t.Fatalf("%s: %v", answer.GetId(), rerank.FromStreamError(answer.GetError()))
+		}
+		answered[answer.GetId()] = true
+	}
+	if len(answered) != 2 || !answered["a"] || !answered["c"] {
+		t.Fatalf("answered: %v", answered)
 	}
 }
 

@@ -104,11 +104,33 @@ const LONE_SURROGATE = /\p{Surrogate}/u;
 
 /**
  * Refuse text that UTF-8 cannot carry: protobuf would send a lone surrogate as U+FFFD, and the server
- * would score (and echo) another text than the caller's.
+ * would score (and echo) another text than the caller's, or look up another model.
  */
-function checkText(field: string, text: string): void {
-  if (LONE_SURROGATE.test(text)) {
+function checkText(field: string, text: string | undefined): void {
+  if (text !== undefined && LONE_SURROGATE.test(text)) {
     throw new TypeError(`${field} is not well-formed Unicode: it holds a lone surrogate, which UTF-8 cannot carry`);
+  }
+}
+
+// The strings of a RerankRequest, as a message or as the plain object connect also takes.
+interface RerankRequestText {
+  query?: string;
+  documents?: readonly string[];
+  model?: string;
+}
+
+/** checkText on every string of a RerankRequest; `prefix` leads each field's name. */
+function checkRerankRequest(request: RerankRequestText, prefix = ""): void {
+  checkText(`${prefix}query`, request.query);
+  request.documents?.forEach((document, i) => checkText(`${prefix}documents[${i}]`, document));
+  checkText(`${prefix}model`, request.model);
+}
+
+/** checkText on every string of a RerankStream message; `field` names the message ("requests[3]"). */
+function checkStreamRequest(message: { id?: string; request?: RerankRequestText }, field: string): void {
+  checkText(`${field}.id`, message.id);
+  if (message.request !== undefined) {
+    checkRerankRequest(message.request, `${field}.request.`);
   }
 }
 
@@ -118,16 +140,21 @@ export function buildRerankRequest(query: string, documents: readonly string[], 
     // A string is iterable too; a caller without types would rerank its characters.
     throw new TypeError("documents must be an array of strings, not a single string");
   }
-  checkText("query", query);
-  documents.forEach((document, i) => checkText(`documents[${i}]`, document));
   const { truncation, ...fields } = options;
-  return create(RerankRequestSchema, { ...fields, query, documents: [...documents], truncation: truncationValue(truncation) });
+  const request = create(RerankRequestSchema, {
+    ...fields,
+    query,
+    documents: [...documents],
+    truncation: truncationValue(truncation),
+  });
+  checkRerankRequest(request);
+  return request;
 }
 
 /** The ScoreRequest for (textA, textB) pairs. */
 export function buildScoreRequest(pairs: Iterable<readonly [string, string]>, options: RequestOptions = {}): ScoreRequest {
   const { truncation, ...fields } = options;
-  return create(ScoreRequestSchema, {
+  const request = create(ScoreRequestSchema, {
     ...fields,
     pairs: Array.from(pairs, ([textA, textB], i) => {
       checkText(`pairs[${i}].textA`, textA);
@@ -136,6 +163,8 @@ export function buildScoreRequest(pairs: Iterable<readonly [string, string]>, op
     }),
     truncation: truncationValue(truncation),
   });
+  checkText("model", request.model);
+  return request;
 }
 
 /** One RerankStream message: an id of your choice and the arguments of `rerank`. */
@@ -145,6 +174,7 @@ export function streamRequest(
   documents: readonly string[],
   options: RerankOptions = {},
 ): RerankStreamRequest {
+  checkText("id", id);
   return create(RerankStreamRequestSchema, { id, request: buildRerankRequest(query, documents, options) });
 }
 
@@ -226,10 +256,6 @@ function nodeErrorCode(reason: unknown): string | undefined {
   return typeof code === "string" ? code : undefined;
 }
 
-async function* fromIterable<T>(items: Iterable<T> | AsyncIterable<T>): AsyncIterable<T> {
-  yield* items;
-}
-
 /**
  * A client of one rerank service. `target` is `host:port` (or a base URL, `https://host:port`); calls
  * share one HTTP/2 connection, opened on the first call. Call close() when done.
@@ -277,8 +303,11 @@ export class RerankClient {
     this.stub = createClient(RerankService, transport);
   }
 
-  /** Score `documents` against `query`; results come best first. */
-  rerank(
+  /**
+   * Score `documents` against `query`; results come best first. Every failure, a refused argument
+   * included, rejects the promise.
+   */
+  async rerank(
     query: string,
     documents: readonly string[],
     options: RerankOptions & CallSettings = {},
@@ -288,38 +317,64 @@ export class RerankClient {
     return this.call((callOptions) => this.stub.rerank(request, callOptions), { timeoutMs, signal });
   }
 
-  /** Score [textA, textB] pairs; scores come in request order. */
-  score(pairs: Iterable<readonly [string, string]>, options: RequestOptions & CallSettings = {}): Promise<ScoreResponse> {
+  /** Score [textA, textB] pairs; scores come in request order. Every failure rejects the promise. */
+  async score(pairs: Iterable<readonly [string, string]>, options: RequestOptions & CallSettings = {}): Promise<ScoreResponse> {
     const { timeoutMs, signal, ...fields } = options;
     const request = buildScoreRequest(pairs, fields);
     return this.call((callOptions) => this.stub.score(request, callOptions), { timeoutMs, signal });
   }
 
   /** A served model (`model` unset: the default one), its maximum length and the service's limits. */
-  modelInfo(options: { model?: string } & CallSettings = {}): Promise<GetModelInfoResponse> {
+  async modelInfo(options: { model?: string } & CallSettings = {}): Promise<GetModelInfoResponse> {
     const { model, ...settings } = options;
+    checkText("model", model);
     return this.call((callOptions) => this.stub.getModelInfo({ model }, callOptions), settings);
   }
 
   /** Every served model, and the name of the default one. */
-  listModels(settings: CallSettings = {}): Promise<ListModelsResponse> {
+  async listModels(settings: CallSettings = {}): Promise<ListModelsResponse> {
     return this.call((callOptions) => this.stub.listModels({}, callOptions), settings);
   }
 
   /**
    * Send independent rerank requests (see streamRequest); answers come as they complete. A failed
    * message is answered with `outcome.case === "error"` (fromStreamError turns it into the error the
-   * unary call would have thrown); a failure of the stream itself throws. Streams are not retried.
+   * unary call would have thrown); a failure of the stream itself throws. An error of `requests`, or a
+   * message with text UTF-8 cannot carry (a TypeError naming it: "requests[3].request.query"), ends the
+   * stream and is what the iteration throws. Streams are not retried.
    */
   async *rerankStream(
     requests: Iterable<RerankStreamRequest> | AsyncIterable<RerankStreamRequest>,
     settings: CallSettings = {},
   ): AsyncIterable<RerankStreamResponse> {
     this.checkOpen();
+    // A message refused here, or an error of `requests` itself, fails the call (connect reads it as
+    // INTERNAL); the iteration throws that error. One connect throws in while sending is the call's own.
+    let refused: unknown;
+    async function* checked(): AsyncIterable<RerankStreamRequest> {
+      let index = 0;
+      let sending = false;
+      try {
+        for await (const message of requests) {
+          checkStreamRequest(message, `requests[${index++}]`);
+          sending = true;
+          yield message;
+          sending = false;
+        }
+      } catch (error) {
+        if (!sending) {
+          refused = error;
+        }
+        throw error;
+      }
+    }
     try {
-      yield* this.stub.rerankStream(fromIterable(requests), this.callOptions(settings.timeoutMs, settings.signal));
+      yield* this.stub.rerankStream(checked(), this.callOptions(settings.timeoutMs, settings.signal));
     } catch (error) {
-      throw this.failure(error, settings.signal);
+      throw refused ?? this.failure(error, settings.signal);
+    }
+    if (refused !== undefined) {
+      throw refused;
     }
   }
 

@@ -27,6 +27,7 @@ import {
   RerankError,
   type RerankOptions,
   type RerankResponse,
+  type RerankStreamRequest,
   RerankTimeoutError,
   ResourceExhaustedError,
   type ScoreResponse,
@@ -405,13 +406,87 @@ test("a closed client refuses calls; `using` closes it", async () => {
 test("request building refuses a bare string and an unknown truncation name", () => {
   assert.throws(() => buildRerankRequest("q", "not an array" as unknown as string[]), TypeError);
   assert.throws(() => truncationValue("middle" as "end"), RangeError);
-  // A lone surrogate would travel as U+FFFD: another text than the caller's.
+  // A lone surrogate would travel as U+FFFD: another text (or model, or id) than the caller's.
   assert.throws(() => buildRerankRequest("q", ["fine", "lone \ud800"]), /documents\[1\] is not well-formed/);
   assert.throws(() => buildRerankRequest("\udc00", ["a"]), /query is not well-formed/);
   assert.throws(() => buildScoreRequest([["q", "\ud800"]]), /pairs\[0\]\.textB is not well-formed/);
+  assert.throws(() => buildRerankRequest("q", ["a"], { model: "m\ud800" }), { name: "TypeError", message: /^model is not well-formed/ });
+  assert.throws(() => buildScoreRequest([["q", "d"]], { model: "\udc00" }), { name: "TypeError", message: /^model is not well-formed/ });
+  assert.throws(() => streamRequest("\ud800", "q", ["a"]), { name: "TypeError", message: /^id is not well-formed/ });
   assert.equal(buildRerankRequest("q", ["emoji 🚀 paired"]).documents[0], "emoji 🚀 paired");
   const request = buildRerankRequest("q", ["a", "b"], { topN: 1, truncation: "chunk", chunkOverlap: 0 });
   assert.equal(request.topN, 1);
   assert.equal(request.chunkOverlap, 0); // set, not the server's default
   assert.equal(buildRerankRequest("q", ["a"]).chunkOverlap, undefined);
+});
+
+// -- every failure of a call is its promise's rejection, never a throw at the call ------------------------
+
+test("rerank, score, modelInfo and listModels reject their promise on a refused argument or a closed client", async () => {
+  const sdk = client();
+  const closed = new RerankClient(TARGET);
+  closed.close();
+  const calls: [string, () => Promise<unknown>, new (...args: never[]) => Error, RegExp][] = [
+    ["rerank, a lone surrogate", () => sdk.rerank("\ud800", ["x"]), TypeError, /^query is not well-formed/],
+    ["score, a lone surrogate", () => sdk.score([["\ud800", "x"]]), TypeError, /^pairs\[0\]\.textA is not well-formed/],
+    ["rerank, the model", () => sdk.rerank("q", ["x"], { model: "m\udc00" }), TypeError, /^model is not well-formed/],
+    ["score, the model", () => sdk.score([["q", "x"]], { model: "\ud800" }), TypeError, /^model is not well-formed/],
+    ["modelInfo, the model", () => sdk.modelInfo({ model: "\ud800" }), TypeError, /^model is not well-formed/],
+    ["rerank, a bare string", () => sdk.rerank("q", "x" as unknown as string[]), TypeError, /single string/],
+    ["score, no pairs", () => sdk.score(undefined as unknown as [string, string][]), TypeError, /./],
+    ["rerank, a truncation", () => sdk.rerank("q", ["x"], { truncation: "middle" as "end" }), RangeError, /truncation/],
+    ["listModels, closed", () => closed.listModels(), CancelledError, /closed/],
+    ["modelInfo, closed", () => closed.modelInfo(), CancelledError, /closed/],
+  ];
+  for (const [what, call, kind, message] of calls) {
+    let promise: Promise<unknown> | undefined;
+    assert.doesNotThrow(() => {
+      promise = call();
+    }, what);
+    assert.ok(promise instanceof Promise, what);
+    let onError: unknown;
+    await promise.then(
+      () => assert.fail(`${what}: resolved`),
+      (error: unknown) => (onError = error),
+    );
+    assert.ok(onError instanceof kind, `${what}: ${String(onError)}`);
+    assert.match(onError.message, message, what);
+  }
+});
+
+test("rerankStream: a message with a lone surrogate fails the iteration with a TypeError naming it", async () => {
+  const sdk = client();
+  for (const [spoil, field] of [
+    [(m: RerankStreamRequest) => (m.request!.documents[1] = "lone \ud800"), "requests[1].request.documents[1]"],
+    [(m: RerankStreamRequest) => (m.id = "\udc00"), "requests[1].id"],
+    [(m: RerankStreamRequest) => (m.request!.model = "\ud800"), "requests[1].request.model"],
+  ] as const) {
+    // Built unchecked (as create() would build it), after streamRequest's own checks.
+    const bad = streamRequest("b", "q", ["fine", "fine too"]);
+    spoil(bad);
+    const answers: string[] = [];
+    const iteration = async () => {
+      for await (const answer of sdk.rerankStream([streamRequest("a", "q", ["d"]), bad, streamRequest("c", "q", ["d"])])) {
+        answers.push(answer.id);
+      }
+    };
+    await assert.rejects(iteration, (error: unknown) => {
+      assert.ok(error instanceof TypeError, `${field}: ${String(error)}`);
+      assert.ok(error.message.startsWith(`${field} is not well-formed`), error.message);
+      return true;
+    });
+    assert.ok(!answers.includes("b") && !answers.includes("c"), answers.join());
+  }
+  // A message the caller's own iterable fails to build: its error, not the call's.
+  async function* built() {
+    yield streamRequest("a", "q", ["d"]);
+    yield streamRequest("b", "\ud800", ["d"]);
+  }
+  await assert.rejects(async () => {
+    for await (const _ of sdk.rerankStream(built())) {
+      // answers to the messages before it may come
+    }
+  }, { name: "TypeError", message: /^query is not well-formed/ });
+  // The client goes on.
+  assert.equal((await sdk.rerank("q", ["d"])).results.length, 1);
 });
