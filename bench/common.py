@@ -70,9 +70,11 @@ def machine_info() -> dict[str, Any]:
 
     from rerank_triton_model.cpu_features import cpu_flags, native_precisions
 
-    cpu = platform.processor() or platform.machine()
+    cpu, family = platform.processor() or platform.machine(), None
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu family") and family is None:
+                family = line.split(":", 1)[1].strip()
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
@@ -82,6 +84,7 @@ def machine_info() -> dict[str, Any]:
             versions[name] = importlib.metadata.version(name)
     return {
         "cpu": cpu,
+        "cpu_family": family,  # /proc/cpuinfo's: 25 is AMD Zen 3 and 4, 26 Zen 5
         "cpu_flags": sorted(cpu_flags()),
         "native_precisions": native_precisions(cpu_flags()),
         "cores": len(os.sched_getaffinity(0)),

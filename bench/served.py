@@ -14,14 +14,15 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
 
-from bench.common import RERANK
+from bench.common import RERANK, TOKENIZER_DIR
 from bench.workloads import Request, Workload
 from rerank_client import AsyncRerankClient
-from rerank_server.testing import free_port, wait_until_serving
+from rerank_server.testing import free_port, save_random_checkpoint, wait_until_serving
 from rerank_server.triton_launcher import tail
 
 TRITON_NAMES = ("tritonserver", "triton_python_backend_stub")
@@ -81,6 +82,17 @@ class Sampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def export_random(work: Path, seed: int = 0, **config: Any) -> Path:
+    """A random-weight checkpoint of `config`'s sizes saved in `work` and exported fp32 by `rerank export`:
+    the model repository."""
+    save_random_checkpoint(work / "checkpoint", TOKENIZER_DIR, seed=seed, **config)
+    export = [RERANK, "export", "--model", str(work / "checkpoint"), "--output", str(work / "repository")]
+    done = subprocess.run([*export, "--precision", "fp32"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"rerank export failed:\n{done.stderr[-3000:]}")
+    return work / "repository"
 
 
 @dataclass

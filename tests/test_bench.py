@@ -94,9 +94,9 @@ def gpu_check(folder: Path) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
-    """Every benchmark command this module checks, started at once and run two at a time, longest first:
-    their figures are not asserted, so sharing the 2 cores costs them nothing that is checked, and the
-    module takes about a third less time than one command after another."""
+    """Every benchmark command this module checks (but bench.hostile, run by its test alone), started at once
+    and run two at a time, longest first: their figures are not asserted, so sharing the 2 cores costs them
+    nothing that is checked, and the module takes about a third less time than one command after another."""
     names = ("long", "quick", "gpu", "cache", "warmup", "messages", "http", "run_size")
     folders = {name: tmp_path_factory.mktemp(f"bench-{name}") for name in names}
     commands: dict[str, list[list[str]]] = {
@@ -389,3 +389,47 @@ def test_http_benchmark_runs_and_reports_both_protocols(runs: dict[str, Run]) ->
         assert item["grpc_pairs_per_s"] > 0 and item["http_pairs_per_s"] > 0
         assert len(item["http_over_grpc_per_round"]) == 2
     assert "| HTTP / gRPC |" in done.stdout
+
+
+# The answer docs/security.md promises each attack of `python -m bench.hostile` (its rows' keys).
+HOSTILE_ANSWERS = {
+    "content-length": "HTTP 413",
+    "chunked-size": "HTTP 413",
+    "grpc-size": "RESOURCE_EXHAUSTED",
+    "auth-grpc": "UNAUTHENTICATED",
+    "auth-http": "HTTP 401",
+    "max-documents": "INVALID_ARGUMENT",
+    "json-strings": "HTTP 413",
+    "json-literals": "HTTP 413",
+    "accepted-whitespace": "HTTP 200",
+    "accepted-string": "HTTP 200",
+    "accepted-document": "HTTP 200",
+    "chunks-most": "HTTP 200",
+    "chunks-over": "HTTP 413",
+    "chunks-megabyte": "HTTP 413",
+    "rank-fields": "HTTP 400",
+    "total-tokens": "RESOURCE_EXHAUSTED",
+    "none-prefix": "INVALID_ARGUMENT",
+    "deadline": "DEADLINE_EXCEEDED",
+    "triton-killed": "UNAVAILABLE",
+}
+
+
+def test_hostile_check_answers_every_attack_as_documented(tmp_path: Path) -> None:
+    # Run alone, not in `runs`, so that `-k hostile` starts no other benchmark. Each attack of docs/security.md's
+    # table gets the refusal (or answer) the table promises from a real server, every cost is read, and the
+    # killed Triton comes back; the costs themselves are the benchmark's to report.
+    output = tmp_path / "hostile.json"
+    done = subprocess.run(quick("hostile", output), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(output.read_text())
+    rows = {row["key"]: row for row in result["rows"]}
+    assert {key: row["answers"] for key, row in rows.items()} == {key: [a] for key, a in HOSTILE_ANSWERS.items()}
+    # The event loop's CPU is read in nanoseconds: every attack the loop reads costs it some.
+    assert all(rows[key]["loop_s"] > 0 for key in HOSTILE_ANSWERS if key != "triton-killed")
+    floods = [key for key, row in rows.items() if row["added_median_s"] is not None]
+    assert sorted(floods) == ["accepted-document", "accepted-string", "accepted-whitespace", "auth-grpc"]
+    assert rows["triton-killed"]["note"].startswith("SERVING again"), rows["triton-killed"]
+    assert result["idle"]["small_calls"] > 0 and len(result["in_process"]) == 7
+    assert all(item["cpu_s"] > 0 for item in result["in_process"])
+    assert "| attack | answer | time to answer |" in done.stdout and "not as documented" not in done.stdout

@@ -26,6 +26,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from bench.attacks import cjk, empty_documents, memory, reset_peak
 from rerank_client import InvalidRequestError, RerankClient, RerankError, message_size_options, stream_request
 from rerank_client.errors import from_rpc_error, from_stream_error
 from rerank_client.pb import SERVICE_NAME, rerank_pb2
@@ -46,7 +47,7 @@ HTTP_ROUTE_LABELS = {route.path for route in ROUTES} | {
 MIB = 1024 * 1024
 TOKEN = "hostile-test-token"
 # ~31 million empty documents after a one-letter query: 60 MiB on the wire.
-HUGE_RERANK = b"\x0a\x01q" + b"\x12\x00" * 31_457_276
+HUGE_RERANK = empty_documents(60 * MIB - 5)
 GRPC_OPTIONS = message_size_options(64 * MIB)
 # Three rounds of four concurrent HUGE_RERANK calls, from another process; prints each status.
 FLOOD = """
@@ -68,19 +69,7 @@ with ThreadPoolExecutor(4) as pool:
         print(*pool.map(call, range(4)), flush=True)
 """
 # 20 MB of CJK text without whitespace: one pre-token for byte-level BPE.
-CJK = ("北京是中国的首都上海是最大的城市" * 420_000)[:6_700_000]
-
-
-def memory(pid: int, field: str) -> int:
-    """VmRSS or VmHWM (peak RSS since the last reset) of a process, in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def reset_peak(pid: int) -> None:
-    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+CJK = cjk(6_700_000)
 
 
 def raw_call(target: str, method: str, payload: bytes, metadata=(), timeout: float = 60) -> grpc.RpcError | bytes:

@@ -19,11 +19,12 @@ import httpx
 import psutil
 import pytest
 
+from bench.attacks import chunked, memory, reset_peak
 from rerank_client import RerankClient
 from rerank_server.http_api.cohere import MAX_DOCUMENT_DEPTH
 from rerank_server.http_api.connection import MAX_BODY_CHUNKS
 from tests.conftest import Stack, frontend
-from tests.test_hostile import CJK, memory, reset_peak
+from tests.test_hostile import CJK
 from tests.test_http_errors import (
     COHERE_V1,
     COHERE_V2,
@@ -228,14 +229,6 @@ def test_json_that_cannot_be_written_back_is_refused_before_the_model_runs(serve
 
 
 # -- a body in tiny chunks is refused before it costs the loop ------------------------------------------
-
-
-def chunked(request_line: bytes, body: bytes, chunks: int) -> bytes:
-    """A request whose body comes in `chunks` chunks (1 byte each but the last)."""
-    pieces = [body[i : i + 1] for i in range(chunks - 1)] + [body[chunks - 1 :]]
-    framed = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces)
-    head = b"host: x\r\ncontent-type: application/json\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n"
-    return request_line + b"\r\n" + head + framed + b"0\r\n\r\n"
 
 
 def test_a_body_in_too_many_chunks_is_refused_in_the_apis_shape(served: Stack) -> None:

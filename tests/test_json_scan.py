@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import time
 from typing import Any
 
 import pytest
 
+from bench.attacks import json_shapes, scan_costs
 from rerank_server.http_api import json_scan
 from rerank_server.http_api.json_scan import more_values_than
 
@@ -62,35 +62,6 @@ HOSTILE = {
 }
 
 
-def scan_costs(body: bytes) -> tuple[float, float]:
-    """CPU time of this thread (not wall time, so that a loaded machine does not fail the tests) the count
-    of `body` takes, and the longest the loop was held at once meanwhile."""
-    holds: list[float] = []
-
-    async def scan() -> float:
-        last = time.thread_time()
-
-        async def ticker() -> None:
-            nonlocal last
-            while True:
-                await asyncio.sleep(0)
-                now = time.thread_time()
-                holds.append(now - last)
-                last = now
-
-        watcher = asyncio.ensure_future(ticker())
-        await asyncio.sleep(0)
-        started = time.thread_time()
-        await more_values_than(body, 16064)
-        spent = time.thread_time() - started
-        holds.append(time.thread_time() - last)  # since the last yield
-        watcher.cancel()
-        return spent
-
-    spent = asyncio.run(scan())
-    return spent, max(holds)
-
-
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_a_hostile_megabyte_costs_milliseconds_and_holds_the_loop_briefly(
     monkeypatch: pytest.MonkeyPatch, name: str
@@ -110,13 +81,7 @@ def test_literals_are_counted() -> None:
 
 
 # 4 MiB bodies of every shape: few values, so each is scanned whole.
-SHAPES = {
-    "whitespace": b"[" + b" " * (4 * MIB) + b"]",
-    "one long string": b'"' + b"x" * (4 * MIB) + b'"',
-    "string of escapes": b'"' + b"\\u4e2d" * (4 * MIB // 6) + b'"',
-    "digits": b"1" * (4 * MIB),
-    "letters": b"t" * (4 * MIB),
-}
+SHAPES = json_shapes(4 * MIB)
 
 
 def test_bytes_between_values_are_skipped_as_fast_as_a_string_is_read() -> None:
