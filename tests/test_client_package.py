@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from importlib.metadata import requires
 
 import grpc
@@ -22,6 +22,7 @@ from rerank_client import (
 from rerank_client.cli import main
 from rerank_client.pb import rerank_pb2
 from tests.conftest import Stack, free_port
+from tests.texts import QUERY
 
 pytestmark = pytest.mark.e2e
 
@@ -149,3 +150,94 @@ async def test_a_stream_whose_requests_raise_raises_their_error(stack: Stack) ->
             assert refused_field(caught) == "query"
         # The client goes on.
         assert len((await aio.rerank("q", ["d"])).results) == 1
+
+
+# -- priority and the token --------------------------------------------------------------------------------
+
+
+async def test_a_priority_the_uint32_field_cannot_hold_is_an_invalid_request_before_sending(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Negative, fractional, boolean, too large or not a number: protobuf would raise a ValueError or a
+    TypeError naming nothing. Nothing listens at the target: refused before sending."""
+    assert build_rerank_request("q", ["x"]).priority == 0
+    assert build_rerank_request("q", ["x"], priority=1).priority == 1
+    assert build_score_request([("q", "d")], priority=2**32 - 1).priority == 2**32 - 1
+    assert stream_request("s", "q", ["x"], priority=5).request.priority == 5
+
+    def refused(caught: pytest.ExceptionInfo[InvalidRequestError]) -> None:
+        error = caught.value
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in error.field_violations] == ["priority"]
+        assert str(error).startswith("INVALID_ARGUMENT: priority: must be an integer from 0 to 4294967295")
+
+    builders: list[tuple[Callable[..., object], tuple[object, ...]]] = [
+        (build_rerank_request, ("q", ["x"])),
+        (build_score_request, ([("q", "d")],)),
+        (stream_request, ("s", "q", ["x"])),
+    ]
+    for bad in (-1, 1.5, 1.0, True, 2**32, "1"):
+        for build, args in builders:
+            with pytest.raises(InvalidRequestError) as caught:
+                build(*args, priority=bad)
+            refused(caught)
+
+    target = f"127.0.0.1:{free_port()}"
+    with RerankClient(target, timeout=5, retries=0) as client:
+        for call in (lambda: client.rerank("q", ["x"], priority=-1), lambda: client.score([("q", "x")], priority=-1)):
+            with pytest.raises(InvalidRequestError) as caught:
+                call()
+            refused(caught)
+    async with AsyncRerankClient(target, timeout=5, retries=0) as aio:
+        with pytest.raises(InvalidRequestError) as caught:
+            await aio.rerank("q", ["x"], priority=-1)
+        refused(caught)
+        with pytest.raises(InvalidRequestError) as caught:
+            await aio.score([("q", "x")], priority=0.5)  # type: ignore[arg-type]
+        refused(caught)
+
+    assert main(["score", "--target", target, "--timeout", "5", "--priority", "-1", "--pair", "q", "d"]) == 1
+    assert "priority: must be an integer from 0" in capsys.readouterr().err
+
+
+async def test_a_token_a_header_cannot_carry_is_refused_when_the_client_is_made(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A newline, a tab, a non-ASCII letter or a lone surrogate: gRPC would fail every call with INTERNAL
+    "Invalid metadata" (or raise a UnicodeEncodeError). The message gives the position, never the token."""
+    target = f"127.0.0.1:{free_port()}"
+    for token, position in (("s3cret\n", 6), ("s3\tcret", 2), ("caf\u00e9-s3cret", 3), ("\ud800s3cret", 0)):
+        for make in (RerankClient, AsyncRerankClient):
+            with pytest.raises(ValueError, match=rf"^token: the character at position {position} cannot") as caught:
+                make(target, token=token)
+            assert "s3cret" not in str(caught.value)
+    # Visible ASCII and spaces are what a header holds; an empty token sends no header at all.
+    for token in ("s3cret", "a b~!", ""):
+        RerankClient(target, token=token).close()
+    # The command line (--token, or $RERANK_TOKEN with a stray newline): a message, no traceback.
+    monkeypatch.setenv("RERANK_TOKEN", "s3cret\n")
+    with pytest.raises(SystemExit) as exited:
+        main(["query", "--target", target, "q", "d"])
+    assert exited.value.code == "rerank: token: the character at position 6 cannot be sent in a gRPC header " + (
+        "(only visible ASCII and spaces can)"
+    )
+
+
+async def test_priority_reaches_the_server_and_leaves_the_scores_as_they_are(stack: Stack) -> None:
+    """Rerank, Score and RerankStream at a background priority are answered as at 0 (the ordering itself:
+    tests/test_http_compat.py, with Triton's queue held)."""
+    documents = ["Beijing", "The weather is nice today", "Shanghai"]
+    with RerankClient(stack.target, timeout=60) as client:
+        first, background = (client.rerank(QUERY, documents, priority=p) for p in (0, 1))
+        assert [(r.index, r.logit) for r in background.results] == [(r.index, r.logit) for r in first.results]
+        pairs = [(QUERY, d) for d in documents]
+        first_scores, background_scores = (client.score(pairs, priority=p) for p in (0, 7))
+        assert [s.logit for s in background_scores.scores] == [s.logit for s in first_scores.scores]
+        streamed = {
+            answer.id: answer
+            for answer in client.rerank_stream(stream_request(f"p{p}", QUERY, documents, priority=p) for p in (0, 3))
+        }
+    assert [(r.index, r.logit) for r in streamed["p3"].response.results] == [(r.index, r.logit) for r in first.results]
+    async with AsyncRerankClient(stack.target, timeout=60) as aio:
+        answered = await aio.rerank(QUERY, documents, priority=2**32 - 1)
+    assert [(r.index, r.logit) for r in answered.results] == [(r.index, r.logit) for r in first.results]

@@ -224,3 +224,35 @@ def test_each_apis_priority_reaches_the_backend_and_maps_onto_two_triton_levels(
     assert backend.priorities == [3, 0, -2, 5, 6, 7]
     assert [priority_level(p) for p in (-2, 0, 1, 999)] == [FIRST_LEVEL, FIRST_LEVEL, DEFERRED_LEVEL, DEFERRED_LEVEL]
     assert FIRST_LEVEL < DEFERRED_LEVEL  # Triton serves the lower level first
+
+
+async def test_grpc_priority_reaches_the_backend_from_rerank_score_and_rerank_stream() -> None:
+    """RerankRequest.priority and ScoreRequest.priority become ScoreOptions.priority on the one path every
+    RPC takes; a request that does not set it runs at 0."""
+    from collections.abc import AsyncIterator
+
+    from rerank_client.pb import rerank_pb2
+    from rerank_server.service import RerankService
+    from rerank_server.settings import Settings
+
+    class Context:
+        """What a successful call reads of its grpc.aio context."""
+
+        def time_remaining(self) -> float | None:
+            return None
+
+    backend = FakeBackend()
+    service = RerankService(fake_core(backend), Settings(triton_url="fake:0"))
+    context = Context()
+    await service.Rerank(rerank_pb2.RerankRequest(query=QUERY, documents=["a"], priority=3), context)
+    pair = rerank_pb2.TextPair(text_a=QUERY, text_b="b")
+    await service.Score(rerank_pb2.ScoreRequest(pairs=[pair], priority=4), context)
+    await service.Rerank(rerank_pb2.RerankRequest(query=QUERY, documents=["c"]), context)
+
+    async def messages() -> AsyncIterator[rerank_pb2.RerankStreamRequest]:
+        request = rerank_pb2.RerankRequest(query=QUERY, documents=["d"], priority=7)
+        yield rerank_pb2.RerankStreamRequest(id="s", request=request)
+
+    answers = [answer async for answer in service.RerankStream(messages(), context)]
+    assert [answer.WhichOneof("outcome") for answer in answers] == ["response"]
+    assert backend.priorities == [3, 4, 0, 7]

@@ -238,7 +238,7 @@ def test_cohere_v2_priority_is_accepted(base_url: str) -> None:
     assert refused.status_code == 400 and "priority" in refused.json()["message"]
 
 
-# -- priority (Cohere v2, vLLM) ---------------------------------------------------------------------------
+# -- priority (Cohere v2, vLLM, gRPC) ---------------------------------------------------------------------
 
 
 def _pending(stack: Stack) -> int:
@@ -260,25 +260,42 @@ def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 120) 
         time.sleep(0.02)
 
 
-def _jump_the_queue(stack: Stack, background_priority: int) -> tuple[int, bool]:
-    """A Cohere v2 call of DOCUMENTS_QUEUED documents at `background_priority`, each its own Triton request,
-    queued while the model's stub is stopped (SIGSTOP: Triton keeps queueing, nothing runs); then a
-    one-document call at the default priority joins the queue, and the stub resumes. Returns how many
-    requests still waited in Triton's queue when the small call was answered, and whether the large call
-    had been answered by then."""
-    url = f"{stack.http_url}/v2/rerank"
+# How a run of _jump_the_queue sends a call: (stack, documents, priority or None for the default) -> how many
+# results came back. Each raises on a failed call.
+Send = Callable[[Stack, list[str], int | None], int]
+
+
+def _cohere_v2(stack: Stack, documents: list[str], priority: int | None) -> int:
+    body: dict[str, Any] = {"query": QUERY, "documents": documents}
+    if priority is not None:
+        body["priority"] = priority
+    answer = httpx.post(f"{stack.http_url}/v2/rerank", json=body, timeout=600)
+    assert answer.status_code == 200, answer.text[:500]
+    return len(answer.json()["results"])
+
+
+def _grpc(stack: Stack, documents: list[str], priority: int | None) -> int:
+    with RerankClient(stack.target, timeout=600) as client:
+        return len(client.rerank(QUERY, documents, priority=priority).results)
+
+
+def _jump_the_queue(stack: Stack, background_priority: int, send: Send = _cohere_v2) -> tuple[int, bool]:
+    """A call of DOCUMENTS_QUEUED documents at `background_priority`, each its own Triton request, queued
+    while the model's stub is stopped (SIGSTOP: Triton keeps queueing, nothing runs); then a one-document
+    call at the default priority joins the queue, and the stub resumes; `send` sends both (Cohere v2 or
+    gRPC). Returns how many requests still waited in Triton's queue when the small call was answered, and
+    whether the large call had been answered by then."""
     documents = [text(60, seed=background_priority * 10_000 + i) for i in range(DOCUMENTS_QUEUED)]
-    body = {"query": QUERY, "documents": documents, "priority": background_priority}
     tritonserver = next(p for p in psutil.Process(stack.process.pid).children() if p.name() == "tritonserver")
     (stub,) = [p for p in tritonserver.children() if "stub" in p.name()]
     stub.suspend()
     try:
         with ThreadPoolExecutor(2) as pool:
-            background = pool.submit(httpx.post, url, json=body, timeout=600)
+            background = pool.submit(send, stack, documents, background_priority)
             # All but the batch handed to the stopped stub wait in the queue.
             _wait_for(lambda: _pending(stack) >= DOCUMENTS_QUEUED - 32, "the large call's requests queued")
             queued = _pending(stack)
-            first = pool.submit(httpx.post, url, json={"query": QUERY, "documents": ["beijing"]}, timeout=600)
+            first = pool.submit(send, stack, ["beijing"], None)
             _wait_for(lambda: _pending(stack) > queued, "the small call's request queued")
             stub.resume()
             answered = first.result()
@@ -286,15 +303,14 @@ def _jump_the_queue(stack: Stack, background_priority: int) -> tuple[int, bool]:
             answer = background.result()
     finally:
         stub.resume()
-    assert answered.status_code == 200 and len(answered.json()["results"]) == 1, answered.text
-    assert answer.status_code == 200 and len(answer.json()["results"]) == DOCUMENTS_QUEUED, answer.text[:500]
+    assert answered == 1 and answer == DOCUMENTS_QUEUED, (answered, answer)
     return left, done
 
 
-def test_cohere_v2_priority_orders_tritons_queue(model_repository: Path, tmp_path: Path) -> None:
-    """Priority 0 (the default) runs before later priorities waiting in Triton's queue; among calls of one
-    priority the queue keeps arrival order. Each document is its own Triton request here (at most 512
-    tokens each), and the score cache is off, so both runs compute every pair."""
+def test_priority_orders_tritons_queue_over_cohere_v2_and_grpc(model_repository: Path, tmp_path: Path) -> None:
+    """Priority 0 (the default) runs before later priorities waiting in Triton's queue, over Cohere v2 and
+    over gRPC; among calls of one priority the queue keeps arrival order. Each document is its own Triton
+    request here (at most 512 tokens each), and the score cache is off, so every run computes every pair."""
     stack = start_local(
         one_model_repository(model_repository, tmp_path / "repository"),
         "--triton-request-max-tokens=64",
@@ -306,6 +322,9 @@ def test_cohere_v2_priority_orders_tritons_queue(model_repository: Path, tmp_pat
         assert left < 32, left
         # A later priority: the small call goes into the next batch Triton forms, ahead of the large call.
         left, done = _jump_the_queue(stack, background_priority=1)
+        assert left >= DOCUMENTS_QUEUED // 2 and not done, (left, done)
+        # The same over gRPC: RerankRequest.priority, through the Python SDK.
+        left, done = _jump_the_queue(stack, background_priority=1, send=_grpc)
         assert left >= DOCUMENTS_QUEUED // 2 and not done, (left, done)
     finally:
         stop_serve_later(stack)

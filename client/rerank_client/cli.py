@@ -45,7 +45,10 @@ def _client(args: argparse.Namespace) -> RerankClient:
     credentials = None
     if args.tls or args.tls_ca or args.tls_cert:
         credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
-    return RerankClient(args.target, timeout=args.timeout, credentials=credentials, token=args.token)
+    try:
+        return RerankClient(args.target, timeout=args.timeout, credentials=credentials, token=args.token)
+    except ValueError as error:  # a token a header cannot carry (--token or $RERANK_TOKEN)
+        raise SystemExit(f"rerank: {error}") from None
 
 
 def _run_query(args: argparse.Namespace) -> int:
@@ -58,6 +61,7 @@ def _run_query(args: argparse.Namespace) -> int:
             max_length=args.max_length,
             chunk_overlap=args.chunk_overlap,
             model=args.model,
+            priority=args.priority,
         )
     if args.json:
         _print_json(response)
@@ -75,6 +79,7 @@ def _run_score(args: argparse.Namespace) -> int:
             max_length=args.max_length,
             chunk_overlap=args.chunk_overlap,
             model=args.model,
+            priority=args.priority,
         )
     if args.json:
         _print_json(response)
@@ -126,6 +131,9 @@ def _scoring_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truncation", choices=["end", "start", "none", "chunk"], default=None, help="default: end")
     parser.add_argument("--max-length", type=int, default=None, help="tokens per pair (default: the model's limit)")
     parser.add_argument("--chunk-overlap", type=int, default=None, help="tokens windows share with --truncation chunk")
+    parser.add_argument(
+        "--priority", type=int, default=None, help="lower first; above 0 waits behind calls at 0 (default: 0)"
+    )
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
     _model_option(parser)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import operator
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -48,6 +49,14 @@ def truncation_value(truncation: TruncationArg) -> rerank_pb2.Truncation:
 
 # A surrogate code point: alone in a str (Python pairs none), and UTF-8 cannot carry it.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# The largest uint32, the most RerankRequest.priority and ScoreRequest.priority hold.
+_UINT32_MAX = 2**32 - 1
+
+
+def _refused(field: str, description: str) -> InvalidRequestError:
+    """The caller's InvalidRequestError naming `field`, raised before anything is sent."""
+    violation = rerank_pb2.FieldViolation(field=field, description=description)
+    return InvalidRequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {description}", [violation])
 
 
 def _check_text(field: str, text: str | None) -> None:
@@ -55,9 +64,22 @@ def _check_text(field: str, text: str | None) -> None:
     the caller's InvalidRequestError naming `field`, before anything is sent; protobuf would raise a
     UnicodeEncodeError that names nothing."""
     if isinstance(text, str) and _SURROGATE.search(text):
-        description = "holds a lone surrogate, which UTF-8 cannot carry"
-        violation = rerank_pb2.FieldViolation(field=field, description=description)
-        raise InvalidRequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {description}", [violation])
+        raise _refused(field, "holds a lone surrogate, which UTF-8 cannot carry")
+
+
+def _priority_value(priority: int | None) -> int:
+    """The request's priority field for `priority` (None: 0, the default). The field is a uint32: a
+    negative, fractional or larger value is the caller's InvalidRequestError naming `priority`, before
+    anything is sent (protobuf would raise a ValueError or TypeError that names nothing)."""
+    if priority is None:
+        return 0
+    try:
+        value = None if isinstance(priority, bool) else operator.index(priority)
+    except TypeError:
+        value = None
+    if value is None or not 0 <= value <= _UINT32_MAX:
+        raise _refused("priority", f"must be an integer from 0 to {_UINT32_MAX}, got {priority!r}")
+    return value
 
 
 def build_rerank_request(
@@ -70,8 +92,10 @@ def build_rerank_request(
     max_length: int | None = None,
     chunk_overlap: int | None = None,
     model: str | None = None,
+    priority: int | None = None,
 ) -> rerank_pb2.RerankRequest:
-    """The RerankRequest for these arguments. Validation of the values is the server's job."""
+    """The RerankRequest for these arguments. Validation of the values is the server's job, but for text
+    UTF-8 cannot carry and a priority outside the field's range (InvalidRequestError, before sending)."""
     if isinstance(documents, str):
         # A bare string is a Sequence[str] too; iterating it would rerank its characters.
         raise TypeError("documents must be a sequence of strings, not a single string")
@@ -88,6 +112,7 @@ def build_rerank_request(
         truncation=truncation_value(truncation),
         max_length=max_length or 0,
         model=model or "",
+        priority=_priority_value(priority),
     )
     if chunk_overlap is not None:
         request.chunk_overlap = chunk_overlap
@@ -101,6 +126,7 @@ def build_score_request(
     max_length: int | None = None,
     chunk_overlap: int | None = None,
     model: str | None = None,
+    priority: int | None = None,
 ) -> rerank_pb2.ScoreRequest:
     pairs = list(pairs)
     for i, (text_a, text_b) in enumerate(pairs):
@@ -112,6 +138,7 @@ def build_score_request(
         truncation=truncation_value(truncation),
         max_length=max_length or 0,
         model=model or "",
+        priority=_priority_value(priority),
     )
     if chunk_overlap is not None:
         request.chunk_overlap = chunk_overlap
@@ -219,6 +246,26 @@ def tls_credentials(
     return grpc.ssl_channel_credentials(read(root_certificates), read(private_key), read(certificate_chain))
 
 
+# What a gRPC (HTTP/2) metadata value may hold: visible ASCII and the space (gRPC refuses even a tab).
+_HEADER_VALUE = re.compile("[\x20-\x7e]*")
+
+
+def _check_token(token: str | None) -> None:
+    """Refuse a token a header value cannot carry (a newline, a non-ASCII character) when the client is
+    made: gRPC would fail every call with INTERNAL "Invalid metadata", or raise a UnicodeEncodeError. The
+    message gives the position, never the token."""
+    if token is None:
+        return
+    if not isinstance(token, str):
+        raise TypeError(f"token must be a str, not {type(token).__name__}")
+    if not _HEADER_VALUE.fullmatch(token):
+        position = next(i for i, c in enumerate(token) if not " " <= c <= "~")
+        raise ValueError(
+            f"token: the character at position {position} cannot be sent in a gRPC header "
+            "(only visible ASCII and spaces can)"
+        )
+
+
 class _ClientConfig:
     """What both twins share: where to connect, how, the default deadline and the call metadata."""
 
@@ -231,6 +278,7 @@ class _ClientConfig:
         retries: int,
         token: str | None,
     ) -> None:
+        _check_token(token)
         self.target = target
         self.timeout = timeout
         self.credentials = credentials
@@ -248,8 +296,9 @@ class RerankClient:
     calls round-robin over every address the name resolves to (a headless Service's pods).
     `timeout` is the default deadline in seconds of every call (None: no deadline); a call's own
     `timeout` argument overrides it. For RerankStream it bounds the whole stream. `credentials`
-    turns on TLS (see `tls_credentials`), `token` sends `authorization: Bearer <token>`, and
-    `retries` is how often an idempotent call is retried, with backoff, on UNAVAILABLE.
+    turns on TLS (see `tls_credentials`), `token` sends `authorization: Bearer <token>` (visible ASCII
+    and spaces only: another character is a ValueError here), and `retries` is how often an idempotent
+    call is retried, with backoff, on UNAVAILABLE.
     """
 
     def __init__(
@@ -280,9 +329,12 @@ class RerankClient:
         max_length: int | None = None,
         chunk_overlap: int | None = None,
         model: str | None = None,
+        priority: int | None = None,
         timeout: float | None = None,
     ) -> rerank_pb2.RerankResponse:
-        """Score `documents` against `query` with `model` (None: the server's default); best first."""
+        """Score `documents` against `query` with `model` (None: the server's default); best first.
+        `priority`: lower is handled first, None or 0 first of all; above 0 (background work) the call's
+        model inputs wait behind those of every call at 0."""
         request = build_rerank_request(
             query,
             documents,
@@ -292,6 +344,7 @@ class RerankClient:
             max_length=max_length,
             chunk_overlap=chunk_overlap,
             model=model,
+            priority=priority,
         )
         response: rerank_pb2.RerankResponse = self._call(self._stub.Rerank, request, timeout)
         return response
@@ -304,11 +357,18 @@ class RerankClient:
         max_length: int | None = None,
         chunk_overlap: int | None = None,
         model: str | None = None,
+        priority: int | None = None,
         timeout: float | None = None,
     ) -> rerank_pb2.ScoreResponse:
-        """Score (text_a, text_b) pairs with `model` (None: the server's default), in request order."""
+        """Score (text_a, text_b) pairs with `model` (None: the server's default), in request order;
+        `priority` as in `rerank`."""
         request = build_score_request(
-            pairs, truncation=truncation, max_length=max_length, chunk_overlap=chunk_overlap, model=model
+            pairs,
+            truncation=truncation,
+            max_length=max_length,
+            chunk_overlap=chunk_overlap,
+            model=model,
+            priority=priority,
         )
         response: rerank_pb2.ScoreResponse = self._call(self._stub.Score, request, timeout)
         return response
@@ -393,9 +453,12 @@ class AsyncRerankClient:
         max_length: int | None = None,
         chunk_overlap: int | None = None,
         model: str | None = None,
+        priority: int | None = None,
         timeout: float | None = None,
     ) -> rerank_pb2.RerankResponse:
-        """Score `documents` against `query` with `model` (None: the server's default); best first."""
+        """Score `documents` against `query` with `model` (None: the server's default); best first.
+        `priority`: lower is handled first, None or 0 first of all; above 0 (background work) the call's
+        model inputs wait behind those of every call at 0."""
         request = build_rerank_request(
             query,
             documents,
@@ -405,6 +468,7 @@ class AsyncRerankClient:
             max_length=max_length,
             chunk_overlap=chunk_overlap,
             model=model,
+            priority=priority,
         )
         response: rerank_pb2.RerankResponse = await self._call(self._stub.Rerank, request, timeout)
         return response
@@ -417,11 +481,18 @@ class AsyncRerankClient:
         max_length: int | None = None,
         chunk_overlap: int | None = None,
         model: str | None = None,
+        priority: int | None = None,
         timeout: float | None = None,
     ) -> rerank_pb2.ScoreResponse:
-        """Score (text_a, text_b) pairs with `model` (None: the server's default), in request order."""
+        """Score (text_a, text_b) pairs with `model` (None: the server's default), in request order;
+        `priority` as in `rerank`."""
         request = build_score_request(
-            pairs, truncation=truncation, max_length=max_length, chunk_overlap=chunk_overlap, model=model
+            pairs,
+            truncation=truncation,
+            max_length=max_length,
+            chunk_overlap=chunk_overlap,
+            model=model,
+            priority=priority,
         )
         response: rerank_pb2.ScoreResponse = await self._call(self._stub.Score, request, timeout)
         return response

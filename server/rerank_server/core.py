@@ -87,7 +87,7 @@ class ScoreOptions:
     max_length: int | None = None  # None: the model's limit
     chunk_overlap: int | None = None  # None: the server's default (--chunk-overlap-tokens)
     max_chunks: int | None = None  # CHUNK: windows scored per document, its first ones; None: all
-    # Cohere's and vLLM's: lower is handled first, 0 (every call that does not say) first of all. Above 0 a
+    # Cohere's, vLLM's and gRPC's: lower is handled first, 0 (every call that does not say) first of all. Above 0 a
     # call's model inputs wait in Triton's queue behind every call at 0 (triton_backend.priority_level).
     priority: int = 0
 

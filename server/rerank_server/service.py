@@ -76,6 +76,7 @@ def _options(request: rerank_pb2.RerankRequest | rerank_pb2.ScoreRequest) -> Sco
         truncation=_TRUNCATION[request.truncation],
         max_length=request.max_length or None,
         chunk_overlap=request.chunk_overlap if request.HasField("chunk_overlap") else None,
+        priority=request.priority,
     )
 
 

@@ -74,7 +74,8 @@ func WithTLS(config *tls.Config) ClientOption {
 	return func(c *clientConfig) { c.tls = config }
 }
 
-// WithToken sends `authorization: Bearer <token>` with every call.
+// WithToken sends `authorization: Bearer <token>` with every call. The token must be visible ASCII and
+// spaces (what a gRPC header value holds): New refuses another character.
 func WithToken(token string) ClientOption {
 	return func(c *clientConfig) { c.token = token }
 }
@@ -129,12 +130,27 @@ func (t bearerToken) GetRequestMetadata(context.Context, ...string) (map[string]
 // The Python SDK sends the token on plaintext channels too (a sidecar or a trusted network); so does this.
 func (bearerToken) RequireTransportSecurity() bool { return false }
 
+// checkToken refuses a token a header value cannot carry (a newline, a byte outside visible ASCII) when
+// the client is made, not as a failure of every call. The error gives the position, never the token.
+func checkToken(token string) error {
+	for i := 0; i < len(token); i++ {
+		if token[i] < 0x20 || token[i] > 0x7e {
+			return fmt.Errorf("rerank: token: the byte at position %d cannot be sent in a gRPC header (only visible ASCII and spaces can)", i)
+		}
+	}
+	return nil
+}
+
 // New connects lazily to target: `host:port`, or `dns:///rerank.ns.svc.cluster.local:50051` to spread
-// calls round-robin over every address the name resolves to (a headless Service's pods).
+// calls round-robin over every address the name resolves to (a headless Service's pods). A token (WithToken)
+// with a character a gRPC header cannot carry is an error here.
 func New(target string, options ...ClientOption) (*Client, error) {
 	config := clientConfig{timeout: DefaultTimeout, retries: DefaultRetries, maxMessageBytes: DefaultMaxMessageBytes}
 	for _, option := range options {
 		option(&config)
+	}
+	if err := checkToken(config.token); err != nil {
+		return nil, err
 	}
 	transport := grpc.WithInsecure()
 	if config.tls != nil {
@@ -196,6 +212,7 @@ type requestOptions struct {
 	maxLength       uint32
 	chunkOverlap    *uint32
 	model           string
+	priority        uint32
 }
 
 // TopN returns only the n best results (0: all, best first).
@@ -218,6 +235,10 @@ func ChunkOverlap(tokens uint32) Option { return func(o *requestOptions) { o.chu
 // Model names the served model to use (as ListModels lists it; "": the server's default). ModelInfo takes it too.
 func Model(name string) Option { return func(o *requestOptions) { o.model = name } }
 
+// Priority sets how soon the call is handled: lower first, 0 (the default) first of all. Above 0 (background
+// work such as re-indexing) the call's model inputs wait behind those of every call at 0.
+func Priority(priority uint32) Option { return func(o *requestOptions) { o.priority = priority } }
+
 func collect(options []Option) requestOptions {
 	var o requestOptions
 	for _, option := range options {
@@ -238,6 +259,7 @@ func RerankRequest(query string, documents []string, options ...Option) *rerankv
 		MaxLength:       o.maxLength,
 		ChunkOverlap:    o.chunkOverlap,
 		Model:           o.model,
+		Priority:        o.priority,
 	}
 }
 
@@ -251,6 +273,7 @@ func ScoreRequest(pairs []Pair, options ...Option) *rerankv1.ScoreRequest {
 	o := collect(options)
 	request := &rerankv1.ScoreRequest{
 		Truncation: o.truncation, MaxLength: o.maxLength, ChunkOverlap: o.chunkOverlap, Model: o.model,
+		Priority: o.priority,
 	}
 	for _, pair := range pairs {
 		request.Pairs = append(request.Pairs, &rerankv1.TextPair{TextA: pair.TextA, TextB: pair.TextB})

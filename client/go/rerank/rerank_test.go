@@ -633,3 +633,94 @@ func TestRequestBuilding(t *testing.T) {
 		t.Fatal("chunk_overlap set without ChunkOverlap")
 	}
 }
+
+// -- priority and the token ---------------------------------------------------------------------------------
+
+func TestPriorityPassesThroughAndLeavesTheScoresAsTheyAre(t *testing.T) {
+	if got := rerank.RerankRequest("q", []string{"a"}, rerank.Priority(3)).GetPriority(); got != 3 {
+		t.Fatalf("rerank priority %d", got)
+	}
+	if got := rerank.ScoreRequest([]rerank.Pair{{TextA: "q", TextB: "d"}}, rerank.Priority(7)).GetPriority(); got != 7 {
+		t.Fatalf("score priority %d", got)
+	}
+	if got := rerank.StreamRequest("s", "q", []string{"a"}, rerank.Priority(5)).GetRequest().GetPriority(); got != 5 {
+		t.Fatalf("stream priority %d", got)
+	}
+	if got := rerank.RerankRequest("q", []string{"a"}).GetPriority(); got != 0 {
+		t.Fatalf("default priority %d", got)
+	}
+
+	// Against the server: a background call (above 0) is answered as one at 0.
+	client := newClient(t, env(t, "RERANK_TARGET"))
+	ctx := context.Background()
+	query, documents := "what is the capital of China?", []string{"Beijing", "The weather is nice today", "Shanghai"}
+	ranked := func(response *rerankv1.RerankResponse) string {
+		var out []string
+		for _, r := range response.GetResults() {
+			out = append(out, fmt.Sprintf("%d:%v", r.GetIndex(), r.GetLogit()))
+		}
+		return strings.Join(out, " ")
+	}
+	first, err := client.Rerank(ctx, query, documents, rerank.Priority(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	background, err := client.Rerank(ctx, query, documents, rerank.Priority(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ranked(background) != ranked(first) {
+		t.Fatalf("priority 1: %s, priority 0: %s", ranked(background), ranked(first))
+	}
+	var pairs []rerank.Pair
+	for _, document := range documents {
+		pairs = append(pairs, rerank.Pair{TextA: query, TextB: document})
+	}
+	logits := func(options ...rerank.Option) string {
+		response, err := client.Score(ctx, pairs, options...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, s := range response.GetScores() {
+			out = append(out, fmt.Sprint(s.GetLogit()))
+		}
+		return strings.Join(out, " ")
+	}
+	if a, b := logits(rerank.Priority(4294967295)), logits(); a != b {
+		t.Fatalf("score at the last priority: %s, at 0: %s", a, b)
+	}
+	stream, err := client.RerankStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stream.Close()
+	if err := stream.Send(rerank.StreamRequest("p", query, documents, rerank.Priority(3))); err != nil {
+		t.Fatal(err)
+	}
+	answers := closeAndReceive(t, stream)
+	if len(answers) != 1 || answers[0].GetError() != nil || ranked(answers[0].GetResponse()) != ranked(first) {
+		t.Fatalf("stream: %v", answers)
+	}
+}
+
+func TestATokenAHeaderCannotCarryIsRefusedByNew(t *testing.T) {
+	for token, position := range map[string]int{"s3cret\n": 6, "s3\tcret": 2, "caf\u00e9-s3cret": 3, "\xffs3cret": 0, "s3cret\x7f": 6} {
+		client, err := rerank.New("127.0.0.1:1", rerank.WithToken(token))
+		if err == nil {
+			client.Close()
+			t.Fatalf("%q: accepted", token)
+		}
+		want := fmt.Sprintf("rerank: token: the byte at position %d cannot be sent in a gRPC header", position)
+		if !strings.HasPrefix(err.Error(), want) || strings.Contains(err.Error(), "s3cret") {
+			t.Fatalf("%q: %v", token, err)
+		}
+	}
+	for _, token := range []string{"s3cret", "a b~!", ""} {
+		client, err := rerank.New("127.0.0.1:1", rerank.WithToken(token))
+		if err != nil {
+			t.Fatalf("%q: %v", token, err)
+		}
+		client.Close()
+	}
+}

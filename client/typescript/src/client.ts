@@ -90,6 +90,11 @@ export interface RequestOptions {
   chunkOverlap?: number;
   /** The served model to use (its name, as listModels lists it); unset: the server's default. */
   model?: string;
+  /**
+   * Lower is handled first; 0 or unset (the default) first of all. Above 0 (background work such as
+   * re-indexing) the call's model inputs wait behind those of every call at 0. An integer from 0 to 2^32 - 1.
+   */
+  priority?: number;
 }
 
 export interface RerankOptions extends RequestOptions {
@@ -112,18 +117,30 @@ function checkText(field: string, text: string | undefined): void {
   }
 }
 
-// The strings of a RerankRequest, as a message or as the plain object connect also takes.
+/** The most a uint32 field (the requests' priority) holds. */
+const UINT32_MAX = 2 ** 32 - 1;
+
+/** Refuse a priority the request's uint32 field cannot hold (negative, fractional, too large): a RangeError. */
+function checkPriority(field: string, priority: number | undefined): void {
+  if (priority !== undefined && !(Number.isInteger(priority) && priority >= 0 && priority <= UINT32_MAX)) {
+    throw new RangeError(`${field} must be an integer from 0 to ${UINT32_MAX}; got ${String(priority)}`);
+  }
+}
+
+// The checked fields of a RerankRequest, as a message or as the plain object connect also takes.
 interface RerankRequestText {
   query?: string;
   documents?: readonly string[];
   model?: string;
+  priority?: number;
 }
 
-/** checkText on every string of a RerankRequest; `prefix` leads each field's name. */
+/** checkText on every string of a RerankRequest, and checkPriority; `prefix` leads each field's name. */
 function checkRerankRequest(request: RerankRequestText, prefix = ""): void {
   checkText(`${prefix}query`, request.query);
   request.documents?.forEach((document, i) => checkText(`${prefix}documents[${i}]`, document));
   checkText(`${prefix}model`, request.model);
+  checkPriority(`${prefix}priority`, request.priority);
 }
 
 /** checkText on every string of a RerankStream message; `field` names the message ("requests[3]"). */
@@ -134,12 +151,17 @@ function checkStreamRequest(message: { id?: string; request?: RerankRequestText 
   }
 }
 
-/** The RerankRequest for these arguments. Validation of the values is the server's job. */
+/**
+ * The RerankRequest for these arguments. Validation of the values is the server's job, but for text UTF-8
+ * cannot carry (a TypeError) and a priority its field cannot hold (a RangeError).
+ */
 export function buildRerankRequest(query: string, documents: readonly string[], options: RerankOptions = {}): RerankRequest {
   if (typeof documents === "string") {
     // A string is iterable too; a caller without types would rerank its characters.
     throw new TypeError("documents must be an array of strings, not a single string");
   }
+  // Before create(), which would keep a fractional or negative number as it is, for sending to fail on.
+  checkPriority("priority", options.priority);
   const { truncation, ...fields } = options;
   const request = create(RerankRequestSchema, {
     ...fields,
@@ -153,6 +175,7 @@ export function buildRerankRequest(query: string, documents: readonly string[], 
 
 /** The ScoreRequest for (textA, textB) pairs. */
 export function buildScoreRequest(pairs: Iterable<readonly [string, string]>, options: RequestOptions = {}): ScoreRequest {
+  checkPriority("priority", options.priority);
   const { truncation, ...fields } = options;
   const request = create(ScoreRequestSchema, {
     ...fields,
@@ -203,7 +226,10 @@ export interface ClientOptions {
   timeoutMs?: number | null;
   /** Turns on TLS (see tlsCredentials). */
   credentials?: TlsCredentials;
-  /** Sent as `authorization: Bearer <token>` with every call. */
+  /**
+   * Sent as `authorization: Bearer <token>` with every call. Visible ASCII and spaces only (what a gRPC
+   * header value holds): the constructor throws a TypeError for another character.
+   */
   token?: string;
   /** How often rerank, score, modelInfo and listModels are retried, with backoff, on UNAVAILABLE; at most 4. */
   retries?: number;
@@ -211,6 +237,22 @@ export interface ClientOptions {
   maxMessageBytes?: number;
   /** More interceptors (logging, tracing, ...), after the SDK's own. */
   interceptors?: Interceptor[];
+}
+
+// What a gRPC (HTTP/2) metadata value may hold: visible ASCII and the space.
+const HEADER_VALUE = /^[\x20-\x7e]*$/;
+
+/**
+ * Refuse a token a header value cannot carry (a newline, a non-ASCII character, a lone surrogate) when the
+ * client is made, not as a failure of every call. The message gives the position, never the token.
+ */
+function checkToken(token: string | undefined): void {
+  if (token !== undefined && !HEADER_VALUE.test(token)) {
+    const position = [...token].findIndex((c) => !HEADER_VALUE.test(c));
+    throw new TypeError(
+      `token: the character at position ${position} cannot be sent in a gRPC header (only visible ASCII and spaces can)`,
+    );
+  }
 }
 
 /**
@@ -271,6 +313,7 @@ export class RerankClient {
   private readonly closing = new AbortController();
 
   constructor(target: string, options: ClientOptions = {}) {
+    checkToken(options.token);
     this.target = target;
     this.timeoutMs = options.timeoutMs === undefined ? DEFAULT_TIMEOUT_MS : options.timeoutMs;
     this.retries = options.retries ?? DEFAULT_RETRIES;

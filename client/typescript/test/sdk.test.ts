@@ -420,6 +420,74 @@ test("request building refuses a bare string and an unknown truncation name", ()
   assert.equal(buildRerankRequest("q", ["a"]).chunkOverlap, undefined);
 });
 
+// -- priority and the token ------------------------------------------------------------------------------
+
+test("priority: passed through; one the uint32 field cannot hold is a RangeError before sending", async () => {
+  assert.equal(buildRerankRequest("q", ["a"]).priority, 0);
+  assert.equal(buildRerankRequest("q", ["a"], { priority: 3 }).priority, 3);
+  assert.equal(buildScoreRequest([["q", "d"]], { priority: 2 ** 32 - 1 }).priority, 2 ** 32 - 1);
+  assert.equal(streamRequest("s", "q", ["a"], { priority: 5 }).request?.priority, 5);
+  for (const bad of [-1, 1.5, 2 ** 32, Number.NaN, Number.POSITIVE_INFINITY, "1" as unknown as number]) {
+    const refused = { name: "RangeError", message: /^priority must be an integer from 0 to 4294967295/ };
+    assert.throws(() => buildRerankRequest("q", ["a"], { priority: bad }), refused, String(bad));
+    assert.throws(() => buildScoreRequest([["q", "d"]], { priority: bad }), refused, String(bad));
+    assert.throws(() => streamRequest("s", "q", ["a"], { priority: bad }), refused, String(bad));
+  }
+  // Refused before sending: nothing listens at this target, and a call would be UnavailableError.
+  const offline = client("127.0.0.1:1", { retries: 0 });
+  await assert.rejects(offline.rerank("q", ["a"], { priority: -1 }), { name: "RangeError", message: /^priority must/ });
+  await assert.rejects(offline.score([["q", "d"]], { priority: 0.5 }), { name: "RangeError", message: /^priority must/ });
+  // A stream message built unchecked (as create() would build it) ends the stream with the RangeError naming it.
+  const bad = streamRequest("b", "q", ["d"]);
+  bad.request!.priority = -2;
+  await assert.rejects(
+    async () => {
+      for await (const _ of client().rerankStream([streamRequest("a", "q", ["d"]), bad])) {
+        // the first message's answer may come
+      }
+    },
+    { name: "RangeError", message: /^requests\[1\]\.request\.priority must be an integer/ },
+  );
+
+  // Against the server: a background call (above 0) is answered as one at 0.
+  const sdk = client();
+  const documents = ["Beijing", "The weather is nice today", "Shanghai"];
+  const ranked = (response: RerankResponse) => response.results.map((r) => [r.index, r.logit]);
+  const first = await sdk.rerank("what is the capital of China?", documents, { priority: 0 });
+  const background = await sdk.rerank("what is the capital of China?", documents, { priority: 1 });
+  assert.deepEqual(ranked(background), ranked(first));
+  const pairs = documents.map((d) => ["what is the capital of China?", d] as const);
+  const logits = (response: ScoreResponse) => response.scores.map((s) => s.logit);
+  assert.deepEqual(logits(await sdk.score(pairs, { priority: 7 })), logits(await sdk.score(pairs)));
+  for await (const answer of sdk.rerankStream([streamRequest("p", "what is the capital of China?", documents, { priority: 3 })])) {
+    assert.equal(answer.outcome.case, "response");
+    assert.deepEqual(ranked(answer.outcome.value as RerankResponse), ranked(first));
+  }
+});
+
+test("a token a gRPC header cannot carry is a TypeError from the constructor, without the token", () => {
+  for (const [token, position] of [
+    ["s3cret\n", 6],
+    ["s3\tcret", 2],
+    ["caf\u00e9-s3cret", 3],
+    ["\ud800s3cret", 0],
+    ["🚀s3cret", 0],
+  ] as const) {
+    assert.throws(
+      () => new RerankClient(TARGET, { token }),
+      (error: unknown) => {
+        assert.ok(error instanceof TypeError, String(error));
+        assert.ok(error.message.startsWith(`token: the character at position ${position} cannot be sent`), error.message);
+        assert.ok(!error.message.includes("s3cret"), error.message);
+        return true;
+      },
+    );
+  }
+  for (const token of ["s3cret", "a b~!", ""]) {
+    new RerankClient(TARGET, { token }).close();
+  }
+});
+
 // -- every failure of a call is its promise's rejection, never a throw at the call ------------------------
 
 test("rerank, score, modelInfo and listModels reject their promise on a refused argument or a closed client", async () => {

@@ -25,49 +25,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rerank/v1/rerank.proto\x12\trerank.v1\"\xd6\x01\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x03(\t\x12\r\n\x05top_n\x18\x03 \x01(\r\x12\x18\n\x10return_documents\x18\x04 \x01(\x08\x12)\n\ntruncation\x18\x05 \x01(\x0e\x32\x15.rerank.v1.Truncation\x12\x12\n\nmax_length\x18\x06 \x01(\r\x12\x1a\n\rchunk_overlap\x18\x07 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05model\x18\x08 \x01(\tB\x10\n\x0e_chunk_overlap\"j\n\x0eRerankResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.rerank.v1.RerankResult\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.rerank.v1.Usage\"\x83\x01\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05logit\x18\x03 \x01(\x02\x12\x15\n\x08\x64ocument\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07windows\x18\x05 \x01(\r\x12\x11\n\ttruncated\x18\x06 \x01(\x08\x42\x0b\n\t_document\"P\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x04\x12\x1b\n\x13truncated_documents\x18\x02 \x01(\r\x12\x14\n\x0cmodel_inputs\x18\x03 \x01(\r\"\xae\x01\n\x0cScoreRequest\x12\"\n\x05pairs\x18\x01 \x03(\x0b\x32\x13.rerank.v1.TextPair\x12)\n\ntruncation\x18\x02 \x01(\x0e\x32\x15.rerank.v1.Truncation\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x1a\n\rchunk_overlap\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05model\x18\x05 \x01(\tB\x10\n\x0e_chunk_overlap\"*\n\x08TextPair\x12\x0e\n\x06text_a\x18\x01 \x01(\t\x12\x0e\n\x06text_b\x18\x02 \x01(\t\"e\n\rScoreResponse\x12$\n\x06scores\x18\x01 \x03(\x0b\x32\x14.rerank.v1.PairScore\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.rerank.v1.Usage\"M\n\tPairScore\x12\r\n\x05score\x18\x01 \x01(\x02\x12\r\n\x05logit\x18\x02 \x01(\x02\x12\x0f\n\x07windows\x18\x03 \x01(\r\x12\x11\n\ttruncated\x18\x04 \x01(\x08\"L\n\x13RerankStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.rerank.v1.RerankRequest\"\x85\x01\n\x14RerankStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x08response\x18\x02 \x01(\x0b\x32\x19.rerank.v1.RerankResponseH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.rerank.v1.StreamErrorH\x00\x42\t\n\x07outcome\"a\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x33\n\x10\x66ield_violations\x18\x03 \x03(\x0b\x32\x19.rerank.v1.FieldViolation\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xbb\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\x11\n\tprecision\x18\x03 \x01(\t\x12\x19\n\x11triton_model_name\x18\x04 \x01(\t\x12\x1c\n\x14triton_model_version\x18\x05 \x01(\t\x12\x11\n\ttokenizer\x18\x06 \x01(\t\x12!\n\x06limits\x18\x07 \x01(\x0b\x32\x11.rerank.v1.Limits\"\x13\n\x11ListModelsRequest\"\\\n\x12ListModelsResponse\x12/\n\x06models\x18\x01 \x03(\x0b\x32\x1f.rerank.v1.GetModelInfoResponse\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"\x8d\x01\n\x06Limits\x12\x15\n\rmax_documents\x18\x01 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x02 \x01(\x04\x12\x18\n\x10max_query_tokens\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x1d\n\x15\x64\x65\x66\x61ult_chunk_overlap\x18\x05 \x01(\r*}\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRUNCATION_END\x10\x01\x12\x13\n\x0fTRUNCATION_NONE\x10\x02\x12\x14\n\x10TRUNCATION_CHUNK\x10\x03\x12\x14\n\x10TRUNCATION_START\x10\x04\x32\xfb\x02\n\rRerankService\x12=\n\x06Rerank\x12\x18.rerank.v1.RerankRequest\x1a\x19.rerank.v1.RerankResponse\x12:\n\x05Score\x12\x17.rerank.v1.ScoreRequest\x1a\x18.rerank.v1.ScoreResponse\x12S\n\x0cRerankStream\x12\x1e.rerank.v1.RerankStreamRequest\x1a\x1f.rerank.v1.RerankStreamResponse(\x01\x30\x01\x12O\n\x0cGetModelInfo\x12\x1e.rerank.v1.GetModelInfoRequest\x1a\x1f.rerank.v1.GetModelInfoResponse\x12I\n\nListModels\x12\x1c.rerank.v1.ListModelsRequest\x1a\x1d.rerank.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rerank/v1/rerank.proto\x12\trerank.v1\"\xe8\x01\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x03(\t\x12\r\n\x05top_n\x18\x03 \x01(\r\x12\x18\n\x10return_documents\x18\x04 \x01(\x08\x12)\n\ntruncation\x18\x05 \x01(\x0e\x32\x15.rerank.v1.Truncation\x12\x12\n\nmax_length\x18\x06 \x01(\r\x12\x1a\n\rchunk_overlap\x18\x07 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05model\x18\x08 \x01(\t\x12\x10\n\x08priority\x18\t \x01(\rB\x10\n\x0e_chunk_overlap\"j\n\x0eRerankResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.rerank.v1.RerankResult\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.rerank.v1.Usage\"\x83\x01\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05logit\x18\x03 \x01(\x02\x12\x15\n\x08\x64ocument\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x0f\n\x07windows\x18\x05 \x01(\r\x12\x11\n\ttruncated\x18\x06 \x01(\x08\x42\x0b\n\t_document\"P\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x04\x12\x1b\n\x13truncated_documents\x18\x02 \x01(\r\x12\x14\n\x0cmodel_inputs\x18\x03 \x01(\r\"\xc0\x01\n\x0cScoreRequest\x12\"\n\x05pairs\x18\x01 \x03(\x0b\x32\x13.rerank.v1.TextPair\x12)\n\ntruncation\x18\x02 \x01(\x0e\x32\x15.rerank.v1.Truncation\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x1a\n\rchunk_overlap\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05model\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\rB\x10\n\x0e_chunk_overlap\"*\n\x08TextPair\x12\x0e\n\x06text_a\x18\x01 \x01(\t\x12\x0e\n\x06text_b\x18\x02 \x01(\t\"e\n\rScoreResponse\x12$\n\x06scores\x18\x01 \x03(\x0b\x32\x14.rerank.v1.PairScore\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.rerank.v1.Usage\"M\n\tPairScore\x12\r\n\x05score\x18\x01 \x01(\x02\x12\r\n\x05logit\x18\x02 \x01(\x02\x12\x0f\n\x07windows\x18\x03 \x01(\r\x12\x11\n\ttruncated\x18\x04 \x01(\x08\"L\n\x13RerankStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.rerank.v1.RerankRequest\"\x85\x01\n\x14RerankStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x08response\x18\x02 \x01(\x0b\x32\x19.rerank.v1.RerankResponseH\x00\x12\'\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.rerank.v1.StreamErrorH\x00\x42\t\n\x07outcome\"a\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x33\n\x10\x66ield_violations\x18\x03 \x03(\x0b\x32\x19.rerank.v1.FieldViolation\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xbb\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\x11\n\tprecision\x18\x03 \x01(\t\x12\x19\n\x11triton_model_name\x18\x04 \x01(\t\x12\x1c\n\x14triton_model_version\x18\x05 \x01(\t\x12\x11\n\ttokenizer\x18\x06 \x01(\t\x12!\n\x06limits\x18\x07 \x01(\x0b\x32\x11.rerank.v1.Limits\"\x13\n\x11ListModelsRequest\"\\\n\x12ListModelsResponse\x12/\n\x06models\x18\x01 \x03(\x0b\x32\x1f.rerank.v1.GetModelInfoResponse\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"\x8d\x01\n\x06Limits\x12\x15\n\rmax_documents\x18\x01 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x02 \x01(\x04\x12\x18\n\x10max_query_tokens\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x1d\n\x15\x64\x65\x66\x61ult_chunk_overlap\x18\x05 \x01(\r*}\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRUNCATION_END\x10\x01\x12\x13\n\x0fTRUNCATION_NONE\x10\x02\x12\x14\n\x10TRUNCATION_CHUNK\x10\x03\x12\x14\n\x10TRUNCATION_START\x10\x04\x32\xfb\x02\n\rRerankService\x12=\n\x06Rerank\x12\x18.rerank.v1.RerankRequest\x1a\x19.rerank.v1.RerankResponse\x12:\n\x05Score\x12\x17.rerank.v1.ScoreRequest\x1a\x18.rerank.v1.ScoreResponse\x12S\n\x0cRerankStream\x12\x1e.rerank.v1.RerankStreamRequest\x1a\x1f.rerank.v1.RerankStreamResponse(\x01\x30\x01\x12O\n\x0cGetModelInfo\x12\x1e.rerank.v1.GetModelInfoRequest\x1a\x1f.rerank.v1.GetModelInfoResponse\x12I\n\nListModels\x12\x1c.rerank.v1.ListModelsRequest\x1a\x1d.rerank.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rerank.v1.rerank_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRUNCATION']._serialized_start=1835
-  _globals['_TRUNCATION']._serialized_end=1960
+  _globals['_TRUNCATION']._serialized_start=1871
+  _globals['_TRUNCATION']._serialized_end=1996
   _globals['_RERANKREQUEST']._serialized_start=38
-  _globals['_RERANKREQUEST']._serialized_end=252
-  _globals['_RERANKRESPONSE']._serialized_start=254
-  _globals['_RERANKRESPONSE']._serialized_end=360
-  _globals['_RERANKRESULT']._serialized_start=363
-  _globals['_RERANKRESULT']._serialized_end=494
-  _globals['_USAGE']._serialized_start=496
-  _globals['_USAGE']._serialized_end=576
-  _globals['_SCOREREQUEST']._serialized_start=579
-  _globals['_SCOREREQUEST']._serialized_end=753
-  _globals['_TEXTPAIR']._serialized_start=755
-  _globals['_TEXTPAIR']._serialized_end=797
-  _globals['_SCORERESPONSE']._serialized_start=799
-  _globals['_SCORERESPONSE']._serialized_end=900
-  _globals['_PAIRSCORE']._serialized_start=902
-  _globals['_PAIRSCORE']._serialized_end=979
-  _globals['_RERANKSTREAMREQUEST']._serialized_start=981
-  _globals['_RERANKSTREAMREQUEST']._serialized_end=1057
-  _globals['_RERANKSTREAMRESPONSE']._serialized_start=1060
-  _globals['_RERANKSTREAMRESPONSE']._serialized_end=1193
-  _globals['_STREAMERROR']._serialized_start=1195
-  _globals['_STREAMERROR']._serialized_end=1292
-  _globals['_FIELDVIOLATION']._serialized_start=1294
-  _globals['_FIELDVIOLATION']._serialized_end=1346
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1348
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1384
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1387
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1574
-  _globals['_LISTMODELSREQUEST']._serialized_start=1576
-  _globals['_LISTMODELSREQUEST']._serialized_end=1595
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1597
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1689
-  _globals['_LIMITS']._serialized_start=1692
-  _globals['_LIMITS']._serialized_end=1833
-  _globals['_RERANKSERVICE']._serialized_start=1963
-  _globals['_RERANKSERVICE']._serialized_end=2342
+  _globals['_RERANKREQUEST']._serialized_end=270
+  _globals['_RERANKRESPONSE']._serialized_start=272
+  _globals['_RERANKRESPONSE']._serialized_end=378
+  _globals['_RERANKRESULT']._serialized_start=381
+  _globals['_RERANKRESULT']._serialized_end=512
+  _globals['_USAGE']._serialized_start=514
+  _globals['_USAGE']._serialized_end=594
+  _globals['_SCOREREQUEST']._serialized_start=597
+  _globals['_SCOREREQUEST']._serialized_end=789
+  _globals['_TEXTPAIR']._serialized_start=791
+  _globals['_TEXTPAIR']._serialized_end=833
+  _globals['_SCORERESPONSE']._serialized_start=835
+  _globals['_SCORERESPONSE']._serialized_end=936
+  _globals['_PAIRSCORE']._serialized_start=938
+  _globals['_PAIRSCORE']._serialized_end=1015
+  _globals['_RERANKSTREAMREQUEST']._serialized_start=1017
+  _globals['_RERANKSTREAMREQUEST']._serialized_end=1093
+  _globals['_RERANKSTREAMRESPONSE']._serialized_start=1096
+  _globals['_RERANKSTREAMRESPONSE']._serialized_end=1229
+  _globals['_STREAMERROR']._serialized_start=1231
+  _globals['_STREAMERROR']._serialized_end=1328
+  _globals['_FIELDVIOLATION']._serialized_start=1330
+  _globals['_FIELDVIOLATION']._serialized_end=1382
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1384
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1420
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1423
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1610
+  _globals['_LISTMODELSREQUEST']._serialized_start=1612
+  _globals['_LISTMODELSREQUEST']._serialized_end=1631
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1633
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1725
+  _globals['_LIMITS']._serialized_start=1728
+  _globals['_LIMITS']._serialized_end=1869
+  _globals['_RERANKSERVICE']._serialized_start=1999
+  _globals['_RERANKSERVICE']._serialized_end=2378
 # @@protoc_insertion_point(module_scope)

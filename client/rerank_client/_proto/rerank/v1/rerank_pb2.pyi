@@ -22,7 +22,7 @@ TRUNCATION_CHUNK: Truncation
 TRUNCATION_START: Truncation
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "documents", "top_n", "return_documents", "truncation", "max_length", "chunk_overlap", "model")
+    __slots__ = ("query", "documents", "top_n", "return_documents", "truncation", "max_length", "chunk_overlap", "model", "priority")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class RerankRequest(_message.Message):
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CHUNK_OVERLAP_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     query: str
     documents: _containers.RepeatedScalarFieldContainer[str]
     top_n: int
@@ -39,7 +40,8 @@ class RerankRequest(_message.Message):
     max_length: int
     chunk_overlap: int
     model: str
-    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., max_length: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    priority: int
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., max_length: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., model: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class RerankResponse(_message.Message):
     __slots__ = ("results", "model", "usage")
@@ -78,18 +80,20 @@ class Usage(_message.Message):
     def __init__(self, input_tokens: _Optional[int] = ..., truncated_documents: _Optional[int] = ..., model_inputs: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("pairs", "truncation", "max_length", "chunk_overlap", "model")
+    __slots__ = ("pairs", "truncation", "max_length", "chunk_overlap", "model", "priority")
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CHUNK_OVERLAP_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     pairs: _containers.RepeatedCompositeFieldContainer[TextPair]
     truncation: Truncation
     max_length: int
     chunk_overlap: int
     model: str
-    def __init__(self, pairs: _Optional[_Iterable[_Union[TextPair, _Mapping]]] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., max_length: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    priority: int
+    def __init__(self, pairs: _Optional[_Iterable[_Union[TextPair, _Mapping]]] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., max_length: _Optional[int] = ..., chunk_overlap: _Optional[int] = ..., model: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class TextPair(_message.Message):
     __slots__ = ("text_a", "text_b")
