@@ -84,15 +84,18 @@ class Sampler:
         self._thread.join()
 
 
-def export_random(work: Path, seed: int = 0, **config: Any) -> Path:
-    """A random-weight checkpoint of `config`'s sizes saved in `work` and exported fp32 by `rerank export`:
-    the model repository."""
-    save_random_checkpoint(work / "checkpoint", TOKENIZER_DIR, seed=seed, **config)
-    export = [RERANK, "export", "--model", str(work / "checkpoint"), "--output", str(work / "repository")]
-    done = subprocess.run([*export, "--precision", "fp32"], capture_output=True, text=True)
+def export_random(work: Path, seed: int = 0, export_args: Sequence[str] = (), **config: Any) -> Path:
+    """A random-weight checkpoint of `config`'s sizes saved in `work` and exported fp32 by `rerank export`
+    (with `export_args`): the model repository."""
+    checkpoint = work / "checkpoint"
+    if not checkpoint.exists():
+        save_random_checkpoint(checkpoint, TOKENIZER_DIR, seed=seed, **config)
+    repository = work / "repository"
+    export = [RERANK, "export", "--model", str(checkpoint), "--output", str(repository), "--overwrite"]
+    done = subprocess.run([*export, "--precision", "fp32", *export_args], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"rerank export failed:\n{done.stderr[-3000:]}")
-    return work / "repository"
+    return repository
 
 
 @dataclass

@@ -97,7 +97,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
     """Every benchmark command this module checks (but bench.hostile, run by its test alone), started at once
     and run two at a time, longest first: their figures are not asserted, so sharing the 2 cores costs them
     nothing that is checked, and the module takes about a third less time than one command after another."""
-    names = ("long", "quick", "gpu", "cache", "warmup", "messages", "http", "run_size")
+    names = ("long", "quick", "gpu", "cache", "warmup", "messages", "http", "run_size", "queue_delay")
     folders = {name: tmp_path_factory.mktemp(f"bench-{name}") for name in names}
     commands: dict[str, list[list[str]]] = {
         # One long pair (about 2,000 tokens) served per runtime, all six exports in one stack.
@@ -116,6 +116,19 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
         "http": [quick("http", folders["http"] / "http.json", "--rounds", "2", "--repeats", "2")],
         # As docs/performance.md shows it: every size timed on every workload in each round.
         "run_size": [[sys.executable, "-m", "bench.run_size", "--quick", "--sizes", "64,8192", "--rounds", "2"]],
+        # Two delays, few calls.
+        "queue_delay": [
+            quick(
+                "queue_delay",
+                folders["queue_delay"] / "q.json",
+                "--delays",
+                "0,2000",
+                "--calls",
+                "30",
+                "--seconds",
+                "1",
+            )
+        ],
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
         yield {name: Run(folders[name], pool.submit(run_all, command)) for name, command in commands.items()}
@@ -360,6 +373,16 @@ def test_run_size_check_runs_end_to_end(runs: dict[str, Run]) -> None:
     rows = [row.strip(" |").split(" | ") for row in done.stdout.splitlines() if re.match(r"^\| \d+ \| \d+ \|", row)]
     assert [(r[0], r[1]) for r in rows] == [("1", "64"), ("1", "8192"), ("2", "64"), ("2", "8192")], done.stdout
     assert all(len(r) == 5 and all(float(rate) > 0 for rate in r[2:]) for r in rows), done.stdout
+
+
+def test_queue_delay_benchmark_serves_each_delay_as_exported(runs: dict[str, Run]) -> None:
+    (done,) = runs["queue_delay"].wait()
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((runs["queue_delay"].folder / "q.json").read_text())["rows"]
+    assert [(r["delay_us"], r["configured_us"]) for r in rows] == [(0, 0), (2000, 2000)], rows
+    assert all(r["sequential_calls"] == 30 and r["concurrent_calls_per_s"] > 0 for r in rows), rows
+    assert all(0 < r["sequential_median_ms"] <= r["sequential_p99_ms"] <= r["sequential_max_ms"] for r in rows), rows
+    assert "| 2,000 | 30 |" in done.stdout, done.stdout
 
 
 def test_cache_benchmark_runs_and_reports_hits_and_memory(runs: dict[str, Run]) -> None:

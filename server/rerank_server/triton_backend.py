@@ -260,7 +260,8 @@ class TritonBackend:
             # Triton, and the model drops its uncomputed pairs) and as the queue timeout (microseconds).
             client_timeout=timeout_s,
             timeout=None if timeout_s is None else max(1, int(timeout_s * 1e6)),
-            priority=level,
+            # 0 asks for the model's default level, FIRST_LEVEL: default traffic sends no priority at all.
+            priority=0 if level == FIRST_LEVEL else level,
             headers=propagation_headers() or None,
         )
         logits = result.as_numpy(LOGITS)
