@@ -25,7 +25,8 @@ def int8_repository(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[
         "export", "--model", str(checkpoints["reranker"]), "--output", str(repository), "--quantize", "int8"
     )
     assert done.returncode == 0, done.stderr
-    assert "[4/6] Quantizing to int8" in done.stderr and "[6/6]" in done.stderr
+    assert "[4/7] Quantizing to int8" in done.stderr and "[6/7] Checking that int8 ranks like fp32" in done.stderr
+    assert "[7/7]" in done.stderr
     return repository
 
 
