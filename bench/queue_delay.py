@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, cpu_pressure, machine_info
+from bench.measure import latency_summary
 from bench.served import ServedStack, export_random
 from rerank_client import AsyncRerankClient
 from rerank_server.testing import TINY_CONFIG
@@ -52,11 +52,6 @@ class Row:
     concurrent_p50_ms: float
     concurrent_p99_ms: float
     concurrent_stalls: int
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
 async def one_at_a_time(target: str, calls: int) -> list[float]:
@@ -98,18 +93,19 @@ def measure(work: Path, delay_us: int, calls: int, clients: int, seconds: float)
         together = asyncio.run(concurrent(stack.target, clients, seconds))
     finally:
         stack.stop()
+    alone, busy = latency_summary(sequential), latency_summary(together)
     return Row(
         delay_us=delay_us,
         configured_us=int(configured.group(1)) if configured else -1,
         sequential_calls=len(sequential),
-        sequential_median_ms=1000 * statistics.median(sequential),
-        sequential_p99_ms=1000 * percentile(sequential, 0.99),
-        sequential_max_ms=1000 * max(sequential),
+        sequential_median_ms=alone["p50"],
+        sequential_p99_ms=alone["p99"],
+        sequential_max_ms=alone["max"],
         stalls=sum(t >= STALL_S for t in sequential),
         concurrent_clients=clients,
         concurrent_calls_per_s=len(together) / seconds,
-        concurrent_p50_ms=1000 * statistics.median(together),
-        concurrent_p99_ms=1000 * percentile(together, 0.99),
+        concurrent_p50_ms=busy["p50"],
+        concurrent_p99_ms=busy["p99"],
         concurrent_stalls=sum(t >= STALL_S for t in together),
     )
 

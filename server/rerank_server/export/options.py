@@ -105,6 +105,10 @@ class ExportOptions:
             return runtime(self.runtime)
         return default_runtime(self.device, self.resolved_precision)
 
+    def batch_tokens(self, max_length: int) -> int:
+        """Tokens per model run, as the served model gets them (max_batch_tokens, else max(8192, max_length))."""
+        return self.max_batch_tokens or max(8192, max_length)
+
     @property
     def resolved_model_id(self) -> str:
         if self.model_id:

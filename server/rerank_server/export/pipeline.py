@@ -176,16 +176,18 @@ def _export_weights(source: Source, plan: Plan, version_dir: Path, steps: Steps)
         reason = _fixed_reason(plan, chosen)
     if plan.ranks_checked:
         with steps.step(f"Checking that {chosen} ranks like fp32"):
-            ranks = ranking(runtime, weights_of(runtime, chosen), chosen, source)
+            budget = options.batch_tokens(source.max_length)
+            ranks = ranking(runtime, weights_of(runtime, chosen), chosen, source, budget)
         verification[f"{runtime.name}-{chosen}"]["ranking"] = ranks
         if not ranks["agrees"]:
             # An explicit choice is kept, but said plainly: the export log, export.json and GetModelInfo.
-            reason += (
-                f"; ranks unlike fp32 on {ranks['documents']} sample documents (top-10 overlap "
+            unlike = (
+                f"ranks unlike fp32 on {ranks['documents']} sample documents (top-10 overlap "
                 f"{ranks['top10_overlap']:.2f}, Spearman {ranks['spearman']:.4f}): serve --precision fp32 "
                 "where ranking matters"
             )
-            steps.progress(f"Warning: {chosen} {reason.split('; ', 1)[1]}")
+            reason += f"; {unlike}"
+            steps.progress(f"Warning: {chosen} {unlike}")
 
     if chosen == INT8:
         graph.rename(version_dir / FP32_GRAPH_BESIDE_INT8)
@@ -251,7 +253,7 @@ def _choose(source: Source, plan: Plan, weights_of: Any, threshold: int) -> dict
     from rerank_triton_model.reranker_engine import RoutedReranker
 
     options = plan.options
-    budget = options.max_batch_tokens or max(8192, source.max_length)
+    budget = options.batch_tokens(source.max_length)
 
     def build(runtime: Runtime, precision: str) -> Any:
         return runtime.build(

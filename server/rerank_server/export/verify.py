@@ -126,10 +126,10 @@ def verify(
     }
 
 
-def ranking(runtime: Runtime, weights: Path, precision: str, source: Source) -> dict[str, Any]:
-    """How `runtime` in `precision` on the CPU ranks one query's documents (auto's agreement sample: mixed
-    lengths) against eager fp32 (agreement.py): the per-logit bound above catches wrong weights, not a
-    precision too coarse for this checkpoint's spread of scores."""
+def ranking(runtime: Runtime, weights: Path, precision: str, source: Source, budget: int) -> dict[str, Any]:
+    """How `runtime` in `precision` on the CPU, under the served token budget, ranks one query's documents
+    (auto's agreement sample: mixed lengths) against eager fp32 (agreement.py): the per-logit bound above
+    catches wrong weights, not a precision too coarse for this checkpoint's spread of scores."""
     from rerank_server.export import auto
     from rerank_server.export.agreement import agreement
 
@@ -139,7 +139,7 @@ def ranking(runtime: Runtime, weights: Path, precision: str, source: Source) -> 
         device="cpu",
         precision=precision,
         pad_token_id=source.pad_token_id,
-        max_batch_tokens=max(int(ranked.lengths.max()), min(ranked.tokens, 8192)),
+        max_batch_tokens=budget,
     )
     got = engine.score(ranked.ids, ranked.lengths)
     return agreement(eager(source, ranked.ids, ranked.lengths), got).as_dict()

@@ -64,7 +64,7 @@ def write_model(
         max_length=source.max_length,
         vocab_size=source.config.vocab_size,
         pad_token_id=source.pad_token_id,
-        max_batch_tokens=options.max_batch_tokens or max(8192, source.max_length),
+        max_batch_tokens=options.batch_tokens(source.max_length),
         intra_op_threads=options.intra_op_threads,
         runtime=variant.runtime,
         weights=variant.weights,
