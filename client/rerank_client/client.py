@@ -246,8 +246,9 @@ def tls_credentials(
     return grpc.ssl_channel_credentials(read(root_certificates), read(private_key), read(certificate_chain))
 
 
-# What a gRPC (HTTP/2) metadata value may hold: visible ASCII and the space (gRPC refuses even a tab).
-_HEADER_VALUE = re.compile("[\x20-\x7e]*")
+# What a gRPC (HTTP/2) metadata value may not hold: anything but visible ASCII and the space (gRPC refuses
+# even a tab).
+_NOT_HEADER_VALUE = re.compile("[^\x20-\x7e]")
 
 
 def _check_token(token: str | None) -> None:
@@ -258,10 +259,9 @@ def _check_token(token: str | None) -> None:
         return
     if not isinstance(token, str):
         raise TypeError(f"token must be a str, not {type(token).__name__}")
-    if not _HEADER_VALUE.fullmatch(token):
-        position = next(i for i, c in enumerate(token) if not " " <= c <= "~")
+    if (bad := _NOT_HEADER_VALUE.search(token)) is not None:
         raise ValueError(
-            f"token: the character at position {position} cannot be sent in a gRPC header "
+            f"token: the character at position {bad.start()} cannot be sent in a gRPC header "
             "(only visible ASCII and spaces can)"
         )
 
