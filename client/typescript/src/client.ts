@@ -239,16 +239,17 @@ export interface ClientOptions {
   interceptors?: Interceptor[];
 }
 
-// What a gRPC (HTTP/2) metadata value may hold: visible ASCII and the space.
-const HEADER_VALUE = /^[\x20-\x7e]*$/;
+// What a gRPC (HTTP/2) metadata value may not hold: anything but visible ASCII and the space.
+const NOT_HEADER_VALUE = /[^\x20-\x7e]/;
 
 /**
  * Refuse a token a header value cannot carry (a newline, a non-ASCII character, a lone surrogate) when the
  * client is made, not as a failure of every call. The message gives the position, never the token.
  */
 function checkToken(token: string | undefined): void {
-  if (token !== undefined && !HEADER_VALUE.test(token)) {
-    const position = [...token].findIndex((c) => !HEADER_VALUE.test(c));
+  // Counted in characters (code points), as the Python SDK counts them.
+  const position = token === undefined ? -1 : [...token].findIndex((c) => NOT_HEADER_VALUE.test(c));
+  if (position >= 0) {
     throw new TypeError(
       `token: the character at position ${position} cannot be sent in a gRPC header (only visible ASCII and spaces can)`,
     );
