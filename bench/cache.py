@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,10 +36,10 @@ from typing import Any
 import numpy as np
 
 from bench.common import ROOT, TOKENIZER_DIR, machine_info
-from bench.served import RERANK, ServedStack, process_rss
+from bench.served import ServedStack, export_random, process_rss
 from bench.workloads import FULL, QUICK, Request, Shape, TextMaker, document_lengths
 from rerank_client import RerankClient
-from rerank_server.testing import TINY_CONFIG, save_random_checkpoint
+from rerank_server.testing import TINY_CONFIG
 
 MIB = 2**20
 HITS = "rerank_score_cache_hits_total"
@@ -151,12 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as folder:
         work = Path(folder)
         config = TINY_CONFIG if args.quick else {"initializer_range": 0.02}
-        save_random_checkpoint(work / "checkpoint", TOKENIZER_DIR, seed=args.seed, **config)
-        export = [RERANK, "export", "--model", str(work / "checkpoint"), "--output", str(work / "repository")]
-        done = subprocess.run([*export, "--precision", "fp32"], capture_output=True, text=True)
-        if done.returncode != 0:
-            print(done.stderr[-3000:], file=sys.stderr)
-            return 1
+        export_random(work, seed=args.seed, **config)
         print("exported; starting both servers", file=sys.stderr, flush=True)
         off = ServedStack.start(work / "repository", work / "off.log", extra_args=["--score-cache-bytes=0"])
         try:

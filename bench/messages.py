@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RERANK, TOKENIZER_DIR
-from bench.served import ServedStack
+from bench.served import ServedStack, export_random
 from rerank_client import RerankClient
-from rerank_server.testing import TINY_CONFIG, save_random_checkpoint
+from rerank_server.testing import TINY_CONFIG
 
 MIB = 1 << 20
 
@@ -87,12 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(float(s) * MIB) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-messages-") as folder:
         work = Path(folder)
-        save_random_checkpoint(work / "checkpoint", TOKENIZER_DIR, seed=0, **TINY_CONFIG)
-        export = [RERANK, "export", "--model", str(work / "checkpoint"), "--output", str(work / "repository")]
-        done = subprocess.run([*export, "--precision", "fp32"], capture_output=True, text=True)
-        if done.returncode != 0:
-            print(done.stderr, file=sys.stderr)
-            return 1
+        export_random(work, **TINY_CONFIG)
         stack = ServedStack.start(
             work / "repository", work / "serve.log", extra_args=[f"--max-message-bytes={64 * MIB}"]
         )

@@ -82,7 +82,9 @@ async def concurrent(target: str, clients: int, seconds: float) -> list[float]:
 
 
 def measure(work: Path, delay_us: int, calls: int, clients: int, seconds: float) -> Row:
-    repository = export_random(work, export_args=[f"--max-queue-delay-us={delay_us}"], **TINY_CONFIG)
+    repository = export_random(
+        work, export_args=["--precision", "fp32", f"--max-queue-delay-us={delay_us}"], **TINY_CONFIG
+    )
     configured = re.search(
         r"max_queue_delay_microseconds: (\d+)", (repository / "reranker" / "config.pbtxt").read_text()
     )

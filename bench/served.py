@@ -84,15 +84,17 @@ class Sampler:
         self._thread.join()
 
 
-def export_random(work: Path, seed: int = 0, export_args: Sequence[str] = (), **config: Any) -> Path:
-    """A random-weight checkpoint of `config`'s sizes saved in `work` and exported fp32 by `rerank export`
-    (with `export_args`): the model repository."""
+def export_random(
+    work: Path, seed: int = 0, export_args: Sequence[str] = ("--precision", "fp32"), **config: Any
+) -> Path:
+    """A random-weight checkpoint of `config`'s sizes saved in `work` (once) and exported by `rerank export`
+    with `export_args` (fp32 unless they say otherwise) into work/repository: the model repository."""
     checkpoint = work / "checkpoint"
     if not checkpoint.exists():
         save_random_checkpoint(checkpoint, TOKENIZER_DIR, seed=seed, **config)
     repository = work / "repository"
     export = [RERANK, "export", "--model", str(checkpoint), "--output", str(repository), "--overwrite"]
-    done = subprocess.run([*export, "--precision", "fp32", *export_args], capture_output=True, text=True)
+    done = subprocess.run([*export, *export_args], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"rerank export failed:\n{done.stderr[-3000:]}")
     return repository

@@ -18,7 +18,6 @@ import argparse
 import json
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,11 +27,10 @@ from typing import Any
 import numpy as np
 
 from bench import workloads
-from bench.common import RERANK, ROOT, TOKENIZER_DIR, machine_info
+from bench.common import ROOT, TOKENIZER_DIR, machine_info
 from bench.models import FULL_INITIALIZER_RANGE, QUICK_CONFIG
-from bench.served import ServedStack
+from bench.served import ServedStack, export_random
 from rerank_client import RerankClient
-from rerank_server.testing import save_random_checkpoint
 
 WARM, COLD = "warm-up (as exported)", "no warm-up"
 # The block the export writes into config.pbtxt: everything from `model_warmup [` to its closing `]`.
@@ -83,13 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-warmup-") as folder:
         work = Path(folder)
         config = QUICK_CONFIG if args.quick else {"initializer_range": FULL_INITIALIZER_RANGE}
-        save_random_checkpoint(work / "checkpoint", TOKENIZER_DIR, seed=0, **config)
-        export = [RERANK, "export", "--model", str(work / "checkpoint"), "--output", str(work / "warm")]
-        done = subprocess.run([*export, *args.export_args.split()], capture_output=True, text=True)
-        if done.returncode != 0:
-            print(done.stderr[-3000:], file=sys.stderr)
-            return 1
-        repositories = {WARM: work / "warm", COLD: without_warmup(work / "warm", work / "cold")}
+        warm = export_random(work, export_args=args.export_args.split(), **config)
+        repositories = {WARM: warm, COLD: without_warmup(warm, work / "cold")}
         for round_ in range(args.rounds):
             for name, repository in repositories.items():
                 result = serve_and_call(repository, work / f"serve-{round_}-{len(runs[name])}.log", request, args.calls)
