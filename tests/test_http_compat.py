@@ -4,6 +4,8 @@ against the gRPC API's answer on the same input (one core, so not a single score
 
 from __future__ import annotations
 
+import re
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -309,8 +311,9 @@ def _jump_the_queue(stack: Stack, background_priority: int, send: Send = _cohere
 
 def test_priority_orders_tritons_queue_over_cohere_v2_and_grpc(model_repository: Path, tmp_path: Path) -> None:
     """Priority 0 (the default) runs before later priorities waiting in Triton's queue, over Cohere v2 and
-    over gRPC; among calls of one priority the queue keeps arrival order. Each document is its own Triton
-    request here (at most 512 tokens each), and the score cache is off, so every run computes every pair."""
+    over gRPC; among calls of one priority the queue keeps arrival order. Each pair is its own Triton
+    request here (--triton-request-max-tokens 64), and the score cache is off, so every run computes every
+    pair."""
     stack = start_local(
         one_model_repository(model_repository, tmp_path / "repository"),
         "--triton-request-max-tokens=64",
@@ -326,5 +329,24 @@ def test_priority_orders_tritons_queue_over_cohere_v2_and_grpc(model_repository:
         # The same over gRPC: RerankRequest.priority, through the Python SDK.
         left, done = _jump_the_queue(stack, background_priority=1, send=_grpc)
         assert left >= DOCUMENTS_QUEUED // 2 and not done, (left, done)
+    finally:
+        stop_serve_later(stack)
+
+
+def test_a_model_without_priority_levels_answers_every_priority_in_arrival_order(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """A config.pbtxt without priority_levels (an export made before them): a call above 0 is answered, not
+    refused, and the queue keeps arrival order (Triton reads every priority as the model's default)."""
+    repository = tmp_path / "repository"
+    shutil.copytree(model_repository / "reranker", repository / "reranker", symlinks=True)
+    config = repository / "reranker" / "config.pbtxt"
+    stripped = re.sub(r"\n\s*(priority_levels|default_priority_level): \d+", "", config.read_text())
+    assert "priority_levels" not in stripped and stripped != config.read_text()
+    config.write_text(stripped)
+    stack = start_local(repository, "--triton-request-max-tokens=64", "--score-cache-bytes=0")
+    try:
+        left, _ = _jump_the_queue(stack, background_priority=1)
+        assert left < 32, left
     finally:
         stop_serve_later(stack)
