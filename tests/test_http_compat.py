@@ -262,6 +262,18 @@ def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 120) 
         time.sleep(0.02)
 
 
+def _settled_pending(stack: Stack, at_least: int, quiet_s: float = 0.5) -> int:
+    """Triton's queue length once it is at least `at_least` and has not changed for `quiet_s`."""
+    _wait_for(lambda: _pending(stack) >= at_least, f"{at_least} requests queued")
+    count, since = _pending(stack), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        time.sleep(0.02)
+        now = _pending(stack)
+        if now != count:
+            count, since = now, time.monotonic()
+    return count
+
+
 # How a run of _jump_the_queue sends a call: (stack, documents, priority or None for the default) -> how many
 # results came back. Each raises on a failed call.
 Send = Callable[[Stack, list[str], int | None], int]
@@ -294,11 +306,12 @@ def _jump_the_queue(stack: Stack, background_priority: int, send: Send = _cohere
     try:
         with ThreadPoolExecutor(2) as pool:
             background = pool.submit(send, stack, documents, background_priority)
-            # All but the batch handed to the stopped stub wait in the queue.
-            _wait_for(lambda: _pending(stack) >= DOCUMENTS_QUEUED - 32, "the large call's requests queued")
-            queued = _pending(stack)
+            # All but the batch handed to the stopped stub wait in the queue. That batch may be smaller than
+            # max_batch_size (the batcher forms it while requests still arrive), so the count must settle
+            # before the small call is sent: a count still rising would be read as the small call's request.
+            queued = _settled_pending(stack, DOCUMENTS_QUEUED - 32)
             first = pool.submit(send, stack, ["beijing"], None)
-            _wait_for(lambda: _pending(stack) > queued, "the small call's request queued")
+            _wait_for(lambda: _pending(stack) == queued + 1, "the small call's request queued")
             stub.resume()
             answered = first.result()
             left, done = _pending(stack), background.done()
