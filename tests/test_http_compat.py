@@ -299,7 +299,9 @@ def _jump_the_queue(stack: Stack, background_priority: int, send: Send = _cohere
     call at the default priority joins the queue, and the stub resumes; `send` sends both (Cohere v2 or
     gRPC). Returns how many requests still waited in Triton's queue when the small call was answered, and
     whether the large call had been answered by then."""
-    documents = [text(60, seed=background_priority * 10_000 + i) for i in range(DOCUMENTS_QUEUED)]
+    # ~450-token pairs: a batch of them takes the tiny model long enough (about 0.5 s here) that the small
+    # call's answer reaches the test before the queue behind it drains.
+    documents = [text(400, seed=background_priority * 10_000 + i) for i in range(DOCUMENTS_QUEUED)]
     tritonserver = next(p for p in psutil.Process(stack.process.pid).children() if p.name() == "tritonserver")
     (stub,) = [p for p in tritonserver.children() if "stub" in p.name()]
     stub.suspend()
