@@ -157,6 +157,26 @@ async def test_admission_refuses_what_would_pass_the_inflight_budget() -> None:
     assert len((await core.rerank(RerankInput(QUERY, documents))).results) == 4  # the budget was returned
 
 
+async def test_background_calls_may_hold_only_their_share_of_the_budget_and_are_refused_first() -> None:
+    """Calls above priority 0 together hold at most background_inflight_share of max_inflight_tokens: with
+    one call in flight, a background call of the same size is refused, and a call at 0 is still admitted."""
+    core = fake_core(
+        FakeBackend(delay_s=0.5), max_total_tokens=300, max_inflight_tokens=400, background_inflight_share=0.5
+    )
+    documents = [text(30, seed=i) for i in range(4)]  # about 190 tokens with the query
+    background = ScoreOptions(priority=1)
+    first = asyncio.create_task(core.rerank(RerankInput(QUERY, documents, options=background)))
+    await asyncio.sleep(0.2)
+    error = await failure(core.rerank(RerankInput(QUERY, documents[::-1], options=background)))
+    assert error.code is ErrorCode.RESOURCE_EXHAUSTED
+    assert "calls above priority 0 may hold 200 of them" in error.message, error.message
+    urgent = await core.rerank(RerankInput(QUERY, documents[::-1]))
+    assert len(urgent.results) == 4 and len((await first).results) == 4
+    # An idle server admits a background call past the share (about 265 tokens), within max_total_tokens.
+    lone = await core.rerank(RerankInput(QUERY, [text(60, seed=9), *documents], options=background))
+    assert len(lone.results) == 5
+
+
 async def test_a_request_names_the_served_model_or_none_and_another_name_is_not_found() -> None:
     core = fake_core()
     default = await core.rerank(RerankInput(QUERY, ["a", "b"]))

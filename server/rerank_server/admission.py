@@ -3,6 +3,10 @@
 A call whose tokens would pass the bound is refused at once with RESOURCE_EXHAUSTED instead of
 queueing behind the others, so admitted calls keep a bounded latency (about the bound divided by
 the model's throughput) and an overloaded server sheds load instead of growing queues and memory.
+
+Background calls (priority above 0) may hold only a share of the bound together, so that under load
+they are refused first and a call at priority 0 still finds room: Cohere's priority promises that the
+most important calls are the least likely to be dropped.
 """
 
 from __future__ import annotations
@@ -17,19 +21,26 @@ from rerank_server.observability import Metrics
 class TokenAdmission:
     """Counts admitted tokens; used from the event loop only, so it needs no lock."""
 
-    def __init__(self, capacity: int, metrics: Metrics) -> None:
+    def __init__(self, capacity: int, metrics: Metrics, background_share: float = 1.0) -> None:
         self.capacity = capacity
+        self.background_capacity = int(capacity * background_share)
         self.metrics = metrics
         self.inflight = 0
 
     @contextmanager
-    def admit(self, tokens: int) -> Iterator[None]:
+    def admit(self, tokens: int, background: bool = False) -> Iterator[None]:
         # An idle server admits any single request within max_total_tokens (<= capacity, see Settings).
-        if self.inflight and self.inflight + tokens > self.capacity:
+        limit = self.background_capacity if background else self.capacity
+        if self.inflight and self.inflight + tokens > limit:
             self.metrics.rejected.labels(reason="capacity").inc()
+            share = (
+                f"; calls above priority 0 may hold {limit} of them (background_inflight_share)"
+                if background and limit < self.capacity
+                else ""
+            )
             raise OverloadedError(
                 f"the service is at capacity: {self.inflight} tokens in flight, {tokens} more asked, "
-                f"max_inflight_tokens is {self.capacity}; retry later or elsewhere"
+                f"max_inflight_tokens is {self.capacity}{share}; retry later or elsewhere"
             )
         self.inflight += tokens
         self.metrics.inflight_tokens.set(self.inflight)

@@ -88,8 +88,13 @@ class ScoreOptions:
     chunk_overlap: int | None = None  # None: the server's default (--chunk-overlap-tokens)
     max_chunks: int | None = None  # CHUNK: windows scored per document, its first ones; None: all
     # Cohere's, vLLM's and gRPC's: lower is handled first, 0 (every call that does not say) first of all. Above 0 a
-    # call's model inputs wait in Triton's queue behind every call at 0 (triton_backend.priority_level).
+    # call is background work: its model inputs wait in Triton's queue behind every call at 0
+    # (triton_backend.priority_level), and it may hold only part of the admission budget (TokenAdmission).
     priority: int = 0
+
+    @property
+    def background(self) -> bool:
+        return self.priority > 0
 
 
 @dataclass(frozen=True)
@@ -202,7 +207,7 @@ def build_core(settings: Settings, models: ServedModels, metrics: Metrics) -> Re
         models,
         ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize"),
         metrics,
-        TokenAdmission(settings.max_inflight_tokens, metrics),
+        TokenAdmission(settings.max_inflight_tokens, metrics, settings.background_inflight_share),
         ScoreCache(settings.score_cache_bytes, metrics),
     )
 
@@ -323,7 +328,7 @@ class RerankCore:
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceededError("the deadline passed before scoring began")
             # Only what the model computes takes a share of the budget: answers from the cache cost it nothing.
-            with self.admission.admit(todo.total_tokens):
+            with self.admission.admit(todo.total_tokens, background=options.background):
                 started = time.perf_counter()
                 computed = await served.backend.score(todo, timeout_s=remaining, priority=options.priority)
                 self.metrics.triton.labels(model=served.name).observe(time.perf_counter() - started)

@@ -89,6 +89,11 @@ class Settings:
         "tokens admitted to the model at once over all calls; past it calls get RESOURCE_EXHAUSTED at once "
         "(size it to throughput x the latency you accept; at least max_total_tokens)",
     )
+    background_inflight_share: float = option(
+        0.75,
+        "share of max_inflight_tokens that calls above priority 0 may hold together; the rest stays free for "
+        "calls at 0, so background work is refused first under load (1: no reserve)",
+    )
     # Repeated work.
     score_cache_bytes: int = option(
         0,
@@ -220,6 +225,8 @@ class Settings:
             raise ValueError("give --model-repository (to start a local Triton) or --triton-url")
         if self.max_inflight_tokens < self.max_total_tokens:
             raise ValueError("max_inflight_tokens must be at least max_total_tokens, or large requests never run")
+        if not 0 < self.background_inflight_share <= 1:
+            raise ValueError("background_inflight_share must be above 0 and at most 1")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("give both --tls-cert-file and --tls-key-file, or neither")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
