@@ -170,6 +170,11 @@ async def test_background_calls_may_hold_only_their_share_of_the_budget_and_are_
     error = await failure(core.rerank(RerankInput(QUERY, documents[::-1], options=background)))
     assert error.code is ErrorCode.RESOURCE_EXHAUSTED
     assert "calls above priority 0 may hold 200 of them" in error.message, error.message
+    refused = {
+        reason: core.metrics.registry.get_sample_value("rerank_rejected_total", {"reason": reason})
+        for reason in ("background_capacity", "capacity")
+    }
+    assert refused == {"background_capacity": 1, "capacity": 0}, refused
     urgent = await core.rerank(RerankInput(QUERY, documents[::-1]))
     assert len(urgent.results) == 4 and len((await first).results) == 4
     # An idle server admits a background call past the share (about 265 tokens), within max_total_tokens.

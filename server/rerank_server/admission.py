@@ -32,12 +32,12 @@ class TokenAdmission:
         # An idle server admits any single request within max_total_tokens (<= capacity, see Settings).
         limit = self.background_capacity if background else self.capacity
         if self.inflight and self.inflight + tokens > limit:
-            self.metrics.rejected.labels(reason="capacity").inc()
-            share = (
-                f"; calls above priority 0 may hold {limit} of them (background_inflight_share)"
-                if background and limit < self.capacity
-                else ""
-            )
+            share = ""
+            if background and limit < self.capacity:
+                self.metrics.rejected.labels(reason="background_capacity").inc()
+                share = f"; calls above priority 0 may hold {limit} of them (background_inflight_share)"
+            else:
+                self.metrics.rejected.labels(reason="capacity").inc()
             raise OverloadedError(
                 f"the service is at capacity: {self.inflight} tokens in flight, {tokens} more asked, "
                 f"max_inflight_tokens is {self.capacity}{share}; retry later or elsewhere"

@@ -25,9 +25,11 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _FAST_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # Why calls are refused before the model: the values of rerank_rejected_total's `reason` label. Overload
-# (the alert on refusals, deploy/k8s/components/monitoring) is capacity and tokenize_queue.
+# (the alert on refusals, deploy/k8s/components/monitoring) is capacity, background_capacity (a call above
+# priority 0 past --background-inflight-share) and tokenize_queue.
 REJECT_REASONS = (
     "capacity",
+    "background_capacity",
     "tokenize_queue",
     "draining",
     "unauthenticated",
