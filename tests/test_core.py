@@ -220,6 +220,33 @@ async def test_a_full_tokenization_queue_is_overload_not_a_limit() -> None:
     first.cancel()
 
 
+async def test_a_call_at_priority_0_is_tokenized_before_background_calls_queued_earlier() -> None:
+    """With every tokenizer thread busy, waiting calls take the next free thread by priority (0 first), not in
+    arrival order: a small call at 0 waits for the tokenization already running, not for a queued one."""
+    core = fake_core(tokenizer_threads=1, max_total_tokens=10**8, max_inflight_tokens=10**8)
+    background = ScoreOptions(Truncation.CHUNK, priority=1)
+    running, queued = (
+        asyncio.ensure_future(core.rerank(RerankInput(QUERY, [text(100_000, seed=seed)], options=background)))
+        for seed in (1, 2)
+    )
+    await asyncio.sleep(0.05)  # the first holds the only thread, the second waits for it
+    urgent = await core.rerank(RerankInput(QUERY, ["short"]))
+    assert len(urgent.results) == 1 and not queued.done()
+    assert all(len(call.results) == 1 for call in await asyncio.gather(running, queued))
+
+
+async def test_a_caller_that_gives_up_while_waiting_for_a_tokenizer_thread_passes_its_turn_on() -> None:
+    core = fake_core(tokenizer_threads=1, max_total_tokens=10**8, max_inflight_tokens=10**8)
+    long = RerankInput(QUERY, [text(100_000, seed=3)], options=ScoreOptions(Truncation.CHUNK))
+    running = asyncio.ensure_future(core.rerank(long))
+    await asyncio.sleep(0.05)
+    error = await failure(core.rerank(RerankInput(QUERY, ["gives up"]), deadline=deadline_in(0.01)))
+    assert error.code is ErrorCode.DEADLINE_EXCEEDED
+    assert len((await running).results) == 1
+    assert len((await core.rerank(RerankInput(QUERY, ["next"]))).results) == 1  # the thread is free again
+    assert core.tokenize_slots.free == 1
+
+
 def test_each_apis_priority_reaches_the_backend_and_maps_onto_two_triton_levels() -> None:
     """Cohere v2 and v1 (vLLM's rerank body), vLLM's score and TEI's shared /rerank (vLLM's body) pass the
     caller's priority to the backend; the Triton backend runs 0 and below first, anything later after."""

@@ -11,8 +11,11 @@ most important calls are the least likely to be dropped.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import asyncio
+import heapq
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from rerank_server.errors import OverloadedError
 from rerank_server.observability import Metrics
@@ -49,3 +52,42 @@ class TokenAdmission:
         finally:
             self.inflight -= tokens
             self.metrics.inflight_tokens.set(self.inflight)
+
+
+class PrioritySlots:
+    """At most `slots` holders at once (the tokenizer threads); waiters enter background last, each kind in
+    arrival order, so a call at priority 0 waits for the work already running, never for queued background
+    calls. Used from the event loop only, so it needs no lock."""
+
+    def __init__(self, slots: int) -> None:
+        self.free = slots
+        self._waiting: list[tuple[bool, int, asyncio.Future[None]]] = []
+        self._arrival = itertools.count()
+
+    @asynccontextmanager
+    async def hold(self, background: bool = False) -> AsyncIterator[None]:
+        if self.free and not self._waiting:
+            self.free -= 1
+        else:
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiting, (background, next(self._arrival), turn))
+            try:
+                await turn
+            except BaseException:
+                if turn.done() and not turn.cancelled():
+                    self._release()  # handed the slot just as the caller gave up: pass it on
+                else:
+                    turn.cancel()  # left in the heap; _release skips it
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiting:
+            turn = heapq.heappop(self._waiting)[2]
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.free += 1

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rerank_server.admission import TokenAdmission
+from rerank_server.admission import PrioritySlots, TokenAdmission
 from rerank_server.errors import (
     DeadlineExceededError,
     InputLimitError,
@@ -206,6 +206,7 @@ def build_core(settings: Settings, models: ServedModels, metrics: Metrics) -> Re
         Limits.from_settings(settings),
         models,
         ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize"),
+        PrioritySlots(settings.tokenizer_threads),
         metrics,
         TokenAdmission(settings.max_inflight_tokens, metrics, settings.background_inflight_share),
         ScoreCache(settings.score_cache_bytes, metrics),
@@ -220,6 +221,7 @@ class RerankCore:
         limits: Limits,
         models: ServedModels,
         tokenize_executor: ThreadPoolExecutor,
+        tokenize_slots: PrioritySlots,
         metrics: Metrics,
         admission: TokenAdmission,
         cache: ScoreCache,
@@ -227,6 +229,8 @@ class RerankCore:
         self.limits = limits
         self.models = models
         self.tokenize_executor = tokenize_executor
+        # One slot per tokenizer thread: calls wait here, in priority order, rather than in the pool's FIFO.
+        self.tokenize_slots = tokenize_slots
         self.metrics = metrics
         self.admission = admission
         self.cache = cache
@@ -317,7 +321,7 @@ class RerankCore:
         unique_documents = [documents[i] for i in first]
 
         pairs = await self._tokenize(
-            served.tokenizer, unique_queries, unique_documents, encode_options, fields, first, deadline
+            served.tokenizer, unique_queries, unique_documents, encode_options, fields, first, deadline, options
         )
         self.metrics.pairs.labels(model=served.name).observe(pairs.lengths.size)
         cached = self.cache.lookup(served.cache_key, pairs)
@@ -358,9 +362,11 @@ class RerankCore:
         fields: FieldNames,
         original_index: np.ndarray,
         deadline: float | None,
+        score_options: ScoreOptions,
     ) -> TokenizedPairs:
-        """Tokenize on the thread pool; the work stops (within one segment, milliseconds) when the
-        deadline passes or the calling task is cancelled, wherever it is: queued or tokenizing."""
+        """Tokenize on the thread pool, background calls after calls at priority 0 that wait with them; the
+        work stops (within one segment, milliseconds) when the deadline passes or the calling task is
+        cancelled, wherever it is: queued or tokenizing."""
         if self._tokenizing >= self.limits.tokenize_queue_max:
             self.metrics.rejected.labels(reason="tokenize_queue").inc()
             raise OverloadedError(
@@ -383,9 +389,13 @@ class RerankCore:
         self._tokenizing += 1
         try:
             with tracer.start_as_current_span("tokenize", attributes={"pairs": len(documents)}):
-                work = loop.run_in_executor(self.tokenize_executor, encode)
+
+                async def when_free() -> TokenizedPairs:
+                    async with self.tokenize_slots.hold(score_options.background):
+                        return await loop.run_in_executor(self.tokenize_executor, encode)
+
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                return await asyncio.wait_for(work, timeout)
+                return await asyncio.wait_for(when_free(), timeout)
         except TimeoutError:
             raise DeadlineExceededError("the deadline passed during tokenization") from None
         except EncodingError as error:
