@@ -49,6 +49,15 @@ def _numpy_output(name: str, values: np.ndarray) -> Any:
     return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(values))
 
 
+def _send(sender: Any, response: Any) -> None:
+    """A request's one response, final (the model is not decoupled: execute answers through senders)."""
+    sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+def _cancelled() -> Any:
+    return pb_utils.TritonError("cancelled", pb_utils.TritonError.CANCELLED)
+
+
 def _ignore_consumed_numpy_capsules() -> None:
     """Silence one harmless report per numpy output: the stub renames the DLPack capsule it consumed
     ("used_dlpack"), numpy's capsule destructor expects its own name, reports the mismatch through
@@ -192,10 +201,12 @@ class TritonPythonModel:
         if isinstance(self.engine, RoutedReranker):
             self.engine.on_long = self.metrics.count_long
 
-    def execute(self, requests: list[Any]) -> list[Any]:
-        # Pool the pairs of every well-formed request into one ragged batch, score it once, split it back.
+    def execute(self, requests: list[Any]) -> None:
+        # Pool the pairs of every well-formed request into one ragged batch and score it in sub-batches,
+        # shortest pairs first. Each request is answered through its response sender as soon as its last pair
+        # is computed: a short request merged with long ones does not wait for their runs.
         started = time.perf_counter()
-        responses: list[Any] = [None] * len(requests)
+        senders = [request.get_response_sender() for request in requests]
         pooled: list[tuple[int, np.ndarray, np.ndarray]] = []
         for position, request in enumerate(requests):
             ids, lengths = _input(request, INPUT_IDS), _input(request, SEQUENCE_LENGTHS)
@@ -203,33 +214,51 @@ class TritonPythonModel:
             if problem is None:
                 pooled.append((position, ids, lengths))
             else:
-                responses[position] = pb_utils.InferenceResponse(error=pb_utils.TritonError(problem))
+                _send(senders[position], pb_utils.InferenceResponse(error=pb_utils.TritonError(problem)))
         if not pooled:
-            return responses
-        owners = np.repeat(np.arange(len(pooled)), [lengths.size for _, _, lengths in pooled])
+            return None
+        sizes = np.array([lengths.size for _, _, lengths in pooled])
+        starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        owners = np.repeat(np.arange(len(pooled)), sizes)
+        waiting = sizes.copy()  # pairs each request still waits for
         cancelled = np.zeros(len(pooled), dtype=bool)
+        answered = np.zeros(len(pooled), dtype=bool)
+        lengths_all = np.concatenate([lengths for _, _, lengths in pooled])
+        logits = np.full(lengths_all.size, np.nan, dtype=np.float32)
+
+        def answer(owner: int, response: Any) -> None:
+            answered[owner] = True
+            _send(senders[pooled[owner][0]], response)
 
         def active(pairs: np.ndarray) -> np.ndarray:
             # Asked before each sub-batch: a caller that cancelled (or whose deadline passed) since
-            # the execution began has its remaining pairs dropped, not computed.
+            # the execution began has its remaining pairs dropped, not computed, and is answered at once.
             for owner in np.unique(owners[pairs]):
                 if not cancelled[owner] and requests[pooled[owner][0]].is_cancelled():
                     cancelled[owner] = True
+                    answer(owner, pb_utils.InferenceResponse(error=_cancelled()))
             return ~cancelled[owners[pairs]]
 
-        lengths_all = np.concatenate([lengths for _, _, lengths in pooled])
-        logits = np.full(lengths_all.size, np.nan, dtype=np.float32)
         padded_tokens = 0
         try:
             ids_all = np.concatenate([ids for _, ids, _ in pooled])
             for batch, batch_logits in self.engine.iter_sub_batches(ids_all, lengths_all, active):
                 logits[batch.pairs] = batch_logits
                 padded_tokens += batch.padded_tokens
+                done = owners[batch.pairs]
+                np.subtract.at(waiting, done, 1)
+                for owner in np.unique(done):
+                    if waiting[owner] == 0 and not answered[owner]:
+                        chunk = logits[starts[owner] : starts[owner] + sizes[owner]]
+                        answer(owner, pb_utils.InferenceResponse([self.output(LOGITS, chunk.reshape(1, -1))]))
         except Exception as error:  # noqa: BLE001 - a failed run answers every request, never hangs one
             failure = pb_utils.TritonError(f"model execution failed: {error}")
-            for position, _, _ in pooled:
-                responses[position] = pb_utils.InferenceResponse(error=failure)
-            return responses
+            for owner in np.flatnonzero(~answered):
+                answer(int(owner), pb_utils.InferenceResponse(error=failure))
+            return None
+        for owner in np.flatnonzero(~answered):  # every pair is planned into a run, so none is left here
+            answer(int(owner), pb_utils.InferenceResponse(error=pb_utils.TritonError("pairs left unscored")))
+        # Book-keeping once every caller has its answer.
         computed = ~np.isnan(logits)
         if self.warmup.left > 0:
             if self.warmup.ran(len(requests), lengths_all, time.perf_counter() - started):
@@ -241,14 +270,7 @@ class TritonPythonModel:
                 self._count_long_pairs()
         else:
             self.metrics.count(lengths_all, computed, padded_tokens)
-        bounds = np.cumsum([lengths.size for _, _, lengths in pooled])[:-1]
-        for owner, ((position, _, _), chunk) in enumerate(zip(pooled, np.split(logits, bounds), strict=True)):
-            if cancelled[owner]:
-                cancelled_error = pb_utils.TritonError("cancelled", pb_utils.TritonError.CANCELLED)
-                responses[position] = pb_utils.InferenceResponse(error=cancelled_error)
-            else:
-                responses[position] = pb_utils.InferenceResponse([self.output(LOGITS, chunk.reshape(1, -1))])
-        return responses
+        return None
 
     def finalize(self) -> None:
         del self.engine
