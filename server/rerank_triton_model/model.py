@@ -7,7 +7,8 @@ tokenized (query, document) pairs; contract.py names the tensors and the config 
 
 The inputs allow ragged batches, so Triton's dynamic batcher merges requests of any lengths; this
 model then pools the pairs of all merged requests, orders them by length and runs them in padded
-sub-batches under the `max_batch_tokens` budget (see reranker_engine.py).
+sub-batches under the `max_batch_tokens` budget (see reranker_engine.py), answering each request as soon
+as its own pairs are scored.
 """
 
 from __future__ import annotations
@@ -119,11 +120,16 @@ class _Metrics:
     def count_long(self, pairs: int) -> None:
         self.long_pairs.increment(pairs)
 
-    def count(self, lengths: np.ndarray, computed: np.ndarray, padded_tokens: int) -> None:
-        self.computed.increment(int(computed.sum()))
-        self.dropped.increment(int((~computed).sum()))
-        self.real_tokens.increment(int(lengths[computed].sum()))
+    def count(self, lengths: np.ndarray, padded_tokens: int) -> None:
+        """One run's computed pairs (`lengths`: their tokens) and the tokens it ran, padding included."""
+        self.computed.increment(int(lengths.size))
+        self.real_tokens.increment(int(lengths.sum()))
         self.padded_tokens.increment(padded_tokens)
+
+    def count_dropped(self, pairs: int) -> None:
+        """Pairs of cancelled requests, dropped uncomputed."""
+        if pairs:
+            self.dropped.increment(pairs)
 
 
 class _Warmup:
@@ -239,12 +245,15 @@ class TritonPythonModel:
                     answer(owner, pb_utils.InferenceResponse(error=_cancelled()))
             return ~cancelled[owners[pairs]]
 
-        padded_tokens = 0
+        # Traffic is counted run by run, before the answers it holds, so a caller that reads the metrics once
+        # answered finds its pairs there. Warm-up requests are not traffic.
+        counting = self.warmup.left <= 0
         try:
             ids_all = np.concatenate([ids for _, ids, _ in pooled])
             for batch, batch_logits in self.engine.iter_sub_batches(ids_all, lengths_all, active):
                 logits[batch.pairs] = batch_logits
-                padded_tokens += batch.padded_tokens
+                if counting:
+                    self.metrics.count(lengths_all[batch.pairs], batch.padded_tokens)
                 done = owners[batch.pairs]
                 np.subtract.at(waiting, done, 1)
                 for owner in np.unique(done):
@@ -258,18 +267,15 @@ class TritonPythonModel:
             return None
         for owner in np.flatnonzero(~answered):  # every pair is planned into a run, so none is left here
             answer(int(owner), pb_utils.InferenceResponse(error=pb_utils.TritonError("pairs left unscored")))
-        # Book-keeping once every caller has its answer.
-        computed = ~np.isnan(logits)
-        if self.warmup.left > 0:
-            if self.warmup.ran(len(requests), lengths_all, time.perf_counter() - started):
-                warmup = self.warmup
-                pb_utils.Logger.log_info(
-                    f"{self.model_name}: warmed up before ready: {warmup.requests} requests, {warmup.pairs} pairs, "
-                    f"{warmup.tokens} tokens in {warmup.seconds:.2f} s"
-                )
-                self._count_long_pairs()
-        else:
-            self.metrics.count(lengths_all, computed, padded_tokens)
+        if counting:
+            self.metrics.count_dropped(int(np.isnan(logits).sum()))
+        elif self.warmup.ran(len(requests), lengths_all, time.perf_counter() - started):
+            warmup = self.warmup
+            pb_utils.Logger.log_info(
+                f"{self.model_name}: warmed up before ready: {warmup.requests} requests, {warmup.pairs} pairs, "
+                f"{warmup.tokens} tokens in {warmup.seconds:.2f} s"
+            )
+            self._count_long_pairs()
         return None
 
     def finalize(self) -> None:
