@@ -156,13 +156,15 @@ def run_served(
 
     progress.stage(f"{system} {workload.name} c{workload.concurrency}")
     sampler.reset_peaks()
+    stack.settled_metrics()  # statistics of executions before this run are in `before`
     before = stack.snapshot()
     completed = asyncio.run(drive(stack.target, workload, repeats, progress.advance))
     after = stack.snapshot()
     wall = after.wall - before.wall
     frontend_cpu = after.frontend_cpu - before.frontend_cpu
     triton_cpu = after.triton_cpu - before.triton_cpu
-    delta = {k: after.metrics.get(k, 0.0) - before.metrics.get(k, 0.0) for k in after.metrics}
+    settled = stack.settled_metrics()  # the run's times come from `after`; its Triton statistics from here
+    delta = {k: settled.get(k, 0.0) - before.metrics.get(k, 0.0) for k in settled}
     real = delta.get("rerank_model_tokens_total:real", 0.0)
     padded = delta.get("rerank_model_tokens_total:padded", 0.0)
     executions = delta.get("nv_inference_exec_count", 0.0)

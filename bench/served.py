@@ -187,6 +187,17 @@ class ServedStack:
         """Triton's Prometheus metrics of the model, summed over label sets that differ only by version."""
         return scrape(self.metrics_url)
 
+    def settled_metrics(self, timeout_s: float = 5.0) -> dict[str, float]:
+        """metrics() once two reads 0.1 s apart agree: the model answers each request as soon as its pairs are
+        scored, and Triton records the execution's statistics (nv_inference_exec_count, compute times) only
+        after the execution ends, just after the last answer a run's client saw."""
+        deadline = time.perf_counter() + timeout_s
+        previous, current = None, self.metrics()
+        while current != previous and time.perf_counter() < deadline:
+            time.sleep(0.1)
+            previous, current = current, self.metrics()
+        return current
+
     def frontend_metrics(self) -> dict[str, float]:
         """The frontend's Prometheus metrics, summed over models (and other labels but `kind`)."""
         return scrape(self.frontend_metrics_url)
