@@ -1,7 +1,9 @@
 """Triton's batching delay (`rerank export --max-queue-delay-us`), served: what it costs a call that finds the
-model idle, and what it gives concurrent callers.
+model idle, and what it gives concurrent callers; and what Triton's priority levels (`--triton-priority`)
+cost the same calls.
 
-For each delay the tests' tiny model is exported (fp32) and served by `rerank serve` (local Triton), then:
+For each delay (and each of --priority-delays, exported with --triton-priority too) the tests' tiny model is
+exported (fp32) and served by `rerank serve` (local Triton), then:
 - **one at a time**: --calls small Rerank calls (two short documents), each sent when the last is answered:
   the latency distribution, and how many took STALL_S or more;
 - **concurrent**: --clients clients, each sending the same small calls one after another for --seconds:
@@ -9,7 +11,7 @@ For each delay the tests' tiny model is exported (fp32) and served by `rerank se
 The tiny model makes the model's own time small, so what is measured is the path through Triton's
 scheduler: the delay itself, and the calls its delayed-batching path holds.
 
-    python -m bench.queue_delay                  # delays 0, 100 and 2000 us; about 2 minutes on 2 cores
+    python -m bench.queue_delay                  # delays 0, 100 and 2000 us, and 2000 with priority levels
     python -m bench.queue_delay --quick          # fewer calls (a smoke test)
 """
 
@@ -41,6 +43,7 @@ STALL_S = 0.25
 @dataclass
 class Row:
     delay_us: int
+    triton_priority: bool  # exported with --triton-priority
     configured_us: int  # what the exported config.pbtxt says Triton waits
     sequential_calls: int
     sequential_median_ms: float
@@ -81,14 +84,14 @@ async def concurrent(target: str, clients: int, seconds: float) -> list[float]:
     return latencies
 
 
-def measure(work: Path, delay_us: int, calls: int, clients: int, seconds: float) -> Row:
-    repository = export_random(
-        work, export_args=["--precision", "fp32", f"--max-queue-delay-us={delay_us}"], **TINY_CONFIG
-    )
-    configured = re.search(
-        r"max_queue_delay_microseconds: (\d+)", (repository / "reranker" / "config.pbtxt").read_text()
-    )
-    stack = ServedStack.start(repository, work / f"serve-{delay_us}.log")
+def measure(work: Path, delay_us: int, priority: bool, calls: int, clients: int, seconds: float) -> Row:
+    args = ["--precision", "fp32", f"--max-queue-delay-us={delay_us}", *(["--triton-priority"] if priority else [])]
+    repository = export_random(work, export_args=args, **TINY_CONFIG)
+    config = (repository / "reranker" / "config.pbtxt").read_text()
+    configured = re.search(r"max_queue_delay_microseconds: (\d+)", config)
+    if ("priority_levels" in config) != priority:
+        raise SystemExit(f"the export with {args} wrote priority_levels: {'priority_levels' in config}")
+    stack = ServedStack.start(repository, work / f"serve-{delay_us}{'-priority' if priority else ''}.log")
     try:
         asyncio.run(one_at_a_time(stack.target, 20))  # connections and first runs
         sequential = asyncio.run(one_at_a_time(stack.target, calls))
@@ -98,6 +101,7 @@ def measure(work: Path, delay_us: int, calls: int, clients: int, seconds: float)
     alone, busy = latency_summary(sequential), latency_summary(together)
     return Row(
         delay_us=delay_us,
+        triton_priority=priority,
         configured_us=int(configured.group(1)) if configured else -1,
         sequential_calls=len(sequential),
         sequential_median_ms=alone["p50"],
@@ -114,13 +118,13 @@ def measure(work: Path, delay_us: int, calls: int, clients: int, seconds: float)
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| delay (us) | one at a time: calls | median ms | p99 ms | worst ms | calls of 0.25 s or more "
+        "| delay (us) | Triton priority levels | one at a time: calls | median ms | p99 ms | worst ms | calls of 0.25 s or more "
         "| concurrent clients | calls/s | p50 ms | p99 ms | calls of 0.25 s or more |",
-        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.delay_us:,} | {r.sequential_calls:,} | {r.sequential_median_ms:.1f} | {r.sequential_p99_ms:.1f} "
+            f"| {r.delay_us:,} | {'2' if r.triton_priority else 'none'} | {r.sequential_calls:,} | {r.sequential_median_ms:.1f} | {r.sequential_p99_ms:.1f} "
             f"| {r.sequential_max_ms:.0f} | {r.stalls} | {r.concurrent_clients} | {r.concurrent_calls_per_s:.0f} "
             f"| {r.concurrent_p50_ms:.1f} | {r.concurrent_p99_ms:.1f} | {r.concurrent_stalls} |"
         )
@@ -131,21 +135,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.queue_delay", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls, shorter concurrent runs")
     parser.add_argument("--delays", default="0,100,2000", help="max_queue_delay_microseconds values, comma-separated")
+    parser.add_argument(
+        "--priority-delays",
+        default="2000",
+        help="delays measured again exported with --triton-priority, comma-separated ('' for none)",
+    )
     parser.add_argument("--calls", type=int, default=None, help="sequential calls per delay (default 2000)")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=None, help="concurrent run per delay (default 10)")
+    parser.add_argument("--seconds", type=float, default=None, help="concurrent run per delay (default 20)")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "queue_delay.json")
     args = parser.parse_args(argv)
     calls = args.calls or (100 if args.quick else 2000)
-    seconds = args.seconds or (2.0 if args.quick else 10.0)
-    delays = [int(d) for d in args.delays.split(",")]
+    seconds = args.seconds or (2.0 if args.quick else 20.0)
+    variants = [(int(d), False) for d in args.delays.split(",")]
+    variants += [(int(d), True) for d in args.priority_delays.split(",") if d.strip()]
     pressure = cpu_pressure()
     started = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-queue-delay-") as folder:
-        for delay in delays:
-            print(f"delay {delay} us ...", file=sys.stderr, flush=True)
-            rows.append(measure(Path(folder), delay, calls, args.clients, seconds))
+        for delay, priority in variants:
+            print(f"delay {delay} us{', priority levels' if priority else ''} ...", file=sys.stderr, flush=True)
+            rows.append(measure(Path(folder), delay, priority, calls, args.clients, seconds))
     report: dict[str, Any] = {
         "machine": machine_info(),
         "cpu_pressure_at_start": pressure,

@@ -116,7 +116,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
         "http": [quick("http", folders["http"] / "http.json", "--rounds", "2", "--repeats", "2")],
         # As docs/performance.md shows it: every size timed on every workload in each round.
         "run_size": [[sys.executable, "-m", "bench.run_size", "--quick", "--sizes", "64,8192", "--rounds", "2"]],
-        # Two delays, few calls.
+        # Two delays and the default delay with priority levels, few calls.
         "queue_delay": [
             quick(
                 "queue_delay",
@@ -379,10 +379,12 @@ def test_queue_delay_benchmark_serves_each_delay_as_exported(runs: dict[str, Run
     (done,) = runs["queue_delay"].wait()
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((runs["queue_delay"].folder / "q.json").read_text())["rows"]
-    assert [(r["delay_us"], r["configured_us"]) for r in rows] == [(0, 0), (2000, 2000)], rows
+    # The delays as given, then the default --priority-delays (2000) exported with --triton-priority.
+    variants = [(r["delay_us"], r["configured_us"], r["triton_priority"]) for r in rows]
+    assert variants == [(0, 0, False), (2000, 2000, False), (2000, 2000, True)], rows
     assert all(r["sequential_calls"] == 30 and r["concurrent_calls_per_s"] > 0 for r in rows), rows
     assert all(0 < r["sequential_median_ms"] <= r["sequential_p99_ms"] <= r["sequential_max_ms"] for r in rows), rows
-    assert "| 2,000 | 30 |" in done.stdout, done.stdout
+    assert "| 2,000 | none | 30 |" in done.stdout and "| 2,000 | 2 | 30 |" in done.stdout, done.stdout
 
 
 def test_cache_benchmark_runs_and_reports_hits_and_memory(runs: dict[str, Run]) -> None:

@@ -4,7 +4,6 @@ against the gRPC API's answer on the same input (one core, so not a single score
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -18,6 +17,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from rerank_client import RerankClient
+from rerank_server.export.write import QUEUE_POLICY_PREFETCHING, QUEUE_POLICY_WITH_PRIORITY
 from tests.conftest import TOKENIZER_DIR, Stack, one_model_repository, start_local, stop_serve_later
 from tests.test_http_errors import TEI, VLLM, assert_shape, good_body
 from tests.texts import QUERY, text
@@ -324,16 +324,20 @@ def _jump_the_queue(stack: Stack, background_priority: int, send: Send = _cohere
     return left, done, queued
 
 
-def test_priority_orders_tritons_queue_over_cohere_v2_and_grpc(model_repository: Path, tmp_path: Path) -> None:
-    """Priority 0 (the default) runs before later priorities waiting in Triton's queue, over Cohere v2 and
-    over gRPC; among calls of one priority the queue keeps arrival order. Each pair is its own Triton
-    request here (--triton-request-max-tokens 64), and the score cache is off, so every run computes every
-    pair."""
-    stack = start_local(
-        one_model_repository(model_repository, tmp_path / "repository"),
-        "--triton-request-max-tokens=64",
-        "--score-cache-bytes=0",
-    )
+def test_triton_priority_export_orders_tritons_queue_over_cohere_v2_and_grpc(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """In a model exported with --triton-priority, priority 0 (the default) runs before later priorities
+    waiting in Triton's queue, over Cohere v2 and over gRPC; among calls of one priority the queue keeps
+    arrival order. Each pair is its own Triton request here (--triton-request-max-tokens 64), and the score
+    cache is off, so every run computes every pair."""
+    # The tests' reranker with the dynamic_batching block `rerank export --triton-priority` writes.
+    repository = tmp_path / "repository"
+    shutil.copytree(model_repository / "reranker", repository / "reranker", symlinks=True)
+    config = repository / "reranker" / "config.pbtxt"
+    assert QUEUE_POLICY_PREFETCHING in config.read_text()
+    config.write_text(config.read_text().replace(QUEUE_POLICY_PREFETCHING, QUEUE_POLICY_WITH_PRIORITY))
+    stack = start_local(repository, "--triton-request-max-tokens=64", "--score-cache-bytes=0")
     try:
         # Same priority: the small call waits behind every request queued before it.
         left, done, _ = _jump_the_queue(stack, background_priority=0)
@@ -349,17 +353,11 @@ def test_priority_orders_tritons_queue_over_cohere_v2_and_grpc(model_repository:
         stop_serve_later(stack)
 
 
-def test_a_model_without_priority_levels_answers_every_priority_in_arrival_order(
-    model_repository: Path, tmp_path: Path
-) -> None:
-    """A config.pbtxt without priority_levels (an export made before them): a call above 0 is answered, not
-    refused, and the queue keeps arrival order (Triton reads every priority as the model's default)."""
-    repository = tmp_path / "repository"
-    shutil.copytree(model_repository / "reranker", repository / "reranker", symlinks=True)
-    config = repository / "reranker" / "config.pbtxt"
-    stripped = re.sub(r"\n\s*(priority_levels|default_priority_level): \d+", "", config.read_text())
-    assert "priority_levels" not in stripped and stripped != config.read_text()
-    config.write_text(stripped)
+def test_the_default_export_answers_every_priority_in_arrival_order(model_repository: Path, tmp_path: Path) -> None:
+    """The default config.pbtxt has no priority levels (so that Triton's batcher prefetches): a call above 0
+    is answered, not refused, and Triton's queue keeps arrival order (it reads every priority as its default)."""
+    repository = one_model_repository(model_repository, tmp_path / "repository")
+    assert "priority_levels" not in (repository / "reranker" / "config.pbtxt").read_text()
     stack = start_local(repository, "--triton-request-max-tokens=64", "--score-cache-bytes=0")
     try:
         left, _, _ = _jump_the_queue(stack, background_priority=1)

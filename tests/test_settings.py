@@ -114,6 +114,31 @@ def test_export_options_use_the_same_conversion() -> None:
         parser.parse_args([])
 
 
+def test_exported_config_has_triton_priority_levels_only_when_asked() -> None:
+    """The default config.pbtxt gives Triton's batcher no priority levels and no queue policy (either would turn
+    off its prefetching); --triton-priority adds the two levels. Both parse as Triton's ModelConfig."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from rerank_server.export import ExportOptions
+    from rerank_server.export.write import render_config
+    from rerank_triton_model.contract import ModelParameters
+
+    parser = argparse.ArgumentParser()
+    ExportOptions.add_arguments(parser)
+    parameters = ModelParameters(
+        source_model="m", precision="fp32", max_length=512, vocab_size=100, pad_token_id=0, max_batch_tokens=8192
+    )
+    configs = []
+    for argv in (["--output", "out"], ["--output", "out", "--triton-priority"]):
+        rendered = render_config(ExportOptions.from_arguments(parser.parse_args(argv)), parameters)
+        configs.append(text_format.Parse(rendered, model_config_pb2.ModelConfig()).dynamic_batching)
+    default, asked = configs
+    assert default.max_queue_delay_microseconds == asked.max_queue_delay_microseconds == 2000
+    assert (default.priority_levels, default.HasField("default_queue_policy")) == (0, False)
+    assert (asked.priority_levels, asked.default_priority_level) == (2, 1)
+
+
 def test_serve_refuses_to_start_a_triton_on_ports_in_use(tmp_path: Path) -> None:
     """Another server on Triton's gRPC port: the Triton this server starts would exit, and the frontend would
     serve through the other one at localhost. It stops at once, naming the port and the way out."""

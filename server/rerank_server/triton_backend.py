@@ -148,10 +148,10 @@ class TritonServer:
         await self.client.close()
 
 
-# Triton's priority levels (config.pbtxt's dynamic_batching: priority_levels 2, default 1; 1 is served first).
-# A call's priority 0 (the default) runs at FIRST_LEVEL; any later priority at DEFERRED_LEVEL, behind every
-# FIRST_LEVEL request waiting, in arrival order among themselves. A model exported without priority levels
-# reads either as its default: calls are not reordered.
+# Triton's priority levels, in a model exported with --triton-priority (config.pbtxt's dynamic_batching:
+# priority_levels 2, default 1; 1 is served first). A call's priority 0 (the default) runs at FIRST_LEVEL; any
+# later priority at DEFERRED_LEVEL, behind every FIRST_LEVEL request waiting, in arrival order among themselves.
+# A model without priority levels (the default export) reads either as its default: Triton does not reorder.
 FIRST_LEVEL = 1
 DEFERRED_LEVEL = 2
 
@@ -256,10 +256,9 @@ class TritonBackend:
             self.model_name,
             [ids_input, lengths_input],
             outputs=[triton_grpc.InferRequestedOutput(LOGITS)],
-            # The caller's deadline twice: as the gRPC deadline (its expiry cancels the request in
-            # Triton, and the model drops its uncomputed pairs) and as the queue timeout (microseconds).
+            # The caller's deadline as the gRPC deadline: its expiry cancels the request in Triton (taken out of
+            # the queue, or the model drops its uncomputed pairs).
             client_timeout=timeout_s,
-            timeout=None if timeout_s is None else max(1, int(timeout_s * 1e6)),
             # 0 asks for the model's default level, FIRST_LEVEL: default traffic sends no priority at all.
             priority=0 if level == FIRST_LEVEL else level,
             headers=propagation_headers() or None,

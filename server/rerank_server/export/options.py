@@ -57,6 +57,13 @@ class ExportOptions:
         None, "tokens per model run (default: max(8192, max length)); the packed engine on CPUs runs at most 2,048"
     )
     max_queue_delay_us: int = option(2000, "dynamic batcher delay")
+    triton_priority: bool = option(
+        False,
+        "give Triton's dynamic batcher two priority levels, so that queued calls at priority 0 run before queued "
+        "background calls. Off by default: levels turn off the batcher's prefetching, and Triton's path without it "
+        "can hold queued requests for up to 500 ms (docs/performance.md). The frontend's admission and tokenizer "
+        "queue honour priority either way",
+    )
     instance_count: int = option(1, "model instances")
     intra_op_threads: int = option(0, "threads per model instance (0: all cores)")
     long_pair_tokens: int | None = option(

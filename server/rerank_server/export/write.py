@@ -102,6 +102,21 @@ def write_model(
     return parameters
 
 
+# Triton's batcher prefetches the next batch while the model runs only when its queue has no priority levels and
+# no timeouts (core scheduler_utils.cc); without prefetching, a batch can wait up to 500 ms for a wake-up the
+# batcher missed (bench.queue_delay). So priority levels are opt-in (--triton-priority). Either way the frontend
+# orders callers by priority (admission, tokenizer queue) and cancels a call at its deadline, which takes it
+# out of Triton's queue.
+QUEUE_POLICY_PREFETCHING = """\
+  # No priority levels and no queue timeouts, so Triton's batcher prefetches (rerank export --triton-priority).
+"""
+QUEUE_POLICY_WITH_PRIORITY = """\
+  # Level 1 first: callers' priority 0 (the default) at 1, later priorities at 2 (rerank_server/triton_backend.py).
+  priority_levels: 2
+  default_priority_level: 1
+"""
+
+
 def render_config(options: ExportOptions, parameters: ModelParameters, model_warmup: str = "") -> str:
     """config.pbtxt from the template; string values are escaped for protobuf text format."""
 
@@ -119,6 +134,7 @@ def render_config(options: ExportOptions, parameters: ModelParameters, model_war
         logits=LOGITS,
         max_batch_size=options.max_batch_size,
         max_queue_delay_us=options.max_queue_delay_us,
+        queue_policy=QUEUE_POLICY_WITH_PRIORITY if options.triton_priority else QUEUE_POLICY_PREFETCHING,
         instance_kind="KIND_GPU" if options.device == GPU else "KIND_CPU",
         instance_count=options.instance_count,
         parameters=",\n".join(lines),
