@@ -118,13 +118,15 @@ def measure(work: Path, delay_us: int, priority: bool, calls: int, clients: int,
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| delay (us) | Triton priority levels | one at a time: calls | median ms | p99 ms | worst ms | calls of 0.25 s or more "
+        "| delay (us) | Triton priority levels | one at a time: calls | median ms | p99 ms | worst ms "
+        "| calls of 0.25 s or more "
         "| concurrent clients | calls/s | p50 ms | p99 ms | calls of 0.25 s or more |",
         "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.delay_us:,} | {'2' if r.triton_priority else 'none'} | {r.sequential_calls:,} | {r.sequential_median_ms:.1f} | {r.sequential_p99_ms:.1f} "
+            f"| {r.delay_us:,} | {'2' if r.triton_priority else 'none'} | {r.sequential_calls:,} "
+            f"| {r.sequential_median_ms:.1f} | {r.sequential_p99_ms:.1f} "
             f"| {r.sequential_max_ms:.0f} | {r.stalls} | {r.concurrent_clients} | {r.concurrent_calls_per_s:.0f} "
             f"| {r.concurrent_p50_ms:.1f} | {r.concurrent_p99_ms:.1f} | {r.concurrent_stalls} |"
         )
