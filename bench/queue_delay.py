@@ -54,6 +54,7 @@ class Row:
     concurrent_calls_per_s: float
     concurrent_p50_ms: float
     concurrent_p99_ms: float
+    concurrent_max_ms: float
     concurrent_stalls: int
 
 
@@ -112,6 +113,7 @@ def measure(work: Path, delay_us: int, priority: bool, calls: int, clients: int,
         concurrent_calls_per_s=len(together) / seconds,
         concurrent_p50_ms=busy["p50"],
         concurrent_p99_ms=busy["p99"],
+        concurrent_max_ms=busy["max"],
         concurrent_stalls=sum(t >= STALL_S for t in together),
     )
 
@@ -120,15 +122,16 @@ def table(rows: list[Row]) -> str:
     lines = [
         "| delay (us) | Triton priority levels | one at a time: calls | median ms | p99 ms | worst ms "
         "| calls of 0.25 s or more "
-        "| concurrent clients | calls/s | p50 ms | p99 ms | calls of 0.25 s or more |",
-        "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| concurrent clients | calls/s | p50 ms | p99 ms | worst ms | calls of 0.25 s or more |",
+        "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         lines.append(
             f"| {r.delay_us:,} | {'2' if r.triton_priority else 'none'} | {r.sequential_calls:,} "
             f"| {r.sequential_median_ms:.1f} | {r.sequential_p99_ms:.1f} "
             f"| {r.sequential_max_ms:.0f} | {r.stalls} | {r.concurrent_clients} | {r.concurrent_calls_per_s:.0f} "
-            f"| {r.concurrent_p50_ms:.1f} | {r.concurrent_p99_ms:.1f} | {r.concurrent_stalls} |"
+            f"| {r.concurrent_p50_ms:.1f} | {r.concurrent_p99_ms:.1f} | {r.concurrent_max_ms:.0f} "
+            f"| {r.concurrent_stalls} |"
         )
     return "\n".join(lines)
 

@@ -116,9 +116,10 @@ type RerankRequest struct {
 	Model string `protobuf:"bytes,8,opt,name=model,proto3" json:"model,omitempty"`
 	// How soon the request is handled: lower is handled first, and 0 (the
 	// default) first of all. A request above 0 is background work (e.g.
-	// re-indexing): its model inputs wait in the model's queue behind those of
-	// every request at 0, and keep their arrival order among those of other
-	// requests above 0.
+	// re-indexing): under load it is refused before requests at 0, and it
+	// waits for a tokenizer behind them. In a model exported with
+	// --triton-priority its model inputs also wait in the model's queue behind
+	// those of every request at 0. Requests above 0 keep their arrival order.
 	Priority uint32 `protobuf:"varint,9,opt,name=priority,proto3" json:"priority,omitempty"`
 }
 
