@@ -132,7 +132,10 @@ def _scoring_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=None, help="tokens per pair (default: the model's limit)")
     parser.add_argument("--chunk-overlap", type=int, default=None, help="tokens windows share with --truncation chunk")
     parser.add_argument(
-        "--priority", type=int, default=None, help="lower first; above 0 waits behind calls at 0 (default: 0)"
+        "--priority",
+        type=int,
+        default=None,
+        help="lower first; above 0: background work, queued behind calls at 0 (default: 0)",
     )
     parser.add_argument("--json", action="store_true", help="print the response as JSON")
     _model_option(parser)

@@ -333,8 +333,8 @@ class RerankClient:
         timeout: float | None = None,
     ) -> rerank_pb2.RerankResponse:
         """Score `documents` against `query` with `model` (None: the server's default); best first.
-        `priority`: lower is handled first, None or 0 first of all; above 0 (background work) the call's
-        model inputs wait behind those of every call at 0."""
+        `priority`: lower is handled first, None or 0 first of all; above 0 (background work) the call is
+        refused first under load and queued behind calls at 0."""
         request = build_rerank_request(
             query,
             documents,
@@ -457,8 +457,8 @@ class AsyncRerankClient:
         timeout: float | None = None,
     ) -> rerank_pb2.RerankResponse:
         """Score `documents` against `query` with `model` (None: the server's default); best first.
-        `priority`: lower is handled first, None or 0 first of all; above 0 (background work) the call's
-        model inputs wait behind those of every call at 0."""
+        `priority`: lower is handled first, None or 0 first of all; above 0 (background work) the call is
+        refused first under load and queued behind calls at 0."""
         request = build_rerank_request(
             query,
             documents,

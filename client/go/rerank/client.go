@@ -236,7 +236,7 @@ func ChunkOverlap(tokens uint32) Option { return func(o *requestOptions) { o.chu
 func Model(name string) Option { return func(o *requestOptions) { o.model = name } }
 
 // Priority sets how soon the call is handled: lower first, 0 (the default) first of all. Above 0 (background
-// work such as re-indexing) the call's model inputs wait behind those of every call at 0.
+// work such as re-indexing) the call is refused first under load and queued behind calls at 0.
 func Priority(priority uint32) Option { return func(o *requestOptions) { o.priority = priority } }
 
 func collect(options []Option) requestOptions {

@@ -92,7 +92,8 @@ export interface RequestOptions {
   model?: string;
   /**
    * Lower is handled first; 0 or unset (the default) first of all. Above 0 (background work such as
-   * re-indexing) the call's model inputs wait behind those of every call at 0. An integer from 0 to 2^32 - 1.
+   * re-indexing) the call is refused first under load and queued behind calls at 0. An integer from 0 to
+   * 2^32 - 1.
    */
   priority?: number;
 }
