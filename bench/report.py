@@ -239,7 +239,39 @@ def markdown(results: dict[str, Any]) -> str:
             f"One GEMM ({kernel['shape']}), one thread: fp32 {kernel['fp32_gflops']:.1f} GFLOP/s, "
             f"int8 (dynamic, {kernel['int8_op']}) {kernel['int8_gops']:.1f} GOP/s.",
         ]
-    return "\n".join(lines + served_profile(results)) + "\n"
+    return "\n".join(lines + served_path_share(results) + served_profile(results)) + "\n"
+
+
+def model_share(measurement: dict[str, Any]) -> float | None:
+    """Of a served run at concurrency 1, the share of its wall time that Triton's model executions took; None
+    for other runs. Triton gives each request of an execution the execution's whole compute time, so the sum
+    over requests is divided by the requests per execution (one call's, at concurrency 1)."""
+    triton = measurement.get("triton") or {}
+    if not measurement["system"].startswith("served") or measurement["concurrency"] != 1:
+        return None
+    if not triton.get("requests_per_execution") or not measurement.get("wall_s"):
+        return None
+    return float(triton["compute_s"] / triton["requests_per_execution"] / measurement["wall_s"])
+
+
+def served_path_share(results: dict[str, Any]) -> list[str]:
+    """The served runs at concurrency 1: how much of the caller's wall time the model's executions took in
+    Triton, and so how much the served path (client, frontend, gRPC, Triton's queue) added around them."""
+    shares = [(m, share) for m in results["measurements"] if (share := model_share(m)) is not None]
+    if not shares:
+        return []
+    lines = [
+        "",
+        "Served calls one at a time: the share of the wall time that the model's executions took in Triton "
+        "(nv_inference_compute_infer_duration_us, per execution); the rest is the served path around them:",
+        "",
+    ]
+    for m, share in shares:
+        lines.append(
+            f"- {SYSTEM_LABELS.get(m['system'], m['system'])}, {m['workload_title']}: model {100 * share:.1f}%, "
+            f"served path {100 * (1 - share):.1f}%"
+        )
+    return lines
 
 
 def served_profile(results: dict[str, Any]) -> list[str]:

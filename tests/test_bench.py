@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 from bench import long as bench_long
 from bench import warmup as bench_warmup
 from bench import workloads
+from bench.report import model_share
 from rerank_server.export.agreement import SPEARMAN_BOUND, TOP10_OVERLAP_BOUND
 from rerank_triton_model.runtimes import PACKED, runtime
 from tests.conftest import TOKENIZER_DIR
@@ -257,6 +258,12 @@ def test_quick_mode_runs_end_to_end(runs: dict[str, Run]) -> None:
     # Each sampled pass repeats its run for at least bench.steps.MIN_SAMPLED_S; together they see the engine.
     assert sum(p["stub"]["engine"] * p["samples"] for p in passes) > 0
     assert "Where the served time goes" in (output / "results.md").read_text()
+    # Served calls one at a time: the model's executions in Triton take part of the wall time, never more.
+    shares = {(m["system"], m["workload"]): model_share(m) for m in results["measurements"]}
+    one_at_a_time = {key: share for key, share in shares.items() if share is not None}
+    assert {system for system, _ in one_at_a_time} == {"served", "served-auto"}, shares
+    assert all(0 < share < 1.05 for share in one_at_a_time.values()), one_at_a_time
+    assert "Served calls one at a time" in (output / "results.md").read_text()
 
     table = (output / "results.md").read_text()
     assert "| system | workload |" in table and "| ratio | value | target | met |" in table
