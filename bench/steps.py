@@ -279,7 +279,7 @@ def _measure_served(
     """`rerank serve` on the repository: each run measured, and (b)'s served logits against in-process
     fp32's. Unless --skip-profile, py-spy then samples more untimed passes of (a) at the lowest and the
     highest concurrency, for at least MIN_SAMPLED_S each (the sampler's own CPU never counts in a measured run)."""
-    from bench.served import Sampler, ServedStack, served_logits
+    from bench.served import Sampler, ServedStack, drive, served_logits
 
     fixed = sorted((w for w, _ in runs if w.kind == "a"), key=lambda w: w.concurrency)
     profiled = [] if run.args.skip_profile or not fixed else [fixed[0], fixed[-1]]
@@ -300,9 +300,10 @@ def _measure_served(
             try:
                 with run.sampled(stack, system, workload):
                     # At least MIN_SAMPLED_S of samples: a quick run is over in a few of py-spy's intervals.
+                    # The calls alone: run_served's reads of Triton's statistics would be idle time in the samples.
                     started = time.monotonic()
                     while True:
-                        run_served(stack, workload, 1, sampler, Quiet(run.progress), system)
+                        asyncio.run(drive(stack.target, workload, 1, lambda _: None))
                         if time.monotonic() - started >= MIN_SAMPLED_S:
                             break
             except Exception as error:  # noqa: BLE001 - a failed profile is reported, the run goes on
