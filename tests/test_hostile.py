@@ -238,28 +238,38 @@ def test_a_malformed_stream_message_ends_the_stream_cleanly_after_answering_the_
 def test_deadline_expiry_is_counted_deadline_exceeded_and_cancellation_cancelled(guarded: Stack) -> None:
     documents = [text(150, seed=i) for i in range(1000)]  # seconds of work on this machine
     before = scrape(guarded.metrics_url)
+
+    def counted(code: str) -> float:
+        now = scrape(guarded.metrics_url)
+        return sample(now, "rerank_calls_total", rpc="Rerank", code=code) - sample(
+            before, "rerank_calls_total", rpc="Rerank", code=code
+        )
+
+    def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+        # Polled, not slept for: on a loaded machine the frontend may take a while to see an ended call.
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+            time.sleep(0.05)
+
     with RerankClient(guarded.target, token=TOKEN, retries=0) as client:
         for _ in range(4):
             with pytest.raises(RerankError) as caught:
                 client.rerank(QUERY, documents, timeout=0.3)
             assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for(lambda: counted("DEADLINE_EXCEEDED") >= 4, "4 expired calls counted")
+    wait_for(lambda: sample(scrape(guarded.metrics_url), "rerank_inflight_calls") == 0, "no call in flight")
     with grpc.insecure_channel(guarded.target) as channel:
         call = channel.unary_unary("/rerank.v1.RerankService/Rerank").future(
             rerank_pb2.RerankRequest(query=QUERY, documents=documents).SerializeToString(),
             metadata=(("authorization", f"Bearer {TOKEN}"),),
             timeout=60,
         )
-        time.sleep(0.3)
+        # Cancelled once the server handles it (a call cancelled before it arrives is never counted).
+        wait_for(lambda: sample(scrape(guarded.metrics_url), "rerank_inflight_calls") >= 1, "the call in flight")
         call.cancel()
-    time.sleep(1.0)
-    after = scrape(guarded.metrics_url)
-
-    def counted(code: str) -> float:
-        return sample(after, "rerank_calls_total", rpc="Rerank", code=code) - sample(
-            before, "rerank_calls_total", rpc="Rerank", code=code
-        )
-
-    assert counted("DEADLINE_EXCEEDED") == 4, after
+    wait_for(lambda: counted("CANCELLED") >= 1, "the cancelled call counted")
+    assert counted("DEADLINE_EXCEEDED") == 4
     assert counted("CANCELLED") == 1
     assert counted("UNKNOWN") == 0
 
