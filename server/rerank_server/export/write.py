@@ -108,7 +108,7 @@ def write_model(
 # orders callers by priority (admission, tokenizer queue) and cancels a call at its deadline, which takes it
 # out of Triton's queue.
 QUEUE_POLICY_PREFETCHING = """\
-  # No priority levels and no queue timeouts, so Triton's batcher prefetches (rerank export --triton-priority).
+  # No priority levels and no queue timeouts, so Triton's batcher prefetches; --triton-priority adds levels.
 """
 QUEUE_POLICY_WITH_PRIORITY = """\
   # Level 1 first: callers' priority 0 (the default) at 1, later priorities at 2 (rerank_server/triton_backend.py).
