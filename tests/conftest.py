@@ -251,6 +251,14 @@ def start_serve(
     return stack
 
 
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
+    """Polls `condition` every 20 ms until it holds; fails naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        time.sleep(0.02)
+
+
 def one_model_repository(model_repository: Path, folder: Path, name: str = "reranker") -> Path:
     """A repository of one of model_repository's models (linked, not copied): a Triton serving it starts and
     restarts in seconds."""

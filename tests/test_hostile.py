@@ -33,7 +33,16 @@ from rerank_client.pb import SERVICE_NAME, rerank_pb2
 from rerank_server.http_api.registry import ROUTES
 from rerank_server.testing import wait_for_health
 from rerank_server.tokenization import PairTokenizer, StoppedError
-from tests.conftest import RERANK, TOKENIZER_DIR, Stack, frontend, one_model_repository, start_local, stop_serve_later
+from tests.conftest import (
+    RERANK,
+    TOKENIZER_DIR,
+    Stack,
+    frontend,
+    one_model_repository,
+    start_local,
+    stop_serve_later,
+    wait_for,
+)
 from tests.test_operations import sample, scrape
 from tests.texts import QUERY, text
 
@@ -245,18 +254,12 @@ def test_deadline_expiry_is_counted_deadline_exceeded_and_cancellation_cancelled
             before, "rerank_calls_total", rpc="Rerank", code=code
         )
 
-    def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-        # Polled, not slept for: on a loaded machine the frontend may take a while to see an ended call.
-        deadline = time.monotonic() + timeout_s
-        while not condition():
-            assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
-            time.sleep(0.05)
-
     with RerankClient(guarded.target, token=TOKEN, retries=0) as client:
         for _ in range(4):
             with pytest.raises(RerankError) as caught:
                 client.rerank(QUERY, documents, timeout=0.3)
             assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Polled, not slept for: on a loaded machine the frontend may take a while to see an ended call.
     wait_for(lambda: counted("DEADLINE_EXCEEDED") >= 4, "4 expired calls counted")
     wait_for(lambda: sample(scrape(guarded.metrics_url), "rerank_inflight_calls") == 0, "no call in flight")
     with grpc.insecure_channel(guarded.target) as channel:

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 
 from rerank_client import RerankClient
 from rerank_server.export.write import QUEUE_POLICY_PREFETCHING, QUEUE_POLICY_WITH_PRIORITY
-from tests.conftest import TOKENIZER_DIR, Stack, one_model_repository, start_local, stop_serve_later
+from tests.conftest import TOKENIZER_DIR, Stack, one_model_repository, start_local, stop_serve_later, wait_for
 from tests.test_http_errors import TEI, VLLM, assert_shape, good_body
 from tests.texts import QUERY, text
 
@@ -255,16 +255,9 @@ def _pending(stack: Stack) -> int:
 DOCUMENTS_QUEUED = 300
 
 
-def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
-        time.sleep(0.02)
-
-
 def _settled_pending(stack: Stack, at_least: int, quiet_s: float = 0.5) -> int:
     """Triton's queue length once it is at least `at_least` and has not changed for `quiet_s`."""
-    _wait_for(lambda: _pending(stack) >= at_least, f"{at_least} requests queued")
+    wait_for(lambda: _pending(stack) >= at_least, f"{at_least} requests queued")
     count, since = _pending(stack), time.monotonic()
     while time.monotonic() - since < quiet_s:
         time.sleep(0.02)
@@ -313,7 +306,7 @@ def _jump_the_queue(stack: Stack, background_priority: int, send: Send = _cohere
             # before the small call is sent: a count still rising would be read as the small call's request.
             queued = _settled_pending(stack, DOCUMENTS_QUEUED - 32)
             first = pool.submit(send, stack, ["beijing"], None)
-            _wait_for(lambda: _pending(stack) == queued + 1, "the small call's request queued")
+            wait_for(lambda: _pending(stack) == queued + 1, "the small call's request queued")
             stub.resume()
             answered = first.result()
             left, done = _pending(stack), background.done()
