@@ -48,7 +48,7 @@ from bench.attacks import MIB, chunked, cjk, empty_documents, json_shapes, memor
 from bench.common import ROOT, TOKENIZER_DIR, cpu_pressure, machine_info
 from bench.served import ServedStack, export_random
 from rerank_client import RerankClient, message_size_options
-from rerank_client.pb import SERVICE_NAME, rerank_pb2
+from rerank_client.pb import METHOD_PREFIX, SERVICE_NAME, rerank_pb2
 from rerank_server.http_api.connection import MAX_BODY_CHUNKS
 from rerank_server.testing import TINY_CONFIG, wait_for_health
 from rerank_server.tokenization import _SEGMENT_CHARS as SEGMENT_CHARS
@@ -150,7 +150,7 @@ def rpc(target: str, payload: bytes, token: str | None = TOKEN, timeout_s: float
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     with grpc.insecure_channel(target, options=OPTIONS) as channel:
         grpc.channel_ready_future(channel).result(timeout=30)
-        call = channel.unary_unary("/rerank.v1.RerankService/Rerank")
+        call = channel.unary_unary(METHOD_PREFIX + "Rerank")
         started = time.perf_counter()
         try:
             call(payload, metadata=metadata, timeout=timeout_s)

@@ -33,7 +33,7 @@ SENDER = """
 import sys, time, grpc
 from concurrent.futures import ThreadPoolExecutor
 from rerank_client import message_size_options
-from rerank_client.pb import rerank_pb2
+from rerank_client.pb import METHOD_PREFIX, rerank_pb2
 target, kind, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if kind == "refused":  # a one-letter query, then empty documents: refused past max_documents by a wire scan
     payload = b"\\x0a\\x01q" + b"\\x12\\x00" * ((size - 3) // 2)
@@ -42,7 +42,7 @@ else:  # one document of `size` bytes of words, cut to the model's length (END)
 def call(_):
     with grpc.insecure_channel(target, options=message_size_options(64 << 20)) as channel:
         try:
-            channel.unary_unary("/rerank.v1.RerankService/Rerank")(payload, timeout=300)
+            channel.unary_unary(METHOD_PREFIX + "Rerank")(payload, timeout=300)
             return "OK"
         except grpc.RpcError as error:
             return error.code().name

@@ -6,7 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rerank_server.export.agreement import SPEARMAN_BOUND, TOP10_OVERLAP_BOUND
+from rerank_server.export.agreement import (
+    INT8_SPEARMAN_BOUND,
+    INT8_TOP10_OVERLAP_BOUND,
+    SPEARMAN_BOUND,
+    TOP10_OVERLAP_BOUND,
+)
 
 SYSTEM_LABELS = {
     "onnxruntime": "in-process ONNX Runtime (fp32)",
@@ -116,10 +121,16 @@ AGREEMENTS = (
         "int8 vs fp32 top-10 overlap, (b)",
         "int8_vs_fp32",
         "top10_overlap",
-        0.9,
+        INT8_TOP10_OVERLAP_BOUND,
         "fraction of fp32's top 10 documents in int8's top 10",
     ),
-    ("int8 vs fp32 Spearman correlation, (b)", "int8_vs_fp32", "spearman", 0.98, "rank correlation of the (b) scores"),
+    (
+        "int8 vs fp32 Spearman correlation, (b)",
+        "int8_vs_fp32",
+        "spearman",
+        INT8_SPEARMAN_BOUND,
+        "rank correlation of the (b) scores",
+    ),
 )
 
 

@@ -253,7 +253,7 @@ def test_quick_mode_runs_end_to_end(runs: dict[str, Run]) -> None:
     }
     passes = [p for by_workload in sampled.values() for p in by_workload.values()]
     for p in passes:
-        assert p["samples"] > 0 and p["frontend_busy"] >= 0
+        assert p["samples"] > 0 and 0 <= p["frontend_busy"] <= 1
         assert sum(p["stub"].values()) == pytest.approx(1.0), p
     # Each sampled pass repeats its run for at least bench.steps.MIN_SAMPLED_S; together they see the engine.
     assert sum(p["stub"]["engine"] * p["samples"] for p in passes) > 0

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from scipy.stats import spearmanr
 
+from rerank_server.export.agreement import INT8_SPEARMAN_BOUND, INT8_TOP10_OVERLAP_BOUND, agreement
 from rerank_triton_model.reranker_engine import PackedReranker
 from rerank_triton_model.runtimes import ONNXRUNTIME
 from tests.conftest import run_rerank
@@ -84,9 +84,8 @@ def test_int8_scores_rank_like_fp32(int8_repository: Path, model_repository: Pat
     int8 = engine(int8_repository).score(ids, lengths)
     assert not np.array_equal(fp32, int8)
     assert np.abs(int8 - fp32).max() <= 0.05 * np.abs(fp32).max()
-    assert spearmanr(fp32, int8).statistic >= 0.98
-    top_fp32, top_int8 = set(np.argsort(-fp32)[:10]), set(np.argsort(-int8)[:10])
-    assert len(top_fp32 & top_int8) >= 9
+    measured = agreement(fp32, int8)
+    assert measured.spearman >= INT8_SPEARMAN_BOUND and measured.top10_overlap >= INT8_TOP10_OVERLAP_BOUND, measured
 
 
 @pytest.mark.e2e

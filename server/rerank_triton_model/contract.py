@@ -1,8 +1,9 @@
 """The names both sides of the Triton wire agree on: the model's tensors and its config.pbtxt parameters.
 
 The model (model.py), `rerank export` (which renders config.pbtxt) and the frontend (TritonBackend, which
-reads the parameters through Triton's model-config API) all import them from here. Standard library only:
-the frontend's image has neither torch nor Triton's Python backend.
+reads the parameters through Triton's model-config API) all import them from here. Standard library only
+(with the runtime registry, itself standard library at import): the frontend's image has neither torch nor
+Triton's Python backend.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from .runtimes import ONNXRUNTIME
 
 # Tensors. Each request carries a ragged batch of tokenized pairs:
 INPUT_IDS = "input_ids"  # INT32 [1, total_tokens]: every pair's ids laid end to end
@@ -31,7 +34,7 @@ class ModelParameters:
     pad_token_id: int
     max_batch_tokens: int  # the model's token budget per forward
     intra_op_threads: int = 0  # 0: the cores this process may use
-    runtime: str = "onnxruntime"  # onnxruntime, torch or packed
+    runtime: str = ONNXRUNTIME.name  # a name in runtimes.RUNTIMES
     weights: str = "model.onnx"  # in the version folder: the ONNX graph or the checkpoint folder
     # CPUs: why this precision was chosen, the CPU flags it was chosen on, and the fp32 weights a CPU
     # without native support for `precision` loads instead (cpu_features.served_choice).

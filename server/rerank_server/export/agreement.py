@@ -12,6 +12,10 @@ import numpy as np
 # ranks correlate this well: a rerank call's caller reads the top of the list.
 TOP10_OVERLAP_BOUND = 0.95
 SPEARMAN_BOUND = 0.99
+# int8, exported only when asked for (auto never picks a candidate outside the bounds above), is held to
+# these: its quantization noise is larger than bf16's, and the benchmark and its tests report it against them.
+INT8_TOP10_OVERLAP_BOUND = 0.9
+INT8_SPEARMAN_BOUND = 0.98
 TOP = 10
 
 

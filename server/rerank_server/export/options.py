@@ -30,7 +30,7 @@ class ExportError(Exception):
 @dataclass(frozen=True)
 class ExportOptions:
     model: str = option(DEFAULT_MODEL, "hub id or local checkpoint folder")
-    output: Path = option(Path("model_repository_build"), "model repository folder to write into", required=True)
+    output: Path = option(None, "model repository folder to write into", required=True)
     name: str = option("reranker", "model name in the repository")
     model_id: str | None = option(None, "model name reported to callers (default: the hub id or folder name)")
     tokenizer: str | None = option(None, "hub id or folder of the tokenizer (default: --model)")
