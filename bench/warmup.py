@@ -2,6 +2,7 @@
 than the same call once the model has run, with the export's warm-up and without it.
 
     python -m bench.warmup                # ModernBERT-base size, random weights, fp32 (a few minutes)
+    python -m bench.warmup --demo         # `make demo`'s small model on the same requests (seconds per start)
     python -m bench.warmup --quick        # the tests' tiny model (a smoke test; figures are meaningless)
 
 It exports one checkpoint (`rerank export --precision fp32`) and serves it twice per round: as exported
@@ -16,33 +17,47 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 
 from bench import workloads
 from bench.common import ROOT, TOKENIZER_DIR, machine_info
 from bench.models import FULL_INITIALIZER_RANGE, QUICK_CONFIG
 from bench.served import ServedStack, export_random
 from rerank_client import RerankClient
+from rerank_server.first_contact import DEMO_CONFIG
 
-WARM, COLD = "warm-up (as exported)", "no warm-up"
-# The block the export writes into config.pbtxt: everything from `model_warmup [` to its closing `]`.
-_WARMUP_BLOCK = re.compile(r"^model_warmup \[\n.*?^\]\n", re.MULTILINE | re.DOTALL)
+WARM, NO_BUDGET, COLD = "warm-up (as exported)", "warm-up without its budget request", "no warm-up"
 
 
-def without_warmup(repository: Path, into: Path) -> Path:
-    """A copy of the repository whose models have no model_warmup (their first call pays the first run)."""
+def without_warmup(repository: Path, into: Path, keep: Callable[[str], bool] = lambda name: False) -> Path:
+    """A copy of the repository whose models run only the warm-up requests `keep` names (none: their first call
+    pays the first run)."""
     shutil.copytree(repository, into)
-    for config in into.glob("*/config.pbtxt"):
-        config.write_text(_WARMUP_BLOCK.sub("", config.read_text()))
+    for path in into.glob("*/config.pbtxt"):
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        kept = [warmup for warmup in config.model_warmup if keep(warmup.name)]
+        del config.model_warmup[:]
+        config.model_warmup.extend(kept)
+        path.write_text(text_format.MessageToString(config))
     return into
+
+
+def warmup_names(repository: Path) -> set[str]:
+    return {
+        warmup.name
+        for path in repository.glob("*/config.pbtxt")
+        for warmup in text_format.Parse(path.read_text(), model_config_pb2.ModelConfig()).model_warmup
+    }
 
 
 def serve_and_call(repository: Path, log_path: Path, request: workloads.Request, calls: int) -> dict[str, Any]:
@@ -69,6 +84,7 @@ def serve_and_call(repository: Path, log_path: Path, request: workloads.Request,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.warmup", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model and the small workloads")
+    parser.add_argument("--demo", action="store_true", help="`make demo`'s small model (random weights)")
     parser.add_argument("--rounds", type=int, default=2, help="starts of each variant, alternating")
     parser.add_argument("--calls", type=int, default=5, help="calls after the first (their median: steady)")
     parser.add_argument("--request", choices=("a", "b"), default="b", help="bench.run's (a) or (b) request")
@@ -77,12 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     built = workloads.build(TOKENIZER_DIR, shape=workloads.QUICK if args.quick else workloads.FULL)
     request = built["b"].requests[0] if args.request == "b" else built["a1"].requests[0]
-    runs: dict[str, list[dict[str, Any]]] = {WARM: [], COLD: []}
     with tempfile.TemporaryDirectory(prefix="bench-warmup-") as folder:
         work = Path(folder)
-        config = QUICK_CONFIG if args.quick else {"initializer_range": FULL_INITIALIZER_RANGE}
+        config = (
+            QUICK_CONFIG if args.quick else DEMO_CONFIG if args.demo else {"initializer_range": FULL_INITIALIZER_RANGE}
+        )
         warm = export_random(work, export_args=args.export_args.split(), **config)
         repositories = {WARM: warm, COLD: without_warmup(warm, work / "cold")}
+        if "budget" in warmup_names(warm):  # what the budget request adds to the planned shapes
+            repositories[NO_BUDGET] = without_warmup(warm, work / "no-budget", keep=lambda name: name != "budget")
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in repositories}
         for round_ in range(args.rounds):
             for name, repository in repositories.items():
                 result = serve_and_call(repository, work / f"serve-{round_}-{len(runs[name])}.log", request, args.calls)
@@ -101,7 +121,14 @@ def main(argv: list[str] | None = None) -> int:
             )
     table = "\n".join(lines)
     command = " ".join(["python -m bench.warmup", *(argv if argv is not None else sys.argv[1:])])
-    report = {"command": command, "machine": machine_info(), "quick": args.quick, "request": args.request, "runs": runs}
+    report = {
+        "command": command,
+        "machine": machine_info(),
+        "quick": args.quick,
+        "demo": args.demo,
+        "request": args.request,
+        "runs": runs,
+    }
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "warmup.json").write_text(json.dumps({**report, "table": table}, indent=2))
     print(table)

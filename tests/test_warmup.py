@@ -3,6 +3,7 @@ the model before the model is ready, and it stays out of the traffic metrics."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -10,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from google.protobuf import text_format
+from transformers import ModernBertConfig
 from tritonclient.grpc import model_config_pb2
 
 from rerank_client import RerankClient
-from rerank_server.export.warmup import WARMUP_DIR, warmup_requests
-from rerank_server.testing import exported_parameters
-from rerank_triton_model.contract import INPUT_IDS, SEQUENCE_LENGTHS
+from rerank_server.export.warmup import WARMUP_DIR, WarmupRequest, cheap_on_cpu, warmup_requests
+from rerank_server.first_contact import DEMO_CONFIG
+from rerank_server.testing import TINY_CONFIG, exported_parameters
+from rerank_triton_model.contract import INPUT_IDS, SEQUENCE_LENGTHS, ModelParameters
 from tests.conftest import run_rerank, start_local, stop_serve_later
 from tests.test_operations import sample, scrape
 from tests.texts import QUERY, text
@@ -39,15 +42,36 @@ def logged(log: Path, marker: str, timeout_s: float = 10) -> str:
         time.sleep(0.2)
 
 
+def planned_on_cpu(model_dir: Path) -> list[WarmupRequest]:
+    """The warm-up a CPU export of this model plans: the budget request where cheap_on_cpu says so."""
+    parameters = exported_parameters(model_dir)
+    checkpoint = ModernBertConfig(**json.loads((model_dir / "1" / "export.json").read_text())["config"])
+    return warmup_requests(parameters, on_gpu=False, budget=cheap_on_cpu(checkpoint, parameters))
+
+
+def test_the_budget_request_runs_on_cpus_for_small_models_only() -> None:
+    parameters = ModelParameters(
+        source_model="m", precision="fp32", max_length=8192, vocab_size=50368, pad_token_id=0, max_batch_tokens=8192,
+    )  # fmt: skip
+    assert cheap_on_cpu(ModernBertConfig(**TINY_CONFIG), parameters)
+    assert cheap_on_cpu(ModernBertConfig(**DEMO_CONFIG), parameters)
+    assert not cheap_on_cpu(ModernBertConfig(), parameters)  # ModernBERT-base: seconds of start-up on a CPU
+    # On CPUs its pairs are the widest the main engine runs (dense attention's largest buffers), on GPUs (a)'s.
+    (cpu_budget, *_) = warmup_requests(parameters, on_gpu=False, budget=True)
+    assert set(cpu_budget.lengths) == {1024} and cpu_budget.tokens == 8192
+    assert [r.name for r in warmup_requests(parameters, on_gpu=False)] == ["mixed"]
+
+
 def test_the_export_writes_a_warmup_of_the_planned_shapes(model_repository: Path) -> None:
     for name, routed in (("reranker", False), ("reranker_long", True)):
         model_dir = model_repository / name
         parameters = exported_parameters(model_dir)
         assert (parameters.long_pair_tokens > 0) == routed
         config = model_config(model_dir)
-        planned = warmup_requests(parameters, on_gpu=False)
+        planned = planned_on_cpu(model_dir)
         assert [s.name for s in config.model_warmup] == [r.name for r in planned]
-        assert [r.name for r in planned] == ["mixed", "long"][: 2 if routed else 1]
+        # The tests' tiny model is cheap enough to fill the token budget once on a CPU.
+        assert [r.name for r in planned] == ["budget", "mixed", "long"][: 3 if routed else 2]
         for warmup, request in zip(config.model_warmup, planned, strict=True):
             assert warmup.batch_size == 1 and warmup.count == 1
             ids_input, lengths_input = warmup.inputs[INPUT_IDS], warmup.inputs[SEQUENCE_LENGTHS]
@@ -57,15 +81,15 @@ def test_the_export_writes_a_warmup_of_the_planned_shapes(model_repository: Path
             assert tuple(lengths) == request.lengths and int(lengths.sum()) == ids.size
             assert ids.min() >= 0 and ids.max() < parameters.vocab_size
             assert lengths.min() >= 1 and lengths.max() <= parameters.max_length
-        mixed = planned[0].lengths
+        mixed = planned[1].lengths
         # Widths from 16 tokens up to the longest pair the main engine runs (here under the 1024-token cap).
         main_longest = min(parameters.max_length, parameters.long_pair_tokens or parameters.max_length)
         assert mixed[0] == 16 and max(mixed) == min(main_longest, 1024) and list(mixed) == sorted(set(mixed))
         if routed:  # just over the threshold: the packed engine's first run
-            assert planned[1].lengths == (parameters.long_pair_tokens + 1,)
+            assert planned[2].lengths == (parameters.long_pair_tokens + 1,)
         # On a GPU, first one sub-batch at the token budget: the largest activations a call allocates.
         budget, *rest = warmup_requests(parameters, on_gpu=True)
-        assert budget.name == "budget" and rest == planned
+        assert budget.name == "budget" and rest == planned[1:]
         width = budget.lengths[0]
         assert sum(budget.lengths) <= parameters.max_batch_tokens < sum(budget.lengths) + width
         assert set(budget.lengths) == {width}
@@ -97,7 +121,7 @@ def test_serving_means_warm_and_the_warmup_is_not_traffic(model_repository: Path
     triton_log = tmp_path / "triton.log"
     served = start_local(repository, "--model-name=reranker_long", f"--triton-log={triton_log}")
     try:
-        planned = warmup_requests(exported_parameters(repository / "reranker_long"), on_gpu=False)
+        planned = planned_on_cpu(repository / "reranker_long")
         pairs = sum(len(r.lengths) for r in planned)
         tokens = sum(r.tokens for r in planned)
         warmed = logged(triton_log, "warmed up before ready")

@@ -17,11 +17,12 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 DEMO_MODEL_ID = "random-modernbert-demo (random weights, not a real reranker)"
 # Small (a few MB, quick to export and run on a CPU) but shaped like ModernBERT: local and global
 # attention layers, the real tokenizer, inputs up to 8192 tokens.
-DEMO_CONFIG = {
+DEMO_CONFIG: dict[str, Any] = {
     "hidden_size": 128,
     "intermediate_size": 256,
     "num_hidden_layers": 4,

@@ -76,7 +76,7 @@ def write_model(
         long_weights=long_pairs.weights if long_pairs else "",
         export_id=uuid.uuid4().hex,
     )
-    warmup = write_warmup(staging, parameters, options.device == GPU) if options.warmup else ""
+    warmup = write_warmup(staging, parameters, options.device == GPU, source.config) if options.warmup else ""
     (staging / "config.pbtxt").write_text(render_config(options, parameters, warmup))
     provenance = {
         "options": {k: str(v) for k, v in asdict(options).items()},
