@@ -5,7 +5,8 @@ bearer token and a small max_total_tokens. Each SDK's own suite (`node --test`, 
 CASES and writes its answers, which must be the Python SDK's: the same rankings, counts and texts, logits
 and scores within 1e-6. The suites also check each error class (INVALID_ARGUMENT with its field violations,
 DEADLINE_EXCEEDED, UNAUTHENTICATED, UNAVAILABLE, RESOURCE_EXHAUSTED), TLS, the token and the retries. The
-snippets of docs/sdk-typescript.md and docs/sdk-go.md run as written, from a packed copy of the SDK.
+Quick starts of docs/sdk-typescript.md and docs/sdk-go.md run as written, from a packed copy of the SDK, and
+every other `ts` and `go` block of those pages and of the SDKs' READMEs compiles.
 
 What they need (node_modules from `npm ci`, Debian's Go packages) is installed by `make sdk-deps`.
 """
@@ -18,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -199,6 +201,11 @@ def docs_block(page: str, language: str) -> str:
     return block
 
 
+def fenced_blocks(page: Path, language: str) -> list[str]:
+    """Every fenced `language` block of a Markdown file."""
+    return re.findall(rf"^```{language}\n(.*?)^```", page.read_text(), re.S | re.M)
+
+
 def printed_best(output: str) -> tuple[int, float, float, int]:
     """The last line a docs snippet printed: index, score, logit and input tokens of the best result."""
     index, score, logit, tokens = output.strip().splitlines()[-1].split()
@@ -294,32 +301,73 @@ def test_typescript_sdk_answers_like_the_python_sdk(
     assert_same(expected, json.loads(answers.read_text()))
 
 
-@pytest.mark.e2e
-def test_typescript_docs_quick_start_runs_as_written(npm: str, stack: Stack, tmp_path: Path) -> None:
-    """docs/sdk-typescript.md's steps: pack the SDK, install the tarball in a new project, compile the
-    snippet with tsc and run it."""
-    packed = run([npm, "pack", "--silent", "--pack-destination", str(tmp_path)], TYPESCRIPT).strip().splitlines()[-1]
-    project = tmp_path / "project"
+@pytest.fixture(scope="module")
+def ts_project(npm: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """docs/sdk-typescript.md's install steps: the SDK packed, and the tarball installed in a new ES module
+    project."""
+    folder = tmp_path_factory.mktemp("ts-project")
+    packed = run([npm, "pack", "--silent", "--pack-destination", str(folder)], TYPESCRIPT).strip().splitlines()[-1]
+    project = folder / "project"
     project.mkdir()
     (project / "package.json").write_text(json.dumps({"name": "quick-start", "private": True, "type": "module"}))
-    run([npm, "install", "--prefer-offline", "--no-audit", "--no-fund", str(tmp_path / packed)], project)
-    snippet = docs_block("sdk-typescript.md", "ts").replace("localhost:50051", stack.target)
-    (project / "main.ts").write_text(snippet)
-    # The SDK's own TypeScript and Node types, as a project that has them would use them.
+    run([npm, "install", "--prefer-offline", "--no-audit", "--no-fund", str(folder / packed)], project)
+    return project
+
+
+def tsc(project: Path, files: list[str], **options: Any) -> None:
+    """Compile `files` of the project as a strict project would, with the SDK's own TypeScript and Node types."""
     tsconfig = {
         "compilerOptions": {
             "target": "ES2022",
             "module": "NodeNext",
             "moduleResolution": "NodeNext",
             "strict": True,
+            # The strictest optional fields: settings read from the environment must type-check under it.
+            "exactOptionalPropertyTypes": True,
             "typeRoots": [str(TYPESCRIPT / "node_modules" / "@types")],
             "types": ["node"],
+            **options,
         },
-        "files": ["main.ts"],
+        "files": files,
     }
     (project / "tsconfig.json").write_text(json.dumps(tsconfig))
     run([str(TYPESCRIPT / "node_modules" / ".bin" / "tsc"), "-p", "."], project)
-    assert_best_of_quick_start(run(["node", "main.js"], project, timeout=120), stack.target)
+
+
+@pytest.mark.e2e
+def test_typescript_docs_quick_start_runs_as_written(ts_project: Path, stack: Stack) -> None:
+    """docs/sdk-typescript.md's Quick start, compiled with tsc in the project that installed the tarball, and run."""
+    snippet = docs_block("sdk-typescript.md", "ts").replace("localhost:50051", stack.target)
+    (ts_project / "main.ts").write_text(snippet)
+    tsc(ts_project, ["main.ts"])
+    assert_best_of_quick_start(run(["node", "main.js"], ts_project, timeout=120), stack.target)
+
+
+TS_SNIPPET_PAGES = (DOCS / "sdk-typescript.md", TYPESCRIPT / "README.md")
+
+
+def ts_module(block: str) -> str:
+    """A `ts` block as a module of its own; a fragment that uses a `client` it does not make gets one declared."""
+    makes_client = re.search(r"\b(?:const|let|var|using)\s+client\b", block)
+    declared = "" if makes_client else 'declare const client: import("@rerank-service/client").RerankClient;\n'
+    return f"{declared}{block}\nexport {{}};\n"
+
+
+@pytest.mark.e2e
+def test_typescript_docs_snippets_type_check(ts_project: Path) -> None:
+    """Every `ts` block of the guide and of the package's README, type-checked against the packed SDK."""
+    folder = ts_project / "snippets"
+    folder.mkdir()
+    files = []
+    for page in TS_SNIPPET_PAGES:
+        blocks = fenced_blocks(page, "ts")
+        assert blocks, page
+        for i, block in enumerate(blocks):
+            name = f"{page.parent.name}-{page.stem}-{i}.ts"
+            (folder / name).write_text(ts_module(block))
+            files.append(f"snippets/{name}")
+    assert len(files) >= 5
+    tsc(ts_project, files, noEmit=True)
 
 
 # -- Go ---------------------------------------------------------------------------------------------------
@@ -363,3 +411,64 @@ def test_go_docs_quick_start_runs_as_written(go_env: dict[str, str], stack: Stac
     program.mkdir()
     (program / "main.go").write_text(snippet)
     assert_best_of_quick_start(run(["go", "run", "."], program, go_env, timeout=300), stack.target)
+
+
+GO_SNIPPET_PAGES = (DOCS / "sdk-go.md", GO / "README.md")
+# The packages a fragment may call, by the name it calls them (context and rerank are always imported).
+GO_IMPORTS = {
+    "errors": "errors",
+    "fmt": "fmt",
+    "io": "io",
+    "log": "log",
+    "os": "os",
+    "time": "time",
+    "grpc": "google.golang.org/grpc",
+    "codes": "google.golang.org/grpc/codes",
+    "status": "google.golang.org/grpc/status",
+    "rerankv1": f"{GO_MODULE}/gen/rerank/v1",
+}
+# Go's strings and comments, both emptied (a string is matched first, so "dns:///" is no comment): what is
+# left is what a fragment calls.
+_GO_STRING_OR_COMMENT = re.compile(r'("(?:[^"\\\n]|\\.)*"|`[^`]*`)|//[^\n]*|/\*.*?\*/', re.S)
+
+
+def go_file(block: str) -> str:
+    """A `go` block as a file: a program as it is; a fragment as the body of a function returning error, with
+    `ctx` and `client` declared at package level (a fragment may make its own) and the packages it calls."""
+    if block.startswith("package "):
+        return block
+    code = _GO_STRING_OR_COMMENT.sub(lambda m: '""' if m.group(1) else "", block)
+    used = [path for name, path in GO_IMPORTS.items() if re.search(rf"\b{name}\.", code)]
+    imports = "".join(f'\t"{path}"\n' for path in sorted(["context", *used, f"{GO_MODULE}/rerank"]))
+    return (
+        f"package snippet\n\nimport (\n{imports})\n\n"
+        "var (\n\tctx    = context.Background()\n\tclient *rerank.Client\n)\n\n"
+        f"func snippet() error {{\n{textwrap.indent(block, chr(9))}\treturn nil\n}}\n"
+    )
+
+
+def test_a_go_fragment_imports_what_it_calls_not_what_its_comments_name() -> None:
+    fragment = 'log.Println(fmt.Sprint("os.Exit")) // errors.Is(err, ...)\n'
+    source = go_file(fragment)
+    assert '\t"log"\n' in source and '\t"fmt"\n' in source
+    assert '"os"' not in source and '"errors"' not in source
+    assert go_file("package main\n") == "package main\n"
+
+
+@pytest.mark.e2e
+def test_go_docs_snippets_compile(go_env: dict[str, str]) -> None:
+    """Every `go` block of the guide and of the module's README, as gofmt writes it, compiled and vetted
+    against the module."""
+    src = Path(go_env["GOPATH"].split(os.pathsep)[0]) / "src"
+    count = 0
+    for page in GO_SNIPPET_PAGES:
+        blocks = fenced_blocks(page, "go")
+        assert blocks, page
+        for i, block in enumerate(blocks):
+            folder = src / "snippets" / f"{page.parent.name}_{page.stem.replace('-', '_')}_{i}"
+            folder.mkdir(parents=True)
+            (folder / "main.go").write_text(go_file(block))
+            count += 1
+    assert count >= 5
+    assert run(["gofmt", "-l", "snippets"], src) == "", "a go block is not as gofmt writes it"
+    run(["go", "vet", "./snippets/..."], src, go_env)

@@ -1,6 +1,8 @@
-// Command example reranks documents from the command line and shows how each kind of failure reads:
+// Command example reranks documents from the command line and shows how each kind of failure reads. From
+// client/go, in GOPATH mode (docs/sdk-go.md#install; without a module proxy), or without GO111MODULE=off
+// after `go mod tidy` where a proxy is reachable:
 //
-//	go run ./example -target localhost:50051 "what is the capital of China?" "Beijing" "The weather is nice today"
+//	GO111MODULE=off go run ./example -target localhost:50051 "what is the capital of China?" "Beijing" "The weather is nice today"
 //
 // -token sends a bearer token, -ca turns on TLS with that CA (-cert and -key add a client certificate).
 package main

@@ -18,6 +18,7 @@ import (
 	"io"
 	"math/rand"
 	"os"
+	"sync"
 	"time"
 	"unicode/utf8"
 
@@ -142,8 +143,9 @@ func checkToken(token string) error {
 }
 
 // New connects lazily to target: `host:port`, or `dns:///rerank.ns.svc.cluster.local:50051` to spread
-// calls round-robin over every address the name resolves to (a headless Service's pods). A token (WithToken)
-// with a character a gRPC header cannot carry is an error here.
+// calls round-robin over every address the name resolves to (a headless Service's pods). Its errors are
+// plain errors, not *Error: a token (WithToken) with a character a gRPC header cannot carry, or dial
+// options grpc-go refuses.
 func New(target string, options ...ClientOption) (*Client, error) {
 	config := clientConfig{timeout: DefaultTimeout, retries: DefaultRetries, maxMessageBytes: DefaultMaxMessageBytes}
 	for _, option := range options {
@@ -172,7 +174,8 @@ func New(target string, options ...ClientOption) (*Client, error) {
 	}
 	conn, err := grpc.Dial(target, append(dialOptions, config.dialOptions...)...)
 	if err != nil {
-		return nil, FromError(err)
+		// A local mistake (dial options grpc-go refuses), not a call's failure: no *Error, no gRPC code.
+		return nil, fmt.Errorf("rerank: %w", err)
 	}
 	return &Client{conn: conn, stub: rerankv1.NewRerankServiceClient(conn), timeout: config.timeout, retries: config.retries}, nil
 }
@@ -395,14 +398,27 @@ func call[T any](ctx context.Context, c *Client, invoke func(context.Context) (T
 	}
 }
 
-// Backoff is the pause before retry number `retry` (1, 2, ...): a random time between half and all of
-// min(100 ms * 2^(retry-1), 2 s).
+// The jitter's own source, seeded per process: before Go 1.20 the global one starts from seed 1 in every
+// process, and clients restarted together would retry in lockstep. A *rand.Rand is not safe for concurrent use.
+var (
+	jitterMu sync.Mutex
+	jitter   = rand.New(rand.NewSource(time.Now().UnixNano()))
+)
+
+// Backoff is the pause before retry number `retry` (1, 2, ...; below 1 counts as 1): a random time between
+// half and all of min(100 ms * 2^(retry-1), 2 s).
 func Backoff(retry int) time.Duration {
-	ceiling := initialBackoff << (retry - 1)
-	if ceiling > maxBackoff || ceiling <= 0 {
+	// Doubled step by step, not shifted: no overflow for a large retry, no negative shift below 1.
+	ceiling := initialBackoff
+	for i := 1; i < retry && ceiling < maxBackoff; i++ {
+		ceiling *= 2
+	}
+	if ceiling > maxBackoff {
 		ceiling = maxBackoff
 	}
-	return ceiling/2 + time.Duration(rand.Int63n(int64(ceiling/2)+1))
+	jitterMu.Lock()
+	defer jitterMu.Unlock()
+	return ceiling/2 + time.Duration(jitter.Int63n(int64(ceiling/2)+1))
 }
 
 // Stream is one RerankStream: Send independent requests (see StreamRequest), CloseSend when done, and Recv

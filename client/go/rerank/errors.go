@@ -52,6 +52,8 @@ type Error struct {
 	Code            codes.Code
 	Details         string
 	FieldViolations []*rerankv1.FieldViolation
+	// The status the call returned, details included; nil for an Error made here.
+	status *status.Status
 }
 
 func (e *Error) Error() string {
@@ -71,9 +73,26 @@ func (e *Error) Is(target error) bool {
 	return target == e.Kind()
 }
 
-// GRPCStatus lets status.Code(err) and status.FromError(err) see the original code and message.
+// GRPCStatus lets status.Code(err) and status.FromError(err) see the status the call returned, its
+// details (the google.rpc.BadRequest) included. For an Error made otherwise (a refused argument, a stream
+// message's error) it is built from the fields, the field violations as a google.rpc.BadRequest.
 func (e *Error) GRPCStatus() *status.Status {
-	return status.New(e.Code, e.Details)
+	if e.status != nil && e.status.Code() == e.Code && e.status.Message() == e.Details {
+		return e.status
+	}
+	st := status.New(e.Code, e.Details)
+	if len(e.FieldViolations) == 0 {
+		return st
+	}
+	badRequest := &errdetails.BadRequest{}
+	for _, v := range e.FieldViolations {
+		badRequest.FieldViolations = append(badRequest.FieldViolations,
+			&errdetails.BadRequest_FieldViolation{Field: v.GetField(), Description: v.GetDescription()})
+	}
+	if withDetails, err := st.WithDetails(badRequest); err == nil {
+		return withDetails
+	}
+	return st
 }
 
 // statusName is the code's name as gRPC spells it everywhere else ("INVALID_ARGUMENT"); grpc-go's
@@ -127,7 +146,7 @@ func FromError(err error) error {
 			}
 		}
 	}
-	return &Error{Code: st.Code(), Details: st.Message(), FieldViolations: violations}
+	return &Error{Code: st.Code(), Details: st.Message(), FieldViolations: violations, status: st}
 }
 
 // FromStreamError is the *Error a failed RerankStream message stands for (what the unary call would have

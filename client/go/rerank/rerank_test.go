@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand"
 	"net"
 	"os"
 	"strings"
@@ -21,6 +22,7 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -299,6 +301,9 @@ func TestInvalidArgumentCarriesTheFieldViolations(t *testing.T) {
 		failed.FieldViolations[0].GetDescription() == "" {
 		t.Fatalf("violations: %v", failed.FieldViolations)
 	}
+	if fields := badRequestFields(t, err); fields != "query" {
+		t.Fatalf("status.FromError(err).Details(): %q", fields)
+	}
 
 	_, err = client.Score(context.Background(), nil, rerank.MaxLength(100000))
 	failed = expectKind(t, err, rerank.ErrInvalidRequest, codes.InvalidArgument)
@@ -309,6 +314,25 @@ func TestInvalidArgumentCarriesTheFieldViolations(t *testing.T) {
 	if !found {
 		t.Fatalf("no violation of pairs: %v", failed.FieldViolations)
 	}
+}
+
+// badRequestFields is the fields of the google.rpc.BadRequest that status.FromError(err) carries, as
+// generic gRPC code reads them.
+func badRequestFields(t *testing.T, err error) string {
+	t.Helper()
+	st, ok := status.FromError(err)
+	if !ok {
+		t.Fatalf("no status: %v", err)
+	}
+	var fields []string
+	for _, detail := range st.Details() {
+		if badRequest, ok := detail.(*errdetails.BadRequest); ok {
+			for _, v := range badRequest.GetFieldViolations() {
+				fields = append(fields, v.GetField())
+			}
+		}
+	}
+	return strings.Join(fields, " ")
 }
 
 // refusedField is the one field an ErrInvalidRequest names.
@@ -337,6 +361,9 @@ func TestTextThatIsNotUTF8IsTheCallersInvalidRequest(t *testing.T) {
 	} {
 		if field := refusedField(t, refused.err); field != refused.field {
 			t.Fatalf("want %s, got %s", refused.field, field)
+		}
+		if fields := badRequestFields(t, refused.err); fields != refused.field {
+			t.Fatalf("status.FromError(err).Details(): want %s, got %q", refused.field, fields)
 		}
 	}
 }
@@ -614,12 +641,36 @@ func TestRetriesOnUnavailable(t *testing.T) {
 
 func TestBackoff(t *testing.T) {
 	for retry, ceiling := range map[int]time.Duration{
-		1: 100 * time.Millisecond, 2: 200 * time.Millisecond, 5: 1600 * time.Millisecond, 6: 2 * time.Second, 40: 2 * time.Second,
+		-3: 100 * time.Millisecond, 0: 100 * time.Millisecond, 1: 100 * time.Millisecond, 2: 200 * time.Millisecond,
+		5: 1600 * time.Millisecond, 6: 2 * time.Second, 40: 2 * time.Second, 70: 2 * time.Second, 1 << 40: 2 * time.Second,
 	} {
 		for i := 0; i < 50; i++ {
 			if pause := rerank.Backoff(retry); pause < ceiling/2 || pause > ceiling {
 				t.Fatalf("retry %d: %v outside [%v, %v]", retry, pause, ceiling/2, ceiling)
 			}
+		}
+	}
+}
+
+func TestBackoffIsJitteredDifferentlyInEachProcess(t *testing.T) {
+	first, second := rerank.Backoff(6), rerank.Backoff(6)
+	if first == second {
+		t.Fatalf("two pauses of %v: no jitter", first)
+	}
+	// Every process draws the same stream from math/rand's global source, seeded with 1 before Go 1.20:
+	// the pauses must not be a run of it (wherever earlier tests left the source).
+	var pauses []time.Duration
+	for i := 0; i < 5; i++ {
+		pauses = append(pauses, rerank.Backoff(6))
+	}
+	seeded := rand.New(rand.NewSource(1))
+	var stream []time.Duration
+	for i := 0; i < 20000; i++ {
+		stream = append(stream, time.Second+time.Duration(seeded.Int63()%(int64(time.Second)+1)))
+	}
+	for start := 0; start+len(pauses) <= len(stream); start++ {
+		if fmt.Sprint(stream[start:start+len(pauses)]) == fmt.Sprint(pauses) {
+			t.Fatalf("the pauses are math/rand's seed-1 draws %d to %d: processes would retry in lockstep", start, start+len(pauses))
 		}
 	}
 }
@@ -701,6 +752,26 @@ func TestPriorityPassesThroughAndLeavesTheScoresAsTheyAre(t *testing.T) {
 	answers := closeAndReceive(t, stream)
 	if len(answers) != 1 || answers[0].GetError() != nil || ranked(answers[0].GetResponse()) != ranked(first) {
 		t.Fatalf("stream: %v", answers)
+	}
+}
+
+// needsTLS is per-RPC credentials that grpc-go refuses on a plaintext connection.
+type needsTLS struct{}
+
+func (needsTLS) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	return nil, nil
+}
+func (needsTLS) RequireTransportSecurity() bool { return true }
+
+func TestNewReturnsALocalDialErrorAsItIs(t *testing.T) {
+	client, err := rerank.New("127.0.0.1:1", rerank.WithDialOptions(grpc.WithPerRPCCredentials(needsTLS{})))
+	if err == nil {
+		client.Close()
+		t.Fatal("accepted")
+	}
+	var rerankError *rerank.Error
+	if errors.As(err, &rerankError) || !strings.HasPrefix(err.Error(), "rerank: ") {
+		t.Fatalf("%T: %v", err, err)
 	}
 }
 

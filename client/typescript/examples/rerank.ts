@@ -15,7 +15,8 @@ import {
 } from "@rerank-service/client";
 
 const [target, query, ...documents] = process.argv.slice(2);
-if (!target || !query || documents.length === 0) {
+// An empty query is the server's to refuse: it shows how an InvalidRequestError reads.
+if (!target || query === undefined || documents.length === 0) {
   console.error("usage: rerank.js HOST:PORT QUERY DOCUMENT...");
   process.exit(2);
 }

@@ -14,11 +14,13 @@ import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-no
 import {
   CancelledError,
   fromConnectError,
+  InvalidRequestError,
   type RerankError,
   RerankTimeoutError,
   UnavailableError,
 } from "./errors.js";
 import {
+  FieldViolationSchema,
   type GetModelInfoResponse,
   type ListModelsResponse,
   type RerankRequest,
@@ -73,36 +75,46 @@ export function truncationValue(truncation: TruncationArg | undefined): Truncati
 
 /** A call's own deadline (null: none; undefined: the client's) and an AbortSignal that cancels it. */
 export interface CallSettings {
-  timeoutMs?: number | null;
-  signal?: AbortSignal;
+  timeoutMs?: number | null | undefined;
+  signal?: AbortSignal | undefined;
 }
 
 /**
  * What Rerank and Score requests share. The names are the request fields' own, and they pass through to
- * the request as they are: a field added to both messages is one line here.
+ * the request as they are: a field added to both messages is one line here. Every optional field takes
+ * undefined too (unset), so that `model: process.env.RERANK_MODEL` type-checks under exactOptionalPropertyTypes.
  */
 export interface RequestOptions {
   /** What to do with pairs longer than maxLength (default: "end"). */
-  truncation?: TruncationArg;
+  truncation?: TruncationArg | undefined;
   /** Tokens per pair, special tokens included; 0 or unset: the model's limit. */
-  maxLength?: number;
+  maxLength?: number | undefined;
   /** Tokens shared by consecutive windows with "chunk" truncation; unset: the server's default. */
-  chunkOverlap?: number;
+  chunkOverlap?: number | undefined;
   /** The served model to use (its name, as listModels lists it); unset: the server's default. */
-  model?: string;
+  model?: string | undefined;
   /**
    * Lower is handled first; 0 or unset (the default) first of all. Above 0 (background work such as
    * re-indexing) the call is refused first under load and queued behind calls at 0. An integer from 0 to
-   * 2^32 - 1.
+   * 2^32 - 1; another value is an InvalidRequestError before anything is sent.
    */
-  priority?: number;
+  priority?: number | undefined;
 }
 
 export interface RerankOptions extends RequestOptions {
   /** How many of the best results to return; 0 or unset: all of them, best first. */
-  topN?: number;
+  topN?: number | undefined;
   /** Echo each result's document. */
-  returnDocuments?: boolean;
+  returnDocuments?: boolean | undefined;
+}
+
+/**
+ * The caller's InvalidRequestError naming `field`, thrown before anything is sent: what the server
+ * answers for a request it refuses, and what the Python SDK raises for these arguments.
+ */
+function refused(field: string, description: string): InvalidRequestError {
+  const violation = create(FieldViolationSchema, { field, description });
+  return new InvalidRequestError(Code.InvalidArgument, `${field}: ${description}`, [violation]);
 }
 
 // A UTF-16 surrogate that is not half of a pair (with the u flag, pairs match as one code point).
@@ -114,17 +126,18 @@ const LONE_SURROGATE = /\p{Surrogate}/u;
  */
 function checkText(field: string, text: string | undefined): void {
   if (text !== undefined && LONE_SURROGATE.test(text)) {
-    throw new TypeError(`${field} is not well-formed Unicode: it holds a lone surrogate, which UTF-8 cannot carry`);
+    throw refused(field, "holds a lone surrogate, which UTF-8 cannot carry");
   }
 }
 
 /** The most a uint32 field (the requests' priority) holds. */
 const UINT32_MAX = 2 ** 32 - 1;
 
-/** Refuse a priority the request's uint32 field cannot hold (negative, fractional, too large): a RangeError. */
+/** Refuse a priority the request's uint32 field cannot hold (negative, fractional, too large, not a number). */
 function checkPriority(field: string, priority: number | undefined): void {
   if (priority !== undefined && !(Number.isInteger(priority) && priority >= 0 && priority <= UINT32_MAX)) {
-    throw new RangeError(`${field} must be an integer from 0 to ${UINT32_MAX}; got ${String(priority)}`);
+    const shown = typeof priority === "string" ? JSON.stringify(priority) : String(priority);
+    throw refused(field, `must be an integer from 0 to ${UINT32_MAX}, got ${shown}`);
   }
 }
 
@@ -154,7 +167,7 @@ function checkStreamRequest(message: { id?: string; request?: RerankRequestText 
 
 /**
  * The RerankRequest for these arguments. Validation of the values is the server's job, but for text UTF-8
- * cannot carry (a TypeError) and a priority its field cannot hold (a RangeError).
+ * cannot carry and a priority its field cannot hold (an InvalidRequestError naming the field).
  */
 export function buildRerankRequest(query: string, documents: readonly string[], options: RerankOptions = {}): RerankRequest {
   if (typeof documents === "string") {
@@ -181,8 +194,9 @@ export function buildScoreRequest(pairs: Iterable<readonly [string, string]>, op
   const request = create(ScoreRequestSchema, {
     ...fields,
     pairs: Array.from(pairs, ([textA, textB], i) => {
-      checkText(`pairs[${i}].textA`, textA);
-      checkText(`pairs[${i}].textB`, textB);
+      // The wire names, as the server's field violations and the other SDKs give them.
+      checkText(`pairs[${i}].text_a`, textA);
+      checkText(`pairs[${i}].text_b`, textB);
       return create(TextPairSchema, { textA, textB });
     }),
     truncation: truncationValue(truncation),
@@ -204,16 +218,16 @@ export function streamRequest(
 
 /** PEM files for TLS: the CA to trust (default: Node's), and for mTLS the client's chain and key. */
 export interface TlsFiles {
-  rootCertificates?: string;
-  certificateChain?: string;
-  privateKey?: string;
+  rootCertificates?: string | undefined;
+  certificateChain?: string | undefined;
+  privateKey?: string | undefined;
 }
 
 /** TLS credentials, the PEM contents themselves. */
 export interface TlsCredentials {
-  ca?: Buffer;
-  cert?: Buffer;
-  key?: Buffer;
+  ca?: Buffer | undefined;
+  cert?: Buffer | undefined;
+  key?: Buffer | undefined;
 }
 
 /** TLS credentials from PEM files (see TlsFiles). */
@@ -222,22 +236,27 @@ export function tlsCredentials(files: TlsFiles = {}): TlsCredentials {
   return { ca: read(files.rootCertificates), cert: read(files.certificateChain), key: read(files.privateKey) };
 }
 
+/**
+ * The client's settings. Every field takes undefined too (the default), so that settings read from the
+ * environment (`token: process.env.RERANK_TOKEN`) type-check under exactOptionalPropertyTypes.
+ */
 export interface ClientOptions {
   /** The default deadline of every call in ms (null: none); for rerankStream, of the whole stream. */
-  timeoutMs?: number | null;
-  /** Turns on TLS (see tlsCredentials). */
-  credentials?: TlsCredentials;
+  timeoutMs?: number | null | undefined;
+  /** Turns on TLS (see tlsCredentials); the target must not be an http:// URL then. */
+  credentials?: TlsCredentials | undefined;
   /**
-   * Sent as `authorization: Bearer <token>` with every call. Visible ASCII and spaces only (what a gRPC
-   * header value holds): the constructor throws a TypeError for another character.
+   * Sent as `authorization: Bearer <token>` with every call, over plaintext too (as the other SDKs do: use
+   * TLS anywhere but a trusted network). Visible ASCII and spaces only (what a gRPC header value holds):
+   * the constructor throws a TypeError for another character. "" or undefined: none.
    */
-  token?: string;
+  token?: string | undefined;
   /** How often rerank, score, modelInfo and listModels are retried, with backoff, on UNAVAILABLE; at most 4. */
-  retries?: number;
+  retries?: number | undefined;
   /** The largest message sent or received. */
-  maxMessageBytes?: number;
+  maxMessageBytes?: number | undefined;
   /** More interceptors (logging, tracing, ...), after the SDK's own. */
-  interceptors?: Interceptor[];
+  interceptors?: Interceptor[] | undefined;
 }
 
 // What a gRPC (HTTP/2) metadata value may not hold: anything but visible ASCII and the space.
@@ -255,6 +274,59 @@ function checkToken(token: string | undefined): void {
       `token: the character at position ${position} cannot be sent in a gRPC header (only visible ASCII and spaces can)`,
     );
   }
+}
+
+// gRPC name schemes (https://github.com/grpc/grpc/blob/master/doc/naming.md): those naming one address
+// map to it; the others need a resolver or a socket this transport does not have.
+const ONE_ADDRESS_SCHEMES = new Set(["dns", "ipv4", "ipv6", "passthrough"]);
+const OTHER_GRPC_SCHEMES = new Set(["unix", "unix-abstract", "vsock", "xds", "google-c2p"]);
+const TARGET_HELP = "use host:port, dns:///host:port, ipv4:address:port, ipv6:[address]:port or an http(s):// URL";
+
+/**
+ * The base URL of the transport for `target`: `host:port`; an `http://` or `https://` URL; or a gRPC
+ * name for one address, `dns:///host:port` (or `dns:host:port`), `ipv4:address:port`,
+ * `ipv6:[address]:port`, which connect to host:port. Anything else is a TypeError here rather than a
+ * failure of every call: another gRPC scheme (`unix:`, `xds:`), a DNS server (`dns://server/...`),
+ * several addresses, TLS credentials with an http:// URL (they would be ignored, and the token sent in clear).
+ */
+function baseUrlFor(target: string, tls: boolean): string {
+  const refuse = (why: string): never => {
+    throw new TypeError(`target ${JSON.stringify(target)}: ${why}`);
+  };
+  const checked = (base: string): string => {
+    try {
+      new URL(base);
+    } catch (error) {
+      throw new TypeError(`target ${JSON.stringify(target)} is not an address: ${TARGET_HELP}`, { cause: error });
+    }
+    return base;
+  };
+  const url = /^([a-z][a-z0-9+.-]*):\/\//i.exec(target);
+  const scheme = (url ?? /^([a-z][a-z0-9+.-]*):/i.exec(target))?.[1]?.toLowerCase();
+  if (scheme === "http" || scheme === "https") {
+    if (tls && scheme === "http") {
+      refuse("credentials given but the target is http://, which would send in plaintext; use https:// or host:port");
+    }
+    return checked(target);
+  }
+  let address = target;
+  if (scheme !== undefined && ONE_ADDRESS_SCHEMES.has(scheme)) {
+    let name = target.slice(scheme.length + 1);
+    if (name.startsWith("//")) {
+      const slash = name.indexOf("/", 2);
+      if (slash !== 2) {
+        refuse(`a ${scheme} authority (a DNS server) is not supported; ${TARGET_HELP}`);
+      }
+      name = name.slice(slash + 1);
+    }
+    if (name === "" || name.includes(",")) {
+      refuse(`one address is needed; ${TARGET_HELP}`);
+    }
+    address = scheme === "ipv6" && !name.startsWith("[") ? `[${name}]` : name;
+  } else if (url !== null || (scheme !== undefined && OTHER_GRPC_SCHEMES.has(scheme))) {
+    refuse(`the ${scheme}: scheme is not supported by this SDK's transport; ${TARGET_HELP}`);
+  }
+  return checked(`${tls ? "https" : "http"}://${address}`);
 }
 
 /**
@@ -301,8 +373,10 @@ function nodeErrorCode(reason: unknown): string | undefined {
 }
 
 /**
- * A client of one rerank service. `target` is `host:port` (or a base URL, `https://host:port`); calls
- * share one HTTP/2 connection, opened on the first call. Call close() when done.
+ * A client of one rerank service. `target` is `host:port`, a base URL (`https://host:port`) or a gRPC
+ * name for one address (`dns:///host:port`, `ipv4:address:port`, `ipv6:[address]:port`); the constructor
+ * throws a TypeError for another. Calls share one HTTP/2 connection, opened on the first call. Call
+ * close() when done.
  */
 export class RerankClient {
   readonly target: string;
@@ -316,13 +390,13 @@ export class RerankClient {
 
   constructor(target: string, options: ClientOptions = {}) {
     checkToken(options.token);
+    const tls = options.credentials;
+    const baseUrl = baseUrlFor(target, tls !== undefined);
     this.target = target;
     this.timeoutMs = options.timeoutMs === undefined ? DEFAULT_TIMEOUT_MS : options.timeoutMs;
     this.retries = options.retries ?? DEFAULT_RETRIES;
     // Every call pausing between retries listens to it: no cap on listeners (each is removed after its pause).
     setMaxListeners(0, this.closing.signal);
-    const tls = options.credentials;
-    const baseUrl = target.includes("://") ? target : `${tls ? "https" : "http"}://${target}`;
     const maxBytes = options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
     // Keepalive: find dead connections (a replica gone without a FIN) within ~40 s, idle or not.
     this.session = new Http2SessionManager(
@@ -385,8 +459,8 @@ export class RerankClient {
    * Send independent rerank requests (see streamRequest); answers come as they complete. A failed
    * message is answered with `outcome.case === "error"` (fromStreamError turns it into the error the
    * unary call would have thrown); a failure of the stream itself throws. An error of `requests`, or a
-   * message with text UTF-8 cannot carry (a TypeError naming it: "requests[3].request.query"), ends the
-   * stream and is what the iteration throws. Streams are not retried.
+   * message the SDK refuses (an InvalidRequestError naming the field: "requests[3].request.query"), ends
+   * the stream and is what the iteration throws. Streams are not retried.
    */
   async *rerankStream(
     requests: Iterable<RerankStreamRequest> | AsyncIterable<RerankStreamRequest>,

@@ -403,16 +403,36 @@ test("a closed client refuses calls; `using` closes it", async () => {
   assert.ok(error instanceof CancelledError && error.code === Code.Canceled, String(error));
 });
 
-test("request building refuses a bare string and an unknown truncation name", () => {
+/**
+ * A check for assert.throws/rejects: the caller's InvalidRequestError (INVALID_ARGUMENT) with one field
+ * violation naming `field`, its description matching `description`, as the Python SDK raises it.
+ */
+function refusedField(field: string, description: RegExp = /lone surrogate/) {
+  return (error: unknown) => {
+    assert.ok(error instanceof InvalidRequestError, `${field}: ${String(error)}`);
+    assert.equal(error.code, Code.InvalidArgument);
+    assert.deepEqual(
+      error.fieldViolations.map((v) => v.field),
+      [field],
+    );
+    assert.match(error.fieldViolations[0]!.description, description);
+    assert.equal(error.message, `INVALID_ARGUMENT: ${field}: ${error.fieldViolations[0]!.description}`);
+    return true;
+  };
+}
+
+const LONE_SURROGATE = /^holds a lone surrogate, which UTF-8 cannot carry$/;
+
+test("request building refuses a bare string, an unknown truncation name and text UTF-8 cannot carry", () => {
   assert.throws(() => buildRerankRequest("q", "not an array" as unknown as string[]), TypeError);
   assert.throws(() => truncationValue("middle" as "end"), RangeError);
   // A lone surrogate would travel as U+FFFD: another text (or model, or id) than the caller's.
-  assert.throws(() => buildRerankRequest("q", ["fine", "lone \ud800"]), /documents\[1\] is not well-formed/);
-  assert.throws(() => buildRerankRequest("\udc00", ["a"]), /query is not well-formed/);
-  assert.throws(() => buildScoreRequest([["q", "\ud800"]]), /pairs\[0\]\.textB is not well-formed/);
-  assert.throws(() => buildRerankRequest("q", ["a"], { model: "m\ud800" }), { name: "TypeError", message: /^model is not well-formed/ });
-  assert.throws(() => buildScoreRequest([["q", "d"]], { model: "\udc00" }), { name: "TypeError", message: /^model is not well-formed/ });
-  assert.throws(() => streamRequest("\ud800", "q", ["a"]), { name: "TypeError", message: /^id is not well-formed/ });
+  assert.throws(() => buildRerankRequest("q", ["fine", "lone \ud800"]), refusedField("documents[1]", LONE_SURROGATE));
+  assert.throws(() => buildRerankRequest("\udc00", ["a"]), refusedField("query"));
+  assert.throws(() => buildScoreRequest([["q", "\ud800"]]), refusedField("pairs[0].text_b"));
+  assert.throws(() => buildRerankRequest("q", ["a"], { model: "m\ud800" }), refusedField("model"));
+  assert.throws(() => buildScoreRequest([["q", "d"]], { model: "\udc00" }), refusedField("model"));
+  assert.throws(() => streamRequest("\ud800", "q", ["a"]), refusedField("id"));
   assert.equal(buildRerankRequest("q", ["emoji 🚀 paired"]).documents[0], "emoji 🚀 paired");
   const request = buildRerankRequest("q", ["a", "b"], { topN: 1, truncation: "chunk", chunkOverlap: 0 });
   assert.equal(request.topN, 1);
@@ -422,22 +442,29 @@ test("request building refuses a bare string and an unknown truncation name", ()
 
 // -- priority and the token ------------------------------------------------------------------------------
 
-test("priority: passed through; one the uint32 field cannot hold is a RangeError before sending", async () => {
+test("priority: passed through; one the uint32 field cannot hold is an InvalidRequestError before sending", async () => {
   assert.equal(buildRerankRequest("q", ["a"]).priority, 0);
   assert.equal(buildRerankRequest("q", ["a"], { priority: 3 }).priority, 3);
   assert.equal(buildScoreRequest([["q", "d"]], { priority: 2 ** 32 - 1 }).priority, 2 ** 32 - 1);
   assert.equal(streamRequest("s", "q", ["a"], { priority: 5 }).request?.priority, 5);
-  for (const bad of [-1, 1.5, 2 ** 32, Number.NaN, Number.POSITIVE_INFINITY, "1" as unknown as number]) {
-    const refused = { name: "RangeError", message: /^priority must be an integer from 0 to 4294967295/ };
+  for (const [bad, shown] of [
+    [-1, "-1"],
+    [1.5, "1.5"],
+    [2 ** 32, "4294967296"],
+    [Number.NaN, "NaN"],
+    [Number.POSITIVE_INFINITY, "Infinity"],
+    ["1" as unknown as number, '"1"'],
+  ] as const) {
+    const refused = refusedField("priority", new RegExp(`^must be an integer from 0 to 4294967295, got ${shown}$`));
     assert.throws(() => buildRerankRequest("q", ["a"], { priority: bad }), refused, String(bad));
     assert.throws(() => buildScoreRequest([["q", "d"]], { priority: bad }), refused, String(bad));
     assert.throws(() => streamRequest("s", "q", ["a"], { priority: bad }), refused, String(bad));
   }
   // Refused before sending: nothing listens at this target, and a call would be UnavailableError.
   const offline = client("127.0.0.1:1", { retries: 0 });
-  await assert.rejects(offline.rerank("q", ["a"], { priority: -1 }), { name: "RangeError", message: /^priority must/ });
-  await assert.rejects(offline.score([["q", "d"]], { priority: 0.5 }), { name: "RangeError", message: /^priority must/ });
-  // A stream message built unchecked (as create() would build it) ends the stream with the RangeError naming it.
+  await assert.rejects(offline.rerank("q", ["a"], { priority: -1 }), refusedField("priority", /got -1$/));
+  await assert.rejects(offline.score([["q", "d"]], { priority: 0.5 }), refusedField("priority", /got 0\.5$/));
+  // A stream message built unchecked (as create() would build it) ends the stream with the error naming it.
   const bad = streamRequest("b", "q", ["d"]);
   bad.request!.priority = -2;
   await assert.rejects(
@@ -446,7 +473,7 @@ test("priority: passed through; one the uint32 field cannot hold is a RangeError
         // the first message's answer may come
       }
     },
-    { name: "RangeError", message: /^requests\[1\]\.request\.priority must be an integer/ },
+    refusedField("requests[1].request.priority", /^must be an integer/),
   );
 
   // Against the server: a background call (above 0) is answered as one at 0.
@@ -495,11 +522,12 @@ test("rerank, score, modelInfo and listModels reject their promise on a refused 
   const closed = new RerankClient(TARGET);
   closed.close();
   const calls: [string, () => Promise<unknown>, new (...args: never[]) => Error, RegExp][] = [
-    ["rerank, a lone surrogate", () => sdk.rerank("\ud800", ["x"]), TypeError, /^query is not well-formed/],
-    ["score, a lone surrogate", () => sdk.score([["\ud800", "x"]]), TypeError, /^pairs\[0\]\.textA is not well-formed/],
-    ["rerank, the model", () => sdk.rerank("q", ["x"], { model: "m\udc00" }), TypeError, /^model is not well-formed/],
-    ["score, the model", () => sdk.score([["q", "x"]], { model: "\ud800" }), TypeError, /^model is not well-formed/],
-    ["modelInfo, the model", () => sdk.modelInfo({ model: "\ud800" }), TypeError, /^model is not well-formed/],
+    ["rerank, a lone surrogate", () => sdk.rerank("\ud800", ["x"]), InvalidRequestError, /^INVALID_ARGUMENT: query: holds a lone/],
+    ["score, a lone surrogate", () => sdk.score([["\ud800", "x"]]), InvalidRequestError, /: pairs\[0\]\.text_a: holds/],
+    ["rerank, the model", () => sdk.rerank("q", ["x"], { model: "m\udc00" }), InvalidRequestError, /: model: holds/],
+    ["score, the model", () => sdk.score([["q", "x"]], { model: "\ud800" }), InvalidRequestError, /: model: holds/],
+    ["modelInfo, the model", () => sdk.modelInfo({ model: "\ud800" }), InvalidRequestError, /: model: holds/],
+    ["rerank, a priority", () => sdk.rerank("q", ["x"], { priority: -1 }), InvalidRequestError, /: priority: must be/],
     ["rerank, a bare string", () => sdk.rerank("q", "x" as unknown as string[]), TypeError, /single string/],
     ["score, no pairs", () => sdk.score(undefined as unknown as [string, string][]), TypeError, /./],
     ["rerank, a truncation", () => sdk.rerank("q", ["x"], { truncation: "middle" as "end" }), RangeError, /truncation/],
@@ -522,7 +550,7 @@ test("rerank, score, modelInfo and listModels reject their promise on a refused 
   }
 });
 
-test("rerankStream: a message with a lone surrogate fails the iteration with a TypeError naming it", async () => {
+test("rerankStream: a message with a lone surrogate fails the iteration with an InvalidRequestError naming it", async () => {
   const sdk = client();
   for (const [spoil, field] of [
     [(m: RerankStreamRequest) => (m.request!.documents[1] = "lone \ud800"), "requests[1].request.documents[1]"],
@@ -538,11 +566,7 @@ test("rerankStream: a message with a lone surrogate fails the iteration with a T
         answers.push(answer.id);
       }
     };
-    await assert.rejects(iteration, (error: unknown) => {
-      assert.ok(error instanceof TypeError, `${field}: ${String(error)}`);
-      assert.ok(error.message.startsWith(`${field} is not well-formed`), error.message);
-      return true;
-    });
+    await assert.rejects(iteration, refusedField(field));
     assert.ok(!answers.includes("b") && !answers.includes("c"), answers.join());
   }
   // A message the caller's own iterable fails to build: its error, not the call's.
@@ -554,7 +578,49 @@ test("rerankStream: a message with a lone surrogate fails the iteration with a T
     for await (const _ of sdk.rerankStream(built())) {
       // answers to the messages before it may come
     }
-  }, { name: "TypeError", message: /^query is not well-formed/ });
+  }, refusedField("query"));
   // The client goes on.
   assert.equal((await sdk.rerank("q", ["d"])).results.length, 1);
+});
+
+// -- targets: host:port, URLs, and the gRPC names of one address ------------------------------------------
+
+test("a gRPC target for one address (dns:///, dns:, ipv4:) reaches the server; one the transport cannot use is a TypeError", async () => {
+  const [host, port] = [TARGET.slice(0, TARGET.lastIndexOf(":")), TARGET.slice(TARGET.lastIndexOf(":") + 1)];
+  assert.match(host, /^\d+\.\d+\.\d+\.\d+$/, "the plaintext frontend listens on an IPv4 address");
+  for (const target of [`dns:///${TARGET}`, `dns:${TARGET}`, `ipv4:${TARGET}`, `ipv4:///${TARGET}`, `http://${TARGET}`]) {
+    const sdk = client(target, { retries: 0 });
+    assert.equal(sdk.target, target);
+    assert.equal((await sdk.rerank("q", ["d"])).results.length, 1, target);
+  }
+  // Built, not called: nothing listens there.
+  for (const target of ["dns:///localhost:1", "ipv6:[::1]:1", "ipv6:::1", "passthrough:///localhost:1", "[::1]:1", "rerank.internal:50051"]) {
+    new RerankClient(target).close();
+  }
+  const credentials = tlsCredentials();
+  for (const [target, options, message] of [
+    ["unix:///tmp/rerank.sock", {}, /the unix: scheme is not supported/],
+    ["unix:rerank.sock", {}, /the unix: scheme is not supported/],
+    ["xds:///rerank", {}, /the xds: scheme is not supported/],
+    ["grpc://localhost:50051", {}, /the grpc: scheme is not supported/],
+    ["dns://8.8.8.8/localhost:50051", {}, /a dns authority \(a DNS server\) is not supported/],
+    [`dns://${TARGET}`, {}, /a dns authority/],
+    [`ipv4:${TARGET},127.0.0.1:${port}`, {}, /one address is needed/],
+    ["dns:///", {}, /one address is needed/],
+    ["local host:50051", {}, /is not an address/],
+    // TLS credentials with an http:// URL would be ignored, and the token sent in clear.
+    [`http://${TARGET}`, { credentials }, /credentials given but the target is http:\/\//],
+    [`http://${TARGET}`, { credentials, token: "s3cret" }, /credentials given but the target is http:\/\//],
+  ] as const) {
+    assert.throws(
+      () => new RerankClient(target, options),
+      (error: unknown) => {
+        assert.ok(error instanceof TypeError, `${target}: ${String(error)}`);
+        assert.ok(error.message.startsWith(`target ${JSON.stringify(target)}`), error.message);
+        assert.match(error.message, message);
+        assert.ok(!error.message.includes("s3cret"), error.message);
+        return true;
+      },
+    );
+  }
 });
