@@ -43,6 +43,10 @@ def scores_by_index(results: Iterable[Any]) -> dict[int, float]:
     return {r.index: r.score for r in results}
 
 
+# vLLM's switch to logits, under each of its names.
+ACTIVATION_OFF = ({"use_activation": False}, {"activation": False}, {"softmax": False})
+
+
 # -- vLLM ------------------------------------------------------------------------------------
 
 
@@ -68,11 +72,14 @@ def test_vllm_score_one_to_n_and_n_to_n(base_url: str, grpc: RerankClient, path:
     want = [s.score for s in grpc.score(pairs).scores]
     answer = httpx.post(url, json={"text_1": [a for a, _ in pairs], "text_2": [b for _, b in pairs]}).json()
     assert [d["score"] for d in answer["data"]] == pytest.approx(want, abs=1e-6)
-    # activation false (use_activation in newer vLLM): logits.
+    # use_activation false (or its older names, activation and softmax): logits.
     logits = {r.index: r.logit for r in grpc.rerank(QUERY, short).results}
-    for flag in ("activation", "use_activation"):
-        raw = httpx.post(url, json={"text_1": QUERY, "text_2": short, flag: False}).json()
+    for flags in ACTIVATION_OFF:
+        raw = httpx.post(url, json={"text_1": QUERY, "text_2": short, **flags}).json()
         assert [d["score"] for d in raw["data"]] == pytest.approx([logits[i] for i in range(3)], abs=1e-5)
+    # The first name set decides, in vLLM's order: softmax, activation, use_activation.
+    kept = httpx.post(url, json={"text_1": QUERY, "text_2": short, "softmax": True, "use_activation": False}).json()
+    assert [d["score"] for d in kept["data"]] == pytest.approx([expected[i] for i in range(3)], abs=1e-6)
 
 
 @pytest.mark.parametrize("path", VLLM)
@@ -93,6 +100,9 @@ def test_vllm_score_lengths_and_truncate_prompt_tokens(base_url: str, grpc: Rera
     too_many = httpx.post(url, json={"text_1": QUERY, "text_2": [long], "truncate_prompt_tokens": 100000})
     assert_shape(path, too_many, 400, "truncate_prompt_tokens", "512")
     assert_shape(path, httpx.post(url, json={"text_1": QUERY, "text_2": "a", "truncate_prompt_tokens": -2}), 400)
+    # Too small for any text: the error names the field the request set, not the core's max_length.
+    small = httpx.post(url, json={"text_1": QUERY, "text_2": "a", "truncate_prompt_tokens": 4})
+    assert "max_length" not in assert_shape(path, small, 400, "truncate_prompt_tokens 4 leaves no room")
 
 
 def test_vllm_rerank_body_on_the_tei_path(base_url: str, grpc: RerankClient) -> None:
@@ -108,6 +118,15 @@ def test_vllm_rerank_body_on_the_tei_path(base_url: str, grpc: RerankClient) -> 
     assert [r["document"]["text"] for r in got["results"]] == [DOCUMENTS[r.index] for r in expected[:2]]
     every = httpx.post(f"{base_url}{TEI}", json={**body, "top_n": 0, "return_documents": False}).json()
     assert len(every["results"]) == 3 and all("document" not in r for r in every["results"])
+    # use_activation false (or its older names): logits, best first as before.
+    for flags in ACTIVATION_OFF:
+        raw = httpx.post(f"{base_url}{TEI}", json={**body, **flags}).json()
+        assert [r["index"] for r in raw["results"]] == [r.index for r in expected[:2]]
+        assert [r["relevance_score"] for r in raw["results"]] == pytest.approx(
+            [r.logit for r in expected[:2]], abs=1e-5
+        )
+    small = httpx.post(f"{base_url}{TEI}", json={**body, "truncate_prompt_tokens": 4})
+    assert "max_length" not in assert_shape(TEI, small, 422, "truncate_prompt_tokens 4 leaves no room")
     # The TEI body on the same path keeps TEI's answer.
     tei = httpx.post(f"{base_url}{TEI}", json=good_body(TEI, DOCUMENTS[:3])).json()
     assert isinstance(tei, list) and {"index", "score"} == set(tei[0])
@@ -138,6 +157,11 @@ def test_tei_left_and_grpc_start_truncation_keep_the_texts_last_tokens(base_url:
     # gRPC's TRUNCATION_START is the same cut.
     start = {r.index: r.logit for r in grpc.rerank(QUERY, documents, truncation="start").results}
     assert start == pytest.approx(left_scores, abs=1e-6)
+    # TEI takes each direction lowercase too.
+    for direction, want in (("left", left_scores), ("right", right_scores)):
+        answer = httpx.post(url, json=good_body(TEI, documents, truncation_direction=direction, raw_scores=True))
+        assert answer.status_code == 200, answer.text
+        assert {r["index"]: r["score"] for r in answer.json()} == pytest.approx(want, abs=1e-6)
 
 
 def test_tei_info_fields_and_statuses(base_url: str) -> None:
@@ -145,14 +169,22 @@ def test_tei_info_fields_and_statuses(base_url: str) -> None:
     for field in ("max_concurrent_requests", "max_batch_requests", "auto_truncate", "sha", "docker_label"):
         assert field in info, field
     assert info["auto_truncate"] is True and info["max_concurrent_requests"] > 0
+    assert info["served_model_name"] == "reranker"  # the default model, named as requests name it
     url = f"{base_url}{TEI}"
-    # 413: TEI's validation errors. 422: a body it cannot read, a text the tokenizer cannot take.
-    assert_shape(TEI, httpx.post(url, json=good_body(TEI, ["a"] * 1001)), 413, "max_documents")
-    assert_shape(TEI, httpx.post(url, json=good_body(TEI, [DOCUMENTS[3]], truncate=False)), 413, "does not fit")
+
+    def error_type(response: httpx.Response, status: int, *fragments: str) -> str:
+        assert_shape(TEI, response, status, *fragments)
+        return str(response.json()["error_type"])
+
+    # 413: TEI's validation errors. 400: no texts. 422: a body it cannot read, a text the tokenizer cannot take.
+    assert error_type(httpx.post(url, json=good_body(TEI, ["a"] * 1001)), 413, "max_documents") == "Validation"
+    too_long = httpx.post(url, json=good_body(TEI, [DOCUMENTS[3]], truncate=False))
+    assert error_type(too_long, 413, "does not fit") == "Validation"
+    assert error_type(httpx.post(url, json={"query": "q", "texts": []}), 400, "texts") == "Empty"
     surrogate = b'{"query": "q", "texts": ["ok", "bad \\ud800 text"]}'
     response = httpx.post(url, content=surrogate, headers={"content-type": "application/json"})
-    assert_shape(TEI, response, 422, "texts[1]", "lone surrogate")
-    assert_shape(TEI, httpx.post(url, json={"query": "q"}), 422, "texts")
+    assert error_type(response, 422, "texts[1]", "lone surrogate") == "Tokenizer"
+    assert error_type(httpx.post(url, json={"query": "q"}), 422, "texts") == "Validation"
 
 
 # -- NIM ----------------------------------------------------------------------------------------
@@ -231,6 +263,14 @@ def test_vllm_rerank_body_on_the_v1_path(base_url: str, grpc: RerankClient) -> N
     assert answer["model"] and answer["usage"]["total_tokens"] > 0
     every = v1(base_url, {**body, "top_n": 0})  # vLLM's default: all of them
     assert len(every["results"]) == len(DOCUMENTS)
+    # use_activation false (or its older names): logits; a Cohere or Jina call that does not send it gets scores.
+    for flags in ACTIVATION_OFF:
+        raw = v1(base_url, {**body, **flags})
+        assert [r["relevance_score"] for r in raw["results"]] == pytest.approx([r.logit for r in expected], abs=1e-5)
+    full = grpc.rerank(QUERY, DOCUMENTS[:3]).results
+    for headers in (COHERE_SDK, None):
+        scored = v1(base_url, {"query": QUERY, "documents": DOCUMENTS[:3]}, headers)
+        assert [r["relevance_score"] for r in scored["results"]] == pytest.approx([r.score for r in full], abs=1e-6)
 
 
 def test_cohere_v2_priority_is_accepted(base_url: str) -> None:
@@ -238,6 +278,27 @@ def test_cohere_v2_priority_is_accepted(base_url: str) -> None:
     assert httpx.post(f"{base_url}/v2/rerank", json=body).status_code == 200
     refused = httpx.post(f"{base_url}/v2/rerank", json={**body, "priority": -1})
     assert refused.status_code == 400 and "priority" in refused.json()["message"]
+
+
+def test_cohere_v2_max_tokens_per_doc_cuts_each_document(base_url: str, grpc: RerankClient) -> None:
+    """Each document is cut to its first max_tokens_per_doc tokens, as Cohere does: the query does not count,
+    so a cap below the query's length is answered, and the model's limit still bounds the input."""
+    tokenizer = Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json"))
+    cap = 5
+    assert len(tokenizer.encode(QUERY, add_special_tokens=False).ids) > cap
+    documents = [DOCUMENTS[3], "rain"]  # about 900 tokens, and one token
+    ids = tokenizer.encode(documents[0], add_special_tokens=False).ids[:cap]
+    head = tokenizer.decode(ids)
+    assert tokenizer.encode(head, add_special_tokens=False).ids == ids
+    want = {r.index: r.score for r in grpc.rerank(QUERY, [head, documents[1]], truncation="none").results}
+    url = f"{base_url}/v2/rerank"
+    answer = httpx.post(url, json={"query": QUERY, "documents": documents, "max_tokens_per_doc": cap})
+    assert answer.status_code == 200, answer.text
+    assert {r["index"]: r["relevance_score"] for r in answer.json()["results"]} == pytest.approx(want, abs=1e-6)
+    # Past the model's limit the cap changes nothing: the document is cut to fit, as without it.
+    full = {r.index: r.score for r in grpc.rerank(QUERY, documents).results}
+    huge = httpx.post(url, json={"query": QUERY, "documents": documents, "max_tokens_per_doc": 4096}).json()
+    assert {r["index"]: r["relevance_score"] for r in huge["results"]} == pytest.approx(full, abs=1e-6)
 
 
 # -- priority (Cohere v2, vLLM, gRPC) ---------------------------------------------------------------------

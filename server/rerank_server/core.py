@@ -26,10 +26,12 @@ import numpy as np
 from rerank_server.admission import PrioritySlots, TokenAdmission
 from rerank_server.errors import (
     DeadlineExceededError,
+    EmptyInputError,
     InputLimitError,
     InvalidRequestError,
     LimitExceededError,
     OverloadedError,
+    UntokenizableTextError,
     field_error,
     too_many_documents,
 )
@@ -41,6 +43,7 @@ from rerank_server.settings import Settings
 from rerank_server.tokenization import (
     EncodeOptions,
     EncodingError,
+    InvalidTextError,
     PairTokenizer,
     PairTooLongError,
     QueryTooLongError,
@@ -91,6 +94,8 @@ class ScoreOptions:
     # call is background work: its model inputs wait in Triton's queue behind every call at 0
     # (triton_backend.priority_level), and it may hold only part of the admission budget (TokenAdmission).
     priority: int = 0
+    max_length_field: str = "max_length"  # the request field that set max_length, as its errors name it
+    max_document_tokens: int | None = None  # document tokens per model input, query not counted; None: no cap
 
     @property
     def background(self) -> bool:
@@ -264,7 +269,7 @@ class RerankCore:
         if not request.query.strip():
             raise field_error(InvalidRequestError, request.fields.query(0), "must not be empty")
         if not request.documents:
-            raise field_error(InvalidRequestError, request.fields.collection, "must hold at least one document")
+            raise field_error(EmptyInputError, request.fields.collection, "must hold at least one document")
         documents = request.documents
         self._check_count(len(documents), request.fields)
         scored = await self._score(
@@ -277,7 +282,7 @@ class RerankCore:
         """Score each (text_a, text_b) pair, in request order."""
         served = self.models.get(request.model)
         if not request.pairs:
-            raise field_error(InvalidRequestError, request.fields.collection, "must hold at least one pair")
+            raise field_error(EmptyInputError, request.fields.collection, "must hold at least one pair")
         self._check_count(len(request.pairs), request.fields)
         queries, documents = [a for a, _ in request.pairs], [b for _, b in request.pairs]
         scored = await self._score(served, queries, documents, request.options, request.fields, deadline)
@@ -299,6 +304,7 @@ class RerankCore:
             chunk_overlap=options.chunk_overlap,
             default_chunk_overlap=self.limits.default_chunk_overlap,
             max_windows=options.max_chunks,
+            max_document_tokens=options.max_document_tokens,
         )
 
     async def _score(
@@ -399,14 +405,17 @@ class RerankCore:
         except TimeoutError:
             raise DeadlineExceededError("the deadline passed during tokenization") from None
         except EncodingError as error:
-            raise _field_error(error, fields, original_index) from None
+            raise _field_error(error, fields, original_index, score_options) from None
         finally:
             stop.set()  # a cancelled or timed-out call's thread stops at its next check
             self._tokenizing -= 1
 
 
-def _field_error(error: EncodingError, fields: FieldNames, original_index: np.ndarray) -> Exception:
-    """The EncodingError of a de-duplicated pair, named by the request's own field and index."""
+def _field_error(
+    error: EncodingError, fields: FieldNames, original_index: np.ndarray, options: ScoreOptions
+) -> Exception:
+    """The EncodingError of a de-duplicated pair, named by the request's own field and index (and max_length by
+    the field that set it)."""
     index = None if error.index is None else int(original_index[error.index])
     if error.part == "total":
         return field_error(LimitExceededError, fields.collection, error.description)
@@ -417,5 +426,12 @@ def _field_error(error: EncodingError, fields: FieldNames, original_index: np.nd
     else:
         name = error.part
     description = error.description.replace(f"document {error.index} ", f"document {index} ", 1)
-    limit = isinstance(error, (QueryTooLongError, PairTooLongError))
-    return field_error(InputLimitError if limit else InvalidRequestError, name, description)
+    if options.max_length is not None:
+        name = options.max_length_field if name == "max_length" else name
+        description = description.replace("max_length", options.max_length_field)
+    cls: type[InvalidRequestError] = InvalidRequestError
+    if isinstance(error, (QueryTooLongError, PairTooLongError)):
+        cls = InputLimitError
+    elif isinstance(error, InvalidTextError):
+        cls = UntokenizableTextError
+    return field_error(cls, name, description)

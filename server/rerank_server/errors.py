@@ -53,7 +53,17 @@ class ModelNotFoundError(ServiceError):
 class InputLimitError(InvalidRequestError):
     """The request's input passes a size limit: too many documents, a query past max_query_tokens, a text
     that does not fit with truncation off. Invalid like any bad input (gRPC INVALID_ARGUMENT); TEI says
-    413 for these where it says 422 for other bad input."""
+    413 and NIM 400 for these where both say 422 for other bad input."""
+
+
+class EmptyInputError(InvalidRequestError):
+    """A list the request must fill holds nothing (no documents, no pairs). Invalid like any bad input; TEI
+    answers it apart (400, error_type Empty) from its other validation errors."""
+
+
+class UntokenizableTextError(InvalidRequestError):
+    """A text the tokenizer cannot take: one holding a lone surrogate (JSON's "\\ud800" escape), which no UTF-8
+    can carry. Invalid like any bad input; TEI answers it as a tokenizer error (error_type Tokenizer)."""
 
 
 def too_many_documents(field: str, limit: int, count: int | None = None) -> ServiceError:

@@ -59,6 +59,9 @@ class EncodeOptions:
     chunk_overlap: int | None = None  # None: default_chunk_overlap, capped at half a window
     default_chunk_overlap: int = 64
     max_windows: int | None = None  # CHUNK: the document's first max_windows windows; None: all
+    # Document tokens per model input, at most (Cohere's max_tokens_per_doc): the query does not count against
+    # it, max_length still bounds the whole input. None: what max_length leaves.
+    max_document_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -325,9 +328,7 @@ class PairTokenizer:
         try:
             query_prefixes = self.encode_prefixes(distinct, [query_limit] * len(distinct), should_stop)
         except InvalidTextError as error:
-            raise EncodingError(
-                "query", f"the query {error.description}", queries.index(distinct[error.text_index])
-            ) from None
+            raise error.named("query", "the query", queries.index(distinct[error.text_index])) from None
         for query, ids in zip(distinct, query_prefixes, strict=True):
             if len(ids) > query_limit:
                 # Only a prefix was encoded: the exact length of a 20 MB query is not worth its cost.
@@ -336,6 +337,8 @@ class PairTokenizer:
             query_ids[query] = ids
 
         rooms = [options.max_length - specials - len(query_ids[q]) for q in queries]
+        if options.max_document_tokens is not None:
+            rooms = [min(room, options.max_document_tokens) for room in rooms]
         # A window's size is known from max_length and the query: an overlap that leaves no stride
         # is refused whatever the documents' lengths (not only when one needs chunking).
         if options.truncation is Truncation.CHUNK and options.chunk_overlap is not None and rooms:
@@ -353,9 +356,7 @@ class PairTokenizer:
         try:
             document_ids = self.encode_prefixes(documents, needs, should_stop, options.truncation is Truncation.START)
         except InvalidTextError as error:
-            raise EncodingError(
-                "document", f"document {error.text_index} {error.description}", error.text_index
-            ) from None
+            raise error.named("document", f"document {error.text_index}", error.text_index) from None
 
         pieces: list[np.ndarray] = []
         lengths: list[int] = []
@@ -429,11 +430,18 @@ class PairTokenizer:
 class InvalidTextError(EncodingError):
     """A text holds a lone surrogate (JSON's "\\ud800" escape): no Unicode text, so no UTF-8, no tokens.
 
-    `part` is "text" and `index` the position among the texts encoded together: the caller names the field."""
+    From encode_prefixes `part` is "text" and `index` the position among the texts encoded together; encode
+    names it the query or the document of a pair (named)."""
 
-    def __init__(self, index: int, position: int) -> None:
-        super().__init__("text", f"is not valid Unicode: a lone surrogate at character {position}", index)
+    def __init__(self, index: int, position: int, part: str = "text", subject: str = "") -> None:
+        prefix = f"{subject} " if subject else ""
+        super().__init__(part, f"{prefix}is not valid Unicode: a lone surrogate at character {position}", index)
         self.text_index = index
+        self.position = position
+
+    def named(self, part: str, subject: str, index: int) -> InvalidTextError:
+        """The same error about the caller's `part` ("query", "document") of pair `index`, described as `subject`."""
+        return InvalidTextError(index, self.position, part, subject)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -11,9 +11,9 @@ How the knobs map onto the core:
   another name is refused with 404 naming the served ones, unless one model is served: then it answers
   whatever name the client sends (see ServedModels.for_client). Jina's `model` answer field names the
   checkpoint that scored.
-- v2 `max_tokens_per_doc` caps the tokens of each (query, document) input, query and special tokens
-  included (the core's max_length), clamped to the model's limit: a cap on the document alone would need
-  the query's length, which only the tokenizer knows. Cohere's default (4096) is the model's limit here.
+- v2 `max_tokens_per_doc` cuts each document to its first that many tokens, as Cohere does (the core's
+  max_document_tokens): the query does not count against it, and the model's limit still bounds the whole
+  input. Absent: no cap, documents are cut only to fit the model.
 - v1 `max_chunks_per_doc` caps the windows of a long document (CHUNK: scored window by window, the best
   window's score kept, as Cohere does), its first ones; Cohere's default, 10, for a Cohere call that does
   not set it, and documents x chunks may be at most 10,000, Cohere's limit.
@@ -31,7 +31,8 @@ a Cohere SDK's `X-Fern-SDK-Name` header (every Cohere SDK sends it) or a Cohere-
 `max_chunks_per_doc`); it then gets Cohere's defaults (documents not returned, long documents chunked,
 at most 10 windows). Any other call (Jina's clients, vLLM's rerank body, plain HTTP) gets Jina's:
 documents returned, long documents cut at their end (END), or with vLLM's `truncate_prompt_tokens` as
-vLLM cuts them (vllm.py). An explicit `return_documents` always wins.
+vLLM cuts them (vllm.py), and vLLM's `use_activation: false` answers logits. An explicit `return_documents`
+always wins.
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ api = HttpApi("Cohere and Jina", COHERE)
 MAX_RANK_FIELDS = 64
 # Cohere bills one search unit per query and up to 100 documents.
 _DOCUMENTS_PER_SEARCH_UNIT = 100
-# Cohere's max_chunks_per_doc default, and its limit on documents x max_chunks_per_doc.
+# Cohere's max_chunks_per_doc default, and its limit on documents x max_chunks_per_doc. The limit is inclusive:
+# Cohere's release note says the endpoint errors if `len(documents) * max_chunks_per_doc > 10,000`, and its
+# reference's own recommended maximum, 1,000 documents, at the default 10 chunks is exactly 10,000 (the
+# reference's "must be less than 10000", read strictly, would refuse it).
 DEFAULT_MAX_CHUNKS = 10
 MAX_TOTAL_CHUNKS = 10_000
 # Levels an object document may nest. Real ones nest a few; writing one back as JSON (return_documents, a
@@ -69,8 +73,8 @@ MAX_DOCUMENT_DEPTH = 64
 COHERE_SDK_HEADER = "x-fern-sdk-name"
 
 
-class RerankV1Request(BaseModel):
-    """Cohere v1 (and Jina) rerank request."""
+class RerankV1Request(vllm.VllmActivation):
+    """Cohere v1 (and Jina) rerank request, and vLLM's rerank body."""
 
     query: str
     documents: list[str | dict[str, Any]] = Field(description="strings, or objects ranked on `text` (or rank_fields)")
@@ -101,7 +105,7 @@ class RerankV2Request(BaseModel):
     model: str | None = Field(None, description=MODEL_FIELD)
     top_n: int | None = Field(None, ge=1, description="results to return (default: all)")
     max_tokens_per_doc: int | None = Field(
-        None, ge=1, description="tokens per (query, document) input, clamped to the model's limit"
+        None, ge=1, description="each document's first tokens scored, at most (the query not counted)"
     )
     return_documents: bool = False
     priority: int = Field(0, ge=0, description="lower is handled first; 0 (the default) first of all")
@@ -210,15 +214,17 @@ async def _rerank(
     echoed: list[str | dict[str, Any]] | None,
     version: str,
     model: str,
+    logits: bool = False,
 ) -> tuple[RerankOutput, dict[str, Any]]:
     """Both routes' body: rank through the core, answer in Cohere's shape for API `version`, with each
-    result's document from `echoed` (the documents as sent; None: no documents)."""
+    result's document from `echoed` (the documents as sent; None: no documents), and its logit as
+    relevance_score when `logits` (vLLM's body with use_activation false)."""
     core_input = RerankInput(query, documents, top_n=top_n or 0, options=options, model=model)
     core = context(request).core
     output = await call_core(request, lambda deadline: core.rerank(core_input, deadline))
     results: list[dict[str, Any]] = []
     for result in output.results:
-        item: dict[str, Any] = {"index": result.index, "relevance_score": result.score}
+        item: dict[str, Any] = {"index": result.index, "relevance_score": result.logit if logits else result.score}
         if echoed is not None:
             sent = echoed[result.index]
             item["document"] = {"text": sent} if isinstance(sent, str) else sent
@@ -248,7 +254,9 @@ async def rerank_v1(body: RerankV1Request, request: Request) -> JSONResponse:
     options = _v1_options(request, body, cohere, model)
     return_documents = body.return_documents if body.return_documents is not None else not cohere
     echoed = body.documents if return_documents else None
-    output, answer = await _rerank(request, body.query, documents, body.top_n, options, echoed, "1", model)
+    output, answer = await _rerank(
+        request, body.query, documents, body.top_n, options, echoed, "1", model, logits=body.logits()
+    )
     # Jina's fields beside Cohere's.
     tokens = output.usage.input_tokens
     answer["model"] = output.model
@@ -265,10 +273,7 @@ async def rerank_v1(body: RerankV1Request, request: Request) -> JSONResponse:
 )
 async def rerank_v2(body: RerankV2Request, request: Request) -> JSONResponse:
     model = requested_model(request, body.model)
-    max_length = None
-    if body.max_tokens_per_doc is not None:
-        max_length = min(body.max_tokens_per_doc, context(request).core.describe(model).max_length)
-    options = ScoreOptions(max_length=max_length, priority=body.priority)
+    options = ScoreOptions(max_document_tokens=body.max_tokens_per_doc, priority=body.priority)
     echoed: list[str | dict[str, Any]] | None = list(body.documents) if body.return_documents else None
     _, answer = await _rerank(request, body.query, body.documents, body.top_n, options, echoed, "2", model)
     return JSONResponse(answer)

@@ -17,14 +17,23 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from rerank_server.errors import ErrorCode, InputLimitError, OverloadedError, ServiceError
+from rerank_server.errors import (
+    EmptyInputError,
+    ErrorCode,
+    InputLimitError,
+    OverloadedError,
+    ServiceError,
+    UntokenizableTextError,
+)
 
 # Seconds a client is told to wait before retrying an overloaded or unavailable server (Retry-After).
 RETRY_AFTER_S = 1
 
 
 class Kind(enum.Enum):
-    INVALID = "invalid_request"  # malformed JSON, wrong types, values out of range, text the tokenizer refuses
+    INVALID = "invalid_request"  # malformed JSON, wrong types, values out of range
+    EMPTY = "empty"  # invalid by an empty list: no documents
+    UNTOKENIZABLE = "untokenizable"  # invalid by a text the tokenizer cannot take (a lone surrogate)
     OVER_LIMIT = "over_limit"  # invalid by a size limit: too many documents, a text or query too long
     TOO_LARGE = "too_large"  # the body or the request's tokens pass a server limit
     REQUEST_TIMEOUT = "request_timeout"  # the request's headers or body did not arrive in time
@@ -40,6 +49,8 @@ class Kind(enum.Enum):
 
 _STATUS = {
     Kind.INVALID: 400,
+    Kind.EMPTY: 400,
+    Kind.UNTOKENIZABLE: 400,
     Kind.OVER_LIMIT: 400,
     Kind.TOO_LARGE: 413,
     Kind.REQUEST_TIMEOUT: 408,
@@ -66,11 +77,16 @@ _KIND = {
 
 
 def kind_of(error: ServiceError) -> Kind:
-    """The core's error as a Kind: at capacity (retry later) is told apart from too large (do not retry)."""
+    """The core's error as a Kind: at capacity (retry later) is told apart from too large (do not retry), and
+    bad input by what is wrong with it where an API tells those apart (TEI)."""
     if isinstance(error, OverloadedError):
         return Kind.OVERLOADED
     if isinstance(error, InputLimitError):
         return Kind.OVER_LIMIT
+    if isinstance(error, EmptyInputError):
+        return Kind.EMPTY
+    if isinstance(error, UntokenizableTextError):
+        return Kind.UNTOKENIZABLE
     return _KIND[error.code]
 
 
@@ -105,6 +121,8 @@ class ErrorShape:
 
 _TEI_TYPES = {
     Kind.INVALID: "Validation",
+    Kind.EMPTY: "Empty",
+    Kind.UNTOKENIZABLE: "Tokenizer",
     Kind.OVER_LIMIT: "Validation",
     Kind.TOO_LARGE: "Validation",
     Kind.REQUEST_TIMEOUT: "Timeout",
@@ -121,12 +139,12 @@ _TEI_TYPES = {
 COHERE = ErrorShape("cohere", lambda status, kind, message: {"message": message})
 # POST /v1/rerank answers Cohere v1 and Jina clients alike: Cohere's SDK reads `message`, Jina's `detail`.
 COHERE_JINA = ErrorShape("cohere", lambda status, kind, message: {"message": message, "detail": message})
-# TEI: 413 for its validation errors (input past a limit), 422 for a body it cannot read or a tokenizer
-# error, 424 for a failing backend (its own statuses).
+# TEI: 413 for its validation errors (input past a limit: TEI up to 1.8's status, kept, see docs/http.md), 400
+# for no texts, 422 for a body it cannot read or a tokenizer error, 424 for a failing backend (its own statuses).
 TEI = ErrorShape(
     "tei",
     lambda status, kind, message: {"error": message, "error_type": _TEI_TYPES[kind]},
-    {Kind.INVALID: 422, Kind.OVER_LIMIT: 413, Kind.INTERNAL: 424},
+    {Kind.INVALID: 422, Kind.UNTOKENIZABLE: 422, Kind.OVER_LIMIT: 413, Kind.INTERNAL: 424},
 )
 
 
@@ -134,7 +152,9 @@ def _phrase(status: int, kind: Kind) -> str:
     return HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else kind.value
 
 
-# NIM (FastAPI-based): 422 for validation; langchain-nvidia-ai-endpoints prints status, title and detail.
+# NIM (FastAPI-based): 422 for a body its schema refuses, 400 for input past a limit (a passage too long with
+# truncate NONE, as NIM answers its "exceeds maximum allowed token size"); langchain-nvidia-ai-endpoints
+# prints status, title and detail.
 NIM = ErrorShape(
     "nim",
     lambda status, kind, message: {
@@ -143,7 +163,7 @@ NIM = ErrorShape(
         "detail": message,
         "type": kind.value,
     },
-    {Kind.INVALID: 422, Kind.OVER_LIMIT: 422},
+    {Kind.INVALID: 422, Kind.EMPTY: 422, Kind.UNTOKENIZABLE: 422},
 )
 # vLLM (OpenAI's error object): 400 for validation, its type named after the status (BadRequestError).
 VLLM = ErrorShape(

@@ -8,7 +8,7 @@ How the knobs map onto the core:
 - `rankings` hold every passage, best first, with its `logit` (NIM's score; sigmoid(logit) is the
   probability the other APIs answer).
 - `truncate`: "END" → END; "NONE" or absent (NIM's default) → NONE: a passage that does not fit is
-  refused with 422.
+  refused with 400, as NIM refuses input past its token limit; a body its schema refuses gets 422.
 - `model`: a served model's name chooses the model (absent: the default model); another name is refused
   with 404 naming the served ones, unless one model is served: then it answers. /v1/models lists the
   served models, the default one first.

@@ -7,13 +7,15 @@ How the knobs map onto the core:
 - `score` is sigmoid(logit) (TEI's default); `raw_scores: true` answers the logit instead.
 - Every text gets an entry, best first (LlamaIndex asserts one entry per text).
 - `truncate`: absent or true → END (the text is cut to fit, like TEI with --auto-truncate); false → NONE
-  (a text that does not fit is refused with 422, like TEI without it).
-- `truncation_direction`: "Right" (default) cuts a text's end (END); "Left" its start (START: the text's
-  last tokens are kept).
+  (a text that does not fit is refused with 413, like TEI without it).
+- `truncation_direction`: "right" (default) cuts a text's end (END); "left" its start (START: the text's
+  last tokens are kept); either spelled lowercase or capitalized, as TEI takes them.
 - Statuses are TEI's: 413 for its validation errors (too many texts, a text too long with truncate false,
-  a query past max_query_tokens, a request past max_total_tokens), 422 for a body that does not parse or
-  a text the tokenizer cannot take.
-- `model` is not part of TEI's request: the default model answers, and /info describes it.
+  a query past max_query_tokens, a request past max_total_tokens: TEI up to 1.8's status, see
+  docs/http.md), 400 for no texts (error_type Empty), 422 for a body that does not parse or a text the
+  tokenizer cannot take (error_type Tokenizer).
+- `model` is not part of TEI's request: the default model answers, and /info describes it
+  (`served_model_name` is its name, as requests name it).
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ TEI_FIELDS = FieldNames(lambda i: "query", lambda i: f"texts[{i}]", "texts")
 class TeiRerankRequest(BaseModel):
     query: str
     texts: list[str]
-    truncate: bool | None = Field(None, description="absent or true: cut texts to fit; false: refuse them (422)")
-    truncation_direction: Literal["Left", "Right"] = Field(
-        "Right", description="which end of a text is cut: Right keeps its first tokens, Left its last"
+    truncate: bool | None = Field(None, description="absent or true: cut texts to fit; false: refuse them (413)")
+    truncation_direction: Literal["left", "right", "Left", "Right"] = Field(
+        "right", description="which end of a text is cut: right keeps its first tokens, left its last"
     )
     raw_scores: bool = Field(False, description="answer logits instead of sigmoid scores")
     return_text: bool = False
@@ -57,7 +59,7 @@ class TeiError(BaseModel):
     error_type: str
 
 
-_TRUNCATION = {"Right": Truncation.END, "Left": Truncation.START}
+_TRUNCATION = {"right": Truncation.END, "left": Truncation.START}
 _BODIES = {
     "anyOf": [
         TeiRerankRequest.model_json_schema(),
@@ -85,7 +87,7 @@ async def rerank(request: Request, raw: dict[str, Any] = Body(...)) -> JSONRespo
     if "documents" in raw and "texts" not in raw:
         return await vllm.rerank(_validated(vllm.VllmRerankRequest, raw), request)
     body: TeiRerankRequest = _validated(TeiRerankRequest, raw)
-    truncation = Truncation.NONE if body.truncate is False else _TRUNCATION[body.truncation_direction]
+    truncation = Truncation.NONE if body.truncate is False else _TRUNCATION[body.truncation_direction.lower()]
     core = context(request).core
     core_input = RerankInput(body.query, body.texts, options=ScoreOptions(truncation=truncation), fields=TEI_FIELDS)
     output = await call_core(request, lambda deadline: core.rerank(core_input, deadline))
@@ -105,6 +107,7 @@ async def info(request: Request) -> JSONResponse:
     return JSONResponse(
         {
             "model_id": description.model,
+            "served_model_name": description.triton_model_name,
             "model_sha": None,
             "model_dtype": description.precision,
             "model_type": {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}},

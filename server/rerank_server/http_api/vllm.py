@@ -8,11 +8,13 @@ How the knobs map onto the core:
 - `text_1` plays the query, `text_2` the document. Both a string: one pair; `text_1` a string (or a list
   of one) and `text_2` a list: that text against each (1:N, a rerank); two lists of one length: pair by
   pair (N:N). `data` answers each pair in request order with its `score`, sigmoid(logit) (vLLM's default
-  activation for a one-label cross-encoder); `activation: false` (`use_activation` in newer vLLM)
-  answers the logit.
+  activation for a one-label cross-encoder).
+- `use_activation: false` (or its older names `activation` and `softmax`) answers the logit instead, in
+  `score` and in rerank's `relevance_score`; of the three the first set, in vLLM's order softmax,
+  activation, use_activation, decides (vLLM's get_use_activation).
 - `truncate_prompt_tokens`: absent → NONE (a pair past the model's length is refused, as vLLM does);
   k → END at k tokens per (text_1, text_2) input, special tokens included, the text_2 side cut; -1 → END
-  at the model's limit; past the model's limit → refused.
+  at the model's limit; past the model's limit → refused. Errors about that length name the field.
 - `model`: a served model's name chooses the model (absent: the default model); another name is refused
   with 404 naming the served ones, unless one model is served: then it answers (the answer's `model`
   names the checkpoint that scored).
@@ -30,7 +32,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, Field
 
 from rerank_server.core import FieldNames, RerankInput, ScoreInput, ScoreOptions, Truncation
-from rerank_server.errors import InvalidRequestError, field_error
+from rerank_server.errors import EmptyInputError, InvalidRequestError, field_error
 from rerank_server.http_api.common import MODEL_FIELD, HttpApi, call_core, context, request_id, requested_model
 from rerank_server.http_api.errors import VLLM
 
@@ -40,7 +42,20 @@ _SCORE_1N = FieldNames(lambda i: "text_1", lambda i: f"text_2[{i}]", "text_2")
 _SCORE_NN = FieldNames(lambda i: f"text_1[{i}]", lambda i: f"text_2[{i}]", "text_2")
 
 
-class VllmOptions(BaseModel):
+class VllmActivation(BaseModel):
+    """vLLM's activation switch, under its three names (score and rerank bodies alike)."""
+
+    softmax: bool | None = Field(None, description="an older name of `use_activation`")
+    activation: bool | None = Field(None, description="an older name of `use_activation`")
+    use_activation: bool | None = Field(None, description="false: answer logits (default: sigmoid scores)")
+
+    def logits(self) -> bool:
+        """The answer is logits: the first of the names set, in vLLM's order, says false."""
+        chosen = next((v for v in (self.softmax, self.activation, self.use_activation) if v is not None), True)
+        return not chosen
+
+
+class VllmOptions(VllmActivation):
     """The knobs vLLM's score and rerank requests share."""
 
     model: str | None = Field(None, description=MODEL_FIELD)
@@ -57,8 +72,6 @@ Texts = Annotated[list[str], BeforeValidator(lambda value: [value] if isinstance
 class ScoreRequest(VllmOptions):
     text_1: Texts = Field(description="a string or a list: the query side")
     text_2: Texts = Field(description="a string or a list: the document side")
-    activation: bool | None = Field(None, description="false: answer logits (default: sigmoid scores)")
-    use_activation: bool | None = Field(None, description="the newer name of `activation`")
 
 
 class VllmRerankRequest(VllmOptions):
@@ -79,13 +92,18 @@ def options(request: Request, k: int | None, model: str, priority: int = 0) -> S
         raise field_error(
             InvalidRequestError, "truncate_prompt_tokens", f"{k} is greater than the model's max length {limit}"
         )
-    return ScoreOptions(truncation=Truncation.END, max_length=None if k == -1 else k, priority=priority)
+    return ScoreOptions(
+        truncation=Truncation.END,
+        max_length=None if k == -1 else k,
+        max_length_field="truncate_prompt_tokens",
+        priority=priority,
+    )
 
 
 def _pairs(body: ScoreRequest) -> tuple[list[str], list[str]]:
     first, second = body.text_1, body.text_2
     if not first:
-        raise field_error(InvalidRequestError, "text_1", "must hold at least one text")
+        raise field_error(EmptyInputError, "text_1", "must hold at least one text")
     if len(first) > 1 and len(first) != len(second):
         raise field_error(
             InvalidRequestError,
@@ -111,7 +129,7 @@ async def _score(body: ScoreRequest, request: Request) -> JSONResponse:
         )
         scored = await call_core(request, lambda deadline: core.score(score_input, deadline))
         answered, usage, results = scored.model, scored.usage, scored.scores
-    logits = body.activation is False or body.use_activation is False
+    logits = body.logits()
     tokens = usage.input_tokens
     return JSONResponse(
         {
@@ -147,9 +165,10 @@ async def rerank(body: VllmRerankRequest, request: Request) -> JSONResponse:
         model=model,
     )
     output = await call_core(request, lambda deadline: core.rerank(core_input, deadline))
+    logits = body.logits()
     results: list[dict[str, Any]] = []
     for result in output.results:
-        item: dict[str, Any] = {"index": result.index, "relevance_score": result.score}
+        item: dict[str, Any] = {"index": result.index, "relevance_score": result.logit if logits else result.score}
         if body.return_documents:
             item["document"] = {"text": body.documents[result.index]}
         results.append(item)
