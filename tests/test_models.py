@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,12 +25,14 @@ from grpc_health.v1 import health_pb2
 from rerank_client import InvalidRequestError, ModelNotFoundError, RerankClient, from_stream_error, stream_request
 from rerank_client.pb import SERVICE_NAME
 from rerank_server.export.verify import ABSOLUTE_TOLERANCE
-from rerank_server.testing import health_status, save_random_checkpoint
+from rerank_server.testing import free_port, health_status, save_random_checkpoint
 from tests.conftest import TOKENIZER_DIR, Stack, export_all, run_rerank, start_local, stop_serve_later
 from tests.reference import eager
 from tests.test_api import model_counters
 from tests.test_operations import sample, scrape
 from tests.texts import QUERY, mixed_documents, text
+
+OPERATIONS_DOC = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
 
 ATOL = ABSOLUTE_TOLERANCE["fp32"]  # what `rerank export` holds an fp32 export to against eager
 CACHE_BYTES = 16 * 2**20
@@ -299,9 +302,18 @@ def test_models_load_reload_and_unload_while_serving(
 ) -> None:
     repository = tmp_path / "repository"
     shutil.copytree(pair_repository, repository)
-    served = start_local(repository, f"--score-cache-bytes={CACHE_BYTES}")
+    triton_http_port = free_port()
+    served = start_local(repository, f"--score-cache-bytes={CACHE_BYTES}", f"--triton-http-port={triton_http_port}")
     triton = triton_grpc.InferenceServerClient(served.triton_url)
     documents = mixed_documents()[:5]
+
+    def as_documented(model: str, action: str) -> None:
+        """docs/operations.md's curl command for this, on this Triton's HTTP port."""
+        shown = f"curl -X POST localhost:8000/v2/repository/models/{model}/{action}"
+        assert shown in OPERATIONS_DOC.read_text()
+        done = subprocess.run(shown.replace(":8000/", f":{triton_http_port}/").split(), capture_output=True, text=True)
+        assert done.returncode == 0 and not done.stdout, (done.stdout, done.stderr)  # Triton answers success empty
+
     try:
         with RerankClient(served.target, timeout=120) as client:
             names = lambda: [m.triton_model_name for m in client.list_models().models]  # noqa: E731
@@ -315,7 +327,7 @@ def test_models_load_reload_and_unload_while_serving(
 
             # A third model exported into the live repository and loaded: served, no restart.
             export(pair_checkpoints["gamma"], repository, "gamma")
-            triton.load_model("gamma")
+            as_documented("gamma", "load")
             wait_until(lambda: names() == ["alpha", "beta", "gamma"], "gamma served", explain=explain)
             np.testing.assert_allclose(
                 logits_by_index(client.rerank(QUERY, documents, model="gamma")),
@@ -346,7 +358,7 @@ def test_models_load_reload_and_unload_while_serving(
             )
 
             # beta unloaded: not served (NOT_FOUND, its health NOT_SERVING), the others still are.
-            triton.unload_model("beta")
+            as_documented("beta", "unload")
             wait_until(lambda: names() == ["alpha", "gamma"], "beta no longer served", explain=explain)
             with pytest.raises(ModelNotFoundError, match="the served models are \\['alpha', 'gamma'\\]"):
                 client.rerank(QUERY, documents, model="beta")
