@@ -70,9 +70,13 @@ $(PROMETHEUS): | $(STAMP)
 	rm -rf $(VENV)/prometheus-deb
 	test -x $@ && touch $@
 
-$(REPOSITORY)/$(NAME)/config.pbtxt: | $(STAMP)
+# An exported model holds a copy of the model package and the config the exporter wrote: it is made again
+# when either changes, so that what Triton serves is what this checkout exports.
+EXPORTER := $(shell find server/rerank_server/export server/rerank_triton_model \( -name '*.py' -o -name '*.template' \) 2>/dev/null)
+
+$(REPOSITORY)/$(NAME)/config.pbtxt: $(EXPORTER) | $(STAMP)
 	@$(BIN)/python -m rerank_server.first_contact check-model $(MODEL)
-	$(BIN)/rerank export --model $(MODEL) --output $(REPOSITORY) --name $(NAME) $(EXPORT_ARGS)
+	$(BIN)/rerank export --model $(MODEL) --output $(REPOSITORY) --name $(NAME) --overwrite $(EXPORT_ARGS)
 
 export: $(REPOSITORY)/$(NAME)/config.pbtxt
 
@@ -87,7 +91,7 @@ DEMO_MODEL_ID := random-modernbert-demo (random weights, not a real reranker)
 $(DEMO_DIR)/checkpoint/config.json: | $(STAMP)
 	$(BIN)/python -m rerank_server.first_contact demo-checkpoint $(DEMO_DIR)/checkpoint
 
-$(DEMO_DIR)/repository/$(NAME)/config.pbtxt: $(DEMO_DIR)/checkpoint/config.json
+$(DEMO_DIR)/repository/$(NAME)/config.pbtxt: $(DEMO_DIR)/checkpoint/config.json $(EXPORTER)
 	$(BIN)/rerank export --model $(DEMO_DIR)/checkpoint --model-id "$(DEMO_MODEL_ID)" --precision fp32 --output $(DEMO_DIR)/repository --name $(NAME) --overwrite
 
 demo: install $(DEMO_DIR)/repository/$(NAME)/config.pbtxt

@@ -53,6 +53,12 @@ def test_make_serve_exports_a_local_checkpoint_once_and_answers_the_cli(
     finally:
         os.killpg(process.pid, signal.SIGTERM)  # make and `rerank serve` under it, as Ctrl-C would
         process.wait(120)
+    # Exported once: a second `make serve` serves the export as it is, until the exporter's sources are newer.
+    export = [*MAKE, "-q", "export", f"MODEL={checkpoints['reranker_long']}", f"REPOSITORY={repository}"]
+    assert subprocess.run(export, cwd=ROOT).returncode == 0
+    config = repository / "reranker" / "config.pbtxt"
+    os.utime(config, (0, 0))
+    assert subprocess.run(export, cwd=ROOT).returncode == 1  # make -q: a target to make again
     # The export the Makefile made: the default precision choice, measured here, and long-pair routing.
     parameters = exported_parameters(repository / "reranker")
     assert parameters.precision_reason.startswith("auto: ")
