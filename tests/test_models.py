@@ -26,12 +26,14 @@ from rerank_client import InvalidRequestError, ModelNotFoundError, RerankClient,
 from rerank_client.pb import SERVICE_NAME
 from rerank_server.export.verify import ABSOLUTE_TOLERANCE
 from rerank_server.testing import free_port, health_status, save_random_checkpoint
+from rerank_triton_model import package_digest
 from tests.conftest import TOKENIZER_DIR, Stack, export_all, run_rerank, start_local, stop_serve_later
 from tests.reference import eager
 from tests.test_api import model_counters
 from tests.test_operations import sample, scrape
 from tests.texts import QUERY, mixed_documents, text
 
+OTHER_DIGEST = "0123456789abcdef"
 OPERATIONS_DOC = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
 
 ATOL = ABSOLUTE_TOLERANCE["fp32"]  # what `rerank export` holds an fp32 export to against eager
@@ -327,8 +329,13 @@ def test_models_load_reload_and_unload_while_serving(
 
             # A third model exported into the live repository and loaded: served, no restart.
             export(pair_checkpoints["gamma"], repository, "gamma")
+            # As if another version of the service had exported it: served, with a warning naming it.
+            config = repository / "gamma" / "config.pbtxt"
+            config.write_text(config.read_text().replace(package_digest(), OTHER_DIGEST))
             as_documented("gamma", "load")
             wait_until(lambda: names() == ["alpha", "beta", "gamma"], "gamma served", explain=explain)
+            stale = [line for line in served.output if "exported by another version" in line]
+            assert len(stale) == 1 and "model gamma " in stale[0] and OTHER_DIGEST in stale[0], stale
             np.testing.assert_allclose(
                 logits_by_index(client.rerank(QUERY, documents, model="gamma")),
                 eager(pair_checkpoints["gamma"]).logits(QUERY, documents),

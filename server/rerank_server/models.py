@@ -19,6 +19,7 @@ from rerank_server.errors import BackendUnavailableError, ModelNotFoundError, fi
 from rerank_server.score_cache import ModelKey
 from rerank_server.tokenization import PairTokenizer
 from rerank_server.triton_backend import ModelInfo, ScoringBackend, TritonServer
+from rerank_triton_model import package_digest
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ class ModelSync:
                     models.set_ready(name, True)
                     continue
                 try:
-                    model = await self.loader(info)
+                    model = await self._serve(info)
                 except Exception:  # its tokenizer cannot be read: not served in this form; try again next time
                     log.exception("model %r is ready in Triton but cannot be served", name)
                     models.set_ready(name, False)
@@ -191,4 +192,17 @@ class ModelSync:
         return retired
 
     async def _load(self, name: str, version: str) -> ServedModel:
-        return await self.loader(await self.server.backend(name).model_info(version))
+        return await self._serve(await self.server.backend(name).model_info(version))
+
+    async def _serve(self, info: ModelInfo) -> ServedModel:
+        if info.package_digest != package_digest():
+            # Triton runs the model code the export copied, not this version's: it may lack fixes or
+            # disagree with this frontend. Served all the same (the contract checks still hold).
+            log.warning(
+                "model %s was exported by another version of this service (model code %s; this version's %s): "
+                "export it again to serve this version's model code",
+                info.name,
+                info.package_digest or "unrecorded",
+                package_digest(),
+            )
+        return await self.loader(info)

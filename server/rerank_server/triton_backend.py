@@ -49,6 +49,7 @@ class ModelInfo:
     precision: str
     tokenizer_dir: str
     export_id: str = ""  # changes with every export (and so with a re-export under the same name)
+    package_digest: str = ""  # of the model code the export copied (rerank_triton_model.package_digest)
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ class TritonBackend:
             precision=self._precision_in_use(config, params),
             tokenizer_dir=params.tokenizer_dir,
             export_id=params.export_id,
+            package_digest=params.package_digest,
         )
 
     def _precision_in_use(self, config: dict[str, Any], params: ModelParameters) -> str:

@@ -9,10 +9,24 @@ Importing the package imports nothing heavy: the frontend uses contract, cpu_fea
 (numpy only), and only model.py needs Triton's triton_python_backend_utils.
 """
 
+import hashlib
+from functools import cache
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_TEMPLATE = PACKAGE_DIR / "config.pbtxt.template"
+
+
+@cache
+def package_digest() -> str:
+    """A digest of this package's sources and config template: the export records it, and the frontend
+    compares it with its own to tell when Triton runs model code another version of the service exported."""
+    digest = hashlib.sha256()
+    for path in sorted([*PACKAGE_DIR.glob("*.py"), CONFIG_TEMPLATE]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 # <name>/1/model.py: what Triton's stub imports.
 ENTRY_POINT = '''"""Written by `rerank export`: the model is the package rerank_triton_model/ beside this file."""
 

@@ -50,6 +50,8 @@ class ModelParameters:
     # New with every export: the frontend's score cache keys on it, so that a model re-exported under
     # the same name and version never answers the logits of the one it replaced.
     export_id: str = ""
+    # rerank_triton_model.package_digest() of the exporting service ("" for a model exported without one).
+    package_digest: str = ""
 
     @classmethod
     def from_strings(cls, values: Mapping[str, str]) -> ModelParameters:

@@ -75,6 +75,7 @@ def write_model(
         long_pair_tokens=long_pairs.tokens if long_pairs else 0,
         long_weights=long_pairs.weights if long_pairs else "",
         export_id=uuid.uuid4().hex,
+        package_digest=rerank_triton_model.package_digest(),
     )
     warmup = write_warmup(staging, parameters, options.device == GPU, source.config) if options.warmup else ""
     (staging / "config.pbtxt").write_text(render_config(options, parameters, warmup))
