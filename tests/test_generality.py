@@ -1,0 +1,64 @@
+"""`rerank export` on checkpoints unlike the tests' own: logits far from the usual few units."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers import ModernBertForSequenceClassification
+
+from rerank_server.export.verify import ABSOLUTE_TOLERANCE, head_bias, tolerance
+from rerank_server.testing import save_random_checkpoint
+from tests.conftest import TOKENIZER_DIR, run_rerank
+
+
+def test_the_fp32_bound_grows_with_the_logits_scale_only_past_where_it_holds_as_is() -> None:
+    # fp32 rounds relative to the activations: the bound is absolute for logits of the usual scale and
+    # relative beyond, measured from the head's bias as the reduced precisions' bounds are.
+    usual = np.array([-7.5, 0.3, 9.8])
+    assert tolerance("fp32", usual) == ABSOLUTE_TOLERANCE["fp32"]
+    assert tolerance("fp32", usual + 500.0, bias=500.0) == ABSOLUTE_TOLERANCE["fp32"]
+    large = np.array([-768.0, 388.0, 12.0])
+    assert tolerance("fp32", large) == pytest.approx(768.0 * 1e-4)
+
+
+def test_the_head_bias_is_read_without_a_torch_warning() -> None:
+    model = SimpleNamespace(classifier=torch.nn.Linear(4, 1))  # its bias a parameter that requires grad
+    with torch.no_grad():
+        model.classifier.bias.fill_(1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert head_bias(model) == 1.5
+
+
+@pytest.mark.e2e
+def test_an_fp32_export_of_a_checkpoint_with_logits_in_the_hundreds(tmp_path: Path) -> None:
+    """Logits of several hundred (a head scaled 50x over the random checkpoint's): ONNX Runtime's fp32
+    differs from eager by about 2e-6 of their scale, which is past 1e-3 there."""
+    checkpoint = save_random_checkpoint(
+        tmp_path / "large-logits",
+        TOKENIZER_DIR,
+        seed=0,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        global_attn_every_n_layers=1,
+        local_attention=16,
+        max_position_embeddings=128,
+        initializer_range=0.5,
+    )
+    model = ModernBertForSequenceClassification.from_pretrained(checkpoint)
+    with torch.no_grad():
+        model.classifier.weight.mul_(50.0)
+    model.save_pretrained(checkpoint)
+    done = run_rerank("export", "--model", str(checkpoint), "--output", str(tmp_path / "repo"), "--precision", "fp32")
+    assert done.returncode == 0, done.stderr
+    verification = json.loads((tmp_path / "repo" / "reranker" / "1" / "export.json").read_text())["verification"]
+    assert verification["verified"] and verification["tolerance"] > ABSOLUTE_TOLERANCE["fp32"]
+    assert verification["max_abs_diff"] <= verification["tolerance"]
