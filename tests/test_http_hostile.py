@@ -1,12 +1,14 @@
 """Hostile input on the HTTP surfaces, over loopback against a real Triton: no body holds the event loop, no
-field multiplies memory, no text reaches a 500, overload is 429, connections that stall are timed out, the
-descriptor limit is reported in a few lines, and protocol errors come in the API's shape. Every flood is
-bounded in count and time."""
+field multiplies memory, no text reaches a 500, overload is 429, connections that stall (sending or reading)
+are timed out, the descriptor limit is reported in a few lines, and protocol errors come in the API's shape.
+Every flood is bounded in count and time."""
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
+import re
 import resource
 import socket
 import threading
@@ -228,6 +230,24 @@ def test_json_that_cannot_be_written_back_is_refused_before_the_model_runs(serve
     assert sample(scrape(served.metrics_url), "rerank_tokenize_duration_seconds_count") == tokenized + 1
 
 
+def test_bodies_json_cannot_decode_are_refused_as_invalid_json(served: Stack) -> None:
+    """What json.loads raises besides its syntax errors (bytes that are not text, nesting past Python's
+    recursion limit) is said as the other JSON errors are, not as FastAPI's "There was an error parsing the body"."""
+    url = str(served.http_url)
+    good = json.dumps(good_body(COHERE_V2, ["a"])).encode()
+    for body, headers, fragment in (
+        (b'{"query": "q\xff", "documents": ["a"]}', {}, "not UTF-8"),
+        (gzip.compress(good), {"content-encoding": "gzip"}, "content-encoding 'gzip' is not supported"),
+        (b'{"query": "q", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", {}, "nested too deeply"),
+    ):
+        for path in (COHERE_V1, COHERE_V2, TEI, NIM, VLLM_SCORE):
+            response = httpx.post(
+                f"{url}{path}", content=body, headers={"content-type": "application/json", **headers}, timeout=60
+            )
+            assert_shape(path, response, INVALID[path], "the body is not valid JSON (", fragment)
+    still_serving(url)
+
+
 # -- a body in tiny chunks is refused before it costs the loop ------------------------------------------
 
 
@@ -363,6 +383,90 @@ def test_stalled_headers_bodies_and_idle_connections_are_closed(served: Stack) -
     still_serving(str(served.http_url))
 
 
+def read_response(sock: socket.socket, timeout_s: float = 30) -> bytes:
+    """One whole response (its content-length read), the connection left open."""
+    sock.settimeout(timeout_s)
+    received = bytearray()
+    while True:
+        head, end, body = bytes(received).partition(b"\r\n\r\n")
+        if end:
+            length = re.search(rb"(?im)^content-length: *(\d+)", head)
+            assert length, head
+            if len(body) >= int(length.group(1)):
+                return bytes(received)
+        chunk = sock.recv(1 << 20)
+        assert chunk, f"closed before a whole response: {bytes(received[:300])!r}"
+        received += chunk
+
+
+def seconds_until_closed(sock: socket.socket, timeout_s: float) -> float:
+    """How long the server takes to close the connection (a FIN or a reset), what it sends discarded;
+    `timeout_s` if it keeps it open that long."""
+    sock.settimeout(timeout_s)
+    started = time.monotonic()
+    with contextlib.suppress(ConnectionResetError):
+        try:
+            while sock.recv(65536):
+                pass
+        except TimeoutError:
+            return timeout_s
+    return time.monotonic() - started
+
+
+def test_the_rest_of_a_body_the_call_did_not_read_is_timed(served: Stack) -> None:
+    """An answer sent before its body ends (GET /health, a 404, a 401) leaves the rest for h11 to discard.
+    uvicorn's idle timer is disarmed by any byte received and armed again only after an answer, so one
+    more byte held the connection for ever: the body timeout runs until the body ends, the idle one after."""
+    address = http_address(served)
+    late = sample(scrape(served.metrics_url), "rerank_rejected_total", reason="body_timeout")
+    for request_line, status in ((b"GET /health HTTP/1.1", b"200"), (b"POST /nope HTTP/1.1", b"404")):
+        head = request_line + b"\r\nhost: x\r\ncontent-length: 10\r\n\r\n"
+        # Half the body, its answer, one more byte, then nothing: closed when the body is late.
+        with socket.create_connection(address) as sock:
+            sock.sendall(head + b"01234")
+            assert read_response(sock).startswith(b"HTTP/1.1 " + status)
+            sock.sendall(b"5")
+            assert seconds_until_closed(sock, TIMEOUT_S + 6) < TIMEOUT_S + 4
+        # The rest of the body after the answer, then nothing: closed when idle.
+        with socket.create_connection(address) as sock:
+            sock.sendall(head + b"01234")
+            read_response(sock)
+            sock.sendall(b"56789")
+            assert seconds_until_closed(sock, TIMEOUT_S + 6) < TIMEOUT_S + 4
+    assert sample(scrape(served.metrics_url), "rerank_rejected_total", reason="body_timeout") == late + 2
+    still_serving(str(served.http_url))
+
+
+def test_an_answer_the_client_does_not_read_is_dropped(served: Stack) -> None:
+    """close() waits for the client to read the answer: one that never does held the connection and the answer
+    (megabytes, documents echoed) for ever. Once the answer has not moved for the idle timeout, it is reset."""
+    address = http_address(served)
+    # 8 MB of documents, echoed: more than the kernel's socket buffers take (about 3 MB over loopback).
+    body = json.dumps(good_body(COHERE_V1, ["x" * 80_000] * 100, return_documents=True)).encode()
+    head = b"POST /v1/rerank HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    request = head % len(body) + body
+    # Read after a pause shorter than the idle timeout: the whole answer.
+    with socket.create_connection(address) as sock:
+        sock.sendall(request)
+        time.sleep(TIMEOUT_S / 2)
+        answer = read_response(sock)
+    assert answer.startswith(b"HTTP/1.1 200") and len(answer) > len(body)
+    # Never read: reset, and counted.
+    dropped = sample(scrape(served.metrics_url), "rerank_rejected_total", reason="write_timeout")
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(address)
+        sock.sendall(request)
+        deadline = time.monotonic() + TIMEOUT_S + 30
+        while sample(scrape(served.metrics_url), "rerank_rejected_total", reason="write_timeout") == dropped:
+            assert time.monotonic() < deadline, "an answer the client does not read is still held"
+            time.sleep(0.5)
+        with pytest.raises(ConnectionResetError):
+            read_response(sock, 10)
+    assert sample(scrape(served.metrics_url), "rerank_rejected_total", reason="write_timeout") == dropped + 1
+    still_serving(str(served.http_url))
+
+
 # -- protocol errors in the API's shape ---------------------------------------------------------------
 
 
@@ -380,6 +484,57 @@ def test_requests_that_are_not_http_get_a_json_400(served: Stack) -> None:
         assert body.get("status", 400) == 400, body  # NIM's body repeats the status it is sent with
     assert sample(scrape(served.metrics_url), "rerank_rejected_total", reason="invalid_http") >= 3
     still_serving(str(served.http_url))
+
+
+def test_a_request_with_both_lengths_gets_one_400_and_is_closed(served: Stack) -> None:
+    """Content-Length and Transfer-Encoding both: a proxy that reads the other length would pass a second
+    request hidden in the body (request smuggling), which h11 answered too. RFC 9112 6.1: refuse, or close."""
+    smuggled = b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n"
+    request = (
+        b"POST /v2/rerank HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+        % (5 + len(smuggled))
+    ) + smuggled
+    refused = sample(scrape(served.metrics_url), "rerank_rejected_total", reason="invalid_http")
+    with socket.create_connection(http_address(served)) as sock:
+        sock.sendall(request)
+        received = read_until_closed(sock, 10)
+    assert received.count(b"HTTP/1.1 ") == 1, received
+    status, body = response_json(received)
+    assert status == 400 and set(body) == {"message"}, body
+    assert "content-length and transfer-encoding" in str(body["message"]), body
+    assert sample(scrape(served.metrics_url), "rerank_rejected_total", reason="invalid_http") == refused + 1
+    still_serving(str(served.http_url))
+
+
+def test_upgrade_requests_are_answered_as_plain_http(served: Stack) -> None:
+    """Upgrades (WebSocket, h2c) are not served: the request gets its route's answer in its API's shape, with
+    its request id, counted, without a log line of its own, and the connection goes on."""
+    counted = {"surface": "cohere", "rpc": COHERE_V2, "code": "405"}
+    before = sample(scrape(served.metrics_url), "rerank_calls_total", **counted)
+    lines = len(served.output)
+    with socket.create_connection(http_address(served)) as sock:
+        sock.sendall(
+            b"GET /v2/rerank HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\n"
+            b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+        )
+        answer = read_response(sock)
+        status, body = response_json(answer)
+        assert status == 405 and set(body) == {"message"}, answer
+        assert b"\r\nx-request-id: " in answer, answer
+        sock.sendall(
+            b"GET /health HTTP/1.1\r\nhost: x\r\nupgrade: h2c\r\nconnection: upgrade, http2-settings\r\n"
+            b"http2-settings: AAMAAABkAAQAAP__\r\n\r\n"
+        )
+        assert read_response(sock).startswith(b"HTTP/1.1 200")
+    assert sample(scrape(served.metrics_url), "rerank_calls_total", **counted) == before + 1
+    assert not [line for line in served.output[lines:] if "upgrade" in line.lower()]
+
+
+def test_an_unknown_path_is_repeated_cut_in_its_404(served: Stack) -> None:
+    path = "/" + "a" * 15_000  # within the 16 KiB of headers h11 takes in any number of reads
+    response = httpx.get(f"{served.http_url}{path}", timeout=30)
+    message = assert_shape(path, response, 404, "(15,001 characters)")
+    assert len(response.content) < 500, message
 
 
 # -- running out of descriptors is reported in a few lines -----------------------------------------------
@@ -407,7 +562,11 @@ def test_running_out_of_descriptors_logs_a_few_lines_and_recovers(stack: Stack, 
         # Unlimited, asyncio logs a traceback per backlog slot per retry: 10,000 lines a second.
         reports = [line for line in lines if "accept" in line]
         assert 1 <= len(reports) <= 3, "".join(lines[-50:])
-        assert sample(scrape(limited.metrics_url), "rerank_accept_errors_total") >= 1
+        metrics = scrape(limited.metrics_url)
+        assert sample(metrics, "rerank_accept_errors_total") >= 1
+        # What an alert on descriptors reads (deploy/k8s/components/monitoring): the soft limit, and those open.
+        assert sample(metrics, "process_max_fds") == DESCRIPTORS
+        assert 0 < sample(metrics, "process_open_fds") < DESCRIPTORS
         # The closed connections free their descriptors: it serves again.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -15,7 +15,15 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Metric,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -24,9 +32,10 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _FAST_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-# Why calls are refused before the model: the values of rerank_rejected_total's `reason` label. Overload
-# (the alert on refusals, deploy/k8s/components/monitoring) is capacity, background_capacity (a call above
-# priority 0 past --background-inflight-share) and tokenize_queue.
+# Why calls are refused before the model, or HTTP connections closed on a client too slow to send or read
+# (header_timeout, body_timeout, write_timeout): the values of rerank_rejected_total's `reason` label.
+# Overload (the alert on refusals, deploy/k8s/components/monitoring) is capacity, background_capacity (a call
+# above priority 0 past --background-inflight-share) and tokenize_queue.
 REJECT_REASONS = (
     "capacity",
     "background_capacity",
@@ -37,6 +46,7 @@ REJECT_REASONS = (
     "too_many_values",
     "body_timeout",
     "header_timeout",
+    "write_timeout",
     "invalid_http",
     "too_many_chunks",
 )
@@ -119,7 +129,10 @@ class Metrics:
             "rerank_score_cache_bytes", "Memory the score cache holds (at most --score-cache-bytes)", registry=r
         )
         self.rejected = Counter(
-            "rerank_rejected_total", "Calls refused before reaching the model, by reason", ["reason"], registry=r
+            "rerank_rejected_total",
+            "Calls refused before reaching the model, and HTTP connections closed on a client too slow, by reason",
+            ["reason"],
+            registry=r,
         )
         # Exported at 0 from the start, so that rates and alerts on them have series before the first refusal.
         for reason in REJECT_REASONS:
@@ -138,6 +151,9 @@ class Metrics:
             "HTTP connections that could not be accepted: the process ran out of file descriptors (or memory)",
             registry=r,
         )
+        # The process's CPU, memory and descriptors: process_open_fds against process_max_fds (the soft limit)
+        # warns before either frontend runs out (gRPC reports running out only in its log).
+        ProcessCollector(registry=r)
         # (model, precision) of each served model, read when scraped: the set follows Triton's (models.py).
         self.served_models: Callable[[], Iterable[tuple[str, str]]] = lambda: ()
         r.register(_ModelInfo(lambda: self.served_models()))

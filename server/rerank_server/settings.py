@@ -33,10 +33,14 @@ class Settings:
         10.0, "time from a request's first byte to the end of its headers (408 and closed past it)"
     )
     http_body_timeout_s: float = option(
-        60.0, "time from the end of a request's headers to the end of its body (408 and closed past it)"
+        60.0,
+        "time from the end of a request's headers to the end of its body (408 and closed past it; closed, if "
+        "the answer went before the body ended)",
     )
     http_idle_timeout_s: float = option(
-        30.0, "an HTTP connection that opens, or finishes a response, and sends nothing for this long is closed"
+        30.0,
+        "an HTTP connection that opens, or finishes a request, and sends nothing for this long is closed; an "
+        "answer the client stops reading for this long is dropped and the connection reset",
     )
     # Which Triton, and which model on it.
     model_repository: Path | None = option(

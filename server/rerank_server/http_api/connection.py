@@ -1,19 +1,28 @@
 """Connection-level defences of the HTTP frontend, below the ASGI app: uvicorn's h11 protocol with
 
-- an idle timeout (--http-idle-timeout-s) from the moment a connection opens, not only between requests:
-  uvicorn arms its keep-alive timer after a response only, so a connection that never sends a byte
-  was held for ever;
+- an idle timeout (--http-idle-timeout-s) whenever a connection waits for a request: from the moment it
+  opens, after a response, and after the rest of a body the call did not read. uvicorn arms its keep-alive
+  timer after a response only, and any byte received disarms it: without this, a connection that never
+  sends a byte, or one more byte after an early answer, would be held for ever;
 - a header timeout (--http-header-timeout-s) from a request's first byte to the end of its headers: a
   client that sends headers a byte at a time (slowloris) is answered 408 and closed;
+- the body timeout (--http-body-timeout-s) on the rest of a body the call did not read, its answer sent
+  before the body ended (401, 404, GET /health): h11 discards that rest, and the connection is closed
+  once the body is later than the timeout (while a call reads its body, the gate times it: gate.py);
+- a write timeout: an answer the client has not read any more of for --http-idle-timeout-s is dropped
+  and the connection aborted (close() waits for the client to read it, holding the answer's memory);
 - protocol errors (a malformed request line or headers) answered in the JSON shape of the API whose path
   the request line names, instead of uvicorn's text/plain "Invalid HTTP request received.", and counted;
+  h11 takes a request with both Content-Length and Transfer-Encoding, a way to smuggle a second request
+  past a proxy that reads the other length (RFC 9112 6.1): it is refused so too;
+- no protocol upgrades: WebSocket and h2c upgrade headers are ignored (uvicorn runs with ws="none"), the
+  request answered as plain HTTP, without uvicorn's warning per request;
 - a bound on the chunks of a chunked body (MAX_BODY_CHUNKS): h11 and uvicorn spend about 5 us of the
   event loop on each chunk, all the chunks of one read in one callback, so a body of 1-byte chunks (6 bytes
   each on the wire) cost 0.1-0.2 s of the loop per 256 KiB read, and 16 MiB of them over a minute of CPU,
   with no token needed (any path takes a body). Past the bound the request is answered 413 in its API's
   shape and the connection closed, at most MAX_BODY_CHUNKS chunks (about 40 ms) after its body began.
 
-The body's timeout (--http-body-timeout-s) is the gate's (gate.py): the body is read through the ASGI app.
 A listening socket that runs out of file descriptors is guarded here too (GuardedSocket).
 """
 
@@ -26,6 +35,7 @@ import json
 import logging
 import re
 import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any, TypeAlias
@@ -36,6 +46,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from rerank_server.http_api.errors import Kind
 from rerank_server.http_api.registry import shape_for
 from rerank_server.observability import Metrics
+from rerank_server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -64,76 +75,112 @@ def error_bytes(status: int, kind: Kind, message: str, path: str) -> bytes:
     return head.encode("latin-1") + body
 
 
-class ChunkCountingConnection(h11.Connection):
-    """h11's server connection, counting the chunks of the request body being read: past MAX_BODY_CHUNKS
-    it calls `too_many_chunks` (which answers and closes the connection) and reports no further event."""
+class GuardedConnection(h11.Connection):
+    """h11's server connection refusing two things h11 lets through: a request with both Content-Length and
+    Transfer-Encoding (`ambiguous_length`), and a body past MAX_BODY_CHUNKS chunks (`too_many_chunks`). Each
+    callback answers and closes the connection; no further event is reported. `request_at` is when the last
+    request's headers ended, from which its body's timeout runs."""
 
-    def __init__(self, too_many_chunks: Callable[[], None], *args: Any) -> None:
+    def __init__(self, ambiguous_length: Callable[[], None], too_many_chunks: Callable[[], None], *args: Any) -> None:
         super().__init__(h11.SERVER, *args)
+        self.ambiguous_length = ambiguous_length
         self.too_many_chunks = too_many_chunks
         self.chunks = 0
+        self.request_at = 0.0
 
     def next_event(self) -> _Event:
         event = super().next_event()
         if isinstance(event, h11.Request):
             self.chunks = 0
+            self.request_at = time.monotonic()
+            names = {name for name, _ in event.headers}  # lowercased by h11
+            if {b"content-length", b"transfer-encoding"} <= names:
+                self.ambiguous_length()
+                return h11.NEED_DATA  # uvicorn stops handling events until more data comes: none will
         elif isinstance(event, h11.Data) and event.chunk_start:  # a chunk's first bytes, whatever the reads
             self.chunks += 1
             if self.chunks > MAX_BODY_CHUNKS:
                 self.too_many_chunks()
-                return h11.NEED_DATA  # uvicorn stops handling events until more data comes: none will
+                return h11.NEED_DATA
         return event
 
 
 class GuardedProtocol(H11Protocol):
-    """uvicorn's h11 protocol with the idle and header timeouts, JSON protocol errors and the bound on body
-    chunks; see the module."""
+    """uvicorn's h11 protocol with the idle, header, body and write timeouts, JSON protocol errors, the bound
+    on body chunks and no upgrades; see the module."""
 
     header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
     idle_timeout_s: float = 30.0
     metrics: Metrics | None = None
+    conn: GuardedConnection
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         size = self.config.h11_max_incomplete_event_size
-        # uvicorn's connection, with the count (and h11's default size of headers, as uvicorn's has).
-        self.conn = ChunkCountingConnection(self._too_many_chunks, *(() if size is None else (size,)))
+        # uvicorn's connection, with the refusals (and h11's default size of headers, as uvicorn's has).
+        self.conn = GuardedConnection(self._ambiguous_length, self._too_many_chunks, *(() if size is None else (size,)))
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._head = b""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.timeout_keep_alive = self.idle_timeout_s  # type: ignore[assignment]  # uvicorn's int; a float works
-        self._header_timer: asyncio.TimerHandle | None = None
-        self._head = b""
-        # The first request must begin within the idle timeout, as any later one must.
-        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+        self._watch()  # the first request must begin within the idle timeout, as any later one must
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_header_timer()
+        for timer in (self._header_timer, self._body_timer, self._write_timer):
+            if timer is not None:
+                timer.cancel()
+        self._header_timer = self._body_timer = self._write_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self.conn.their_state is h11.IDLE and len(self._head) < _HEAD_BYTES:
             self._head = (self._head + data)[:_HEAD_BYTES]
-        super().data_received(data)
-        self._watch_headers()
+        super().data_received(data)  # disarms the idle timer, whatever the bytes
+        self._watch()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self._head = self.conn.trailing_data[0][:_HEAD_BYTES]  # a pipelined request's first bytes, if any
-        self._watch_headers()
+        self._watch()
+        self._watch_writes()
 
-    def _watch_headers(self) -> None:
-        """Time a request whose headers have begun and not ended; stop timing once they have."""
-        waiting = self.conn.their_state is h11.IDLE and bool(self.conn.trailing_data[0])
-        if waiting and self._header_timer is None and not self.transport.is_closing():
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._watch_writes()
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """Upgrades are not served (ws="none"): the request is answered as plain HTTP, and not logged, which
+        would give any client two warning lines per request."""
+
+    def _watch(self) -> None:
+        """Arm the timer for what the connection waits for, and stop the others: the idle timer for a request,
+        the header timer for the rest of a request's headers, the body timer for the rest of a body the call
+        did not read (its answer sent). While a call runs none: the gate times its body and the call."""
+        if self.transport.is_closing():
+            return
+        waiting = self.conn.their_state is h11.IDLE
+        headers = waiting and bool(self.conn.trailing_data[0])
+        unread = self.conn.our_state is h11.DONE and self.conn.their_state is h11.SEND_BODY
+        if waiting and not headers and self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(self.idle_timeout_s, self.timeout_keep_alive_handler)
+        elif unread:
+            self._unset_keepalive_if_required()
+        if headers and self._header_timer is None:
             self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_timed_out)
-        elif not waiting:
-            self._stop_header_timer()
-
-    def _stop_header_timer(self) -> None:
-        if self._header_timer is not None:
+        elif not headers and self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+        if unread and self._body_timer is None:
+            left = self.conn.request_at + self.body_timeout_s - time.monotonic()
+            self._body_timer = self.loop.call_later(max(0.0, left), self._body_timed_out)
+        elif not unread and self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
 
     def _headers_timed_out(self) -> None:
         self._header_timer = None
@@ -141,8 +188,34 @@ class GuardedProtocol(H11Protocol):
             return
         self._count("header_timeout")
         message = f"the request's headers did not arrive within {self.header_timeout_s:g}s (http_header_timeout_s)"
-        self.transport.write(error_bytes(408, Kind.REQUEST_TIMEOUT, message, self._path()))
+        self._refuse(408, Kind.REQUEST_TIMEOUT, message)
+
+    def _body_timed_out(self) -> None:
+        """The rest of a body the call did not read is late: its answer went out, so nothing is sent."""
+        self._body_timer = None
+        if self.transport.is_closing():
+            return
+        self._count("body_timeout")
         self.transport.close()
+
+    def _watch_writes(self) -> None:
+        """Time the answer waiting in the write buffer (the kernel's socket buffer full): it must move within
+        the idle timeout, or the connection is aborted (close() would wait for the client to read it)."""
+        left = self.transport.get_write_buffer_size()
+        if left and self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.idle_timeout_s, self._check_writes, left)
+
+    def _check_writes(self, before: int) -> None:
+        self._write_timer = None
+        left = self.transport.get_write_buffer_size()
+        if left and left >= before:
+            self._count("write_timeout")
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:  # a reset: the kernel drops what it holds of the answer too (megabytes)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
+        else:
+            self._watch_writes()
 
     def _too_many_chunks(self) -> None:
         self._count("too_many_chunks")
@@ -151,14 +224,26 @@ class GuardedProtocol(H11Protocol):
                 f"the request body comes in more than {MAX_BODY_CHUNKS} chunks (transfer-encoding: chunked); "
                 "send it in larger chunks, or with a content-length"
             )
-            self.transport.write(error_bytes(413, Kind.TOO_LARGE, message, self._path()))
+            self._refuse(413, Kind.TOO_LARGE, message)
         self.transport.close()
+
+    def _ambiguous_length(self) -> None:
+        self._count("invalid_http")
+        message = (
+            "the request has both content-length and transfer-encoding, which leaves its end ambiguous "
+            "(RFC 9112 6.1); send one of them"
+        )
+        self._refuse(400, Kind.INVALID, message)
 
     def send_400_response(self, msg: str) -> None:
         """A request h11 cannot parse: 400 in the shape of its API (when its request line names a path)."""
         self._count("invalid_http")
         message = "the request is not valid HTTP/1.1 (request line or headers malformed, or headers over 16 KiB)"
-        self.transport.write(error_bytes(400, Kind.INVALID, message, self._path()))
+        self._refuse(400, Kind.INVALID, message)
+
+    def _refuse(self, status: int, kind: Kind, message: str) -> None:
+        """Answer `status` in the shape of the path the request line names, and close."""
+        self.transport.write(error_bytes(status, kind, message, self._path()))
         self.transport.close()
 
     def _path(self) -> str:
@@ -170,9 +255,14 @@ class GuardedProtocol(H11Protocol):
             self.metrics.rejected.labels(reason=reason).inc()
 
 
-def guarded_protocol(header_timeout_s: float, idle_timeout_s: float, metrics: Metrics) -> type[GuardedProtocol]:
+def guarded_protocol(settings: Settings, metrics: Metrics) -> type[GuardedProtocol]:
     """The protocol class for uvicorn's Config(http=...), with this server's timeouts and metrics."""
-    attributes = {"header_timeout_s": header_timeout_s, "idle_timeout_s": idle_timeout_s, "metrics": metrics}
+    attributes = {
+        "header_timeout_s": settings.http_header_timeout_s,
+        "body_timeout_s": settings.http_body_timeout_s,
+        "idle_timeout_s": settings.http_idle_timeout_s,
+        "metrics": metrics,
+    }
     return type("ServerProtocol", (GuardedProtocol,), attributes)
 
 

@@ -31,6 +31,7 @@ from rerank_server.http_api.connection import GuardedSocket, guarded_protocol, q
 from rerank_server.http_api.errors import Kind
 from rerank_server.http_api.gate import Gate
 from rerank_server.http_api.registry import APIS, shape_for
+from rerank_server.models import _shown  # how a refusal repeats a name the caller sent
 from rerank_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,10 @@ def create_app(core: RerankCore, settings: Settings, draining: Callable[[], bool
         kind = _KIND_OF_STATUS.get(error.status_code, Kind.INVALID)
         message = error.detail if isinstance(error.detail, str) else str(error.detail)
         if kind is Kind.NOT_FOUND:
-            message = f"no route {request.url.path}; see /docs"
+            message = f"no route {_shown(request.url.path)}; see /docs"
+        elif isinstance(error.__cause__, (UnicodeDecodeError, RecursionError)):
+            # FastAPI says "There was an error parsing the body" for what json.loads raises besides its syntax.
+            message = f"the body is not valid JSON ({_parse_error(error.__cause__, request)})"
         return shape_for(request.url.path).response(kind, message)
 
     @app.exception_handler(Exception)
@@ -93,6 +97,17 @@ def validation_message(errors: Any) -> str:
         parts.append(f"{name}: {error['msg']}")
     more = len(list(errors)) - 5
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _parse_error(error: Exception, request: Request) -> str:
+    """Why json.loads refused a body other than by its syntax: bytes that are not text, or nesting deeper
+    than Python's recursion limit."""
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    encoding = request.headers.get("content-encoding")
+    if encoding:  # the body is read as sent: a compressed one is bytes that are not text
+        return f"content-encoding {_shown(encoding)} is not supported; send the body uncompressed"
+    return f"not UTF-8: {error}"
 
 
 class _Server(uvicorn.Server):
@@ -145,7 +160,8 @@ class HttpFrontend:
                 tls |= {"ssl_ca_certs": str(settings.tls_client_ca_file), "ssl_cert_reqs": ssl.CERT_REQUIRED}
         config = uvicorn.Config(
             self.gate,
-            http=guarded_protocol(settings.http_header_timeout_s, settings.http_idle_timeout_s, calls.metrics),
+            http=guarded_protocol(settings, calls.metrics),
+            ws="none",  # no upgrades: an upgrade request is answered as plain HTTP, in its API's shape
             lifespan="off",
             log_config=None,
             access_log=False,  # the gate logs each call once, as JSON with its request id
