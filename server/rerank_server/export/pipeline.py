@@ -4,7 +4,7 @@ weights, the auto choice, and the long-pair routing."""
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -154,10 +154,22 @@ def _export_weights(source: Source, plan: Plan, version_dir: Path, steps: Steps)
                 checked.setdefault(f"{PACKED.name}-{long}", (PACKED, long))
     with steps.step(f"Verifying {', '.join(checked)} against transformers eager"):
         reference = eager_reference(source)
-        verification = {
-            key: verify(runtime, weights_of(runtime, precision), precision, options.device, source, reference)
-            for key, (runtime, precision) in checked.items()
-        }
+        verification: dict[str, dict[str, Any]] = {}
+        failed: dict[str, str] = {}
+        for key, (runtime, precision) in checked.items():
+            try:
+                verification[key] = verify(
+                    runtime, weights_of(runtime, precision), precision, options.device, source, reference
+                )
+            except ExportError as error:
+                # auto: a reduced precision too coarse for this checkpoint's activations is left out, not
+                # fatal (an explicit --precision, or fp32, is).
+                if plan.precision != AUTO or precision == FP32:
+                    raise
+                failed[key] = str(error)
+                verification[key] = {"verified": False, "reason": str(error)}
+    if failed:
+        plan = _without_failed(plan, failed, steps)
 
     selection = None
     threshold = options.long_pair_tokens if options.long_pair_tokens is not None else LONG_PAIR_TOKENS
@@ -173,7 +185,9 @@ def _export_weights(source: Source, plan: Plan, version_dir: Path, steps: Steps)
             threshold = selection["threshold"]["tokens"]
     else:
         runtime, chosen = plan.candidates[0]
-        reason = _fixed_reason(plan, chosen)
+        reason = "auto: fp32, the only candidate that verified" if failed else _fixed_reason(plan, chosen)
+    if failed:
+        reason += f"; left out, too far from eager on this checkpoint: {', '.join(failed)}"
     if plan.ranks_checked:
         with steps.step(f"Checking that {chosen} ranks like fp32"):
             budget = options.batch_tokens(source.max_length)
@@ -228,6 +242,19 @@ def _export_weights(source: Source, plan: Plan, version_dir: Path, steps: Steps)
         selection=selection,
     )
     return variant, long_pairs_written
+
+
+def _without_failed(plan: Plan, failed: dict[str, str], steps: Steps) -> Plan:
+    """auto's candidates less those that failed verification, or whose long-pair engine did."""
+
+    def verified(runtime: Runtime, precision: str) -> bool:
+        long = long_pairs(runtime, precision, CPU) if plan.routing else None
+        keys = [f"{runtime.name}-{precision}", *([f"{PACKED.name}-{long}"] if long is not None else [])]
+        return not any(key in failed for key in keys)
+
+    for key, why in failed.items():
+        steps.progress(f"Leaving {key} out of the choice: {why}")
+    return replace(plan, candidates=[candidate for candidate in plan.candidates if verified(*candidate)])
 
 
 def _fixed_reason(plan: Plan, precision: str) -> str:
