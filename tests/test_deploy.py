@@ -849,3 +849,10 @@ def test_the_server_wheel_carries_every_package_and_the_config_template(tmp_path
     sources = [p.relative_to(ROOT / "server").as_posix() for p in (ROOT / "server").rglob("*.py")]
     assert sources and not [s for s in sources if s not in names]
     assert "rerank_triton_model/config.pbtxt.template" in names
+
+
+def test_every_alert_is_documented_in_the_deployment_guide() -> None:
+    rules = yaml.safe_load((ROOT / "deploy/k8s/components/monitoring/prometheusrule.yaml").read_text())
+    alerts = [rule["alert"] for group in rules["spec"]["groups"] for rule in group["rules"] if "alert" in rule]
+    documented = set(re.findall(r"^\| `(Rerank\w+)` \(", (ROOT / "docs/deployment.md").read_text(), re.MULTILINE))
+    assert alerts and set(alerts) == documented, set(alerts) ^ documented

@@ -94,3 +94,16 @@ class DeadlineExceededError(ServiceError):
 
 class BackendFailureError(ServiceError):
     code = ErrorCode.INTERNAL
+
+
+# The most of a name a caller sent (a model name, a path) an error message repeats: the rest only grows the
+# answer (gRPC's status message travels in a header, which the caller's channel refuses past its metadata
+# limit).
+SHOWN_NAME_CHARACTERS = 100
+
+
+def shown(name: str) -> str:
+    """`name` quoted for an error message, cut to SHOWN_NAME_CHARACTERS with its full length said."""
+    if len(name) <= SHOWN_NAME_CHARACTERS:
+        return repr(name)
+    return f"{name[:SHOWN_NAME_CHARACTERS]!r}... ({len(name):,} characters)"

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from rerank_server.errors import BackendUnavailableError, ModelNotFoundError, field_error
+from rerank_server.errors import BackendUnavailableError, ModelNotFoundError, field_error, shown
 from rerank_server.score_cache import ModelKey
 from rerank_server.tokenization import PairTokenizer
 from rerank_server.triton_backend import ModelInfo, ScoringBackend, TritonServer
@@ -41,18 +41,6 @@ class ServedModel:
         return ModelKey(self.info.name, self.info.version, self.info.precision, self.info.export_id)
 
 
-# The most of a caller's model name an error message repeats: the rest only grows the answer (gRPC's
-# status message travels in a header, which the caller's channel refuses past its metadata limit).
-SHOWN_NAME_CHARACTERS = 100
-
-
-def _shown(name: str) -> str:
-    """`name` quoted for an error message, cut to SHOWN_NAME_CHARACTERS with its full length said."""
-    if len(name) <= SHOWN_NAME_CHARACTERS:
-        return repr(name)
-    return f"{name[:SHOWN_NAME_CHARACTERS]!r}... ({len(name):,} characters)"
-
-
 class ServedModels:
     """The served models by name, the default one, and which are ready; used from the event loop only."""
 
@@ -72,7 +60,7 @@ class ServedModels:
         if model is not None:
             return model
         if name:
-            description = f"{_shown(name)} is not served here; the served models are {self.names()}"
+            description = f"{shown(name)} is not served here; the served models are {self.names()}"
         else:
             description = f"the default model {self.default!r} is not loaded; name one of {self.names()}"
         raise field_error(ModelNotFoundError, "model", description)

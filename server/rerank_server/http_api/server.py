@@ -25,13 +25,12 @@ from starlette.exceptions import HTTPException
 
 from rerank_server.calls import Calls
 from rerank_server.core import RerankCore
-from rerank_server.errors import ServiceError
+from rerank_server.errors import ServiceError, shown
 from rerank_server.http_api.common import HttpContext
 from rerank_server.http_api.connection import GuardedSocket, guarded_protocol, quiet_exception_handler
 from rerank_server.http_api.errors import Kind
 from rerank_server.http_api.gate import Gate
 from rerank_server.http_api.registry import APIS, shape_for
-from rerank_server.models import _shown  # how a refusal repeats a name the caller sent
 from rerank_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ def create_app(core: RerankCore, settings: Settings, draining: Callable[[], bool
         kind = _KIND_OF_STATUS.get(error.status_code, Kind.INVALID)
         message = error.detail if isinstance(error.detail, str) else str(error.detail)
         if kind is Kind.NOT_FOUND:
-            message = f"no route {_shown(request.url.path)}; see /docs"
+            message = f"no route {shown(request.url.path)}; see /docs"
         elif isinstance(error.__cause__, (UnicodeDecodeError, RecursionError)):
             # FastAPI says "There was an error parsing the body" for what json.loads raises besides its syntax.
             message = f"the body is not valid JSON ({_parse_error(error.__cause__, request)})"
@@ -106,7 +105,7 @@ def _parse_error(error: Exception, request: Request) -> str:
         return "nested too deeply"
     encoding = request.headers.get("content-encoding")
     if encoding:  # the body is read as sent: a compressed one is bytes that are not text
-        return f"content-encoding {_shown(encoding)} is not supported; send the body uncompressed"
+        return f"content-encoding {shown(encoding)} is not supported; send the body uncompressed"
     return f"not UTF-8: {error}"
 
 
