@@ -601,3 +601,4 @@ def test_a_call_outliving_the_shutdown_grace_gets_503_not_500(stack: Stack, mode
         assert len(results) == 1
         assert_shape(COHERE_V2, results[0], 503, "stopped before the call finished")
         assert served.process.wait(60) == 0
+        assert not [line for line in served.output if "Exception in ASGI application" in line]

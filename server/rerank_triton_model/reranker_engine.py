@@ -59,10 +59,10 @@ PADDING_ALLOWANCE = 64
 # GPUs: per-run launch costs favour large batches; the token budget alone bounds them.
 GPU_PADDING_SLACK = float("inf")
 # The packed engine on CPUs runs at most this many tokens at once, whatever the token budget. From
-# `python -m bench.run_size` (ModernBERT-base, bf16, 2 AMD EPYC Zen 4 cores, two rounds): runs of 8,192 were the
-# slowest on the mixed-length rerank (3.37-3.39 pairs/s, 2,048: 3.74-3.84) and on 16 clients' merged pairs
-# (3.35-3.61, 2,048: 3.79-4.03); 1,024 and 4,096 fell within 2,048's spread, and 16 x 256-token pairs showed
-# no order (4.07-4.81 at every size).
+# `python -m bench.run_size` (ModernBERT-base, bf16, 2 AMD EPYC Zen 5 class cores, two rounds; the figures in
+# docs/performance.md): runs of 8,192 were the slowest on the mixed-length rerank (6.06-7.07 pairs/s, 2,048:
+# 7.35-7.60) and on 16 clients' merged pairs (5.95-6.80, 2,048: 7.27-7.75); 1,024 and 4,096 fell within
+# 2,048's spread, and 16 x 256-token pairs showed no order.
 PACKED_CPU_RUN_TOKENS = 2048
 
 

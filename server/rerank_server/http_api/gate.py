@@ -116,10 +116,11 @@ class Gate:
         except asyncio.CancelledError:
             # The server stopped with the call still running (past --shutdown-grace-s): say so, and that a
             # retry may succeed elsewhere, instead of the 500 uvicorn writes for a cancelled call.
+            # The call ends here, answered: re-raised, the cancellation would reach uvicorn, which logs it as
+            # an error of the application.
             if not started_response:
                 stopped = shape.response(Kind.UNAVAILABLE, "the server stopped before the call finished; retry")
                 await stopped(scope, receive, send_with_id)
-            raise
         finally:
             self.calls.finished(shape.surface, route, status, time.perf_counter() - started)
 
