@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from importlib.metadata import requires
 
@@ -13,7 +16,9 @@ import pytest
 from rerank_client import (
     AsyncRerankClient,
     InvalidRequestError,
+    ModelNotFoundError,
     RerankClient,
+    RerankTimeoutError,
     UnavailableError,
     build_rerank_request,
     build_score_request,
@@ -241,3 +246,89 @@ async def test_priority_reaches_the_server_and_leaves_the_scores_as_they_are(sta
     async with AsyncRerankClient(stack.target, timeout=60) as aio:
         answered = await aio.rerank(QUERY, documents, priority=2**32 - 1)
     assert [(r.index, r.logit) for r in answered.results] == [(r.index, r.logit) for r in first.results]
+
+
+# -- the request id ----------------------------------------------------------------------------------------
+
+
+async def test_a_request_id_the_server_would_not_use_as_given_is_refused_before_sending() -> None:
+    """A character a header cannot carry (the server would make its own id) or more than 128 (it would cut
+    it): the caller's logs would hold another id than the service's. Nothing listens at the target."""
+
+    def refused(caught: pytest.ExceptionInfo[InvalidRequestError], why: str) -> None:
+        error = caught.value
+        assert [v.field for v in error.field_violations] == ["request_id"] and error.request_id is None
+        assert str(error).startswith(f"INVALID_ARGUMENT: request_id: {why}")
+
+    bad_ids = {
+        "id\n": "the character at position 2 cannot",
+        "caf\u00e9": "the character at position 3 cannot",
+        "x" * 129: "is 129 characters long; at most 128",
+        7: "must be a str, not int",
+    }
+    target = f"127.0.0.1:{free_port()}"
+    with RerankClient(target, timeout=5, retries=0) as client:
+        calls: list[tuple[Callable[..., object], tuple[object, ...]]] = [
+            (client.rerank, ("q", ["x"])),
+            (client.score, ([("q", "x")],)),
+            (client.model_info, ()),
+            (client.list_models, ()),
+            (lambda **options: list(client.rerank_stream([], **options)), ()),
+        ]
+        for bad, why in bad_ids.items():
+            for call, args in calls:
+                with pytest.raises(InvalidRequestError) as caught:
+                    call(*args, request_id=bad)
+                refused(caught, why)
+        # 128 visible ASCII characters and spaces are sent (and fail to connect: no id came back).
+        with pytest.raises(UnavailableError) as unavailable:
+            client.list_models(request_id="a b~" * 32)
+        assert unavailable.value.request_id is None
+    async with AsyncRerankClient(target, timeout=5, retries=0) as aio:
+        for bad, why in bad_ids.items():
+            with pytest.raises(InvalidRequestError) as caught:
+                await aio.rerank("q", ["x"], request_id=bad)  # type: ignore[arg-type]
+            refused(caught, why)
+            with pytest.raises(InvalidRequestError) as caught:
+                async for _ in aio.rerank_stream([], request_id=bad):  # type: ignore[arg-type]
+                    pass
+            refused(caught, why)
+
+
+async def test_the_request_id_reaches_the_server_and_its_errors_carry_the_id_it_used(stack: Stack) -> None:
+    """The caller's id is the one the server echoes; without one, the server's own comes back. A stream's
+    id is set once, at open."""
+
+    def slow_requests() -> Iterator[rerank_pb2.RerankStreamRequest]:
+        yield stream_request("a", QUERY, ["d"])
+        time.sleep(3)  # past the stream's deadline
+
+    with RerankClient(stack.target, timeout=60) as client:
+        assert len(client.rerank(QUERY, ["d"], request_id="mine-ok").results) == 1
+        with pytest.raises(InvalidRequestError) as invalid:
+            client.rerank("", ["d"], request_id="mine-1")
+        assert invalid.value.request_id == "mine-1"
+        with pytest.raises(ModelNotFoundError) as not_found:
+            client.model_info(model="no-such-model", request_id="mine 2")
+        assert not_found.value.request_id == "mine 2"
+        with pytest.raises(ModelNotFoundError) as generated:
+            client.score([(QUERY, "d")], model="no-such-model")
+        assert re.fullmatch(r"[0-9a-f]{32}", generated.value.request_id or "")
+        with pytest.raises(RerankTimeoutError) as timed_out:
+            for _ in client.rerank_stream(slow_requests(), timeout=1, request_id="stream-1"):
+                pass
+        assert timed_out.value.request_id == "stream-1"
+
+    async def slow_arequests() -> AsyncIterator[rerank_pb2.RerankStreamRequest]:
+        yield stream_request("a", QUERY, ["d"])
+        await asyncio.sleep(3)
+
+    async with AsyncRerankClient(stack.target, timeout=60) as aio:
+        assert len((await aio.list_models(request_id="mine-ok")).models) >= 1
+        with pytest.raises(InvalidRequestError) as invalid:
+            await aio.rerank("", ["d"], request_id="mine-3")
+        assert invalid.value.request_id == "mine-3"
+        with pytest.raises(RerankTimeoutError) as timed_out:
+            async for _ in aio.rerank_stream(slow_arequests(), timeout=1, request_id="stream-2"):
+                pass
+        assert timed_out.value.request_id == "stream-2"

@@ -18,7 +18,7 @@ from typing import Any, TypeAlias, cast
 import grpc
 import grpc.aio
 
-from rerank_client.errors import InvalidRequestError, from_rpc_error
+from rerank_client.errors import REQUEST_ID_KEY, InvalidRequestError, from_rpc_error
 from rerank_client.pb import SERVICE_NAME, rerank_pb2, rerank_pb2_grpc
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -266,6 +266,27 @@ def _check_token(token: str | None) -> None:
         )
 
 
+# The most of a caller's request id the server keeps (it cuts a longer one).
+REQUEST_ID_MAX = 128
+
+
+def _check_request_id(request_id: str | None) -> None:
+    """Refuse a request id the server would not use as given (it replaces one outside visible ASCII and
+    cuts one past REQUEST_ID_MAX): the caller's logs would hold another id than the service's."""
+    if request_id is None:
+        return
+    if not isinstance(request_id, str):
+        raise _refused("request_id", f"must be a str, not {type(request_id).__name__}")
+    if len(request_id) > REQUEST_ID_MAX:
+        raise _refused("request_id", f"is {len(request_id)} characters long; at most {REQUEST_ID_MAX} are sent")
+    if (bad := _NOT_HEADER_VALUE.search(request_id)) is not None:
+        raise _refused(
+            "request_id",
+            f"the character at position {bad.start()} cannot be sent in a gRPC header "
+            "(only visible ASCII and spaces can)",
+        )
+
+
 class _ClientConfig:
     """What both twins share: where to connect, how, the default deadline and the call metadata."""
 
@@ -288,6 +309,14 @@ class _ClientConfig:
     def deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
+    def call_metadata(self, request_id: str | None) -> tuple[tuple[str, str], ...] | None:
+        """The client's metadata, and `x-request-id` when the call has one. gRPC's retries resend the
+        call's metadata: every attempt carries the same id."""
+        _check_request_id(request_id)
+        if not request_id:
+            return self.metadata
+        return (*(self.metadata or ()), (REQUEST_ID_KEY, request_id))
+
 
 class RerankClient:
     """Blocking client. Use as a context manager, or call close().
@@ -299,6 +328,12 @@ class RerankClient:
     turns on TLS (see `tls_credentials`), `token` sends `authorization: Bearer <token>` (visible ASCII
     and spaces only: another character is a ValueError here), and `retries` is how often an idempotent
     call is retried, with backoff, on UNAVAILABLE.
+
+    Every call takes `request_id`, sent as `x-request-id` (for a stream, once for the whole stream; a
+    retry resends the same one): the id the server logs the call under, to find it from the caller's own
+    logs. Up to 128 visible ASCII characters and spaces, which the server uses as given; another value is
+    an InvalidRequestError naming `request_id`, before sending. Without one the server makes its own id.
+    Every RerankError from the server carries the id it used as `request_id`.
     """
 
     def __init__(
@@ -331,6 +366,7 @@ class RerankClient:
         model: str | None = None,
         priority: int | None = None,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> rerank_pb2.RerankResponse:
         """Score `documents` against `query` with `model` (None: the server's default); best first.
         `priority`: lower is handled first, None or 0 first of all; above 0 (background work) the call is
@@ -346,7 +382,7 @@ class RerankClient:
             model=model,
             priority=priority,
         )
-        response: rerank_pb2.RerankResponse = self._call(self._stub.Rerank, request, timeout)
+        response: rerank_pb2.RerankResponse = self._call(self._stub.Rerank, request, timeout, request_id)
         return response
 
     def score(
@@ -359,6 +395,7 @@ class RerankClient:
         model: str | None = None,
         priority: int | None = None,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> rerank_pb2.ScoreResponse:
         """Score (text_a, text_b) pairs with `model` (None: the server's default), in request order;
         `priority` as in `rerank`."""
@@ -370,11 +407,15 @@ class RerankClient:
             model=model,
             priority=priority,
         )
-        response: rerank_pb2.ScoreResponse = self._call(self._stub.Score, request, timeout)
+        response: rerank_pb2.ScoreResponse = self._call(self._stub.Score, request, timeout, request_id)
         return response
 
     def rerank_stream(
-        self, requests: Iterable[rerank_pb2.RerankStreamRequest], *, timeout: float | None = None
+        self,
+        requests: Iterable[rerank_pb2.RerankStreamRequest],
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
     ) -> Iterator[rerank_pb2.RerankStreamResponse]:
         """Send independent rerank requests (see `stream_request`); answers come as they complete.
 
@@ -382,31 +423,37 @@ class RerankClient:
         into the exception the unary call would have raised); a failure of the stream itself raises, and
         so does an exception `requests` raise (stream_request's InvalidRequestError included), as itself.
         """
+        metadata = self._config.call_metadata(request_id)
         source = _Requests(requests)
         try:
             yield from self._stub.RerankStream(
-                source.iterate(), timeout=self._config.deadline(timeout), metadata=self._config.metadata
+                source.iterate(), timeout=self._config.deadline(timeout), metadata=metadata
             )
         except grpc.RpcError as error:
             raise (source.error or from_rpc_error(error)) from None
 
-    def model_info(self, *, model: str | None = None, timeout: float | None = None) -> rerank_pb2.GetModelInfoResponse:
+    def model_info(
+        self, *, model: str | None = None, timeout: float | None = None, request_id: str | None = None
+    ) -> rerank_pb2.GetModelInfoResponse:
         """A served model (None: the default one), its maximum length and the service's limits."""
         response: rerank_pb2.GetModelInfoResponse = self._call(
-            self._stub.GetModelInfo, _model_info_request(model), timeout
+            self._stub.GetModelInfo, _model_info_request(model), timeout, request_id
         )
         return response
 
-    def list_models(self, *, timeout: float | None = None) -> rerank_pb2.ListModelsResponse:
+    def list_models(
+        self, *, timeout: float | None = None, request_id: str | None = None
+    ) -> rerank_pb2.ListModelsResponse:
         """Every served model, and the name of the default one."""
         response: rerank_pb2.ListModelsResponse = self._call(
-            self._stub.ListModels, rerank_pb2.ListModelsRequest(), timeout
+            self._stub.ListModels, rerank_pb2.ListModelsRequest(), timeout, request_id
         )
         return response
 
-    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+    def _call(self, method: Any, request: Any, timeout: float | None, request_id: str | None) -> Any:
+        metadata = self._config.call_metadata(request_id)
         try:
-            return method(request, timeout=self._config.deadline(timeout), metadata=self._config.metadata)
+            return method(request, timeout=self._config.deadline(timeout), metadata=metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -455,6 +502,7 @@ class AsyncRerankClient:
         model: str | None = None,
         priority: int | None = None,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> rerank_pb2.RerankResponse:
         """Score `documents` against `query` with `model` (None: the server's default); best first.
         `priority`: lower is handled first, None or 0 first of all; above 0 (background work) the call is
@@ -470,7 +518,7 @@ class AsyncRerankClient:
             model=model,
             priority=priority,
         )
-        response: rerank_pb2.RerankResponse = await self._call(self._stub.Rerank, request, timeout)
+        response: rerank_pb2.RerankResponse = await self._call(self._stub.Rerank, request, timeout, request_id)
         return response
 
     async def score(
@@ -483,6 +531,7 @@ class AsyncRerankClient:
         model: str | None = None,
         priority: int | None = None,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> rerank_pb2.ScoreResponse:
         """Score (text_a, text_b) pairs with `model` (None: the server's default), in request order;
         `priority` as in `rerank`."""
@@ -494,7 +543,7 @@ class AsyncRerankClient:
             model=model,
             priority=priority,
         )
-        response: rerank_pb2.ScoreResponse = await self._call(self._stub.Score, request, timeout)
+        response: rerank_pb2.ScoreResponse = await self._call(self._stub.Score, request, timeout, request_id)
         return response
 
     async def rerank_stream(
@@ -502,12 +551,12 @@ class AsyncRerankClient:
         requests: Iterable[rerank_pb2.RerankStreamRequest] | AsyncIterable[rerank_pb2.RerankStreamRequest],
         *,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> AsyncIterator[rerank_pb2.RerankStreamResponse]:
         """Send independent rerank requests (see `stream_request`); answers come as they complete."""
+        metadata = self._config.call_metadata(request_id)
         source = _Requests(requests)
-        call = self._stub.RerankStream(
-            source.aiterate(), timeout=self._config.deadline(timeout), metadata=self._config.metadata
-        )
+        call = self._stub.RerankStream(source.aiterate(), timeout=self._config.deadline(timeout), metadata=metadata)
         try:
             async for response in call:
                 yield response
@@ -522,24 +571,27 @@ class AsyncRerankClient:
             call.cancel()  # no-op once the stream ended; stops it if the caller stopped reading
 
     async def model_info(
-        self, *, model: str | None = None, timeout: float | None = None
+        self, *, model: str | None = None, timeout: float | None = None, request_id: str | None = None
     ) -> rerank_pb2.GetModelInfoResponse:
         """A served model (None: the default one), its maximum length and the service's limits."""
         response: rerank_pb2.GetModelInfoResponse = await self._call(
-            self._stub.GetModelInfo, _model_info_request(model), timeout
+            self._stub.GetModelInfo, _model_info_request(model), timeout, request_id
         )
         return response
 
-    async def list_models(self, *, timeout: float | None = None) -> rerank_pb2.ListModelsResponse:
+    async def list_models(
+        self, *, timeout: float | None = None, request_id: str | None = None
+    ) -> rerank_pb2.ListModelsResponse:
         """Every served model, and the name of the default one."""
         response: rerank_pb2.ListModelsResponse = await self._call(
-            self._stub.ListModels, rerank_pb2.ListModelsRequest(), timeout
+            self._stub.ListModels, rerank_pb2.ListModelsRequest(), timeout, request_id
         )
         return response
 
-    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+    async def _call(self, method: Any, request: Any, timeout: float | None, request_id: str | None) -> Any:
+        metadata = self._config.call_metadata(request_id)
         try:
-            return await method(request, timeout=self._config.deadline(timeout), metadata=self._config.metadata)
+            return await method(request, timeout=self._config.deadline(timeout), metadata=metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 

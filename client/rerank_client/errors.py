@@ -26,15 +26,23 @@ class RerankError(Exception):
 
     `code` is the gRPC status, `details` the server's message, and `field_violations` the request
     fields at fault (from the google.rpc.BadRequest the server attaches to request errors).
+    `request_id` is the id the server handled and logged the call under (its `x-request-id`: the
+    caller's `request_id` when valid, else one of its own); None when no answer came from the server
+    (a refusal before sending, a connection that failed) and for a stream message's error.
     """
 
     def __init__(
-        self, code: grpc.StatusCode, details: str, field_violations: Sequence[rerank_pb2.FieldViolation] = ()
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        field_violations: Sequence[rerank_pb2.FieldViolation] = (),
+        request_id: str | None = None,
     ) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
         self.field_violations = list(field_violations)
+        self.request_id = request_id
 
 
 class InvalidRequestError(RerankError):
@@ -85,6 +93,14 @@ _BY_CODE: dict[grpc.StatusCode, type[RerankError]] = {
 
 _CODE_BY_NUMBER = {status.value[0]: status for status in grpc.StatusCode}
 _DETAILS_KEY = "grpc-status-details-bin"
+REQUEST_ID_KEY = "x-request-id"
+
+
+def _request_id(initial_metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    for key, value in initial_metadata or ():
+        if key == REQUEST_ID_KEY:
+            return value.decode("latin-1") if isinstance(value, bytes) else value
+    return None
 
 
 def _violations(trailing_metadata: Iterable[tuple[str, str | bytes]] | None) -> list[rerank_pb2.FieldViolation]:
@@ -108,7 +124,11 @@ def from_rpc_error(error: grpc.RpcError) -> RerankError:
     code: grpc.StatusCode = error.code()
     details: str = error.details() or ""
     violations = _violations(error.trailing_metadata())
-    return _BY_CODE.get(code, ServerError)(code, details, violations)
+    # Sync errors and aio's AioRpcError both keep the initial metadata (None when none came); the base
+    # class declares no such method.
+    initial_metadata = getattr(error, "initial_metadata", None)
+    request_id = _request_id(initial_metadata()) if callable(initial_metadata) else None
+    return _BY_CODE.get(code, ServerError)(code, details, violations, request_id)
 
 
 def from_stream_error(error: rerank_pb2.StreamError) -> RerankError:

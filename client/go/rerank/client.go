@@ -7,6 +7,7 @@
 //	response, err := client.Rerank(ctx, "what is the capital of China?", []string{"Beijing", "rain"}, rerank.TopN(1))
 //
 // Results are the generated rerankv1 messages; every failed call returns an *Error (see ErrInvalidRequest).
+// WithRequestID sets a call's request id, the one the server logs it under.
 package rerank
 
 import (
@@ -26,6 +27,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/metadata"
 
 	rerankv1 "github.com/rerank-service/rerank-service/client/go/gen/rerank/v1"
 )
@@ -42,6 +44,9 @@ const (
 	maxAttempts    = 5
 	initialBackoff = 100 * time.Millisecond
 	maxBackoff     = 2 * time.Second
+	// RequestIDMax is the longest request id the server uses as given (it cuts a longer one).
+	RequestIDMax    = 128
+	requestIDHeader = "x-request-id"
 )
 
 // Client calls one rerank service. It is safe for concurrent use; Close it when done.
@@ -295,7 +300,9 @@ func (c *Client) Rerank(ctx context.Context, query string, documents []string, o
 	if err := checkRerankRequest("", request); err != nil {
 		return nil, err
 	}
-	return call(ctx, c, func(ctx context.Context) (*rerankv1.RerankResponse, error) { return c.stub.Rerank(ctx, request) })
+	return call(ctx, c, func(ctx context.Context, options ...grpc.CallOption) (*rerankv1.RerankResponse, error) {
+		return c.stub.Rerank(ctx, request, options...)
+	})
 }
 
 // Score scores (TextA, TextB) pairs; scores come in request order.
@@ -312,7 +319,9 @@ func (c *Client) Score(ctx context.Context, pairs []Pair, options ...Option) (*r
 	if err := checkText("model", request.Model); err != nil {
 		return nil, err
 	}
-	return call(ctx, c, func(ctx context.Context) (*rerankv1.ScoreResponse, error) { return c.stub.Score(ctx, request) })
+	return call(ctx, c, func(ctx context.Context, options ...grpc.CallOption) (*rerankv1.ScoreResponse, error) {
+		return c.stub.Score(ctx, request, options...)
+	})
 }
 
 // ModelInfo describes a served model (the default one unless Model names another), its maximum length
@@ -322,16 +331,22 @@ func (c *Client) ModelInfo(ctx context.Context, options ...Option) (*rerankv1.Ge
 	if err := checkText("model", request.Model); err != nil {
 		return nil, err
 	}
-	return call(ctx, c, func(ctx context.Context) (*rerankv1.GetModelInfoResponse, error) {
-		return c.stub.GetModelInfo(ctx, request)
+	return call(ctx, c, func(ctx context.Context, options ...grpc.CallOption) (*rerankv1.GetModelInfoResponse, error) {
+		return c.stub.GetModelInfo(ctx, request, options...)
 	})
 }
 
 // ListModels describes every served model and names the default one.
 func (c *Client) ListModels(ctx context.Context) (*rerankv1.ListModelsResponse, error) {
-	return call(ctx, c, func(ctx context.Context) (*rerankv1.ListModelsResponse, error) {
-		return c.stub.ListModels(ctx, &rerankv1.ListModelsRequest{})
+	return call(ctx, c, func(ctx context.Context, options ...grpc.CallOption) (*rerankv1.ListModelsResponse, error) {
+		return c.stub.ListModels(ctx, &rerankv1.ListModelsRequest{}, options...)
 	})
+}
+
+// refused is the caller's invalid request naming field, returned before anything is sent.
+func refused(field, description string) *Error {
+	violation := &rerankv1.FieldViolation{Field: field, Description: description}
+	return &Error{Code: codes.InvalidArgument, Details: field + ": " + description, FieldViolations: []*rerankv1.FieldViolation{violation}}
 }
 
 // checkText refuses text protobuf cannot carry (a string must be valid UTF-8) as the caller's invalid
@@ -340,8 +355,47 @@ func checkText(field, text string) error {
 	if utf8.ValidString(text) {
 		return nil
 	}
-	violation := &rerankv1.FieldViolation{Field: field, Description: "is not valid UTF-8"}
-	return &Error{Code: codes.InvalidArgument, Details: field + ": is not valid UTF-8", FieldViolations: []*rerankv1.FieldViolation{violation}}
+	return refused(field, "is not valid UTF-8")
+}
+
+type requestIDKey struct{}
+
+// WithRequestID returns a context whose calls (Rerank, Score, ModelInfo, ListModels, and RerankStream
+// for the whole stream) send id as `x-request-id`: the id the server logs the call under, to find it from
+// the caller's own logs. A retry resends the same id. Up to RequestIDMax visible ASCII characters and
+// spaces, which the server uses as given; a call refuses another id with an ErrInvalidRequest naming
+// request_id, before sending. "": the server makes its own id. Every *Error from the server carries the id
+// it used as RequestID.
+func WithRequestID(ctx context.Context, id string) context.Context {
+	return context.WithValue(ctx, requestIDKey{}, id)
+}
+
+// withRequestID adds the request id of ctx (WithRequestID) to its outgoing metadata, or refuses one the
+// server would not use as given (it replaces one outside visible ASCII and cuts a longer one): the
+// caller's logs would hold another id than the service's.
+func withRequestID(ctx context.Context) (context.Context, error) {
+	id, _ := ctx.Value(requestIDKey{}).(string)
+	if id == "" {
+		return ctx, nil
+	}
+	if n := utf8.RuneCountInString(id); n > RequestIDMax {
+		return nil, refused("request_id", fmt.Sprintf("is %d characters long; at most %d are sent", n, RequestIDMax))
+	}
+	for i := 0; i < len(id); i++ {
+		if id[i] < 0x20 || id[i] > 0x7e {
+			return nil, refused("request_id", fmt.Sprintf("the byte at position %d cannot be sent in a gRPC header (only visible ASCII and spaces can)", i))
+		}
+	}
+	return metadata.AppendToOutgoingContext(ctx, requestIDHeader, id), nil
+}
+
+// withServerRequestID sets the RequestID of a call's *Error from the header the server sent, if any.
+func withServerRequestID(err error, header metadata.MD) error {
+	var rerankError *Error
+	if ids := header.Get(requestIDHeader); len(ids) > 0 && errors.As(err, &rerankError) && rerankError.RequestID == "" {
+		rerankError.RequestID = ids[0]
+	}
+	return err
 }
 
 // checkRerankRequest is checkText on every string of request; prefix leads each field's name.
@@ -366,8 +420,14 @@ func (c *Client) withDeadline(ctx context.Context) (context.Context, context.Can
 }
 
 // call runs an idempotent unary call (scoring has no side effects), retrying it on UNAVAILABLE with
-// exponential backoff within the one deadline, and returns the response or an *Error.
-func call[T any](ctx context.Context, c *Client, invoke func(context.Context) (T, error)) (T, error) {
+// exponential backoff within the one deadline (every attempt with the call's one request id), and returns
+// the response or an *Error.
+func call[T any](ctx context.Context, c *Client, invoke func(context.Context, ...grpc.CallOption) (T, error)) (T, error) {
+	ctx, err := withRequestID(ctx)
+	if err != nil {
+		var none T
+		return none, err
+	}
 	ctx, cancel := c.withDeadline(ctx)
 	defer cancel()
 	attempts := c.retries + 1
@@ -375,11 +435,12 @@ func call[T any](ctx context.Context, c *Client, invoke func(context.Context) (T
 		attempts = maxAttempts
 	}
 	for attempt := 1; ; attempt++ {
-		response, err := invoke(ctx)
+		var header metadata.MD
+		response, err := invoke(ctx, grpc.Header(&header))
 		if err == nil {
 			return response, nil
 		}
-		failure := FromError(err)
+		failure := withServerRequestID(FromError(err), header)
 		var rerankError *Error
 		if attempt >= attempts || !errors.As(failure, &rerankError) || rerankError.Code != codes.Unavailable {
 			return response, failure
@@ -431,8 +492,13 @@ type Stream struct {
 }
 
 // RerankStream opens a stream; the client's timeout (when ctx has no deadline) bounds the whole stream,
-// and cancelling ctx ends it. Streams are not retried.
+// and cancelling ctx ends it. A request id (WithRequestID on ctx) is the whole stream's. Streams are not
+// retried.
 func (c *Client) RerankStream(ctx context.Context) (*Stream, error) {
+	ctx, err := withRequestID(ctx)
+	if err != nil {
+		return nil, err
+	}
 	ctx, cancel := c.withDeadline(ctx)
 	stream, err := c.stub.RerankStream(ctx)
 	if err != nil {
@@ -474,7 +540,9 @@ func (s *Stream) Recv() (*rerankv1.RerankStreamResponse, error) {
 		if err == io.EOF {
 			return nil, err
 		}
-		return nil, FromError(err)
+		// The stream has ended: Header returns at once, with the server's id when its headers came.
+		header, _ := s.stream.Header()
+		return nil, withServerRequestID(FromError(err), header)
 	}
 	return response, nil
 }

@@ -46,12 +46,16 @@ var kindByCode = map[codes.Code]error{
 	codes.Canceled:           ErrCancelled,
 }
 
-// Error is a failed call: the gRPC status code, the server's message, and the request fields at fault
-// (from the google.rpc.BadRequest the server attaches to request errors).
+// Error is a failed call: the gRPC status code, the server's message, the request fields at fault (from
+// the google.rpc.BadRequest the server attaches to request errors), and the call's request id.
 type Error struct {
 	Code            codes.Code
 	Details         string
 	FieldViolations []*rerankv1.FieldViolation
+	// RequestID is the id the server handled and logged the call under (its x-request-id: the caller's
+	// WithRequestID when valid, else one of its own); "" when no answer came from the server (a refusal
+	// before sending, a connection that failed) and for a stream message's error.
+	RequestID string
 	// The status the call returned, details included; nil for an Error made here.
 	status *status.Status
 }

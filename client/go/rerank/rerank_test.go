@@ -25,6 +25,7 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	rerankv1 "github.com/rerank-service/rerank-service/client/go/gen/rerank/v1"
@@ -793,5 +794,97 @@ func TestATokenAHeaderCannotCarryIsRefusedByNew(t *testing.T) {
 			t.Fatalf("%q: %v", token, err)
 		}
 		client.Close()
+	}
+}
+
+// -- the request id ----------------------------------------------------------------------------------------
+
+func TestARequestIDTheServerWouldNotUseAsGivenIsRefusedBeforeSending(t *testing.T) {
+	// Nothing listens at this target: a call that were sent would be ErrUnavailable.
+	client := newClient(t, "127.0.0.1:1", rerank.WithRetries(0))
+	for bad, why := range map[string]string{
+		"id\n":                   "the byte at position 2 cannot be sent",
+		"caf\u00e9":              "the byte at position 3 cannot be sent",
+		strings.Repeat("🚀", 129): "is 129 characters long; at most 128 are sent",
+	} {
+		ctx := rerank.WithRequestID(context.Background(), bad)
+		for name, err := range map[string]error{
+			"Rerank":       second(client.Rerank(ctx, "q", []string{"d"})),
+			"Score":        second(client.Score(ctx, []rerank.Pair{{TextA: "q", TextB: "d"}})),
+			"ModelInfo":    second(client.ModelInfo(ctx)),
+			"ListModels":   second(client.ListModels(ctx)),
+			"RerankStream": second(client.RerankStream(ctx)),
+		} {
+			if field := refusedField(t, err); field != "request_id" || !strings.HasPrefix(failure(t, err).Details, "request_id: "+why) {
+				t.Fatalf("%s %q: %v", name, bad, err)
+			}
+			if failure(t, err).RequestID != "" {
+				t.Fatalf("%s: a refusal before sending has no request id: %v", name, err)
+			}
+		}
+	}
+	// 128 visible ASCII characters and spaces are sent (and fail to connect: no id came back).
+	_, err := client.ListModels(rerank.WithRequestID(context.Background(), strings.Repeat("a b~", 32)))
+	if failed := expectKind(t, err, rerank.ErrUnavailable, codes.Unavailable); failed.RequestID != "" {
+		t.Fatalf("request id %q", failed.RequestID)
+	}
+}
+
+func TestTheRequestIDReachesTheServerAndItsErrorsCarryTheIDItUsed(t *testing.T) {
+	client := newClient(t, env(t, "RERANK_TARGET"))
+	background := context.Background()
+	if _, err := client.Rerank(rerank.WithRequestID(background, "mine-ok"), "q", []string{"d"}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := client.Rerank(rerank.WithRequestID(background, "mine-1"), "", []string{"d"})
+	if failed := expectKind(t, err, rerank.ErrInvalidRequest, codes.InvalidArgument); failed.RequestID != "mine-1" {
+		t.Fatalf("request id %q", failed.RequestID)
+	}
+	_, err = client.ModelInfo(rerank.WithRequestID(background, "mine 2"), rerank.Model("no-such-model"))
+	if failed := expectKind(t, err, rerank.ErrModelNotFound, codes.NotFound); failed.RequestID != "mine 2" {
+		t.Fatalf("request id %q", failed.RequestID)
+	}
+	// Without one, the server's own id.
+	_, err = client.Score(background, []rerank.Pair{{TextA: "q", TextB: "d"}}, rerank.Model("no-such-model"))
+	if failed := expectKind(t, err, rerank.ErrModelNotFound, codes.NotFound); len(failed.RequestID) != 32 {
+		t.Fatalf("request id %q", failed.RequestID)
+	}
+	// A stream's id is set at open; its deadline passing still carries it.
+	ctx, cancel := context.WithTimeout(rerank.WithRequestID(background, "stream-1"), time.Second)
+	defer cancel()
+	stream, err := client.RerankStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(rerank.StreamRequest("a", "q", []string{"d"})); err != nil {
+		t.Fatal(err)
+	}
+	for err == nil {
+		_, err = stream.Recv()
+	}
+	if failed := expectKind(t, err, rerank.ErrTimeout, codes.DeadlineExceeded); failed.RequestID != "stream-1" {
+		t.Fatalf("request id %q", failed.RequestID)
+	}
+}
+
+func TestRetriesResendTheSameRequestID(t *testing.T) {
+	var mu sync.Mutex
+	var sent []string
+	record := func(ctx context.Context, method string, req, reply interface{}, cc *grpc.ClientConn,
+		invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		md, _ := metadata.FromOutgoingContext(ctx)
+		mu.Lock()
+		sent = append(sent, strings.Join(md.Get("x-request-id"), ","))
+		mu.Unlock()
+		return invoker(ctx, method, req, reply, cc, opts...)
+	}
+	down := startProxy(t, env(t, "RERANK_TARGET"), 1000)
+	client := newClient(t, down.target(), rerank.WithRetries(2), rerank.WithDialOptions(grpc.WithUnaryInterceptor(record)))
+	_, err := client.ListModels(rerank.WithRequestID(context.Background(), "retried"))
+	expectKind(t, err, rerank.ErrUnavailable, codes.Unavailable)
+	mu.Lock()
+	defer mu.Unlock()
+	if strings.Join(sent, " ") != "retried retried retried" {
+		t.Fatalf("attempts sent %q", sent)
 	}
 }

@@ -16,6 +16,7 @@ import {
   fromConnectError,
   InvalidRequestError,
   type RerankError,
+  REQUEST_ID_HEADER,
   RerankTimeoutError,
   UnavailableError,
 } from "./errors.js";
@@ -73,10 +74,21 @@ export function truncationValue(truncation: TruncationArg | undefined): Truncati
   return truncation;
 }
 
-/** A call's own deadline (null: none; undefined: the client's) and an AbortSignal that cancels it. */
+/**
+ * A call's own deadline (null: none; undefined: the client's), an AbortSignal that cancels it, and its
+ * request id.
+ */
 export interface CallSettings {
   timeoutMs?: number | null | undefined;
   signal?: AbortSignal | undefined;
+  /**
+   * Sent as `x-request-id` (for rerankStream, once for the whole stream; a retry resends the same one): the
+   * id the server logs the call under, to find it from the caller's own logs. Up to 128 visible ASCII
+   * characters and spaces, which the server uses as given; another value is an InvalidRequestError naming
+   * `request_id`, before sending. "" or unset: the server makes its own id. Every RerankError from the
+   * server carries the id it used as `requestId`.
+   */
+  requestId?: string | undefined;
 }
 
 /**
@@ -276,6 +288,34 @@ function checkToken(token: string | undefined): void {
   }
 }
 
+/** The most of a caller's request id the server keeps (it cuts a longer one). */
+const REQUEST_ID_MAX = 128;
+
+/**
+ * Refuse a request id the server would not use as given (it replaces one outside visible ASCII and cuts one
+ * past REQUEST_ID_MAX): the caller's logs would hold another id than the service's.
+ */
+function checkRequestId(requestId: string | undefined): void {
+  if (requestId === undefined) {
+    return;
+  }
+  if (typeof requestId !== "string") {
+    throw refused("request_id", `must be a string, not ${typeof requestId}`);
+  }
+  // Counted in characters (code points), as the Python SDK counts them.
+  const characters = [...requestId];
+  if (characters.length > REQUEST_ID_MAX) {
+    throw refused("request_id", `is ${characters.length} characters long; at most ${REQUEST_ID_MAX} are sent`);
+  }
+  const position = characters.findIndex((c) => NOT_HEADER_VALUE.test(c));
+  if (position >= 0) {
+    throw refused(
+      "request_id",
+      `the character at position ${position} cannot be sent in a gRPC header (only visible ASCII and spaces can)`,
+    );
+  }
+}
+
 // gRPC name schemes (https://github.com/grpc/grpc/blob/master/doc/naming.md): those naming one address
 // map to it; the others need a resolver or a socket this transport does not have.
 const ONE_ADDRESS_SCHEMES = new Set(["dns", "ipv4", "ipv6", "passthrough"]);
@@ -431,16 +471,16 @@ export class RerankClient {
     documents: readonly string[],
     options: RerankOptions & CallSettings = {},
   ): Promise<RerankResponse> {
-    const { timeoutMs, signal, ...fields } = options;
+    const { timeoutMs, signal, requestId, ...fields } = options;
     const request = buildRerankRequest(query, documents, fields);
-    return this.call((callOptions) => this.stub.rerank(request, callOptions), { timeoutMs, signal });
+    return this.call((callOptions) => this.stub.rerank(request, callOptions), { timeoutMs, signal, requestId });
   }
 
   /** Score [textA, textB] pairs; scores come in request order. Every failure rejects the promise. */
   async score(pairs: Iterable<readonly [string, string]>, options: RequestOptions & CallSettings = {}): Promise<ScoreResponse> {
-    const { timeoutMs, signal, ...fields } = options;
+    const { timeoutMs, signal, requestId, ...fields } = options;
     const request = buildScoreRequest(pairs, fields);
-    return this.call((callOptions) => this.stub.score(request, callOptions), { timeoutMs, signal });
+    return this.call((callOptions) => this.stub.score(request, callOptions), { timeoutMs, signal, requestId });
   }
 
   /** A served model (`model` unset: the default one), its maximum length and the service's limits. */
@@ -467,6 +507,7 @@ export class RerankClient {
     settings: CallSettings = {},
   ): AsyncIterable<RerankStreamResponse> {
     this.checkOpen();
+    checkRequestId(settings.requestId);
     // A message refused here, or an error of `requests` itself, fails the call (connect reads it as
     // INTERNAL); the iteration throws that error. One connect throws in while sending is the call's own.
     let refused: unknown;
@@ -487,10 +528,15 @@ export class RerankClient {
         throw error;
       }
     }
+    // The server's id, from the stream's headers: an error connect raises itself (the deadline) lacks them.
+    let heard: string | undefined;
+    const onHeader = (headers: Headers) => {
+      heard = headers.get(REQUEST_ID_HEADER) ?? undefined;
+    };
     try {
-      yield* this.stub.rerankStream(checked(), this.callOptions(settings.timeoutMs, settings.signal));
+      yield* this.stub.rerankStream(checked(), { ...this.callOptions(settings.timeoutMs, settings), onHeader });
     } catch (error) {
-      throw refused ?? this.failure(error, settings.signal);
+      throw refused ?? this.failure(error, settings.signal, heard);
     }
     if (refused !== undefined) {
       throw refused;
@@ -514,10 +560,12 @@ export class RerankClient {
     }
   }
 
-  private callOptions(timeoutMs: number | null | undefined, signal: AbortSignal | undefined): CallOptions {
+  /** connect's options for one attempt: every attempt of a call sends the call's one request id. */
+  private callOptions(timeoutMs: number | null | undefined, settings: CallSettings): CallOptions {
     const timeout = timeoutMs === undefined ? this.timeoutMs : timeoutMs;
+    const headers: Record<string, string> = settings.requestId ? { [REQUEST_ID_HEADER]: settings.requestId } : {};
     // connect reads a timeout <= 0 as "none"; null is this SDK's "none".
-    return { timeoutMs: timeout === null ? 0 : Math.max(timeout, 1), signal };
+    return { timeoutMs: timeout === null ? 0 : Math.max(timeout, 1), signal: settings.signal, headers };
   }
 
   /**
@@ -526,6 +574,7 @@ export class RerankClient {
    */
   private async call<T>(invoke: (options: CallOptions) => Promise<T>, settings: CallSettings): Promise<T> {
     this.checkOpen();
+    checkRequestId(settings.requestId);
     const timeout = settings.timeoutMs === undefined ? this.timeoutMs : settings.timeoutMs;
     const deadline = timeout === null ? null : Date.now() + timeout;
     const attempts = Math.min(this.retries + 1, MAX_ATTEMPTS);
@@ -536,7 +585,7 @@ export class RerankClient {
         throw new RerankTimeoutError(Code.DeadlineExceeded, `the deadline passed ${when}`);
       }
       try {
-        return await invoke(this.callOptions(remaining, settings.signal));
+        return await invoke(this.callOptions(remaining, settings));
       } catch (reason) {
         const error = this.failure(reason, settings.signal);
         if (attempt >= attempts || !(error instanceof UnavailableError)) {
@@ -562,17 +611,17 @@ export class RerankClient {
    * (a server stopped, a connection reset) with RST_STREAM CANCEL, which connect reads as CANCELLED; when
    * neither the caller nor close() cancelled and no status came from the server, the server is unavailable.
    */
-  private failure(reason: unknown, signal: AbortSignal | undefined): RerankError {
-    const error = fromConnectError(reason);
+  private failure(reason: unknown, signal: AbortSignal | undefined, requestId?: string): RerankError {
+    const error = fromConnectError(reason, requestId);
     const fromServer = reason instanceof ConnectError && reason.metadata.has("grpc-status");
     if (error instanceof CancelledError && !signal?.aborted && !this.closed && !fromServer) {
-      return new UnavailableError(Code.Unavailable, error.details, [], { cause: reason });
+      return new UnavailableError(Code.Unavailable, error.details, [], { cause: reason, requestId: error.requestId });
     }
     // A TLS handshake that failed, or a connection reset before any answer, is Node's error, which connect
     // reads as INTERNAL or ABORTED; the other SDKs, and retries, see the server as unavailable.
     const transport = CONNECTION_FAILURE.test(nodeErrorCode(reason) ?? "");
     if (transport && !fromServer && !signal?.aborted && !this.closed) {
-      return new UnavailableError(Code.Unavailable, error.details, [], { cause: reason });
+      return new UnavailableError(Code.Unavailable, error.details, [], { cause: reason, requestId: error.requestId });
     }
     return error;
   }

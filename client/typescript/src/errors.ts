@@ -45,22 +45,34 @@ export function statusName(code: Code): string {
   return STATUS_NAMES[code] ?? `CODE(${code})`;
 }
 
+/** What a RerankError holds besides its code, message and field violations. */
+export interface RerankErrorOptions {
+  cause?: unknown;
+  requestId?: string | undefined;
+}
+
 /**
  * A call to the rerank service failed. `code` is the gRPC status (connect's Code enum has gRPC's numbers),
  * `details` the server's message, and `fieldViolations` the request fields at fault (from the
- * google.rpc.BadRequest the server attaches to request errors).
+ * google.rpc.BadRequest the server attaches to request errors). `requestId` is the id the server handled
+ * and logged the call under (its `x-request-id`: the caller's `requestId` when valid, else one of its
+ * own); undefined when no answer came from the server (a refusal before sending, a connection that
+ * failed) and for a stream message's error.
  */
 export class RerankError extends Error {
   readonly code: Code;
   readonly details: string;
   readonly fieldViolations: FieldViolation[];
+  readonly requestId: string | undefined;
 
-  constructor(code: Code, details: string, fieldViolations: FieldViolation[] = [], options?: { cause?: unknown }) {
-    super(`${statusName(code)}: ${details}`, options);
+  constructor(code: Code, details: string, fieldViolations: FieldViolation[] = [], options: RerankErrorOptions = {}) {
+    const { requestId, ...errorOptions } = options;
+    super(`${statusName(code)}: ${details}`, errorOptions);
     this.name = new.target.name;
     this.code = code;
     this.details = details;
     this.fieldViolations = fieldViolations;
+    this.requestId = requestId;
   }
 }
 
@@ -101,10 +113,13 @@ const BY_CODE: Partial<Record<Code, typeof RerankError>> = {
   [Code.Canceled]: CancelledError,
 };
 
-function errorFor(code: Code, details: string, violations: FieldViolation[], cause?: unknown): RerankError {
+function errorFor(code: Code, details: string, violations: FieldViolation[], options?: RerankErrorOptions): RerankError {
   const ErrorClass = BY_CODE[code] ?? ServerError;
-  return new ErrorClass(code, details, violations, { cause });
+  return new ErrorClass(code, details, violations, options);
 }
+
+/** The header the server names the call's id in (sent first, so a failed call has it too). */
+export const REQUEST_ID_HEADER = "x-request-id";
 
 const BAD_REQUEST = "google.rpc.BadRequest";
 
@@ -128,8 +143,12 @@ function badRequestViolations(bytes: Uint8Array): FieldViolation[] {
   return violations;
 }
 
-/** Translate anything a call threw (a ConnectError or not) into the matching RerankError subclass. */
-export function fromConnectError(reason: unknown): RerankError {
+/**
+ * Translate anything a call threw (a ConnectError or not) into the matching RerankError subclass.
+ * `requestId`: the server's id for the call when its headers came but the error does not hold them (a
+ * stream's deadline passing on the client's side).
+ */
+export function fromConnectError(reason: unknown, requestId?: string): RerankError {
   if (reason instanceof RerankError) {
     return reason;
   }
@@ -137,7 +156,9 @@ export function fromConnectError(reason: unknown): RerankError {
   const violations = error.details.flatMap((detail) =>
     "type" in detail && detail.type === BAD_REQUEST ? badRequestViolations(detail.value) : [],
   );
-  return errorFor(error.code, error.rawMessage, violations, reason);
+  // connect puts the response's headers, the server's x-request-id among them, in the error's metadata.
+  const sent = error.metadata.get(REQUEST_ID_HEADER) ?? requestId;
+  return errorFor(error.code, error.rawMessage, violations, { cause: reason, requestId: sent });
 }
 
 /** The RerankError a failed RerankStream message stands for (what the unary call would have thrown). */

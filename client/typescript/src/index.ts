@@ -38,6 +38,7 @@ export {
   InvalidRequestError,
   ModelNotFoundError,
   RerankError,
+  type RerankErrorOptions,
   RerankTimeoutError,
   ResourceExhaustedError,
   ServerError,

@@ -515,6 +515,60 @@ test("a token a gRPC header cannot carry is a TypeError from the constructor, wi
   }
 });
 
+// -- the request id --------------------------------------------------------------------------------------
+
+test("a request id the server would not use as given is an InvalidRequestError before sending", async () => {
+  // Nothing listens at this target: a call that were sent would be UnavailableError.
+  const offline = client("127.0.0.1:1", { retries: 0 });
+  for (const [bad, why] of [
+    ["id\n", /^the character at position 2 cannot be sent/],
+    ["caf\u00e9", /^the character at position 3 cannot be sent/],
+    ["🚀".repeat(129), /^is 129 characters long; at most 128 are sent$/],
+    [7 as unknown as string, /^must be a string, not number$/],
+  ] as const) {
+    const refused = refusedField("request_id", why);
+    await assert.rejects(offline.rerank("q", ["a"], { requestId: bad }), refused);
+    await assert.rejects(offline.score([["q", "d"]], { requestId: bad }), refused);
+    await assert.rejects(offline.modelInfo({ requestId: bad }), refused);
+    await assert.rejects(offline.listModels({ requestId: bad }), refused);
+    await assert.rejects(async () => {
+      for await (const _ of offline.rerankStream([], { requestId: bad })) {
+        // refused before the stream opens
+      }
+    }, refused);
+  }
+  // 128 visible ASCII characters and spaces are sent (and fail to connect: no id came back).
+  const unsent = await failure(() => offline.listModels({ requestId: "a b~".repeat(32) }));
+  assert.ok(unsent instanceof UnavailableError, String(unsent));
+  assert.equal(unsent.requestId, undefined);
+});
+
+test("the request id reaches the server, and its errors carry the id it used", async () => {
+  const sdk = client();
+  assert.equal((await sdk.rerank("q", ["d"], { requestId: "mine-ok" })).results.length, 1);
+  const invalid = await failure(() => sdk.rerank("", ["d"], { requestId: "mine-1" }));
+  assert.ok(invalid instanceof InvalidRequestError, String(invalid));
+  assert.equal(invalid.requestId, "mine-1");
+  const notFound = await failure(() => sdk.modelInfo({ model: "no-such-model", requestId: "mine 2" }));
+  assert.ok(notFound instanceof ModelNotFoundError, String(notFound));
+  assert.equal(notFound.requestId, "mine 2");
+  // Without one, the server's own id.
+  const generated = await failure(() => sdk.score([["q", "d"]], { model: "no-such-model" }));
+  assert.match(generated.requestId ?? "", /^[0-9a-f]{32}$/);
+  // A stream's id is set at open; its deadline passing (on the client's side) still carries it.
+  async function* slow(): AsyncIterable<RerankStreamRequest> {
+    yield streamRequest("a", "q", ["d"]);
+    await new Promise((resolve) => setTimeout(resolve, 3_000));
+  }
+  const timedOut = await failure(async () => {
+    for await (const _ of sdk.rerankStream(slow(), { timeoutMs: 1_000, requestId: "stream-1" })) {
+      // the first answer may come
+    }
+  });
+  assert.ok(timedOut instanceof RerankTimeoutError, String(timedOut));
+  assert.equal(timedOut.requestId, "stream-1");
+});
+
 // -- every failure of a call is its promise's rejection, never a throw at the call ------------------------
 
 test("rerank, score, modelInfo and listModels reject their promise on a refused argument or a closed client", async () => {
