@@ -3,8 +3,9 @@
 The session's `stack` serves the tiny `reranker`; one more frontend on its Triton (`secure`) has mTLS, a
 bearer token and a small max_total_tokens. Each SDK's own suite (`node --test`, `go test`) runs the shared
 CASES and writes its answers, which must be the Python SDK's: the same rankings, counts and texts, logits
-and scores within 1e-6. The suites also check each error class (INVALID_ARGUMENT with its field violations,
-DEADLINE_EXCEEDED, UNAUTHENTICATED, UNAVAILABLE, RESOURCE_EXHAUSTED), TLS, the token and the retries. The
+and scores within 1e-6, the same request ids on errors. The suites also check each error class
+(INVALID_ARGUMENT with its field violations, DEADLINE_EXCEEDED, UNAUTHENTICATED, UNAVAILABLE,
+RESOURCE_EXHAUSTED), TLS, the token and the retries. The
 Quick starts of docs/sdk-typescript.md and docs/sdk-go.md run as written, from a packed copy of the SDK, and
 every other `ts` and `go` block of those pages and of the SDKs' READMEs compiles.
 
@@ -26,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from rerank_client import RerankClient, from_stream_error, stream_request
+from rerank_client import RerankClient, RerankError, from_stream_error, stream_request
 from rerank_client.pb import rerank_pb2
 from tests.certs import Authority
 from tests.conftest import Stack, frontend
@@ -44,7 +45,7 @@ SECURE_MAX_TOTAL_TOKENS = 2048
 _DOCUMENTS = mixed_documents()
 SERVED_MODEL = "reranker"  # the name `stack` serves its model by (conftest's MODELS)
 # The requests every SDK answers; options use the Python SDK's keyword names (each suite maps them).
-CASES: dict[str, list[dict[str, Any]]] = {
+CASES: dict[str, list[Any]] = {
     "rerank": [
         {"query": QUERY, "documents": _DOCUMENTS, "options": {}},
         {
@@ -80,7 +81,12 @@ CASES: dict[str, list[dict[str, Any]]] = {
         {"id": "bad", "query": "", "documents": ["a document"], "options": {}},
         {"id": "unknown-model", "query": QUERY, "documents": ["a document"], "options": {"model": "no-such-model"}},
     ],
+    # Request ids of a rerank the server refuses (an empty query): each error's code, fields and request id.
+    # Echoed as given; "" (none) gets the server's own; the others are refused before sending.
+    "request_id": ["parity-1", "a b~" * 32, "", "x" * 129, "id\n", "caf\u00e9"],
 }
+# An id the server made (a uuid4's hex): the answers hold this instead, the same for every SDK.
+SERVERS_OWN_ID = "<the server's own>"
 
 
 def _usage(usage: rerank_pb2.Usage) -> dict[str, int]:
@@ -148,9 +154,26 @@ def python_answers(target: str) -> dict[str, Any]:
                 stream[answer.id] = {"response": _rerank_answer(answer.response)}
         info = client.model_info()
         models = client.list_models()
+        request_ids = []
+        for request_id in CASES["request_id"]:
+            try:
+                client.rerank("", ["a document"], request_id=request_id)
+            except RerankError as error:
+                fields = [v.field for v in error.field_violations]
+                request_ids.append({"code": error.code.value[0], "fields": fields, "request_id": error.request_id})
     list_models = {"default_model": models.default_model, "models": [_model_info(m) for m in models.models]}
-    answers = {"rerank": rerank, "score": score, "stream": stream}
+    answers = {"rerank": rerank, "score": score, "stream": stream, "request_id": request_ids}
     return {**answers, "model_info": _model_info(info), "list_models": list_models}
+
+
+def servers_own_ids(answers: dict[str, Any]) -> dict[str, Any]:
+    """The answers with every id the server made itself as SERVERS_OWN_ID (each call gets another)."""
+    made = re.compile(r"[0-9a-f]{32}")
+    request_ids = [
+        {**a, "request_id": SERVERS_OWN_ID if made.fullmatch(a["request_id"] or "") else a["request_id"]}
+        for a in answers["request_id"]
+    ]
+    return {**answers, "request_id": request_ids}
 
 
 def assert_same(expected: Any, actual: Any, path: str = "answers") -> None:
@@ -275,6 +298,10 @@ def expected(stack: Stack) -> dict[str, Any]:
     # The cases reach the error paths.
     assert answers["stream"]["bad"]["error"]["fields"] == ["query"]
     assert answers["stream"]["unknown-model"]["error"] == {"code": 5, "fields": ["model"]}
+    answers = servers_own_ids(answers)
+    answered = [{"code": 3, "fields": ["query"], "request_id": i} for i in ("parity-1", "a b~" * 32, SERVERS_OWN_ID)]
+    refused = {"code": 3, "fields": ["request_id"], "request_id": None}
+    assert answers["request_id"] == [*answered, refused, refused, refused]
     return answers
 
 
@@ -298,7 +325,7 @@ def test_typescript_sdk_answers_like_the_python_sdk(
     run([npm, "run", "--silent", "build:test"], TYPESCRIPT)
     output = run(["node", "--test", "build/test/"], TYPESCRIPT, dict(sdk_env, RERANK_SDK_ANSWERS=str(answers)))
     assert re.search(r"^# fail 0$", output, re.M) and not re.search(r"^# pass 0$", output, re.M), output
-    assert_same(expected, json.loads(answers.read_text()))
+    assert_same(expected, servers_own_ids(json.loads(answers.read_text())))
 
 
 @pytest.fixture(scope="module")
@@ -400,7 +427,7 @@ def test_go_sdk_answers_like_the_python_sdk(
     env = {**sdk_env, **go_env, "RERANK_SDK_ANSWERS": str(answers)}
     output = run(["go", "test", "-count=1", "-v", "./rerank/"], package_dir, env)
     assert re.search(r"^ok\s", output, re.M) and "--- PASS: TestSharedCases" in output, output
-    assert_same(expected, json.loads(answers.read_text()))
+    assert_same(expected, servers_own_ids(json.loads(answers.read_text())))
 
 
 @pytest.mark.e2e

@@ -94,7 +94,8 @@ func (o caseOptions) options(t *testing.T) []rerank.Option {
 }
 
 type cases struct {
-	Rerank []struct {
+	RequestID []string `json:"request_id"`
+	Rerank    []struct {
 		Query     string      `json:"query"`
 		Documents []string    `json:"documents"`
 		Options   caseOptions `json:"options"`
@@ -229,8 +230,23 @@ func TestSharedCases(t *testing.T) {
 		listed = append(listed, modelInfoAnswer(model))
 	}
 
+	requestIDs := []object{}
+	for _, id := range shared.RequestID {
+		_, err := client.Rerank(rerank.WithRequestID(ctx, id), "", []string{"a document"})
+		failed := failure(t, err)
+		fields := []string{}
+		for _, v := range failed.FieldViolations {
+			fields = append(fields, v.GetField())
+		}
+		var requestID interface{}
+		if failed.RequestID != "" {
+			requestID = failed.RequestID
+		}
+		requestIDs = append(requestIDs, object{"code": failed.Code, "fields": fields, "request_id": requestID})
+	}
+
 	answers, err := json.Marshal(object{
-		"rerank": reranked, "score": scored, "stream": streamed, "model_info": modelInfoAnswer(info),
+		"rerank": reranked, "score": scored, "stream": streamed, "request_id": requestIDs, "model_info": modelInfoAnswer(info),
 		"list_models": object{"default_model": models.GetDefaultModel(), "models": listed},
 	})
 	if err != nil {

@@ -61,6 +61,7 @@ interface Cases {
   rerank: { query: string; documents: string[]; options: Options }[];
   score: { pairs: [string, string][]; options: Options }[];
   stream: { id: string; query: string; documents: string[]; options: Options }[];
+  request_id: string[];
 }
 
 function camelCase(options: Options): RerankOptions {
@@ -144,7 +145,13 @@ test("answers the shared cases (rerank, score, rerankStream with ids, modelInfo)
   const modelInfo = modelInfoAnswer(await sdk.modelInfo());
   const models = await sdk.listModels();
   const listModels = { default_model: models.defaultModel, models: models.models.map(modelInfoAnswer) };
-  const answers = { rerank, score, stream, model_info: modelInfo, list_models: listModels };
+  const requestIds = [];
+  for (const requestId of cases.request_id) {
+    const error = await failure(() => sdk.rerank("", ["a document"], { requestId }));
+    const fields = error.fieldViolations.map((v) => v.field);
+    requestIds.push({ code: error.code, fields, request_id: error.requestId ?? null });
+  }
+  const answers = { rerank, score, stream, request_id: requestIds, model_info: modelInfo, list_models: listModels };
   writeFileSync(env("RERANK_SDK_ANSWERS"), JSON.stringify(answers));
 });
 
