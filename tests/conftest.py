@@ -4,6 +4,7 @@ export` itself, and a real stack (tritonserver + frontend) started by `rerank se
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -84,6 +85,23 @@ MODELS = {
 def run_rerank(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Run the `rerank` command line as a user would."""
     return subprocess.run([*RERANK, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def provenance(model_dir: Path) -> dict[str, Any]:
+    """export.json of a model folder `rerank export` wrote."""
+    return cast(dict[str, Any], json.loads((model_dir / "1" / "export.json").read_text()))
+
+
+def edit_head(checkpoint: Path, edit: Callable[[Any], None]) -> None:
+    """Apply `edit` to the checkpoint's scoring head (transformers' `classifier` Linear), without autograd,
+    and save the checkpoint again: logits of another scale or offset than a random checkpoint's."""
+    import torch
+    from transformers import ModernBertForSequenceClassification
+
+    model = ModernBertForSequenceClassification.from_pretrained(checkpoint)
+    with torch.no_grad():
+        edit(model.classifier)
+    model.save_pretrained(checkpoint)
 
 
 def export_all(exports: list[list[str]], at_once: int = 3) -> None:

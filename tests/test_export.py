@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import onnx
@@ -12,7 +11,7 @@ from transformers import BertConfig, BertForSequenceClassification, ModernBertCo
 
 from rerank_server.testing import TINY_CONFIG, save_random_checkpoint
 from rerank_triton_model.runtimes import LONG_PAIR_TOKENS, PACKED, TORCH
-from tests.conftest import TOKENIZER_DIR, run_rerank
+from tests.conftest import TOKENIZER_DIR, edit_head, provenance, run_rerank
 
 pytestmark = pytest.mark.e2e
 
@@ -33,9 +32,9 @@ def test_repository_layout_and_config(model_repository: Path) -> None:
     assert "dynamic_batching" in config and "allow_ragged_batch: true" in config
     assert "kind: KIND_CPU" in config
     assert 'key: "max_length" value: { string_value: "512" }' in config
-    provenance = json.loads((version / "export.json").read_text())
-    assert provenance["verification"]["verified"] is True
-    assert provenance["verification"]["max_abs_diff"] < 1e-4
+    written = provenance(model_dir)
+    assert written["verification"]["verified"] is True
+    assert written["verification"]["max_abs_diff"] < 1e-4
     assert not list(model_repository.glob(".*partial"))
 
 
@@ -64,7 +63,7 @@ def test_gpu_variant_is_the_packed_engine_in_fp16_over_fp32_weights(
     # fp32 on disk, cast to the served precision at load.
     with safe_open(str(version / "model" / "model.safetensors"), framework="pt") as weights:
         assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.float32}  # noqa: SIM118
-    verification = json.loads((version / "export.json").read_text())["verification"]
+    verification = provenance(tmp_path / "reranker")["verification"]
     assert verification["verified"] and verification["max_abs_diff"] < 1e-3  # checked in fp32 without a GPU
 
 
@@ -100,7 +99,7 @@ def test_torch_runtime_saves_the_fp32_checkpoint_and_casts_it_at_load(
 
     with safe_open(str(version / "model" / "model.safetensors"), framework="pt") as weights:
         assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.float32}  # noqa: SIM118
-    verification = json.loads((version / "export.json").read_text())["verification"]
+    verification = provenance(tmp_path / "reranker")["verification"]
     # No GPU here: the weights are checked in fp32 on the CPU, as one padded batch against eager.
     assert verification["verified"] is True and verification["checked_in"] == "fp32"
     assert verification["max_abs_diff"] < 1e-3
@@ -173,8 +172,7 @@ def test_an_onnx_export_keeps_the_fp32_checkpoint_for_long_pairs(
     assert f'key: "long_pair_tokens" value: {{ string_value: "{LONG_PAIR_TOKENS}" }}' in config
     assert 'key: "long_weights" value: { string_value: "model" }' in config
     assert (long_dir / "1" / "model" / "config.json").is_file()
-    provenance = json.loads((long_dir / "1" / "export.json").read_text())
-    assert provenance["long_pairs"]["verification"]["verified"] is True
+    assert provenance(long_dir)["long_pairs"]["verification"]["verified"] is True
     # Off with 0, and no checkpoint is left behind.
     done = run_rerank(
         "export", "--model", str(checkpoints["reranker_long"]), "--output", str(tmp_path), "--precision", "fp32",
@@ -197,16 +195,11 @@ def test_refuses_a_negative_long_pair_threshold(tmp_path: Path, checkpoints: dic
 def test_the_bf16_bound_ignores_the_heads_bias(tmp_path: Path) -> None:
     """A bias shifts every logit alike and adds no rounding error (the head runs in fp32): the bound stays
     relative to the logits' distance from it, so a checkpoint with offset logits is held as tightly as any."""
-    from transformers import ModernBertForSequenceClassification
-
     checkpoint = save_random_checkpoint(tmp_path / "ckpt", TOKENIZER_DIR, **TINY_CONFIG)
-    model = ModernBertForSequenceClassification.from_pretrained(checkpoint)
-    with torch.no_grad():
-        model.classifier.bias.fill_(1000.0)
-    model.save_pretrained(checkpoint)
+    edit_head(checkpoint, lambda head: head.bias.fill_(1000.0))
     done = run_rerank("export", "--model", str(checkpoint), "--output", str(tmp_path / "out"), "--precision", "bf16")
     assert done.returncode == 0, done.stderr
-    verification = json.loads((tmp_path / "out" / "reranker" / "1" / "export.json").read_text())["verification"]
+    verification = provenance(tmp_path / "out" / "reranker")["verification"]
     # 5% of the largest |logit - 1000| (these logits reach about ±30), where 5% of the largest |logit| is 50.
     assert 0.05 <= verification["tolerance"] < 2.5 and verification["max_abs_diff"] < verification["tolerance"]
     assert verification["ranking"]["agrees"], verification["ranking"]

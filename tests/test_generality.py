@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,12 +9,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from transformers import ModernBertForSequenceClassification
 
 from rerank_server.export.verify import ABSOLUTE_TOLERANCE, head_bias, tolerance
 from rerank_server.testing import save_random_checkpoint
 from rerank_triton_model.runtimes import ONNXRUNTIME
-from tests.conftest import TOKENIZER_DIR, run_rerank
+from tests.conftest import TOKENIZER_DIR, edit_head, provenance, run_rerank
 
 
 def test_the_fp32_bound_grows_with_the_logits_scale_only_past_where_it_holds_as_is() -> None:
@@ -57,13 +55,10 @@ def test_an_fp32_export_of_a_checkpoint_with_logits_in_the_hundreds(tmp_path: Pa
         max_position_embeddings=128,
         initializer_range=0.5,
     )
-    model = ModernBertForSequenceClassification.from_pretrained(checkpoint)
-    with torch.no_grad():
-        model.classifier.weight.mul_(50.0)
-    model.save_pretrained(checkpoint)
+    edit_head(checkpoint, lambda head: head.weight.mul_(50.0))
     done = run_rerank("export", "--model", str(checkpoint), "--output", str(tmp_path / "repo"), "--precision", "fp32")
     assert done.returncode == 0, done.stderr
-    verification = json.loads((tmp_path / "repo" / "reranker" / "1" / "export.json").read_text())["verification"]
+    verification = provenance(tmp_path / "repo" / "reranker")["verification"]
     assert verification["verified"] and verification["tolerance"] > ABSOLUTE_TOLERANCE["fp32"]
     assert verification["max_abs_diff"] <= verification["tolerance"]
 
@@ -89,10 +84,10 @@ def test_auto_leaves_out_a_candidate_too_coarse_for_the_checkpoint(tmp_path: Pat
     done = run_rerank(*args, "--precision", "auto", "--auto-seconds", "3")
     assert done.returncode == 0, done.stderr
     assert f"Leaving {ONNXRUNTIME.name}-int8 out of the choice" in done.stdout + done.stderr
-    provenance = json.loads((tmp_path / "repo" / "reranker" / "1" / "export.json").read_text())
-    assert provenance["precision"] != "int8"
-    assert f"left out, too far from eager on this checkpoint: {ONNXRUNTIME.name}-int8" in provenance["precision_reason"]
-    variants = provenance["verification"]["variants"]
+    written = provenance(tmp_path / "repo" / "reranker")
+    assert written["precision"] != "int8"
+    assert f"left out, too far from eager on this checkpoint: {ONNXRUNTIME.name}-int8" in written["precision_reason"]
+    variants = written["verification"]["variants"]
     assert variants[f"{ONNXRUNTIME.name}-int8"]["verified"] is False
     assert variants[f"{ONNXRUNTIME.name}-fp32"]["verified"] is True
     refused = run_rerank(*args, "--name", "int8", "--precision", "int8")

@@ -33,7 +33,7 @@ from rerank_triton_model import cpu_features
 from rerank_triton_model.contract import ModelParameters
 from rerank_triton_model.cpu_features import cpu_flags, native_precisions, resolve_precision, served_choice
 from rerank_triton_model.runtimes import LONG_PAIR_TOKENS, ONNXRUNTIME, PACKED, TORCH
-from tests.conftest import RERANK, Stack, free_port, run_rerank, start_serve, stop_serve_later
+from tests.conftest import RERANK, Stack, free_port, provenance, run_rerank, start_serve, stop_serve_later
 from tests.reference import close_candidates, distinct, eager
 from tests.texts import QUERY, mixed_documents
 
@@ -143,13 +143,13 @@ def test_auto_on_a_cpu_without_bf16_or_vnni_keeps_fp32_and_measures_only_the_thr
     parameters = exported_parameters(model_dir)
     assert parameters.precision == "fp32" and parameters.runtime == ONNXRUNTIME.name
     assert parameters.cpu_flags == "avx2,avx512f" and "only native precision" in parameters.precision_reason
-    provenance = json.loads((model_dir / "1" / "export.json").read_text())
-    assert provenance["cpu_flags"] == ["avx2", "avx512f"]
+    written = provenance(model_dir)
+    assert written["cpu_flags"] == ["avx2", "avx512f"]
     # reranker's pairs reach 512 tokens: the ladder tries 256, the one length below that.
-    threshold = provenance["precision_selection"]["threshold"]
+    threshold = written["precision_selection"]["threshold"]
     assert [step["tokens"] for step in threshold["ladder"]] == [256] == [parameters.long_pair_tokens]
     assert threshold["ladder"][0]["faster"] in ("short", "packed", "tie")
-    assert provenance["long_pairs"]["threshold"] == "measured" and parameters.long_weights == "model"
+    assert written["long_pairs"]["threshold"] == "measured" and parameters.long_weights == "model"
     assert sorted(p.name for p in (model_dir / "1").glob("model*")) == ["model", "model.onnx", "model.py"]
 
 
@@ -164,8 +164,8 @@ def test_auto_measures_each_native_precision_and_keeps_one_that_ranks_like_fp32(
     )
     assert done.returncode == 0, done.stderr
     model_dir = tmp_path / "reranker"
-    provenance = json.loads((model_dir / "1" / "export.json").read_text())
-    selection = provenance["precision_selection"]
+    written = provenance(model_dir)
+    selection = written["precision_selection"]
     rows = {(row["runtime"], row["precision"]): row for row in selection["candidates"]}
     assert list(rows) == [(ONNXRUNTIME.name, "fp32"), (ONNXRUNTIME.name, "int8"), (PACKED.name, "bf16")]
     assert "Measuring 3 candidates and the long-pair threshold on this CPU" in done.stderr
@@ -187,7 +187,7 @@ def test_auto_measures_each_native_precision_and_keeps_one_that_ranks_like_fp32(
     assert (selection["runtime"], selection["precision"]) == (expected["runtime"], expected["precision"])
     assert selection["tied"] == [f"{r['precision']} ({r['runtime']})" for r in tied]
     parameters = exported_parameters(model_dir)
-    assert parameters.precision == selection["precision"] == provenance["precision"]
+    assert parameters.precision == selection["precision"] == written["precision"]
     assert parameters.runtime == selection["runtime"]
     assert parameters.precision_reason.startswith(f"auto: {selection['precision']} ({selection['runtime']}) ")
     assert parameters.cpu_flags == "avx2,avx512_bf16,avx512_vnni"
@@ -202,8 +202,8 @@ def test_auto_measures_each_native_precision_and_keeps_one_that_ranks_like_fp32(
         assert threshold is None and parameters.long_pair_tokens == (LONG_PAIR_TOKENS if routed else 0)
     else:
         assert parameters.long_pair_tokens == threshold["tokens"] and threshold["ladder"][0]["tokens"] == 256
-    assert provenance["verification"]["verified"] is True
-    assert set(provenance["verification"]["variants"]) >= {f"{PACKED.name}-fp32", f"{ONNXRUNTIME.name}-int8"}
+    assert written["verification"]["verified"] is True
+    assert set(written["verification"]["variants"]) >= {f"{PACKED.name}-fp32", f"{ONNXRUNTIME.name}-int8"}
     assert not (version / "model.int8.onnx").exists()
 
 
@@ -255,8 +255,8 @@ def repositories(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str
 
 def _ranking(model_dir: Path) -> tuple[dict[str, object] | None, str]:
     """An export's ranking check (export.json) and the precision reason it serves."""
-    provenance = json.loads((model_dir / "1" / "export.json").read_text())
-    return provenance["verification"].get("ranking"), exported_parameters(model_dir).precision_reason
+    written = provenance(model_dir)
+    return written["verification"].get("ranking"), exported_parameters(model_dir).precision_reason
 
 
 @pytest.mark.e2e

@@ -3,7 +3,6 @@ recorded as int8, with its fp32 graph kept for CPUs without VNNI."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 from rerank_server.export.agreement import INT8_SPEARMAN_BOUND, INT8_TOP10_OVERLAP_BOUND, agreement
 from rerank_triton_model.reranker_engine import PackedReranker
 from rerank_triton_model.runtimes import ONNXRUNTIME
-from tests.conftest import run_rerank
+from tests.conftest import provenance, run_rerank
 
 PAD = 50283
 
@@ -35,11 +34,11 @@ def test_config_and_provenance_say_int8(int8_repository: Path) -> None:
     config = (int8_repository / "reranker" / "config.pbtxt").read_text()
     assert 'key: "precision" value: { string_value: "int8" }' in config
     assert "kind: KIND_CPU" in config
-    provenance = json.loads((int8_repository / "reranker" / "1" / "export.json").read_text())
-    assert provenance["precision"] == "int8"
-    assert provenance["quantization"]["method"] == "onnxruntime.quantization.quantize_dynamic"
-    assert provenance["quantization"]["weight_type"] == "QUInt8"
-    verification = provenance["verification"]
+    written = provenance(int8_repository / "reranker")
+    assert written["precision"] == "int8"
+    assert written["quantization"]["method"] == "onnxruntime.quantization.quantize_dynamic"
+    assert written["quantization"]["weight_type"] == "QUInt8"
+    verification = written["verification"]
     assert verification["verified"] is True
     assert 0 < verification["max_abs_diff"] <= verification["tolerance"]  # int8 is close, not exact
     fp32 = verification["variants"][f"{ONNXRUNTIME.name}-fp32"]
@@ -47,7 +46,7 @@ def test_config_and_provenance_say_int8(int8_repository: Path) -> None:
     # The fp32 graph stays: a CPU without VNNI loads it instead (cpu_features.py).
     assert (int8_repository / "reranker" / "1" / "model.fp32.onnx").is_file()
     assert 'key: "fp32_weights" value: { string_value: "model.fp32.onnx" }' in config
-    assert provenance["fp32_fallback"] == {"runtime": ONNXRUNTIME.name, "weights": "model.fp32.onnx"}
+    assert written["fp32_fallback"] == {"runtime": ONNXRUNTIME.name, "weights": "model.fp32.onnx"}
 
 
 @pytest.mark.e2e

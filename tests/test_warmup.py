@@ -3,7 +3,6 @@ the model before the model is ready, and it stays out of the traffic metrics."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from rerank_server.export.warmup import WARMUP_DIR, WarmupRequest, cheap_on_cpu,
 from rerank_server.first_contact import DEMO_CONFIG
 from rerank_server.testing import TINY_CONFIG, exported_parameters
 from rerank_triton_model.contract import INPUT_IDS, SEQUENCE_LENGTHS, ModelParameters
-from tests.conftest import run_rerank, start_local, stop_serve_later
+from tests.conftest import provenance, run_rerank, start_local, stop_serve_later
 from tests.test_operations import sample, scrape
 from tests.texts import QUERY, text
 
@@ -45,7 +44,7 @@ def logged(log: Path, marker: str, timeout_s: float = 10) -> str:
 def planned_on_cpu(model_dir: Path) -> list[WarmupRequest]:
     """The warm-up a CPU export of this model plans: the budget request where cheap_on_cpu says so."""
     parameters = exported_parameters(model_dir)
-    checkpoint = ModernBertConfig(**json.loads((model_dir / "1" / "export.json").read_text())["config"])
+    checkpoint = ModernBertConfig(**provenance(model_dir)["config"])
     return warmup_requests(parameters, on_gpu=False, budget=cheap_on_cpu(checkpoint, parameters))
 
 
