@@ -1,16 +1,20 @@
-"""The score cache on its own (fast tier): keys, isolation between models, LRU order, and the byte bound
-held in real Python memory (tracemalloc) by a cache filled ten times over."""
+"""The score cache on its own (fast tier): keys, isolation between models, LRU order, the byte bound held
+while storing (not only after) and in real Python memory (tracemalloc) by a cache filled ten times over, and
+the smallest size it accepts."""
 
 from __future__ import annotations
 
 import gc
 import tracemalloc
+from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 import pytest
 
 from rerank_server.observability import Metrics
 from rerank_server.score_cache import ENTRY_BYTES, ModelKey, ScoreCache
+from rerank_server.settings import Settings
 from rerank_server.tokenization import TokenizedPairs
 
 MODEL = ModelKey("alpha", "1", "fp32", "export-a")
@@ -156,3 +160,52 @@ def test_a_cache_filled_ten_times_over_holds_at_most_its_bound_in_real_memory() 
     assert held <= bound, f"{held} bytes held for a bound of {bound}"
     evicted = counter(metrics, "rerank_score_cache_evictions_total", "alpha")
     assert evicted == counter(metrics, "rerank_score_cache_misses_total", "alpha") - capacity > 0
+
+
+class _Watched(OrderedDict[bytes, float]):
+    """The cache's entries, recording the most they ever held at once."""
+
+    most = 0
+
+    def __setitem__(self, key: bytes, value: float) -> None:
+        super().__setitem__(key, value)
+        self.most = max(self.most, len(self))
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+
+@pytest.mark.parametrize("new", [2, 3, 5], ids=["some", "all", "more-than-all"])
+def test_the_bound_holds_while_storing_not_only_after(new: int) -> None:
+    metrics = Metrics()
+    cache = ScoreCache(3 * ENTRY_BYTES, metrics)
+    watched = _Watched()
+    cache._entries = watched
+    for i in range(3):
+        fill(cache, MODEL, inputs([100 + i]), np.array([float(i)], dtype=np.float32))
+    batch = inputs(*([i] for i in range(new)))
+    answer = fill(cache, MODEL, batch, np.arange(new, dtype=np.float32))
+    assert answer.tolist() == list(range(new))  # the caller gets every logit, whatever the cache keeps
+    assert watched.most <= 3, f"{watched.most} entries held at once for a bound of 3"
+    assert cache.entries == 3
+    # What stays is what storing then forgetting the least recently used would have left: the newest ones.
+    kept = cache.lookup(MODEL, inputs(*([100 + i] for i in range(3)), *([i] for i in range(new))))
+    assert kept.missing.tolist() == list(range(3 + new - 3))
+    assert counter(metrics, "rerank_score_cache_evictions_total", "alpha") == new
+
+
+def test_a_call_storing_after_its_model_was_forgotten_stores_nothing() -> None:
+    cache = ScoreCache(1 << 20, Metrics())
+    lookup = cache.lookup(MODEL, inputs([1, 2], [3]))
+    cache.forget(MODEL)  # the model was reloaded while the call computed
+    cache.store(lookup, np.array([1.0, 2.0], dtype=np.float32))
+    assert cache.entries == 0
+
+
+@pytest.mark.parametrize("size", [1, ENTRY_BYTES - 1])
+def test_a_cache_too_small_for_one_input_is_refused(size: int) -> None:
+    with pytest.raises(ValueError, match=f"at least {ENTRY_BYTES}.*got {size}: it would hold none"):
+        Settings(triton_url="fake:0", score_cache_bytes=size).validated()
+    for allowed in (0, ENTRY_BYTES):
+        assert Settings(triton_url="fake:0", score_cache_bytes=allowed).validated().score_cache_bytes == allowed

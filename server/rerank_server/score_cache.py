@@ -53,6 +53,7 @@ class Lookup:
     keys: list[bytes]  # one per model input
     logits: np.ndarray  # float32 [inputs]: cached ones filled, the rest to be computed
     missing: np.ndarray  # indices of the inputs to compute, ascending
+    slot: bytes = b""  # the model's number in the cache at the lookup
 
 
 class ScoreCache:
@@ -65,6 +66,7 @@ class ScoreCache:
         # Each ModelKey gets a number that prefixes its keys, so entries of different models never meet.
         self._slots: dict[ModelKey, bytes] = {}
         self._names: dict[bytes, str] = {}
+        self._retired: set[bytes] = set()  # the numbers of forgotten models
 
     @property
     def enabled(self) -> bool:
@@ -103,18 +105,33 @@ class ScoreCache:
                 logits[i] = logit
         self.metrics.cache_hits.labels(model=model.name).inc(count - len(missing))
         self.metrics.cache_misses.labels(model=model.name).inc(len(missing))
-        return Lookup(keys, logits, np.array(missing, dtype=np.int64))
+        return Lookup(keys, logits, np.array(missing, dtype=np.int64), slot)
 
     def store(self, lookup: Lookup, computed: np.ndarray) -> None:
-        """Cache the logits computed for `lookup.missing`, then forget the least recently used past the bound."""
-        if not self.enabled:
+        """Cache the logits computed for `lookup.missing`, forgetting the least recently used first, so that
+        the bound holds at every moment; nothing when the model was forgotten since the lookup (a retired
+        model's keys are never answered again, and would only take the place of live ones)."""
+        if not self.enabled or lookup.slot in self._retired:
             return
+        capacity = self.max_bytes // ENTRY_BYTES
+        fresh: dict[bytes, float] = {}
         for index, logit in zip(lookup.missing.tolist(), computed.tolist(), strict=True):
-            self._entries[lookup.keys[index]] = logit
-        overflow = len(self._entries) - self.max_bytes // ENTRY_BYTES
-        for _ in range(overflow):
+            key = lookup.keys[index]
+            if key in self._entries:  # stored meanwhile by a call that computed the same input
+                self._entries[key] = logit
+                self._entries.move_to_end(key)
+            else:
+                fresh[key] = logit
+        # More new inputs than the whole cache holds: only the last `capacity` would stay, so only they go in;
+        # the others count as evicted, as if stored and forgotten.
+        skipped = list(fresh)[: max(0, len(fresh) - capacity)]
+        for key in skipped:
+            del fresh[key]
+            self.metrics.cache_evictions.labels(model=self._names[key[:_SLOT_BYTES]]).inc()
+        for _ in range(len(self._entries) + len(fresh) - capacity):
             key, _logit = self._entries.popitem(last=False)
             self.metrics.cache_evictions.labels(model=self._names[key[:_SLOT_BYTES]]).inc()
+        self._entries.update(fresh)
         self._report()
 
     def forget(self, model: ModelKey) -> None:
@@ -122,6 +139,7 @@ class ScoreCache:
         slot = self._slots.pop(model, None)
         if slot is None:
             return
+        self._retired.add(slot)
         for key in [key for key in self._entries if key.startswith(slot)]:
             del self._entries[key]
         self._report()

@@ -201,8 +201,13 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        if self.score_cache_bytes < 0:
-            raise ValueError("score_cache_bytes must be a number of bytes, or 0 for no score cache")
+        from rerank_server.score_cache import ENTRY_BYTES  # here: settings load before anything heavy
+
+        if self.score_cache_bytes < 0 or 0 < self.score_cache_bytes < ENTRY_BYTES:
+            raise ValueError(
+                f"score_cache_bytes must be 0 (no score cache) or at least {ENTRY_BYTES}, the memory one cached "
+                f"input takes (got {self.score_cache_bytes}: it would hold none)"
+            )
         names = self.model_names
         if self.default_model is not None and names is not None and self.default_model not in names:
             raise ValueError(f"default_model {self.default_model!r} is not among model_name's {list(names)}")
