@@ -90,11 +90,13 @@ def _run_score(args: argparse.Namespace) -> int:
 
 
 def _run_stream(args: argparse.Namespace) -> int:
-    """JSON lines in ({"id", "query", "documents", ...rerank options}), JSON lines out, as they complete."""
+    """JSON lines in ({"id", "query", "documents", ...rerank options}), JSON lines out, as they complete;
+    --model is the model of every line that names none (a line's own "model" wins)."""
     source = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")  # noqa: SIM115
+    defaults = {} if args.model is None else {"model": args.model}
     failed = 0
     with source, _client(args) as client:
-        messages = (stream_request(**json.loads(line)) for line in source if line.strip())
+        messages = (stream_request(**{**defaults, **json.loads(line)}) for line in source if line.strip())
         for response in client.rerank_stream(messages):
             failed += response.HasField("error")
             _print_json(response)
@@ -158,6 +160,7 @@ def _add_client_commands(subparsers: argparse._SubParsersAction) -> None:
 
     stream = subparsers.add_parser("stream", help="rerank JSON-lines requests over RerankStream")
     _target_options(stream)
+    _model_option(stream)
     stream.add_argument("input", help='file of JSON lines {"id": ..., "query": ..., "documents": [...]}, - for stdin')
     stream.set_defaults(func=_run_stream)
 
