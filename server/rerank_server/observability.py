@@ -1,31 +1,35 @@
 """What the frontend tells operators: Prometheus metrics, JSON logs with request ids, optional tracing.
 
-Metrics live in their own registry, served on --metrics-port. Every call gets a request id (the
-caller's `x-request-id` metadata, or a new one), returned to the caller in the initial metadata
-and attached to every log line written while the call runs.
+Metrics live in their own registry, served on --metrics-port by the HTTP frontend's hardened uvicorn server
+(http_api/server.py GuardedServer: idle, header, body and write timeouts, the descriptor-limit guard), without a
+token, as prometheus_client's own server answered: GET of any path is the exposition (OpenMetrics when the Accept
+header asks for it, gzip when Accept-Encoding allows it, `name[]` query parameters selecting families), OPTIONS
+the allowed methods, other methods 405, /favicon.ico empty. Every call gets a request id (the caller's
+`x-request-id` metadata, or a new one), returned to the caller in the initial metadata and attached to every log
+line written while the call runs.
 """
 
 from __future__ import annotations
 
 import contextvars
+import gzip
 import json
 import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Metric,
-    ProcessCollector,
-    start_http_server,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
+
+from rerank_server.settings import Settings
+
+if TYPE_CHECKING:
+    from rerank_server.http_api.server import GuardedServer
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -158,8 +162,53 @@ class Metrics:
         self.served_models: Callable[[], Iterable[tuple[str, str]]] = lambda: ()
         r.register(_ModelInfo(lambda: self.served_models()))
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "0.0.0.0", settings: Settings | None = None) -> GuardedServer:
+        """Serve /metrics on host:port from the running loop, with the HTTP frontend's connection timeouts
+        (`settings`' http_*_timeout_s; the defaults without it). Binds before returning: a taken port raises.
+        The server stops with the loop (or with its stop())."""
+        from rerank_server.http_api.server import GuardedServer  # it imports this module
+
+        server = GuardedServer(metrics_app(self.registry), settings or Settings(), self, "metrics")
+        server.listen(host, port)
+        return server
+
+
+_ALLOW = (b"allow", b"OPTIONS,GET")
+
+
+def metrics_app(registry: CollectorRegistry) -> Callable[..., Any]:
+    """An ASGI app answering as prometheus_client's make_wsgi_app (the server start_http_server ran): GET of any
+    path is the registry's exposition. Collected on the loop (about a millisecond), as its make_asgi_app does."""
+
+    async def app(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            return
+        headers: list[tuple[bytes, bytes]] = []
+        body = b""
+        status = 200
+        if scope["method"] == "OPTIONS":
+            headers.append(_ALLOW)
+        elif scope["method"] != "GET":
+            status = 405
+            headers.append(_ALLOW)
+            body = f"# HTTP 405 Method Not Allowed: {scope['method']}; use OPTIONS or GET\n".encode()
+        elif scope["path"] != "/favicon.ico":
+            sent: dict[str, list[str]] = {}
+            for name, value in scope["headers"]:
+                sent.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+            encoder, content_type = choose_encoder(",".join(sent.get("accept", [])))
+            params = parse_qs(scope["query_string"].decode("latin-1"))
+            source: Collector = registry.restricted_registry(params["name[]"]) if "name[]" in params else registry
+            body = encoder(source)
+            headers.append((b"content-type", content_type.encode()))
+            if gzip_accepted(",".join(sent.get("accept-encoding", []))):
+                body = gzip.compress(body)
+                headers.append((b"content-encoding", b"gzip"))
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
 
 
 class _ModelInfo(Collector):

@@ -31,6 +31,7 @@ from rerank_server.http_api.connection import GuardedSocket, guarded_protocol, q
 from rerank_server.http_api.errors import Kind
 from rerank_server.http_api.gate import Gate
 from rerank_server.http_api.registry import APIS, shape_for
+from rerank_server.observability import Metrics
 from rerank_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,68 @@ def _bind(host: str, port: int, on_exhausted: Callable[[], None]) -> socket.sock
     return sock
 
 
+class GuardedServer:
+    """An ASGI app served by uvicorn on the running loop behind the connection defences of connection.py
+    (idle, header, body and write timeouts, the chunk bound, GuardedSocket at the descriptor limit) and
+    without uvicorn's logs: the HTTP frontend, and the Prometheus metrics port (observability.Metrics.serve)."""
+
+    def __init__(self, app: Any, settings: Settings, metrics: Metrics, name: str, **tls: Any) -> None:
+        config = uvicorn.Config(
+            app,
+            http=guarded_protocol(settings, metrics),
+            ws="none",  # no upgrades: an upgrade request is answered as plain HTTP
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=1,
+            **tls,
+        )
+        self._server = _Server(config)
+        self._metrics = metrics
+        self._name = name
+        self._task: asyncio.Task[None] | None = None
+        self.port = 0
+
+    def listen(self, host: str, port: int) -> None:
+        """Bind now (a taken port raises here) and serve from a task on the running loop; connections
+        wait in the listen backlog until it runs."""
+        quiet_exception_handler(asyncio.get_running_loop())
+        sock = _bind(host, port, self._metrics.accept_errors.inc)
+        self.port = sock.getsockname()[1]
+        self._task = asyncio.create_task(self._serve(sock), name=self._name)
+
+    async def start(self, host: str, port: int) -> None:
+        """listen(), and return once serving (raising why, if the server stopped during start-up)."""
+        self.listen(host, port)
+        assert self._task is not None
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises why it stopped
+                raise RuntimeError(f"the {self._name} server stopped during start-up")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _serve(self, sock: socket.socket) -> None:
+        try:
+            await self._server.serve(sockets=[sock])
+        except asyncio.CancelledError:
+            # Cancelled without stop() (asyncio.run cancels the tasks left when the server's run ends): the
+            # listening socket and the open connections are closed, not left to the garbage collector.
+            for server in getattr(self._server, "servers", ()):
+                server.close()
+            sock.close()
+            for connection in list(self._server.server_state.connections):
+                connection.shutdown()
+            raise
+
+
 class HttpFrontend:
     """The HTTP server: start() binds and serves, stop() ends it (draining is calls.Calls', shared with gRPC)."""
 
@@ -151,41 +214,20 @@ class HttpFrontend:
             settings.http_body_timeout_s,
             other_paths=[path for path in descriptions if path],
         )
-        self.metrics = calls.metrics
         tls: dict[str, Any] = {}
         if settings.tls_cert_file is not None and settings.tls_key_file is not None:
             tls = {"ssl_certfile": str(settings.tls_cert_file), "ssl_keyfile": str(settings.tls_key_file)}
             if settings.tls_client_ca_file is not None:
                 tls |= {"ssl_ca_certs": str(settings.tls_client_ca_file), "ssl_cert_reqs": ssl.CERT_REQUIRED}
-        config = uvicorn.Config(
-            self.gate,
-            http=guarded_protocol(settings, calls.metrics),
-            ws="none",  # no upgrades: an upgrade request is answered as plain HTTP, in its API's shape
-            lifespan="off",
-            log_config=None,
-            access_log=False,  # the gate logs each call once, as JSON with its request id
-            server_header=False,
-            timeout_graceful_shutdown=1,
-            **tls,
-        )
-        self._server = _Server(config)
-        self._task: asyncio.Task[None] | None = None
-        self.port = 0
+        # No access log: the gate logs each call once, as JSON with its request id.
+        self._server = GuardedServer(self.gate, settings, calls.metrics, "http-frontend", **tls)
+
+    @property
+    def port(self) -> int:
+        return self._server.port
 
     async def start(self) -> None:
-        quiet_exception_handler(asyncio.get_running_loop())
-        sock = _bind(self.settings.host, self.settings.http_port, self.metrics.accept_errors.inc)
-        self.port = sock.getsockname()[1]
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http-frontend")
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()  # raises why it stopped
-                raise RuntimeError("the HTTP frontend stopped during start-up")
-            await asyncio.sleep(0.01)
+        await self._server.start(self.settings.host, self.settings.http_port)
 
     async def stop(self) -> None:
-        if self._task is None:
-            return
-        self._server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await self._server.stop()
