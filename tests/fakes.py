@@ -20,7 +20,7 @@ from rerank_server.models import ServedModel, ServedModels
 from rerank_server.observability import Metrics
 from rerank_server.settings import Settings
 from rerank_server.tokenization import PairTokenizer, TokenizedPairs
-from rerank_server.triton_backend import ModelInfo
+from rerank_server.triton_backend import ModelInfo, StaleModelError
 from tests.conftest import TOKENIZER_DIR
 
 MODEL = ModelInfo(
@@ -47,10 +47,14 @@ class FakeBackend:
     ready: bool = True
     calls: list[TokenizedPairs] = field(default_factory=list)
     offset: float = 0.0  # added to every logit: another "model" on the same ids
+    # Triton serves another export of the model now (it was exported again and reloaded): calls are refused.
+    replaced: bool = False
 
     priorities: list[int] = field(default_factory=list)
 
     async def score(self, pairs: TokenizedPairs, timeout_s: float | None = None, priority: int = 0) -> np.ndarray:
+        if self.replaced:
+            raise StaleModelError("rerank-stale-export: the model was exported again and reloaded")
         self.calls.append(pairs)
         self.priorities.append(priority)
         if self.delay_s:

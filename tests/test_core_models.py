@@ -117,3 +117,53 @@ async def test_only_computed_tokens_take_admission_and_a_hit_needs_no_budget() -
     assert len((await core.rerank(RerankInput(QUERY, documents))).results) == 4
     await busy
     assert np.sum([c.lengths.size for c in alpha.calls]) == 8
+
+
+# -- a model exported again and reloaded in Triton before the watcher looks ------------------------------
+
+ALPHA_AGAIN = dataclasses.replace(ALPHA, source_model="checkpoint-gamma", export_id="a2")
+
+
+def reloaded_alpha(core: Any, alpha: FakeBackend, replace: bool = True) -> tuple[FakeBackend, list[str]]:
+    """Triton now serves another export of alpha (its old one refuses calls); the core's hook is the watcher's
+    look, which serves the new export and forgets the old one's cache (when `replace`)."""
+    alpha.replaced = True
+    new_backend = FakeBackend(offset=50.0)
+    looks: list[str] = []
+
+    async def look(stale: Any) -> None:
+        looks.append(stale.info.export_id)
+        if replace:
+            old = core.models.put(fake_model(ALPHA_AGAIN, new_backend))
+            core.cache.forget(old.cache_key)
+
+    core.on_stale_model = look
+    return new_backend, looks
+
+
+async def test_a_call_refused_as_made_for_a_replaced_export_is_scored_again_on_the_new_one() -> None:
+    core, alpha, _ = two_models(score_cache_bytes=CACHE)
+    documents = [text(20 + i, seed=i) for i in range(4)]
+    await core.rerank(RerankInput(QUERY, documents[:2]))  # cached under the old export
+    new_backend, looks = reloaded_alpha(core, alpha)
+    # Two documents the cache holds for the old export, two it does not: the new export answers all four.
+    response = await core.rerank(RerankInput(QUERY, documents))
+    assert looks == ["a"] and response.model == "checkpoint-gamma"
+    assert len(new_backend.calls) == 1 and new_backend.calls[0].lengths.size == 4
+    ids = new_backend.calls[0]
+    offsets = np.concatenate(([0], np.cumsum(ids.lengths)))
+    expected = sorted(fake_logit(ids.input_ids[offsets[i] : offsets[i + 1]]) + 50.0 for i in range(4))
+    assert sorted(r.logit for r in response.results) == pytest.approx(expected)
+    # Only the new export's logits are cached: the old ones were forgotten and nothing was stored under its key.
+    assert core.cache.entries == 4
+    again = await core.score(ScoreInput([(QUERY, d) for d in documents[:2]]))
+    assert len(new_backend.calls) == 1 and again.model == "checkpoint-gamma"
+    assert {s.logit for s in again.scores} <= {r.logit for r in response.results}
+
+
+async def test_a_refused_call_is_unavailable_when_the_new_export_cannot_be_served() -> None:
+    core, alpha, _ = two_models(score_cache_bytes=CACHE)
+    _, looks = reloaded_alpha(core, alpha, replace=False)
+    error = await failure(core.rerank(RerankInput(QUERY, ["d"])))
+    assert error.code is ErrorCode.UNAVAILABLE and "reloaded" in error.message and looks == ["a"]
+    assert core.cache.entries == 0

@@ -375,3 +375,32 @@ def test_models_load_reload_and_unload_while_serving(
     finally:
         triton.close()
         stop_serve_later(served)
+
+
+def test_a_call_right_after_a_reload_is_answered_by_the_new_export_alone(
+    pair_repository: Path, pair_checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """alpha exported again and loaded through Triton's model control, and a call sent before the frontend's
+    watcher looks (here once an hour): Triton refuses the request made for the old export, the frontend follows
+    Triton at once and scores the whole call again on the new export, so the answer is the new model's alone,
+    never the old one's cached logits beside the new one's, and the old ones are not answered after."""
+    repository = tmp_path / "repository"
+    shutil.copytree(pair_repository, repository)
+    served = start_local(repository, f"--score-cache-bytes={CACHE_BYTES}", "--health-interval-s=3600")
+    triton = triton_grpc.InferenceServerClient(served.triton_url)
+    documents = mixed_documents()[:6]
+    try:
+        with RerankClient(served.target, timeout=120) as client:
+            client.rerank(QUERY, documents[:3], model="alpha")  # the old export's logits, now in the cache
+            export(pair_checkpoints["gamma"], repository, "alpha", "--overwrite")
+            triton.load_model("alpha")  # returns once Triton serves the new export
+            response = client.rerank(QUERY, documents, model="alpha")
+            expected = eager(pair_checkpoints["gamma"]).logits(QUERY, documents)
+            assert response.model == pair_checkpoints["gamma"].name
+            np.testing.assert_allclose(logits_by_index(response), expected, atol=ATOL)
+            again = client.rerank(QUERY, documents[:3], model="alpha")
+            np.testing.assert_allclose(logits_by_index(again), expected[:3], atol=ATOL)
+            assert any("reloaded in Triton" in line for line in served.output), served.output[-20:]
+    finally:
+        triton.close()
+        stop_serve_later(served)

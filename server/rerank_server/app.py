@@ -98,7 +98,8 @@ def model_loader(settings: Settings, server: TritonServer) -> Loader:
         max_length = min(settings.max_length or info.max_length, info.max_length)
         folder = tokenizer_folder(settings, info)
         tokenizer = await asyncio.to_thread(PairTokenizer.from_dir, folder, max_length)
-        return ServedModel(info, tokenizer, server.backend(info.name))
+        # Its requests name its export: a re-export reloaded before the watcher looks refuses them (StaleModelError).
+        return ServedModel(info, tokenizer, server.backend(info.name, info.export_id))
 
     return load
 
@@ -125,6 +126,8 @@ class Frontend:
         self.policy = CallPolicy(self.calls, settings.bearer_token)
         # One core for every API surface and model: the gRPC servicer here, the HTTP routes beside it.
         self.core = build_core(settings, models, metrics)
+        # A call Triton refused as made for a replaced export makes the watcher look at once.
+        self.core.on_stale_model = self._follow_triton
         service = RerankService(self.core, settings)
         self._server = grpc.aio.server(interceptors=[self.policy], options=server_options(settings))
         self._server.add_generic_rpc_handlers((rerank_service_handler(service, settings.max_documents),))
@@ -145,6 +148,7 @@ class Frontend:
         # The HTTP/JSON APIs on the same loop, core, admission budget, token and TLS files (--http-port 0: off).
         self.http = HttpFrontend(settings, self.core, self.calls) if settings.http_port else None
         self._watcher: asyncio.Task[None] | None = None
+        self._following = asyncio.Lock()  # one look at Triton's models at a time (the watcher's, or a call's)
         self._health_names: set[str] = set()  # every model ever served, for its own health service
 
     async def start(self) -> None:
@@ -166,17 +170,22 @@ class Frontend:
         for name in sorted(self._health_names):
             await self.health.set(model_health_service(name), _status(self.models.is_ready(name)))
 
-    async def _follow_triton(self) -> None:
+    async def _follow_triton(self, stale: ServedModel | None = None) -> None:
+        """One look at Triton's models, serving what it serves now; `stale`: a call found that model replaced in
+        Triton, and the look is made now, unless one since has already replaced it."""
         if self.sync is None:
             return
-        try:
-            # Bounded: one look that hangs (a tokenizer read, a Triton call) must not freeze the served set.
-            retired = await asyncio.wait_for(self.sync.refresh(self.models), timeout=REFRESH_TIMEOUT_S)
-        except Exception:  # the watcher must outlive any one look at Triton
-            log.exception("following Triton's models failed; trying again")
-            return
-        for model in retired:
-            self.core.cache.forget(model.cache_key)
+        async with self._following:
+            if stale is not None and self.models.find(stale.name) is not stale:
+                return
+            try:
+                # Bounded: one look that hangs (a tokenizer read, a Triton call) must not freeze the served set.
+                retired = await asyncio.wait_for(self.sync.refresh(self.models), timeout=REFRESH_TIMEOUT_S)
+            except Exception:  # the watcher must outlive any one look at Triton
+                log.exception("following Triton's models failed; trying again")
+                return
+            for model in retired:
+                self.core.cache.forget(model.cache_key)
 
     async def _watch_models(self) -> None:
         """Health follows Triton: SERVING only while every served model can answer; the served set

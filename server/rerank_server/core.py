@@ -15,9 +15,10 @@ task being cancelled.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -52,6 +53,7 @@ from rerank_server.tokenization import (
     Truncation,
 )
 from rerank_server.tracing import tracer
+from rerank_server.triton_backend import StaleModelError
 
 __all__ = [
     "RERANK_FIELDS",
@@ -69,6 +71,8 @@ __all__ = [
     "Truncation",
     "Usage",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -240,6 +244,9 @@ class RerankCore:
         self.admission = admission
         self.cache = cache
         self._tokenizing = 0  # calls tokenizing or queued for a tokenizer thread (tokenize_queue_max)
+        # Makes the served models follow Triton now (app.py: the model watcher's look), when Triton refused a call
+        # as made for an export it no longer serves (StaleModelError); None: such a call fails (UNAVAILABLE).
+        self.on_stale_model: Callable[[ServedModel], Awaitable[None]] | None = None
 
     def describe(self, model: str = "") -> ModelDescription:
         """The served model `model` names ("": the default one) and the request limits."""
@@ -272,8 +279,11 @@ class RerankCore:
             raise field_error(EmptyInputError, request.fields.collection, "must hold at least one document")
         documents = request.documents
         self._check_count(len(documents), request.fields)
-        scored = await self._score(
-            served, [request.query] * len(documents), documents, request.options, request.fields, deadline
+        queries = [request.query] * len(documents)
+        served, scored = await self._score_current(
+            served,
+            lambda model: self._score(model, queries, documents, request.options, request.fields, deadline),
+            deadline,
         )
         results = [scored.result(int(i)) for i in rank(scored.scores, request.top_n)]
         return RerankOutput(model=served.info.source_model, results=results, usage=scored.usage)
@@ -285,7 +295,11 @@ class RerankCore:
             raise field_error(EmptyInputError, request.fields.collection, "must hold at least one pair")
         self._check_count(len(request.pairs), request.fields)
         queries, documents = [a for a, _ in request.pairs], [b for _, b in request.pairs]
-        scored = await self._score(served, queries, documents, request.options, request.fields, deadline)
+        served, scored = await self._score_current(
+            served,
+            lambda model: self._score(model, queries, documents, request.options, request.fields, deadline),
+            deadline,
+        )
         scores = [scored.result(i) for i in range(len(request.pairs))]
         return ScoreOutput(model=served.info.source_model, scores=scores, usage=scored.usage)
 
@@ -306,6 +320,30 @@ class RerankCore:
             max_windows=options.max_chunks,
             max_document_tokens=options.max_document_tokens,
         )
+
+    async def _score_current(
+        self, served: ServedModel, score: Callable[[ServedModel], Awaitable[_Scored]], deadline: float | None
+    ) -> tuple[ServedModel, _Scored]:
+        """`score` (the call's `_score`) on the served model, and the model that scored. Where Triton refuses the
+        call as made for an export it no longer serves (the model was exported again and reloaded, and the watcher
+        has not looked yet), the served models follow Triton at once and the whole call is scored once more on the
+        model served now: its tokenizer, its cache key. Nothing of the refused attempt is answered or cached."""
+        try:
+            return served, await score(served)
+        except StaleModelError:
+            if self.on_stale_model is None:
+                raise
+            log.info("model %s was reloaded in Triton; following it before scoring the call again", served.name)
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                # Shielded: a caller that gives up does not cut the look short for the others.
+                await asyncio.wait_for(asyncio.shield(self.on_stale_model(served)), timeout)
+            except TimeoutError:
+                raise DeadlineExceededError("the deadline passed while the reloaded model was read") from None
+            current = self.models.get(served.name)  # NOT_FOUND if it was unloaded meanwhile
+            if current is served:  # Triton's new export could not be served (yet): UNAVAILABLE
+                raise
+        return current, await score(current)
 
     async def _score(
         self,

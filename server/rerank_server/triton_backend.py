@@ -25,7 +25,14 @@ from rerank_server.errors import BackendFailureError, BackendUnavailableError, D
 from rerank_server.observability import Metrics
 from rerank_server.tokenization import TokenizedPairs
 from rerank_server.tracing import propagation_headers, tracer
-from rerank_triton_model.contract import INPUT_IDS, LOGITS, SEQUENCE_LENGTHS, ModelParameters
+from rerank_triton_model.contract import (
+    EXPORT_ID_PARAMETER,
+    INPUT_IDS,
+    LOGITS,
+    SEQUENCE_LENGTHS,
+    STALE_EXPORT,
+    ModelParameters,
+)
 from rerank_triton_model.cpu_features import cpu_flags, served_choice
 from rerank_triton_model.reranker_engine import gather_pairs, pair_offsets, plan_packed_sub_batches
 
@@ -79,9 +86,17 @@ class ScoringBackend(Protocol):
     async def is_ready(self) -> bool: ...
 
 
+class StaleModelError(BackendUnavailableError):
+    """Triton serves another export of the model than the one the request was made for: it was exported again
+    and reloaded, and the model watcher has not seen it yet. The core scores the call again on the model served
+    once the watcher has looked; where it cannot, the caller gets UNAVAILABLE (safe to retry)."""
+
+
 def _translate(error: InferenceServerException) -> ServiceError:
     status = error.status() or ""
     message = error.message() or str(error)
+    if STALE_EXPORT in message:
+        return StaleModelError(f"the model was reloaded while the call was scored: {message}")
     if "UNAVAILABLE" in status:
         return BackendUnavailableError(f"the model server is unavailable: {message}")
     if "DEADLINE_EXCEEDED" in status:
@@ -142,8 +157,9 @@ class TritonServer:
         ]
         return sorted(models, key=lambda model: model.name)
 
-    def backend(self, model_name: str) -> TritonBackend:
-        return TritonBackend(self, model_name)
+    def backend(self, model_name: str, export_id: str | None = None) -> TritonBackend:
+        """The backend of one model; with `export_id`, its requests are refused by any other export of it."""
+        return TritonBackend(self, model_name, export_id)
 
     async def close(self) -> None:
         await self.client.close()
@@ -163,11 +179,13 @@ def priority_level(priority: int) -> int:
 
 
 class TritonBackend:
-    """Scores ragged batches on one model of a TritonServer."""
+    """Scores ragged batches on one model of a TritonServer: on the export `export_id` of it, when given (each
+    request names it, contract.EXPORT_ID_PARAMETER, and another export refuses it: StaleModelError)."""
 
-    def __init__(self, server: TritonServer, model_name: str) -> None:
+    def __init__(self, server: TritonServer, model_name: str, export_id: str | None = None) -> None:
         self.server = server
         self.model_name = model_name
+        self.export_id = export_id
         self._client = server.client
 
     async def is_ready(self) -> bool:
@@ -264,6 +282,7 @@ class TritonBackend:
             # 0 asks for the model's default level, FIRST_LEVEL: default traffic sends no priority at all.
             priority=0 if level == FIRST_LEVEL else level,
             headers=propagation_headers() or None,
+            parameters=None if self.export_id is None else {EXPORT_ID_PARAMETER: self.export_id},
         )
         logits = result.as_numpy(LOGITS)
         if logits is None or logits.size != lengths.size:

@@ -20,6 +20,21 @@ INPUT_IDS = "input_ids"  # INT32 [1, total_tokens]: every pair's ids laid end to
 SEQUENCE_LENGTHS = "sequence_lengths"  # INT32 [1, pairs]: each pair's length
 LOGITS = "logits"  # FP32 [1, pairs]: one logit per pair, the answer
 
+# A request parameter (Triton's, beside the tensors): the export_id of the model the frontend tokenized the
+# request for and keys its score cache on. A model of another export (exported again under the same name and
+# reloaded before the frontend looked) refuses the request with an error naming STALE_EXPORT, and the frontend
+# scores it again on the model served now. Requests without it (other clients of Triton) are served as ever.
+EXPORT_ID_PARAMETER = "rerank_export_id"
+STALE_EXPORT = "rerank-stale-export"
+
+
+def stale_export_message(expected: str, served: str) -> str:
+    """The error of a request made for export `expected` that reached a model of export `served`."""
+    return (
+        f"{STALE_EXPORT}: the request was made for export {expected!r} of this model, which Triton now serves as "
+        f"export {served!r} (exported again and reloaded)"
+    )
+
 
 @dataclass(frozen=True)
 class ModelParameters:

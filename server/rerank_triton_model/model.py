@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .contract import INPUT_IDS, LOGITS, SEQUENCE_LENGTHS, ModelParameters
+from .contract import EXPORT_ID_PARAMETER, INPUT_IDS, LOGITS, SEQUENCE_LENGTHS, ModelParameters, stale_export_message
 from .cpu_features import cpu_flags, served_choice
 from .reranker_engine import PackedReranker, RoutedReranker, check_ragged_batch
 from .runtimes import PACKED, runtime
@@ -48,6 +48,16 @@ def _numpy_output(name: str, values: np.ndarray) -> Any:
     if not _NUMPY_2:
         return pb_utils.Tensor(name, np.ascontiguousarray(values))
     return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(values))
+
+
+def expected_export(request: Any) -> str | None:
+    """The export id the request was made for (contract.EXPORT_ID_PARAMETER); None when it names none."""
+    try:
+        parameters = json.loads(request.parameters() or "{}")
+    except (AttributeError, TypeError, ValueError):
+        return None
+    value = parameters.get(EXPORT_ID_PARAMETER) if isinstance(parameters, dict) else None
+    return None if value is None else str(value)
 
 
 def _send(sender: Any, response: Any) -> None:
@@ -196,6 +206,7 @@ class TritonPythonModel:
         if self.output is _numpy_output:
             _ignore_consumed_numpy_capsules()
         self.vocab_size = parameters.vocab_size
+        self.export_id = parameters.export_id
         pb_utils.Logger.log_info(f"{args['model_name']}: {served.name} runtime, numpy {np.__version__}")
         self.model_name = args["model_name"]
         self.metrics = _Metrics(self.model_name)
@@ -215,6 +226,13 @@ class TritonPythonModel:
         senders = [request.get_response_sender() for request in requests]
         pooled: list[tuple[int, np.ndarray, np.ndarray]] = []
         for position, request in enumerate(requests):
+            # Made for another export of this model (the frontend has not seen the reload yet): refused, so that
+            # no logit of this model is answered as the other's or cached under its key.
+            expected = expected_export(request)
+            if expected is not None and expected != self.export_id:
+                failure = pb_utils.TritonError(stale_export_message(expected, self.export_id))
+                _send(senders[position], pb_utils.InferenceResponse(error=failure))
+                continue
             ids, lengths = _input(request, INPUT_IDS), _input(request, SEQUENCE_LENGTHS)
             problem = check_ragged_batch(ids, lengths, self.vocab_size)
             if problem is None:
