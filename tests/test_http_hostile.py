@@ -166,6 +166,20 @@ def test_lone_surrogates_are_refused_in_each_apis_shape(served: Stack) -> None:
                 f"{url}{path}", content=json.dumps(body).encode(), headers={"content-type": "application/json"}
             )
             assert_shape(path, response, INVALID[path], names, "surrogate")
+    # At the end of a ~100 KB document: END truncation encodes only its first tokens, so only a search of the
+    # whole text refuses it (it was scored, then echoing it failed: a 500).
+    long = "word " * 20_000 + "\ud800"
+    for path, body in (
+        (COHERE_V1, {"query": "q", "documents": [long]}),  # Jina's call: documents returned by default
+        (TEI, {"query": "q", "documents": [long], "truncate_prompt_tokens": -1}),  # vLLM's rerank body
+        (TEI, good_body(TEI, [long], return_text=True)),
+        (COHERE_V2, good_body(COHERE_V2, [long], return_documents=True)),
+    ):
+        response = httpx.post(
+            f"{url}{path}", content=json.dumps(body).encode(), headers={"content-type": "application/json"}, timeout=60
+        )
+        field = "texts[0]" if "texts" in body else "documents[0]"
+        assert_shape(path, response, INVALID[path], field, "surrogate at character 100000")
     # A rank field's name, as a field of the document and as a field whose value is not a string.
     for document in ({"\ud800": "x"}, {"\ud800": 5}):
         body = {"query": "q", "documents": [document], "rank_fields": ["\ud800"]}

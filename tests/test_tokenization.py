@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from rerank_server.tokenization import (
     EncodeOptions,
     EncodingError,
+    InvalidTextError,
     PairTemplate,
     PairTokenizer,
     PairTooLongError,
@@ -128,6 +129,25 @@ def test_none_truncation_refuses_a_pair_that_does_not_fit_naming_it() -> None:
     assert "document 1 does not fit: with the query it is more than 64 tokens long and max_length is 64" in str(
         caught.value
     )
+
+
+@pytest.mark.parametrize(
+    "truncation", [Truncation.END, Truncation.START, Truncation.NONE, Truncation.CHUNK], ids=lambda t: t.name
+)
+def test_a_lone_surrogate_past_the_tokens_needed_is_refused(truncation: Truncation) -> None:
+    """Each mode encodes only the tokens it needs (CHUNK: max_windows' worth), but the answer may echo the whole
+    text: a lone surrogate anywhere in it is refused, in a query too."""
+    tokenizer = PairTokenizer.from_dir(TOKENIZER_DIR, 8192)
+    chunk = {"max_windows": 1} if truncation is Truncation.CHUNK else {}
+    for long in ("word " * 20_000 + "\ud800", "\udfff" + "word " * 20_000, "wörd " * 60_000 + "\udc00 end"):
+        position = long.index(next(c for c in long if "\ud800" <= c <= "\udfff"))
+        with pytest.raises(InvalidTextError) as caught:
+            tokenizer.encode([QUERY] * 2, ["fine", long], options(64, truncation=truncation, **chunk))
+        assert (caught.value.part, caught.value.index) == ("document", 1)
+        assert f"a lone surrogate at character {position}" in str(caught.value)
+    with pytest.raises(InvalidTextError) as caught:
+        tokenizer.encode(["q " * 2_000 + "\ud800"], ["fine"], options(64, truncation=truncation, **chunk))
+    assert caught.value.part == "query"
 
 
 def test_template_is_read_off_the_tokenizer() -> None:

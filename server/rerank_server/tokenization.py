@@ -18,7 +18,8 @@ caller's `should_stop` is checked, so a call whose deadline passed or that was c
 within one segment's time (milliseconds). A run of more than _SEGMENT_CHARS characters without
 whitespace (CJK or Thai text, a base64 blob: one pre-token for byte-level BPE, whose merges cost
 more than linear time in its length) is cut at _SEGMENT_CHARS anyway: the few tokens at such a
-cut may differ from what the whole text gives.
+cut may differ from what the whole text gives. Each text is searched whole for a lone surrogate first (no
+tokens, and no UTF-8 for an answer that echoes it), which costs milliseconds per megabyte, nothing for ASCII.
 """
 
 from __future__ import annotations
@@ -246,6 +247,12 @@ class PairTokenizer:
         Texts are encoded in segments (see the module's docstring); `should_stop` is checked before
         each encode_batch call, and StoppedError raised when it returns True.
         """
+        # A lone surrogate anywhere is refused, not only in the segments encoded: a text cut after its first
+        # tokens would be scored and then fail where the answer echoes it (UTF-8 cannot carry it).
+        for i, text in enumerate(texts):
+            position = lone_surrogate(text, should_stop)
+            if position is not None:
+                raise InvalidTextError(i, position)
         results: list[list[int]] = [[] for _ in texts]
         # The text still to encode: texts[i][positions[i]:], or with from_end texts[i][:positions[i]].
         positions = [len(text) for text in texts] if from_end else [0] * len(texts)
@@ -447,10 +454,19 @@ class InvalidTextError(EncodingError):
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def lone_surrogate(text: str) -> int | None:
-    """Where `text` holds a lone surrogate (no Unicode, so no UTF-8), or None."""
-    found = _SURROGATE.search(text)
-    return None if found is None else found.start()
+def lone_surrogate(text: str, should_stop: Callable[[], bool] | None = None) -> int | None:
+    """Where `text` holds a lone surrogate (no Unicode, so no UTF-8), or None. Linear: an ASCII text is known
+    at once; another is searched _BATCH_CHARS characters at a time (about 2 ms), `should_stop` checked
+    before each (StoppedError)."""
+    if text.isascii():
+        return None
+    for start in range(0, len(text), _BATCH_CHARS):
+        if should_stop is not None and should_stop():
+            raise StoppedError
+        found = _SURROGATE.search(text, start, start + _BATCH_CHARS)
+        if found is not None:
+            return found.start()
+    return None
 
 
 def _not_unicode(texts: Sequence[str], group: list[int]) -> InvalidTextError:
