@@ -4,6 +4,7 @@ server keeps serving after each."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import json
@@ -23,12 +24,13 @@ import psutil
 import pytest
 
 from rerank_client import RerankClient, tls_credentials
+from rerank_server.calls import MODEL_NOT_READY, SHUTTING_DOWN
 from rerank_server.http_api.registry import OPEN_PATHS, RANKING_PATHS, ROUTES, shape_for
 from rerank_server.http_api.server import create_app
 from rerank_server.settings import Settings
 from tests.certs import Authority
 from tests.conftest import Stack, free_port, frontend, start_serve, stop_serve
-from tests.fakes import fake_core
+from tests.fakes import FakeBackend, fake_core
 from tests.test_operations import sample, scrape
 from tests.texts import QUERY, text
 
@@ -134,6 +136,24 @@ def test_every_route_the_app_serves_is_declared_once_with_its_shape() -> None:
     }
     assert shape_for("/v1/models/other").surface == "nim" and shape_for("/nowhere").surface == "cohere"
     assert {"/health", "/v1/health/live", "/v1/health/ready"} == OPEN_PATHS
+
+
+def test_the_health_probes_say_why_they_fail() -> None:
+    """TEI's /health and NIM's /v1/health/ready answer 503 while draining and while the model is not ready, in
+    the same words (calls.py's)."""
+
+    async def probe(app: Any) -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://rerank") as client:
+            return [await client.get(path) for path in ("/health", "/v1/health/ready")]
+
+    settings = Settings(triton_url="fake:0")
+    draining = create_app(fake_core(), settings, draining=lambda: True)
+    unready = create_app(fake_core(FakeBackend(ready=False)), settings)
+    for app, message in ((draining, SHUTTING_DOWN), (unready, MODEL_NOT_READY)):
+        tei, nim = asyncio.run(probe(app))
+        assert (tei.status_code, tei.json()) == (503, {"error": message, "error_type": "Unhealthy"})
+        assert (nim.status_code, nim.json()["message"]) == (503, message)
 
 
 @pytest.mark.e2e

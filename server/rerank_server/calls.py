@@ -16,6 +16,9 @@ from rerank_server.observability import Metrics, request_id
 log = logging.getLogger(__name__)
 
 DRAINING = "the server is shutting down; retry elsewhere"
+# The HTTP health probes' answers while draining and while the model cannot answer (TEI's and NIM's).
+SHUTTING_DOWN = "the server is shutting down"
+MODEL_NOT_READY = "the model is not ready"
 UNAUTHENTICATED = "missing or invalid token (authorization: Bearer <token>)"
 # Longest request id kept from a caller's x-request-id.
 REQUEST_ID_MAX = 128

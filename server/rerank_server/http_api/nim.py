@@ -22,6 +22,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from rerank_server import calls
 from rerank_server.core import FieldNames, RerankInput, ScoreOptions, Truncation
 from rerank_server.http_api.common import MODEL_FIELD, HttpApi, call_core, context, requested_model
 from rerank_server.http_api.errors import NIM
@@ -103,7 +104,7 @@ async def live() -> JSONResponse:
 async def ready(request: Request) -> JSONResponse:
     ctx = context(request)
     if ctx.draining():
-        return _health("the server is shutting down", 503)
+        return _health(calls.SHUTTING_DOWN, 503)
     if not await ctx.core.is_ready():
-        return _health("the model is not ready", 503)
+        return _health(calls.MODEL_NOT_READY, 503)
     return _health("Service is ready.")

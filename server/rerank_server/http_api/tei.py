@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
+from rerank_server import calls
 from rerank_server.core import FieldNames, RerankInput, ScoreOptions, Truncation
 from rerank_server.http_api import vllm
 from rerank_server.http_api.common import HttpApi, call_core, context
@@ -131,7 +132,7 @@ async def info(request: Request) -> JSONResponse:
 async def health(request: Request) -> JSONResponse:
     ctx = context(request)
     if ctx.draining():
-        return JSONResponse({"error": "the server is shutting down", "error_type": "Unhealthy"}, status_code=503)
+        return JSONResponse({"error": calls.SHUTTING_DOWN, "error_type": "Unhealthy"}, status_code=503)
     if not await ctx.core.is_ready():
-        return JSONResponse({"error": "the model is not ready", "error_type": "Unhealthy"}, status_code=503)
+        return JSONResponse({"error": calls.MODEL_NOT_READY, "error_type": "Unhealthy"}, status_code=503)
     return JSONResponse({})
