@@ -25,6 +25,7 @@ import pytest
 
 from rerank_client import RerankClient, tls_credentials
 from rerank_server.calls import MODEL_NOT_READY, SHUTTING_DOWN
+from rerank_server.http_api.gate import span_name
 from rerank_server.http_api.registry import OPEN_PATHS, RANKING_PATHS, ROUTES, shape_for
 from rerank_server.http_api.server import create_app
 from rerank_server.settings import Settings
@@ -154,6 +155,13 @@ def test_the_health_probes_say_why_they_fail() -> None:
         tei, nim = asyncio.run(probe(app))
         assert (tei.status_code, tei.json()) == (503, {"error": message, "error_type": "Unhealthy"})
         assert (nim.status_code, nim.json()["message"]) == (503, message)
+
+
+def test_spans_are_named_by_standard_methods_only() -> None:
+    """A request line's method is any token up to 16 KiB from anyone: only the standard ones name a span."""
+    assert span_name("POST", COHERE_V2) == "POST /v2/rerank" and span_name("OPTIONS", TEI) == "OPTIONS /rerank"
+    for method in ("X" * 16_384, "post", "PROPFIND", "CONNECT", "TRACE"):
+        assert span_name(method, "other") == "HTTP other"
 
 
 @pytest.mark.e2e

@@ -30,6 +30,14 @@ from rerank_server.tracing import tracer
 
 # Per accepted document: its string, or an object's fields (Cohere v1 documents may be objects).
 JSON_OBJECTS_PER_DOCUMENT = 16
+# The methods a span is named after; any other token (up to the header limit, from anyone) names it "HTTP", as
+# OpenTelemetry's HTTP conventions do, so that span names stay a small fixed set.
+STANDARD_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
+
+
+def span_name(method: str, route: str) -> str:
+    """The server span's name: `POST /v2/rerank`, or `HTTP /v2/rerank` for a method not in STANDARD_METHODS."""
+    return f"{method if method in STANDARD_METHODS else 'HTTP'} {route}"
 
 
 class TooManyValuesError(HTTPException):
@@ -110,7 +118,7 @@ class Gate:
         try:
             with (
                 self.calls.running(),
-                tracer.start_as_current_span(f"{scope['method']} {route}", kind=trace.SpanKind.SERVER),
+                tracer.start_as_current_span(span_name(scope["method"], route), kind=trace.SpanKind.SERVER),
             ):
                 await self.app(scope, self._limited(receive), send_with_id)
         except asyncio.CancelledError:
