@@ -32,6 +32,7 @@ from rerank_server.settings import Settings
 from tests.certs import Authority
 from tests.conftest import Stack, free_port, frontend, start_serve, stop_serve
 from tests.fakes import FakeBackend, fake_core
+from tests.test_core_models import two_models
 from tests.test_operations import sample, scrape
 from tests.texts import QUERY, text
 
@@ -162,6 +163,35 @@ def test_spans_are_named_by_standard_methods_only() -> None:
     assert span_name("POST", COHERE_V2) == "POST /v2/rerank" and span_name("OPTIONS", TEI) == "OPTIONS /rerank"
     for method in ("X" * 16_384, "post", "PROPFIND", "CONNECT", "TRACE"):
         assert span_name(method, "other") == "HTTP other"
+
+
+def test_tei_rerank_takes_a_model_as_the_other_apis_do() -> None:
+    """TEI's body has no `model`, but a server of several models honours one there (TEI's and vLLM's bodies
+    on /rerank alike), absent is the default model, and an unknown name is a 404 in TEI's shape."""
+    core, alpha, beta = two_models()
+    app = create_app(core, Settings(triton_url="fake:0"))
+
+    async def send(*bodies: dict[str, Any]) -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://rerank") as client:
+            return [await client.post(TEI, json=body) for body in bodies]
+
+    tei, named, vllm_body, default, unknown = asyncio.run(
+        send(
+            good_body(TEI, ["a"], model="beta", raw_scores=True),
+            good_body(TEI, ["b"], model="alpha"),
+            {"query": QUERY, "documents": ["c"], "model": "beta"},
+            good_body(TEI, ["d"]),
+            good_body(TEI, ["e"], model="gamma"),
+        )
+    )
+    assert [r.status_code for r in (tei, named, vllm_body, default)] == [200] * 4
+    assert (len(alpha.calls), len(beta.calls)) == (2, 2)  # beta: the two that name it
+    assert tei.json()[0]["score"] > 50  # beta's logits are offset by 100
+    assert vllm_body.json()["model"] == "checkpoint-beta"
+    # TEI's shape (create_app alone: no gate, so no x-request-id to check).
+    assert unknown.status_code == 404 and unknown.json()["error_type"] == "NotFound", unknown.text
+    assert "gamma" in unknown.json()["error"] and "['alpha', 'beta']" in unknown.json()["error"]
 
 
 @pytest.mark.e2e

@@ -14,8 +14,10 @@ How the knobs map onto the core:
   a query past max_query_tokens, a request past max_total_tokens: TEI up to 1.8's status, see
   docs/http.md), 400 for no texts (error_type Empty), 422 for a body that does not parse or a text the
   tokenizer cannot take (error_type Tokenizer).
-- `model` is not part of TEI's request: the default model answers, and /info describes it
-  (`served_model_name` is its name, as requests name it).
+- `model` is not part of TEI's request (a TEI server serves one model), but it is taken as the other APIs
+  take it: a served model's name chooses the model (absent: the default model); another name is refused
+  with 404 naming the served ones, unless one model is served: then it answers. /info describes the
+  default model (`served_model_name` is its name, as requests name it).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pydantic import BaseModel, Field, ValidationError
 from rerank_server import calls
 from rerank_server.core import FieldNames, RerankInput, ScoreOptions, Truncation
 from rerank_server.http_api import vllm
-from rerank_server.http_api.common import HttpApi, call_core, context
+from rerank_server.http_api.common import MODEL_FIELD, HttpApi, call_core, context, requested_model
 from rerank_server.http_api.errors import TEI
 
 api = HttpApi("TEI", TEI)
@@ -47,6 +49,7 @@ class TeiRerankRequest(BaseModel):
     )
     raw_scores: bool = Field(False, description="answer logits instead of sigmoid scores")
     return_text: bool = False
+    model: str | None = Field(None, description=MODEL_FIELD)
 
 
 class TeiRank(BaseModel):
@@ -90,7 +93,13 @@ async def rerank(request: Request, raw: dict[str, Any] = Body(...)) -> JSONRespo
     body: TeiRerankRequest = _validated(TeiRerankRequest, raw)
     truncation = Truncation.NONE if body.truncate is False else _TRUNCATION[body.truncation_direction.lower()]
     core = context(request).core
-    core_input = RerankInput(body.query, body.texts, options=ScoreOptions(truncation=truncation), fields=TEI_FIELDS)
+    core_input = RerankInput(
+        body.query,
+        body.texts,
+        options=ScoreOptions(truncation=truncation),
+        fields=TEI_FIELDS,
+        model=requested_model(request, body.model),
+    )
     output = await call_core(request, lambda deadline: core.rerank(core_input, deadline))
     ranks: list[dict[str, Any]] = []
     for result in output.results:
