@@ -321,7 +321,7 @@ async def run(settings: Settings) -> int:
             )
             return 1
     if settings.metrics_port:
-        metrics.serve(settings.metrics_port, settings.host)
+        metrics.serve(settings.metrics_port, settings.host, settings)
 
     async with AsyncExitStack() as stack:
         triton: LocalTriton | None = None
