@@ -83,6 +83,7 @@ def test_no_body_of_a_megabyte_holds_other_callers(served: Stack) -> None:
         client.rerank(QUERY, ["warm up"])
         alone = max(timed_call(lambda: client.rerank(QUERY, ["a"])) for _ in range(10))
         worst = 0.0
+        took_by_body: dict[str, float] = {}
         for name, body in HOSTILE_BODIES.items():
             stop = threading.Event()
             latencies: list[float] = []
@@ -101,11 +102,17 @@ def test_no_body_of_a_megabyte_holds_other_callers(served: Stack) -> None:
                 stop.set()
                 caller.join()
             assert response.status_code in (200, 400, 413), (name, response.status_code, response.text[:200])
-            assert took < 5, f"{name}: answered after {took:.1f} s"
+            # Each is read, scanned and parsed or refused in under 0.1 s on a 2-core machine (84 ms at most, the
+            # long string): 1 s leaves ten times that for a loaded one, and a scan that grows faster than the body
+            # (the quadratic one took 15 s for 64 KB) is far past it.
+            assert took < 1, f"{name}: answered after {took:.2f} s"
+            took_by_body[name] = took
             worst = max(worst, *latencies)
     print(f"\nvictim alone: worst {alone * 1000:.0f} ms; beside hostile bodies: worst {worst * 1000:.0f} ms")
-    # Generous for a loaded 2-core machine; the quadratic scan stalled callers for minutes on these.
-    assert worst < alone + 1.0, f"a caller waited {worst:.2f} s beside a hostile body (alone: {alone:.2f} s)"
+    print("answered after: " + ", ".join(f"{name} {took * 1000:.0f} ms" for name, took in took_by_body.items()))
+    # No other caller may wait more than 100 ms longer than alone (17 ms longer at most in five runs on a 2-core
+    # machine); 0.3 s leaves room for a loaded one. The quadratic scan stalled callers for minutes on these.
+    assert worst < alone + 0.3, f"a caller waited {worst:.2f} s beside a hostile body (alone: {alone:.2f} s)"
     still_serving(str(served.http_url))
 
 
