@@ -110,7 +110,8 @@ check: install
 # stack. Each test runs in exactly one process (tests/test_tiers.py). test_export.py goes first: it exports the
 # session's models while the fast tier runs, and the timed process, which starts later, finds them ready.
 E2E_UNTIMED := tests/test_export.py tests/test_bench.py tests/test_precision.py tests/test_models.py \
-	tests/test_http_first_contact.py tests/test_make_serve.py tests/test_warmup.py tests/test_quantize.py tests/test_long_routing.py
+	tests/test_http_first_contact.py tests/test_make_serve.py tests/test_warmup.py tests/test_quantize.py tests/test_long_routing.py \
+	tests/test_generality.py
 E2E_TIMED_RUN = $(BIN)/python -m pytest -m e2e $(addprefix --ignore=,$(E2E_UNTIMED))
 E2E_UNTIMED_RUN = $(BIN)/python -m pytest -p no:cacheprovider -m e2e $(E2E_UNTIMED)
 

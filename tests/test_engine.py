@@ -87,9 +87,9 @@ def test_scores_match_eager_whatever_the_budget(model_repository: Path, checkpoi
 
 ARENA_PROBE = """
 import json, resource, sys, numpy as np, psutil
-from rerank_triton_model.reranker_engine import PackedReranker
+from rerank_triton_model.reranker_engine import RELEASE_AFTER_TOKENS, PackedReranker
 engine = PackedReranker.from_file(sys.argv[1], pad_token_id=50283, max_batch_tokens=16384)
-ids = np.random.default_rng(0).integers(5, 50000, 8192).astype(np.int32)
+ids = np.random.default_rng(0).integers(5, 50000, RELEASE_AFTER_TOKENS).astype(np.int32)
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 batch = lambda: engine.score(ids[:3000], np.array([1000, 1000, 1000]))
 batch()
@@ -97,15 +97,16 @@ batch()  # ONNX Runtime's arena settles over its first two runs of a shape
 idle, before = psutil.Process().memory_info().rss, faults()
 batch()  # pairs under the bound: the run reuses what the last one left in the arena
 again = faults() - before
-engine.score(ids, np.array([8192]))  # dense attention: 8192 x 8192 scores per head and layer
+# The shortest pair after which memory is handed back: dense attention's T x T scores per head and layer.
+engine.score(ids, np.array([RELEASE_AFTER_TOKENS]))
 print(json.dumps({"long": psutil.Process().memory_info().rss - idle, "short_run_faults": again}))
 """
 
 
 @pytest.mark.e2e
 def test_onnx_runtime_hands_back_what_a_long_pair_allocated(model_repository: Path) -> None:
-    """The dense graph's attention over one 8192-token pair takes GiBs in ONNX Runtime's arena (the tiny
-    model: about 6); after the run the process holds no more than before it (own process, RSS), while
+    """The dense graph's attention over one 4096-token pair takes GiBs in ONNX Runtime's arena (the tiny
+    model: about 1.5); after the run the process holds no more than before it (own process, RSS), while
     runs of shorter pairs keep reusing the arena."""
     onnx_path = model_repository / "reranker_long_dense" / "1" / "model.onnx"
     done = subprocess.run(
