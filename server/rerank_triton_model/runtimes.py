@@ -23,9 +23,8 @@ if TYPE_CHECKING:
 CPU, GPU = "cpu", "gpu"
 FP32 = "fp32"
 # CPU models whose runtime is not the packed engine: pairs longer than this run on the packed engine
-# (RoutedReranker) unless the export measured or was given another threshold. One pair, ModernBERT-base,
-# fp32, 2 Zen 5 cores, ONNX Runtime vs packed (s): 512 0.43/0.35, 768 0.74/0.66, 1024 1.13/0.83, 2048
-# 4.2/2.0, 4096 11.8/4.9; up to 768 the packed engine lost under other processes' load (OpenMP), from 1024 never.
+# (RoutedReranker) unless the export measured or was given another threshold: quiet, the packed engine leads
+# from 512 tokens; with a core busy, ONNX Runtime leads up to 1,024 (docs/performance.md, Decisions).
 LONG_PAIR_TOKENS = 1024
 
 
