@@ -10,8 +10,17 @@ Importing the package imports nothing heavy: the frontend uses contract, cpu_fea
 """
 
 import hashlib
+import os
 from functools import cache
 from pathlib import Path
+
+# The PyTorch engines' OpenMP threads wait passively (sleep) between parallel regions rather than spin. Spinning
+# threads take the cycles of whatever shares the cores (Triton's and the frontend's threads, another instance, a
+# neighbour): with one of 2 cores busy elsewhere, the packed engine took 2.5x its quiet time spinning and 1.8x
+# passive, and 3-4% less time quiet too (docs/performance.md, Decisions). libgomp reads it once, when torch loads:
+# set on import of this package, which Triton's stub (model.py), `rerank` and the benchmarks import before torch.
+# An OMP_WAIT_POLICY set by the operator wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_TEMPLATE = PACKAGE_DIR / "config.pbtxt.template"
