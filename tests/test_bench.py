@@ -100,7 +100,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
     """Every benchmark command this module checks (but bench.hostile, run by its test alone), started at once
     and run two at a time, longest first: their figures are not asserted, so sharing the 2 cores costs them
     nothing that is checked, and the module takes about a third less time than one command after another."""
-    names = ("long", "quick", "gpu", "cache", "warmup", "messages", "http", "run_size", "queue_delay")
+    names = ("long", "quick", "gpu", "cache", "warmup", "messages", "http", "run_size", "queue_delay", "contention")
     folders = {name: tmp_path_factory.mktemp(f"bench-{name}") for name in names}
     commands: dict[str, list[list[str]]] = {
         # One long pair (about 2,000 tokens) served per runtime, all six exports in one stack.
@@ -113,6 +113,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
         "cache": [quick("cache", folders["cache"])],
         # As docs/performance.md shows it (fewer calls): the export served with its warm-up and without it.
         "warmup": [quick("warmup", folders["warmup"], "--rounds", "1", "--calls", "2")],
+        # One round of each OpenMP wait policy, two calls alone and two beside the busy core.
+        "contention": [quick("contention", folders["contention"], "--rounds", "1", "--calls", "2")],
         # As docs/security.md shows it, at one small size.
         "messages": [[sys.executable, "-m", "bench.messages", "--sizes", "1", "--rounds", "1"]],
         # QUICK workloads, two rounds of each protocol.
@@ -352,6 +354,20 @@ def test_first_call_check_runs_end_to_end(runs: dict[str, Run]) -> None:
         assert run["ready_s"] > 0 and run["first_s"] > 0 and run["steady_s"] > 0
         assert run["first_over_steady"] == pytest.approx(run["first_s"] / run["steady_s"])
     assert "| no warm-up |" in done.stdout and "| warm-up (as exported) |" in done.stdout
+
+
+def test_contention_check_serves_each_openmp_wait_policy(runs: dict[str, Run]) -> None:
+    (done,) = runs["contention"].wait()
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((runs["contention"].folder / "contention.json").read_text())
+    assert set(results["runs"]) == {"ACTIVE", "PASSIVE"}
+    for policy, (run,) in results["runs"].items():
+        # Each policy reached the model's stub, through rerank serve and Triton.
+        assert run["stub_policy"] == policy
+        for side in ("alone", "busy"):
+            assert run[side]["seconds"] > 0 and run[side]["stub_cpu_s"] > 0
+        assert run["busy_over_alone"] == pytest.approx(run["busy"]["seconds"] / run["alone"]["seconds"])
+    assert "| PASSIVE |" in done.stdout and "| ACTIVE |" in done.stdout
 
 
 def test_the_cold_copies_drop_warmup_requests_and_keep_the_rest(tmp_path: Path) -> None:

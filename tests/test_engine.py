@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,22 @@ def test_scores_match_eager_whatever_the_budget(model_repository: Path, checkpoi
     input_ids = np.concatenate([np.array(e, dtype=np.int32) for e in encoded])
     logits = engine.score(input_ids, np.array([len(e) for e in encoded]))
     np.testing.assert_allclose(logits, reference.logits(QUERY, documents), atol=1e-4)
+
+
+@pytest.mark.parametrize("package", ["rerank_triton_model", "rerank_server", "bench"])
+def test_the_packages_make_openmp_threads_wait_passively_unless_told_otherwise(package: str) -> None:
+    """Importing the model package (or what imports it first: the service, the benchmarks) sets the policy
+    before torch loads libgomp, which reads it once; an operator's own value stays."""
+    probe = f"import os, {package}, sys; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+
+    def policy(environment: dict[str, str]) -> str:
+        done = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert policy(env) == "PASSIVE False"
+    assert policy({**env, "OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE False"
 
 
 ARENA_PROBE = """
