@@ -6,7 +6,8 @@ core kept busy by another process, under each OpenMP wait policy of the PyTorch 
 
 It exports one checkpoint (`rerank export`, auto unless `--export-args` say otherwise) and serves it once per
 policy and round (`OMP_WAIT_POLICY` ACTIVE: threads spin between parallel regions; PASSIVE: they sleep, what the
-model package sets unless the environment names one), times `--calls` calls of bench.run's (a) request (16
+model package sets unless the environment names one; libgomp's own default, which the package replaces: spin
+300,000 rounds, then sleep, as GOMP_SPINCOUNT=300000), times `--calls` calls of bench.run's (a) request (16
 documents of 256 tokens) alone and then beside `python3 -c "while True: pass"`, and counts the CPU seconds the
 model's Triton stub spent per call. Writes <output>/contention.json and prints a Markdown table.
 """
@@ -32,7 +33,13 @@ from bench.models import FULL_INITIALIZER_RANGE, QUICK_CONFIG
 from bench.served import ServedStack, export_random
 from rerank_client import RerankClient
 
-POLICIES = ("ACTIVE", "PASSIVE")
+# The environment each policy is served with (the stub inherits it from rerank serve and Triton).
+POLICIES: dict[str, dict[str, str]] = {
+    "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "libgomp default": {"GOMP_SPINCOUNT": "300000"},
+    "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+}
+OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 BUSY = [sys.executable, "-c", "while True: pass"]
 
 
@@ -56,11 +63,14 @@ def timed_calls(stack: ServedStack, request: workloads.Request, calls: int) -> d
 
 
 def serve_and_measure(repository: Path, log_path: Path, policy: str, request: workloads.Request, calls: int) -> Any:
-    os.environ["OMP_WAIT_POLICY"] = policy  # inherited by rerank serve, Triton and its stub
+    for name in OPENMP_VARIABLES:  # inherited by rerank serve, Triton and its stub
+        os.environ.pop(name, None)
+    os.environ.update(POLICIES[policy])
     stack = ServedStack.start(repository, log_path)
     try:
         # What the stub runs under (the model package keeps a policy its environment names).
-        stub_policy = stack.stubs()[0].environ().get("OMP_WAIT_POLICY")
+        stub_environment = stack.stubs()[0].environ()
+        stub_policy = {name: stub_environment[name] for name in OPENMP_VARIABLES if name in stub_environment}
         with RerankClient(stack.target, timeout=900) as client:
             client.rerank(request.query, list(request.documents))  # the first run's costs out of the way
         alone = timed_calls(stack, request, calls)
@@ -90,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     request = workloads.build(TOKENIZER_DIR, shape=workloads.QUICK if args.quick else workloads.FULL)["a1"].requests[0]
-    policy_before = os.environ.get("OMP_WAIT_POLICY")
+    before = {name: os.environ.get(name) for name in OPENMP_VARIABLES}
     runs: dict[str, list[dict[str, Any]]] = {policy: [] for policy in POLICIES}
     try:
         with tempfile.TemporaryDirectory(prefix="bench-contention-") as folder:
@@ -105,13 +115,14 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{policy}, round {round_ + 1}: {result}", file=sys.stderr, flush=True)
                     runs[policy].append(result)
     finally:
-        if policy_before is None:
-            os.environ.pop("OMP_WAIT_POLICY", None)
-        else:
-            os.environ["OMP_WAIT_POLICY"] = policy_before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     served_as = f"{exported.get('precision')} ({exported.get('runtime')})"
     lines = [
-        f"| OMP_WAIT_POLICY, {served_as}, (a) {request.pairs} documents, {request.tokens} tokens | alone s "
+        f"| OpenMP threads waiting, {served_as}, (a) {request.pairs} documents, {request.tokens} tokens | alone s "
         "| one core busy s "
         "| busy / alone | stub CPU s per call, alone | stub CPU s per call, busy |",
         "|---|--:|--:|--:|--:|--:|",
