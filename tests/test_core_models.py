@@ -167,3 +167,33 @@ async def test_a_refused_call_is_unavailable_when_the_new_export_cannot_be_serve
     error = await failure(core.rerank(RerankInput(QUERY, ["d"])))
     assert error.code is ErrorCode.UNAVAILABLE and "reloaded" in error.message and looks == ["a"]
     assert core.cache.entries == 0
+
+
+async def test_calls_refused_as_stale_share_one_look_and_a_look_that_kept_the_model_is_not_repeated_at_once() -> None:
+    """Frontend._follow_stale: a burst of refused calls waits for one look at Triton, not one each in a row; after
+    a look that did not replace the model, further refused calls within the health interval make none."""
+    from types import SimpleNamespace
+
+    from rerank_server.app import Frontend
+
+    looks: list[object] = []
+
+    async def look(model: object) -> None:
+        looks.append(model)
+        await asyncio.sleep(0.05)  # the look keeps the model: Triton's export could not be served
+
+    frontend: Any = SimpleNamespace(
+        _stale_looks={},
+        _stale_looked_at={},
+        settings=SimpleNamespace(health_interval_s=60.0),
+        _follow_triton=look,
+    )
+    stale_model: Any = SimpleNamespace(name=MODEL)
+    frontend.models = SimpleNamespace(find=lambda name: stale_model)  # still served: no look has replaced it
+    await asyncio.gather(*(Frontend._follow_stale(frontend, stale_model) for _ in range(100)))
+    assert looks == [stale_model]
+    await Frontend._follow_stale(frontend, stale_model)  # within the interval: no new look
+    assert looks == [stale_model]
+    frontend._stale_looked_at[MODEL] -= 61.0
+    await Frontend._follow_stale(frontend, stale_model)
+    assert looks == [stale_model, stale_model]

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import resource
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -127,7 +129,7 @@ class Frontend:
         # One core for every API surface and model: the gRPC servicer here, the HTTP routes beside it.
         self.core = build_core(settings, models, metrics)
         # A call Triton refused as made for a replaced export makes the watcher look at once.
-        self.core.on_stale_model = self._follow_triton
+        self.core.on_stale_model = self._follow_stale
         service = RerankService(self.core, settings)
         self._server = grpc.aio.server(interceptors=[self.policy], options=server_options(settings))
         self._server.add_generic_rpc_handlers((rerank_service_handler(service, settings.max_documents),))
@@ -149,6 +151,10 @@ class Frontend:
         self.http = HttpFrontend(settings, self.core, self.calls) if settings.http_port else None
         self._watcher: asyncio.Task[None] | None = None
         self._following = asyncio.Lock()  # one look at Triton's models at a time (the watcher's, or a call's)
+        # Looks that calls refused as stale asked for, by model: one at a time that they all await, and no new one
+        # within --health-interval-s of the last, so a burst of such calls makes one look, not one each.
+        self._stale_looks: dict[str, asyncio.Task[None]] = {}
+        self._stale_looked_at: dict[str, float] = {}
         self._health_names: set[str] = set()  # every model ever served, for its own health service
 
     async def start(self) -> None:
@@ -186,6 +192,20 @@ class Frontend:
                 return
             for model in retired:
                 self.core.cache.forget(model.cache_key)
+
+    async def _follow_stale(self, stale: ServedModel) -> None:
+        """A call found `stale` replaced in Triton: the look it waits for (the one in flight for that model, or a new
+        one unless the model was replaced since or looked at within --health-interval-s; the watcher looks then)."""
+        look = self._stale_looks.get(stale.name)
+        if look is None or look.done():
+            now = time.monotonic()
+            recent = now - self._stale_looked_at.get(stale.name, -math.inf) < self.settings.health_interval_s
+            if self.models.find(stale.name) is not stale or recent:
+                return
+            self._stale_looked_at[stale.name] = now
+            look = asyncio.ensure_future(self._follow_triton(stale))
+            self._stale_looks[stale.name] = look
+        await asyncio.shield(look)  # a caller that gives up leaves the look to the others
 
     async def _watch_models(self) -> None:
         """Health follows Triton: SERVING only while every served model can answer; the served set

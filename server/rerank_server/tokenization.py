@@ -25,7 +25,6 @@ tokens, and no UTF-8 for an answer that echoes it), which costs milliseconds per
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -451,21 +450,21 @@ class InvalidTextError(EncodingError):
         return InvalidTextError(index, self.position, part, subject)
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def lone_surrogate(text: str, should_stop: Callable[[], bool] | None = None) -> int | None:
     """Where `text` holds a lone surrogate (no Unicode, so no UTF-8), or None. Linear: an ASCII text is known
-    at once; another is searched _BATCH_CHARS characters at a time (about 2 ms), `should_stop` checked
+    at once; another is searched _BATCH_CHARS characters at a time (about 0.5 ms), `should_stop` checked
     before each (StoppedError)."""
     if text.isascii():
         return None
     for start in range(0, len(text), _BATCH_CHARS):
         if should_stop is not None and should_stop():
             raise StoppedError
-        found = _SURROGATE.search(text, start, start + _BATCH_CHARS)
-        if found is not None:
-            return found.start()
+        try:
+            # UTF-8 encoding fails exactly at a surrogate (a str holds a valid pair as one code point), and runs
+            # several times faster than a regular-expression search over non-ASCII text.
+            text[start : start + _BATCH_CHARS].encode("utf-8")
+        except UnicodeEncodeError as error:
+            return start + error.start
     return None
 
 
