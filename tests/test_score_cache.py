@@ -4,6 +4,7 @@ the smallest size it accepts."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import tracemalloc
 from collections import OrderedDict
@@ -201,6 +202,23 @@ def test_a_call_storing_after_its_model_was_forgotten_stores_nothing() -> None:
     cache.forget(MODEL)  # the model was reloaded while the call computed
     cache.store(lookup, np.array([1.0, 2.0], dtype=np.float32))
     assert cache.entries == 0
+
+
+def test_a_call_looking_up_a_forgotten_model_finds_and_stores_nothing_while_its_next_serving_caches() -> None:
+    cache = ScoreCache(1 << 20, Metrics())
+    batch = inputs([1, 2], [3])
+    fill(cache, MODEL, batch, np.array([1.0, 2.0], dtype=np.float32))
+    cache.forget(MODEL)
+    # A call still holding the forgotten model, looking up only now.
+    late = cache.lookup(MODEL, batch)
+    assert late.missing.tolist() == [0, 1]
+    cache.store(late, np.array([1.0, 2.0], dtype=np.float32))
+    assert cache.entries == 0
+    # The same export served again (unloaded and loaded): a new serving, cached as any model.
+    again = dataclasses.replace(MODEL, serving=MODEL.serving + 1)
+    fill(cache, again, batch, np.array([3.0, 4.0], dtype=np.float32))
+    assert cache.lookup(again, batch).logits.tolist() == [3.0, 4.0]
+    assert cache.lookup(MODEL, batch).missing.tolist() == [0, 1]
 
 
 @pytest.mark.parametrize("size", [1, ENTRY_BYTES - 1])

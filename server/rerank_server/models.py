@@ -11,9 +11,10 @@ instance died, Triton is down) stays served and not ready: calls get UNAVAILABLE
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rerank_server.errors import BackendUnavailableError, ModelNotFoundError, field_error, shown
 from rerank_server.score_cache import ModelKey
@@ -22,6 +23,7 @@ from rerank_server.triton_backend import ModelInfo, ScoringBackend, TritonServer
 from rerank_triton_model import package_digest
 
 log = logging.getLogger(__name__)
+_SERVINGS = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class ServedModel:
     info: ModelInfo
     tokenizer: PairTokenizer
     backend: ScoringBackend
+    serving: int = field(default_factory=lambda: next(_SERVINGS))  # this serving of it, for its cache key
 
     @property
     def name(self) -> str:
@@ -38,7 +41,7 @@ class ServedModel:
 
     @property
     def cache_key(self) -> ModelKey:
-        return ModelKey(self.info.name, self.info.version, self.info.precision, self.info.export_id)
+        return ModelKey(self.info.name, self.info.version, self.info.precision, self.info.export_id, self.serving)
 
 
 class ServedModels:

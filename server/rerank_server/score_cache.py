@@ -44,6 +44,9 @@ class ModelKey:
     version: str  # Triton's version of it
     precision: str  # the precision it computes in
     export_id: str  # the export that wrote it ("" for a model exported without one)
+    # Which serving of it (models.ServedModel): one served again after it was forgotten (unloaded and loaded
+    # again) is a new key, while calls still holding the forgotten one find nothing cached and store nothing.
+    serving: int = 0
 
 
 @dataclass(frozen=True)
@@ -136,9 +139,9 @@ class ScoreCache:
 
     def forget(self, model: ModelKey) -> None:
         """Drop every entry of `model` (it was unloaded or replaced): its memory is free at once."""
-        slot = self._slots.pop(model, None)
-        if slot is None:
-            return
+        # Its slot stays retired: a call that looks it up later (one in flight since before) finds nothing cached
+        # and stores nothing.
+        slot = self._slot(model)
         self._retired.add(slot)
         for key in [key for key in self._entries if key.startswith(slot)]:
             del self._entries[key]
