@@ -4,6 +4,7 @@ and the progress bar."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import re
@@ -94,3 +95,13 @@ def machine_info() -> dict[str, Any]:
         "load_average_start": os.getloadavg()[0],
         "cpu_pressure_start": cpu_pressure(),
     }
+
+
+def write_report(output: Path, module: str, argv: list[str] | None, table: str, **fields: Any) -> None:
+    """<output>/<module>.json: the command as run (`python -m bench.<module>` and its arguments), the machine,
+    `fields` and the Markdown table, which is printed too."""
+    command = " ".join([f"python -m bench.{module}", *(argv if argv is not None else sys.argv[1:])])
+    report = {"command": command, "machine": machine_info(), **fields, "table": table}
+    output.mkdir(parents=True, exist_ok=True)
+    (output / f"{module}.json").write_text(json.dumps(report, indent=2))
+    print(table)

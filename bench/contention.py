@@ -28,7 +28,7 @@ import numpy as np
 import psutil
 
 from bench import workloads
-from bench.common import ROOT, TOKENIZER_DIR, machine_info
+from bench.common import ROOT, TOKENIZER_DIR, write_report
 from bench.models import FULL_INITIALIZER_RANGE, QUICK_CONFIG
 from bench.served import ServedStack, export_random
 from rerank_client import RerankClient
@@ -134,12 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {policy} | {alone['seconds']:.3f} | {busy['seconds']:.3f} | {result['busy_over_alone']:.2f} "
                 f"| {alone['stub_cpu_s']:.3f} | {busy['stub_cpu_s']:.3f} |"
             )
-    table = "\n".join(lines)
-    command = " ".join(["python -m bench.contention", *(argv if argv is not None else sys.argv[1:])])
-    report = {"command": command, "machine": machine_info(), "quick": args.quick, "served_as": served_as, "runs": runs}
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "contention.json").write_text(json.dumps({**report, "table": table}, indent=2))
-    print(table)
+    write_report(args.output, "contention", argv, "\n".join(lines), quick=args.quick, served_as=served_as, runs=runs)
     return 0
 
 

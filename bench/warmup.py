@@ -16,7 +16,6 @@ more of the same call. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from bench import workloads
-from bench.common import ROOT, TOKENIZER_DIR, machine_info
+from bench.common import ROOT, TOKENIZER_DIR, write_report
 from bench.models import FULL_INITIALIZER_RANGE, QUICK_CONFIG
 from bench.served import ServedStack, export_random
 from rerank_client import RerankClient
@@ -119,19 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {name} | {result['ready_s']:.1f} | {result['first_s']:.3f} | {result['steady_s']:.3f} "
                 f"| {result['first_over_steady']:.2f} |"
             )
-    table = "\n".join(lines)
-    command = " ".join(["python -m bench.warmup", *(argv if argv is not None else sys.argv[1:])])
-    report = {
-        "command": command,
-        "machine": machine_info(),
-        "quick": args.quick,
-        "demo": args.demo,
-        "request": args.request,
-        "runs": runs,
-    }
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "warmup.json").write_text(json.dumps({**report, "table": table}, indent=2))
-    print(table)
+    write_report(
+        args.output, "warmup", argv, "\n".join(lines), quick=args.quick, demo=args.demo, request=args.request, runs=runs
+    )
     return 0
 
 
