@@ -178,7 +178,9 @@ _ALLOW = (b"allow", b"OPTIONS,GET")
 
 def metrics_app(registry: CollectorRegistry) -> Callable[..., Any]:
     """An ASGI app answering as prometheus_client's make_wsgi_app (the server start_http_server ran): GET of any
-    path is the registry's exposition. Collected on the loop (about a millisecond), as its make_asgi_app does."""
+    path is the registry's exposition. Collected on the loop (about a millisecond), as its make_asgi_app does. Not
+    that app itself: it decodes headers as UTF-8 (another byte from anyone raises inside the server), and answers
+    every method, where the server it replaces allowed only GET and OPTIONS."""
 
     async def app(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] != "http":
