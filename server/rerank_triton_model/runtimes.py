@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 CPU, GPU = "cpu", "gpu"
 FP32 = "fp32"
 # CPU models whose runtime is not the packed engine: pairs longer than this run on the packed engine
-# (RoutedReranker) unless the export measured or was given another threshold: quiet, the packed engine leads
-# from 512 tokens; with a core busy, ONNX Runtime leads up to 1,024 (docs/performance.md, Decisions).
+# (RoutedReranker) unless the export measured or was given another threshold. A conservative default: single
+# pairs put the crossover between 256 and 512 tokens (docs/performance.md, Engine and precision).
 LONG_PAIR_TOKENS = 1024
 
 
