@@ -16,7 +16,7 @@ SERVE_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install sdk-deps go-deps prometheus serve export demo test test-fast test-e2e test-e2e-timed test-e2e-untimed test-e2e-after-check test-e2e-after-fast check bench bench-quick gpu-pack gpu-check protos clean
+.PHONY: install sdk-deps go-deps prometheus serve export demo test test-fast test-e2e test-e2e-timed test-e2e-untimed test-e2e-after-fast check bench bench-quick gpu-pack gpu-check protos clean
 
 install: $(STAMP)
 
@@ -45,6 +45,9 @@ TS_SDK := client/typescript
 GO_DEBS := golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-google-genproto-dev \
 	golang-github-golang-protobuf-1-5-dev protoc-gen-go protoc-gen-go-grpc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# make test installs the dependencies three at a time: apt runs one at a time (a second apt-get update
+# would fail on apt's lock).
+APT_LOCK := flock /tmp/rerank-make-apt.lock
 
 sdk-deps: $(TS_SDK)/node_modules/.package-lock.json go-deps
 
@@ -55,7 +58,7 @@ $(TS_SDK)/node_modules/.package-lock.json: $(TS_SDK)/package-lock.json
 
 go-deps:
 	@test "$$(dpkg-query -W -f='$${db:Status-Abbrev}\n' $(GO_DEBS) 2>/dev/null | grep -c '^ii')" = "$(words $(GO_DEBS))" \
-		|| { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(GO_DEBS); }
+		|| $(APT_LOCK) sh -c '$(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(GO_DEBS)'
 
 # Debian's Prometheus server and promtool, unpacked into the venv (nothing installed system-wide, no service
 # started): tests/test_monitoring.py runs the alerts, the dashboard and the autoscaler's queries on them.
@@ -65,7 +68,7 @@ prometheus: $(PROMETHEUS)
 
 $(PROMETHEUS): | $(STAMP)
 	rm -rf $(VENV)/prometheus $(VENV)/prometheus-deb && mkdir -p $(VENV)/prometheus-deb
-	cd $(VENV)/prometheus-deb && (apt-get download prometheus || ($(SUDO) apt-get update -qq && apt-get download prometheus))
+	cd $(VENV)/prometheus-deb && $(APT_LOCK) sh -c 'apt-get download prometheus || ($(SUDO) apt-get update -qq && apt-get download prometheus)'
 	dpkg -x $(VENV)/prometheus-deb/prometheus_*.deb $(VENV)/prometheus
 	rm -rf $(VENV)/prometheus-deb
 	test -x $@ && touch $@
@@ -119,16 +122,15 @@ E2E_UNTIMED_RUN = $(BIN)/python -m pytest -p no:cacheprovider -m e2e $(E2E_UNTIM
 # (tests/conftest.py, built_once), removed when the run ends.
 SHARED = export RERANK_TEST_SHARE="$$(mktemp -d)" && trap 'rm -rf "$$RERANK_TEST_SHARE"' EXIT &&
 
-# On two cores, each process printed whole when it ends: the checks beside the fast tier; the untimed
-# end-to-end process once the checks pass (beside the rest of the fast tier), the timed one once the fast
-# tier passes too.
-test: install sdk-deps $(PROMETHEUS)
-	$(SHARED) $(MAKE) --no-print-directory -j3 --output-sync=target check test-fast test-e2e-after-check test-e2e-after-fast
+# On two cores, nothing waiting on one job alone: the dependencies three at a time (Python packages, the
+# SDKs' tools, Prometheus); then, each process printed whole when it ends, the checks, the fast tier and the
+# untimed end-to-end process at once, and the timed one once the fast tier passes (it times real servers:
+# it runs beside one other process only). A failed check fails the run when the others end.
+test:
+	$(MAKE) --no-print-directory -j3 --output-sync=target install sdk-deps $(PROMETHEUS)
+	$(SHARED) $(MAKE) --no-print-directory -j3 --output-sync=target check test-fast test-e2e-untimed test-e2e-after-fast
 
-test-e2e-after-check: check
-	$(E2E_UNTIMED_RUN)
-
-test-e2e-after-fast: check test-fast
+test-e2e-after-fast: test-fast
 	$(E2E_TIMED_RUN)
 
 test-fast: install sdk-deps $(PROMETHEUS)

@@ -58,6 +58,10 @@ PACKED_CONFIG: dict[str, object] = {
 }
 
 
+# How long reranker_held's batcher holds a call before running it (its --max-queue-delay-us).
+HELD_S = 3.0
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     config: dict[str, object]
@@ -70,9 +74,13 @@ MODELS = {
     "reranker_mean": ModelSpec(MEAN_POOLING_CONFIG, 1),
     # 8192-token inputs, exported by default: pairs over LONG_PAIR_TOKENS run on the packed engine.
     "reranker_long": ModelSpec(LONG_CONFIG, 2, ("--max-batch-tokens", "16384")),
-    # The same with routing off: ONNX Runtime's dense attention makes an 8192-token pair seconds of work
-    # on any CPU, which the tests of drain, overload, deadlines and connection age need a call to take.
-    "reranker_long_dense": ModelSpec(LONG_CONFIG, 2, ("--max-batch-tokens", "16384", "--long-pair-tokens", "0")),
+    # The same, with each batch held HELD_S in Triton's dynamic-batcher queue before it runs: calls that
+    # stay in flight for seconds on any CPU (the tests of drain, overload, deadlines and connection age)
+    # while the CPU stays free for the tests beside them. Seconds of real work per call (8192-token pairs
+    # through the dense graph) cost those tests about 100 s of CPU on 2 cores.
+    "reranker_held": ModelSpec(
+        LONG_CONFIG, 2, ("--max-batch-tokens", "16384", "--max-queue-delay-us", f"{HELD_S * 1e6:.0f}")
+    ),
     # reranker_mean's weights (same shape and seed) run by PyTorch inside Triton instead of ONNX Runtime.
     "reranker_torch": ModelSpec(MEAN_POOLING_CONFIG, 1, ("--runtime", TORCH.name)),
     # The packed (unpadded) engine, with a small token budget so that requests run as several packed runs.

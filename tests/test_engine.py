@@ -125,7 +125,7 @@ def test_onnx_runtime_hands_back_what_a_long_pair_allocated(model_repository: Pa
     """The dense graph's attention over one 4096-token pair takes GiBs in ONNX Runtime's arena (the tiny
     model: about 1.5); after the run the process holds no more than before it (own process, RSS), while
     runs of shorter pairs keep reusing the arena."""
-    onnx_path = model_repository / "reranker_long_dense" / "1" / "model.onnx"
+    onnx_path = model_repository / "reranker_long" / "1" / "model.onnx"
     done = subprocess.run(
         [sys.executable, "-c", ARENA_PROBE, str(onnx_path)], capture_output=True, text=True, timeout=300
     )

@@ -30,7 +30,7 @@ from rerank_server.http_api.registry import OPEN_PATHS, RANKING_PATHS, ROUTES, s
 from rerank_server.http_api.server import create_app
 from rerank_server.settings import Settings
 from tests.certs import Authority
-from tests.conftest import Stack, free_port, frontend, start_serve, stop_serve
+from tests.conftest import HELD_S, Stack, free_port, frontend, start_serve, stop_serve
 from tests.fakes import FakeBackend, fake_core
 from tests.test_core_models import two_models
 from tests.test_operations import sample, scrape
@@ -442,10 +442,10 @@ def sigterm_once_in_flight(served: Stack) -> None:
 
 @pytest.mark.e2e
 def test_overload_is_429_with_retry_after_and_sigterm_drains(stack: Stack, model_repository: Path) -> None:
-    args = ("--model-name=reranker_long_dense", "--max-inflight-tokens=10000", "--max-total-tokens=10000")
+    args = ("--model-name=reranker_held", "--max-inflight-tokens=10000", "--max-total-tokens=10000")
     with frontend(stack, model_repository, *args, "--shutdown-grace-s=300") as served:
         url = served.http_url
-        documents = [text(9000, seed=50)]  # 8192 tokens: one call fills the capacity for seconds
+        documents = [text(9000, seed=50)]  # 8192 tokens: one call fills the capacity, HELD_S in Triton's queue
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             calls = [
                 pool.submit(httpx.post, f"{url}{path}", json=good_body(path, documents, **cutting(path)), timeout=300)
@@ -480,24 +480,25 @@ def test_overload_is_429_with_retry_after_and_sigterm_drains(stack: Stack, model
 
 @pytest.mark.e2e
 def test_deadline_is_504(stack: Stack, model_repository: Path) -> None:
-    args = ("--model-name=reranker_long_dense", "--http-timeout-s=0.3")
+    args = ("--model-name=reranker_held", "--http-timeout-s=0.3")
     with frontend(stack, model_repository, *args) as served:
         url = served.http_url
         for path in ALL:
             started = time.monotonic()
-            response = httpx.post(
-                f"{url}{path}", json=good_body(path, [text(9000, seed=9)], **cutting(path)), timeout=60
-            )
+            # Every call is held HELD_S in Triton's queue, past the deadline.
+            response = httpx.post(f"{url}{path}", json=good_body(path, [text(30, seed=9)], **cutting(path)), timeout=60)
             assert_shape(path, response, 504, "http_timeout_s")
-            assert time.monotonic() - started < 5
-        # Triton still works off the abandoned calls; once it has, short calls fit in the deadline again.
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if httpx.post(f"{url}{COHERE_V2}", json=good_body(COHERE_V2, ["a"]), timeout=30).status_code == 200:
-                break
-            time.sleep(1)
-        else:
-            pytest.fail("no short call succeeded after the deadlines")
+            assert time.monotonic() - started < HELD_S
+        # Triton works off the abandoned calls and their budget comes back; the server serves on (a call
+        # with a deadline longer than the hold, over gRPC on the same frontend).
+        assert served.metrics_url is not None
+        deadline = time.monotonic() + 60
+        while sample(scrape(served.metrics_url), "rerank_inflight_tokens") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sample(scrape(served.metrics_url), "rerank_inflight_tokens") == 0
+        with RerankClient(served.target, timeout=30, retries=0) as client:
+            assert len(client.rerank(QUERY, ["a", "b"]).results) == 2
+        assert httpx.get(f"{url}/health").status_code == 200
 
 
 class Proxy:
@@ -644,12 +645,12 @@ def test_random_bodies_never_get_a_500(base_url: str) -> None:
 
 @pytest.mark.e2e
 def test_a_call_outliving_the_shutdown_grace_gets_503_not_500(stack: Stack, model_repository: Path) -> None:
-    with frontend(stack, model_repository, "--model-name=reranker_long_dense", "--shutdown-grace-s=1") as served:
+    with frontend(stack, model_repository, "--model-name=reranker_held", "--shutdown-grace-s=1") as served:
         url = served.http_url
         results: list[httpx.Response] = []
 
         def call() -> None:
-            body = good_body(COHERE_V2, [text(9000, seed=i) for i in range(4)])  # many seconds of work
+            body = good_body(COHERE_V2, [text(30, seed=i) for i in range(4)])  # held HELD_S, past the grace
             results.append(httpx.post(f"{url}{COHERE_V2}", json=body, timeout=300))
 
         caller = threading.Thread(target=call)

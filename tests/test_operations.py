@@ -31,6 +31,7 @@ from rerank_client.pb import SERVICE_NAME, rerank_pb2, rerank_pb2_grpc
 from rerank_server.testing import health_status
 from tests.certs import Authority
 from tests.conftest import (
+    HELD_S,
     Stack,
     free_port,
     frontend,
@@ -184,8 +185,8 @@ def test_mtls_serves_only_clients_with_a_certificate_from_its_ca(stack: Stack, m
 
 
 def test_sigterm_under_load_lets_in_flight_calls_finish_and_exits_0(stack: Stack, model_repository: Path) -> None:
-    with frontend(stack, model_repository, "--model-name=reranker_long_dense", "--shutdown-grace-s=300") as served:
-        documents = [text(9000, seed=7)]  # an 8192-token pair: seconds of work per call
+    with frontend(stack, model_repository, "--model-name=reranker_held", "--shutdown-grace-s=300") as served:
+        documents = [text(9000, seed=7)]  # an 8192-token pair, held HELD_S in Triton's queue
         outcomes: list[object] = []
 
         def call() -> None:
@@ -278,8 +279,8 @@ def wait_until(condition, timeout_s: float, after: float = 0) -> bool:
 
 
 async def test_overload_at_four_times_capacity_sheds_the_excess(stack: Stack, model_repository: Path) -> None:
-    documents = [text(9000, seed=50)]  # 8192 tokens: one call fills the capacity for seconds
-    args = ("--model-name=reranker_long_dense", "--max-inflight-tokens=10000", "--max-total-tokens=10000")
+    documents = [text(9000, seed=50)]  # 8192 tokens: one call fills the capacity, HELD_S in Triton's queue
+    args = ("--model-name=reranker_held", "--max-inflight-tokens=10000", "--max-total-tokens=10000")
     with frontend(stack, model_repository, *args) as served:
         process = psutil.Process(served.process.pid)
         rss_before = process.memory_info().rss
@@ -385,9 +386,9 @@ def test_undecodable_bytes_are_invalid_argument(stack: Stack) -> None:
 
 
 def test_a_call_outliving_its_connections_max_age_still_completes(stack: Stack, model_repository: Path) -> None:
-    args = ("--model-name=reranker_long_dense", "--max-connection-age-s=1", "--shutdown-grace-s=1")
+    args = ("--model-name=reranker_held", "--max-connection-age-s=1", "--shutdown-grace-s=1")
     with frontend(stack, model_repository, *args) as served, RerankClient(served.target, timeout=300, retries=0) as c:
         started = time.monotonic()
-        response = c.rerank(QUERY, [text(9000, seed=70), text(9000, seed=71)])
-        assert time.monotonic() - started > 1.5, "the call was too short to cross the connection's age"
+        response = c.rerank(QUERY, [text(30, seed=70), text(30, seed=71)])  # held HELD_S in Triton's queue
+        assert time.monotonic() - started > HELD_S - 0.5, "the call was too short to cross the connection's age"
         assert len(response.results) == 2
