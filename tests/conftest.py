@@ -26,6 +26,7 @@ from bench.models import run_exports
 from rerank_server.testing import TINY_CONFIG, free_port, save_random_checkpoint, wait_until_serving
 from rerank_triton_model.runtimes import PACKED, TORCH
 from tests import served_logs
+from tests.tiers import COLLECTED_TIERS, LIST_TIERS_ENV, tier_lines
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER_DIR = FIXTURES / "modernbert-tokenizer"
@@ -437,18 +438,14 @@ def long_stack(stack: Stack, model_repository: Path) -> Iterator[Stack]:
         yield served
 
 
-# tests/test_tiers.py: a file that pytest_collection_finish writes each collected test into, with its tier.
-LIST_TIERS_ENV = "RERANK_LIST_TIERS"
-
-
 def pytest_collection_finish(session: pytest.Session) -> None:
     listing = os.environ.get(LIST_TIERS_ENV)
     if listing:
-        tiers = [f"{'e2e' if item.get_closest_marker('e2e') else 'fast'} {item.nodeid}\n" for item in session.items]
-        Path(listing).write_text("".join(tiers))
+        Path(listing).write_text("".join(f"{line}\n" for line in tier_lines(session.items)))
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: every collected test is checked and listed
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Each test declares its tier: `pytestmark = pytest.mark.e2e` in an end-to-end module, or
     `@pytest.mark.e2e` on one test; `make test-fast` runs the rest (`-m "not e2e"`). A test that declares
     the fast tier but needs an exported model or Triton (an `e2e_fixture`, directly or through another
@@ -460,6 +457,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         and not item.get_closest_marker("e2e")
         and E2E_FIXTURES & set(item.fixturenames)
     ]
+    config.stash[COLLECTED_TIERS] = tier_lines(items)
     if misplaced:
         raise pytest.UsageError(
             "tests that need an exported model or Triton must be marked e2e (pytestmark = pytest.mark.e2e, or"

@@ -12,27 +12,38 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LIST_TIERS_ENV
+from tests.tiers import COLLECTED_TIERS, LIST_TIERS_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTEST_COLLECT = (sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider")
 
 
+def collected_the_whole_suite(config: pytest.Config) -> bool:
+    """The session was given no paths (pytest collected its testpaths) and ignores none."""
+    ignored = (config.getoption("ignore") or []) + (config.getoption("ignore_glob") or [])
+    return config.args_source is pytest.Config.ArgsSource.TESTPATHS and not ignored
+
+
 @pytest.fixture(scope="module")
-def tiers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
-    """The whole suite's tests by tier ("e2e", "fast"), from one collection: the tier each test declares
-    (tests/conftest.py writes them to LIST_TIERS_ENV's file), checked against what pytest lists."""
-    listing = tmp_path_factory.mktemp("tiers") / "tiers.txt"
-    done = subprocess.run(
-        PYTEST_COLLECT, cwd=ROOT, env={**os.environ, LIST_TIERS_ENV: str(listing)}, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def tiers(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
+    """The whole suite's tests by tier ("e2e", "fast"): the tier each test declares, as tests/conftest.py
+    lists them from a collection of the whole suite; this session's own when it collected the whole suite,
+    else one in a process of its own, checked against what pytest lists there."""
+    if collected_the_whole_suite(request.config):
+        lines = request.config.stash[COLLECTED_TIERS]
+    else:
+        listing = tmp_path_factory.mktemp("tiers") / "tiers.txt"
+        done = subprocess.run(
+            PYTEST_COLLECT, cwd=ROOT, env={**os.environ, LIST_TIERS_ENV: str(listing)}, capture_output=True,
+            text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        lines = listing.read_text().splitlines()
+        assert {line.split(" ", 1)[1] for line in lines} == {line for line in done.stdout.splitlines() if "::" in line}
     by_tier: dict[str, set[str]] = {"e2e": set(), "fast": set()}
-    for line in listing.read_text().splitlines():
+    for line in lines:
         tier, test = line.split(" ", 1)
         by_tier[tier].add(test)
-    assert by_tier["e2e"] | by_tier["fast"] == {line for line in done.stdout.splitlines() if "::" in line}
     return by_tier
 
 
