@@ -155,3 +155,31 @@ def test_serve_refuses_to_start_a_triton_on_ports_in_use(tmp_path: Path) -> None
     assert done.returncode == 1, done.stderr
     assert f"--triton-grpc-port {port}" in done.stderr and "--triton-url" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-batch-size", "0"], "--max-batch-size must be at least 1, got 0"),
+        (["--max-batch-tokens", "0"], "--max-batch-tokens must be at least 1, got 0"),
+        (["--max-queue-delay-us", "-1"], "--max-queue-delay-us must be at least 0, got -1"),
+        (["--instance-count", "0"], "--instance-count must be at least 1, got 0"),
+        (["--intra-op-threads", "-2"], "--intra-op-threads must be at least 0, got -2"),
+    ],
+)
+def test_export_refuses_numbers_triton_could_not_load_before_any_work(
+    tmp_path: Path, argv: list[str], message: str
+) -> None:
+    """Refused by name before the checkpoint is read (the model folder here does not even exist)."""
+    from rerank_server.export import ExportError, ExportOptions, export
+
+    parser = argparse.ArgumentParser()
+    ExportOptions.add_arguments(parser)
+    options = ExportOptions.from_arguments(
+        parser.parse_args(
+            ["--model", str(tmp_path / "nowhere"), "--output", str(tmp_path), "--precision", "fp32", *argv]
+        )
+    )
+    with pytest.raises(ExportError, match=message):
+        export(options)
+    assert list(tmp_path.iterdir()) == []

@@ -159,4 +159,15 @@ def checked_precision(options: ExportOptions) -> str:
         raise ExportError(f"--auto-seconds must not be negative, got {options.auto_seconds}")
     if options.long_pair_tokens is not None and options.long_pair_tokens < 0:
         raise ExportError(f"--long-pair-tokens must be 0 (off) or positive, got {options.long_pair_tokens}")
+    # Values config.pbtxt would carry to Triton, which refuses to load the model with a message about
+    # the config, not the flag.
+    for flag, value, least in (
+        ("--max-batch-size", options.max_batch_size, 1),
+        ("--max-batch-tokens", options.max_batch_tokens, 1),
+        ("--max-queue-delay-us", options.max_queue_delay_us, 0),
+        ("--instance-count", options.instance_count, 1),
+        ("--intra-op-threads", options.intra_op_threads, 0),
+    ):
+        if value is not None and value < least:
+            raise ExportError(f"{flag} must be at least {least}, got {value}")
     return precision
