@@ -121,6 +121,15 @@ export interface RerankOptions extends RequestOptions {
 }
 
 /**
+ * What modelInfo takes besides its CallSettings. `model` takes undefined too (unset), as RequestOptions'
+ * does, so that `model: process.env.RERANK_MODEL` type-checks under exactOptionalPropertyTypes.
+ */
+export interface ModelInfoOptions {
+  /** The served model to describe (its name, as listModels lists it); unset: the server's default. */
+  model?: string | undefined;
+}
+
+/**
  * The caller's InvalidRequestError naming `field`, thrown before anything is sent: what the server
  * answers for a request it refuses, and what the Python SDK raises for these arguments.
  */
@@ -153,20 +162,47 @@ function checkPriority(field: string, priority: number | undefined): void {
   }
 }
 
+// The uint32 counts of the requests besides priority, by their option names.
+interface RequestCounts {
+  topN?: number | undefined;
+  maxLength?: number | undefined;
+  chunkOverlap?: number | undefined;
+}
+
+/**
+ * Refuse a count (topN, maxLength, chunkOverlap) its uint32 field cannot hold (negative, fractional, too
+ * large, not a number) with a RangeError before anything is sent, as the Python SDK raises protobuf's
+ * ValueError ("Value out of range") or TypeError for it: protobuf-es would keep it, fail to encode it while
+ * sending, and the call would read as the server's INTERNAL error (a ServerError). `prefix` leads each name.
+ */
+function checkCounts(counts: RequestCounts, prefix = ""): void {
+  for (const name of ["topN", "maxLength", "chunkOverlap"] as const) {
+    const value = counts[name];
+    if (value !== undefined && !(Number.isInteger(value) && value >= 0 && value <= UINT32_MAX)) {
+      const shown = typeof value === "string" ? JSON.stringify(value) : String(value);
+      throw new RangeError(`${prefix}${name} must be an integer from 0 to ${UINT32_MAX}, got ${shown}`);
+    }
+  }
+}
+
 // The checked fields of a RerankRequest, as a message or as the plain object connect also takes.
-interface RerankRequestText {
+interface RerankRequestText extends RequestCounts {
   query?: string;
   documents?: readonly string[];
   model?: string;
   priority?: number;
 }
 
-/** checkText on every string of a RerankRequest, and checkPriority; `prefix` leads each field's name. */
+/**
+ * checkText on every string of a RerankRequest, checkPriority and checkCounts; `prefix` leads each
+ * field's name.
+ */
 function checkRerankRequest(request: RerankRequestText, prefix = ""): void {
   checkText(`${prefix}query`, request.query);
   request.documents?.forEach((document, i) => checkText(`${prefix}documents[${i}]`, document));
   checkText(`${prefix}model`, request.model);
   checkPriority(`${prefix}priority`, request.priority);
+  checkCounts(request, prefix);
 }
 
 /** checkText on every string of a RerankStream message; `field` names the message ("requests[3]"). */
@@ -188,6 +224,7 @@ export function buildRerankRequest(query: string, documents: readonly string[], 
   }
   // Before create(), which would keep a fractional or negative number as it is, for sending to fail on.
   checkPriority("priority", options.priority);
+  checkCounts(options);
   const { truncation, ...fields } = options;
   const request = create(RerankRequestSchema, {
     ...fields,
@@ -202,6 +239,7 @@ export function buildRerankRequest(query: string, documents: readonly string[], 
 /** The ScoreRequest for (textA, textB) pairs. */
 export function buildScoreRequest(pairs: Iterable<readonly [string, string]>, options: RequestOptions = {}): ScoreRequest {
   checkPriority("priority", options.priority);
+  checkCounts(options);
   const { truncation, ...fields } = options;
   const request = create(ScoreRequestSchema, {
     ...fields,
@@ -484,7 +522,7 @@ export class RerankClient {
   }
 
   /** A served model (`model` unset: the default one), its maximum length and the service's limits. */
-  async modelInfo(options: { model?: string } & CallSettings = {}): Promise<GetModelInfoResponse> {
+  async modelInfo(options: ModelInfoOptions & CallSettings = {}): Promise<GetModelInfoResponse> {
     const { model, ...settings } = options;
     checkText("model", model);
     return this.call((callOptions) => this.stub.getModelInfo({ model }, callOptions), settings);

@@ -20,6 +20,7 @@ export {
   DEFAULT_MAX_MESSAGE_BYTES,
   DEFAULT_RETRIES,
   DEFAULT_TIMEOUT_MS,
+  type ModelInfoOptions,
   RerankClient,
   type RequestOptions,
   type RerankOptions,

@@ -499,6 +499,38 @@ test("priority: passed through; one the uint32 field cannot hold is an InvalidRe
   }
 });
 
+test("topN, maxLength, chunkOverlap the uint32 field cannot hold: a RangeError before sending (Python: ValueError), not a ServerError", async () => {
+  assert.equal(buildRerankRequest("q", ["a"], { topN: 2 ** 32 - 1, maxLength: 0, chunkOverlap: 0 }).chunkOverlap, 0);
+  for (const [bad, shown] of [
+    [-1, "-1"],
+    [1.5, "1.5"],
+    [2 ** 32, "4294967296"],
+    [Number.NaN, "NaN"],
+    ["1" as unknown as number, '"1"'],
+  ] as const) {
+    const message = (field: string) => new RegExp(`^${field} must be an integer from 0 to 4294967295, got ${shown}$`);
+    assert.throws(() => buildRerankRequest("q", ["a"], { topN: bad }), { name: "RangeError", message: message("topN") });
+    assert.throws(() => buildRerankRequest("q", ["a"], { maxLength: bad }), { name: "RangeError", message: message("maxLength") });
+    assert.throws(() => buildScoreRequest([["q", "d"]], { chunkOverlap: bad }), { name: "RangeError", message: message("chunkOverlap") });
+    assert.throws(() => streamRequest("s", "q", ["a"], { topN: bad }), { name: "RangeError", message: message("topN") });
+  }
+  // Refused before sending (nothing listens at this target: a call would be UnavailableError), as the promise's rejection.
+  const offline = client("127.0.0.1:1", { retries: 0 });
+  await assert.rejects(offline.rerank("q", ["a"], { topN: -1 }), { name: "RangeError", message: /^topN must be .* got -1$/ });
+  await assert.rejects(offline.score([["q", "d"]], { maxLength: 0.5 }), { name: "RangeError", message: /^maxLength .* got 0\.5$/ });
+  // A stream message built unchecked ends the stream with the error naming it; the server is never asked.
+  const bad = streamRequest("b", "q", ["d"]);
+  bad.request!.topN = -2;
+  await assert.rejects(
+    async () => {
+      for await (const _ of client().rerankStream([streamRequest("a", "q", ["d"]), bad])) {
+        // the first message's answer may come
+      }
+    },
+    { name: "RangeError", message: /^requests\[1\]\.request\.topN must be an integer from 0 to 4294967295, got -2$/ },
+  );
+});
+
 test("a token a gRPC header cannot carry is a TypeError from the constructor, without the token", () => {
   for (const [token, position] of [
     ["s3cret\n", 6],
@@ -574,6 +606,15 @@ test("the request id reaches the server, and its errors carry the id it used", a
   });
   assert.ok(timedOut instanceof RerankTimeoutError, String(timedOut));
   assert.equal(timedOut.requestId, "stream-1");
+});
+
+test("modelInfo takes `model: undefined` (an unset environment variable, under exactOptionalPropertyTypes) as the default model", async () => {
+  const sdk = client();
+  // This suite is type-checked with exactOptionalPropertyTypes: a `model?: string` field would not compile here.
+  const unset: string | undefined = process.env.RERANK_SDK_UNSET_MODEL_FOR_THIS_TEST;
+  assert.equal(unset, undefined);
+  const named = await sdk.modelInfo({ model: unset, timeoutMs: undefined, requestId: undefined });
+  assert.deepEqual(named, await sdk.modelInfo());
 });
 
 // -- every failure of a call is its promise's rejection, never a throw at the call ------------------------
