@@ -48,6 +48,8 @@ export const DEFAULT_RETRIES = 3;
 const MAX_ATTEMPTS = 5;
 const INITIAL_BACKOFF_MS = 100;
 const MAX_BACKOFF_MS = 2_000;
+// The longest delay a Node timer holds (2^31 - 1 ms, about 24.8 days); a longer one fires after 1 ms.
+const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /** A Truncation value (e.g. Truncation.CHUNK), its name ("end", "start", "none", "chunk") or undefined (the default). */
 export type TruncationArg = Truncation | "end" | "start" | "none" | "chunk";
@@ -291,7 +293,10 @@ export function tlsCredentials(files: TlsFiles = {}): TlsCredentials {
  * environment (`token: process.env.RERANK_TOKEN`) type-check under exactOptionalPropertyTypes.
  */
 export interface ClientOptions {
-  /** The default deadline of every call in ms (null: none); for rerankStream, of the whole stream. */
+  /**
+   * The default deadline of every call in ms (null: none); for rerankStream, of the whole stream. One past
+   * 2^31 - 1 ms (24.8 days, the longest a Node timer holds; Infinity included) is cut to that.
+   */
   timeoutMs?: number | null | undefined;
   /** Turns on TLS (see tlsCredentials); the target must not be an http:// URL then. */
   credentials?: TlsCredentials | undefined;
@@ -602,8 +607,11 @@ export class RerankClient {
   private callOptions(timeoutMs: number | null | undefined, settings: CallSettings): CallOptions {
     const timeout = timeoutMs === undefined ? this.timeoutMs : timeoutMs;
     const headers: Record<string, string> = settings.requestId ? { [REQUEST_ID_HEADER]: settings.requestId } : {};
-    // connect reads a timeout <= 0 as "none"; null is this SDK's "none".
-    return { timeoutMs: timeout === null ? 0 : Math.max(timeout, 1), signal: settings.signal, headers };
+    // connect reads a timeout <= 0 as "none"; null is this SDK's "none". Its deadline is a Node timer, which
+    // fires after 1 ms for a delay past MAX_TIMER_MS (24.8 days; Infinity included): such a deadline is cut
+    // to the longest a timer holds, not made a call that times out at once.
+    const ms = timeout === null ? 0 : Math.min(Math.max(timeout, 1), MAX_TIMER_MS);
+    return { timeoutMs: ms, signal: settings.signal, headers };
   }
 
   /**

@@ -212,6 +212,16 @@ describe("errors", () => {
     assert.equal(error.code, Code.DeadlineExceeded);
   });
 
+  test("a deadline past what a Node timer holds (24.8 days, Infinity) is a long one, not a call timed out at once", async () => {
+    const far = client(TARGET, { timeoutMs: 3e9 });
+    assert.equal((await far.rerank("q", ["a", "b"])).results.length, 2);
+    assert.equal((await far.score([["q", "a"]], { timeoutMs: Number.POSITIVE_INFINITY })).scores.length, 1);
+    assert.ok((await far.listModels({ timeoutMs: 2 ** 31 })).models.length > 0);
+    for await (const answer of far.rerankStream([streamRequest("far", "q", ["a"])], { timeoutMs: Number.MAX_SAFE_INTEGER })) {
+      assert.equal(answer.outcome.case, "response");
+    }
+  });
+
   test("UNAUTHENTICATED: AuthenticationError without the token or with a wrong one", async () => {
     const credentials = secureCredentials();
     for (const token of [undefined, "not-the-token"]) {
