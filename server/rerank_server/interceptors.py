@@ -105,10 +105,22 @@ class CallPolicy(grpc.aio.ServerInterceptor):
         return unary
 
     def _streaming(self, rpc: str, metadata: dict[str, Any], behavior: Any) -> Any:
-        async def streaming(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with self._observed(rpc, metadata, context):
-                async for response in behavior(requests, context):
-                    yield response
+        """A coroutine writing each response (gRPC's reader-writer form), not an async generator yielding it.
+
+        gRPC cancels a call (its caller cancelled, or its deadline passed) by cancelling the task that sends
+        the responses. A generator suspended at a `yield` (its response being sent) would be left there and
+        closed later by the garbage collector, in another task: the call counted UNKNOWN (GeneratorExit is
+        no Exception) and its span's context detached in a Context it was not attached in, an ERROR with a
+        traceback per cancelled stream. Here the cancellation reaches this coroutine, in its own task, and
+        the handler's generator is closed there (aclosing)."""
+
+        async def streaming(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+            async with (
+                self._observed(rpc, metadata, context),
+                contextlib.aclosing(behavior(requests, context)) as responses,
+            ):
+                async for response in responses:
+                    await context.write(response)
 
         return streaming
 
