@@ -507,6 +507,26 @@ def test_requests_that_are_not_http_get_a_json_400(served: Stack) -> None:
     still_serving(str(served.http_url))
 
 
+def test_malformed_requests_are_counted_not_logged_one_line_each(served: Stack) -> None:
+    """Anyone can send a malformed request of a few bytes: each is counted, and none adds a log line
+    (uvicorn logged "Invalid HTTP request received." at WARNING for every one, on the HTTP and metrics ports)."""
+    requests = 100
+    assert served.metrics_url is not None
+    host, port = served.metrics_url.removeprefix("http://").split("/")[0].rsplit(":", 1)
+    addresses = [http_address(served), (host, int(port))]
+    refused = sample(scrape(served.metrics_url), "rerank_rejected_total", reason="invalid_http")
+    lines = len(served.output)
+    for i in range(requests):
+        with socket.create_connection(addresses[i % 2]) as sock:
+            sock.sendall(b"POST /v2/rerank HTTP/1.1\r\nhost: x\r\nno colon here\r\n\r\n")
+            status, _ = response_json(read_until_closed(sock, 30))
+        assert status == 400
+    assert sample(scrape(served.metrics_url), "rerank_rejected_total", reason="invalid_http") == refused + requests
+    still_serving(str(served.http_url))  # its "call finished" line ends what the requests above logged
+    logged = [line for line in served.output[lines:] if '"call finished"' not in line]
+    assert not logged, logged[:3]
+
+
 def test_a_request_with_both_lengths_gets_one_400_and_is_closed(served: Stack) -> None:
     """Content-Length and Transfer-Encoding both: a proxy that reads the other length would pass a second
     request hidden in the body (request smuggling), which h11 answered too. RFC 9112 6.1: refuse, or close."""

@@ -12,7 +12,9 @@
 - a write timeout: an answer the client has not read any more of for --http-idle-timeout-s is dropped
   and the connection aborted (close() waits for the client to read it, holding the answer's memory);
 - protocol errors (a malformed request line or headers) answered in the JSON shape of the API whose path
-  the request line names, instead of uvicorn's text/plain "Invalid HTTP request received.", and counted;
+  the request line names, instead of uvicorn's text/plain "Invalid HTTP request received.", and counted,
+  without uvicorn's warning line for each (anyone can send a malformed request: one line per request of a
+  few bytes would let any client flood the log; `rerank_rejected_total{reason="invalid_http"}` counts them);
   h11 takes a request with both Content-Length and Transfer-Encoding, a way to smuggle a second request
   past a proxy that reads the other length (RFC 9112 6.1): it is refused so too;
 - no protocol upgrades: WebSocket and h2c upgrade headers are ignored (uvicorn runs with ws="none"), the
@@ -49,6 +51,18 @@ from rerank_server.observability import Metrics
 from rerank_server.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# What uvicorn's h11 protocol logs, at WARNING, for every request h11 cannot parse, before it calls
+# send_400_response (GuardedProtocol's, which counts it).
+_INVALID_REQUEST_WARNING = "Invalid HTTP request received."
+
+
+def _not_a_protocol_error(record: logging.LogRecord) -> bool:
+    """uvicorn's logger's filter: its warning per malformed request is dropped, everything else kept."""
+    return not (record.levelno == logging.WARNING and record.msg == _INVALID_REQUEST_WARNING)
+
+
+logging.getLogger("uvicorn.error").addFilter(_not_a_protocol_error)
 
 # The request line's path, from the first bytes of a request (for the shape of a protocol error).
 _REQUEST_LINE = re.compile(rb"[A-Z]{1,16} (/[^ ?#\r\n]*)")
