@@ -254,6 +254,10 @@ def test_top_n_and_cohere_object_documents_are_checked(base_url: str) -> None:
 def test_unknown_routes_and_methods_are_404_and_405_not_500(base_url: str) -> None:
     assert_shape(COHERE_V2, httpx.get(f"{base_url}{COHERE_V2}"), 405)
     assert_shape(TEI, httpx.get(f"{base_url}{TEI}"), 405)
+    # A 405 names the methods the path allows (RFC 9110 15.5.6: Allow is required); it was missing.
+    for method, path, allowed in (("GET", COHERE_V2, "POST"), ("DELETE", TEI, "POST"), ("PUT", "/v1/models", "GET")):
+        response = httpx.request(method, f"{base_url}{path}")
+        assert response.status_code == 405 and response.headers.get("allow") == allowed, (path, response.headers)
     response = httpx.post(f"{base_url}/v1/v1/rerank", json={})  # a base URL ending in /v1 given to the Cohere SDK
     assert response.status_code == 404 and "/v1/v1/rerank" in response.json()["message"]
 

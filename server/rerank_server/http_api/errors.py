@@ -101,9 +101,10 @@ class ErrorShape:
     def status(self, kind: Kind) -> int:
         return self.statuses.get(kind, _STATUS[kind])
 
-    def response(self, kind: Kind, message: str) -> JSONResponse:
+    def response(self, kind: Kind, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+        """The error's answer, with `headers` beside this module's (a 405's Allow, which RFC 9110 requires)."""
         status = self.status(kind)
-        headers = {}
+        headers = dict(headers or {})
         if kind in (Kind.OVERLOADED, Kind.UNAVAILABLE):
             headers["retry-after"] = str(RETRY_AFTER_S)
         if kind is Kind.UNAUTHENTICATED:

@@ -72,7 +72,8 @@ def create_app(core: RerankCore, settings: Settings, draining: Callable[[], bool
         elif isinstance(error.__cause__, (UnicodeDecodeError, RecursionError)):
             # FastAPI says "There was an error parsing the body" for what json.loads raises besides its syntax.
             message = f"the body is not valid JSON ({_parse_error(error.__cause__, request)})"
-        return shape_for(request.url.path).response(kind, message)
+        # Starlette's own headers kept: a 405 names the methods the path allows (Allow, RFC 9110 15.5.6).
+        return shape_for(request.url.path).response(kind, message, error.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:
