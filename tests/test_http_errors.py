@@ -260,6 +260,11 @@ def test_unknown_routes_and_methods_are_404_and_405_not_500(base_url: str) -> No
         assert response.status_code == 405 and response.headers.get("allow") == allowed, (path, response.headers)
     response = httpx.post(f"{base_url}/v1/v1/rerank", json={})  # a base URL ending in /v1 given to the Cohere SDK
     assert response.status_code == 404 and "/v1/v1/rerank" in response.json()["message"]
+    # A trailing slash: a 404 in the API's shape, not an empty 307 to a Location built from the Host header.
+    for path in (COHERE_V2, TEI, NIM):
+        response = httpx.post(f"{base_url}{path}/", json={}, headers={"host": "elsewhere.example"})
+        assert "location" not in response.headers, response.headers
+        assert_shape(path, response, 404, f"{path}/")
 
 
 # -- the knobs mapped onto the core -----------------------------------------------------------

@@ -45,6 +45,10 @@ def create_app(core: RerankCore, settings: Settings, draining: Callable[[], bool
         description="Cohere (v1, v2), Jina, Hugging Face TEI and NVIDIA NIM compatible rerank endpoints over "
         "the same scoring core as the rerank.v1 gRPC API.",
         version="1",
+        # A path with a slash too many is a 404 in its API's shape like any unknown path, not Starlette's
+        # empty 307 to the path without it, whose Location is built from the request's Host header (a
+        # redirect anywhere the caller names, which a client following it resends its body and token to).
+        redirect_slashes=False,
     )
     app.state.context = HttpContext(core, settings, draining)
     for api in APIS:
