@@ -212,6 +212,35 @@ def test_sigterm_under_load_lets_in_flight_calls_finish_and_exits_0(stack: Stack
         assert served.process.wait(60) == 0
 
 
+def test_the_sdk_retries_a_draining_servers_unavailable_whatever_the_request_size(
+    stack: Stack, model_repository: Path
+) -> None:
+    """A draining server answers UNAVAILABLE with its status alone (no headers first), so the SDK's retry
+    policy applies: each call is tried 1 + retries times, a request over gRPC's default 256 KiB retry buffer
+    too, and the error still carries the request id."""
+    with frontend(stack, model_repository, "--model-name=reranker_held", "--shutdown-grace-s=60") as served:
+
+        def hold() -> None:
+            with RerankClient(served.target, timeout=60) as client:
+                client.rerank(QUERY, ["held"])
+
+        held = threading.Thread(target=hold)
+        held.start()
+        assert wait_until(lambda: sample(scrape(served.metrics_url), "rerank_inflight_calls") == 1, 60)
+        served.process.send_signal(signal.SIGTERM)  # the held call keeps the server draining for HELD_S
+        assert wait_until(
+            lambda: health_status(served.target, SERVICE_NAME) != health_pb2.HealthCheckResponse.SERVING, 5
+        )
+        with RerankClient(served.target, timeout=30, retries=3) as client:
+            for documents, request_id in (["small"], "retried-small"), (["x " * 200_000], "retried-large"):
+                with pytest.raises(UnavailableError) as refused:
+                    client.rerank(QUERY, documents, request_id=request_id)
+                assert refused.value.request_id == request_id and "shutting down" in refused.value.details
+        assert sample(scrape(served.metrics_url), "rerank_calls_total", rpc="Rerank", code="UNAVAILABLE") == 2 * 4
+        held.join(60)
+        assert served.process.wait(60) == 0
+
+
 # -- Triton supervision ----------------------------------------------------------------------
 
 

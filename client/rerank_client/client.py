@@ -225,6 +225,9 @@ def channel_options(max_message_bytes: int, retries: int = 3) -> list[tuple[str,
         *message_size_options(max_message_bytes),
         ("grpc.service_config", service_config(retries)),
         ("grpc.enable_retries", 1),
+        # gRPC keeps a request for its retries only up to this size (256 KiB by default: a call of a hundred
+        # 3 KB documents would never be retried); any request the channel may send.
+        ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
         # Keepalive: find dead connections (a replica gone without a FIN) within ~40 s, idle or not.
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),

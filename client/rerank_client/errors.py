@@ -96,8 +96,8 @@ _DETAILS_KEY = "grpc-status-details-bin"
 REQUEST_ID_KEY = "x-request-id"
 
 
-def _request_id(initial_metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
-    for key, value in initial_metadata or ():
+def _request_id(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    for key, value in metadata or ():
         if key == REQUEST_ID_KEY:
             return value.decode("latin-1") if isinstance(value, bytes) else value
     return None
@@ -123,11 +123,15 @@ def from_rpc_error(error: grpc.RpcError) -> RerankError:
     """Translate a grpc.RpcError (sync or aio) into the matching RerankError subclass."""
     code: grpc.StatusCode = error.code()
     details: str = error.details() or ""
-    violations = _violations(error.trailing_metadata())
-    # Sync errors and aio's AioRpcError both keep the initial metadata (None when none came); the base
-    # class declares no such method.
+    trailing = error.trailing_metadata()
+    violations = _violations(trailing)
+    # A failed unary call carries the request id in its trailing metadata (the server sends no headers
+    # before an answer, so that the call can be retried); a stream's comes in its initial metadata. Sync
+    # errors and aio's AioRpcError both keep the initial metadata (None when none came); the base class
+    # declares no such method.
     initial_metadata = getattr(error, "initial_metadata", None)
-    request_id = _request_id(initial_metadata()) if callable(initial_metadata) else None
+    initial = initial_metadata() if callable(initial_metadata) else None
+    request_id = _request_id(initial) or _request_id(trailing)
     return _BY_CODE.get(code, ServerError)(code, details, violations, request_id)
 
 

@@ -20,6 +20,8 @@ DRAINING = "the server is shutting down; retry elsewhere"
 SHUTTING_DOWN = "the server is shutting down"
 MODEL_NOT_READY = "the model is not ready"
 UNAUTHENTICATED = "missing or invalid token (authorization: Bearer <token>)"
+# The metadata key (gRPC) of the request id, as callers send it and the server answers it.
+REQUEST_ID_KEY = "x-request-id"
 # Longest request id kept from a caller's x-request-id.
 REQUEST_ID_MAX = 128
 _PRINTABLE = re.compile(r"[\x20-\x7e]+")

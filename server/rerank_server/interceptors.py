@@ -1,7 +1,8 @@
 """Rules every RerankService call passes through, before and after the service itself.
 
-In order: a request id (the caller's `x-request-id`, or a new one, echoed in the initial metadata
-and attached to log lines), bearer-token authentication, refusal while draining, then the call,
+In order: a request id (the caller's `x-request-id`, or a new one, echoed in the response's metadata:
+a stream's initial metadata, a unary call's initial metadata with its answer or its trailing metadata
+when it fails, and attached to log lines), bearer-token authentication, refusal while draining, then the call,
 timed and counted by RPC and status, inside a server span. Health calls pass untouched, so probes
 keep working without tokens and during a drain; reflection needs the token like the API (it is
 the API's schema, and tools such as grpcurl send the header), but is neither counted nor drained.
@@ -87,8 +88,8 @@ class CallPolicy(grpc.aio.ServerInterceptor):
 
         async def refuse(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
-            rid = calls.start_request(metadata.get("x-request-id"))
-            await context.send_initial_metadata((("x-request-id", rid),))
+            calls.start_request(metadata.get("x-request-id"))
+            await context.send_initial_metadata(request_id_metadata())
             self.calls.unauthenticated()
             if rpc is not None:
                 self.calls.finished("grpc", rpc, grpc.StatusCode.UNAUTHENTICATED.name, time.perf_counter() - started)
@@ -99,8 +100,10 @@ class CallPolicy(grpc.aio.ServerInterceptor):
 
     def _unary(self, rpc: str, metadata: dict[str, Any], behavior: Any) -> Any:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with self._observed(rpc, metadata, context):
-                return await behavior(request, context)
+            async with self._observed(rpc, metadata, context, unary=True):
+                response = await behavior(request, context)
+            await context.send_initial_metadata(request_id_metadata())
+            return response
 
         return unary
 
@@ -126,12 +129,19 @@ class CallPolicy(grpc.aio.ServerInterceptor):
 
     @contextlib.asynccontextmanager
     async def _observed(
-        self, rpc: str, metadata: dict[str, Any], context: grpc.aio.ServicerContext
+        self, rpc: str, metadata: dict[str, Any], context: grpc.aio.ServicerContext, unary: bool = False
     ) -> AsyncIterator[None]:
-        """Admit the call (or abort it), then time, count and log it inside a server span."""
+        """Admit the call (or abort it), then time, count and log it inside a server span.
+
+        A unary call sends no headers before its answer: a failed one ends with its status alone (the request
+        id in the trailing metadata), which gRPC clients may retry. Headers sent first commit the call, and
+        clients' retry policies (the SDKs' on UNAVAILABLE: a drain, Triton restarting) no longer apply to it."""
         started = time.perf_counter()
-        rid = calls.start_request(metadata.get("x-request-id"))
-        await context.send_initial_metadata((("x-request-id", rid),))
+        calls.start_request(metadata.get(calls.REQUEST_ID_KEY))
+        if unary:
+            context.set_trailing_metadata(request_id_metadata())
+        else:
+            await context.send_initial_metadata(request_id_metadata())
         if self.calls.refuse_if_draining():
             self.calls.finished("grpc", rpc, grpc.StatusCode.UNAVAILABLE.name, time.perf_counter() - started)
             await context.abort(grpc.StatusCode.UNAVAILABLE, calls.DRAINING)
@@ -159,6 +169,11 @@ class CallPolicy(grpc.aio.ServerInterceptor):
             raise
         finally:
             self.calls.finished("grpc", rpc, code.name, time.perf_counter() - started)
+
+
+def request_id_metadata() -> tuple[tuple[str, str], ...]:
+    """The call's request id (calls.start_request) as gRPC metadata."""
+    return ((calls.REQUEST_ID_KEY, calls.request_id.get()),)
 
 
 def _discard(data: bytes) -> None:

@@ -5,8 +5,8 @@ Metrics live in their own registry, served on --metrics-port by the HTTP fronten
 token, as prometheus_client's own server answered: GET of any path is the exposition (OpenMetrics when the Accept
 header asks for it, gzip when Accept-Encoding allows it, `name[]` query parameters selecting families), OPTIONS
 the allowed methods, other methods 405, /favicon.ico empty. Every call gets a request id (the caller's
-`x-request-id` metadata, or a new one), returned to the caller in the initial metadata and attached to every log
-line written while the call runs.
+`x-request-id` metadata, or a new one), returned to the caller in the response's metadata (interceptors.py) and
+attached to every log line written while the call runs.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from rerank_client.pb import rerank_pb2, rerank_pb2_grpc
+from rerank_server import calls
 from rerank_server.core import (
     RerankCore,
     RerankInput,
@@ -223,8 +224,12 @@ class RerankService(rerank_pb2_grpc.RerankServiceServicer):
 
 
 async def abort(context: grpc.aio.ServicerContext, error: ServiceError) -> NoReturn:
-    """End the call with the error's status, message and BadRequest details."""
-    details = ((rpc_status.GRPC_DETAILS_METADATA_KEY, status_of(error).SerializeToString()),)
+    """End the call with the error's status, message and BadRequest details, and the request id (a unary
+    call's only metadata when it fails: interceptors._observed)."""
+    details = (
+        (rpc_status.GRPC_DETAILS_METADATA_KEY, status_of(error).SerializeToString()),
+        (calls.REQUEST_ID_KEY, calls.request_id.get()),
+    )
     await context.abort(grpc_code(error), error.message, trailing_metadata=details)
     raise AssertionError("unreachable: abort raises")
 

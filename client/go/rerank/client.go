@@ -389,7 +389,7 @@ func withRequestID(ctx context.Context) (context.Context, error) {
 	return metadata.AppendToOutgoingContext(ctx, requestIDHeader, id), nil
 }
 
-// withServerRequestID sets the RequestID of a call's *Error from the header the server sent, if any.
+// withServerRequestID sets the RequestID of a call's *Error from the metadata the server sent, if any.
 func withServerRequestID(err error, header metadata.MD) error {
 	var rerankError *Error
 	if ids := header.Get(requestIDHeader); len(ids) > 0 && errors.As(err, &rerankError) && rerankError.RequestID == "" {
@@ -435,12 +435,14 @@ func call[T any](ctx context.Context, c *Client, invoke func(context.Context, ..
 		attempts = maxAttempts
 	}
 	for attempt := 1; ; attempt++ {
-		var header metadata.MD
-		response, err := invoke(ctx, grpc.Header(&header))
+		// A failed unary call's request id comes in its trailers (the server sends no headers before an
+		// answer, so that a call it refuses can be retried); the headers are read too.
+		var header, trailer metadata.MD
+		response, err := invoke(ctx, grpc.Header(&header), grpc.Trailer(&trailer))
 		if err == nil {
 			return response, nil
 		}
-		failure := withServerRequestID(FromError(err), header)
+		failure := withServerRequestID(FromError(err), metadata.Join(header, trailer))
 		var rerankError *Error
 		if attempt >= attempts || !errors.As(failure, &rerankError) || rerankError.Code != codes.Unavailable {
 			return response, failure

@@ -156,7 +156,8 @@ export function fromConnectError(reason: unknown, requestId?: string): RerankErr
   const violations = error.details.flatMap((detail) =>
     "type" in detail && detail.type === BAD_REQUEST ? badRequestViolations(detail.value) : [],
   );
-  // connect puts the response's headers, the server's x-request-id among them, in the error's metadata.
+  // connect puts the response's headers and trailers in the error's metadata: the server's x-request-id
+  // comes in the trailers of a failed unary call, in the headers of a stream.
   const sent = error.metadata.get(REQUEST_ID_HEADER) ?? requestId;
   return errorFor(error.code, error.rawMessage, violations, { cause: reason, requestId: sent });
 }
