@@ -14,7 +14,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -316,6 +316,37 @@ def test_streams_their_callers_cancel_mid_answer_are_counted_cancelled_without_a
     wait_for(lambda: sample(scrape(guarded.metrics_url), "rerank_inflight_calls") == 0, "no call in flight")
     assert counted("UNKNOWN") == 0
     assert counted("CANCELLED") == streams
+    errors = [line for line in guarded.output[logged:] if "Traceback" in line or '"level": "ERROR"' in line]
+    assert not errors, errors[:3]
+
+
+@pytest.mark.e2e
+def test_streams_that_send_nothing_until_their_deadline_end_without_an_error_logged(guarded: Stack) -> None:
+    """A RerankStream kept open with no message until its deadline passes ends DEADLINE_EXCEEDED, and the
+    handler's last pending step (the end of its requests) is collected: no "Task exception was never
+    retrieved" ERROR per stream, which any caller could otherwise write into the log at will."""
+    logged = len(guarded.output)
+
+    async def silent_streams() -> list[grpc.StatusCode]:
+        async with grpc.aio.insecure_channel(guarded.target) as channel:
+            open_stream = channel.stream_stream("/rerank.v1.RerankService/RerankStream")
+
+            async def nothing() -> AsyncIterator[bytes]:
+                await asyncio.Event().wait()
+                yield b""  # unreachable
+
+            async def one() -> grpc.StatusCode:
+                call = open_stream(nothing(), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=1)
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    async for _ in call:
+                        pass
+                return await call.code()
+
+            return await asyncio.gather(*(one() for _ in range(20)))
+
+    assert asyncio.run(silent_streams()) == [grpc.StatusCode.DEADLINE_EXCEEDED] * 20
+    wait_for(lambda: sample(scrape(guarded.metrics_url), "rerank_inflight_calls") == 0, "no call in flight")
+    time.sleep(1)  # the garbage collector reports an unretrieved exception when it frees the task
     errors = [line for line in guarded.output[logged:] if "Traceback" in line or '"level": "ERROR"' in line]
     assert not errors, errors[:3]
 

@@ -266,10 +266,16 @@ def _streaming(behavior: Any) -> Any:
                 yield refusals.get_nowait()
         finally:
             for pending in (next_response, next_refusal):
-                if pending is not None and not pending.done():
+                if pending is None:
+                    continue
+                if not pending.done():
                     pending.cancel()
                     with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                         await pending
+                elif not pending.cancelled():
+                    # Done while the call ended (its deadline, a cancel): read, so that asyncio does not log
+                    # an exception nobody retrieved (the end of the requests) as an ERROR for each such call.
+                    pending.exception()
         if malformed:
             await _refuse(context, malformed[0])
 
