@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import psutil
@@ -100,26 +101,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     request = workloads.build(TOKENIZER_DIR, shape=workloads.QUICK if args.quick else workloads.FULL)["a1"].requests[0]
-    before = {name: os.environ.get(name) for name in OPENMP_VARIABLES}
     runs: dict[str, list[dict[str, Any]]] = {policy: [] for policy in POLICIES}
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-contention-") as folder:
-            work = Path(folder)
-            config = QUICK_CONFIG if args.quick else {"initializer_range": FULL_INITIALIZER_RANGE}
-            repository = export_random(work, export_args=args.export_args.split(), **config)
-            exported = json.loads(next(repository.glob("*/1/export.json")).read_text())
-            for round_ in range(args.rounds):
-                for policy in POLICIES:
-                    log = work / f"serve-{policy}-{round_}.log"
-                    result = serve_and_measure(repository, log, policy, request, args.calls)
-                    print(f"{policy}, round {round_ + 1}: {result}", file=sys.stderr, flush=True)
-                    runs[policy].append(result)
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    # Each policy sets the OpenMP variables the served processes inherit; the caller's come back after.
+    with mock.patch.dict(os.environ), tempfile.TemporaryDirectory(prefix="bench-contention-") as folder:
+        work = Path(folder)
+        config = QUICK_CONFIG if args.quick else {"initializer_range": FULL_INITIALIZER_RANGE}
+        repository = export_random(work, export_args=args.export_args.split(), **config)
+        exported = json.loads(next(repository.glob("*/1/export.json")).read_text())
+        for round_ in range(args.rounds):
+            for policy in POLICIES:
+                log = work / f"serve-{policy}-{round_}.log"
+                result = serve_and_measure(repository, log, policy, request, args.calls)
+                print(f"{policy}, round {round_ + 1}: {result}", file=sys.stderr, flush=True)
+                runs[policy].append(result)
     served_as = f"{exported.get('precision')} ({exported.get('runtime')})"
     lines = [
         f"| OpenMP threads waiting, {served_as}, (a) {request.pairs} documents, {request.tokens} tokens | alone s "

@@ -19,6 +19,7 @@ import subprocess
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -317,9 +318,7 @@ def _serve_and_score(repository: Path, checkpoint: Path, **env: str) -> Served:
     """`rerank serve` (local Triton) on the repository with these environment variables, asked for
     its model's precision and for the logits of mixed-length documents."""
     triton_log = repository.parent / f"{repository.name}-{len(os.listdir(repository.parent))}-triton.log"
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
+    with mock.patch.dict(os.environ, env):  # inherited by rerank serve, Triton and its stub
         stack = start_serve(
             [
                 f"--model-repository={repository}",
@@ -329,12 +328,6 @@ def _serve_and_score(repository: Path, checkpoint: Path, **env: str) -> Served:
                 f"--triton-log={triton_log}",
             ]
         )
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     documents = mixed_documents()
     try:
         with RerankClient(stack.target, timeout=120) as c:

@@ -88,7 +88,7 @@ class CallPolicy(grpc.aio.ServerInterceptor):
 
         async def refuse(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
-            calls.start_request(metadata.get("x-request-id"))
+            calls.start_request(metadata.get(calls.REQUEST_ID_KEY))
             await context.send_initial_metadata(request_id_metadata())
             self.calls.unauthenticated()
             if rpc is not None:
