@@ -105,6 +105,43 @@ def test_vllm_score_lengths_and_truncate_prompt_tokens(base_url: str, grpc: Rera
     assert "max_length" not in assert_shape(path, small, 400, "truncate_prompt_tokens 4 leaves no room")
 
 
+@pytest.mark.parametrize("path", VLLM)
+def test_vllm_score_takes_vllms_other_names_for_the_two_sides(base_url: str, grpc: RerankClient, path: str) -> None:
+    """vLLM's score request names its sides text_1 and text_2, or queries and documents (or items), or data_1
+    and data_2: the same pairs, and errors name the fields the body used."""
+    url = f"{base_url}{path}"
+    short = DOCUMENTS[:3]
+    expected = scores_by_index(grpc.rerank(QUERY, short).results)
+    for first, second in (("queries", "documents"), ("queries", "items"), ("data_1", "data_2")):
+        answer = httpx.post(url, json={first: QUERY, second: short})
+        assert answer.status_code == 200, answer.text
+        assert [d["score"] for d in answer.json()["data"]] == pytest.approx([expected[i] for i in range(3)], abs=1e-6)
+    mismatched = httpx.post(url, json={"queries": ["a", "b"], "documents": ["a", "b", "c"]})
+    assert_shape(path, mismatched, 400, "documents", "1:1, 1:N or N:N")
+    assert_shape(path, httpx.post(url, json={"queries": QUERY}), 400, "documents: Field required")
+    assert_shape(path, httpx.post(url, json={"queries": [], "documents": ["a"]}), 400, "queries")
+    assert_shape(path, httpx.post(url, json={"queries": QUERY, "documents": [DOCUMENTS[3]]}), 400, "documents[0]")
+
+
+def test_vllm_truncation_side_left_keeps_the_documents_last_tokens(base_url: str, grpc: RerankClient) -> None:
+    long = DOCUMENTS[3]
+    start = grpc.rerank(QUERY, [long], truncation="start", max_length=48).results[0]
+    end = grpc.rerank(QUERY, [long], max_length=48).results[0]
+    assert start.score != pytest.approx(end.score, abs=1e-6)
+    cut = {"truncate_prompt_tokens": 48}
+    for side, want in (("left", start.score), ("right", end.score), (None, end.score)):
+        sided = {**cut, "truncation_side": side} if side else cut
+        for path in VLLM:
+            answer = httpx.post(f"{base_url}{path}", json={"text_1": QUERY, "text_2": [long], **sided}).json()
+            assert answer["data"][0]["score"] == pytest.approx(want, abs=1e-6), (path, side)
+        for path in (TEI, "/v1/rerank"):  # vLLM's rerank body
+            answer = httpx.post(f"{base_url}{path}", json={"query": QUERY, "documents": [long], **sided}).json()
+            assert answer["results"][0]["relevance_score"] == pytest.approx(want, abs=1e-6), (path, side)
+    # The side applies with truncate_prompt_tokens only: without it a document that does not fit is refused.
+    alone = httpx.post(f"{base_url}{VLLM[0]}", json={"text_1": QUERY, "text_2": [long], "truncation_side": "left"})
+    assert_shape(VLLM[0], alone, 400, "does not fit")
+
+
 def test_vllm_rerank_body_on_the_tei_path(base_url: str, grpc: RerankClient) -> None:
     """POST /rerank with `documents` is vLLM's rerank: its answer shape, best first, documents echoed."""
     expected = grpc.rerank(QUERY, DOCUMENTS[:3]).results
@@ -113,6 +150,7 @@ def test_vllm_rerank_body_on_the_tei_path(base_url: str, grpc: RerankClient) -> 
     got = answer.json()
     assert answer.status_code == 200, got
     assert got["id"].startswith("rerank-") and got["model"] and got["usage"]["total_tokens"] > 0
+    assert got["usage"]["prompt_tokens"] == got["usage"]["total_tokens"]  # vLLM's RerankUsage has both
     assert [r["index"] for r in got["results"]] == [r.index for r in expected[:2]]
     assert [r["relevance_score"] for r in got["results"]] == pytest.approx([r.score for r in expected[:2]], abs=1e-6)
     assert [r["document"]["text"] for r in got["results"]] == [DOCUMENTS[r.index] for r in expected[:2]]

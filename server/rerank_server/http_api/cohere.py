@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -95,6 +95,9 @@ class RerankV1Request(vllm.VllmActivation):
         None, ge=-1, description="vLLM's rerank body: tokens per (query, document) input; -1: the model's limit"
     )
     priority: int = Field(0, description="vLLM's rerank body: lower is handled first; 0 (the default) first of all")
+    truncation_side: Literal["left", "right"] | None = Field(
+        None, description="vLLM's rerank body, with truncate_prompt_tokens: left keeps a document's last tokens"
+    )
 
 
 class RerankV2Request(BaseModel):
@@ -192,7 +195,7 @@ def is_cohere_call(request: Request, body: RerankV1Request) -> bool:
 
 def _v1_options(request: Request, body: RerankV1Request, cohere: bool, model: str) -> ScoreOptions:
     if body.truncate_prompt_tokens is not None:
-        return vllm.options(request, body.truncate_prompt_tokens, model, body.priority)
+        return vllm.options(request, body.truncate_prompt_tokens, model, body.priority, body.truncation_side)
     if not cohere:
         return ScoreOptions(truncation=Truncation.END, priority=body.priority)
     chunks = body.max_chunks_per_doc or DEFAULT_MAX_CHUNKS

@@ -5,9 +5,10 @@ Clients: plain HTTP (vLLM ships no client library): LangChain and LlamaIndex vLL
 and gateways (LiteLLM, Envoy AI Gateway) that route /score and /rerank to a vLLM server.
 
 How the knobs map onto the core:
-- `text_1` plays the query, `text_2` the document. Both a string: one pair; `text_1` a string (or a list
-  of one) and `text_2` a list: that text against each (1:N, a rerank); two lists of one length: pair by
-  pair (N:N). `data` answers each pair in request order with its `score`, sigmoid(logit) (vLLM's default
+- `text_1` plays the query, `text_2` the document, or under vLLM's newer names `queries` and `documents`
+  (or `items`), or `data_1` and `data_2`. Both a string: one pair; the first a string (or a list of one)
+  and the second a list: that text against each (1:N, a rerank); two lists of one length: pair by pair
+  (N:N). `data` answers each pair in request order with its `score`, sigmoid(logit) (vLLM's default
   activation for a one-label cross-encoder).
 - `use_activation: false` (or its older names `activation` and `softmax`) answers the logit instead, in
   `score` and in rerank's `relevance_score`; of the three the first set, in vLLM's order softmax,
@@ -15,6 +16,7 @@ How the knobs map onto the core:
 - `truncate_prompt_tokens`: absent → NONE (a pair past the model's length is refused, as vLLM does);
   k → END at k tokens per (text_1, text_2) input, special tokens included, the text_2 side cut; -1 → END
   at the model's limit; past the model's limit → refused. Errors about that length name the field.
+  `truncation_side` "left" cuts the text_2 side's start instead (START: its last tokens kept).
 - `model`: a served model's name chooses the model (absent: the default model); another name is refused
   with 404 naming the served ones, unless one model is served: then it answers (the answer's `model`
   names the checkpoint that scored).
@@ -25,7 +27,7 @@ How the knobs map onto the core:
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -38,8 +40,8 @@ from rerank_server.http_api.errors import VLLM
 
 api = HttpApi("vLLM", VLLM)
 
-_SCORE_1N = FieldNames(lambda i: "text_1", lambda i: f"text_2[{i}]", "text_2")
-_SCORE_NN = FieldNames(lambda i: f"text_1[{i}]", lambda i: f"text_2[{i}]", "text_2")
+# The names vLLM's score request takes for its two sides, in the order vLLM's request types try them.
+SCORE_SIDES = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
 
 
 class VllmActivation(BaseModel):
@@ -63,6 +65,9 @@ class VllmOptions(VllmActivation):
         None, ge=-1, description="absent: refuse inputs past the model's length; k: cut to k tokens; -1: the model's"
     )
     priority: int = Field(0, description="lower is handled first; 0 (the default) and below first of all")
+    truncation_side: Literal["left", "right"] | None = Field(
+        None, description="with truncate_prompt_tokens: right (default) keeps a text's first tokens, left its last"
+    )
 
 
 # One string is a list of one (the pairing rules treat them alike); errors then name text_2[i] alone.
@@ -70,8 +75,27 @@ Texts = Annotated[list[str], BeforeValidator(lambda value: [value] if isinstance
 
 
 class ScoreRequest(VllmOptions):
-    text_1: Texts = Field(description="a string or a list: the query side")
-    text_2: Texts = Field(description="a string or a list: the document side")
+    text_1: Texts | None = Field(None, description="a string or a list: the query side")
+    text_2: Texts | None = Field(None, description="a string or a list: the document side")
+    queries: Texts | None = Field(None, description="vLLM's newer name of text_1")
+    documents: Texts | None = Field(None, description="vLLM's newer name of text_2 (with queries)")
+    items: Texts | None = Field(None, description="another name of text_2 (with queries)")
+    data_1: Texts | None = Field(None, description="another name of text_1")
+    data_2: Texts | None = Field(None, description="another name of text_2")
+
+    def sides(self) -> tuple[str, list[str], str, list[str]]:
+        """The two sides the body sets, each with its name (the first pair of names set, in SCORE_SIDES)."""
+        for first, second in SCORE_SIDES:
+            texts_1, texts_2 = getattr(self, first), getattr(self, second)
+            if texts_1 is not None and texts_2 is not None:
+                return first, texts_1, second, texts_2
+        pairs = ", ".join(f"{first} and {second}" for first, second in SCORE_SIDES)
+        missing = "text_1"  # or the partner of a side the body sets
+        for first, second in SCORE_SIDES:
+            if getattr(self, first) is not None or getattr(self, second) is not None:
+                missing = second if getattr(self, first) is not None else first
+                break
+        raise field_error(InvalidRequestError, missing, f"Field required (the two sides: one of {pairs})")
 
 
 class VllmRerankRequest(VllmOptions):
@@ -83,8 +107,9 @@ class VllmRerankRequest(VllmOptions):
     return_documents: bool = True
 
 
-def options(request: Request, k: int | None, model: str, priority: int = 0) -> ScoreOptions:
-    """truncate_prompt_tokens `k` as the core's truncation and max_length (`model`'s limit)."""
+def options(request: Request, k: int | None, model: str, priority: int = 0, side: str | None = None) -> ScoreOptions:
+    """truncate_prompt_tokens `k` and truncation_side `side` as the core's truncation and max_length (`model`'s
+    limit)."""
     if k is None:
         return ScoreOptions(truncation=Truncation.NONE, priority=priority)
     limit = context(request).core.describe(model).max_length
@@ -93,39 +118,36 @@ def options(request: Request, k: int | None, model: str, priority: int = 0) -> S
             InvalidRequestError, "truncate_prompt_tokens", f"{k} is greater than the model's max length {limit}"
         )
     return ScoreOptions(
-        truncation=Truncation.END,
+        truncation=Truncation.START if side == "left" else Truncation.END,
         max_length=None if k == -1 else k,
         max_length_field="truncate_prompt_tokens",
         priority=priority,
     )
 
 
-def _pairs(body: ScoreRequest) -> tuple[list[str], list[str]]:
-    first, second = body.text_1, body.text_2
+async def _score(body: ScoreRequest, request: Request) -> JSONResponse:
+    name_1, first, name_2, second = body.sides()
     if not first:
-        raise field_error(EmptyInputError, "text_1", "must hold at least one text")
+        raise field_error(EmptyInputError, name_1, "must hold at least one text")
     if len(first) > 1 and len(first) != len(second):
         raise field_error(
             InvalidRequestError,
-            "text_2",
-            f"holds {len(second)} texts for text_1's {len(first)}: the lengths must be 1:1, 1:N or N:N",
+            name_2,
+            f"holds {len(second)} texts for the {len(first)} of {name_1}: the lengths must be 1:1, 1:N or N:N",
         )
-    return first, second
-
-
-async def _score(body: ScoreRequest, request: Request) -> JSONResponse:
-    first, second = _pairs(body)
     model = requested_model(request, body.model)
-    score_options = options(request, body.truncate_prompt_tokens, model, body.priority)
+    score_options = options(request, body.truncate_prompt_tokens, model, body.priority, body.truncation_side)
     core = context(request).core
     if len(first) == 1:
         # 1:N is a rerank: the query is tokenized once and checked like every API's query.
-        rerank_input = RerankInput(first[0], second, options=score_options, fields=_SCORE_1N, model=model)
+        fields = FieldNames(lambda i: name_1, lambda i: f"{name_2}[{i}]", name_2)
+        rerank_input = RerankInput(first[0], second, options=score_options, fields=fields, model=model)
         ranked = await call_core(request, lambda deadline: core.rerank(rerank_input, deadline))
         answered, usage, results = ranked.model, ranked.usage, sorted(ranked.results, key=lambda r: r.index)
     else:
+        fields = FieldNames(lambda i: f"{name_1}[{i}]", lambda i: f"{name_2}[{i}]", name_2)
         score_input = ScoreInput(
-            list(zip(first, second, strict=True)), options=score_options, fields=_SCORE_NN, model=model
+            list(zip(first, second, strict=True)), options=score_options, fields=fields, model=model
         )
         scored = await call_core(request, lambda deadline: core.score(score_input, deadline))
         answered, usage, results = scored.model, scored.usage, scored.scores
@@ -161,7 +183,7 @@ async def rerank(body: VllmRerankRequest, request: Request) -> JSONResponse:
         body.query,
         body.documents,
         top_n=body.top_n,
-        options=options(request, body.truncate_prompt_tokens, model, body.priority),
+        options=options(request, body.truncate_prompt_tokens, model, body.priority, body.truncation_side),
         model=model,
     )
     output = await call_core(request, lambda deadline: core.rerank(core_input, deadline))
@@ -176,7 +198,7 @@ async def rerank(body: VllmRerankRequest, request: Request) -> JSONResponse:
         {
             "id": f"rerank-{request_id(request)}",
             "model": output.model,
-            "usage": {"total_tokens": output.usage.input_tokens},
+            "usage": {"prompt_tokens": output.usage.input_tokens, "total_tokens": output.usage.input_tokens},
             "results": results,
         }
     )
