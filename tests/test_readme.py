@@ -14,7 +14,9 @@ import importlib
 import io
 import re
 import shlex
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -250,3 +252,33 @@ def test_every_rerank_variable_named_is_a_setting_or_read_where_the_page_says() 
     named = {v for page in PAGES for v in re.findall(r"\bRERANK_[A-Z0-9_]*[A-Z0-9]\b", page.read_text())}
     for variable in named - settings:
         assert variable in others and variable in (ROOT / others[variable]).read_text(), variable
+
+
+@pytest.mark.parametrize("base", ["deploy/k8s/base", "deploy/k8s/overlays/cpu"])
+def test_the_overlay_the_deployment_page_shows_renders_every_component_with_its_images(
+    base: str, tmp_path: Path
+) -> None:
+    """docs/deployment.md's `my-overlay/kustomization.yaml`, beside a copy of deploy/ (its paths are relative
+    to the repository root), its placeholders filled: the real kustomize renders it, on the base or on the CPU
+    overlay its comment offers, with every component and the images it names."""
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", (ROOT / "docs" / "deployment.md").read_text(), re.S)]
+    assert "# my-overlay/kustomization.yaml" in block and "../deploy/k8s/base " in block
+    block = block.replace("../deploy/k8s/base ", f"../{base} ")
+    if base.endswith("/cpu"):  # the image name that overlay gives Triton's, as the block's comment says
+        assert "name: rerank-triton                  # rerank-triton-cpu on ../deploy/k8s/overlays/cpu" in block
+        block = block.replace("name: rerank-triton ", "name: rerank-triton-cpu ")
+    shutil.copytree(ROOT / "deploy", tmp_path / "deploy")
+    (tmp_path / "my-overlay").mkdir()
+    (tmp_path / "my-overlay" / "kustomization.yaml").write_text(
+        block.replace("<registry>", "registry.example").replace("<tag>", "1.2.3")
+    )
+    kubectl = Path(sys.executable).parent / "kubectl"
+    done = subprocess.run(
+        [str(kubectl), "kustomize", str(tmp_path / "my-overlay")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    kinds = set(re.findall(r"^kind: (\w+)$", done.stdout, re.M))
+    assert {"ServiceMonitor", "PrometheusRule", "ScaledObject", "NetworkPolicy", "Deployment"} <= kinds, kinds
+    assert "HorizontalPodAutoscaler" not in kinds  # queue-autoscaling replaces it
+    images = set(re.findall(r"image: (\S+)", done.stdout))
+    assert images == {"registry.example/rerank-frontend:1.2.3", "registry.example/rerank-triton:1.2.3"}, images
