@@ -339,6 +339,30 @@ def test_cohere_v2_max_tokens_per_doc_cuts_each_document(base_url: str, grpc: Re
     assert {r["index"]: r["relevance_score"] for r in huge["results"]} == pytest.approx(full, abs=1e-6)
 
 
+def test_cohere_v2_takes_its_first_versions_fields(base_url: str, grpc: RerankClient) -> None:
+    """Object documents with rank_fields, return_documents and max_chunks_per_doc, as v2's first version took
+    them (older Cohere SDKs, LiteLLM): ranked and echoed as on v1."""
+    sent = [{"title": "capital", "text": DOCUMENTS[0], "id": "a"}, {"text": DOCUMENTS[2]}]
+    body = {"query": QUERY, "documents": sent, "rank_fields": ["title", "text"], "return_documents": True}
+    answer = httpx.post(f"{base_url}/v2/rerank", json=body)
+    assert answer.status_code == 200, answer.text
+    ranked_on = [f"title: capital\ntext: {DOCUMENTS[0]}", f"text: {DOCUMENTS[2]}"]
+    want = {r.index: r.score for r in grpc.rerank(QUERY, ranked_on).results}
+    results = answer.json()["results"]
+    assert {r["index"]: r["relevance_score"] for r in results} == pytest.approx(want, abs=1e-6)
+    assert [r["document"] for r in results] == [sent[r["index"]] for r in results]
+    # Without rank_fields an object is ranked on its `text`.
+    plain = httpx.post(f"{base_url}/v2/rerank", json={"query": QUERY, "documents": [{"text": DOCUMENTS[0]}]}).json()
+    assert plain["results"][0]["relevance_score"] == pytest.approx(grpc.rerank(QUERY, DOCUMENTS[:1]).results[0].score)
+    long = text(3000, seed=11)
+    chunked = grpc.rerank(QUERY, [long], truncation="chunk").results[0].score
+    answer = httpx.post(f"{base_url}/v2/rerank", json={"query": QUERY, "documents": [long], "max_chunks_per_doc": 10})
+    assert answer.json()["results"][0]["relevance_score"] == pytest.approx(chunked, abs=1e-6)
+    both = {"query": QUERY, "documents": [long], "max_chunks_per_doc": 10, "max_tokens_per_doc": 100}
+    refused = httpx.post(f"{base_url}/v2/rerank", json=both)
+    assert refused.status_code == 400 and "max_tokens_per_doc" in refused.json()["message"]
+
+
 # -- priority (Cohere v2, vLLM, gRPC) ---------------------------------------------------------------------
 
 

@@ -23,6 +23,9 @@ How the knobs map onto the core:
   each document as it was sent, every field kept. An object document must be one JSON can write back, or
   it is refused before the model runs: no lone surrogate in a name or value, at most
   MAX_DOCUMENT_DEPTH levels of nesting (NaN and Infinity are refused with the body: common.loads_standard).
+- v2 also takes the fields of its first version, which older Cohere SDKs and LiteLLM still
+  send: object documents with `rank_fields`, and `max_chunks_per_doc` (not with `max_tokens_per_doc`), as
+  v1 takes them.
 - v2 `priority`: lower first, 0 (Cohere's default) first of all; a call above 0 waits in Triton's queue
   behind every call at 0 (core.ScoreOptions.priority).
 
@@ -101,16 +104,27 @@ class RerankV1Request(vllm.VllmActivation):
 
 
 class RerankV2Request(BaseModel):
-    """Cohere v2 rerank request."""
+    """Cohere v2 rerank request, with the fields of its first version (object documents, rank_fields,
+    return_documents, max_chunks_per_doc) that older SDKs and LiteLLM still send."""
 
     query: str
-    documents: list[str]
+    documents: list[str | dict[str, Any]] = Field(
+        description="strings, or objects ranked on `text` (or rank_fields), as v2's first version took them"
+    )
     model: str | None = Field(None, description=MODEL_FIELD)
     top_n: int | None = Field(None, ge=1, description="results to return (default: all)")
     max_tokens_per_doc: int | None = Field(
         None, ge=1, description="each document's first tokens scored, at most (the query not counted)"
     )
+    rank_fields: list[str] | None = Field(
+        None,
+        max_length=MAX_RANK_FIELDS,
+        description=f"fields of object documents to rank on, in order, each once (at most {MAX_RANK_FIELDS})",
+    )
     return_documents: bool = False
+    max_chunks_per_doc: int | None = Field(
+        None, ge=1, description="windows scored per long document (v2's first version; not with max_tokens_per_doc)"
+    )
     priority: int = Field(0, ge=0, description="lower is handled first; 0 (the default) first of all")
 
 
@@ -198,14 +212,18 @@ def _v1_options(request: Request, body: RerankV1Request, cohere: bool, model: st
         return vllm.options(request, body.truncate_prompt_tokens, model, body.priority, body.truncation_side)
     if not cohere:
         return ScoreOptions(truncation=Truncation.END, priority=body.priority)
-    chunks = body.max_chunks_per_doc or DEFAULT_MAX_CHUNKS
-    if len(body.documents) * chunks > MAX_TOTAL_CHUNKS:
+    return _chunked(len(body.documents), body.max_chunks_per_doc or DEFAULT_MAX_CHUNKS, body.priority)
+
+
+def _chunked(documents: int, chunks: int, priority: int) -> ScoreOptions:
+    """Cohere's chunking: at most `chunks` windows a document, and documents x chunks within Cohere's limit."""
+    if documents * chunks > MAX_TOTAL_CHUNKS:
         raise field_error(
             InvalidRequestError,
             "max_chunks_per_doc",
-            f"{len(body.documents)} documents x {chunks} chunks pass the limit of {MAX_TOTAL_CHUNKS}",
+            f"{documents} documents x {chunks} chunks pass the limit of {MAX_TOTAL_CHUNKS}",
         )
-    return ScoreOptions(truncation=Truncation.CHUNK, max_chunks=chunks, priority=body.priority)
+    return ScoreOptions(truncation=Truncation.CHUNK, max_chunks=chunks, priority=priority)
 
 
 async def _rerank(
@@ -275,8 +293,17 @@ async def rerank_v1(body: RerankV1Request, request: Request) -> JSONResponse:
     responses={400: {"description": "invalid request: {message}"}},
 )
 async def rerank_v2(body: RerankV2Request, request: Request) -> JSONResponse:
+    _check_rank_fields(body.rank_fields)
+    documents = [_document_text(d, i, body.rank_fields) for i, d in enumerate(body.documents)]
     model = requested_model(request, body.model)
-    options = ScoreOptions(max_document_tokens=body.max_tokens_per_doc, priority=body.priority)
-    echoed: list[str | dict[str, Any]] | None = list(body.documents) if body.return_documents else None
-    _, answer = await _rerank(request, body.query, body.documents, body.top_n, options, echoed, "2", model)
+    if body.max_chunks_per_doc is None:
+        options = ScoreOptions(max_document_tokens=body.max_tokens_per_doc, priority=body.priority)
+    elif body.max_tokens_per_doc is None:
+        options = _chunked(len(documents), body.max_chunks_per_doc, body.priority)
+    else:
+        raise field_error(
+            InvalidRequestError, "max_chunks_per_doc", "cannot be combined with max_tokens_per_doc; send one"
+        )
+    echoed = body.documents if body.return_documents else None
+    _, answer = await _rerank(request, body.query, documents, body.top_n, options, echoed, "2", model)
     return JSONResponse(answer)
