@@ -235,6 +235,17 @@ def test_nim_health_routes(stack: Stack) -> None:
         assert response.status_code == 200 and response.json() == {"object": "health.response", "message": message}
 
 
+def test_v1_models_lists_openai_model_objects(base_url: str, grpc: RerankClient) -> None:
+    """Each entry has the fields OpenAI's model object requires (typed OpenAI clients, which vLLM's and NIM's
+    users point here, refuse one without `created`), and vLLM's max_model_len."""
+    listed = httpx.get(f"{base_url}/v1/models").json()["data"]
+    for entry in listed:
+        assert entry["object"] == "model" and isinstance(entry["id"], str) and isinstance(entry["owned_by"], str)
+        assert isinstance(entry["created"], int) and 0 < entry["created"] <= time.time()
+        assert entry["max_model_len"] == grpc.model_info(model=entry["id"]).max_length
+    assert listed[0]["id"] == "reranker" and listed[0]["max_model_len"] == 512
+
+
 # -- Cohere v1 and Jina on /v1/rerank, Cohere v2 -------------------------------------------------
 
 COHERE_SDK = {"x-fern-sdk-name": "cohere"}  # what every Cohere SDK sends

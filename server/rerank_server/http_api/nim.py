@@ -16,6 +16,7 @@ How the knobs map onto the core:
 
 from __future__ import annotations
 
+import time
 from typing import Literal
 
 from fastapi import Request
@@ -29,6 +30,9 @@ from rerank_server.http_api.errors import NIM
 
 api = HttpApi("NVIDIA NIM", NIM)
 
+# /v1/models' `created` (OpenAI's model object requires it, and typed OpenAI clients refuse an entry without
+# it): when this server started serving, in Unix seconds.
+_STARTED = int(time.time())
 NIM_FIELDS = FieldNames(lambda i: "query.text", lambda i: f"passages[{i}].text", "passages")
 _TRUNCATION = {"NONE": Truncation.NONE, "END": Truncation.END}
 
@@ -82,8 +86,10 @@ async def models(request: Request) -> JSONResponse:
         {
             "id": name,
             "object": "model",
+            "created": _STARTED,
             "owned_by": "rerank-service",
             "root": served.get(name).info.source_model,
+            "max_model_len": served.get(name).info.max_length,  # vLLM's field: tokens per input
             "precision": served.get(name).info.precision,  # as GetModelInfo and TEI /info report it
         }
         for name in names
