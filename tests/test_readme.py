@@ -100,15 +100,13 @@ def shown_commands(program: str, inline: str = "") -> list[tuple[Path, str]]:
     found = []
     for page in PAGES:
         text = page.read_text()
-        lines = [line for line in re.findall(rf"`({start}[^`\n]*)`", FENCED.sub("", text)) if line.startswith(inline)]
+        spans = re.findall(r"`([^`\n]+)`", FENCED.sub("", text))
+        commands = [c for span in spans for c in span.split(" && ") if c.startswith(inline)]
         for language, block in FENCED.findall(text):
             if language == "sh":
-                joined = block.replace("\\\n", " ")
-                lines += [re.sub(r"\s+#.*", "", line).strip() for line in joined.splitlines()]
-        for line in lines:
-            for command in re.split(r" && ", line):
-                if re.match(start, command) and not re.search(r"[<\[]|\.\.\.", command):
-                    found.append((page, command))
+                lines = [re.sub(r"\s+#.*", "", line).strip() for line in block.replace("\\\n", " ").splitlines()]
+                commands += [c for line in lines for c in line.split(" && ")]
+        found += [(page, c) for c in commands if re.match(start, c) and not re.search(r"[<\[]|\.\.\.", c)]
     return found
 
 
@@ -282,3 +280,18 @@ def test_the_overlay_the_deployment_page_shows_renders_every_component_with_its_
     assert "HorizontalPodAutoscaler" not in kinds  # queue-autoscaling replaces it
     images = set(re.findall(r"image: (\S+)", done.stdout))
     assert images == {"registry.example/rerank-frontend:1.2.3", "registry.example/rerank-triton:1.2.3"}, images
+
+
+def test_the_test_commands_shown_select_their_sdks_tests() -> None:
+    """`.venv/bin/python -m pytest tests/test_sdks.py -k go` (and `-k typescript`), as the SDK pages show them
+    after `make sdk-deps`: collected as written, each selects that SDK's tests and only those."""
+    commands = [(page, c) for page, c in shown_commands(r"python3?") if " -m pytest " in c]
+    assert {page.name for page, _ in commands} >= {"sdk-go.md", "sdk-typescript.md"}, commands
+    for page, command in commands:
+        words = shlex.split(command)
+        words = [str(ROOT / ".venv" / "bin" / "python"), *words[1:], "--collect-only", "-q", "-p", "no:cacheprovider"]
+        done = subprocess.run(words, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{page.name}: {command}\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        selected = [line for line in done.stdout.splitlines() if "::" in line]
+        keyword = words[words.index("-k") + 1]
+        assert selected and all(keyword in line for line in selected), (command, selected)
