@@ -146,7 +146,8 @@ test-e2e-untimed:
 	$(E2E_UNTIMED_RUN)
 
 # The throughput benchmark (docs/performance.md): every CPU precision in-process and served (fp32 and
-# --precision auto); full size takes 10-30 minutes on 2 cores. Without --workdir it works in a temporary folder.
+# --precision auto); full size takes tens of minutes on 2 cores (docs/performance.md gives each run's time).
+# Without --workdir it works in a temporary folder.
 BENCH_ARGS ?=
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
@@ -156,7 +157,7 @@ bench-quick: install
 
 # The GPU check (docs/performance.md, GPU): `make gpu-pack` here writes what travels (Triton's subset, the
 # project, wheels; < 64 MiB); on the GPU machine, from the repository root and with no venv or network,
-# `make gpu-check` unpacks it and runs `python -m bench.gpu` (about 7 minutes).
+# `make gpu-check` unpacks it and runs `python -m bench.gpu` (its time budget: --budget-s 420).
 GPU_PACK ?= artifacts/gpu-pack
 GPU_ARGS ?= --output bench/results-gpu
 GPU_PACK_ARGS ?=

@@ -24,8 +24,8 @@ class Settings:
     # Where the frontend listens.
     host: str = option("0.0.0.0", "address the gRPC frontend binds")
     port: int = option(50051, "port of the gRPC frontend")
-    # The HTTP/JSON surfaces (Cohere, Jina, TEI and NIM rerank APIs) beside gRPC, on the same core.
-    http_port: int = option(8080, "port of the HTTP/JSON frontend (Cohere, Jina, TEI, NIM APIs; 0: off)")
+    # The HTTP/JSON surfaces (Cohere, Jina, TEI, NIM and vLLM APIs) beside gRPC, on the same core.
+    http_port: int = option(8080, "port of the HTTP/JSON frontend (Cohere, Jina, TEI, NIM, vLLM APIs; 0: off)")
     http_timeout_s: float = option(
         120.0, "deadline of an HTTP call, which has no gRPC deadline to carry one (504 past it)"
     )

@@ -258,7 +258,7 @@ def threshold(
     repeats: int = THRESHOLD_REPEATS,
 ) -> dict[str, Any]:
     """The longest LADDER length (under max_length) at which `short` scores one pair faster than `long`
-    beyond the spread (LADDER[0] if at none); stops two lengths after the packed engine starts to lead."""
+    beyond the spread (LADDER[0] if at none); stops after two lengths in a row that `short` does not win."""
     ladder = [n for n in LADDER if n < max_length]
     measured: list[dict[str, Any]] = []
     tokens, behind = ladder[0] if ladder else 0, 0
