@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from importlib.metadata import requires
+from pathlib import Path
 
 import grpc
 import pytest
@@ -30,6 +33,8 @@ from tests.conftest import Stack, free_port
 from tests.texts import QUERY
 
 pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
 
 HEAVY = ("torch", "onnxruntime", "tritonclient", "transformers", "tokenizers", "numpy", "onnx")
 
@@ -332,3 +337,49 @@ async def test_the_request_id_reaches_the_server_and_its_errors_carry_the_id_it_
             async for _ in aio.rerank_stream(slow_arequests(), timeout=1, request_id="stream-2"):
                 pass
         assert timed_out.value.request_id == "stream-2"
+
+
+# -- the distribution as a user installs it ------------------------------------------------------------------
+
+
+def test_the_readmes_pip_install_gives_a_working_sdk_with_only_its_light_dependencies(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """`pip install ./client` as the README writes it, into a new venv: the package it builds holds the
+    generated code (a file left out of the distribution would only show here, not in the repository's
+    editable install), pulls in none of the heavy packages, and ranks like the repository's SDK."""
+    repo = tmp_path / "repo"
+    shutil.copytree(
+        ROOT / "client",
+        repo / "client",
+        ignore=shutil.ignore_patterns("go", "typescript", "*.egg-info", "build", "__pycache__"),
+    )
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    installed = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", "./client"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert installed.returncode == 0, installed.stderr
+    documents = ["Beijing", "The weather is nice today", "Shanghai"]
+    script = f"""
+import importlib.metadata, json
+from rerank_client import RerankClient
+with RerankClient({stack.target!r}, timeout=60.0) as client:
+    response = client.rerank({QUERY!r}, {documents!r})
+names = sorted(d.metadata["Name"].lower() for d in importlib.metadata.distributions())
+print(json.dumps({{"results": [[r.index, r.logit] for r in response.results], "names": names}}))
+"""
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert not set(answer["names"]) & set(HEAVY), answer["names"]
+    assert {"grpcio", "protobuf", "rerank-client"} <= set(answer["names"])
+    with RerankClient(stack.target, timeout=60) as client:
+        expected = client.rerank(QUERY, documents)
+    assert answer["results"] == [[r.index, r.logit] for r in expected.results]
