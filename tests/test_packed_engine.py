@@ -169,6 +169,75 @@ def test_packed_bf16_is_as_close_to_fp32_as_transformers_bf16(
     assert ours <= 0.02 * spread, (ours, spread)
 
 
+# Axes CONFIGS leaves at their defaults: head activations, MLP activations, norm_eps, a window of a few tokens,
+# one layer, a global-layer spacing past the depth (layer 0 the only global one), attention bias without MLP bias.
+HEADS_AND_NORMS: dict[str, dict[str, Any]] = {
+    "w4-tanh-head-eps12-mean": {
+        "hidden_size": 36,
+        "intermediate_size": 40,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 3,
+        "local_attention": 4,
+        "global_attn_every_n_layers": 2,
+        "classifier_pooling": "mean",
+        "classifier_activation": "tanh",
+        "norm_eps": 1e-12,
+    },
+    "w17-silu-mlp-relu-head-eps3": {
+        "hidden_size": 40,
+        "intermediate_size": 48,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "local_attention": 17,
+        "global_attn_every_n_layers": 2,
+        "hidden_activation": "silu",
+        "classifier_activation": "relu",
+        "norm_eps": 1e-3,
+    },
+    "w10-every5-of-4-attention-bias": {
+        "hidden_size": 60,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 5,
+        "local_attention": 10,
+        "global_attn_every_n_layers": 5,
+        "attention_bias": True,
+        "classifier_activation": "silu",
+    },
+    "one-layer-gelu-tanh-mean": {
+        "hidden_size": 24,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "local_attention": 8,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "classifier_activation": "gelu_new",
+        "classifier_pooling": "mean",
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(HEADS_AND_NORMS))
+def test_served_pytorch_engines_match_eager_on_other_heads_norms_and_windows(name: str, tmp_path: Path) -> None:
+    """The packed engine (read without transformers, runs cut by a small budget) and transformers' padded model,
+    built as the served model builds them, on pairs around the window, a one-token pair and duplicates."""
+    config = HEADS_AND_NORMS[name]
+    checkpoint = save_random_checkpoint(tmp_path / name, TOKENIZER_DIR, seed=len(name), **config)
+    assert modernbert_packed.read_checkpoint(checkpoint) is not None
+    w = config["local_attention"] // 2
+    pairs = random_pairs([1, 2, w, w + 1, w + 2, 2 * w + 3, 9 * w + 5, 70, 3], seed=5)
+    pairs += [pairs[3], pairs[6]]
+    expected = eager_logits(checkpoint, pairs)
+    assert np.ptp(expected) > 0.1, "logits too alike to tell pairs apart"
+    lengths = np.array([p.numel() for p in pairs])
+    ids = torch.cat(pairs).numpy()
+    for served in (RUNTIMES["packed"], RUNTIMES["torch"]):
+        engine = served.build(str(checkpoint), device=CPU, precision=FP32, pad_token_id=0, max_batch_tokens=48)
+        np.testing.assert_allclose(
+            engine.score(ids, lengths), expected, rtol=0, atol=FP32_TOLERANCE, err_msg=served.name
+        )
+
+
 def test_a_pair_of_thousands_of_tokens_packed_with_short_ones(tmp_path: Path) -> None:
     checkpoint = save_random_checkpoint(
         tmp_path / "long",
