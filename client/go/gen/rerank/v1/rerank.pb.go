@@ -1073,7 +1073,7 @@ type GetModelInfoResponse struct {
 	Model string `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
 	// The most tokens per pair the service accepts (and its default).
 	MaxLength uint32 `protobuf:"varint,2,opt,name=max_length,json=maxLength,proto3" json:"max_length,omitempty"`
-	// Numeric precision of the served graph: fp32, fp16 or int8.
+	// Numeric precision the served model computes in: fp32, bf16, fp16 or int8.
 	Precision string `protobuf:"bytes,3,opt,name=precision,proto3" json:"precision,omitempty"`
 	// The model's name in Triton's repository.
 	TritonModelName string `protobuf:"bytes,4,opt,name=triton_model_name,json=tritonModelName,proto3" json:"triton_model_name,omitempty"`

@@ -548,7 +548,7 @@ export type GetModelInfoResponse = Message<"rerank.v1.GetModelInfoResponse"> & {
   maxLength: number;
 
   /**
-   * Numeric precision of the served graph: fp32, fp16 or int8.
+   * Numeric precision the served model computes in: fp32, bf16, fp16 or int8.
    *
    * @generated from field: string precision = 3;
    */
