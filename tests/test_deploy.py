@@ -360,15 +360,46 @@ def test_frontend_reaches_the_triton_of_its_pod(rendered: list[dict[str, Any]]) 
     assert setting(env, "triton_url") == f"{args['--grpc-address']}:{args['--grpc-port']}"
     assert container_port(triton, int(args["--grpc-port"]))
     assert args["--model-repository"] == "/models" == triton_dockerfile_repository()
-    # The init container copies the repository (less the ONNX graphs) where the frontend looks for the tokenizer.
+    # The init container copies the repository's tokenizers where the frontend looks for them.
     init = container(deployment, "model-files")
     assert init["image"] == triton["image"]
-    assert "tar -C /models" in init["command"][-1]
     repository = str(setting(env, "model_repository"))
-    assert f"-C {repository} -xf" in init["command"][-1]
+    assert init["command"][-2:] == ["/models", repository]
     mounts = {m["name"]: m["mountPath"] for m in container(deployment, "frontend")["volumeMounts"]}
     assert {m["name"]: m["mountPath"] for m in init["volumeMounts"]} == {"shared": mounts["shared"]}
     assert repository.startswith(mounts["shared"] + "/")
+
+
+def test_the_init_container_copies_the_tokenizers_and_not_the_weights(
+    base: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """Its script, run here on an export's layout: the tokenizer folders arrive, the weights (the GPU export's
+    fp32 checkpoint is hundreds of MB, over the shared volume's sizeLimit) stay behind; no tokenizer fails."""
+    deployment = one(base, "Deployment")
+    init = container(deployment, "model-files")
+    script = init["command"][:-2]
+    assert script[:2] == ["sh", "-c"]
+    version = tmp_path / "models" / "reranker" / "1"
+    for name, size in (
+        ("tokenizer/tokenizer.json", 1000),
+        ("tokenizer/tokenizer_config.json", 100),
+        ("model/model.safetensors", 2_000_000),
+        ("model.onnx", 1_000_000),
+        ("model.py", 10),
+        ("rerank_triton_model/__init__.py", 10),
+    ):
+        (version / name).parent.mkdir(parents=True, exist_ok=True)
+        (version / name).write_bytes(b"x" * size)
+    (version.parent / "config.pbtxt").write_text('name: "reranker"')
+    target = tmp_path / "shared" / "models"
+    done = subprocess.run([*script, str(tmp_path / "models"), str(target)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    copied = sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    assert copied == ["reranker/1/tokenizer/tokenizer.json", "reranker/1/tokenizer/tokenizer_config.json"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    failed = subprocess.run([*script, str(empty), str(tmp_path / "out")], capture_output=True, text=True)
+    assert failed.returncode != 0, "a repository without tokenizers must fail the pod, not start a frontend that cannot"
 
 
 def test_shutdown_and_startup_timing(rendered: list[dict[str, Any]]) -> None:
