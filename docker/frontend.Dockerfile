@@ -41,7 +41,8 @@ USER 10001:10001
 EXPOSE 50051 8080
 # For `docker run` and compose; Kubernetes uses its native gRPC probes (deploy/k8s/base/deployment.yaml).
 # SERVING only while Triton's model is ready. The start period covers RERANK_STARTUP_TIMEOUT_S (600 s).
+# Plaintext: with TLS on (RERANK_TLS_CERT_FILE), it asks the health-only port RERANK_HEALTH_PORT, as the probes do.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; c = grpc.insecure_channel('127.0.0.1:' + os.environ.get('RERANK_PORT', '50051')); r = g.HealthStub(c).Check(h.HealthCheckRequest(service='rerank.v1.RerankService'), timeout=4); sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
+    CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; c = grpc.insecure_channel('127.0.0.1:' + (os.environ.get('RERANK_HEALTH_PORT') or os.environ.get('RERANK_PORT', '50051'))); r = g.HealthStub(c).Check(h.HealthCheckRequest(service='rerank.v1.RerankService'), timeout=4); sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
 # Exec form: `rerank` is PID 1 and gets SIGTERM, then drains for RERANK_SHUTDOWN_GRACE_S.
 ENTRYPOINT ["rerank", "serve"]

@@ -679,15 +679,17 @@ def test_frontend_healthcheck_asks_the_rerank_service() -> None:
     server.start()
     try:
 
-        def run() -> int:
-            env = {"RERANK_PORT": str(port), "PATH": str(Path(sys.executable).parent)}
+        def run(**variables: str) -> int:
+            env = {**variables, "PATH": str(Path(sys.executable).parent)}
             return subprocess.run([sys.executable, *command[1:]], env=env, timeout=60, capture_output=True).returncode
 
         servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         servicer.set(RERANK_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        assert run() == 0
+        assert run(RERANK_PORT=str(port)) == 0
+        # With TLS on, the plaintext health-only port (the API port speaks TLS, which the check does not).
+        assert run(RERANK_PORT="1", RERANK_HEALTH_PORT=str(port)) == 0
         servicer.set(RERANK_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
-        assert run() != 0
+        assert run(RERANK_PORT=str(port)) != 0
     finally:
         server.stop(None)
 
