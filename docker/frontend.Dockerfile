@@ -19,7 +19,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 WORKDIR /src
-# Dependencies change less often than the code: the client first, then the server package.
+# One install of both packages and their pinned dependencies: a change under client/ or server/ installs the
+# dependencies again too (they have no layer of their own).
 COPY requirements/constraints.txt requirements/constraints.txt
 COPY client client
 COPY pyproject.toml README.md ./
