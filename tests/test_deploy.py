@@ -409,8 +409,11 @@ def test_shutdown_and_startup_timing(rendered: list[dict[str, Any]]) -> None:
     frontend, triton = container(deployment, "frontend"), container(deployment, "triton")
     drain = prestop_sleep(frontend) + setting(env, "shutdown_grace_s")
     assert prestop_sleep(triton) > drain, "Triton must answer until the frontend has drained"
-    assert pod["terminationGracePeriodSeconds"] > prestop_sleep(triton)
     assert pod["terminationGracePeriodSeconds"] > drain
+    # The grace period counts from the start of the preStop hooks: Triton's sleep, then its own wait for the
+    # requests it still runs (--exit-timeout-secs), must both fit before the SIGKILL.
+    exit_timeout = int(next(a for a in triton["args"] if a.startswith("--exit-timeout-secs=")).split("=")[1])
+    assert pod["terminationGracePeriodSeconds"] >= prestop_sleep(triton) + exit_timeout
     startup = frontend["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] > setting(env, "startup_timeout_s")
 
