@@ -30,6 +30,7 @@ from tests.test_hostile import CJK
 from tests.test_http_errors import (
     COHERE_V1,
     COHERE_V2,
+    DOCUMENTS_FIELD,
     INVALID,
     NIM,
     TEI,
@@ -155,6 +156,63 @@ def test_repeated_rank_fields_are_refused_and_cost_a_small_multiple_of_the_body(
     response = httpx.post(url, json=fields, timeout=60)
     assert response.status_code == 200, response.text
     assert response.json()["results"][0]["document"] == sent
+
+
+def refusal_cost(served: Stack, path: str, body: bytes) -> tuple[httpx.Response, float, int]:
+    """The answer to `body` on `path`, its time, and how far the frontend's peak RSS rose."""
+    pid = served.process.pid
+    reset_peak(pid)
+    before = memory(pid, "VmRSS")
+    started = time.perf_counter()
+    response = post_json(f"{served.http_url}{path}", body)
+    return response, time.perf_counter() - started, memory(pid, "VmHWM") - before
+
+
+def test_a_body_that_is_not_utf8_is_refused_before_it_is_counted(served: Stack) -> None:
+    # json.loads decodes UTF-16 and UTF-32 too. In UTF-16 "\u0122" is the bytes 22 01: a count reading UTF-8
+    # sees a string end there and the rest of the body as one string, so these 200,000 `[]` items (1.1 MiB) would
+    # reach the parse and pydantic, an error each (seconds of the event loop, hundreds of MiB).
+    for path in (COHERE_V2, NIM, TEI, VLLM_SCORE):
+        field = {NIM: '"passages"', TEI: '"texts"', VLLM_SCORE: '"text_1": "q", "text_2"'}.get(path, '"documents"')
+        query = '{"text": "q"}' if path == NIM else '"q"'
+        text = f'{{"query": {query}, {field}: ["\u0122"' + ",[]" * 200_000 + "]}"
+        for encoding in ("utf-16-le", "utf-16", "utf-32"):
+            response, took, grown = refusal_cost(served, path, text.encode(encoding))
+            assert_shape(path, response, INVALID[path], "not UTF-8", encoding.upper())
+            assert took < 1, f"{path} {encoding}: answered after {took:.2f} s"
+            assert grown < 32 * MIB, f"{path} {encoding}: grew the frontend {grown / MIB:.0f} MiB"
+    # UTF-8, with or without a byte order mark, is read as ever.
+    for prefix in (b"", b"\xef\xbb\xbf"):
+        response = post_json(f"{served.http_url}{COHERE_V2}", prefix + json.dumps(good_body(COHERE_V2, ["a"])).encode())
+        assert response.status_code == 200, response.text
+    still_serving(str(served.http_url))
+
+
+def test_list_items_past_two_per_document_are_refused_before_pydantic_writes_an_error_each(served: Stack) -> None:
+    # 15,000 numbers in `documents` (40 KB) would be 30,000 pydantic errors (str | dict), written on the event
+    # loop before the 400. The body's top-level lists hold at most 2 x max_documents + 64 items in all.
+    for path in (COHERE_V1, COHERE_V2, TEI, NIM, VLLM_SCORE):
+        field = DOCUMENTS_FIELD.get(path, "documents")
+        body = {**good_body(path, ["a"]), field: [1] * 15_000}
+        response, took, grown = refusal_cost(served, path, json.dumps(body).encode())
+        assert_shape(path, response, 413, "lists hold more than 2064 items", "max_documents")
+        assert took < 1, f"{path}: answered after {took:.2f} s"
+        assert grown < 8 * MIB, f"{path}: grew the frontend {grown / MIB:.0f} MiB"
+    # The most a body may hold: each item refused by pydantic (two errors each) costs milliseconds.
+    response, took, grown = refusal_cost(
+        served, COHERE_V2, json.dumps({"query": "q", "documents": [1] * 2064}).encode()
+    )
+    assert_shape(COHERE_V2, response, 400, "documents[0]", "(and 4123 more)")
+    assert grown < 16 * MIB, f"2,064 refused items grew the frontend {grown / MIB:.0f} MiB"
+    # vLLM's two lists of max_documents each pass, and so does a long list deeper down, in an object document.
+    pairs = {"text_1": ["a"] * 1000, "text_2": ["b"] * 1000}
+    assert post_json(f"{served.http_url}{VLLM_SCORE}", json.dumps(pairs).encode()).status_code == 200
+    many = {"query": "q", "documents": ["b"] * 1001}
+    assert_shape(COHERE_V2, post_json(f"{served.http_url}{COHERE_V2}", json.dumps(many).encode()), 400, "documents")
+    deep = {"query": "q", "documents": [{"text": "a", "embedding": [0.5] * 5000}], "return_documents": True}
+    response = post_json(f"{served.http_url}{COHERE_V1}", json.dumps(deep).encode())
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["document"] == deep["documents"][0]  # type: ignore[index]
 
 
 # -- text that is no Unicode is a 400, never a 500 -----------------------------------------------------

@@ -24,12 +24,16 @@ from rerank_server import calls
 from rerank_server.auth import check_authorization
 from rerank_server.calls import Calls
 from rerank_server.http_api.errors import Kind
-from rerank_server.http_api.json_scan import more_values_than
+from rerank_server.http_api.json_scan import Excess, excess, not_utf8
 from rerank_server.http_api.registry import OPEN_PATHS, ROUTES, shape_for
 from rerank_server.tracing import tracer
 
 # Per accepted document: its string, or an object's fields (Cohere v1 documents may be objects).
 JSON_OBJECTS_PER_DOCUMENT = 16
+# Items of the body's top-level lists, in all, per accepted document: vLLM's score pairs two lists (text_1 and
+# text_2) of max_documents each. Past max_documents a list is refused by its route (400 naming the field); this
+# bounds the per-item errors that refusal writes first (see json_scan).
+LIST_ITEMS_PER_DOCUMENT = 2
 # The methods a span is named after; any other token (up to the header limit, from anyone) names it "HTTP", as
 # OpenTelemetry's HTTP conventions do, so that span names stay a small fixed set.
 STANDARD_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
@@ -47,6 +51,20 @@ class TooManyValuesError(HTTPException):
             f"the request body holds more than {limit} JSON values; a request may hold at most {max_documents} "
             "documents (max_documents)",
         )
+
+
+class TooManyItemsError(HTTPException):
+    def __init__(self, limit: int, max_documents: int) -> None:
+        super().__init__(
+            413,
+            f"the request body's lists hold more than {limit} items in all; a request may hold at most "
+            f"{max_documents} documents (max_documents)",
+        )
+
+
+class NotUtf8Error(HTTPException):
+    def __init__(self, encoding: str) -> None:
+        super().__init__(400, f"the body is not valid JSON (not UTF-8: it reads as {encoding.upper()}); send UTF-8")
 
 
 class BodyTooLargeError(HTTPException):
@@ -83,6 +101,7 @@ class Gate:
         self.max_body_bytes = max_body_bytes
         self.max_documents = max_documents
         self.max_json_objects = JSON_OBJECTS_PER_DOCUMENT * max_documents + 64
+        self.max_list_items = LIST_ITEMS_PER_DOCUMENT * max_documents + 64
         self.body_timeout_s = body_timeout_s
         # Paths named in metrics as themselves; any other is counted as "other" (bounded label values).
         self.labels = frozenset(route.path for route in ROUTES) | frozenset(other_paths)
@@ -154,8 +173,8 @@ class Gate:
 
     def _limited(self, receive: Receive) -> Receive:
         """`receive` that counts body bytes and stops at the limit (chunked bodies have no Content-Length)
-        or past --http-body-timeout-s, then checks the whole body's JSON object count before handing it on
-        in one message."""
+        or past --http-body-timeout-s, then checks the whole body's encoding (UTF-8) and JSON value and list item
+        counts before handing it on in one message."""
         seen = 0
         chunks: list[bytes] = []
         delivered = False
@@ -184,8 +203,14 @@ class Gate:
             delivered = True
             body = b"".join(chunks)
             chunks.clear()
-            if await more_values_than(body, self.max_json_objects):
+            encoding = not_utf8(body)
+            if encoding is not None:
+                raise NotUtf8Error(encoding)
+            found = await excess(body, self.max_json_objects, self.max_list_items)
+            if found is not None:
                 self.metrics.rejected.labels(reason="too_many_values").inc()
+                if found is Excess.ITEMS:
+                    raise TooManyItemsError(self.max_list_items, self.max_documents)
                 raise TooManyValuesError(self.max_json_objects, self.max_documents)
             return {"type": "http.request", "body": body, "more_body": False}
 

@@ -15,11 +15,23 @@ The count runs on the event loop, so it must cost little and hold the loop brief
 - in slices of SLICE_BYTES, yielding to the loop between them; a string or a bare value (number or
   literal) that crosses a slice's end is carried on in the next slice (`_STRING_REST`, `_BARE_REST`)
   instead of being rescanned.
+
+The count also bounds the items of the arrays at the body's top two levels (the body, and its fields: every
+list a route reads). Pydantic writes one error, a dict, per item that fails a list's type (two for
+`str | dict`), on the event loop: 15,000 numbers in `documents` (40 KB) would be 30,000 errors. Deeper arrays
+(inside an object document) are kept as sent and fail whole, so the value count alone bounds them.
+
+The bytes are read as UTF-8, as RFC 8259 has JSON sent. `json.loads` also decodes UTF-16 and UTF-32 (told by
+their zero bytes), whose code units can hold a quote byte (U+0122 is `22 01` in UTF-16-LE): the count would
+see a string end there and read the rest of the body as one string, hiding every value in it. Such bodies are
+refused before the count (`not_utf8`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
+import json
 import re
 
 # A string's rest after its opening quote: group 1 is its closing quote, found within the slice; group 2 a
@@ -28,9 +40,12 @@ _STRING = rb'[^"\\]*+(?:\\.[^"\\]*+)*+(?:(")|(\\)?\Z)'
 # A number's or a literal's rest. In valid JSON, outside strings, only these hold letters, digits, signs
 # and dots, so a run of them is one value.
 _BARE = rb"[0-9A-Za-z.+-]*+"
-# What a value starts with, each alternative its own literal byte (see the module's note on speed).
+# What a value starts with, each alternative its own literal byte (see the module's note on speed), and the
+# closing brackets, which track how deep the scan is.
 _VALUE = re.compile(
-    b"|".join([rb"\[", rb"\{", b'"' + _STRING, *(re.escape(bytes([c])) + _BARE for c in b"-0123456789tfnNI")]),
+    b"|".join(
+        [rb"\[", rb"\{", rb"\]", rb"\}", b'"' + _STRING, *(re.escape(bytes([c])) + _BARE for c in b"-0123456789tfnNI")]
+    ),
     re.DOTALL,
 )
 _STRING_REST = re.compile(_STRING, re.DOTALL)
@@ -39,12 +54,30 @@ _BARE_REST = re.compile(_BARE)
 # (5 ns a byte at worst, in strings of escapes), so that bodies scanned at once barely delay other calls.
 SLICE_BYTES = 1 << 16
 _QUOTE = 0x22
+_OPENERS = b"[{"
+_CLOSERS = b"]}"
+_ARRAY = 0x5B
+# Arrays whose items are counted: the body itself, and its fields' values.
+_COUNTED_DEPTH = 2
+
+
+class Excess(enum.Enum):
+    """What a body holds too many of."""
+
+    VALUES = "values"
+    ITEMS = "items"
+
+
+def not_utf8(body: bytes) -> str | None:
+    """The encoding `json.loads` would read a body in, when it is not UTF-8 (UTF-16 or UTF-32), else None."""
+    encoding = json.detect_encoding(body) if body else "utf-8"
+    return None if encoding.startswith("utf-8") else encoding
 
 
 def _carried(value: re.Match[bytes], end: int) -> tuple[re.Pattern[bytes] | None, int]:
     """What a value that reached the slice's `end` carries on with in the next slice, and from where."""
     if value.re is _BARE_REST or (value.re is _VALUE and value.group(0)[0] != _QUOTE):
-        return (_BARE_REST, end) if value.group(0)[:1] not in (b"[", b"{") else (None, end)
+        return (None, end) if value.group(0)[:1] in (b"[", b"{", b"]", b"}") else (_BARE_REST, end)
     if value.group(1) is not None:  # the string closed exactly at the end
         return None, end
     return _STRING_REST, end - 1 if value.group(2) is not None else end
@@ -54,8 +87,18 @@ async def more_values_than(body: bytes, limit: int) -> bool:
     """Whether the JSON body holds more than `limit` values (strings, keys included, numbers, literals,
     arrays and objects). Linear in the body, stopping once past the limit; yields to the loop every
     SLICE_BYTES."""
+    return await excess(body, limit) is not None
+
+
+async def excess(body: bytes, limit: int, item_limit: int | None = None) -> Excess | None:
+    """What the JSON body holds too many of: more than `limit` values (see more_values_than), or more than
+    `item_limit` items in all in the arrays of its top two levels (None: not counted). Linear in the body,
+    stopping once past a limit; yields to the loop every SLICE_BYTES."""
     size = len(body)
     count = 0
+    items = 0
+    # One entry per array or object the scan is in: whether it is an array whose items are counted.
+    open_: list[bool] = []
     pos = 0
     rest: re.Pattern[bytes] | None = None  # what carries on from the previous slice: a string or a bare value
     while pos < size:
@@ -70,12 +113,22 @@ async def more_values_than(body: bytes, limit: int) -> bool:
                 rest, next_pos = _carried(carried, end)
         if rest is None:
             for value in _VALUE.finditer(body, pos, end):
-                count += 1
-                if count > limit:
-                    return True
+                first = value.group(0)[0]
+                if first in _CLOSERS and open_:
+                    open_.pop()
+                else:  # a value (or a closing bracket with nothing open, which costs a value: the parse refuses it)
+                    count += 1
+                    if count > limit:
+                        return Excess.VALUES
+                    if open_ and open_[-1] and item_limit is not None:
+                        items += 1
+                        if items > item_limit:
+                            return Excess.ITEMS
+                    if first in _OPENERS:
+                        open_.append(first == _ARRAY and len(open_) < _COUNTED_DEPTH)
                 if value.end() == end and end < size:
                     rest, next_pos = _carried(value, end)
         pos = next_pos
         if pos < size:
             await asyncio.sleep(0)
-    return False
+    return None
