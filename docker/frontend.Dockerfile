@@ -19,11 +19,15 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 WORKDIR /src
-# One install of both packages and their pinned dependencies: a change under client/ or server/ installs the
-# dependencies again too (they have no layer of their own).
+# The third-party dependencies first, read from the two pyproject.toml files alone, in a layer that a change of
+# code reuses; rerank-client is the package beside the server's, installed with it below.
 COPY requirements/constraints.txt requirements/constraints.txt
+COPY pyproject.toml ./
+COPY client/pyproject.toml client/pyproject.toml
+RUN python -c "import tomllib; print('\n'.join(r for p in ('pyproject.toml', 'client/pyproject.toml') for r in tomllib.load(open(p, 'rb'))['project']['dependencies'] if not r.startswith('rerank-client')))" > /tmp/dependencies.txt \
+    && /opt/venv/bin/pip install -c requirements/constraints.txt -r /tmp/dependencies.txt
 COPY client client
-COPY pyproject.toml README.md ./
+COPY README.md ./
 COPY server server
 RUN /opt/venv/bin/pip install -c requirements/constraints.txt ./client . \
     && /opt/venv/bin/pip check

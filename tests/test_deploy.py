@@ -647,7 +647,9 @@ def test_frontend_image_is_slim_non_root_and_serves() -> None:
     path = DOCKER / "frontend.Dockerfile"
     assert all(image.startswith("python:3.11-slim") for image in base_images(path)), base_images(path)
     assert image_user(path) >= 1000
-    (install,) = pip_installs(path)
+    # The third-party dependencies in a layer of their own, then the two packages, no extras.
+    dependencies, install = pip_installs(path)
+    assert dependencies == ["-c", "requirements/constraints.txt", "-r", "/tmp/dependencies.txt"]
     packages = [w for w in install if not w.startswith("-") and w != "requirements/constraints.txt"]
     assert sorted(packages) == [".", "./client"], "the frontend image installs the two packages, no extras"
     assert not any(requirement_name(w) in HEAVY_PACKAGES for w in install)
@@ -658,6 +660,28 @@ def test_frontend_image_is_slim_non_root_and_serves() -> None:
     assert exposed == {str(Settings.port), str(Settings.http_port)}
     for source in copy_sources(path):
         assert (ROOT / source).exists(), f"COPY {source}: no such path"
+
+
+def test_the_frontend_images_dependency_layer_lists_the_base_dependencies() -> None:
+    """The RUN that writes /tmp/dependencies.txt, run here on the two pyproject.toml files: every third-party base
+    dependency of both packages, and not rerank-client (the package beside the server's, not on any index)."""
+    (step,) = [
+        s for s in instructions(DOCKER / "frontend.Dockerfile") if s.keyword == "RUN" and "tomllib" in s.arguments
+    ]
+    words = shlex.split(step.arguments.split(" > /tmp/dependencies.txt")[0])
+    assert words[:2] == ["python", "-c"]
+    done = subprocess.run([sys.executable, "-c", words[2]], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    listed = done.stdout.splitlines()
+    expected = [
+        d
+        for pyproject in (ROOT / "pyproject.toml", ROOT / "client" / "pyproject.toml")
+        for d in tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    ]
+    assert "rerank-client" in expected
+    assert listed == [d for d in expected if d != "rerank-client"]
+    for source in ("pyproject.toml", "client/pyproject.toml"):
+        assert source in copy_sources(DOCKER / "frontend.Dockerfile")
 
 
 def test_base_dependencies_stay_free_of_model_runtimes() -> None:
@@ -717,7 +741,7 @@ def test_dockerfile_parser() -> None:
     """The helpers above read what Docker reads."""
     steps = instructions(DOCKER / "frontend.Dockerfile")
     assert [s.keyword for s in steps][:3] == ["ARG", "FROM", "ENV"]
-    (run,) = [s for s in steps if s.keyword == "RUN" and "pip install" in s.arguments]
+    run = [s for s in steps if s.keyword == "RUN" and "pip install" in s.arguments][-1]
     assert " ".join(run.arguments.split()).endswith(". && /opt/venv/bin/pip check")
     assert pip_installs(DOCKER / "triton.Dockerfile")[0][0] == "--no-cache-dir"
     assert not any(s.keyword.startswith("#") for s in steps)
