@@ -15,6 +15,7 @@ task being cancelled.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -39,7 +40,7 @@ from rerank_server.errors import (
 from rerank_server.models import ServedModel, ServedModels
 from rerank_server.observability import Metrics
 from rerank_server.ranking import rank, sigmoid
-from rerank_server.score_cache import ScoreCache
+from rerank_server.score_cache import Lookup, ScoreCache, input_keys
 from rerank_server.settings import Settings
 from rerank_server.tokenization import (
     EncodeOptions,
@@ -73,6 +74,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# Computed logits cached at once between two yields to the event loop (a few milliseconds of it).
+CACHE_STORE_SLICE = 8192
 
 
 @dataclass(frozen=True)
@@ -364,14 +368,26 @@ class RerankCore:
         unique_queries = [queries[i] for i in first]
         unique_documents = [documents[i] for i in first]
 
-        pairs = await self._tokenize(
-            served.tokenizer, unique_queries, unique_documents, encode_options, fields, first, deadline, options
+        # The cache's keys are digested on the tokenizer thread, off the event loop (score_cache.input_keys).
+        cache_slot = self.cache.slot(served.cache_key)
+        pairs, keys = await self._tokenize(
+            served.tokenizer,
+            unique_queries,
+            unique_documents,
+            encode_options,
+            fields,
+            first,
+            deadline,
+            options,
+            cache_slot,
         )
         self.metrics.pairs.labels(model=served.name).observe(pairs.lengths.size)
-        cached = self.cache.lookup(served.cache_key, pairs)
+        cached = self.cache.lookup(served.cache_key, pairs, keys)
         model_logits = cached.logits
         if cached.missing.size:
-            todo = pairs if cached.missing.size == pairs.lengths.size else pairs.select(cached.missing)
+            todo = pairs
+            if cached.missing.size < pairs.lengths.size:  # gathered off the event loop: a Python step per input
+                todo = await asyncio.to_thread(pairs.select, cached.missing)
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceededError("the deadline passed before scoring began")
@@ -381,8 +397,8 @@ class RerankCore:
                 computed = await served.backend.score(todo, timeout_s=remaining, priority=options.priority)
                 self.metrics.triton.labels(model=served.name).observe(time.perf_counter() - started)
             self.metrics.tokens.labels(model=served.name).inc(todo.total_tokens)
-            self.cache.store(cached, computed)
             model_logits[cached.missing] = computed
+            await self._store(cached, computed)
         logits = pairs.best_per_pair(model_logits)
         truncated = pairs.truncated[slot]
         return _Scored(
@@ -397,6 +413,15 @@ class RerankCore:
             ),
         )
 
+    async def _store(self, cached: Lookup, computed: np.ndarray) -> None:
+        """Cache the computed logits a slice of inputs at a time, yielding to the event loop between slices: a call
+        of 100,000 inputs (5-token CHUNK windows) would hold the loop for 0.1 s at once."""
+        for start in range(0, cached.missing.size, CACHE_STORE_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            part = slice(start, start + CACHE_STORE_SLICE)
+            self.cache.store(dataclasses.replace(cached, missing=cached.missing[part]), computed[part])
+
     async def _tokenize(
         self,
         tokenizer: PairTokenizer,
@@ -407,8 +432,10 @@ class RerankCore:
         original_index: np.ndarray,
         deadline: float | None,
         score_options: ScoreOptions,
-    ) -> TokenizedPairs:
-        """Tokenize on the thread pool, background calls after calls at priority 0 that wait with them; the
+        cache_slot: bytes | None = None,
+    ) -> tuple[TokenizedPairs, list[bytes] | None]:
+        """Tokenize on the thread pool, background calls after calls at priority 0 that wait with them, and
+        digest the inputs' score-cache keys there under `cache_slot` (None: the cache is off); the
         work stops (within one segment, milliseconds) when the deadline passes or the calling task is
         cancelled, wherever it is: queued or tokenizing."""
         if self._tokenizing >= self.limits.tokenize_queue_max:
@@ -420,21 +447,22 @@ class RerankCore:
         submitted = time.perf_counter()
         stop = threading.Event()
 
-        def encode() -> TokenizedPairs:
+        def encode() -> tuple[TokenizedPairs, list[bytes] | None]:
             if stop.is_set():  # given up while it waited for a thread
                 raise StoppedError
             started = time.perf_counter()
             self.metrics.queue_wait.observe(started - submitted)
             try:
-                return tokenizer.encode(queries, documents, options, stop.is_set)
+                pairs = tokenizer.encode(queries, documents, options, stop.is_set)
             finally:
                 self.metrics.tokenize.observe(time.perf_counter() - started)
+            return pairs, None if cache_slot is None else input_keys(cache_slot, pairs)
 
         self._tokenizing += 1
         try:
             with tracer.start_as_current_span("tokenize", attributes={"pairs": len(documents)}):
 
-                async def when_free() -> TokenizedPairs:
+                async def when_free() -> tuple[TokenizedPairs, list[bytes] | None]:
                     async with self.tokenize_slots.hold(score_options.background):
                         return await loop.run_in_executor(self.tokenize_executor, encode)
 

@@ -13,13 +13,15 @@ pair, or one CHUNK window of it) is cached on its own, keyed by
 A hit answers the float32 logit the model computed, bit for bit, so cached and computed answers differ
 only in time. The cache holds at most `max_bytes` (measured Python memory per entry, keys and
 bookkeeping included) and forgets the least recently used inputs first; 0 turns it off. It is used from
-the event loop only, so it needs no lock.
+the event loop only, so it needs no lock; the digests, pure, are computed beforehand on a tokenizer thread
+(`input_keys`): a gRPC CHUNK call of 5-token windows has about 100,000 inputs, whose digests would hold the
+event loop for 0.1-0.2 s.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +61,18 @@ class Lookup:
     slot: bytes = b""  # the model's number in the cache at the lookup
 
 
+def input_keys(slot: bytes, pairs: TokenizedPairs) -> list[bytes]:
+    """The cache keys of `pairs`' model inputs under the model numbered `slot` (ScoreCache.slot). Reads nothing
+    of the cache: safe off the event loop."""
+    data = pairs.input_ids.tobytes()
+    keys = []
+    start = 0
+    for end in (np.cumsum(pairs.lengths, dtype=np.int64) * pairs.input_ids.itemsize).tolist():
+        keys.append(slot + hashlib.blake2b(data[start:end], digest_size=_DIGEST_BYTES).digest())
+        start = end
+    return keys
+
+
 class ScoreCache:
     """LRU logits by (model, token ids), bounded in bytes; hit, miss and eviction counts per model."""
 
@@ -84,27 +98,28 @@ class ScoreCache:
         """The memory the cache's entries hold, as the bound counts it."""
         return len(self._entries) * ENTRY_BYTES
 
-    def lookup(self, model: ModelKey, pairs: TokenizedPairs) -> Lookup:
-        """The cached logits of `pairs`' inputs under `model`; a hit becomes the most recently used."""
+    def slot(self, model: ModelKey) -> bytes | None:
+        """The number `model`'s keys start with (input_keys), or None when the cache is off."""
+        return self._slot(model) if self.enabled else None
+
+    def lookup(self, model: ModelKey, pairs: TokenizedPairs, keys: list[bytes] | None = None) -> Lookup:
+        """The cached logits of `pairs`' inputs under `model`; a hit becomes the most recently used. `keys`:
+        input_keys(self.slot(model), pairs), when computed beforehand."""
         count = pairs.lengths.size
         logits = np.empty(count, dtype=np.float32)
         if not self.enabled:
             return Lookup([], logits, np.arange(count))
         slot = self._slot(model)
-        ids = pairs.input_ids
-        ends = np.cumsum(pairs.lengths, dtype=np.int64)
-        keys = []
+        if keys is None:
+            keys = input_keys(slot, pairs)
         missing = []
-        start = 0
-        for i, end in enumerate(ends.tolist()):
-            key = slot + hashlib.blake2b(ids[start:end].data, digest_size=_DIGEST_BYTES).digest()
-            start = end
-            keys.append(key)
-            logit = self._entries.get(key)
+        get, used = self._entries.get, self._entries.move_to_end
+        for i, key in enumerate(keys):
+            logit = get(key)
             if logit is None:
                 missing.append(i)
             else:
-                self._entries.move_to_end(key)
+                used(key)
                 logits[i] = logit
         self.metrics.cache_hits.labels(model=model.name).inc(count - len(missing))
         self.metrics.cache_misses.labels(model=model.name).inc(len(missing))
@@ -127,13 +142,16 @@ class ScoreCache:
                 fresh[key] = logit
         # More new inputs than the whole cache holds: only the last `capacity` would stay, so only they go in;
         # the others count as evicted, as if stored and forgotten.
+        evicted: Counter[bytes] = Counter()  # by model number: one metric update per model, not per entry
         skipped = list(fresh)[: max(0, len(fresh) - capacity)]
         for key in skipped:
             del fresh[key]
-            self.metrics.cache_evictions.labels(model=self._names[key[:_SLOT_BYTES]]).inc()
+            evicted[key[:_SLOT_BYTES]] += 1
         for _ in range(len(self._entries) + len(fresh) - capacity):
             key, _logit = self._entries.popitem(last=False)
-            self.metrics.cache_evictions.labels(model=self._names[key[:_SLOT_BYTES]]).inc()
+            evicted[key[:_SLOT_BYTES]] += 1
+        for slot, count in evicted.items():
+            self.metrics.cache_evictions.labels(model=self._names[slot]).inc(count)
         self._entries.update(fresh)
         self._report()
 
