@@ -645,6 +645,36 @@ def few_descriptors() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (DESCRIPTORS, DESCRIPTORS))
 
 
+def pipelined_gets(address: tuple[str, int], path: str, count: int) -> int:
+    """`count` GETs of `path` sent at once on one connection; how many were answered 200."""
+    request = f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode()
+    answers = b""
+    with socket.create_connection(address, timeout=30) as connection:
+        connection.sendall(request * count)
+        while answers.count(b"HTTP/1.1 ") < count:
+            data = connection.recv(1 << 16)
+            if not data:
+                break
+            answers += data
+    return answers.count(b"HTTP/1.1 200")
+
+
+def test_a_flood_of_open_health_probes_asks_triton_once_at_a_time(served: Stack, stack: Stack) -> None:
+    # The health routes need no token, and each look at readiness asks Triton once per served model: probes
+    # arriving while a look is under way share it, so a flood from anyone costs Triton little.
+    triton = next(child for child in psutil.Process(stack.process.pid).children() if "tritonserver" in child.name())
+    models = len(httpx.get(f"{served.http_url}/v1/models").json()["data"])
+    for path in ("/health", "/v1/health/ready"):
+        before = sum(triton.cpu_times()[:2])
+        with ThreadPoolExecutor(20) as pool:
+            answered = sum(pool.map(pipelined_gets, [http_address(served)] * 20, [path] * 20, [100] * 20))
+        spent = sum(triton.cpu_times()[:2]) - before
+        print(f"\n2,000 probes of {path} ({models} models): Triton used {spent * 1000:.0f} ms of CPU")
+        assert answered == 2000
+        # 80 ms for each path on a 2-core machine; 640 ms with a look per probe.
+        assert spent < 0.3, f"2,000 probes of {path} cost Triton {spent:.2f} s of CPU"
+
+
 def test_running_out_of_descriptors_logs_a_few_lines_and_recovers(stack: Stack, model_repository: Path) -> None:
     with frontend(stack, model_repository, preexec_fn=few_descriptors) as limited:
         address = http_address(limited)

@@ -251,6 +251,7 @@ class RerankCore:
         # Makes the served models follow Triton now (app.py: the model watcher's look), when Triton refused a call
         # as made for an export it no longer serves (StaleModelError); None: such a call fails (UNAVAILABLE).
         self.on_stale_model: Callable[[ServedModel], Awaitable[None]] | None = None
+        self._readiness: asyncio.Future[bool] | None = None  # the readiness look under way (is_ready)
 
     def describe(self, model: str = "") -> ModelDescription:
         """The served model `model` names ("": the default one) and the request limits."""
@@ -266,9 +267,22 @@ class RerankCore:
         )
 
     async def is_ready(self) -> bool:
-        """Every served model can answer now."""
+        """Every served model can answer now. Calls made while a look is under way share it: the HTTP health
+        routes need no token, and each look asks Triton once per served model."""
+        if self._readiness is None:
+            self._readiness = asyncio.ensure_future(self._look_ready())
+            self._readiness.add_done_callback(self._looked)
+        # Shielded: a probe that gives up does not cancel the look the others wait for.
+        return await asyncio.shield(self._readiness)
+
+    async def _look_ready(self) -> bool:
         served = [self.models.get(name) for name in self.models.names()]
         return bool(served) and all(await asyncio.gather(*(model.backend.is_ready() for model in served)))
+
+    def _looked(self, look: asyncio.Future[bool]) -> None:
+        self._readiness = None
+        if not look.cancelled():
+            look.exception()  # retrieved, so that a look whose waiters all left logs no "never retrieved"
 
     def close(self) -> None:
         """Stop the tokenizer threads; work still queued is dropped."""
