@@ -30,9 +30,9 @@ from rerank_server.tracing import tracer
 
 # Per accepted document: its string, or an object's fields (Cohere v1 documents may be objects).
 JSON_OBJECTS_PER_DOCUMENT = 16
-# Items of the body's top-level lists, in all, per accepted document: vLLM's score pairs two lists (text_1 and
-# text_2) of max_documents each. Past max_documents a list is refused by its route (400 naming the field); this
-# bounds the per-item errors that refusal writes first (see json_scan).
+# Items other than strings of the body's top-level lists, in all, per accepted document (object documents, NIM's
+# passages). Past max_documents a list is refused by its route (400 naming the field); this bounds the per-item
+# errors that refusal writes first (see json_scan).
 LIST_ITEMS_PER_DOCUMENT = 2
 # The methods a span is named after; any other token (up to the header limit, from anyone) names it "HTTP", as
 # OpenTelemetry's HTTP conventions do, so that span names stay a small fixed set.
@@ -57,8 +57,8 @@ class TooManyItemsError(HTTPException):
     def __init__(self, limit: int, max_documents: int) -> None:
         super().__init__(
             413,
-            f"the request body's lists hold more than {limit} items in all; a request may hold at most "
-            f"{max_documents} documents (max_documents)",
+            f"the request body's lists hold more than {limit} items other than strings in all; a request may hold "
+            f"at most {max_documents} documents (max_documents)",
         )
 
 

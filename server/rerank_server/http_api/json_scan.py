@@ -16,10 +16,12 @@ The count runs on the event loop, so it must cost little and hold the loop brief
   literal) that crosses a slice's end is carried on in the next slice (`_STRING_REST`, `_BARE_REST`)
   instead of being rescanned.
 
-The count also bounds the items of the arrays at the body's top two levels (the body, and its fields: every
-list a route reads). Pydantic writes one error, a dict, per item that fails a list's type (two for
-`str | dict`), on the event loop: 15,000 numbers in `documents` (40 KB) would be 30,000 errors. Deeper arrays
-(inside an object document) are kept as sent and fail whole, so the value count alone bounds them.
+The count also bounds the items other than strings of the arrays at the body's top two levels (the body, and
+its fields: every list a route reads). Pydantic writes one error, a dict, per item that fails a list's type (two
+for `str | dict`), on the event loop: 15,000 numbers in `documents` (40 KB) would be 30,000 errors. Strings are
+what those lists hold (NIM's passages aside: objects, one error per string), and a list of too many strings is
+refused by its route at once (`rank_fields` by its length, before its items). Deeper arrays (inside an object
+document) are kept as sent and fail whole, so the value count alone bounds them.
 
 The bytes are read as UTF-8, as RFC 8259 has JSON sent. `json.loads` also decodes UTF-16 and UTF-32 (told by
 their zero bytes), whose code units can hold a quote byte (U+0122 is `22 01` in UTF-16-LE): the count would
@@ -92,8 +94,8 @@ async def more_values_than(body: bytes, limit: int) -> bool:
 
 async def excess(body: bytes, limit: int, item_limit: int | None = None) -> Excess | None:
     """What the JSON body holds too many of: more than `limit` values (see more_values_than), or more than
-    `item_limit` items in all in the arrays of its top two levels (None: not counted). Linear in the body,
-    stopping once past a limit; yields to the loop every SLICE_BYTES."""
+    `item_limit` items other than strings in all in the arrays of its top two levels (None: not counted).
+    Linear in the body, stopping once past a limit; yields to the loop every SLICE_BYTES."""
     size = len(body)
     count = 0
     items = 0
@@ -120,7 +122,7 @@ async def excess(body: bytes, limit: int, item_limit: int | None = None) -> Exce
                     count += 1
                     if count > limit:
                         return Excess.VALUES
-                    if open_ and open_[-1] and item_limit is not None:
+                    if open_ and open_[-1] and item_limit is not None and first != _QUOTE:
                         items += 1
                         if items > item_limit:
                             return Excess.ITEMS
