@@ -34,6 +34,8 @@ JSON_OBJECTS_PER_DOCUMENT = 16
 # passages). Past max_documents a list is refused by its route (400 naming the field); this bounds the per-item
 # errors that refusal writes first (see json_scan).
 LIST_ITEMS_PER_DOCUMENT = 2
+# The request fields that are lists of objects (NIM's passages), where each string item is an error too.
+OBJECT_LISTS = frozenset({"passages"})
 # The methods a span is named after; any other token (up to the header limit, from anyone) names it "HTTP", as
 # OpenTelemetry's HTTP conventions do, so that span names stay a small fixed set.
 STANDARD_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
@@ -57,8 +59,8 @@ class TooManyItemsError(HTTPException):
     def __init__(self, limit: int, max_documents: int) -> None:
         super().__init__(
             413,
-            f"the request body's lists hold more than {limit} items other than strings in all; a request may hold "
-            f"at most {max_documents} documents (max_documents)",
+            f"the request body's lists hold more than {limit} items in all (strings aside, but in passages); a "
+            f"request may hold at most {max_documents} documents (max_documents)",
         )
 
 
@@ -206,7 +208,7 @@ class Gate:
             encoding = not_utf8(body)
             if encoding is not None:
                 raise NotUtf8Error(encoding)
-            found = await excess(body, self.max_json_objects, self.max_list_items)
+            found = await excess(body, self.max_json_objects, self.max_list_items, OBJECT_LISTS)
             if found is not None:
                 self.metrics.rejected.labels(reason="too_many_values").inc()
                 if found is Excess.ITEMS:

@@ -19,9 +19,9 @@ The count runs on the event loop, so it must cost little and hold the loop brief
 The count also bounds the items other than strings of the arrays at the body's top two levels (the body, and
 its fields: every list a route reads). Pydantic writes one error, a dict, per item that fails a list's type (two
 for `str | dict`), on the event loop: 15,000 numbers in `documents` (40 KB) would be 30,000 errors. Strings are
-what those lists hold (NIM's passages aside: objects, one error per string), and a list of too many strings is
-refused by its route at once (`rank_fields` by its length, before its items). Deeper arrays (inside an object
-document) are kept as sent and fail whole, so the value count alone bounds them.
+what those lists hold, and a list of too many strings is refused by its route at once (`rank_fields` by its
+length, before its items); in a list of objects (NIM's passages) each string counts too. Deeper arrays (inside
+an object document) are kept as sent and fail whole, so the value count alone bounds them.
 
 The bytes are read as UTF-8, as RFC 8259 has JSON sent. `json.loads` also decodes UTF-16 and UTF-32 (told by
 their zero bytes), whose code units can hold a quote byte (U+0122 is `22 01` in UTF-16-LE): the count would
@@ -59,8 +59,11 @@ _QUOTE = 0x22
 _OPENERS = b"[{"
 _CLOSERS = b"]}"
 _ARRAY = 0x5B
-# Arrays whose items are counted: the body itself, and its fields' values.
-_COUNTED_DEPTH = 2
+# Which items of an array are counted: none (an object, or an array deeper than the body's fields), those
+# other than strings, or all (a list of objects named in object_lists).
+_NONE, _NOT_STRINGS, _ALL = 0, 1, 2
+# The longest field name (as JSON, escapes included) looked up in object_lists.
+_NAME_BYTES = 256
 
 
 class Excess(enum.Enum):
@@ -92,15 +95,21 @@ async def more_values_than(body: bytes, limit: int) -> bool:
     return await excess(body, limit) is not None
 
 
-async def excess(body: bytes, limit: int, item_limit: int | None = None) -> Excess | None:
+async def excess(
+    body: bytes, limit: int, item_limit: int | None = None, object_lists: frozenset[str] = frozenset()
+) -> Excess | None:
     """What the JSON body holds too many of: more than `limit` values (see more_values_than), or more than
-    `item_limit` items other than strings in all in the arrays of its top two levels (None: not counted).
-    Linear in the body, stopping once past a limit; yields to the loop every SLICE_BYTES."""
+    `item_limit` items other than strings in all in the arrays of its top two levels (None: not counted);
+    strings count too in the lists of the body's fields named in `object_lists` (lists of objects, where each
+    string is an error). Linear in the body, stopping once past a limit; yields to the loop every SLICE_BYTES."""
     size = len(body)
     count = 0
     items = 0
-    # One entry per array or object the scan is in: whether it is an array whose items are counted.
-    open_: list[bool] = []
+    # One entry per array or object the scan is in: which of its items are counted (_NONE, _NOT_STRINGS, _ALL).
+    open_: list[int] = []
+    in_object = False  # the body is an object: its strings are its fields' names (and string values)
+    name: bytes | None = None  # the last string directly in the body's object: the name of a list that opens
+    name_start: int | None = None  # where such a string began, while it carries on into the next slice
     pos = 0
     rest: re.Pattern[bytes] | None = None  # what carries on from the previous slice: a string or a bare value
     while pos < size:
@@ -113,24 +122,51 @@ async def excess(body: bytes, limit: int, item_limit: int | None = None) -> Exce
             rest = None
             if pos == end and end < size:
                 rest, next_pos = _carried(carried, end)
+            if rest is None and name_start is not None:
+                name, name_start = body[name_start:pos], None
         if rest is None:
             for value in _VALUE.finditer(body, pos, end):
                 first = value.group(0)[0]
                 if first in _CLOSERS and open_:
                     open_.pop()
-                else:  # a value (or a closing bracket with nothing open, which costs a value: the parse refuses it)
-                    count += 1
-                    if count > limit:
-                        return Excess.VALUES
-                    if open_ and open_[-1] and item_limit is not None and first != _QUOTE:
-                        items += 1
-                        if items > item_limit:
-                            return Excess.ITEMS
-                    if first in _OPENERS:
-                        open_.append(first == _ARRAY and len(open_) < _COUNTED_DEPTH)
+                    continue
+                # A value (or a closing bracket with nothing open, which costs a value: the parse refuses it).
+                count += 1
+                if count > limit:
+                    return Excess.VALUES
+                counted = open_[-1] if open_ else _NONE
+                if counted and item_limit is not None and (first != _QUOTE or counted == _ALL):
+                    items += 1
+                    if items > item_limit:
+                        return Excess.ITEMS
+                if first in _OPENERS:
+                    if not open_:
+                        in_object = first != _ARRAY
+                        open_.append(_NONE if in_object else _NOT_STRINGS)
+                    elif first == _ARRAY and len(open_) == 1:
+                        listed = in_object and _field_name(name) in object_lists
+                        open_.append(_ALL if listed else _NOT_STRINGS)
+                    else:
+                        open_.append(_NONE)
                 if value.end() == end and end < size:
                     rest, next_pos = _carried(value, end)
+                if first == _QUOTE and in_object and len(open_) == 1:
+                    if rest is _STRING_REST:  # carried on: read whole once it ends
+                        name_start = value.start()
+                    else:
+                        name = value.group(0)
         pos = next_pos
         if pos < size:
             await asyncio.sleep(0)
     return None
+
+
+def _field_name(quoted: bytes | None) -> str | None:
+    """A field's name from its JSON string (escapes decoded), or None when it is too long to be one listed."""
+    if quoted is None or len(quoted) > _NAME_BYTES:
+        return None
+    try:
+        name = json.loads(quoted)
+    except ValueError:
+        return None
+    return name if isinstance(name, str) else None
