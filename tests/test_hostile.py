@@ -691,3 +691,29 @@ def test_an_unknown_model_name_is_not_found_whatever_its_length(guarded: Stack) 
             assert refused.value.code == grpc.StatusCode.NOT_FOUND, name[:10]
             assert len(refused.value.details) < 1000 and "is not served here" in refused.value.details
         assert client.rerank(QUERY, ["a"]).results
+
+
+@pytest.mark.e2e
+def test_a_burst_of_calls_on_one_connection_is_answered_not_cancelled(stack: Stack) -> None:
+    """3,000 calls at once on one connection: each is answered or refused with a status a client acts on, none
+    CANCELLED by gRPC's own queue of calls not yet taken by the server (about 1,000), which no SDK retries."""
+    calls = 3000
+    request = rerank_pb2.RerankRequest(query=QUERY, documents=["Beijing", "Shanghai"]).SerializeToString()
+
+    async def burst() -> list[grpc.StatusCode]:
+        async with grpc.aio.insecure_channel(stack.target) as channel:
+            rerank = channel.unary_unary("/rerank.v1.RerankService/Rerank")
+
+            async def one() -> grpc.StatusCode:
+                try:
+                    await rerank(request, timeout=120)
+                except grpc.aio.AioRpcError as error:
+                    return error.code()
+                return grpc.StatusCode.OK
+
+            return await asyncio.gather(*(one() for _ in range(calls)))
+
+    codes = asyncio.run(burst())
+    counts = {code.name: codes.count(code) for code in set(codes)}
+    assert set(counts) <= {"OK", "RESOURCE_EXHAUSTED"}, counts
+    assert counts.get("OK", 0) >= calls // 10, counts  # RESOURCE_EXHAUSTED: the tokenizer queue (256) was full

@@ -79,6 +79,11 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         # go elsewhere at once, and calls in flight may finish however long they take (no grace limit:
         # a 1,000-document call can take minutes on a CPU).
         ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+        # Calls that arrive faster than the event loop takes them wait in gRPC's own queue; past its default of
+        # 1,000 gRPC cancels them (CANCELLED, which no client retries). A burst of a few thousand small calls is
+        # a busy service's normal load: they wait, and admission answers each (overload: RESOURCE_EXHAUSTED).
+        ("grpc.server.max_pending_requests", 10_000),
+        ("grpc.server.max_pending_requests_hard_limit", 30_000),
     ]
 
 
