@@ -51,7 +51,6 @@ from rerank_server.tokenization import (
     QueryTooLongError,
     StoppedError,
     TokenizedPairs,
-    TooManyTokensError,
     Truncation,
 )
 from rerank_server.tracing import tracer
@@ -78,10 +77,6 @@ log = logging.getLogger(__name__)
 
 # Computed logits cached at once between two yields to the event loop (a few milliseconds of it).
 CACHE_STORE_SLICE = 8192
-# Characters of documents tokenized at once. The request's token budget (--max-total-tokens) is checked between
-# groups, so a request far past it is refused after about one group's tokens, not all of its documents': 16 MB of
-# CJK in 1,000 documents is 7 million tokens, held as Python ints (about 36 bytes each) until the check.
-ENCODE_GROUP_CHARS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -472,7 +467,7 @@ class RerankCore:
             started = time.perf_counter()
             self.metrics.queue_wait.observe(started - submitted)
             try:
-                pairs = _encode_grouped(tokenizer, queries, documents, options, stop.is_set)
+                pairs = tokenizer.encode(queries, documents, options, stop.is_set)
             finally:
                 self.metrics.tokenize.observe(time.perf_counter() - started)
             return pairs, None if cache_slot is None else input_keys(cache_slot, pairs)
@@ -494,59 +489,6 @@ class RerankCore:
         finally:
             stop.set()  # a cancelled or timed-out call's thread stops at its next check
             self._tokenizing -= 1
-
-
-def _encode_grouped(
-    tokenizer: PairTokenizer,
-    queries: list[str],
-    documents: list[str],
-    options: EncodeOptions,
-    should_stop: Callable[[], bool],
-) -> TokenizedPairs:
-    """tokenizer.encode over the pairs, ENCODE_GROUP_CHARS of documents at a time, each group within what the
-    groups before it left of the token budget; an error names its pair's index among all the pairs."""
-    groups = _groups(documents, ENCODE_GROUP_CHARS)
-    if len(groups) == 1:
-        return tokenizer.encode(queries, documents, options, should_stop)
-    parts: list[TokenizedPairs] = []
-    used = 0
-    for start, end in groups:
-        if used >= options.max_total_tokens:  # every pair takes tokens
-            raise TooManyTokensError(options.max_total_tokens)
-        budget = dataclasses.replace(options, max_total_tokens=options.max_total_tokens - used)
-        try:
-            part = tokenizer.encode(queries[start:end], documents[start:end], budget, should_stop)
-        except TooManyTokensError:
-            raise TooManyTokensError(options.max_total_tokens) from None
-        except EncodingError as error:
-            if error.index is not None:
-                error.description = error.description.replace(
-                    f"document {error.index} ", f"document {error.index + start} ", 1
-                )
-                error.index += start
-            raise
-        parts.append(dataclasses.replace(part, owners=part.owners + start))
-        used += part.total_tokens
-    return TokenizedPairs(
-        input_ids=np.concatenate([part.input_ids for part in parts]),
-        lengths=np.concatenate([part.lengths for part in parts]),
-        owners=np.concatenate([part.owners for part in parts]),
-        windows=np.concatenate([part.windows for part in parts]),
-        truncated=np.concatenate([part.truncated for part in parts]),
-    )
-
-
-def _groups(texts: Sequence[str], chars: int) -> list[tuple[int, int]]:
-    """[start, end) ranges of consecutive texts of at most `chars` characters in all (one text at least)."""
-    groups: list[tuple[int, int]] = []
-    start = total = 0
-    for index, text in enumerate(texts):
-        if index > start and total + len(text) > chars:
-            groups.append((start, index))
-            start, total = index, 0
-        total += len(text)
-    groups.append((start, len(texts)))
-    return groups
 
 
 def _field_error(

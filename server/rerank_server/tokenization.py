@@ -357,10 +357,6 @@ class PairTokenizer:
         needs = rooms
         if options.truncation is Truncation.CHUNK:
             needs = [self._chunk_need(room, options) for room in rooms]
-        try:
-            document_ids = self.encode_prefixes(documents, needs, should_stop, options.truncation is Truncation.START)
-        except InvalidTextError as error:
-            raise error.named("document", f"document {error.text_index}", error.text_index) from None
 
         pieces: list[np.ndarray] = []
         lengths: list[int] = []
@@ -373,21 +369,34 @@ class PairTokenizer:
             for q, ids in query_ids.items()
         }
         tail = np.array(self.template.suffix, dtype=np.int32)
-        for index, (query, doc_ids, room) in enumerate(zip(queries, document_ids, rooms, strict=True)):
-            if options.truncation is Truncation.NONE and len(doc_ids) > room:
-                # Only room + 1 tokens were encoded: enough to refuse, and to say by how much at least.
-                raise PairTooLongError(index, f"more than {options.max_length}", options.max_length)
-            spans = self._spans(len(doc_ids), room, options)
-            truncated[index] = spans[-1][1] < len(doc_ids) or spans[0][0] > 0
-            windows[index] = len(spans)
-            head = heads[query]
-            for start, end in spans:
-                pieces += (head, np.asarray(doc_ids[start:end], dtype=np.int32), tail)
-                lengths.append(head.size + (end - start) + tail.size)
-                owners.append(index)
-                total += lengths[-1]
-                if total > options.max_total_tokens:
-                    raise TooManyTokensError(options.max_total_tokens)
+        from_end = options.truncation is Truncation.START
+        # The documents are encoded a group at a time (_BATCH_CHARS), each group's inputs counted against the
+        # budget before the next is encoded: a request far past max_total_tokens is refused after about one
+        # group's tokens, not all of its documents' (16 MB of CJK is 7 million tokens, as Python ints).
+        for group in _groups(list(range(len(documents))), [len(document) for document in documents]):
+            try:
+                group_ids = self.encode_prefixes(
+                    [documents[i] for i in group], [needs[i] for i in group], should_stop, from_end
+                )
+            except InvalidTextError as error:
+                index = group[error.text_index]
+                raise error.named("document", f"document {index}", index) from None
+            for index, doc_ids in zip(group, group_ids, strict=True):
+                room = rooms[index]
+                if options.truncation is Truncation.NONE and len(doc_ids) > room:
+                    # Only room + 1 tokens were encoded: enough to refuse, and to say by how much at least.
+                    raise PairTooLongError(index, f"more than {options.max_length}", options.max_length)
+                spans = self._spans(len(doc_ids), room, options)
+                truncated[index] = spans[-1][1] < len(doc_ids) or spans[0][0] > 0
+                windows[index] = len(spans)
+                head = heads[queries[index]]
+                for start, end in spans:
+                    pieces += (head, np.asarray(doc_ids[start:end], dtype=np.int32), tail)
+                    lengths.append(head.size + (end - start) + tail.size)
+                    owners.append(index)
+                    total += lengths[-1]
+                    if total > options.max_total_tokens:
+                        raise TooManyTokensError(options.max_total_tokens)
         return TokenizedPairs(
             input_ids=np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int32),
             lengths=np.asarray(lengths, dtype=np.int32),

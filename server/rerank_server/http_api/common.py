@@ -92,9 +92,12 @@ class HttpApi:
     """One API flavour's routes, declared once: `@api.post(path, ...)` adds the FastAPI route and records
     it, and registry.py derives the gate's routes, the open paths and the error shapes from the records."""
 
-    def __init__(self, tag: str, shape: ErrorShape) -> None:
+    def __init__(self, tag: str, shape: ErrorShape, object_lists: frozenset[str] = frozenset()) -> None:
         self.router = APIRouter(tags=[tag], route_class=StandardJsonRoute)
         self.shape = shape
+        # Its request fields that are lists of objects, where a string item is an error too (the gate counts
+        # them: json_scan).
+        self.object_lists = object_lists
         self.routes: list[Route] = []
 
     def post(

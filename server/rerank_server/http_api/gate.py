@@ -25,7 +25,7 @@ from rerank_server.auth import check_authorization
 from rerank_server.calls import Calls
 from rerank_server.http_api.errors import Kind
 from rerank_server.http_api.json_scan import Excess, excess, not_utf8
-from rerank_server.http_api.registry import OPEN_PATHS, ROUTES, shape_for
+from rerank_server.http_api.registry import OBJECT_LISTS, OPEN_PATHS, ROUTES, shape_for
 from rerank_server.tracing import tracer
 
 # Per accepted document: its string, or an object's fields (Cohere v1 documents may be objects).
@@ -34,8 +34,6 @@ JSON_OBJECTS_PER_DOCUMENT = 16
 # passages). Past max_documents a list is refused by its route (400 naming the field); this bounds the per-item
 # errors that refusal writes first (see json_scan).
 LIST_ITEMS_PER_DOCUMENT = 2
-# The request fields that are lists of objects (NIM's passages), where each string item is an error too.
-OBJECT_LISTS = frozenset({"passages"})
 # The methods a span is named after; any other token (up to the header limit, from anyone) names it "HTTP", as
 # OpenTelemetry's HTTP conventions do, so that span names stay a small fixed set.
 STANDARD_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})

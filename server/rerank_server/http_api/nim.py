@@ -28,7 +28,7 @@ from rerank_server.core import FieldNames, RerankInput, ScoreOptions, Truncation
 from rerank_server.http_api.common import MODEL_FIELD, HttpApi, call_core, context, requested_model
 from rerank_server.http_api.errors import NIM
 
-api = HttpApi("NVIDIA NIM", NIM)
+api = HttpApi("NVIDIA NIM", NIM, object_lists=frozenset({"passages"}))
 
 # /v1/models' `created` (OpenAI's model object requires it, and typed OpenAI clients refuse an entry without
 # it): when this server started serving, in Unix seconds.

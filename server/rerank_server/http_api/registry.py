@@ -16,6 +16,8 @@ APIS: tuple[HttpApi, ...] = (cohere.api, tei.api, nim.api, vllm.api)
 DEFAULT_SHAPE = COHERE
 
 ROUTES: tuple[Route, ...] = tuple(route for api in APIS for route in api.routes)
+# Request fields, of any API, that are lists of objects.
+OBJECT_LISTS = frozenset(name for api in APIS for name in api.object_lists)
 # Paths served without a token and while draining: probes.
 OPEN_PATHS = frozenset(route.path for route in ROUTES if route.open)
 # The routes that rank documents (each API's rerank call).
