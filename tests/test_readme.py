@@ -28,6 +28,7 @@ from rerank_client.cli import build_parser
 from rerank_server import flags
 from rerank_server.settings import ENV_PREFIX, Settings
 from tests.conftest import Stack
+from tests.test_sdks import fenced_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -259,7 +260,7 @@ def test_the_overlay_the_deployment_page_shows_renders_every_component_with_its_
     """docs/deployment.md's `my-overlay/kustomization.yaml`, beside a copy of deploy/ (its paths are relative
     to the repository root), its placeholders filled: the real kustomize renders it, on the base or on the CPU
     overlay its comment offers, with every component and the images it names."""
-    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", (ROOT / "docs" / "deployment.md").read_text(), re.S)]
+    (block,) = fenced_blocks(ROOT / "docs" / "deployment.md", "yaml")
     assert "# my-overlay/kustomization.yaml" in block and "../deploy/k8s/base " in block
     block = block.replace("../deploy/k8s/base ", f"../{base} ")
     if base.endswith("/cpu"):  # the image name that overlay gives Triton's, as the block's comment says
