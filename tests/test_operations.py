@@ -4,9 +4,12 @@ backpressure, replicas behind one target, tracing. Each test bounds its own time
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
 import json
 import re
 import signal
+import socket
 import threading
 import time
 import urllib.request
@@ -184,8 +187,48 @@ def test_mtls_serves_only_clients_with_a_certificate_from_its_ca(stack: Stack, m
 # -- drain -----------------------------------------------------------------------------------
 
 
+class Proxy:
+    """A TCP proxy that sends each new connection to its current `target`, as a Kubernetes Service does:
+    a connection stays on the replica it was opened to, and once a draining replica leaves the endpoints,
+    only new connections reach the others."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # the listener closed
+            while True:
+                client, _ = self._listener.accept()
+                host, port = self.target.rsplit(":", 1)
+                upstream = socket.create_connection((host, int(port)))
+                self._sockets += [client, upstream]
+                for source, sink in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        """Stop listening and cut every connection (shutdown wakes the threads blocked on them)."""
+        for sock in (self._listener, *self._sockets):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
 def test_sigterm_under_load_lets_in_flight_calls_finish_and_exits_0(stack: Stack, model_repository: Path) -> None:
-    with frontend(stack, model_repository, "--model-name=reranker_held", "--shutdown-grace-s=300") as served:
+    health_port = free_port()
+    args = ("--model-name=reranker_held", "--shutdown-grace-s=300", f"--health-port={health_port}")
+    with frontend(stack, model_repository, *args) as served:
         documents = [text(9000, seed=7)]  # an 8192-token pair, held HELD_S in Triton's queue
         outcomes: list[object] = []
 
@@ -202,7 +245,8 @@ def test_sigterm_under_load_lets_in_flight_calls_finish_and_exits_0(stack: Stack
         assert wait_until(lambda: sample(scrape(served.metrics_url), "rerank_inflight_calls") == 3, 60)
         served.process.send_signal(signal.SIGTERM)
         time.sleep(0.3)
-        assert health_status(served.target, SERVICE_NAME) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert health_status(f"127.0.0.1:{health_port}", SERVICE_NAME) == health_pb2.HealthCheckResponse.NOT_SERVING
+        # The port no longer takes connections: a new client goes elsewhere (its retries would).
         with RerankClient(served.target, timeout=10, retries=0) as late, pytest.raises(UnavailableError):
             late.rerank(QUERY, ["too late"])
         for thread in threads:
@@ -212,33 +256,78 @@ def test_sigterm_under_load_lets_in_flight_calls_finish_and_exits_0(stack: Stack
         assert served.process.wait(60) == 0
 
 
-def test_the_sdk_retries_a_draining_servers_unavailable_whatever_the_request_size(
-    stack: Stack, model_repository: Path
-) -> None:
-    """A draining server answers UNAVAILABLE with its status alone (no headers first), so the SDK's retry
-    policy applies: each call is tried 1 + retries times, a request over gRPC's default 256 KiB retry buffer
-    too, and the error still carries the request id."""
-    with frontend(stack, model_repository, "--model-name=reranker_held", "--shutdown-grace-s=60") as served:
-
-        def hold() -> None:
-            with RerankClient(served.target, timeout=60) as client:
-                client.rerank(QUERY, ["held"])
-
-        held = threading.Thread(target=hold)
-        held.start()
-        assert wait_until(lambda: sample(scrape(served.metrics_url), "rerank_inflight_calls") == 1, 60)
-        served.process.send_signal(signal.SIGTERM)  # the held call keeps the server draining for HELD_S
-        assert wait_until(
-            lambda: health_status(served.target, SERVICE_NAME) != health_pb2.HealthCheckResponse.SERVING, 5
-        )
+def test_the_sdk_retries_unavailable_whatever_the_request_size(stack: Stack, model_repository: Path) -> None:
+    """With Triton out of reach the frontend answers UNAVAILABLE with its status alone (no headers first), so
+    the SDK's retry policy applies: each call is tried 1 + retries times, a request over gRPC's default 256 KiB
+    retry buffer too, and the error still carries the request id."""
+    triton = Proxy(stack.triton_url)
+    served = start_serve(
+        [f"--triton-url={triton.address}", f"--model-repository={model_repository}", "--model-name=reranker"]
+    )
+    try:
+        triton.close()
         with RerankClient(served.target, timeout=30, retries=3) as client:
             for documents, request_id in (["small"], "retried-small"), (["x " * 200_000], "retried-large"):
                 with pytest.raises(UnavailableError) as refused:
                     client.rerank(QUERY, documents, request_id=request_id)
-                assert refused.value.request_id == request_id and "shutting down" in refused.value.details
+                assert refused.value.request_id == request_id
         assert sample(scrape(served.metrics_url), "rerank_calls_total", rpc="Rerank", code="UNAVAILABLE") == 2 * 4
-        held.join(60)
-        assert served.process.wait(60) == 0
+    finally:
+        assert stop_serve(served) == 0, "".join(served.output[-30:])
+
+
+def test_a_draining_replica_moves_its_clients_connections_to_the_others_at_once(
+    stack: Stack, model_repository: Path
+) -> None:
+    """On SIGTERM the frontend sends gRPC's GOAWAY and closes HTTP keep-alive connections, so a client whose
+    connection a Service pinned to the draining replica reconnects to another at once, while the draining
+    replica's own call finishes: no call fails for the drain, and none needed a retry."""
+    health_port = free_port()
+    draining = start_serve(
+        [
+            f"--triton-url={stack.triton_url}",
+            f"--model-repository={model_repository}",
+            "--model-name=reranker_held",
+            "--shutdown-grace-s=60",
+            f"--health-port={health_port}",
+        ]
+    )
+    with frontend(stack, model_repository, "--model-name=reranker") as other:
+        assert draining.http_url is not None and other.http_url is not None
+        grpc_proxy, http_proxy = Proxy(draining.target), Proxy(draining.http_url.removeprefix("http://"))
+        outcomes: list[object] = []
+        try:
+            with RerankClient(grpc_proxy.address, timeout=60, retries=0) as client:
+                held = threading.Thread(target=lambda: outcomes.append(client.rerank(QUERY, ["held"])))
+                held.start()  # HELD_S in Triton's queue, on the draining replica
+                connection = http.client.HTTPConnection(http_proxy.address, timeout=30)
+                connection.request("GET", "/v1/models")
+                assert connection.getresponse().read()  # kept alive, to the draining replica
+                assert wait_until(lambda: sample(scrape(draining.metrics_url), "rerank_inflight_calls") == 1, 60)
+                # The replica leaves the Service's endpoints, then gets SIGTERM.
+                grpc_proxy.target, http_proxy.target = other.target, other.http_url.removeprefix("http://")
+                draining.process.send_signal(signal.SIGTERM)
+                not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+                assert wait_until(lambda: health_status(f"127.0.0.1:{health_port}", SERVICE_NAME) == not_serving, 5)
+                for _ in range(5):  # the same client and channel, no retries: the other replica answers
+                    assert len(client.rerank(QUERY, ["a", "b"]).results) == 2
+                assert held.is_alive(), "the draining replica's call ended before the others were made"
+                connection.request("GET", "/v1/models")  # the kept-alive connection: told to close
+                refused = connection.getresponse()
+                refused.read()
+                assert refused.status == 503 and refused.getheader("connection") == "close"
+                connection.close()
+                connection.request("GET", "/v1/models")  # a new connection: the other replica
+                assert connection.getresponse().status == 200
+                held.join(60)
+            assert len(outcomes) == 1 and isinstance(outcomes[0], rerank_pb2.RerankResponse), outcomes
+            assert sample(scrape(other.metrics_url), "rerank_calls_total", rpc="Rerank", code="OK") == 5
+            assert draining.process.wait(60) == 0
+        finally:
+            grpc_proxy.close()
+            http_proxy.close()
+            if draining.process.poll() is None:
+                stop_serve(draining)
 
 
 # -- Triton supervision ----------------------------------------------------------------------

@@ -3,8 +3,8 @@ call policy (auth, draining, metrics), and the local Triton it may supervise. `r
 `rerank serve` calls.
 
 Lifecycle: start (or reach) Triton, wait for the model, serve. On SIGTERM or Ctrl-C: health turns
-NOT_SERVING, new calls get UNAVAILABLE, in-flight calls get up to --shutdown-grace-s to finish,
-then the server and the local Triton stop and the process exits 0. A local Triton that dies is
+NOT_SERVING, clients are moved away (gRPC's GOAWAY, HTTP connections closed after their answer), in-flight
+calls get up to --shutdown-grace-s to finish, then the server and the local Triton stop and the process exits 0. A local Triton that dies is
 restarted with backoff while the frontend keeps answering (UNAVAILABLE, fast) until it is back.
 """
 
@@ -235,16 +235,22 @@ class Frontend:
             await asyncio.sleep(self.settings.health_interval_s)
 
     async def drain(self, grace_s: float) -> None:
-        """NOT_SERVING, refuse new calls (UNAVAILABLE), let in-flight calls finish, then stop."""
+        """NOT_SERVING, move clients away (gRPC's GOAWAY; HTTP answers close their connections), let in-flight
+        calls finish, then stop."""
         if self._watcher is not None:
             self._watcher.cancel()
         self.calls.draining = True
         await self.health.enter_graceful_shutdown()
+        # GOAWAY now, not at the end: a client's channel reconnects at once (to another replica: this one
+        # stops listening), and gRPC retries on the new connection the calls the GOAWAY refused, while the
+        # calls in flight here keep their connection for up to grace_s. Refused on an open connection instead,
+        # a client whose one connection a Kubernetes Service pinned here would fail until the drain ended.
+        stopping = asyncio.ensure_future(self._server.stop(grace_s))
         if not await self.calls.wait_idle(grace_s):
             log.warning("%d calls still in flight after %.0fs; ending them", self.calls.inflight, grace_s)
         if self.http is not None:
             await self.http.stop()
-        await self._server.stop(0)
+        await stopping
         if self._health_server is not None:
             await self._health_server.stop(0)
         self.core.close()

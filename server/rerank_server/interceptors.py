@@ -142,6 +142,7 @@ class CallPolicy(grpc.aio.ServerInterceptor):
             context.set_trailing_metadata(request_id_metadata())
         else:
             await context.send_initial_metadata(request_id_metadata())
+        # Draining: the server sent GOAWAY and takes no new streams; this refuses the few it accepted before.
         if self.calls.refuse_if_draining():
             self.calls.finished("grpc", rpc, grpc.StatusCode.UNAVAILABLE.name, time.perf_counter() - started)
             await context.abort(grpc.StatusCode.UNAVAILABLE, calls.DRAINING)

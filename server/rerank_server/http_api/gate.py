@@ -124,6 +124,8 @@ class Gate:
             if message["type"] == "http.response.start":
                 status, started_response = message["status"], True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+                if self.calls.draining:  # the client's next call opens a new connection: to another replica
+                    message["headers"].append((b"connection", b"close"))
             await send(message)
 
         started = time.perf_counter()
