@@ -17,6 +17,8 @@ from rerank_triton_model.reranker_engine import (
     available_cores,
     check_ragged_batch,
     create_session,
+    gather_pairs,
+    pair_offsets,
     plan_packed_sub_batches,
     plan_sub_batches,
     session_options,
@@ -158,6 +160,18 @@ def test_packed_sub_batches_cover_every_pair_once_within_the_token_budget(budget
     # Greedy: a run ends only where the next pair would not fit.
     for first, second in itertools.pairwise(batches):
         assert first.padded_tokens + int(lengths[second.pairs[0]]) > budget
+
+
+def test_gather_pairs_lays_the_chosen_pairs_ids_end_to_end_in_their_order() -> None:
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(1, 40, 300).astype(np.int32)
+    input_ids = rng.integers(0, 50_000, int(lengths.sum())).astype(np.int32)
+    offsets = pair_offsets(lengths)
+    for pairs in (rng.permutation(300), rng.permutation(300)[:17], np.array([5]), np.array([], dtype=np.int64)):
+        expected = [input_ids[offsets[p] : offsets[p] + lengths[p]] for p in pairs]
+        gathered = gather_pairs(input_ids, offsets, lengths, pairs)
+        assert gathered.dtype == np.int32
+        assert np.array_equal(gathered, np.concatenate([np.empty(0, np.int32), *expected]))
 
 
 @pytest.mark.e2e
