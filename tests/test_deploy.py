@@ -532,6 +532,13 @@ def test_the_auth_tls_component_wires_the_secrets_into_the_frontends_settings(k8
     assert held == set(files.values())
     (tls,) = [e for e in examples if e["metadata"]["name"] == files[str(settings.tls_cert_file)][0]]
     assert tls["type"] == "kubernetes.io/tls"
+    # The gRPC port speaks TLS: no claim of cleartext HTTP/2 (the base's appProtocol) for meshes and gateways.
+    base_ports = {p["name"]: p for p in one(render("base", (), k8s_copy), "Service")["spec"]["ports"]}
+    ports = {p["name"]: p for p in one(objects, "Service")["spec"]["ports"]}
+    assert base_ports["grpc"]["appProtocol"] == "kubernetes.io/h2c" and "appProtocol" not in ports["grpc"]
+    assert {name: {**p, "appProtocol": None} for name, p in ports.items()} == {
+        name: {**p, "appProtocol": None} for name, p in base_ports.items()
+    }
 
 
 def test_the_dashboard_configmap_carries_the_dashboard(everything: list[dict[str, Any]]) -> None:
