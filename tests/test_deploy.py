@@ -869,9 +869,8 @@ def test_compose_wires_the_frontend_to_triton() -> None:
     triton_steps = final_stage(instructions(DOCKER / "triton.Dockerfile"))
     assert port in {p for s in triton_steps if s.keyword == "EXPOSE" for p in s.arguments.split()}
     assert f"{settings.port}:{settings.port}" in frontend["ports"]
-    # Triton's HTTP port serves inference without the frontend's token: published to this host alone.
-    (http,) = [p for p in triton["ports"] if str(p).endswith(":8000")]
-    assert http == "127.0.0.1:8000:8000"
+    # Triton's HTTP and metrics ports answer without the frontend's token: published to this host alone.
+    assert sorted(triton["ports"]) == ["127.0.0.1:8000:8000", "127.0.0.1:8002:8002"]
 
     (device,) = triton["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
