@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import subprocess
 import warnings
@@ -116,6 +117,8 @@ def ranking(ranker: Any) -> tuple[list[tuple[Any, Any]], bool]:
     kind = f"{type(ranker).__module__}.{type(ranker).__name__}"
     if kind.startswith("cohere.") and hasattr(ranker, "results"):  # an answer of the Cohere SDK
         return [(r.index, r.relevance_score) for r in ranker.results], False
+    if kind.startswith("litellm."):  # an answer of litellm.rerank
+        return litellm_ranked(ranker), False
     if kind.startswith(("langchain_cohere.", "langchain_nvidia_ai_endpoints.")):
         from langchain_core.documents import Document
 
@@ -210,6 +213,119 @@ def test_llamaindex_nvidia_rerank(base_url: str, reference: list[Any]) -> None:
     assert_same(ranking(ranker)[0], reference, logits=True)
 
 
+# LiteLLM's rerank(): each of its providers that takes a self-hosted base URL. Left out: nvidia_nim/ without
+# ranking/ (NVIDIA's hosted /v1/retrieval/<model>/reranking, which a NIM container does not serve), azure_ai/
+# and litellm_proxy/ (Azure's and LiteLLM's own servers), and the hosted services' own shapes (deepinfra/,
+# voyage/, together_ai/, fireworks_ai/, bedrock/, vertex_ai/, watsonx/).
+# Its import fetches a price list from GitHub, retrying for seconds where there is no network, unless told
+# to read the copy it ships.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
+def litellm_rerank(model: str, api_base: str, documents: list[str] = DOCUMENTS, **options: Any) -> Any:
+    import litellm
+
+    litellm.suppress_debug_info = True  # no "Give Feedback / Get Help" on stdout with each error
+    return litellm.rerank(model=model, api_base=api_base, api_key="unused", query=QUERY, documents=documents, **options)
+
+
+def litellm_ranked(response: Any) -> list[tuple[Any, Any]]:
+    return [(r["index"], r["relevance_score"]) for r in response.results]
+
+
+def assert_documents_echoed(response: Any, documents: list[str] = DOCUMENTS) -> None:
+    assert [r["document"] for r in response.results] == [{"text": documents[r["index"]]} for r in response.results]
+
+
+def test_litellm_cohere(base_url: str, reference: list[Any], chunked_reference: list[Any]) -> None:
+    """cohere/ calls /v2/rerank with v2's first fields (return_documents: LiteLLM's default is true)."""
+    response = litellm_rerank("cohere/rerank-v3.5", base_url, top_n=TOP_N)
+    assert_same(litellm_ranked(response), reference)
+    assert len(response.results) == TOP_N
+    assert_documents_echoed(response)
+    bare = litellm_rerank("cohere/rerank-v3.5", base_url, return_documents=False)
+    assert_same(litellm_ranked(bare), reference)
+    assert len(bare.results) == len(DOCUMENTS) and all("document" not in r for r in bare.results)
+    # An api_base ending in /v1/rerank, or max_chunks_per_doc, makes it Cohere v1's body, without the SDK's
+    # header: Jina's defaults (END) unless max_chunks_per_doc says Cohere (chunked).
+    v1 = litellm_rerank("cohere/rerank-v3.5", f"{base_url}/v1/rerank", top_n=TOP_N)
+    assert_same(litellm_ranked(v1), reference)
+    assert_documents_echoed(v1)
+    chunked = litellm_rerank("cohere/rerank-v3.5", base_url, top_n=TOP_N, max_chunks_per_doc=10)
+    assert_same(litellm_ranked(chunked), chunked_reference)
+
+
+def test_litellm_jina(base_url: str, reference: list[Any]) -> None:
+    """jina_ai/ calls /v1/rerank on the base URL's host (any path of it dropped)."""
+    response = litellm_rerank("jina_ai/jina-reranker-v2-base-multilingual", base_url, top_n=TOP_N)
+    assert_same(litellm_ranked(response), reference)
+    assert len(response.results) == TOP_N
+    assert_documents_echoed(response)
+
+
+# vLLM's, Infinity's and TEI's bodies as LiteLLM sends them do not ask to truncate, and it has no way to add a
+# field to them: the documents that fit are ranked, and the one past the model's 512 tokens is refused, as
+# vLLM and TEI (with truncate false) refuse it. LiteLLM reports a refusal as an APIConnectionError.
+FITTING = DOCUMENTS[:-1]
+
+
+def fitting(reference: list[Any]) -> list[Any]:
+    return [r for r in reference if r.index < len(FITTING)]
+
+
+def test_litellm_hosted_vllm(base_url: str, reference: list[Any]) -> None:
+    """hosted_vllm/ calls /rerank with vLLM's rerank body: vLLM's answer."""
+    import litellm
+
+    response = litellm_rerank("hosted_vllm/rerank", base_url, documents=FITTING, top_n=TOP_N)
+    assert_same(litellm_ranked(response), fitting(reference))
+    assert len(response.results) == TOP_N
+    assert_documents_echoed(response, FITTING)
+    with pytest.raises(litellm.APIConnectionError, match="does not fit: with the query it is"):
+        litellm_rerank("hosted_vllm/rerank", base_url, top_n=TOP_N)
+
+
+def test_litellm_infinity(base_url: str, reference: list[Any]) -> None:
+    """infinity/ sends hosted_vllm/'s body to /rerank, and gets vLLM's answer. Only without documents:
+    Infinity answers each document as a string, vLLM (and so this server: the two bodies are the same) as
+    {"text": ...}, which LiteLLM's Infinity parser refuses. return_documents is LiteLLM's default."""
+    import litellm
+
+    response = litellm_rerank("infinity/rerank", base_url, documents=FITTING, top_n=TOP_N, return_documents=False)
+    assert_same(litellm_ranked(response), fitting(reference))
+    assert len(response.results) == TOP_N
+    assert all("document" not in r for r in response.results)
+    with pytest.raises(litellm.APIConnectionError, match=r"document\.text\s+Input should be a valid string"):
+        litellm_rerank("infinity/rerank", base_url, documents=FITTING, top_n=TOP_N)
+
+
+def test_litellm_huggingface_tei(base_url: str, reference: list[Any]) -> None:
+    """huggingface/ calls TEI's /rerank with truncate false. It sends top_n, which TEI does not have, and does
+    not cut the answer itself: every text, best first."""
+    import litellm
+
+    response = litellm_rerank("huggingface/rerank", base_url, documents=FITTING, top_n=TOP_N)
+    assert_same(litellm_ranked(response), fitting(reference))
+    assert len(response.results) == len(FITTING)
+    assert_documents_echoed(response, FITTING)  # TEI's return_text
+    with pytest.raises(litellm.APIConnectionError, match="does not fit: with the query it is"):
+        litellm_rerank("huggingface/rerank", base_url, top_n=TOP_N)
+
+
+def test_litellm_nvidia_nim(base_url: str, reference: list[Any]) -> None:
+    """nvidia_nim/ranking/<model> calls a NIM's /v1/ranking: logits. truncate is passed on ("END"; NIM's
+    default, "NONE", refuses the long document); top_n is sent as a top_k that NIM does not have, and LiteLLM
+    does not cut the answer itself: every passage, best first."""
+    import litellm
+
+    response = litellm_rerank("nvidia_nim/ranking/rerank", f"{base_url}/v1", top_n=TOP_N, truncate="END")
+    assert_same(litellm_ranked(response), reference, logits=True)
+    assert len(response.results) == len(DOCUMENTS)
+    assert_documents_echoed(response)  # LiteLLM's, from the request
+    with pytest.raises(litellm.APIConnectionError, match="does not fit: with the query it is"):
+        litellm_rerank("nvidia_nim/ranking/rerank", f"{base_url}/v1", top_n=TOP_N)
+
+
 DOCS_HTTP = README.parent / "docs" / "http.md"
 
 
@@ -260,7 +376,7 @@ def test_framework_snippets_of_the_docs_rank_like_grpc(
         values = snippet_values(block, base_url)
         rankings = [ranking(value) for value in values]
     # Cohere v2 and v1 answers, LangChain's and LlamaIndex's Cohere rankers, LlamaIndex's TEI, Haystack, NIM, and
-    # on docs/http.md Jina's rankers.
+    # on docs/http.md Jina's rankers and LiteLLM's answers.
     assert len(rankings) >= 7, values
     for value, (ranked, logits) in zip(values, rankings, strict=True):
         assert len(ranked) == TOP_N
