@@ -18,6 +18,7 @@ from rerank_client import (
     AsyncRerankClient,
     InvalidRequestError,
     RerankClient,
+    RerankError,
     RerankResult,
     RerankStreamResponse,
     RerankTimeoutError,
@@ -95,10 +96,12 @@ def test_none_truncation_refuses_a_pair_that_does_not_fit(client: RerankClient, 
     with pytest.raises(InvalidRequestError) as caught:
         client.rerank(QUERY, documents, truncation="none", max_length=64)
     # The document is tokenized only as far as the answer needs, so the length is a bound.
-    assert "document 1 does not fit: with the query it is more than 64 tokens long and max_length is 64" in str(
+    assert "documents[1]: does not fit: with the query it is more than 64 tokens long and max_length is 64" in str(
         caught.value
     )
-    assert [(v.field, "document 1" in v.description) for v in caught.value.field_violations] == [("documents[1]", True)]
+    assert [(v.field, v.description.startswith("does not fit")) for v in caught.value.field_violations] == [
+        ("documents[1]", True)
+    ]
     fine = client.rerank(QUERY, ["short", "also short"], truncation="none", max_length=64)
     assert len(fine.results) == 2
 
@@ -211,6 +214,64 @@ def test_each_limit_and_error_names_its_field(limited: RerankClient, call, error
     assert len(limited.rerank(QUERY, ["still serving"]).results) == 1
 
 
+# What no refusal may show: pydantic's or protobuf's own words, a Python class, an internal type name.
+LEAKS = ("Input should", "errors.pydantic.dev", "<class", "Error parsing", "dict[str", "instance of", "Traceback")
+
+
+def assert_plain(details: str, violations: list, field: str | None = None) -> None:
+    """A refusal in plain words: none of LEAKS, no caller's value repeated past 64 characters (errors.cut), and
+    `field` named once, at the start, its violation's description the message's words after it."""
+    assert not re.search(r"(.)\1{64}", details), details[:300]
+    assert len(details) < 400, details[:300]
+    assert not [leak for leak in LEAKS if leak in details], details
+    if field is not None:
+        named = re.findall(rf"(?<![\w.\[]){re.escape(field)}(?![\w\[])", details)  # not max_query_tokens's
+        assert details.startswith(f"{field}: ") and len(named) == 1, details
+        assert [(v.field, v.description) for v in violations] == [(field, details.removeprefix(f"{field}: "))]
+
+
+@pytest.mark.parametrize(
+    ("call", "field", "words"),
+    [
+        (lambda c: c.rerank(QUERY, ["d"], model="m" * 5000), "model", "(5,000 characters) is not served here"),
+        (lambda c: c.rerank(QUERY, ["d"], max_length=100000), "max_length", "100000 exceeds the model's 512"),
+        (lambda c: c.rerank(QUERY, ["d"], max_length=3), "max_length", "3 leaves no room for text: at least"),
+        (lambda c: c.score([(QUERY, "d")], max_length=100000), "max_length", "100000 exceeds the model's 512"),
+        (
+            lambda c: c.rerank(QUERY, [text(100)], truncation="chunk", max_length=32, chunk_overlap=4_000_000_000),
+            "chunk_overlap",
+            "4000000000 must be smaller than a window's",
+        ),
+        (lambda c: c.rerank(text(40), ["d"]), "query", "is more than 12 tokens long; the limit is 12"),
+        (lambda c: c.score([(text(40), "d")]), "pairs[0].text_a", "text_a: is more than 12 tokens long"),
+        (lambda c: c.rerank("q", ["a", text(80)], truncation="none", max_length=32), "documents[1]", "does not fit"),
+        (lambda c: c.rerank(QUERY, ["d"] * 5), "documents", "holds more than 4 entries; the limit is 4 per request"),
+    ],
+)
+def test_each_refusal_names_its_field_once_and_cuts_what_it_repeats(
+    limited: RerankClient, call, field: str, words: str
+) -> None:
+    """Each gRPC refusal says its field once ("max_length: max_length 100000 exceeds ..." said it twice), what was
+    wrong and what is allowed, and repeats at most 64 characters of a caller's value (a model name came back
+    100 characters long, in Python's repr)."""
+    with pytest.raises(RerankError) as caught:
+        call(limited)
+    assert words in caught.value.details
+    assert_plain(caught.value.details, caught.value.field_violations, field)
+    if field == "documents[1]":
+        assert "document 1" not in caught.value.details
+
+
+def test_an_undecodable_message_is_refused_in_plain_words(stack: Stack) -> None:
+    """protobuf's "Error parsing message with type ..." said neither what was wrong nor what to send."""
+    with grpc.insecure_channel(stack.target) as channel, pytest.raises(grpc.RpcError) as caught:
+        channel.unary_unary("/rerank.v1.RerankService/Rerank")(b"\x0a\x03\xff\xfe\xfd", timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = caught.value.details()
+    assert details.startswith("malformed request message: the bytes are not a rerank.v1.RerankRequest"), details
+    assert_plain(details, [])
+
+
 def test_a_message_past_the_size_limit_is_refused(limited: RerankClient) -> None:
     with pytest.raises(ResourceExhaustedError) as caught:
         limited.rerank(QUERY, ["x" * 30000])
@@ -222,7 +283,7 @@ def test_a_message_past_the_size_limit_is_refused(limited: RerankClient) -> None
 def test_the_cli_prints_field_violations(stack: Stack) -> None:
     done = run_rerank("query", "--target", stack.target, "--truncation", "none", "--max-length", "16", QUERY, text(50))
     assert done.returncode == 1
-    assert "INVALID_ARGUMENT" in done.stderr and "documents[0]: document 0 does not fit" in done.stderr
+    assert "INVALID_ARGUMENT" in done.stderr and "documents[0]: does not fit" in done.stderr
 
 
 # -- stream ----------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def test_vllm_score_lengths_and_truncate_prompt_tokens(base_url: str, grpc: Rera
     assert_shape(path, httpx.post(url, json={"text_1": QUERY, "text_2": "a", "truncate_prompt_tokens": -2}), 400)
     # Too small for any text: the error names the field the request set, not the core's max_length.
     small = httpx.post(url, json={"text_1": QUERY, "text_2": "a", "truncate_prompt_tokens": 4})
-    assert "max_length" not in assert_shape(path, small, 400, "truncate_prompt_tokens 4 leaves no room")
+    assert "max_length" not in assert_shape(path, small, 400, "truncate_prompt_tokens: 4 leaves no room")
 
 
 @pytest.mark.parametrize("path", VLLM)
@@ -118,7 +118,7 @@ def test_vllm_score_takes_vllms_other_names_for_the_two_sides(base_url: str, grp
         assert [d["score"] for d in answer.json()["data"]] == pytest.approx([expected[i] for i in range(3)], abs=1e-6)
     mismatched = httpx.post(url, json={"queries": ["a", "b"], "documents": ["a", "b", "c"]})
     assert_shape(path, mismatched, 400, "documents", "1:1, 1:N or N:N")
-    assert_shape(path, httpx.post(url, json={"queries": QUERY}), 400, "documents: Field required")
+    assert_shape(path, httpx.post(url, json={"queries": QUERY}), 400, "documents: is required")
     assert_shape(path, httpx.post(url, json={"queries": [], "documents": ["a"]}), 400, "queries")
     assert_shape(path, httpx.post(url, json={"queries": QUERY, "documents": [DOCUMENTS[3]]}), 400, "documents[0]")
 
@@ -164,7 +164,7 @@ def test_vllm_rerank_body_on_the_tei_path(base_url: str, grpc: RerankClient) -> 
             [r.logit for r in expected[:2]], abs=1e-5
         )
     small = httpx.post(f"{base_url}{TEI}", json={**body, "truncate_prompt_tokens": 4})
-    assert "max_length" not in assert_shape(TEI, small, 422, "truncate_prompt_tokens 4 leaves no room")
+    assert "max_length" not in assert_shape(TEI, small, 422, "truncate_prompt_tokens: 4 leaves no room")
     # The TEI body on the same path keeps TEI's answer.
     tei = httpx.post(f"{base_url}{TEI}", json=good_body(TEI, DOCUMENTS[:3])).json()
     assert isinstance(tei, list) and {"index", "score"} == set(tei[0])

@@ -23,7 +23,7 @@ import httpx
 import psutil
 import pytest
 
-from rerank_client import RerankClient, tls_credentials
+from rerank_client import InvalidRequestError, RerankClient, tls_credentials
 from rerank_server.calls import MODEL_NOT_READY, SHUTTING_DOWN
 from rerank_server.http_api.gate import span_name
 from rerank_server.http_api.registry import OPEN_PATHS, RANKING_PATHS, ROUTES, shape_for
@@ -232,6 +232,88 @@ def test_empty_query_no_documents_and_too_many_documents_are_refused(base_url: s
     many = httpx.post(url, json=good_body(path, ["a"] * 1001), timeout=60)
     assert_shape(path, many, OVER_LIMIT[path], documents_field, "max_documents")
     still_serving(base_url)
+
+
+# What no refusal may show: pydantic's own words and links, a Python class, an internal type name.
+LEAKS = ("Input should", "errors.pydantic.dev", "<class", "dict[str", "instance of", ".str:", "Field required")
+BIG = int("9" * 4300)  # Python's most digits: a number any API reads
+LONG = "x" * 10_000
+
+
+def assert_plain(message: str, field: str | None) -> None:
+    """A refusal in plain words: none of LEAKS, no caller's value repeated past 64 characters (errors.cut), and
+    `field` named once, at the start."""
+    assert not re.search(r"(.)\1{64}", message), message[:300]
+    assert len(message) < 400, message[:300]
+    assert not [leak for leak in LEAKS if leak in message], message
+    if field is not None:
+        named = re.findall(rf"(?<![\w.\[]){re.escape(field)}(?![\w\[])", message)
+        assert message.startswith(f"{field}: ") and len(named) == 1, message
+
+
+def bad_bodies(path: str) -> list[tuple[Any, int, str | None, str]]:
+    """(body, status, field, words) of bad input on `path`: each refused naming `field` with `words`."""
+    query = QUERY_FIELD.get(path, "query")
+    documents = DOCUMENTS_FIELD.get(path, "documents")
+    item = {COHERE_V1: "a string or an object", COHERE_V2: "a string or an object", NIM: "an object"}
+    flag = {TEI: "raw_scores", NIM: "truncate", **dict.fromkeys(VLLM, "use_activation")}.get(path, "return_documents")
+    cases: list[tuple[Any, int, str | None, str]] = [
+        (LONG, INVALID[path], None, "the body must be a JSON object (got the string 'xxx"),
+        ({**good_body(path, ["a"]), query: BIG}, INVALID[path], query, "(got 999"),
+        ({**good_body(path, ["a"]), documents: [BIG]}, INVALID[path], f"{documents}[0]", item.get(path, "a string")),
+        ({**good_body(path, ["a"]), flag: LONG}, INVALID[path], flag, "(10,000 characters)"),
+        (good_body(path, ["a"]) | {query: "word " * 3000}, OVER_LIMIT[path], query, "is more than 508 tokens"),
+    ]
+    if path == NIM:  # NIM's query is an object
+        cases[-1] = ({**good_body(path, ["a"]), "query": {"text": "word " * 3000}}, 400, "query.text", "is more than")
+    if path in (COHERE_V1, COHERE_V2):
+        least = "0" if path == COHERE_V1 else "1"
+        cases.append((good_body(path, ["a"], top_n=-BIG), 400, "top_n", f"must be at least {least} (got -999"))
+        fields = good_body(path, [{"text": "a"}], rank_fields=[LONG])  # type: ignore[list-item]
+        cases.append((fields, 400, "documents[0]", "has none of the fields to rank on ('xxx"))
+    if path == COHERE_V2:
+        chunks = good_body(path, ["a", "b"], max_chunks_per_doc=BIG)
+        cases.append((chunks, 400, "max_chunks_per_doc", "pass the limit of 10,000 chunks per request"))
+    if path in (COHERE_V1, TEI, *VLLM):  # vLLM's truncate_prompt_tokens (TEI's path: vLLM's body)
+        body = good_body(path, ["a"]) if path != TEI else {"query": QUERY, "documents": ["a"]}
+        cases.append(
+            ({**body, "truncate_prompt_tokens": BIG}, INVALID[path], "truncate_prompt_tokens", "(4,300 digits)")
+        )
+    return cases
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("path", ALL)
+def test_refusals_name_their_field_once_and_cut_what_they_repeat(stack: Stack, base_url: str, path: str) -> None:
+    """Each refusal says which field, what was wrong and what is allowed, once, in plain words, and repeats at most
+    64 characters of what the caller sent, in the answer and in the log. A 4,300-digit truncate_prompt_tokens came
+    back whole ("truncate_prompt_tokens: 9999... is greater than ..."), as did each of 64 rank_fields; pydantic's
+    words named a union's members ("documents[0].dict[str,any]"), a class ("instance of Text"), and the tokenizer's
+    the field again ("query: the query is ...", "texts[0]: document 0 does not fit")."""
+    lines = len(stack.output)
+    for body, status, field, words in bad_bodies(path):
+        response = httpx.post(f"{base_url}{path}", json=body, timeout=60)
+        assert_plain(assert_shape(path, response, status, words), field)
+    assert not [line for line in stack.output[lines:] if re.search(r"(.)\1{64}", line)]
+    still_serving(base_url)
+
+
+@pytest.mark.e2e
+def test_a_limit_is_worded_the_same_in_every_api(stack: Stack, base_url: str) -> None:
+    """A length past the model's is refused in the same words by each API that takes one (gRPC's max_length, vLLM's
+    truncate_prompt_tokens on every path that takes vLLM's body): they were two wordings."""
+    with RerankClient(stack.target, timeout=60) as client, pytest.raises(InvalidRequestError) as caught:
+        client.rerank(QUERY, ["a"], max_length=100_000)
+    described = {caught.value.details.removeprefix("max_length: ")}
+    for path, body in (
+        (COHERE_V1, good_body(COHERE_V1, ["a"])),
+        (VLLM_SCORE, good_body(VLLM_SCORE, ["a"])),
+        (TEI, {"query": QUERY, "documents": ["a"]}),
+    ):
+        response = httpx.post(f"{base_url}{path}", json={**body, "truncate_prompt_tokens": 100_000}, timeout=60)
+        message = assert_shape(path, response, INVALID[path], "truncate_prompt_tokens: ")
+        described.add(message.removeprefix("truncate_prompt_tokens: "))
+    assert described == {"100000 exceeds the model's 512, the most tokens it takes per input"}
 
 
 @pytest.mark.e2e

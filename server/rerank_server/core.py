@@ -35,6 +35,7 @@ from rerank_server.errors import (
     OverloadedError,
     UntokenizableTextError,
     field_error,
+    shown_number,
     too_many_documents,
 )
 from rerank_server.models import ServedModel, ServedModels
@@ -328,6 +329,22 @@ class RerankCore:
             raise too_many_documents(fields.collection, self.limits.max_documents, count)
 
     def _encode_options(self, served: ServedModel, options: ScoreOptions) -> EncodeOptions:
+        """The tokenizer's options for the call. A max_length past the model's, or too small for any text, is refused
+        here, named by the field that set it (max_length, truncate_prompt_tokens) in the same words for every API, the
+        caller's number cut (an HTTP field may hold 4,300 digits)."""
+        if options.max_length is not None:
+            # The least that leaves a token each of query and document beside the special tokens.
+            least = served.tokenizer.template.special_tokens + 2
+            if options.max_length > served.tokenizer.max_length:
+                described = f"exceeds the model's {served.tokenizer.max_length}, the most tokens it takes per input"
+            elif options.max_length < least:
+                described = f"leaves no room for text: at least {least} (the special tokens and a token of each text)"
+            else:
+                described = ""
+            if described:
+                raise field_error(
+                    InvalidRequestError, options.max_length_field, f"{shown_number(options.max_length)} {described}"
+                )
         return EncodeOptions(
             max_length=options.max_length or served.tokenizer.max_length,
             max_query_tokens=self.limits.max_query_tokens,
@@ -505,7 +522,13 @@ def _field_error(
         name = fields.document(index or 0)
     else:
         name = error.part
-    description = error.description.replace(f"document {error.index} ", f"document {index} ", 1)
+    description = error.description
+    # The field's name says what the tokenizer's words open with ("the query", "document 3", "max_length 2"): the
+    # refusal names it once.
+    for subject in ("the query ", f"document {error.index} ", f"{error.part} "):
+        if description.startswith(subject):
+            description = description[len(subject) :]
+            break
     if options.max_length is not None:
         name = options.max_length_field if name == "max_length" else name
         description = description.replace("max_length", options.max_length_field)

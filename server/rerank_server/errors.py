@@ -8,6 +8,7 @@ invents an error of its own.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Sequence
 
 
@@ -69,8 +70,10 @@ class UntokenizableTextError(InvalidRequestError):
 def too_many_documents(field: str, limit: int, count: int | None = None) -> ServiceError:
     """`field` holds more entries than max_documents allows; `count` when known (a scan of the wire stops
     just past the limit, so it knows only that there are more)."""
-    counted = str(count) if count is not None else f"more than {limit}"
-    return field_error(InputLimitError, field, f"{counted} exceed the limit of {limit} per request (max_documents)")
+    counted = f"{count:,}" if count is not None else f"more than {limit:,}"
+    return field_error(
+        InputLimitError, field, f"holds {counted} entries; the limit is {limit:,} per request (max_documents)"
+    )
 
 
 class LimitExceededError(ServiceError):
@@ -96,14 +99,40 @@ class BackendFailureError(ServiceError):
     code = ErrorCode.INTERNAL
 
 
-# The most of a name a caller sent (a model name, a path) an error message repeats: the rest only grows the
-# answer (gRPC's status message travels in a header, which the caller's channel refuses past its metadata
-# limit).
-SHOWN_NAME_CHARACTERS = 100
+# The most of a caller's value (a model name, a path, a number's digits) a refusal repeats: the rest only grows
+# the answer (gRPC's status message travels in a header, which the caller's channel refuses past its metadata
+# limit) and the log. Every refusal that quotes the caller cuts what it quotes here (cut, shown, shown_number).
+SHOWN_CHARACTERS = 64
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def cut(text: str, unit: str = "characters", length: int | None = None) -> str:
+    """`text` as a refusal repeats it: its first SHOWN_CHARACTERS, then an ellipsis and its full length (`length`
+    `unit`, by default its characters), control characters written as \\xNN escapes."""
+    if len(text) > SHOWN_CHARACTERS:
+        text = f"{text[:SHOWN_CHARACTERS]}… ({len(text) if length is None else length:,} {unit})"
+    return _CONTROL.sub(lambda control: f"\\x{ord(control.group()):02x}", text)
 
 
 def shown(name: str) -> str:
-    """`name` quoted for an error message, cut to SHOWN_NAME_CHARACTERS with its full length said."""
-    if len(name) <= SHOWN_NAME_CHARACTERS:
-        return repr(name)
-    return f"{name[:SHOWN_NAME_CHARACTERS]!r}... ({len(name):,} characters)"
+    """`name` (a string the caller sent) quoted for a refusal, cut to SHOWN_CHARACTERS with its full length said."""
+    if len(name) <= SHOWN_CHARACTERS:
+        return f"'{cut(name)}'"
+    return f"'{cut(name[:SHOWN_CHARACTERS])}…' ({len(name):,} characters)"
+
+
+def shown_number(value: int | float | str) -> str:
+    """A number the caller sent, as a refusal repeats it: a number of 4,300 digits is cut to SHOWN_CHARACTERS with
+    its digits counted."""
+    text = str(value)
+    return cut(text, "digits", len(text.lstrip("-")))
+
+
+# Names of a caller's list a refusal repeats (rank_fields may hold 64 names of any length).
+SHOWN_NAMES = 4
+
+
+def named(names: Sequence[str]) -> str:
+    """A list of names the caller sent, each shown(), the first SHOWN_NAMES of them and how many more."""
+    listed = ", ".join(shown(name) for name in names[:SHOWN_NAMES])
+    return listed + (f" and {len(names) - SHOWN_NAMES:,} more" if len(names) > SHOWN_NAMES else "")

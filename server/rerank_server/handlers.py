@@ -153,6 +153,10 @@ def _lenient(
     method's wrapper refuses with INVALID_ARGUMENT (gRPC answers a deserializer's exception with UNKNOWN and
     logs its traceback, for anyone who can reach the port)."""
 
+    undecodable = (
+        f"the bytes are not a {message_class.DESCRIPTOR.full_name} (send protobuf's wire format, strings in UTF-8)"
+    )
+
     def decode(data: bytes) -> Any:
         try:
             if scan is not None and (refused := scan(memoryview(data))) is not None:
@@ -160,8 +164,9 @@ def _lenient(
             return message_class.FromString(data)
         except _MalformedError as error:
             return MalformedMessage(str(error))
-        except (protobuf_message.DecodeError, ValueError) as error:
-            return MalformedMessage(str(error) or "undecodable message")
+        except (protobuf_message.DecodeError, ValueError):
+            # protobuf's own words ("Error parsing message with type ...") say neither what is wrong nor what to send.
+            return MalformedMessage(undecodable)
 
     return decode
 

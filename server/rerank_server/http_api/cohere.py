@@ -49,9 +49,17 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from rerank_server.core import RerankInput, RerankOutput, ScoreOptions, Truncation
-from rerank_server.errors import InvalidRequestError, field_error
+from rerank_server.errors import InvalidRequestError, field_error, named, shown_number
 from rerank_server.http_api import vllm
-from rerank_server.http_api.common import MODEL_FIELD, HttpApi, call_core, context, request_id, requested_model
+from rerank_server.http_api.common import (
+    MODEL_FIELD,
+    HttpApi,
+    RequestBody,
+    call_core,
+    context,
+    request_id,
+    requested_model,
+)
 from rerank_server.http_api.errors import COHERE, COHERE_JINA
 from rerank_server.tokenization import lone_surrogate
 
@@ -103,7 +111,7 @@ class RerankV1Request(vllm.VllmActivation):
     )
 
 
-class RerankV2Request(BaseModel):
+class RerankV2Request(RequestBody):
     """Cohere v2 rerank request, with the fields of its first version (object documents, rank_fields,
     return_documents, max_chunks_per_doc) that older SDKs and LiteLLM still send."""
 
@@ -187,7 +195,7 @@ def _document_text(document: str | dict[str, Any], index: int, rank_fields: list
         values.append(value if rank_fields is None else f"{name}: {value}")
     if not values:
         raise field_error(
-            InvalidRequestError, f"documents[{index}]", f"has none of the fields to rank on ({', '.join(fields)})"
+            InvalidRequestError, f"documents[{index}]", f"has none of the fields to rank on ({named(fields)})"
         )
     return "\n".join(values)
 
@@ -207,9 +215,9 @@ def is_cohere_call(request: Request, body: RerankV1Request) -> bool:
     return COHERE_SDK_HEADER in request.headers or body.rank_fields is not None or body.max_chunks_per_doc is not None
 
 
-def _v1_options(request: Request, body: RerankV1Request, cohere: bool, model: str) -> ScoreOptions:
+def _v1_options(body: RerankV1Request, cohere: bool) -> ScoreOptions:
     if body.truncate_prompt_tokens is not None:
-        return vllm.options(request, body.truncate_prompt_tokens, model, body.priority, body.truncation_side)
+        return vllm.options(body.truncate_prompt_tokens, body.priority, body.truncation_side)
     if not cohere:
         return ScoreOptions(truncation=Truncation.END, priority=body.priority)
     return _chunked(len(body.documents), body.max_chunks_per_doc or DEFAULT_MAX_CHUNKS, body.priority)
@@ -221,7 +229,8 @@ def _chunked(documents: int, chunks: int, priority: int) -> ScoreOptions:
         raise field_error(
             InvalidRequestError,
             "max_chunks_per_doc",
-            f"{documents} documents x {chunks} chunks pass the limit of {MAX_TOTAL_CHUNKS}",
+            f"{documents:,} documents x {shown_number(chunks)} chunks pass the limit of {MAX_TOTAL_CHUNKS:,} chunks "
+            "per request",
         )
     return ScoreOptions(truncation=Truncation.CHUNK, max_chunks=chunks, priority=priority)
 
@@ -272,7 +281,7 @@ async def rerank_v1(body: RerankV1Request, request: Request) -> JSONResponse:
     documents = [_document_text(d, i, body.rank_fields) for i, d in enumerate(body.documents)]
     model = requested_model(request, body.model)
     cohere = is_cohere_call(request, body)
-    options = _v1_options(request, body, cohere, model)
+    options = _v1_options(body, cohere)
     return_documents = body.return_documents if body.return_documents is not None else not cohere
     echoed = body.documents if return_documents else None
     output, answer = await _rerank(

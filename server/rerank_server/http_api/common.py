@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -14,10 +15,11 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError, ValidatorFunctionWrapHandler, model_validator
 
 from rerank_server.core import RerankCore
-from rerank_server.errors import DeadlineExceededError, ErrorCode, ServiceError
-from rerank_server.http_api.errors import ErrorShape
+from rerank_server.errors import DeadlineExceededError, ErrorCode, ServiceError, cut
+from rerank_server.http_api.errors import ErrorShape, plain_errors
 from rerank_server.settings import Settings
 
 T = TypeVar("T")
@@ -35,10 +37,6 @@ class Route:
     ranks: bool = False  # ranks documents through the core: every error path applies to it
 
 
-# The most of a number's text a refusal quotes (a number may be a megabyte of digits).
-_QUOTED_DIGITS = 32
-
-
 def _no_constant(name: str) -> float:
     raise json.JSONDecodeError(f"{name} is not standard JSON, which has no NaN, Infinity or -Infinity", "", 0)
 
@@ -46,8 +44,9 @@ def _no_constant(name: str) -> float:
 def _finite(text: str) -> float:
     value = float(text)
     if math.isinf(value):
-        quoted = text if len(text) <= _QUOTED_DIGITS else text[:_QUOTED_DIGITS] + "..."
-        raise json.JSONDecodeError(f"the number {quoted} is out of range (a JSON number must be finite)", "", 0)
+        raise json.JSONDecodeError(
+            f"the number {cut(text)} is out of range: a number must be finite, within a double's ±1.8e308", "", 0
+        )
     return value
 
 
@@ -55,8 +54,9 @@ def _integer(text: str) -> int:
     try:
         return int(text)
     except ValueError:  # past Python's limit on an integer's digits (sys.get_int_max_str_digits)
-        quoted = text[:_QUOTED_DIGITS] + "..."
-        raise json.JSONDecodeError(f"the integer {quoted} has too many digits ({len(text):,})", "", 0) from None
+        digits = sys.get_int_max_str_digits()
+        number = cut(text, "digits", len(text.lstrip("-")))
+        raise json.JSONDecodeError(f"the integer {number} has too many digits: at most {digits:,}", "", 0) from None
 
 
 def loads_standard(body: bytes) -> Any:
@@ -66,6 +66,19 @@ def loads_standard(body: bytes) -> Any:
 
     The JSONDecodeError becomes FastAPI's json_invalid, answered 400 (422: TEI, NIM) before any route runs."""
     return json.loads(body, parse_constant=_no_constant, parse_float=_finite, parse_int=_integer)
+
+
+class RequestBody(BaseModel):
+    """A route's JSON body: its validation errors are written in plain words (http_api.errors.plain_errors), the
+    same for every API, whatever route or field."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _plain_errors(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(data)
+        except ValidationError as error:
+            raise ValidationError.from_exception_data(error.title, plain_errors(error.errors())) from None
 
 
 class StandardJsonRequest(Request):

@@ -10,11 +10,13 @@ OpenAI's `{"error": {"message", "type", "param", "code"}}`.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 from starlette.responses import JSONResponse
 
 from rerank_server.errors import (
@@ -24,6 +26,9 @@ from rerank_server.errors import (
     OverloadedError,
     ServiceError,
     UntokenizableTextError,
+    cut,
+    shown,
+    shown_number,
 )
 
 # Seconds a client is told to wait before retrying an overloaded or unavailable server (Retry-After).
@@ -178,3 +183,95 @@ VLLM = ErrorShape(
         }
     },
 )
+
+
+# -- a request body's validation errors, in plain words -------------------------------------------------------
+#
+# Pydantic says "Input should be a valid dictionary or instance of Text" and names a union's members in the
+# field's path ("documents[0].dict[str,any]"). Each request body (common.RequestBody) has its errors rewritten
+# here: the path is the request's own, the words say what the field must be and what it got (the value cut:
+# errors.cut), once per field.
+
+# What a field must be, by pydantic's error type; {name}s are the error's context.
+_MUST = {
+    "missing": "is required",
+    "string_type": "must be a string",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "list_type": "must be a list",
+    "dict_type": "must be an object",
+    "model_type": "must be an object",
+    "model_attributes_type": "must be an object",
+    "greater_than_equal": "must be at least {ge}",
+    "greater_than": "must be greater than {gt}",
+    "less_than_equal": "must be at most {le}",
+    "less_than": "must be less than {lt}",
+    "too_long": "must hold at most {max_length} items",
+    "too_short": "must hold at least {min_length} items",
+    "literal_error": "must be {expected}",
+}
+# Types named in a path by pydantic, where a value may be one of several (str | dict[str, Any]): not fields.
+_UNION_MEMBER = re.compile(r"str|int|float|bool|bytes|none|.*[^A-Za-z0-9_].*")
+# The error types whose message is the caller's value's fault only by its kind: "(got a list)".
+_NOT_ECHOED = frozenset({"missing", "too_long", "too_short"})
+
+
+def got(value: Any) -> str:
+    """What the caller sent, in JSON's words, a string or number cut (errors.cut)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return shown_number(value)
+    if isinstance(value, str):
+        return f"the string {shown(value)}"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return "an object" if isinstance(value, dict) else "a value of another kind"
+
+
+def _must(error: ErrorDetails) -> str:
+    kind = error["type"]
+    context = error.get("ctx") or {}
+    if kind in _MUST:
+        return _MUST[kind].format(**{key: cut(str(value)) for key, value in context.items()})
+    message = error["msg"].removeprefix("Value error, ")
+    return message.replace("Input should be", "must be", 1) if message.startswith("Input should be") else message
+
+
+def plain_errors(errors: list[ErrorDetails]) -> list[InitErrorDetails]:
+    """Pydantic's errors of a request body rewritten in plain words: one per field (a union's members merged,
+    "must be a string or an object"), saying what the field must be and what it got. The message is the error's
+    whole text, without the field's name, which the HTTP error handler writes before it."""
+    merged: dict[tuple[int | str, ...], tuple[list[str], ErrorDetails]] = {}
+    for error in errors:
+        loc = tuple(error["loc"])
+        member = next(
+            (i for i, part in enumerate(loc) if isinstance(part, str) and _UNION_MEMBER.fullmatch(part)), None
+        )
+        if member is not None:
+            loc = loc[:member]
+        musts, _ = merged.setdefault(loc, ([], error))
+        must = _must(error)
+        if must not in musts:
+            musts.append(must)
+    plain: list[InitErrorDetails] = []
+    for loc, (musts, error) in merged.items():
+        text = musts[0] + "".join(" or " + must.removeprefix("must be ") for must in musts[1:])
+        if not loc and error["type"] in ("dict_type", "model_type", "model_attributes_type"):
+            text = "the body must be a JSON object"
+        if error["type"] == "too_long":
+            held = (error.get("ctx") or {}).get("actual_length")
+            text += f" (it holds {held:,})" if isinstance(held, int) else ""
+        elif error["type"] not in _NOT_ECHOED:
+            text += f" (got {got(error['input'])})"
+        # The whole text is the template's one field, so that no brace in it is read as a placeholder.
+        custom = PydanticCustomError(error["type"], "{plain}", {"plain": text})
+        plain.append(InitErrorDetails(type=custom, loc=loc, input=error["input"]))
+    return plain

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from rerank_server import calls
 from rerank_server.core import FieldNames, RerankInput, ScoreOptions, Truncation
-from rerank_server.http_api.common import MODEL_FIELD, HttpApi, call_core, context, requested_model
+from rerank_server.http_api.common import MODEL_FIELD, HttpApi, RequestBody, call_core, context, requested_model
 from rerank_server.http_api.errors import NIM
 
 api = HttpApi("NVIDIA NIM", NIM, object_lists=frozenset({"passages"}))
@@ -41,7 +41,7 @@ class Text(BaseModel):
     text: str
 
 
-class RankingRequest(BaseModel):
+class RankingRequest(RequestBody):
     query: Text
     passages: list[Text]
     model: str | None = Field(None, description=MODEL_FIELD)

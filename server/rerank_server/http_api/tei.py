@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field, ValidationError
 from rerank_server import calls
 from rerank_server.core import FieldNames, RerankInput, ScoreOptions, Truncation
 from rerank_server.http_api import vllm
-from rerank_server.http_api.common import MODEL_FIELD, HttpApi, call_core, context, requested_model
+from rerank_server.http_api.common import MODEL_FIELD, HttpApi, RequestBody, call_core, context, requested_model
 from rerank_server.http_api.errors import TEI
 
 api = HttpApi("TEI", TEI)
@@ -40,7 +40,7 @@ api = HttpApi("TEI", TEI)
 TEI_FIELDS = FieldNames(lambda i: "query", lambda i: f"texts[{i}]", "texts")
 
 
-class TeiRerankRequest(BaseModel):
+class TeiRerankRequest(RequestBody):
     query: str
     texts: list[str]
     truncate: bool | None = Field(None, description="absent or true: cut texts to fit; false: refuse them (413)")
@@ -87,8 +87,9 @@ def _validated(model: type[BaseModel], body: dict[str, Any]) -> Any:
     responses={413: {"model": TeiError}, 422: {"model": TeiError}, 429: {"model": TeiError}},
     openapi_extra={"requestBody": {"content": {"application/json": {"schema": _BODIES}}, "required": True}},
 )
-async def rerank(request: Request, raw: dict[str, Any] = Body(...)) -> JSONResponse:  # noqa: B008
-    if "documents" in raw and "texts" not in raw:
+async def rerank(request: Request, raw: Any = Body(...)) -> JSONResponse:  # noqa: B008
+    # Any body: one that is not an object is refused by the request model, in the words of every API's.
+    if isinstance(raw, dict) and "documents" in raw and "texts" not in raw:
         return await vllm.rerank(_validated(vllm.VllmRerankRequest, raw), request)
     body: TeiRerankRequest = _validated(TeiRerankRequest, raw)
     truncation = Truncation.NONE if body.truncate is False else _TRUNCATION[body.truncation_direction.lower()]

@@ -31,10 +31,12 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BeforeValidator, Field
+from pydantic_core import PydanticCustomError
 
 from rerank_server.core import FieldNames, RerankInput, ScoreInput, ScoreOptions, Truncation
 from rerank_server.errors import EmptyInputError, InvalidRequestError, field_error
+from rerank_server.http_api import common
 from rerank_server.http_api.common import MODEL_FIELD, HttpApi, call_core, context, request_id, requested_model
 from rerank_server.http_api.errors import VLLM
 
@@ -44,7 +46,7 @@ api = HttpApi("vLLM", VLLM)
 SCORE_SIDES = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
 
 
-class VllmActivation(BaseModel):
+class VllmActivation(common.RequestBody):
     """vLLM's activation switch, under its three names (score and rerank bodies alike)."""
 
     softmax: bool | None = Field(None, description="an older name of `use_activation`")
@@ -70,8 +72,16 @@ class VllmOptions(VllmActivation):
     )
 
 
+def _texts(value: Any) -> Any:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise PydanticCustomError("texts_type", "must be a string or a list of strings")
+    return value
+
+
 # One string is a list of one (the pairing rules treat them alike); errors then name text_2[i] alone.
-Texts = Annotated[list[str], BeforeValidator(lambda value: [value] if isinstance(value, str) else value)]
+Texts = Annotated[list[str], BeforeValidator(_texts)]
 
 
 class ScoreRequest(VllmOptions):
@@ -95,7 +105,7 @@ class ScoreRequest(VllmOptions):
             if getattr(self, first) is not None or getattr(self, second) is not None:
                 missing = second if getattr(self, first) is not None else first
                 break
-        raise field_error(InvalidRequestError, missing, f"Field required (the two sides: one of {pairs})")
+        raise field_error(InvalidRequestError, missing, f"is required (the two sides: one of {pairs})")
 
 
 class VllmRerankRequest(VllmOptions):
@@ -107,16 +117,11 @@ class VllmRerankRequest(VllmOptions):
     return_documents: bool = True
 
 
-def options(request: Request, k: int | None, model: str, priority: int = 0, side: str | None = None) -> ScoreOptions:
-    """truncate_prompt_tokens `k` and truncation_side `side` as the core's truncation and max_length (`model`'s
-    limit)."""
+def options(k: int | None, priority: int = 0, side: str | None = None) -> ScoreOptions:
+    """truncate_prompt_tokens `k` and truncation_side `side` as the core's truncation and max_length: a `k` past the
+    model's limit is refused by the core, naming truncate_prompt_tokens, as it refuses gRPC's max_length."""
     if k is None:
         return ScoreOptions(truncation=Truncation.NONE, priority=priority)
-    limit = context(request).core.describe(model).max_length
-    if k > limit:
-        raise field_error(
-            InvalidRequestError, "truncate_prompt_tokens", f"{k} is greater than the model's max length {limit}"
-        )
     return ScoreOptions(
         truncation=Truncation.START if side == "left" else Truncation.END,
         max_length=None if k == -1 else k,
@@ -136,7 +141,7 @@ async def _score(body: ScoreRequest, request: Request) -> JSONResponse:
             f"holds {len(second)} texts for the {len(first)} of {name_1}: the lengths must be 1:1, 1:N or N:N",
         )
     model = requested_model(request, body.model)
-    score_options = options(request, body.truncate_prompt_tokens, model, body.priority, body.truncation_side)
+    score_options = options(body.truncate_prompt_tokens, body.priority, body.truncation_side)
     core = context(request).core
     if len(first) == 1:
         # 1:N is a rerank: the query is tokenized once and checked like every API's query.
@@ -183,7 +188,7 @@ async def rerank(body: VllmRerankRequest, request: Request) -> JSONResponse:
         body.query,
         body.documents,
         top_n=body.top_n,
-        options=options(request, body.truncate_prompt_tokens, model, body.priority, body.truncation_side),
+        options=options(body.truncate_prompt_tokens, body.priority, body.truncation_side),
         model=model,
     )
     output = await call_core(request, lambda deadline: core.rerank(core_input, deadline))
