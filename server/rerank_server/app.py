@@ -4,8 +4,9 @@ call policy (auth, draining, metrics), and the local Triton it may supervise. `r
 
 Lifecycle: start (or reach) Triton, wait for the model, serve. On SIGTERM or Ctrl-C: health turns
 NOT_SERVING, clients are moved away (gRPC's GOAWAY, HTTP connections closed after their answer), in-flight
-calls get up to --shutdown-grace-s to finish, then the server and the local Triton stop and the process exits 0. A local Triton that dies is
-restarted with backoff while the frontend keeps answering (UNAVAILABLE, fast) until it is back.
+calls get up to --shutdown-grace-s to finish, then the server and the local Triton stop and the process
+exits 0. A local Triton that dies is restarted with backoff while the frontend keeps answering (UNAVAILABLE,
+fast) until it is back.
 """
 
 from __future__ import annotations
