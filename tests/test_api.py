@@ -246,6 +246,7 @@ def assert_plain(details: str, violations: list, field: str | None = None) -> No
         (lambda c: c.score([(text(40), "d")]), "pairs[0].text_a", "text_a: is more than 12 tokens long"),
         (lambda c: c.rerank("q", ["a", text(80)], truncation="none", max_length=32), "documents[1]", "does not fit"),
         (lambda c: c.rerank(QUERY, ["d"] * 5), "documents", "holds more than 4 entries; the limit is 4 per request"),
+        (lambda c: c.rerank(QUERY, ["d"], truncation=99), "truncation", "99 is not one of TRUNCATION_UNSPECIFIED (0)"),
     ],
 )
 def test_each_refusal_names_its_field_once_and_cuts_what_it_repeats(

@@ -28,7 +28,7 @@ from rerank_server.core import (
     Truncation,
     Usage,
 )
-from rerank_server.errors import InvalidRequestError, ServiceError, field_error
+from rerank_server.errors import InvalidRequestError, ServiceError, field_error, shown
 from rerank_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ def stream_error(error: ServiceError) -> rerank_pb2.StreamError:
 
 def _options(request: rerank_pb2.RerankRequest | rerank_pb2.ScoreRequest) -> ScoreOptions:
     if request.truncation not in _TRUNCATION:
-        raise field_error(InvalidRequestError, "truncation", f"unknown value {request.truncation}")
+        allowed = ", ".join(f"{rerank_pb2.Truncation.Name(v)} ({v})" for v in _TRUNCATION)
+        raise field_error(InvalidRequestError, "truncation", f"{request.truncation} is not one of {allowed}")
     return ScoreOptions(
         truncation=_TRUNCATION[request.truncation],
         max_length=request.max_length or None,
@@ -127,7 +128,7 @@ class RerankService(rerank_pb2_grpc.RerankServiceServicer):
             except ServiceError as error:
                 response = rerank_pb2.RerankStreamResponse(id=message.id, error=stream_error(error))
             except Exception:
-                log.exception("RerankStream message %r failed", message.id)
+                log.exception("RerankStream message %s failed", shown(message.id))
                 internal = rerank_pb2.StreamError(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
                 response = rerank_pb2.RerankStreamResponse(id=message.id, error=internal)
             await answers.put(response)

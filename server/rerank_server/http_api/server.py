@@ -64,7 +64,9 @@ def create_app(core: RerankCore, settings: Settings, draining: Callable[[], bool
         content_type = request.headers.get("content-type", "")
         if request.method == "POST" and "json" not in content_type:
             # FastAPI reads a body as JSON only when it says so (curl -d sends a form type by default).
-            message = f"send the body as JSON with content-type: application/json (got {content_type!r}); {message}"
+            message = (
+                f"send the body as JSON with content-type: application/json (got {shown(content_type)}); {message}"
+            )
         return shape_for(request.url.path).response(Kind.INVALID, message)
 
     @app.exception_handler(HTTPException)
