@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ import pytest
 from rerank_client import RerankClient, RerankError, from_stream_error, stream_request
 from rerank_client.pb import rerank_pb2
 from tests.certs import Authority
-from tests.conftest import Stack, frontend
+from tests.conftest import Stack, frontend, wait_for
+from tests.test_operations import sample, scrape
 from tests.texts import QUERY, mixed_documents, text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -395,6 +397,143 @@ def test_typescript_docs_snippets_type_check(ts_project: Path) -> None:
             files.append(f"snippets/{name}")
     assert len(files) >= 5
     tsc(ts_project, files, noEmit=True)
+
+
+def run_script(project: Path, name: str, source: str, *args: str, timeout: float = 120) -> str:
+    """A Node module written into the project that installed the SDK's tarball, run; its output."""
+    (project / name).write_text(textwrap.dedent(source))
+    return run(["node", name, *args], project, timeout=timeout)
+
+
+def server_calls(stack: Stack, rpc: str, code: str) -> float:
+    return sample(scrape(stack.metrics_url), "rerank_calls_total", rpc=rpc, code=code)
+
+
+# An endless stream of requests, one every 20 ms, counting those the SDK has taken: only the caller ends it.
+TS_ENDLESS_REQUESTS = """
+    import { RerankClient, streamRequest } from "@rerank-service/client";
+
+    // Each message a fraction of a second of the tiny model's work: the server has messages in hand when the
+    // stream ends (an idle stream it may count OK).
+    const documents = Array.from({ length: 32 }, (_, i) => `document ${i} `.repeat(50));
+    export const pulled = { count: 0 };
+    export async function* endless() {
+      for (let i = 0; ; i++) {
+        pulled.count += 1;
+        yield streamRequest(`m${i}`, "a query", documents);
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+    }
+    export const client = new RerankClient(process.argv[2], { timeoutMs: 60_000 });
+"""
+
+
+@pytest.mark.e2e
+def test_typescript_stream_left_early_is_cancelled_on_the_server(ts_project: Path, stack: Stack) -> None:
+    """A `break` out of rerankStream's loop cancels the call: the SDK stops taking requests, the server
+    counts the stream CANCELLED with the process and its connection still up, and once the client is closed
+    the process ends. (connect's iterable has no return(): the stream stayed open, its requests sent and
+    answered, until its deadline, and the deadline's timer kept Node running until then.)"""
+    (ts_project / "endless.mjs").write_text(textwrap.dedent(TS_ENDLESS_REQUESTS))
+    (ts_project / "left_early.mjs").write_text(
+        textwrap.dedent(
+            """
+            import { client, endless, pulled } from "./endless.mjs";
+
+            let answers = 0;
+            for await (const _ of client.rerankStream(endless())) {
+              if (++answers === 1) break;
+            }
+            const atBreak = pulled.count;
+            await new Promise((resolve) => setTimeout(resolve, 1000));
+            console.log(JSON.stringify({ atBreak, later: pulled.count }));
+            // Up, the connection too, until the test has read the server's metrics (it closes stdin).
+            await new Promise((resolve) => process.stdin.on("end", resolve).resume());
+            client.close();
+            """
+        )
+    )
+    before = server_calls(stack, "RerankStream", "CANCELLED")
+    script = subprocess.Popen(
+        ["node", "left_early.mjs", stack.target],
+        cwd=ts_project,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    killer = threading.Timer(90, script.kill)
+    killer.start()
+    try:
+        assert script.stdout is not None and script.stdin is not None
+        line = script.stdout.readline()
+        assert line.startswith("{"), line + script.stdout.read()
+        pulled = json.loads(line)
+        assert pulled["later"] <= pulled["atBreak"] + 1, f"requests still taken after the break: {pulled}"
+        wait_for(
+            lambda: (
+                server_calls(stack, "RerankStream", "CANCELLED") > before
+                and sample(scrape(stack.metrics_url), "rerank_inflight_calls") == 0
+            ),
+            "the stream cancelled on the server",
+            timeout_s=15,
+        )
+        script.stdin.close()
+        assert script.wait(20) == 0, script.stdout.read()  # well before the stream's deadline (60 s)
+    finally:
+        killer.cancel()
+        script.kill()
+        script.wait()
+
+
+@pytest.mark.e2e
+def test_typescript_client_closed_with_a_stream_in_flight_leaves_the_process_running(
+    ts_project: Path, stack: Stack
+) -> None:
+    """close() with a call in flight: the call fails CancelledError, and the process lives on. (connect-node
+    armed its keepalive ping again as the destroyed session's streams closed; 30 s later it pinged that
+    session, and Node's ERR_HTTP2_INVALID_SESSION, thrown in a timer, ended the process.)"""
+    (ts_project / "endless.mjs").write_text(textwrap.dedent(TS_ENDLESS_REQUESTS))
+    source = """
+        import { client, endless } from "./endless.mjs";
+
+        try {
+          for await (const _ of client.rerankStream(endless())) {
+            client.close(); // at the first answer, the stream still sending
+          }
+          console.log("the stream ended");
+        } catch (error) {
+          console.log(error.name, error.message);
+        }
+        // Past connect-node's ping interval (30 s).
+        await new Promise((resolve) => setTimeout(resolve, 32_000));
+        console.log("still running");
+    """
+    output = run_script(ts_project, "closed_in_flight.mjs", source, stack.target, timeout=90)
+    failure, *after = output.splitlines()
+    assert failure.startswith("CancelledError CANCELLED: ") and after == ["still running"], output
+
+
+@pytest.mark.e2e
+def test_typescript_retries_that_are_not_an_integer_are_refused(ts_project: Path) -> None:
+    """`retries: NaN` (`Number(process.env.RERANK_RETRIES)` unset) never reached the last attempt: a call
+    was retried until its deadline (and without one, for ever). The constructor refuses it, as it refuses a
+    fraction or Infinity; a negative count is none, and a count past 4 is 4, as in the Python SDK."""
+    source = """
+        import { RerankClient } from "@rerank-service/client";
+
+        for (const retries of [Number.NaN, 2.5, Infinity, -1, 0, 10]) {
+          try {
+            new RerankClient("127.0.0.1:1", { retries }).close();
+            console.log(retries, "accepted");
+          } catch (error) {
+            console.log(retries, error.name);
+          }
+        }
+    """
+    output = run_script(ts_project, "retries.mjs", source)
+    refused = [f"{n} RangeError" for n in ("NaN", "2.5", "Infinity")]
+    assert output.splitlines() == [*refused, "-1 accepted", "0 accepted", "10 accepted"], output
 
 
 # -- Go ---------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 
 import { setMaxListeners } from "node:events";
 import { readFileSync } from "node:fs";
+import type { ClientHttp2Session, ClientHttp2Stream } from "node:http2";
 
 import { create } from "@bufbuild/protobuf";
 import { type CallOptions, type Client, Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
@@ -306,7 +307,10 @@ export interface ClientOptions {
    * the constructor throws a TypeError for another character. "" or undefined: none.
    */
   token?: string | undefined;
-  /** How often rerank, score, modelInfo and listModels are retried, with backoff, on UNAVAILABLE; at most 4. */
+  /**
+   * How often rerank, score, modelInfo and listModels are retried, with backoff, on UNAVAILABLE; at most 4
+   * (more counts as 4), 0 or less none. Not an integer (NaN, 2.5): the constructor throws a RangeError.
+   */
   retries?: number | undefined;
   /** The largest message sent or received. */
   maxMessageBytes?: number | undefined;
@@ -455,6 +459,43 @@ function nodeErrorCode(reason: unknown): string | undefined {
   return typeof code === "string" ? code : undefined;
 }
 
+// The sessions whose ping guardPing has wrapped.
+const GUARDED = new WeakSet<ClientHttp2Session>();
+
+/**
+ * Make `session.ping` answer a destroyed session with an error (to its callback) instead of throwing.
+ * connect-node 2.1's keepalive can outlive its connection: when close() destroys a session with calls in
+ * flight, the manager stops its timers first and the calls' streams close afterwards; the last to close
+ * arms the idle ping again, which 30 s later pings the destroyed session, and Node's ERR_HTTP2_INVALID_SESSION,
+ * thrown in a timer, ended the process.
+ */
+function guardPing(session: ClientHttp2Session | undefined): void {
+  if (session === undefined || GUARDED.has(session)) {
+    return;
+  }
+  GUARDED.add(session);
+  const ping = session.ping.bind(session) as (...args: unknown[]) => boolean;
+  session.ping = ((...args: unknown[]): boolean => {
+    if (!session.destroyed) {
+      return ping(...args);
+    }
+    const callback = args[args.length - 1];
+    if (typeof callback === "function") {
+      process.nextTick(callback, new Error("the HTTP/2 session is closed"), 0, Buffer.alloc(8));
+    }
+    return false;
+  }) as ClientHttp2Session["ping"];
+}
+
+/** connect-node's session manager, every session it opens a stream on guarded (see guardPing). */
+class SessionManager extends Http2SessionManager {
+  override async request(...args: Parameters<Http2SessionManager["request"]>): Promise<ClientHttp2Stream> {
+    const stream = await super.request(...args);
+    guardPing(stream.session as ClientHttp2Session | undefined);
+    return stream;
+  }
+}
+
 /**
  * A client of one rerank service. `target` is `host:port`, a base URL (`https://host:port`) or a gRPC
  * name for one address (`dns:///host:port`, `ipv4:address:port`, `ipv6:[address]:port`); the constructor
@@ -478,11 +519,16 @@ export class RerankClient {
     this.target = target;
     this.timeoutMs = options.timeoutMs === undefined ? DEFAULT_TIMEOUT_MS : options.timeoutMs;
     this.retries = options.retries ?? DEFAULT_RETRIES;
+    if (!Number.isInteger(this.retries)) {
+      // NaN (`Number(process.env.RERANK_RETRIES)` unset) would never reach the last attempt: a call would be
+      // retried until its deadline, and without one for ever.
+      throw new RangeError(`retries must be an integer, got ${String(options.retries)}`);
+    }
     // Every call pausing between retries listens to it: no cap on listeners (each is removed after its pause).
     setMaxListeners(0, this.closing.signal);
     const maxBytes = options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
     // Keepalive: find dead connections (a replica gone without a FIN) within ~40 s, idle or not.
-    this.session = new Http2SessionManager(
+    this.session = new SessionManager(
       baseUrl,
       { pingIntervalMs: 30_000, pingTimeoutMs: 10_000, pingIdleConnection: true },
       tls ? { ca: tls.ca, cert: tls.cert, key: tls.key } : {},
@@ -543,7 +589,8 @@ export class RerankClient {
    * message is answered with `outcome.case === "error"` (fromStreamError turns it into the error the
    * unary call would have thrown); a failure of the stream itself throws. An error of `requests`, or a
    * message the SDK refuses (an InvalidRequestError naming the field: "requests[3].request.query"), ends
-   * the stream and is what the iteration throws. Streams are not retried.
+   * the stream and is what the iteration throws. Leaving the iteration early (`break`, a throw in the loop)
+   * or the caller's `signal` cancels the stream: the server stops its pending work. Streams are not retried.
    */
   async *rerankStream(
     requests: Iterable<RerankStreamRequest> | AsyncIterable<RerankStreamRequest>,
@@ -576,10 +623,39 @@ export class RerankClient {
     const onHeader = (headers: Headers) => {
       heard = headers.get(REQUEST_ID_HEADER) ?? undefined;
     };
+    // Aborted when the caller stops reading (a `break`, a throw in its loop): connect's iterable has no
+    // return(), and the call would stay open, its requests still sent and the server still answering them
+    // until the deadline. Linked to the caller's signal, whatever its reason: connect resets the stream with
+    // CANCEL for an abort, and the caller gets a CancelledError.
+    const stop = new AbortController();
+    const onAbort = () => stop.abort();
+    if (settings.signal?.aborted) {
+      onAbort();
+    }
+    settings.signal?.addEventListener("abort", onAbort, { once: true });
+    const callOptions = this.callOptions(settings.timeoutMs, { ...settings, signal: stop.signal });
+    const responses = this.stub.rerankStream(checked(), { ...callOptions, onHeader })[Symbol.asyncIterator]();
+    let ended = false;
     try {
-      yield* this.stub.rerankStream(checked(), { ...this.callOptions(settings.timeoutMs, settings), onHeader });
+      for (;;) {
+        const next = await responses.next();
+        if (next.done === true) {
+          ended = true;
+          break;
+        }
+        yield next.value;
+      }
     } catch (error) {
+      ended = true;
       throw refused ?? this.failure(error, settings.signal, heard);
+    } finally {
+      settings.signal?.removeEventListener("abort", onAbort);
+      if (!ended) {
+        // Read once more after the abort: connect then fails the call and releases what it holds, its
+        // deadline's timer among them, which would keep Node running until the deadline.
+        stop.abort();
+        responses.next().catch(() => undefined);
+      }
     }
     if (refused !== undefined) {
       throw refused;

@@ -695,6 +695,26 @@ test("rerankStream: a message with a lone surrogate fails the iteration with an 
   assert.equal((await sdk.rerank("q", ["d"])).results.length, 1);
 });
 
+test("rerankStream: the caller's signal, with any reason, ends the stream with CancelledError; the client goes on", async () => {
+  const sdk = client();
+  for (const reason of [undefined, new Error("stop"), "stop"]) {
+    const aborter = new AbortController();
+    async function* endless() {
+      for (let i = 0; ; i++) {
+        yield streamRequest(`m${i}`, "q", ["d"]);
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+    }
+    const error = await failure(async () => {
+      for await (const _ of sdk.rerankStream(endless(), { signal: aborter.signal })) {
+        aborter.abort(reason);
+      }
+    });
+    assert.ok(error instanceof CancelledError && error.code === Code.Canceled, `${String(reason)}: ${String(error)}`);
+  }
+  assert.equal((await sdk.rerank("q", ["d"])).results.length, 1);
+});
+
 // -- targets: host:port, URLs, and the gRPC names of one address ------------------------------------------
 
 test("a gRPC target for one address (dns:///, dns:, ipv4:) reaches the server; one the transport cannot use is a TypeError", async () => {
