@@ -16,6 +16,7 @@ import pytest
 
 from rerank_client import (
     AsyncRerankClient,
+    CancelledError,
     InvalidRequestError,
     RerankClient,
     RerankError,
@@ -452,6 +453,24 @@ async def test_the_async_client_covers_every_rpc(stack: Stack) -> None:
     assert {r.index: r.logit for r in ranked.results}[0] == pytest.approx(scored.scores[0].logit, abs=ATOL)
     assert [a.id for a in answers] == ["x"]
     assert [v.field for v in caught.value.field_violations] == ["max_length"]
+
+
+async def test_a_closed_clients_calls_fail_cancelled_in_both_twins(stack: Stack) -> None:
+    """As the TypeScript and Go clients' do; gRPC's own ValueError and UsageError are no RerankError."""
+    with RerankClient(stack.target, timeout=60) as client:
+        assert len(client.rerank("q", ["a"]).results) == 1
+    for call in (
+        lambda: client.rerank("q", ["a"]),
+        lambda: list(client.rerank_stream([stream_request("x", "q", ["a"])])),
+    ):
+        with pytest.raises(CancelledError, match="the client is closed"):
+            call()
+    async with AsyncRerankClient(stack.target, timeout=60) as twin:
+        assert len((await twin.rerank("q", ["a"])).results) == 1
+    with pytest.raises(CancelledError, match="the client is closed"):
+        await twin.model_info()
+    with pytest.raises(CancelledError, match="the client is closed"):
+        [a async for a in twin.rerank_stream([stream_request("x", "q", ["a"])])]
 
 
 def test_an_http_caller_that_disconnects_stops_its_pending_work(long_stack: Stack) -> None:

@@ -18,7 +18,7 @@ from typing import Any, TypeAlias, cast
 import grpc
 import grpc.aio
 
-from rerank_client.errors import REQUEST_ID_KEY, InvalidRequestError, from_rpc_error
+from rerank_client.errors import REQUEST_ID_KEY, CancelledError, InvalidRequestError, from_rpc_error
 from rerank_client.pb import SERVICE_NAME, rerank_pb2, rerank_pb2_grpc
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -308,13 +308,17 @@ class _ClientConfig:
         self.credentials = credentials
         self.options = channel_options(max_message_bytes, retries)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self.closed = False
 
     def deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
     def call_metadata(self, request_id: str | None) -> tuple[tuple[str, str], ...] | None:
         """The client's metadata, and `x-request-id` when the call has one. gRPC's retries resend the
-        call's metadata: every attempt carries the same id."""
+        call's metadata: every attempt carries the same id. A closed client's call fails here, CANCELLED, as
+        the TypeScript and Go clients' do (gRPC itself raises ValueError or its own UsageError)."""
+        if self.closed:
+            raise CancelledError(grpc.StatusCode.CANCELLED, "the client is closed")
         _check_request_id(request_id)
         if not request_id:
             return self.metadata
@@ -461,6 +465,7 @@ class RerankClient:
             raise from_rpc_error(error) from None
 
     def close(self) -> None:
+        self._config.closed = True
         self._channel.close()
 
     def __enter__(self) -> RerankClient:
@@ -599,6 +604,7 @@ class AsyncRerankClient:
             raise from_rpc_error(error) from None
 
     async def close(self) -> None:
+        self._config.closed = True
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncRerankClient:

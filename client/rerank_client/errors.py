@@ -7,7 +7,7 @@ RerankError
 ├── RerankTimeoutError      DEADLINE_EXCEEDED
 ├── UnavailableError        UNAVAILABLE (server down, draining or restarting: safe to retry)
 ├── AuthenticationError     UNAUTHENTICATED, PERMISSION_DENIED
-├── CancelledError          CANCELLED
+├── CancelledError          CANCELLED (or a call on a closed client)
 └── ServerError             INTERNAL, UNKNOWN and anything else
 """
 
