@@ -520,7 +520,7 @@ export class RerankClient {
     this.timeoutMs = options.timeoutMs === undefined ? DEFAULT_TIMEOUT_MS : options.timeoutMs;
     this.retries = options.retries ?? DEFAULT_RETRIES;
     if (!Number.isInteger(this.retries)) {
-      // NaN (`Number(process.env.RERANK_RETRIES)` unset) would never reach the last attempt: a call would be
+      // NaN (`Number(process.env.RETRIES)` unset) would never reach the last attempt: a call would be
       // retried until its deadline, and without one for ever.
       throw new RangeError(`retries must be an integer, got ${String(options.retries)}`);
     }
