@@ -323,6 +323,40 @@ def test_streams_their_callers_cancel_mid_answer_are_counted_cancelled_without_a
 
 
 @pytest.mark.e2e
+def test_streams_their_callers_cancel_while_the_server_waits_for_a_message_are_counted_cancelled(
+    guarded: Stack,
+) -> None:
+    """Every answer sent and the stream kept open, the caller cancels while the handler waits for its next
+    message: the call is counted as the caller saw it, CANCELLED, not OK."""
+    before = scrape(guarded.metrics_url)
+
+    def counted(code: str) -> float:
+        now = scrape(guarded.metrics_url)
+        return sample(now, "rerank_calls_total", rpc="RerankStream", code=code) - sample(
+            before, "rerank_calls_total", rpc="RerankStream", code=code
+        )
+
+    async def answered_then_cancelled() -> None:
+        async with grpc.aio.insecure_channel(guarded.target) as channel:
+            open_stream = channel.stream_stream("/rerank.v1.RerankService/RerankStream")
+            held = asyncio.Event()
+
+            async def messages() -> AsyncIterator[bytes]:
+                yield stream_request("only", QUERY, ["d", "e"]).SerializeToString()
+                await held.wait()  # the stream stays open, with nothing more to answer
+
+            call = open_stream(messages(), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=60)
+            assert await call.read()  # the one answer
+            await asyncio.sleep(0.3)
+            call.cancel()
+
+    for _ in range(3):
+        asyncio.run(answered_then_cancelled())
+    wait_for(lambda: counted("CANCELLED") + counted("OK") >= 3, "every cancelled stream counted")
+    assert (counted("CANCELLED"), counted("OK")) == (3, 0)
+
+
+@pytest.mark.e2e
 def test_streams_that_send_nothing_until_their_deadline_end_without_an_error_logged(guarded: Stack) -> None:
     """A RerankStream kept open with no message until its deadline passes ends DEADLINE_EXCEEDED, and the
     handler's last pending step (the end of its requests) is collected: no "Task exception was never

@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import psutil
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rerank_client import (
     AsyncRerankClient,
@@ -242,6 +242,10 @@ def test_sigterm_under_load_lets_in_flight_calls_finish_and_exits_0(stack: Stack
         threads = [threading.Thread(target=call) for _ in range(3)]
         for thread in threads:
             thread.start()
+        # A health watch (a stream, no call) on the API port must not hold the stop for the whole grace.
+        watching = grpc.insecure_channel(served.target)
+        watch = health_pb2_grpc.HealthStub(watching).Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         assert wait_until(lambda: sample(scrape(served.metrics_url), "rerank_inflight_calls") == 3, 60)
         served.process.send_signal(signal.SIGTERM)
         time.sleep(0.3)
@@ -253,7 +257,8 @@ def test_sigterm_under_load_lets_in_flight_calls_finish_and_exits_0(stack: Stack
             thread.join(300)
         assert all(isinstance(o, rerank_pb2.RerankResponse) for o in outcomes), outcomes
         assert len(outcomes) == 3
-        assert served.process.wait(60) == 0
+        assert served.process.wait(60) == 0  # not the 300 s grace: the watch was ended
+        watching.close()
 
 
 def test_the_sdk_retries_unavailable_whatever_the_request_size(stack: Stack, model_repository: Path) -> None:
@@ -271,7 +276,12 @@ def test_the_sdk_retries_unavailable_whatever_the_request_size(stack: Stack, mod
                 with pytest.raises(UnavailableError) as refused:
                     client.rerank(QUERY, documents, request_id=request_id)
                 assert refused.value.request_id == request_id
-        assert sample(scrape(served.metrics_url), "rerank_calls_total", rpc="Rerank", code="UNAVAILABLE") == 2 * 4
+
+        # Counted as each refusal's handler ends, which may be just after the caller has its answer.
+        def refused_calls() -> float:
+            return sample(scrape(served.metrics_url), "rerank_calls_total", rpc="Rerank", code="UNAVAILABLE")
+
+        assert wait_until(lambda: refused_calls() == 2 * 4, 10), refused_calls()
     finally:
         assert stop_serve(served) == 0, "".join(served.output[-30:])
 

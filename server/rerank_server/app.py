@@ -47,6 +47,9 @@ RERANK_SERVICE = SERVICE_NAME
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # "" is the server as a whole, RERANK_SERVICE the API: both SERVING only while every served model is ready.
 HEALTH_SERVICES = ("", RERANK_SERVICE)
+# Seconds the streams that are no calls (health watches, reflection) are given once the drain's calls are done.
+STREAMS_LEFT_S = 1.0
+
 # For liveness probes: SERVING while the process runs (until it drains), whatever Triton's state, so
 # that a Triton outage makes pods unready without getting healthy frontends restarted.
 LIVENESS_SERVICE = "liveness"
@@ -249,6 +252,9 @@ class Frontend:
         stopping = asyncio.ensure_future(self._server.stop(grace_s))
         if not await self.calls.wait_idle(grace_s):
             log.warning("%d calls still in flight after %.0fs; ending them", self.calls.inflight, grace_s)
+        # What is left are no calls: health watches and reflection streams, which would hold the stop for all of
+        # grace_s. A second, if shorter, grace lets the last answers be written.
+        await self._server.stop(STREAMS_LEFT_S)
         if self.http is not None:
             await self.http.stop()
         await stopping
