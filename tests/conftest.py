@@ -12,6 +12,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -325,13 +326,23 @@ def stopped_cleanly() -> Iterator[None]:
     assert not failures, "\n\n".join(failures)
 
 
+# A stop slower than this is reported (pytest's warnings summary) with the server's last lines: it costs the
+# suite's time and may be a shutdown waiting on something it should not.
+SLOW_STOP_S = 10
+
+
 def stop_serve(stack: Stack, timeout_s: float = 60) -> int:
+    started = time.monotonic()
     stack.process.terminate()
     try:
         return stack.process.wait(timeout_s)
     except subprocess.TimeoutExpired:
         stack.process.kill()
         raise
+    finally:
+        took = time.monotonic() - started
+        if took > SLOW_STOP_S:
+            warnings.warn(f"{stack.target} took {took:.0f} s to stop:\n" + "".join(stack.output[-15:]), stacklevel=2)
 
 
 @e2e_fixture(scope="session")

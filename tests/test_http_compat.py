@@ -386,7 +386,9 @@ def _pending(stack: Stack) -> int:
     return sum(int(float(line.rsplit(" ", 1)[1])) for line in lines)
 
 
-DOCUMENTS_QUEUED = 300
+# Four times max_batch_size: the queue behind the batch the stopped stub holds is long enough to tell a call
+# answered ahead of it (most of it still queued) from one answered behind it (less than a batch left).
+DOCUMENTS_QUEUED = 128
 
 
 def _settled_pending(stack: Stack, at_least: int, quiet_s: float = 0.5) -> int:

@@ -424,7 +424,8 @@ TS_ENDLESS_REQUESTS = """
         await new Promise((resolve) => setTimeout(resolve, 20));
       }
     }
-    export const client = new RerankClient(process.argv[2], { timeoutMs: 60_000 });
+    // Pinged as often as the server allows (10 s): a test can outlast the interval in seconds.
+    export const client = new RerankClient(process.argv[2], { timeoutMs: 60_000, keepaliveMs: 10_000 });
 """
 
 
@@ -491,8 +492,8 @@ def test_typescript_client_closed_with_calls_in_flight_leaves_the_process_runnin
     ts_project: Path, stack: Stack
 ) -> None:
     """close() with a rerank call and a stream in flight: both fail CancelledError, and the process lives on.
-    (connect-node armed its keepalive ping again as the destroyed session's streams closed; 30 s later it
-    pinged that session, and Node's ERR_HTTP2_INVALID_SESSION, thrown in a timer, ended the process.)"""
+    (connect-node armed its keepalive ping again as the destroyed session's streams closed; an interval later
+    it pinged that session, and Node's ERR_HTTP2_INVALID_SESSION, thrown in a timer, ended the process.)"""
     (ts_project / "endless.mjs").write_text(textwrap.dedent(TS_ENDLESS_REQUESTS))
     source = """
         import { client, endless } from "./endless.mjs";
@@ -509,8 +510,8 @@ def test_typescript_client_closed_with_calls_in_flight_leaves_the_process_runnin
         const outcomes = await Promise.allSettled([rerank, stream]);
         const shown = (o) => (o.status === "rejected" ? `${o.reason.name} ${o.reason.code}` : o.status);
         console.log(outcomes.map(shown).join(", "));
-        // Past connect-node's ping interval (30 s).
-        await new Promise((resolve) => setTimeout(resolve, 32_000));
+        // Past the keepalive interval (10 s).
+        await new Promise((resolve) => setTimeout(resolve, 11_500));
         console.log("still running");
     """
     output = run_script(ts_project, "closed_in_flight.mjs", source, stack.target, timeout=90)
@@ -518,25 +519,32 @@ def test_typescript_client_closed_with_calls_in_flight_leaves_the_process_runnin
 
 
 @pytest.mark.e2e
-def test_typescript_retries_that_are_not_an_integer_are_refused(ts_project: Path) -> None:
+def test_typescript_retries_that_are_not_an_integer_and_pings_the_server_refuses_are_refused(
+    ts_project: Path,
+) -> None:
     """`retries: NaN` (`Number(process.env.RERANK_RETRIES)` unset) never reached the last attempt: a call
     was retried until its deadline (and without one, for ever). The constructor refuses it, as it refuses a
-    fraction or Infinity; a negative count is none, and a count past 4 is 4, as in the Python SDK."""
+    fraction or Infinity; a negative count is none, and a count past 4 is 4, as in the Python SDK. A
+    keepalive under the 10 s the server accepts (it would close the connection: too_many_pings) is refused
+    too."""
     source = """
         import { RerankClient } from "@rerank-service/client";
 
-        for (const retries of [Number.NaN, 2.5, Infinity, -1, 0, 10]) {
+        function tried(name, options) {
           try {
-            new RerankClient("127.0.0.1:1", { retries }).close();
-            console.log(retries, "accepted");
+            new RerankClient("127.0.0.1:1", options).close();
+            console.log(name, "accepted");
           } catch (error) {
-            console.log(retries, error.name);
+            console.log(name, error.name);
           }
         }
+        for (const retries of [Number.NaN, 2.5, Infinity, -1, 0, 10]) tried(retries, { retries });
+        for (const keepaliveMs of [Number.NaN, 9_999, 10_000]) tried(`keepalive ${keepaliveMs}`, { keepaliveMs });
     """
     output = run_script(ts_project, "retries.mjs", source)
     refused = [f"{n} RangeError" for n in ("NaN", "2.5", "Infinity")]
-    assert output.splitlines() == [*refused, "-1 accepted", "0 accepted", "10 accepted"], output
+    keepalive = ["keepalive NaN RangeError", "keepalive 9999 RangeError", "keepalive 10000 accepted"]
+    assert output.splitlines() == [*refused, "-1 accepted", "0 accepted", "10 accepted", *keepalive], output
 
 
 # -- Go ---------------------------------------------------------------------------------------------------

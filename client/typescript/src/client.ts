@@ -45,6 +45,10 @@ export const DEFAULT_TIMEOUT_MS = 30_000;
 export const DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
 /** How often an idempotent call (every unary one) is retried on UNAVAILABLE. */
 export const DEFAULT_RETRIES = 3;
+/** How often the connection is pinged, idle or not: a replica gone without a FIN is found within ~40 s. */
+export const DEFAULT_KEEPALIVE_MS = 30_000;
+// The server answers pings more often than every 10 s with GOAWAY (too_many_pings).
+const MIN_KEEPALIVE_MS = 10_000;
 // gRPC caps a call's attempts at 5; the SDKs keep that cap.
 const MAX_ATTEMPTS = 5;
 const INITIAL_BACKOFF_MS = 100;
@@ -314,6 +318,11 @@ export interface ClientOptions {
   retries?: number | undefined;
   /** The largest message sent or received. */
   maxMessageBytes?: number | undefined;
+  /**
+   * How often the connection is pinged in ms, idle or not (30 000; each ping has 10 s to be answered). The
+   * server accepts a ping every 10 s at most: a shorter interval is a RangeError from the constructor.
+   */
+  keepaliveMs?: number | undefined;
   /** More interceptors (logging, tracing, ...), after the SDK's own. */
   interceptors?: Interceptor[] | undefined;
 }
@@ -527,10 +536,13 @@ export class RerankClient {
     // Every call pausing between retries listens to it: no cap on listeners (each is removed after its pause).
     setMaxListeners(0, this.closing.signal);
     const maxBytes = options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
-    // Keepalive: find dead connections (a replica gone without a FIN) within ~40 s, idle or not.
+    const keepaliveMs = options.keepaliveMs ?? DEFAULT_KEEPALIVE_MS;
+    if (!(keepaliveMs >= MIN_KEEPALIVE_MS)) {
+      throw new RangeError(`keepaliveMs must be at least ${MIN_KEEPALIVE_MS}, got ${String(options.keepaliveMs)}`);
+    }
     this.session = new SessionManager(
       baseUrl,
-      { pingIntervalMs: 30_000, pingTimeoutMs: 10_000, pingIdleConnection: true },
+      { pingIntervalMs: keepaliveMs, pingTimeoutMs: 10_000, pingIdleConnection: true },
       tls ? { ca: tls.ca, cert: tls.cert, key: tls.key } : {},
     );
     const interceptors: Interceptor[] = [];
