@@ -14,7 +14,6 @@ a handful), so it costs O(max_documents) whatever the message.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -263,9 +262,7 @@ def _streaming(behavior: Any) -> Any:
             if next_refusal.done():
                 yield next_refusal.result()
             else:
-                next_refusal.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await next_refusal
+                await _cancel(next_refusal)
             next_refusal = None
             while not refusals.empty():
                 yield refusals.get_nowait()
@@ -274,9 +271,7 @@ def _streaming(behavior: Any) -> Any:
                 if pending is None:
                     continue
                 if not pending.done():
-                    pending.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await pending
+                    await _cancel(pending)
                 elif not pending.cancelled():
                     # Done while the call ended (its deadline, a cancel): read, so that asyncio does not log
                     # an exception nobody retrieved (the end of the requests) as an ERROR for each such call.
@@ -285,6 +280,16 @@ def _streaming(behavior: Any) -> Any:
             await _refuse(context, malformed[0])
 
     return streaming
+
+
+async def _cancel(future: asyncio.Future[Any]) -> None:
+    """Cancel `future` and wait until it has ended. Not `await future` under suppress(CancelledError): that
+    would also swallow a cancellation of this task, gRPC's way of ending a call its caller cancelled, and
+    the call would end (and be counted) OK."""
+    future.cancel()
+    await asyncio.wait((future,))
+    if not future.cancelled():
+        future.exception()  # retrieved (the end of the requests, say): asyncio logs none as never retrieved
 
 
 def health_service_handler(servicer: Any) -> grpc.GenericRpcHandler:
