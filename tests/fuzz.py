@@ -46,7 +46,7 @@ calls = st.one_of(
 
 # Calls in flight at once: the server batches them as it batches any callers' (and the run takes a fraction
 # of the time one call after another takes).
-IN_FLIGHT = 4
+IN_FLIGHT = 8
 
 
 def fuzz_rerank_service(target: str, examples: int) -> Counter[str]:
