@@ -9,6 +9,7 @@ extra (torch, transformers).
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
 import socket
@@ -66,6 +67,27 @@ def exported_parameters(model_dir: Path) -> ModelParameters:
 
 
 _HANDED_OUT: set[int] = set()
+# Ports for servers are picked below the kernel's ephemeral range, where it takes the local ports of outgoing
+# connections: a picked port not yet bound (a server exporting its model first) cannot become one of the
+# many client connections' ports meanwhile. Seeded from the OS: each process picks its own sequence.
+_LOWEST_PORT = 10_000
+_RANDOM = random.Random()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port() -> int:
@@ -73,12 +95,19 @@ def free_port() -> int:
     not one this process was given before: a port picked for one server and not yet bound is free again to
     the kernel, and two gRPC servers given the same port share it silently (SO_REUSEPORT), so a client
     would reach either."""
+    high = _ephemeral_low()
     for _ in range(1000):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in _HANDED_OUT:
-            break
+        if high - _LOWEST_PORT >= 1000:
+            port = _RANDOM.randrange(_LOWEST_PORT, high)
+            if port in _HANDED_OUT or not _bindable(port):
+                continue
+        else:  # an unusual ephemeral range: the kernel's pick
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+            if port in _HANDED_OUT:
+                continue
+        break
     _HANDED_OUT.add(port)
     return port
 
