@@ -49,7 +49,7 @@ async def test_each_request_is_scored_by_the_model_it_names_with_its_own_length(
     error = await failure(core.score(ScoreInput([(QUERY, "d")], ScoreOptions(max_length=100), model="beta")))
     assert error.code is ErrorCode.INVALID_ARGUMENT and "exceeds the model's 64" in error.message
     error = await failure(core.rerank(RerankInput(QUERY, ["d"], model="gamma")))
-    assert error.code is ErrorCode.NOT_FOUND and "['alpha', 'beta']" in error.message
+    assert error.code is ErrorCode.NOT_FOUND and "alpha, beta" in error.message
 
 
 async def test_one_admission_budget_across_models() -> None:

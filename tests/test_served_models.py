@@ -73,7 +73,7 @@ def test_a_request_gets_its_model_or_the_default_and_another_name_is_not_found()
     with pytest.raises(ServiceError) as caught:
         models.get("gamma")
     assert caught.value.code is ErrorCode.NOT_FOUND
-    assert caught.value.violations == [("model", "'gamma' is not served here; the served models are ['alpha', 'beta']")]
+    assert caught.value.violations == [("model", "'gamma' is not served here; the served models are alpha, beta")]
     models.remove("beta")
     with pytest.raises(ServiceError, match="the default model 'beta' is not loaded; name one of"):
         models.get("")

@@ -63,9 +63,9 @@ class ServedModels:
         if model is not None:
             return model
         if name:
-            description = f"{shown(name)} is not served here; the served models are {self.names()}"
+            description = f"{shown(name)} is not served here; the served models are {', '.join(self.names())}"
         else:
-            description = f"the default model {self.default!r} is not loaded; name one of {self.names()}"
+            description = f"the default model {self.default!r} is not loaded; name one of {', '.join(self.names())}"
         raise field_error(ModelNotFoundError, "model", description)
 
     def for_client(self, name: str) -> str:
