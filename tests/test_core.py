@@ -194,7 +194,7 @@ async def test_a_request_names_the_served_model_or_none_and_another_name_is_not_
     ):
         error = await failure(work)
         assert error.code is ErrorCode.NOT_FOUND
-        assert error.violations == [("model", f"'other' is not served here; the served models are ['{MODEL.name}']")]
+        assert error.violations == [("model", f"'other' is not served here; the served models are {MODEL.name}")]
 
 
 async def test_text_that_is_no_unicode_is_an_invalid_argument_naming_its_field() -> None:

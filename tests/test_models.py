@@ -367,7 +367,7 @@ def test_models_load_reload_and_unload_while_serving(
             # beta unloaded: not served (NOT_FOUND, its health NOT_SERVING), the others still are.
             as_documented("beta", "unload")
             wait_until(lambda: names() == ["alpha", "gamma"], "beta no longer served", explain=explain)
-            with pytest.raises(ModelNotFoundError, match="the served models are \\['alpha', 'gamma'\\]"):
+            with pytest.raises(ModelNotFoundError, match=r"the served models are alpha, gamma$"):
                 client.rerank(QUERY, documents, model="beta")
             assert health_status(served.target, f"{SERVICE_NAME}/beta") == health_pb2.HealthCheckResponse.NOT_SERVING
             assert health_status(served.target, SERVICE_NAME) == SERVING  # the server is still ready
