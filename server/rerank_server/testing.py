@@ -8,6 +8,7 @@ extra (torch, transformers).
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -21,6 +22,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from rerank_server.triton_launcher import port_taken
 from rerank_triton_model.contract import ModelParameters
 
 # Small enough for fast correctness tests, with more than one global and one local attention layer.
@@ -74,6 +76,7 @@ _LOWEST_PORT = 10_000
 _RANDOM = random.Random()
 
 
+@functools.cache
 def _ephemeral_low() -> int:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -81,17 +84,8 @@ def _ephemeral_low() -> int:
         return 32_768  # Linux's default
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def free_port() -> int:
-    """A TCP port free on the loopback interface now (tests and benchmarks start servers on such ports), and
+    """A TCP port nothing listens on now, on any interface (tests and benchmarks start servers on such ports), and
     not one this process was given before: a port picked for one server and not yet bound is free again to
     the kernel, and two gRPC servers given the same port share it silently (SO_REUSEPORT), so a client
     would reach either."""
@@ -99,7 +93,7 @@ def free_port() -> int:
     for _ in range(1000):
         if high - _LOWEST_PORT >= 1000:
             port = _RANDOM.randrange(_LOWEST_PORT, high)
-            if port in _HANDED_OUT or not _bindable(port):
+            if port in _HANDED_OUT or port_taken(port):
                 continue
         else:  # an unusual ephemeral range: the kernel's pick
             with socket.socket() as s:

@@ -116,14 +116,14 @@ def ports_in_use(ports: dict[str, int], attempts: int = 3, pause_s: float = 1.0)
     tritonserver binds every interface; a port another server holds makes it exit at start, while the
     frontend, reaching "its" Triton at localhost, would find and serve through the other one."""
     for attempt in range(attempts):
-        taken = [f"{name} {port}" for name, port in ports.items() if _taken(port)]
+        taken = [f"{name} {port}" for name, port in ports.items() if port_taken(port)]
         if not taken or attempt == attempts - 1:
             return taken
         time.sleep(pause_s)
     return []
 
 
-def _taken(port: int) -> bool:
+def port_taken(port: int) -> bool:
     """Whether binding `port` on every IPv4 (and, where the host has it, IPv6) interface fails as in use.
     Other failures (no such family, a port the user may not bind) are left for tritonserver to report."""
     for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
