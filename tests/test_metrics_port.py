@@ -74,13 +74,13 @@ async def test_stalled_headers_on_the_metrics_port_time_out_with_the_default_set
 
 async def test_the_metrics_port_answers_as_prometheus_client_did(served: tuple[Metrics, int]) -> None:
     metrics, port = served
-    metrics.calls.labels(surface="grpc", rpc="Rerank", code="OK").inc()
+    metrics.calls.labels(surface="grpc", rpc="Rerank", code="OK", model="reranker").inc()
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
         for path in ("/metrics", "/", "/metrics/"):
             answer = await client.get(path, headers={"accept-encoding": "identity"})
             assert answer.status_code == 200, path
             assert answer.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
-            assert 'rerank_calls_total{code="OK",rpc="Rerank",surface="grpc"} 1.0' in answer.text
+            assert 'rerank_calls_total{code="OK",model="reranker",rpc="Rerank",surface="grpc"} 1.0' in answer.text
             assert "process_open_fds" in answer.text and "content-encoding" not in answer.headers
         # gzip, as Prometheus asks for it.
         answer = await client.get("/metrics", headers={"accept-encoding": "gzip"})

@@ -252,13 +252,35 @@ def test_the_cli_chooses_and_lists_models(pair_stack: Stack, pair_checkpoints) -
 
 
 def test_metrics_and_health_per_model(client: RerankClient, pair_stack: Stack) -> None:
+    before = scrape(pair_stack.metrics_url)
     client.rerank(QUERY, ["for alpha"], model="alpha")
+    client.rerank(QUERY, ["for the default"])  # alpha, the default
     client.rerank(QUERY, ["for beta"], model="beta")
+    (streamed,) = client.rerank_stream([stream_request("s", QUERY, ["for beta"], model="beta")])
+    assert not streamed.HasField("error")
+    answer = httpx.post(f"{pair_stack.http_url}/v2/rerank", json={"model": "beta", "query": QUERY, "documents": ["b"]})
+    assert answer.status_code == 200
+    with pytest.raises(ModelNotFoundError):
+        client.rerank(QUERY, ["for delta"], model="delta")
     metrics = scrape(pair_stack.metrics_url)
     for name in ("alpha", "beta"):
         assert sample(metrics, "rerank_request_pairs_count", model=name) >= 1
         assert sample(metrics, "rerank_input_tokens_total", model=name) > 0
         assert health_status(pair_stack.target, f"{SERVICE_NAME}/{name}") == SERVING
+
+    def calls(**labels: str) -> float:
+        return sample(metrics, "rerank_calls_total", **labels) - sample(before, "rerank_calls_total", **labels)
+
+    # Each call is counted and timed under the model it chose; a model not served counts under "".
+    assert calls(surface="grpc", rpc="Rerank", code="OK", model="alpha") == 2
+    assert calls(surface="grpc", rpc="Rerank", code="OK", model="beta") == 1
+    assert calls(surface="grpc", rpc="RerankStream", code="OK", model="beta") == 1
+    assert calls(surface="cohere", code="200", model="beta") == 1
+    assert calls(surface="grpc", rpc="Rerank", code="NOT_FOUND", model="") == 1
+    latency = "rerank_call_duration_seconds_count"
+    assert (
+        sample(metrics, latency, rpc="Rerank", model="beta") - sample(before, latency, rpc="Rerank", model="beta") == 1
+    )
     assert 'model="delta"' not in metrics  # only served names become label values
 
 

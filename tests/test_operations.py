@@ -56,12 +56,14 @@ def scrape(url: str | None) -> str:
 
 
 def sample(metrics: str, name: str, **labels: str) -> float:
-    """The value of one sample of a Prometheus text exposition (0 when absent)."""
+    """The sum of the samples of `name` in a Prometheus text exposition whose labels include `labels`, as
+    `sum(name{labels})` reads (0 when none): a selector that leaves a label out counts every value of it."""
+    total = 0.0
     for line in metrics.splitlines():
         match = re.match(rf"^{name}(?:\{{([^}}]*)\}})? (\S+)$", line)
         if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
-            return float(match.group(2))
-    return 0.0
+            total += float(match.group(2))
+    return total
 
 
 # -- metrics, logs, settings -------------------------------------------------------------------
@@ -109,6 +111,7 @@ def test_json_logs_carry_the_callers_request_id_which_is_echoed(stack: Stack) ->
             break
         time.sleep(0.2)
     assert mine and mine[0]["rpc"] == "Rerank" and mine[0]["code"] == "OK" and mine[0]["duration_ms"] > 0
+    assert mine[0]["model"] == "reranker"  # the served model the call chose (the default)
 
 
 # -- auth and TLS ----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from rerank_server.observability import Metrics, request_id
+from rerank_server.observability import Metrics, call_model, request_id, start_call_model
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ OTHER = "other"
 
 def start_request(sent: str | bytes | None) -> str:
     """The call's request id: the caller's x-request-id (cut to REQUEST_ID_MAX) where it is printable
-    ASCII, or a new one. It is set for the log lines written while the call runs. gRPC refuses to send a
+    ASCII, or a new one. It is set for the log lines written while the call runs, beside the holder of the
+    model the call chooses (observability.chose_model). gRPC refuses to send a
     metadata value outside 0x20-0x7E (the echo failed as INTERNAL), and a log line is no place for control
     characters."""
     if isinstance(sent, bytes):
@@ -39,6 +40,7 @@ def start_request(sent: str | bytes | None) -> str:
     sent = (sent or "")[:REQUEST_ID_MAX]
     rid = sent if _PRINTABLE.fullmatch(sent) else uuid.uuid4().hex
     request_id.set(rid)
+    start_call_model()
     return rid
 
 
@@ -84,10 +86,18 @@ class Calls:
         return True
 
     def finished(self, surface: str, rpc: str, code: str | int, elapsed_s: float) -> None:
-        """Count a finished call (refused ones too) by surface, RPC (or route) and status; time and log it."""
-        self.metrics.calls.labels(surface=surface, rpc=rpc, code=str(code)).inc()
-        self.metrics.latency.labels(surface=surface, rpc=rpc).observe(elapsed_s)
+        """Count a finished call (refused ones too) by surface, RPC (or route), status and the served model it
+        chose ("" for none); time and log it."""
+        model = call_model()
+        self.metrics.calls.labels(surface=surface, rpc=rpc, code=str(code), model=model).inc()
+        self.metrics.latency.labels(surface=surface, rpc=rpc, model=model).observe(elapsed_s)
         log.info(
             "call finished",
-            extra={"surface": surface, "rpc": rpc, "code": code, "duration_ms": round(elapsed_s * 1000, 2)},
+            extra={
+                "surface": surface,
+                "rpc": rpc,
+                "code": code,
+                "model": model,
+                "duration_ms": round(elapsed_s * 1000, 2),
+            },
         )

@@ -39,7 +39,7 @@ from rerank_server.errors import (
     too_many_documents,
 )
 from rerank_server.models import ServedModel, ServedModels
-from rerank_server.observability import Metrics
+from rerank_server.observability import Metrics, chose_model
 from rerank_server.ranking import rank, sigmoid
 from rerank_server.score_cache import Lookup, ScoreCache, input_keys
 from rerank_server.settings import Settings
@@ -256,7 +256,7 @@ class RerankCore:
 
     def describe(self, model: str = "") -> ModelDescription:
         """The served model `model` names ("": the default one) and the request limits."""
-        served = self.models.get(model)
+        served = self._chosen(model)
         return ModelDescription(
             model=served.info.source_model,
             max_length=served.tokenizer.max_length,
@@ -266,6 +266,12 @@ class RerankCore:
             tokenizer=served.tokenizer.describe(),
             limits=self.limits,
         )
+
+    def _chosen(self, name: str) -> ServedModel:
+        """The served model a request names; the call is counted under its name (observability.chose_model)."""
+        served = self.models.get(name)
+        chose_model(served.name)
+        return served
 
     async def is_ready(self) -> bool:
         """Every served model can answer now. Calls made while a look is under way share it: the HTTP health
@@ -291,7 +297,7 @@ class RerankCore:
 
     async def rerank(self, request: RerankInput, deadline: float | None = None) -> RerankOutput:
         """Score every document against the query; results best first (equal scores by index), top_n of them."""
-        served = self.models.get(request.model)
+        served = self._chosen(request.model)
         if not request.query.strip():
             raise field_error(InvalidRequestError, request.fields.query(0), "must not be empty")
         if not request.documents:
@@ -309,7 +315,7 @@ class RerankCore:
 
     async def score(self, request: ScoreInput, deadline: float | None = None) -> ScoreOutput:
         """Score each (text_a, text_b) pair, in request order."""
-        served = self.models.get(request.model)
+        served = self._chosen(request.model)
         if not request.pairs:
             raise field_error(EmptyInputError, request.fields.collection, "must hold at least one pair")
         self._check_count(len(request.pairs), request.fields)

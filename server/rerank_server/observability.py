@@ -33,6 +33,41 @@ if TYPE_CHECKING:
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
+
+class CallModel:
+    """The served model a call chose, for its metrics and log line ("" until one is chosen, and for calls that
+    choose none: refused, ListModels, a model not served). A holder in a ContextVar, not the name itself: a
+    stream's messages run in tasks of their own, whose copies of the context hold the same holder."""
+
+    __slots__ = ("name",)
+
+    def __init__(self) -> None:
+        self.name = ""
+
+
+_call_model: contextvars.ContextVar[CallModel | None] = contextvars.ContextVar("call_model", default=None)
+
+
+def start_call_model() -> CallModel:
+    """A new call's holder (calls.start_request sets it with the request id)."""
+    holder = CallModel()
+    _call_model.set(holder)
+    return holder
+
+
+def chose_model(name: str) -> None:
+    """The core found the served model `name` for this call: only served names become label values. A call's
+    first choice stays (a stream whose messages name several models is counted under its first's)."""
+    holder = _call_model.get()
+    if holder is not None and not holder.name:
+        holder.name = name
+
+
+def call_model() -> str:
+    holder = _call_model.get()
+    return holder.name if holder is not None else ""
+
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _FAST_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -66,14 +101,14 @@ class Metrics:
         # the HTTP status for HTTP surfaces.
         self.calls = Counter(
             "rerank_calls_total",
-            "Finished calls, by surface, RPC (or route) and status",
-            ["surface", "rpc", "code"],
+            "Finished calls, by surface, RPC (or route), status and the served model the call chose",
+            ["surface", "rpc", "code", "model"],
             registry=r,
         )
         self.latency = Histogram(
             "rerank_call_duration_seconds",
-            "Call latency, by surface and RPC (or route)",
-            ["surface", "rpc"],
+            "Call latency, by surface, RPC (or route) and the served model the call chose",
+            ["surface", "rpc", "model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
