@@ -23,7 +23,6 @@ Writes <output>/cache.json and prints Markdown tables.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -35,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ROOT, TOKENIZER_DIR, machine_info
+from bench.common import TOKENIZER_DIR, machine_info, quick_parser
 from bench.served import ServedStack, export_random, process_rss
 from bench.workloads import FULL, QUICK, Request, Shape, TextMaker, document_lengths
 from rerank_client import RerankClient
@@ -139,11 +138,7 @@ def no_repeats(off: ServedStack, on: ServedStack, maker: TextMaker, plan: Plan, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.cache", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the tests' tiny model and smaller requests")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = quick_parser("cache", __doc__, "the tests' tiny model and smaller requests").parse_args(argv)
     plan = QUICK_PLAN if args.quick else FULL_PLAN
     maker = TextMaker(TOKENIZER_DIR)
     results: dict[str, Any] = {"machine": machine_info(), "quick": args.quick, "cache_bytes": plan.cache_bytes}

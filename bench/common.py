@@ -3,6 +3,7 @@ and the progress bar."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -95,6 +96,16 @@ def machine_info() -> dict[str, Any]:
         "load_average_start": os.getloadavg()[0],
         "cpu_pressure_start": cpu_pressure(),
     }
+
+
+def quick_parser(module: str, doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """`python -m bench.<module>`'s parser: the first paragraph of `doc` as its description, `--quick`
+    (`quick_help`), `--output` (a folder, bench/results by default) and `--seed`."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{module}", description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
 
 
 def write_report(output: Path, module: str, argv: list[str] | None, table: str, **fields: Any) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, ModernBertForSequenceClassification
 
+from rerank_server.testing import narrow_logits
 from tests.texts import text
 
 
@@ -87,17 +87,7 @@ def close_candidates(source: Path, folder: Path, count: int = 200) -> CloseCandi
     to `folder` with the tokenizer, and `count` documents of 20-120 words against one query."""
     query = "how to implement quick sort in python?"
     documents = [text(20 + (i * 37) % 100, seed=1000 + i) for i in range(count)]
-    before = EagerReranker(source).logits(query, documents)
-    shutil.copytree(source, folder)
-    model = ModernBertForSequenceClassification.from_pretrained(source).eval()
-    scale = 0.3 / float(before.std())
-    with torch.no_grad():
-        model.classifier.weight.mul_(scale)
-        bias = model.classifier.bias
-        if bias is None:
-            raise ValueError("the source's classifier has no bias to centre the logits with")
-        bias.copy_((bias - float(before.mean())) * scale + 2.5)
-    model.save_pretrained(folder)
+    narrow_logits(source, folder, EagerReranker(source).logits(query, documents))
     expected = eager(folder).logits(query, documents)
     if distinct(expected) != count or distinct(torch.tensor(expected).bfloat16().float().numpy()) > 0.8 * count:
         raise AssertionError("the candidates are not close enough, or fp32 itself ties some")

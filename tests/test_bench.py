@@ -20,6 +20,7 @@ from tritonclient.grpc import model_config_pb2
 
 from bench import contention as bench_contention
 from bench import long as bench_long
+from bench import resolution as bench_resolution
 from bench import warmup as bench_warmup
 from bench import workloads
 from bench.report import model_share
@@ -101,7 +102,19 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
     """Every benchmark command this module checks (but bench.hostile, run by its test alone), started at once
     and run two at a time, longest first: their figures are not asserted, so sharing the 2 cores costs them
     nothing that is checked, and the module takes about a third less time than one command after another."""
-    names = ("long", "quick", "gpu", "cache", "warmup", "messages", "http", "run_size", "queue_delay", "contention")
+    names = (
+        "long",
+        "quick",
+        "gpu",
+        "resolution",
+        "cache",
+        "warmup",
+        "messages",
+        "http",
+        "run_size",
+        "queue_delay",
+        "contention",
+    )
     folders = {name: tmp_path_factory.mktemp(f"bench-{name}") for name in names}
     commands: dict[str, list[list[str]]] = {
         # One long pair (about 2,000 tokens) served per runtime, all six exports in one stack.
@@ -110,6 +123,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
         # gone by the time the results are written.
         "quick": [[*MAKE, "bench-quick", f"BENCH_ARGS=--output {folders['quick'] / 'results'}"]],
         "gpu": gpu_check(folders["gpu"]),
+        # Every CPU export of the tiny model in one stack, on 200 close candidates.
+        "resolution": [quick("resolution", folders["resolution"])],
         # Smaller requests than its default.
         "cache": [quick("cache", folders["cache"])],
         # As docs/performance.md shows it (fewer calls): the export served with its warm-up and without it.
@@ -425,6 +440,24 @@ def test_queue_delay_benchmark_serves_each_delay_as_exported(runs: dict[str, Run
     assert all(r["sequential_calls"] == 30 and r["concurrent_calls_per_s"] > 0 for r in rows), rows
     assert all(0 < r["sequential_median_ms"] <= r["sequential_p99_ms"] <= r["sequential_max_ms"] for r in rows), rows
     assert "| 2,000 | none | 30 |" in done.stdout and "| 2,000 | 2 | 30 |" in done.stdout, done.stdout
+
+
+def test_resolution_check_finds_every_cpu_export_as_distinct_as_fp32(runs: dict[str, Run]) -> None:
+    # Close candidates that a bf16 logit would merge, served by every CPU export: each keeps (at least 98% of)
+    # fp32 eager's distinct logits, since every reduced precision computes its head in fp32.
+    (done,) = runs["resolution"].wait()
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((runs["resolution"].folder / "resolution.json").read_text())
+    systems = result["systems"]
+    assert list(systems) == [name for name, _ in bench_resolution.SYSTEMS]
+    assert result["reference_rounded_to_bf16"]["distinct"] < 0.8 * result["documents"]  # the candidates are close
+    for name, figures in systems.items():
+        assert figures["reference_distinct"] == result["documents"], name
+        assert figures["distinct_ratio"] >= 0.98, (name, figures)
+    fp32 = systems["onnxruntime fp32"]
+    assert fp32["precision"] == "fp32" and fp32["max_abs_diff"] < 1e-3
+    assert systems["packed bf16"]["precision"] == "bf16" and systems["onnxruntime int8"]["precision"] == "int8"
+    assert "| fp32 eager's logits rounded to bf16 (a bf16 head) |" in done.stdout
 
 
 def test_cache_benchmark_runs_and_reports_hits_and_memory(runs: dict[str, Run]) -> None:

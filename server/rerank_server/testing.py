@@ -58,6 +58,28 @@ def save_random_checkpoint(folder: Path, tokenizer_dir: Path, seed: int = 0, **c
     return folder
 
 
+def narrow_logits(source: Path, folder: Path, logits: Any, std: float = 0.3, centre: float = 2.5) -> Path:
+    """`source` saved to `folder` with its classifier rescaled so that `logits` (source's fp32 logits of some
+    inputs) become `std` around `centre`: close candidates, which fp32 keeps apart and a bf16 logit would
+    round together (its steps between 2 and 4 are 1/64). The head is linear, so every logit moves alike."""
+    import numpy as np
+    import torch
+    from transformers import ModernBertForSequenceClassification
+
+    values = np.asarray(logits, dtype=np.float64)
+    scale = std / float(values.std())
+    model = ModernBertForSequenceClassification.from_pretrained(source).eval()
+    bias = model.classifier.bias
+    if bias is None:
+        raise ValueError("the source's classifier has no bias to centre the logits with")
+    with torch.no_grad():
+        model.classifier.weight.mul_(scale)
+        bias.copy_((bias - float(values.mean())) * scale + centre)
+    shutil.copytree(source, folder)
+    model.save_pretrained(folder)
+    return folder
+
+
 # One entry of config.pbtxt's parameters block; export.render_config writes keys and values JSON-quoted.
 _PARAMETER = re.compile(r'key: ("(?:[^"\\]|\\.)*") value: \{ string_value: ("(?:[^"\\]|\\.)*") \}')
 
