@@ -10,11 +10,20 @@ import onnx
 import pytest
 
 from rerank_server.export.agreement import INT8_SPEARMAN_BOUND, INT8_TOP10_OVERLAP_BOUND, agreement
+from rerank_server.export.weights import quantize_int8
+from rerank_triton_model.cpu_features import FLAGS_ENV, cpu_flags, native_precisions
 from rerank_triton_model.reranker_engine import PackedReranker
 from rerank_triton_model.runtimes import ONNXRUNTIME
 from tests.conftest import provenance, run_rerank
 
 PAD = 50283
+# The weights' type where this CPU has VNNI dot products (signed: U8S8 kernels) and where it has not.
+SIGNED, UNSIGNED = onnx.TensorProto.INT8, onnx.TensorProto.UINT8
+
+
+def weight_types(graph: onnx.GraphProto) -> set[int]:
+    """The 8-bit types among the graph's initializers (quantized weights and their zero points)."""
+    return {init.data_type for init in graph.initializer} & {SIGNED, UNSIGNED}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +46,8 @@ def test_config_and_provenance_say_int8(int8_repository: Path) -> None:
     written = provenance(int8_repository / "reranker")
     assert written["precision"] == "int8"
     assert written["quantization"]["method"] == "onnxruntime.quantization.quantize_dynamic"
-    assert written["quantization"]["weight_type"] == "QUInt8"
+    signed = "int8" in native_precisions(cpu_flags())
+    assert written["quantization"]["weight_type"] == ("QInt8" if signed else "QUInt8")
     verification = written["verification"]
     assert verification["verified"] is True
     assert 0 < verification["max_abs_diff"] <= verification["tolerance"]  # int8 is close, not exact
@@ -60,7 +70,7 @@ def test_graph_runs_its_weight_matmuls_in_int8(int8_repository: Path, model_repo
     fp32_weights = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & weights]
     # (quantize_dynamic rewrites the classifier's Gemm as MatMul + Add, still fp32)
     assert [name.split("/")[2] for name in fp32_weights] == ["head", "classifier"], fp32_weights
-    assert any(init.data_type == onnx.TensorProto.UINT8 for init in graph.initializer)
+    assert weight_types(graph) == {SIGNED if "int8" in native_precisions(cpu_flags()) else UNSIGNED}
     # The fp32 graph of the same checkpoint is the larger file: the weights shrank to a byte each.
     fp32_size = (model_repository / "reranker" / "1" / "model.onnx").stat().st_size
     assert (int8_repository / "reranker" / "1" / "model.onnx").stat().st_size < fp32_size
@@ -118,3 +128,34 @@ def test_the_api_refuses_an_unknown_quantization(tmp_path: Path) -> None:
 
     with pytest.raises(ExportError, match="quantize must be one of"):
         export(ExportOptions(model=str(tmp_path), output=tmp_path, quantize="int4"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("avx2,avx512f", UNSIGNED),
+        ("avx2,avx512f,avx512_vnni", SIGNED),
+        ("avx2,avx_vnni", SIGNED),
+        ("avx2,avx512f,amx_tile,amx_int8", SIGNED),
+    ],
+)
+def test_weights_are_signed_only_where_the_cpu_has_vnni_dot_products(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: str, expected: int
+) -> None:
+    """U8S8 runs on VNNI (and AMX) where the CPU has them; without, ONNX Runtime's AVX2 U8S8 kernels saturate
+    int16 sums, so the export quantizes to uint8 there (U8U8)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = (np.random.default_rng(0).standard_normal((64, 32)) * 0.02).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "W"], ["Y"], name="/model/layers.0/mlp/Wi/MatMul")],
+        "layer",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [8, 64])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [8, 32])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "fp32.onnx"))
+    monkeypatch.setenv(FLAGS_ENV, flags)
+    settings = quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx")
+    assert weight_types(onnx.load(str(tmp_path / "int8.onnx")).graph) == {expected}
+    assert settings["weight_type"] == ("QInt8" if expected == SIGNED else "QUInt8")

@@ -71,15 +71,20 @@ def export_onnx(model: Any, config: Any, path: Path, opset: int, max_length: int
 def quantize_int8(source: Path, target: Path) -> dict[str, Any]:
     """Dynamic int8 quantization of the graph's weight MatMuls (ONNX Runtime's quantize_dynamic).
 
-    Weights are quantized once, per tensor, to uint8 with a zero point; activations are quantized
-    per tensor at run time (DynamicQuantizeLinear + MatMulInteger). uint8 weights (U8U8 kernels) are
-    used rather than int8 (U8S8), whose AVX2 kernels saturate int16 sums on CPUs without VNNI and
-    rank documents measurably worse; the two run at the same speed on such CPUs. The scoring head
+    Weights are quantized once, per tensor; activations are quantized per tensor at run time to uint8
+    (DynamicQuantizeLinear + MatMulInteger). The weights are signed (int8: ONNX Runtime's U8S8 kernels) where
+    the exporting CPU has VNNI dot products, the only CPUs that serve an int8 export natively (elsewhere it
+    loads its fp32 graph, cpu_features.py): there U8S8 runs on VNNI (and AMX) instructions, 1.9x fp32 on 16
+    pairs of 256 tokens where U8U8 ran 1.05x (ModernBERT-base size, Intel Xeon with AMX, 2 cores). On a CPU
+    without VNNI the weights are unsigned (U8U8): its AVX2 U8S8 kernels saturate int16 sums and rank
+    documents measurably worse, so the export's check there is of the kernels that do not. The scoring head
     (dense layer and classifier) stays fp32: it runs once per pair, so quantizing it saves nothing.
     Attention's activation-by-activation MatMuls stay fp32 (MatMulConstBOnly).
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from rerank_triton_model.cpu_features import cpu_flags, native_precisions
 
     graph = onnx.load(str(source), load_external_data=False).graph
     weights = {init.name for init in graph.initializer}
@@ -89,10 +94,11 @@ def quantize_int8(source: Path, target: Path) -> dict[str, Any]:
     quantized = [name for name in weight_matmuls if "/layers." in name]
     if not quantized:
         raise ExportError("the graph has no encoder-layer MatMuls to quantize")
+    weight_type = QuantType.QInt8 if "int8" in native_precisions(cpu_flags()) else QuantType.QUInt8
     settings: dict[str, Any] = {
         "method": "onnxruntime.quantization.quantize_dynamic",
         "op_types": ["MatMul"],
-        "weight_type": "QUInt8",
+        "weight_type": weight_type.name,
         "per_channel": False,
         "reduce_range": False,
         "quantized_matmuls": len(quantized),
@@ -105,7 +111,7 @@ def quantize_int8(source: Path, target: Path) -> dict[str, Any]:
             str(source),
             str(target),
             op_types_to_quantize=["MatMul"],
-            weight_type=QuantType.QUInt8,
+            weight_type=weight_type,
             per_channel=False,
             reduce_range=False,
             nodes_to_quantize=quantized,
