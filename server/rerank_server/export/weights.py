@@ -74,8 +74,8 @@ def quantize_int8(source: Path, target: Path) -> dict[str, Any]:
     Weights are quantized once, per tensor; activations are quantized per tensor at run time to uint8
     (DynamicQuantizeLinear + MatMulInteger). The weights are signed (int8: ONNX Runtime's U8S8 kernels) where
     the exporting CPU has VNNI dot products, the only CPUs that serve an int8 export natively (elsewhere it
-    loads its fp32 graph, cpu_features.py): there U8S8 runs on VNNI (and AMX) instructions, 1.9x fp32 on 16
-    pairs of 256 tokens where U8U8 ran 1.05x (ModernBERT-base size, Intel Xeon with AMX, 2 cores). On a CPU
+    loads its fp32 graph, cpu_features.py): there U8S8 runs on VNNI (and AMX) instructions, 1.84x fp32 on 16
+    pairs of 256 tokens where U8U8 ran 1.00x (`python -m bench.run`, docs/performance.md's Decisions). On a CPU
     without VNNI the weights are unsigned (U8U8): its AVX2 U8S8 kernels saturate int16 sums and rank
     documents measurably worse, so the export's check there is of the kernels that do not. The scoring head
     (dense layer and classifier) stays fp32: it runs once per pair, so quantizing it saves nothing.
