@@ -17,6 +17,7 @@ bf16 head would return. Writes <output>/resolution.json and prints a Markdown ta
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sys
 import tempfile
@@ -27,9 +28,8 @@ import numpy as np
 
 from bench.common import TOKENIZER_DIR, Progress, quick_parser, write_report
 from bench.models import run_exports
-from bench.served import ServedStack
-from bench.workloads import TextMaker
-from rerank_client import RerankClient
+from bench.served import ServedStack, served_logits
+from bench.workloads import Request, TextMaker
 from rerank_server.export.agreement import agreement
 from rerank_server.testing import TINY_CONFIG, exported_parameters, narrow_logits, save_random_checkpoint
 from rerank_triton_model.runtimes import PACKED, TORCH
@@ -49,28 +49,18 @@ DOCUMENTS = 200
 QUERY_TOKENS = 10
 
 
-def candidates(maker: TextMaker, seed: int) -> tuple[str, list[str]]:
+def candidates(maker: TextMaker, seed: int) -> Request:
     """One query and DOCUMENTS documents of 20-119 tokens (every length a different mix of words)."""
-    request = maker.request(QUERY_TOKENS, [20 + (i * 37) % 100 for i in range(DOCUMENTS)], random.Random(seed))
-    return request.query, list(request.documents)
+    return maker.request(QUERY_TOKENS, [20 + (i * 37) % 100 for i in range(DOCUMENTS)], random.Random(seed))
 
 
-def fp32_eager(checkpoint: Path, query: str, documents: list[str]) -> np.ndarray:
+def fp32_eager(checkpoint: Path, request: Request) -> np.ndarray:
     """transformers' fp32 model on `checkpoint`, the reference every export is verified against."""
     import torch
 
     from bench.gpu import HandRolledEager
 
-    return HandRolledEager(checkpoint, "cpu", torch.float32).logits(query, tuple(documents)).astype(np.float64)
-
-
-def served_logits(stack: ServedStack, model: str, query: str, documents: list[str]) -> np.ndarray:
-    with RerankClient(stack.target, timeout=3600) as client:
-        response = client.rerank(query, documents, model=model)
-    logits = np.full(len(documents), np.nan)
-    for result in response.results:
-        logits[result.index] = result.logit
-    return logits
+    return HandRolledEager(checkpoint, "cpu", torch.float32).logits(request.query, request.documents).astype(np.float64)
 
 
 def model_of(index: int) -> str:
@@ -85,14 +75,14 @@ def bf16_rounded(values: np.ndarray) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     args = quick_parser("resolution", __doc__, "the tests' tiny model").parse_args(argv)
-    query, documents = candidates(TextMaker(TOKENIZER_DIR), args.seed)
+    request = candidates(TextMaker(TOKENIZER_DIR), args.seed)
     systems: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-resolution-") as folder:
         work = Path(folder)
         config = TINY_CONFIG if args.quick else {"initializer_range": 0.02}
         source = save_random_checkpoint(work / "source", TOKENIZER_DIR, seed=args.seed, **config)
-        checkpoint = narrow_logits(source, work / "checkpoint", fp32_eager(source, query, documents))
-        reference = fp32_eager(checkpoint, query, documents)
+        checkpoint = narrow_logits(source, work / "checkpoint", fp32_eager(source, request))
+        reference = fp32_eager(checkpoint, request)
         print("checkpoint narrowed; exporting each system", file=sys.stderr, flush=True)
         repository = work / "repository"
         exports = [
@@ -118,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for index, (name, _) in enumerate(SYSTEMS):
                 parameters = exported_parameters(repository / model_of(index))
-                logits = served_logits(stack, model_of(index), query, documents)
+                logits, served_precision = asyncio.run(served_logits(stack.target, request, model=model_of(index)))
                 systems[name] = {
                     "runtime": parameters.runtime,
                     "precision": parameters.precision,
+                    "served_precision": served_precision,
                     **agreement(reference, logits).as_dict(),
                 }
                 print(f"{name}: {systems[name]}", file=sys.stderr, flush=True)

@@ -263,11 +263,14 @@ async def drive(
     return done
 
 
-async def served_logits(target: str, request: Request, timeout_s: float = 3600.0) -> tuple[np.ndarray, str]:
-    """One rerank call's logits in document order, and the precision GetModelInfo reports."""
+async def served_logits(
+    target: str, request: Request, timeout_s: float = 3600.0, model: str | None = None
+) -> tuple[np.ndarray, str]:
+    """One rerank call's logits in document order, and the precision GetModelInfo reports, of `model` (None:
+    the default one)."""
     async with AsyncRerankClient(target, timeout=timeout_s) as rerank:
-        info = await rerank.model_info()
-        response = await rerank.rerank(request.query, list(request.documents))
+        info = await rerank.model_info(model=model)
+        response = await rerank.rerank(request.query, list(request.documents), model=model)
     logits = np.full(request.pairs, np.nan)
     for result in response.results:
         logits[result.index] = result.logit

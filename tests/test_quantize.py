@@ -19,6 +19,7 @@ from tests.conftest import provenance, run_rerank
 PAD = 50283
 # The weights' type where this CPU has VNNI dot products (signed: U8S8 kernels) and where it has not.
 SIGNED, UNSIGNED = onnx.TensorProto.INT8, onnx.TensorProto.UINT8
+HERE = SIGNED if "int8" in native_precisions(cpu_flags()) else UNSIGNED  # what an export on this machine writes
 
 
 def weight_types(graph: onnx.GraphProto) -> set[int]:
@@ -46,8 +47,7 @@ def test_config_and_provenance_say_int8(int8_repository: Path) -> None:
     written = provenance(int8_repository / "reranker")
     assert written["precision"] == "int8"
     assert written["quantization"]["method"] == "onnxruntime.quantization.quantize_dynamic"
-    signed = "int8" in native_precisions(cpu_flags())
-    assert written["quantization"]["weight_type"] == ("QInt8" if signed else "QUInt8")
+    assert written["quantization"]["weight_type"] == ("QInt8" if HERE == SIGNED else "QUInt8")
     verification = written["verification"]
     assert verification["verified"] is True
     assert 0 < verification["max_abs_diff"] <= verification["tolerance"]  # int8 is close, not exact
@@ -70,7 +70,7 @@ def test_graph_runs_its_weight_matmuls_in_int8(int8_repository: Path, model_repo
     fp32_weights = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & weights]
     # (quantize_dynamic rewrites the classifier's Gemm as MatMul + Add, still fp32)
     assert [name.split("/")[2] for name in fp32_weights] == ["head", "classifier"], fp32_weights
-    assert weight_types(graph) == {SIGNED if "int8" in native_precisions(cpu_flags()) else UNSIGNED}
+    assert weight_types(graph) == {HERE}
     # The fp32 graph of the same checkpoint is the larger file: the weights shrank to a byte each.
     fp32_size = (model_repository / "reranker" / "1" / "model.onnx").stat().st_size
     assert (int8_repository / "reranker" / "1" / "model.onnx").stat().st_size < fp32_size

@@ -48,11 +48,9 @@ class CallModel:
 _call_model: contextvars.ContextVar[CallModel | None] = contextvars.ContextVar("call_model", default=None)
 
 
-def start_call_model() -> CallModel:
+def start_call_model() -> None:
     """A new call's holder (calls.start_request sets it with the request id)."""
-    holder = CallModel()
-    _call_model.set(holder)
-    return holder
+    _call_model.set(CallModel())
 
 
 def chose_model(name: str) -> None:
